@@ -1,0 +1,40 @@
+# One entry point per chore; the README and .ci/run use these targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+.PHONY: demo dev test generate lint bench deps build
+
+## deps: install what the tests and the demo need besides Rust (a real nats-server >= 2.12)
+deps:
+	@bash scripts/install-deps.sh
+
+## build: every binary of the workspace (tests drive the real binaries from target/debug)
+build:
+	$(CARGO) build --workspace --bins
+
+## demo: run Conveyor end to end on the embedded Kubernetes test double — no cluster needed
+demo: deps build
+	./target/debug/conveyor dev --demo
+
+## dev: start NATS + the Kubernetes test double + the operator and keep them running
+dev: deps build
+	./target/debug/conveyor dev
+
+## test: every test of the workspace (unit, component against nats-server, end to end)
+test: deps build
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+## generate: regenerate the CRD YAML from the Rust types
+generate:
+	$(CARGO) run -q -p conveyor-crds --bin crdgen -- --out crds/ --out charts/conveyor/crds/
+
+## lint: formatting, clippy with warnings denied
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: throughput/latency against raw JetStream in the same run (see docs/benchmarks.md)
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	./target/release/conveyor bench

