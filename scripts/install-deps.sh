@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what Conveyor's tests and demo need besides the Rust toolchain: a nats-server with
-# JetStream (2.12 or newer). Idempotent; does nothing when a recent enough one is on PATH.
+# Installs what Conveyor's tests, lint and demo need besides the Rust toolchain: a nats-server with
+# JetStream (2.12 or newer), cargo-nextest, and the Python modules of the chart check. Idempotent:
+# installs only what is missing.
 set -euo pipefail
 need_major=2 need_minor=12
 have_ok() {
@@ -22,4 +23,9 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "installing cargo-nextest…" >&2
   cargo install --locked cargo-nextest
+fi
+if ! python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
+  echo "installing the chart check's Python modules (jsonschema, pyyaml)…" >&2
+  python3 -m pip install --quiet --user jsonschema pyyaml 2>/dev/null \
+    || python3 -m pip install --quiet jsonschema pyyaml
 fi
