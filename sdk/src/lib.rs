@@ -1,7 +1,15 @@
 //! Conveyor's wire protocol and the clients built on it.
 //!
-//! This crate is the single owner of the protocol: stream, subject and consumer names, the
-//! headers a job carries, and the settings the operator hands to worker pods. The operator,
-//! the worker runtime and the CLI all use it; nothing here depends on Kubernetes.
+//! This crate is the single owner of the protocol: stream, subject and consumer names
+//! ([`names`]), the headers a job carries ([`protocol`]), the JetStream assets behind a queue
+//! ([`admin`]), the producer [`Client`] and the Rust worker SDK ([`worker`]). The operator, the
+//! worker runtime and the CLI all use it; nothing here depends on Kubernetes.
 
+pub mod admin;
+pub mod client;
 pub mod names;
+pub mod protocol;
+pub mod worker;
+
+pub use client::{Client, Job, SubmitAck, SubmitError};
+pub use worker::{Outcome, ReceivedJob, Worker};

@@ -19,7 +19,10 @@ fn token(s: &str) -> String {
 impl QueueRef {
     /// A queue reference from namespace and name.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 
     /// The work stream: `conveyor_<namespace>_<queue>`.
@@ -81,4 +84,30 @@ pub mod env {
     pub const POD_NAME: &str = "CONVEYOR_POD_NAME";
     /// Address the runtime serves health and metrics on.
     pub const HEALTH_ADDR: &str = "CONVEYOR_HEALTH_ADDR";
+    /// Longest time in-flight jobs may take after SIGTERM before they are given back (`25s`).
+    pub const DRAIN_TIMEOUT: &str = "CONVEYOR_DRAIN_TIMEOUT";
+    /// Default timeout of one attempt when the job sets none (`5m`); unset means none.
+    pub const JOB_TIMEOUT: &str = "CONVEYOR_JOB_TIMEOUT";
+    /// Longest single wait for new jobs (`5s`).
+    pub const POLL_WAIT: &str = "CONVEYOR_POLL_WAIT";
+    /// Delay after the first failed attempt (`1s`).
+    pub const BACKOFF_INITIAL: &str = "CONVEYOR_BACKOFF_INITIAL";
+    /// Longest delay between attempts (`5m`).
+    pub const BACKOFF_MAX: &str = "CONVEYOR_BACKOFF_MAX";
+    /// Growth factor of the delay per attempt (`2`).
+    pub const BACKOFF_MULTIPLIER: &str = "CONVEYOR_BACKOFF_MULTIPLIER";
+    /// Relative jitter of the delay, 0 to 1 (`0.2`).
+    pub const BACKOFF_JITTER: &str = "CONVEYOR_BACKOFF_JITTER";
+    /// Log format of the runtime: `text` or `json`.
+    pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";
+}
+
+/// Environment the runtime gives a handler process in `exec` mode.
+pub mod handler_env {
+    /// The job's id.
+    pub const JOB_ID: &str = "CONVEYOR_JOB_ID";
+    /// This attempt's number, 1 for the first.
+    pub const JOB_ATTEMPT: &str = "CONVEYOR_JOB_ATTEMPT";
+    /// Attempts allowed in total.
+    pub const JOB_MAX_ATTEMPTS: &str = "CONVEYOR_JOB_MAX_ATTEMPTS";
 }

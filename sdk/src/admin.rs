@@ -1,0 +1,315 @@
+//! The one definition of the JetStream assets behind a queue: the work stream, one durable pull
+//! consumer per priority level, and the dead-letter stream. The operator applies these from a
+//! `JobQueue` spec; tests and `conveyor dev` call [`ensure_queue`] directly.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::names::QueueRef;
+
+/// Highest number of priority levels a queue may have.
+pub const MAX_PRIORITIES: u8 = 10;
+
+/// Where JetStream keeps a queue's jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    /// On disk: survives server restarts.
+    #[default]
+    File,
+    /// In memory: faster, lost on restart.
+    Memory,
+}
+
+/// Settings of a queue, as a `JobQueue` spec gives them. `None` limits mean "unlimited".
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    /// Priority levels, 1 to [`MAX_PRIORITIES`]; level `n - 1` is the most urgent.
+    pub priorities: u8,
+    /// Deliveries per job before it is given up (consumer `max_deliver`).
+    pub max_attempts: u32,
+    /// Time without ack or heartbeat after which a job is redelivered (consumer `ack_wait`).
+    pub timeout: Duration,
+    /// Storage of the work stream.
+    pub storage: Storage,
+    /// JetStream replicas (1 or 3).
+    pub replicas: usize,
+    /// Most jobs the stream holds; further submissions are refused.
+    pub max_jobs: Option<i64>,
+    /// Most bytes the stream holds; further submissions are refused.
+    pub max_bytes: Option<i64>,
+    /// Largest job (payload plus headers) accepted.
+    pub max_job_size: Option<i32>,
+    /// Jobs older than this are dropped by JetStream.
+    pub max_age: Option<Duration>,
+    /// Window in which a second submission with the same job id is a duplicate.
+    pub deduplication_window: Duration,
+    /// Cap of jobs in flight across all workers, per priority level (`max_ack_pending`).
+    pub concurrency_limit: Option<i64>,
+    /// How long dead letters are kept.
+    pub dead_letter_max_age: Option<Duration>,
+    /// Most bytes of dead letters kept (oldest dropped first).
+    pub dead_letter_max_bytes: Option<i64>,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            priorities: 1,
+            max_attempts: 5,
+            timeout: Duration::from_secs(30),
+            storage: Storage::File,
+            replicas: 1,
+            max_jobs: None,
+            max_bytes: None,
+            max_job_size: None,
+            max_age: None,
+            deduplication_window: Duration::from_secs(120),
+            concurrency_limit: None,
+            dead_letter_max_age: None,
+            dead_letter_max_bytes: None,
+        }
+    }
+}
+
+/// Failure to create or update a queue's JetStream assets.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The settings are out of range.
+    #[error("invalid queue settings: {0}")]
+    Invalid(String),
+    /// Creating or updating a stream failed.
+    #[error("creating or updating stream {stream}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+    /// Looking up a stream failed.
+    #[error("looking up stream {stream}")]
+    GetStream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    /// Creating or updating a consumer failed.
+    #[error("creating or updating consumer {consumer} on stream {stream}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+        /// Cause.
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+impl QueueSettings {
+    /// Checks the ranges the builders rely on.
+    pub fn validate(&self) -> Result<(), AdminError> {
+        if self.priorities == 0 || self.priorities > MAX_PRIORITIES {
+            return Err(AdminError::Invalid(format!(
+                "priorities is {}, must be 1 to {MAX_PRIORITIES}",
+                self.priorities
+            )));
+        }
+        if self.max_attempts == 0 {
+            return Err(AdminError::Invalid("maxAttempts must be at least 1".into()));
+        }
+        if self.timeout < Duration::from_secs(1) {
+            return Err(AdminError::Invalid("timeout must be at least 1s".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The work stream: work-queue retention (an acked job is gone), one explicit subject per
+/// priority level (a publish to an unknown level finds no stream and fails), `discard: new`
+/// so a full stream refuses submissions instead of dropping old jobs.
+pub fn stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.stream(),
+        description: Some(format!(
+            "Conveyor jobs of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: (0..settings.priorities)
+            .map(|level| queue.job_subject(level))
+            .collect(),
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_messages: settings.max_jobs.unwrap_or(-1),
+        max_bytes: settings.max_bytes.unwrap_or(-1),
+        max_message_size: settings.max_job_size.unwrap_or(-1),
+        max_age: settings.max_age.unwrap_or_default(),
+        duplicate_window: settings.deduplication_window,
+        ..Default::default()
+    }
+}
+
+/// The dead-letter stream: limits retention, oldest dropped when full.
+pub fn dead_letter_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.dead_letter_stream(),
+        description: Some(format!(
+            "Conveyor dead letters of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![queue.dead_letter_subject()],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_bytes: settings.dead_letter_max_bytes.unwrap_or(-1),
+        max_age: settings.dead_letter_max_age.unwrap_or_default(),
+        duplicate_window: settings.deduplication_window,
+        ..Default::default()
+    }
+}
+
+/// The durable pull consumer of one priority level: explicit acks, `max_deliver` =
+/// `maxAttempts`, `ack_wait` = `timeout` (workers heartbeat to extend it).
+pub fn consumer_config(
+    queue: &QueueRef,
+    level: u8,
+    settings: &QueueSettings,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(queue.consumer(level)),
+        description: Some(format!("Conveyor workers, priority {level}")),
+        filter_subject: queue.job_subject(level),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: settings.timeout,
+        max_deliver: i64::from(settings.max_attempts),
+        max_ack_pending: settings.concurrency_limit.unwrap_or(-1),
+        max_waiting: 4096,
+        ..Default::default()
+    }
+}
+
+/// Creates the queue's streams and consumers, or updates them to match `settings`.
+pub async fn ensure_queue(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    settings: &QueueSettings,
+) -> Result<(), AdminError> {
+    settings.validate()?;
+    for config in [
+        stream_config(queue, settings),
+        dead_letter_stream_config(queue, settings),
+    ] {
+        let name = config.name.clone();
+        jetstream
+            .create_or_update_stream(config)
+            .await
+            .map_err(|source| AdminError::Stream {
+                stream: name,
+                source,
+            })?;
+    }
+    let stream = jetstream
+        .get_stream(queue.stream())
+        .await
+        .map_err(|source| AdminError::GetStream {
+            stream: queue.stream(),
+            source,
+        })?;
+    for level in 0..settings.priorities {
+        stream
+            .create_consumer(consumer_config(queue, level, settings))
+            .await
+            .map_err(|source| AdminError::Consumer {
+                stream: queue.stream(),
+                consumer: queue.consumer(level),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+fn storage_type(storage: Storage) -> stream::StorageType {
+    match storage {
+        Storage::File => stream::StorageType::File,
+        Storage::Memory => stream::StorageType::Memory,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_has_one_subject_per_level_and_refuses_when_full() {
+        let queue = QueueRef::new("team-a", "emails");
+        let settings = QueueSettings {
+            priorities: 3,
+            max_jobs: Some(10),
+            ..Default::default()
+        };
+        let config = stream_config(&queue, &settings);
+        assert_eq!(config.name, "conveyor_team-a_emails");
+        assert_eq!(
+            config.subjects,
+            [
+                "conveyor.team-a.emails.jobs.0",
+                "conveyor.team-a.emails.jobs.1",
+                "conveyor.team-a.emails.jobs.2"
+            ]
+        );
+        assert_eq!(config.discard, stream::DiscardPolicy::New);
+        assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(config.max_messages, 10);
+    }
+
+    #[test]
+    fn consumer_follows_retry_and_timeout() {
+        let queue = QueueRef::new("ns", "q");
+        let settings = QueueSettings {
+            max_attempts: 7,
+            timeout: Duration::from_secs(9),
+            ..Default::default()
+        };
+        let config = consumer_config(&queue, 2, &settings);
+        assert_eq!(config.durable_name.as_deref(), Some("workers-p2"));
+        assert_eq!(config.filter_subject, "conveyor.ns.q.jobs.2");
+        assert_eq!(config.max_deliver, 7);
+        assert_eq!(config.ack_wait, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        assert!(
+            QueueSettings {
+                priorities: 0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            QueueSettings {
+                priorities: 11,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            QueueSettings {
+                max_attempts: 0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(QueueSettings::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,279 @@
+//! The producer side: submit jobs to a queue, one at a time or as a pipelined batch, with
+//! clear errors for duplicates, oversized jobs, full queues and unknown queues or priorities.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::names::QueueRef;
+use crate::protocol::{self, InvalidId, JobOptions};
+
+/// Publishes awaiting their ack at once in [`Client::submit_batch`].
+const BATCH_WINDOW: usize = 256;
+
+/// A job to submit.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Job id, unique per queue; a resubmission with the same id inside the deduplication
+    /// window is reported as a duplicate and not queued again.
+    pub id: String,
+    /// Opaque payload handed to the handler.
+    pub payload: Bytes,
+    /// Priority level, `0` (default, lowest) to `priorities - 1`.
+    pub priority: u8,
+    /// Per-job overrides of the queue's retry and timeout settings.
+    pub options: JobOptions,
+    /// Further headers passed through to the handler untouched.
+    pub headers: HeaderMap,
+}
+
+impl Job {
+    /// A job with the given id and payload, default priority and the queue's settings.
+    pub fn new(id: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            id: id.into(),
+            payload: payload.into(),
+            priority: 0,
+            options: JobOptions::default(),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// A job with a fresh random (UUID v7, time-ordered) id.
+    pub fn with_random_id(payload: impl Into<Bytes>) -> Self {
+        Self::new(uuid::Uuid::now_v7().to_string(), payload)
+    }
+
+    /// Sets the priority level.
+    pub fn priority(mut self, level: u8) -> Self {
+        self.priority = level;
+        self
+    }
+
+    /// Caps the attempts of this job (at most the queue's `maxAttempts` apply).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.options.max_attempts = Some(attempts);
+        self
+    }
+
+    /// Sets the timeout of one attempt of this job.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.options.timeout = Some(timeout);
+        self
+    }
+
+    /// Adds a header passed through to the handler.
+    pub fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// The NATS headers this job travels with.
+    pub fn wire_headers(&self) -> HeaderMap {
+        let mut headers = self.headers.clone();
+        headers.insert(protocol::MSG_ID, self.id.as_str());
+        headers.insert(protocol::PRIORITY, self.priority.to_string().as_str());
+        self.options.write(&mut headers);
+        headers
+    }
+}
+
+/// The queue's answer to a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitAck {
+    /// The job id.
+    pub id: String,
+    /// Sequence of the job in the work stream (of the original when `duplicate`).
+    pub sequence: u64,
+    /// True when a job with this id was already submitted inside the deduplication window;
+    /// the job was not queued again.
+    pub duplicate: bool,
+}
+
+/// Why a submission was refused. Nothing is queued when an error is returned, except for
+/// [`SubmitError::TimedOut`] and [`SubmitError::Publish`], after which the job may or may not
+/// be queued: resubmit with the same id, deduplication makes that safe.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The job id cannot be used.
+    #[error("job refused: {0}")]
+    InvalidId(#[from] InvalidId),
+    /// The job (payload plus headers) is larger than the queue or the server accepts.
+    #[error(
+        "job {id} refused: {size} bytes of payload is larger than the queue accepts ({detail})"
+    )]
+    TooLarge {
+        /// Job id.
+        id: String,
+        /// Payload size in bytes.
+        size: usize,
+        /// The limit that refused it.
+        detail: String,
+    },
+    /// The queue holds as many jobs or bytes as it may; retry later (back-pressure).
+    #[error("job {id} refused: queue {queue} is full ({detail}); retry later")]
+    QueueFull {
+        /// Job id.
+        id: String,
+        /// Stream of the queue.
+        queue: String,
+        /// The server's reason.
+        detail: String,
+    },
+    /// No stream takes the job's subject: the queue does not exist, or has fewer priority levels.
+    #[error("job {id} refused: queue {queue} does not exist or has no priority level {priority}")]
+    NoSuchQueue {
+        /// Job id.
+        id: String,
+        /// Stream of the queue.
+        queue: String,
+        /// Requested priority level.
+        priority: u8,
+    },
+    /// No answer from JetStream in time; the job may have been queued.
+    #[error("job {id}: no acknowledgement from JetStream in time; it may or may not be queued")]
+    TimedOut {
+        /// Job id.
+        id: String,
+    },
+    /// Any other publish failure.
+    #[error("job {id}: publish failed")]
+    Publish {
+        /// Job id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+}
+
+impl SubmitError {
+    /// True when submitting the same job again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::QueueFull { .. } | Self::TimedOut { .. } | Self::Publish { .. }
+        )
+    }
+}
+
+/// Failure to connect to NATS.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to NATS at {url}")]
+pub struct ConnectError {
+    /// Server URL(s).
+    pub url: String,
+    /// Cause.
+    #[source]
+    pub source: async_nats::ConnectError,
+}
+
+/// A producer connected to NATS.
+#[derive(Debug, Clone)]
+pub struct Client {
+    jetstream: jetstream::Context,
+}
+
+impl Client {
+    /// Connects to NATS at `url` (comma-separated for several servers).
+    pub async fn connect(url: &str) -> Result<Self, ConnectError> {
+        let nats = async_nats::connect(url)
+            .await
+            .map_err(|source| ConnectError {
+                url: url.to_owned(),
+                source,
+            })?;
+        Ok(Self::new(nats))
+    }
+
+    /// A client over an existing NATS connection.
+    pub fn new(nats: async_nats::Client) -> Self {
+        Self {
+            jetstream: jetstream::new(nats),
+        }
+    }
+
+    /// The JetStream context, e.g. for [`crate::admin::ensure_queue`].
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Submits one job and waits for the queue to store it.
+    pub async fn submit(&self, queue: &QueueRef, job: Job) -> Result<SubmitAck, SubmitError> {
+        protocol::validate_id(&job.id)?;
+        let subject = queue.job_subject(job.priority);
+        let headers = job.wire_headers();
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject, headers, job.payload.clone())
+            .await
+            .map_err(|e| classify(e, queue, &job))?
+            .await
+            .map_err(|e| classify(e, queue, &job))?;
+        Ok(SubmitAck {
+            id: job.id,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Submits many jobs with up to 256 publishes awaiting their acks at once, which is much
+    /// faster than one [`Client::submit`] after another. Returns one result per job, in order.
+    pub async fn submit_batch(
+        &self,
+        queue: &QueueRef,
+        jobs: impl IntoIterator<Item = Job>,
+    ) -> Vec<Result<SubmitAck, SubmitError>> {
+        futures::stream::iter(jobs)
+            .map(|job| self.submit(queue, job))
+            .buffered(BATCH_WINDOW)
+            .collect()
+            .await
+    }
+}
+
+/// Maps a publish error to what the producer needs to know, by its kind and JetStream code.
+fn classify(error: jetstream::context::PublishError, queue: &QueueRef, job: &Job) -> SubmitError {
+    let id = job.id.clone();
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded => SubmitError::TooLarge {
+            id,
+            size: job.payload.len(),
+            detail: error.to_string(),
+        },
+        PublishErrorKind::StreamNotFound => SubmitError::NoSuchQueue {
+            id,
+            queue: queue.stream(),
+            priority: job.priority,
+        },
+        PublishErrorKind::TimedOut => SubmitError::TimedOut { id },
+        _ => match jetstream_error(&error) {
+            Some(js) if js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => {
+                SubmitError::TooLarge {
+                    id,
+                    size: job.payload.len(),
+                    detail: js.to_string(),
+                }
+            }
+            Some(js)
+                if js.error_code() == ErrorCode::STREAM_STORE_FAILED
+                    || js.error_code() == ErrorCode::INSUFFICIENT_RESOURCES =>
+            {
+                SubmitError::QueueFull {
+                    id,
+                    queue: queue.stream(),
+                    detail: js.to_string(),
+                }
+            }
+            _ => SubmitError::Publish { id, source: error },
+        },
+    }
+}
+
+/// The JetStream API error inside a publish error, if the server sent one.
+fn jetstream_error(error: &jetstream::context::PublishError) -> Option<&jetstream::Error> {
+    std::error::Error::source(error)?.downcast_ref::<jetstream::Error>()
+}

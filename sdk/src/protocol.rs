@@ -1,0 +1,363 @@
+//! The job envelope on the wire: which NATS headers a job carries, how they are parsed (with a
+//! clear error for malformed values from foreign producers), the retry backoff rule, and the
+//! messages exchanged with handler processes. `docs/protocol.md` is the prose version of this
+//! module; keep them in step.
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+/// Job id; JetStream deduplicates submissions with the same id within the stream's window.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// Priority level the producer asked for (the subject decides; this header is informational).
+pub const PRIORITY: &str = "Conveyor-Priority";
+/// Per-job cap on attempts, at most the queue's `maxAttempts`.
+pub const MAX_ATTEMPTS: &str = "Conveyor-Max-Attempts";
+/// Per-job processing timeout of one attempt, e.g. `30s`, `1500ms`, `5m`.
+pub const TIMEOUT: &str = "Conveyor-Timeout";
+
+/// Dead-letter headers, added by whoever moves a job into the dead-letter stream.
+pub mod dead_letter {
+    /// The job's id (the dead-letter message's own `Nats-Msg-Id` is `<id>:<sequence>`).
+    pub const JOB_ID: &str = "Conveyor-Job-Id";
+    /// Human-readable reason of the last failure.
+    pub const ERROR: &str = "Conveyor-Error";
+    /// Attempts made, including the last one.
+    pub const ATTEMPTS: &str = "Conveyor-Attempts";
+    /// Pod (or host) that ran the last attempt.
+    pub const POD: &str = "Conveyor-Pod";
+    /// When the job was dead-lettered, RFC 3339.
+    pub const FAILED_AT: &str = "Conveyor-Failed-At";
+    /// Subject the job was published to (encodes its priority level).
+    pub const SUBJECT: &str = "Conveyor-Original-Subject";
+    /// Sequence of the job in the work stream.
+    pub const SEQUENCE: &str = "Conveyor-Original-Sequence";
+    /// Why the job was dead-lettered: `permanent`, `exhausted` or `malformed`.
+    pub const REASON: &str = "Conveyor-Reason";
+}
+
+/// Longest job id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A header with a value that does not follow the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed header {header}: {value:?} {problem}")]
+pub struct HeaderError {
+    /// Header name.
+    pub header: &'static str,
+    /// The value as received.
+    pub value: String,
+    /// What is wrong with it.
+    pub problem: &'static str,
+}
+
+/// A job id that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    /// Ids must not be empty.
+    #[error("job id is empty")]
+    Empty,
+    /// Ids are header values: printable ASCII, no spaces.
+    #[error("job id {0:?} contains a character other than printable ASCII without spaces")]
+    BadCharacter(String),
+    /// Ids longer than [`MAX_ID_LEN`].
+    #[error("job id is {0} bytes long, the limit is {MAX_ID_LEN}")]
+    TooLong(usize),
+}
+
+/// Checks that an id can travel in a header and be used for deduplication.
+pub fn validate_id(id: &str) -> Result<(), InvalidId> {
+    if id.is_empty() {
+        return Err(InvalidId::Empty);
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(InvalidId::TooLong(id.len()));
+    }
+    if !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(InvalidId::BadCharacter(id.to_owned()));
+    }
+    Ok(())
+}
+
+/// The per-job settings a producer can put in headers; `None` means the queue default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobOptions {
+    /// Attempts cap (`Conveyor-Max-Attempts`), at least 1.
+    pub max_attempts: Option<u32>,
+    /// Timeout of one attempt (`Conveyor-Timeout`).
+    pub timeout: Option<Duration>,
+}
+
+impl JobOptions {
+    /// Writes the options into `headers`.
+    pub fn write(&self, headers: &mut HeaderMap) {
+        if let Some(max_attempts) = self.max_attempts {
+            headers.insert(MAX_ATTEMPTS, max_attempts.to_string().as_str());
+        }
+        if let Some(timeout) = self.timeout {
+            headers.insert(TIMEOUT, format!("{}ms", timeout.as_millis()).as_str());
+        }
+    }
+
+    /// Reads the options from a delivered job's headers.
+    pub fn parse(headers: Option<&HeaderMap>) -> Result<Self, HeaderError> {
+        let Some(headers) = headers else {
+            return Ok(Self::default());
+        };
+        let max_attempts = match headers.get(MAX_ATTEMPTS) {
+            None => None,
+            Some(value) => {
+                let value = value.as_str().trim();
+                match value.parse::<u32>() {
+                    Ok(n) if n >= 1 => Some(n),
+                    _ => {
+                        return Err(HeaderError {
+                            header: MAX_ATTEMPTS,
+                            value: value.to_owned(),
+                            problem: "is not a whole number from 1 to 4294967295",
+                        });
+                    }
+                }
+            }
+        };
+        let timeout = match headers.get(TIMEOUT) {
+            None => None,
+            Some(value) => Some(parse_duration(value.as_str()).ok_or_else(|| HeaderError {
+                header: TIMEOUT,
+                value: value.as_str().to_owned(),
+                problem: "is not a positive duration like 30s, 1500ms, 5m or 1h",
+            })?),
+        };
+        Ok(Self {
+            max_attempts,
+            timeout,
+        })
+    }
+}
+
+/// Parses `<digits><unit>` with unit `ms`, `s`, `m` or `h`; zero is refused.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (!duration.is_zero()).then_some(duration)
+}
+
+/// Exponential backoff with jitter between attempts of a failing job.
+///
+/// The delay after failed attempt `n` (1-based) is `min(max, initial * multiplier^(n-1))`,
+/// then scaled by a uniform random factor in `[1 - jitter, 1 + jitter]` and capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub initial: Duration,
+    /// Longest delay.
+    pub max: Duration,
+    /// Growth factor per attempt (≥ 1).
+    pub multiplier: f64,
+    /// Relative jitter in `[0, 1]`.
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            multiplier: 2.0,
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before the next attempt after failed attempt `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        self.delay_with(attempt, random_unit())
+    }
+
+    /// Like [`Backoff::delay`] with the random draw `unit` in `[0, 1)` given, for tests.
+    pub fn delay_with(&self, attempt: u32, unit: f64) -> Duration {
+        let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let max = self.max.as_secs_f64();
+        let base = (self.initial.as_secs_f64() * self.multiplier.max(1.0).powi(exponent)).min(max);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        let factor = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
+        Duration::from_secs_f64((base * factor).clamp(0.0, max))
+    }
+}
+
+/// A uniform draw in `[0, 1)` from the OS random source (via a v4 UUID).
+fn random_unit() -> f64 {
+    let bits = uuid::Uuid::new_v4().as_u128() >> 75; // 53 random bits
+    bits as f64 / (1u64 << 53) as f64
+}
+
+/// Current time in RFC 3339, for headers.
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::try_from(SystemTime::now())
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Exit codes of a handler process in `exec` mode (one process per job).
+pub mod exit_code {
+    /// Success: stdout is the job's result.
+    pub const SUCCESS: i32 = 0;
+    /// `EX_DATAERR`: the job itself is bad; no more attempts (dead-lettered).
+    pub const PERMANENT: i32 = 65;
+    /// `EX_TEMPFAIL`: try again later, with backoff; counts as an attempt.
+    pub const RETRY: i32 = 75;
+}
+
+/// One job handed to a `jsonl` handler process, one JSON object per line on its stdin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JsonlRequest {
+    /// Job id; the response must carry the same id.
+    pub id: String,
+    /// Payload as base64 (standard alphabet, padded).
+    pub payload_b64: String,
+    /// Payload as text, present when it is valid UTF-8 (for handlers that want text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// Attempt number, 1 for the first delivery.
+    pub attempt: u32,
+    /// Attempts allowed in total.
+    pub max_attempts: u32,
+}
+
+/// How a handler finished a job, in a `jsonl` response.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum JsonlStatus {
+    /// Done; `result` is the result.
+    Ok,
+    /// Try again later (with backoff, or after `retry_after_ms`).
+    Retry,
+    /// Failed this attempt; retried with backoff until attempts are exhausted.
+    Failed,
+    /// Failed for good; dead-lettered at once.
+    Permanent,
+}
+
+/// A `jsonl` handler's answer for one job, one JSON object per line on its stdout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JsonlResponse {
+    /// The request's id.
+    pub id: String,
+    /// Outcome.
+    pub status: JsonlStatus,
+    /// Result (any JSON) when `status` is `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Error message for the other statuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Delay before the retry, for `retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, *v);
+        }
+        map
+    }
+
+    #[test]
+    fn options_round_trip_through_headers() {
+        let options = JobOptions {
+            max_attempts: Some(3),
+            timeout: Some(Duration::from_millis(1500)),
+        };
+        let mut map = HeaderMap::new();
+        options.write(&mut map);
+        assert_eq!(JobOptions::parse(Some(&map)).unwrap(), options);
+        assert_eq!(JobOptions::parse(None).unwrap(), JobOptions::default());
+    }
+
+    #[test]
+    fn malformed_headers_say_which_and_why() {
+        let err = JobOptions::parse(Some(&headers(&[(MAX_ATTEMPTS, "three")]))).unwrap_err();
+        assert_eq!(err.header, MAX_ATTEMPTS);
+        assert_eq!(
+            err.to_string(),
+            "malformed header Conveyor-Max-Attempts: \"three\" is not a whole number from 1 to 4294967295"
+        );
+        assert!(JobOptions::parse(Some(&headers(&[(MAX_ATTEMPTS, "0")]))).is_err());
+        let err = JobOptions::parse(Some(&headers(&[(TIMEOUT, "soon")]))).unwrap_err();
+        assert_eq!(err.header, TIMEOUT);
+        assert!(JobOptions::parse(Some(&headers(&[(TIMEOUT, "0s")]))).is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1500ms"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("1d"), None);
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let b = Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+            multiplier: 2.0,
+            jitter: 0.5,
+        };
+        assert_eq!(b.delay_with(1, 0.5), Duration::from_secs(1));
+        assert_eq!(b.delay_with(3, 0.5), Duration::from_secs(4));
+        assert_eq!(b.delay_with(30, 0.5), Duration::from_secs(10));
+        assert_eq!(
+            b.delay_with(30, 0.99),
+            Duration::from_secs(10),
+            "capped after jitter"
+        );
+        assert_eq!(b.delay_with(2, 0.0), Duration::from_secs(1));
+        for attempt in 1..10 {
+            let d = b.delay(attempt);
+            assert!(d <= b.max);
+        }
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("order-42").is_ok());
+        assert_eq!(validate_id(""), Err(InvalidId::Empty));
+        assert!(matches!(
+            validate_id("a b"),
+            Err(InvalidId::BadCharacter(_))
+        ));
+        assert!(matches!(
+            validate_id(&"x".repeat(300)),
+            Err(InvalidId::TooLong(300))
+        ));
+    }
+
+    #[test]
+    fn jsonl_messages_use_the_documented_shape() {
+        let line = r#"{"id":"a","status":"permanent","error":"bad input"}"#;
+        let resp: JsonlResponse = serde_json::from_str(line).unwrap();
+        assert_eq!(resp.status, JsonlStatus::Permanent);
+        assert_eq!(resp.error.as_deref(), Some("bad input"));
+    }
+}

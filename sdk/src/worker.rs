@@ -1,0 +1,823 @@
+//! The Rust worker SDK and the engine of the `conveyor-worker` runtime: pull jobs on demand
+//! (never more than free slots, higher priority levels first), run a handler, then ack, nak
+//! with backoff, or dead-letter; heartbeat while a handler runs; drain on shutdown.
+//!
+//! ```no_run
+//! # async fn demo(js: async_nats::jetstream::Context) -> Result<(), conveyor::worker::WorkerError> {
+//! use conveyor::{names::QueueRef, worker::{Outcome, Worker}};
+//! let queue = QueueRef::new("default", "emails");
+//! Worker::new(js, queue)
+//!     .concurrency(8)
+//!     .handler(|job: conveyor::worker::ReceivedJob| async move {
+//!         if job.payload.is_empty() {
+//!             return Outcome::Permanent("empty payload".into());
+//!         }
+//!         Outcome::Done(job.payload)
+//!     })
+//!     .run(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acker};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::names::QueueRef;
+use crate::protocol::{self, Backoff, JobOptions, dead_letter};
+
+/// Every this many fetch rounds, levels are tried from the lowest up, so a flood of urgent jobs
+/// cannot starve the lower levels completely.
+const STARVATION_GUARD_ROUNDS: u64 = 10;
+
+/// How a handler finished one attempt of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Success: the job is acked (and gone). The bytes are the job's result.
+    Done(Bytes),
+    /// Try again later: after `after`, or the backoff delay. Counts as an attempt.
+    Retry {
+        /// Delay before the retry; `None` uses the backoff.
+        after: Option<Duration>,
+    },
+    /// This attempt failed; retried with backoff until attempts run out, then dead-lettered.
+    Failed(String),
+    /// The job can never succeed: dead-lettered at once.
+    Permanent(String),
+}
+
+/// A job delivered to a handler.
+#[derive(Debug, Clone)]
+pub struct ReceivedJob {
+    /// Job id (`Nats-Msg-Id`, or `<stream>:<sequence>` when the producer set none).
+    pub id: String,
+    /// The payload as submitted.
+    pub payload: Bytes,
+    /// All headers as submitted.
+    pub headers: HeaderMap,
+    /// This attempt's number, 1 for the first delivery.
+    pub attempt: u32,
+    /// Attempts allowed in total (queue's `maxAttempts`, or lower per job).
+    pub max_attempts: u32,
+    /// Priority level the job was published at.
+    pub priority: u8,
+    /// Deadline of this attempt, if any; the handler is cancelled when it passes.
+    pub deadline: Option<Instant>,
+}
+
+/// User code that handles jobs. Implemented for `Fn(ReceivedJob) -> impl Future<Output = Outcome>`.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one attempt of one job. The future is dropped (cancelled) when the attempt's
+    /// deadline passes or the drain deadline after shutdown passes.
+    fn handle(&self, job: ReceivedJob) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(ReceivedJob) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, job: ReceivedJob) -> impl Future<Output = Outcome> + Send {
+        self(job)
+    }
+}
+
+/// What happened to a job after one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Handler succeeded; acked.
+    Acked,
+    /// Nak'd for another attempt after `delay`.
+    Retried {
+        /// Delay asked of the server.
+        delay: Duration,
+    },
+    /// Moved to the dead-letter stream and terminated.
+    DeadLettered {
+        /// `permanent`, `exhausted` or `malformed`.
+        reason: &'static str,
+    },
+    /// Not finished before the drain deadline; given back for immediate redelivery.
+    GivenBack,
+}
+
+/// Report of one finished attempt, for metrics and logs.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// Job id.
+    pub id: String,
+    /// Stream sequence (unique per job in the queue).
+    pub sequence: u64,
+    /// Attempt number.
+    pub attempt: u32,
+    /// What happened.
+    pub disposition: Disposition,
+    /// Time the handler ran.
+    pub duration: Duration,
+}
+
+/// Hooks the runtime uses for metrics and liveness. Both methods default to doing nothing.
+pub trait Observer: Send + Sync + 'static {
+    /// A handler starts on the job with stream sequence `sequence`.
+    fn started(&self, _sequence: u64, _deadline: Option<Instant>) {}
+    /// An attempt finished.
+    fn finished(&self, _report: &JobReport) {}
+}
+
+/// The observer used when none is set.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+impl Observer for NoObserver {}
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Jobs handled at once; also the most jobs held at any time.
+    pub concurrency: usize,
+    /// Priority levels of the queue (one consumer each).
+    pub priorities: u8,
+    /// Delay rule for failed attempts.
+    pub backoff: Backoff,
+    /// Timeout of one attempt when the job sets none (`None`: no timeout).
+    pub job_timeout: Option<Duration>,
+    /// After shutdown is requested, how long in-flight jobs may take before they are given back.
+    pub drain_timeout: Duration,
+    /// Longest single wait for new jobs (pull request expiry), also the re-check interval for
+    /// redelivered jobs on multi-level queues.
+    pub poll_wait: Duration,
+    /// Name put into dead letters (`Conveyor-Pod`).
+    pub pod_name: String,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            priorities: 1,
+            backoff: Backoff::default(),
+            job_timeout: None,
+            drain_timeout: Duration::from_secs(30),
+            poll_wait: Duration::from_secs(5),
+            pod_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
+        }
+    }
+}
+
+/// Failures that stop a worker before it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The queue's stream is missing or unreachable.
+    #[error("looking up stream {stream} of the queue")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    /// A priority level's consumer is missing or unreachable.
+    #[error("looking up consumer {consumer} of stream {stream}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+        /// Cause.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// Reading a consumer's settings failed.
+    #[error("reading consumer info")]
+    ConsumerInfo(#[source] jetstream::context::ConsumerInfoError),
+    /// Invalid options.
+    #[error("invalid worker options: {0}")]
+    Invalid(String),
+}
+
+/// Counts of a finished run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Jobs acked.
+    pub acked: u64,
+    /// Attempts nak'd for retry.
+    pub retried: u64,
+    /// Jobs dead-lettered.
+    pub dead_lettered: u64,
+    /// Jobs given back at the drain deadline.
+    pub given_back: u64,
+}
+
+/// A worker for one queue, before its handler is set.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    jetstream: jetstream::Context,
+    queue: QueueRef,
+    options: WorkerOptions,
+}
+
+impl Worker {
+    /// A worker for `queue` with default options.
+    pub fn new(jetstream: jetstream::Context, queue: QueueRef) -> Self {
+        Self {
+            jetstream,
+            queue,
+            options: WorkerOptions::default(),
+        }
+    }
+
+    /// Replaces all options.
+    pub fn options(mut self, options: WorkerOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Jobs handled at once.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.options.concurrency = concurrency;
+        self
+    }
+
+    /// Priority levels of the queue.
+    pub fn priorities(mut self, priorities: u8) -> Self {
+        self.options.priorities = priorities;
+        self
+    }
+
+    /// Sets the handler; `run` the result.
+    pub fn handler<H: Handler>(self, handler: H) -> Runner<H, NoObserver> {
+        Runner {
+            worker: self,
+            handler: Arc::new(handler),
+            observer: Arc::new(NoObserver),
+        }
+    }
+}
+
+/// A worker with its handler, ready to run.
+pub struct Runner<H, O> {
+    worker: Worker,
+    handler: Arc<H>,
+    observer: Arc<O>,
+}
+
+impl<H, O> std::fmt::Debug for Runner<H, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the fetch loop and the job tasks.
+struct Shared<H, O> {
+    handler: Arc<H>,
+    observer: Arc<O>,
+    jetstream: jetstream::Context,
+    queue: QueueRef,
+    options: WorkerOptions,
+    /// Consumer `ack_wait`: heartbeats go out every third of it.
+    ack_wait: Duration,
+    /// Consumer `max_deliver` (`None` when unlimited).
+    max_deliver: Option<u32>,
+    /// Cancelled when the drain deadline passes: unfinished jobs are given back.
+    give_back: CancellationToken,
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    given_back: AtomicU64,
+}
+
+impl<H: Handler, O: Observer> Runner<H, O> {
+    /// Sets hooks for metrics and liveness.
+    pub fn observer<O2: Observer>(self, observer: Arc<O2>) -> Runner<H, O2> {
+        Runner {
+            worker: self.worker,
+            handler: self.handler,
+            observer,
+        }
+    }
+
+    /// Runs until `shutdown` completes, then stops fetching, lets in-flight jobs finish within
+    /// the drain timeout, gives the rest back for immediate redelivery, and returns.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Summary, WorkerError> {
+        let Worker {
+            jetstream,
+            queue,
+            options,
+        } = self.worker;
+        if options.concurrency == 0 {
+            return Err(WorkerError::Invalid(
+                "concurrency must be at least 1".into(),
+            ));
+        }
+        if options.priorities == 0 {
+            return Err(WorkerError::Invalid("priorities must be at least 1".into()));
+        }
+        let stream = jetstream
+            .get_stream(queue.stream())
+            .await
+            .map_err(|source| WorkerError::Stream {
+                stream: queue.stream(),
+                source,
+            })?;
+        let mut consumers: Vec<PullConsumer> = Vec::new();
+        for level in 0..options.priorities {
+            let consumer = stream
+                .get_consumer(&queue.consumer(level))
+                .await
+                .map_err(|source| WorkerError::Consumer {
+                    stream: queue.stream(),
+                    consumer: queue.consumer(level),
+                    source,
+                })?;
+            consumers.push(consumer);
+        }
+        let config = consumers[0]
+            .get_info()
+            .await
+            .map_err(WorkerError::ConsumerInfo)?
+            .config;
+        let shared = Arc::new(Shared {
+            handler: self.handler,
+            observer: self.observer,
+            jetstream: jetstream.clone(),
+            queue: queue.clone(),
+            ack_wait: config.ack_wait,
+            max_deliver: u32::try_from(config.max_deliver).ok().filter(|n| *n > 0),
+            options,
+            give_back: CancellationToken::new(),
+            acked: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            given_back: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        let stop_on_shutdown = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_on_shutdown.cancel();
+        });
+        info!(stream = %queue.stream(), concurrency = shared.options.concurrency,
+              priorities = shared.options.priorities, "worker started");
+
+        let tasks = TaskTracker::new();
+        fetch_loop(&shared, &consumers, &tasks, &stop).await;
+
+        tasks.close();
+        info!(
+            in_flight = tasks.len(),
+            "stopped fetching; draining in-flight jobs"
+        );
+        if tokio::time::timeout(shared.options.drain_timeout, tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = tasks.len(),
+                "drain deadline passed; giving unfinished jobs back"
+            );
+            shared.give_back.cancel();
+            tasks.wait().await;
+        }
+        // Acks and naks are plain publishes: make sure they left before returning.
+        if let Err(error) = jetstream.client().flush().await {
+            warn!(%error, "flushing acks at shutdown");
+        }
+        let summary = Summary {
+            acked: shared.acked.load(Ordering::Relaxed),
+            retried: shared.retried.load(Ordering::Relaxed),
+            dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
+            given_back: shared.given_back.load(Ordering::Relaxed),
+        };
+        info!(?summary, "worker stopped");
+        Ok(summary)
+    }
+}
+
+/// Waits for at least one free slot, then takes every other free one too.
+async fn free_slots(
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    let first = tokio::select! {
+        permit = slots.clone().acquire_owned() => permit.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    let mut permits = vec![first];
+    while let Ok(permit) = slots.clone().try_acquire_owned() {
+        permits.push(permit);
+    }
+    Some(permits)
+}
+
+/// Pulls jobs while there are free slots, until `stop` is cancelled.
+async fn fetch_loop<H: Handler, O: Observer>(
+    shared: &Arc<Shared<H, O>>,
+    consumers: &[PullConsumer],
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(shared.options.concurrency));
+    let nats = shared.jetstream.client();
+    let mut wake: Option<async_nats::Subscriber> = None;
+    let mut round: u64 = 0;
+    let mut error_delay = Duration::from_millis(100);
+    while let Some(mut permits) = free_slots(&slots, stop).await {
+        if consumers.len() == 1 {
+            // One level: a long-poll pull for exactly the free slots; jobs start as they arrive.
+            let batch = consumers[0]
+                .batch()
+                .max_messages(permits.len())
+                .expires(shared.options.poll_wait)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    pause_after_error(&error, &mut error_delay, stop).await;
+                    continue;
+                }
+            };
+            error_delay = Duration::from_millis(100);
+            while let Some(message) = batch.next().await {
+                match message {
+                    Ok(message) if stop.is_cancelled() => give_back(shared, message).await,
+                    Ok(message) => {
+                        let permit = permits.pop().expect("a pull never returns more than asked");
+                        spawn_job(shared, tasks, message, permit);
+                    }
+                    Err(error) => warn!(%error, "pull request ended with an error"),
+                }
+            }
+            continue;
+        }
+
+        // Several levels: sweep them without waiting, most urgent first (every tenth round
+        // least urgent first), taking at most the free slots in total.
+        round += 1;
+        let mut levels: Vec<usize> = (0..consumers.len()).rev().collect();
+        if round.is_multiple_of(STARVATION_GUARD_ROUNDS) {
+            levels.reverse();
+        }
+        let mut found = 0;
+        for level in levels {
+            if permits.is_empty() {
+                break;
+            }
+            let batch = consumers[level]
+                .fetch()
+                .max_messages(permits.len())
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    pause_after_error(&error, &mut error_delay, stop).await;
+                    continue;
+                }
+            };
+            while let Some(message) = batch.next().await {
+                match message {
+                    Ok(message) if stop.is_cancelled() => give_back(shared, message).await,
+                    Ok(message) => {
+                        found += 1;
+                        let permit = permits
+                            .pop()
+                            .expect("a fetch never returns more than asked");
+                        spawn_job(shared, tasks, message, permit);
+                    }
+                    Err(error) => warn!(%error, "fetch ended with an error"),
+                }
+            }
+        }
+        if found > 0 {
+            wake = None;
+            continue;
+        }
+        drop(permits);
+        // Nothing ready. Listen for new jobs before sweeping again, so none is missed; jobs that
+        // come back after a nak delay or ack wait publish nothing, so re-check every poll_wait.
+        match &mut wake {
+            None => match nats.subscribe(shared.queue.jobs_wildcard()).await {
+                Ok(subscriber) => {
+                    if let Err(error) = nats.flush().await {
+                        debug!(%error, "flushing wake-up subscription");
+                    }
+                    wake = Some(subscriber);
+                }
+                Err(error) => pause_after_error(&error, &mut error_delay, stop).await,
+            },
+            Some(subscriber) => {
+                tokio::select! {
+                    _ = subscriber.next() => {}
+                    () = tokio::time::sleep(shared.options.poll_wait) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Logs a NATS error and waits a growing delay (up to 5 s) or until stop.
+async fn pause_after_error(
+    error: &dyn std::fmt::Display,
+    delay: &mut Duration,
+    stop: &CancellationToken,
+) {
+    warn!(%error, retry_in = ?*delay, "pulling jobs failed");
+    tokio::select! {
+        () = tokio::time::sleep(*delay) => {}
+        () = stop.cancelled() => {}
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(5));
+}
+
+/// A job delivered after shutdown began: give it back at once, unprocessed.
+async fn give_back<H, O>(shared: &Shared<H, O>, message: jetstream::Message) {
+    shared.given_back.fetch_add(1, Ordering::Relaxed);
+    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+        warn!(%error, "giving back a job at shutdown");
+    }
+}
+
+fn spawn_job<H: Handler, O: Observer>(
+    shared: &Arc<Shared<H, O>>,
+    tasks: &TaskTracker,
+    message: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let shared = shared.clone();
+    tasks.spawn(async move {
+        process(&shared, message).await;
+        drop(permit);
+    });
+}
+
+/// Runs one attempt of one job and settles it.
+async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstream::Message) {
+    let (sequence, attempt) = match message.info() {
+        Ok(info) => (
+            info.stream_sequence,
+            u32::try_from(info.delivered).unwrap_or(u32::MAX),
+        ),
+        Err(error) => {
+            warn!(%error, subject = %message.subject, "delivered message has no JetStream metadata");
+            return;
+        }
+    };
+    let (message, acker) = message.split();
+    let headers = message.headers.clone().unwrap_or_default();
+    let id = headers
+        .get(protocol::MSG_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| format!("{}:{sequence}", shared.queue.stream()));
+    let priority = message
+        .subject
+        .rsplit('.')
+        .next()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(0);
+    let started = Instant::now();
+    let finish = |disposition: Disposition| {
+        let report = JobReport {
+            id: id.clone(),
+            sequence,
+            attempt,
+            disposition,
+            duration: started.elapsed(),
+        };
+        shared.observer.finished(&report);
+    };
+
+    let options = match JobOptions::parse(message.headers.as_ref()) {
+        Ok(options) => options,
+        Err(error) => {
+            warn!(job = %id, %error, "job has a malformed header; dead-lettering it");
+            let failure = Failure {
+                reason: "malformed",
+                error: error.to_string(),
+                attempt,
+                sequence,
+            };
+            finish(dead_letter(shared, &message, &acker, &id, failure).await);
+            return;
+        }
+    };
+    let max_attempts = match (options.max_attempts, shared.max_deliver) {
+        (Some(job), Some(queue)) => job.min(queue),
+        (Some(n), None) | (None, Some(n)) => n,
+        (None, None) => u32::MAX,
+    };
+    let timeout = options.timeout.or(shared.options.job_timeout);
+    let deadline = timeout.map(|t| started + t);
+    shared.observer.started(sequence, deadline);
+    let job = ReceivedJob {
+        id: id.clone(),
+        payload: message.payload.clone(),
+        headers,
+        attempt,
+        max_attempts,
+        priority,
+        deadline,
+    };
+
+    let outcome = tokio::select! {
+        outcome = with_heartbeats(shared.handler.handle(job), &acker, shared.ack_wait, timeout) => outcome,
+        () = shared.give_back.cancelled() => {
+            shared.given_back.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = acker.ack_with(AckKind::Nak(None)).await {
+                warn!(job = %id, %error, "giving back an unfinished job");
+            }
+            finish(Disposition::GivenBack);
+            return;
+        }
+    };
+
+    let last_attempt = attempt >= max_attempts;
+    let disposition = match outcome {
+        Outcome::Done(_) => match acker.ack().await {
+            Ok(()) => {
+                shared.acked.fetch_add(1, Ordering::Relaxed);
+                Disposition::Acked
+            }
+            Err(error) => {
+                warn!(job = %id, %error, "ack failed; the job will be redelivered");
+                return;
+            }
+        },
+        Outcome::Permanent(error) => {
+            let failure = Failure {
+                reason: "permanent",
+                error,
+                attempt,
+                sequence,
+            };
+            dead_letter(shared, &message, &acker, &id, failure).await
+        }
+        Outcome::Failed(error) if last_attempt => {
+            let failure = Failure {
+                reason: "exhausted",
+                error,
+                attempt,
+                sequence,
+            };
+            dead_letter(shared, &message, &acker, &id, failure).await
+        }
+        Outcome::Retry { .. } if last_attempt => {
+            let error = "handler asked for a retry on the last attempt".to_owned();
+            let failure = Failure {
+                reason: "exhausted",
+                error,
+                attempt,
+                sequence,
+            };
+            dead_letter(shared, &message, &acker, &id, failure).await
+        }
+        Outcome::Failed(error) => {
+            let delay = shared.options.backoff.delay(attempt);
+            debug!(job = %id, attempt, %error, ?delay, "attempt failed; retrying later");
+            retry(shared, &acker, &id, delay).await
+        }
+        Outcome::Retry { after } => {
+            let delay = after.unwrap_or_else(|| shared.options.backoff.delay(attempt));
+            retry(shared, &acker, &id, delay).await
+        }
+    };
+    finish(disposition);
+}
+
+/// Drives the handler, sending an in-progress heartbeat every third of `ack_wait`, and
+/// fails the attempt when `timeout` passes (dropping the handler's future).
+async fn with_heartbeats(
+    handler: impl Future<Output = Outcome>,
+    acker: &Acker,
+    ack_wait: Duration,
+    timeout: Option<Duration>,
+) -> Outcome {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let expiry = async {
+        match timeout {
+            Some(timeout) => tokio::time::sleep(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(handler, expiry);
+    loop {
+        tokio::select! {
+            outcome = &mut handler => return outcome,
+            _ = heartbeat.tick() => {
+                if let Err(error) = acker.ack_with(AckKind::Progress).await {
+                    warn!(%error, "sending in-progress heartbeat");
+                }
+            }
+            () = &mut expiry => {
+                let timeout = timeout.unwrap_or_default();
+                return Outcome::Failed(format!("handler timed out after {timeout:?}"));
+            }
+        }
+    }
+}
+
+async fn retry<H, O>(
+    shared: &Shared<H, O>,
+    acker: &Acker,
+    id: &str,
+    delay: Duration,
+) -> Disposition {
+    if let Err(error) = acker.ack_with(AckKind::Nak(Some(delay))).await {
+        warn!(job = %id, %error, "nak failed; the job comes back after the ack wait");
+    }
+    shared.retried.fetch_add(1, Ordering::Relaxed);
+    Disposition::Retried { delay }
+}
+
+/// Why a job is being dead-lettered.
+struct Failure {
+    reason: &'static str,
+    error: String,
+    attempt: u32,
+    sequence: u64,
+}
+
+/// Copies the job into the dead-letter stream with the failure headers, then terminates it.
+/// If the copy fails the job is nak'd instead, so it is never lost.
+async fn dead_letter<H, O>(
+    shared: &Shared<H, O>,
+    message: &async_nats::Message,
+    acker: &Acker,
+    id: &str,
+    failure: Failure,
+) -> Disposition {
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(
+        protocol::MSG_ID,
+        format!("{id}:{}", failure.sequence).as_str(),
+    );
+    headers.insert(dead_letter::JOB_ID, id);
+    headers.insert(dead_letter::ERROR, header_safe(&failure.error).as_str());
+    headers.insert(dead_letter::REASON, failure.reason);
+    headers.insert(dead_letter::ATTEMPTS, failure.attempt.to_string().as_str());
+    headers.insert(dead_letter::POD, shared.options.pod_name.as_str());
+    headers.insert(dead_letter::FAILED_AT, protocol::now_rfc3339().as_str());
+    headers.insert(dead_letter::SUBJECT, message.subject.as_str());
+    headers.insert(dead_letter::SEQUENCE, failure.sequence.to_string().as_str());
+    let subject = shared.queue.dead_letter_subject();
+    let published = match shared
+        .jetstream
+        .publish_with_headers(subject, headers, message.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match published {
+        Ok(()) => {
+            warn!(job = %id, reason = failure.reason, attempts = failure.attempt,
+                  error = %failure.error, "job dead-lettered");
+            if let Err(error) = acker.ack_with(AckKind::Term).await {
+                warn!(job = %id, %error, "terminating a dead-lettered job");
+            }
+            shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            Disposition::DeadLettered {
+                reason: failure.reason,
+            }
+        }
+        Err(error) => {
+            warn!(job = %id, %error, "dead-lettering failed; retrying the job instead");
+            retry(
+                shared,
+                acker,
+                id,
+                shared.options.backoff.delay(failure.attempt),
+            )
+            .await
+        }
+    }
+}
+
+/// Header values are one line of printable text; keep the error readable and bounded.
+fn header_safe(text: &str) -> String {
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect();
+    if line.trim().is_empty() {
+        line = "unknown error".into();
+    }
+    line
+}
