@@ -1,0 +1,175 @@
+//! Command line and environment of the runtime. Every `run` flag falls back to the environment
+//! variable the operator injects (`conveyor::names::env`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use conveyor::names::env;
+use conveyor::protocol::Backoff;
+use conveyor::worker::WorkerOptions;
+
+/// The Conveyor worker runtime.
+#[derive(Debug, Parser)]
+#[command(name = "conveyor-worker", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy this executable into DIR (used by the init container).
+    Install {
+        /// Directory to copy `conveyor-worker` into.
+        dir: PathBuf,
+    },
+    /// Pull jobs and hand them to the handler command.
+    Run(Box<RunArgs>),
+}
+
+/// How jobs reach user code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HandlerMode {
+    /// One process per job: payload on stdin, result on stdout, exit code decides.
+    Exec,
+    /// One long-lived process speaking JSON lines on stdin/stdout.
+    Jsonl,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of `conveyor-worker run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = env::NATS_URL, default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, env = env::NATS_CREDS)]
+    pub nats_creds: Option<PathBuf>,
+    /// Namespace of the JobQueue.
+    #[arg(long, env = env::QUEUE_NAMESPACE, default_value = "default")]
+    pub namespace: String,
+    /// Name of the JobQueue.
+    #[arg(long, env = env::QUEUE_NAME)]
+    pub queue: String,
+    /// Priority levels of the queue.
+    #[arg(long, env = env::PRIORITIES, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=10))]
+    pub priorities: u8,
+    /// Jobs handled at once (and the most jobs held).
+    #[arg(long, env = env::CONCURRENCY, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub concurrency: u64,
+    /// How jobs reach the handler command.
+    #[arg(long, env = env::HANDLER_MODE, value_enum, default_value = "exec")]
+    pub handler_mode: HandlerMode,
+    /// Name reported in dead letters and logs.
+    #[arg(long, env = env::POD_NAME, default_value = "local")]
+    pub pod_name: String,
+    /// Address for /healthz, /readyz and /metrics; none when unset.
+    #[arg(long, env = env::HEALTH_ADDR)]
+    pub health_addr: Option<SocketAddr>,
+    /// After SIGTERM, how long in-flight jobs may run before they are given back.
+    #[arg(long, env = env::DRAIN_TIMEOUT, default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Timeout of one attempt when the job sets none; the handler is killed when it passes.
+    #[arg(long, env = env::JOB_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub job_timeout: Option<Duration>,
+    /// Longest single wait for new jobs.
+    #[arg(long, env = env::POLL_WAIT, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub poll_wait: Duration,
+    /// Delay after the first failed attempt.
+    #[arg(long, env = env::BACKOFF_INITIAL, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backoff_initial: Duration,
+    /// Longest delay between attempts.
+    #[arg(long, env = env::BACKOFF_MAX, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+    /// Growth factor of the delay per attempt.
+    #[arg(long, env = env::BACKOFF_MULTIPLIER, default_value_t = 2.0)]
+    pub backoff_multiplier: f64,
+    /// Relative jitter of the delay, 0 to 1.
+    #[arg(long, env = env::BACKOFF_JITTER, default_value_t = 0.2)]
+    pub backoff_jitter: f64,
+    /// Log format.
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// The handler command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl RunArgs {
+    /// The worker engine's options from these settings.
+    pub fn worker_options(&self) -> WorkerOptions {
+        WorkerOptions {
+            concurrency: usize::try_from(self.concurrency).unwrap_or(1),
+            priorities: self.priorities,
+            backoff: Backoff {
+                initial: self.backoff_initial,
+                max: self.backoff_max,
+                multiplier: self.backoff_multiplier,
+                jitter: self.backoff_jitter,
+            },
+            job_timeout: self.job_timeout,
+            drain_timeout: self.drain_timeout,
+            poll_wait: self.poll_wait,
+            pod_name: self.pod_name.clone(),
+        }
+    }
+}
+
+/// Installs the log subscriber; `RUST_LOG` filters (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_the_handler_command_after_the_separator() {
+        let cli = Cli::try_parse_from([
+            "conveyor-worker",
+            "run",
+            "--queue",
+            "q",
+            "--concurrency",
+            "4",
+            "--",
+            "sh",
+            "-c",
+            "cat",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.command, ["sh", "-c", "cat"]);
+        assert_eq!(args.worker_options().concurrency, 4);
+        assert_eq!(args.drain_timeout, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn run_without_a_command_is_refused() {
+        assert!(Cli::try_parse_from(["conveyor-worker", "run", "--queue", "q"]).is_err());
+    }
+}
