@@ -447,7 +447,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    pause_after_error(&error, &mut error_delay, stop).await;
+                    pause_after_error(error.to_string(), &mut error_delay, stop).await;
                     continue;
                 }
             };
@@ -485,7 +485,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    pause_after_error(&error, &mut error_delay, stop).await;
+                    pause_after_error(error.to_string(), &mut error_delay, stop).await;
                     continue;
                 }
             };
@@ -518,7 +518,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
                     }
                     wake = Some(subscriber);
                 }
-                Err(error) => pause_after_error(&error, &mut error_delay, stop).await,
+                Err(error) => pause_after_error(error.to_string(), &mut error_delay, stop).await,
             },
             Some(subscriber) => {
                 tokio::select! {
@@ -532,11 +532,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
 }
 
 /// Logs a NATS error and waits a growing delay (up to 5 s) or until stop.
-async fn pause_after_error(
-    error: &dyn std::fmt::Display,
-    delay: &mut Duration,
-    stop: &CancellationToken,
-) {
+async fn pause_after_error(error: String, delay: &mut Duration, stop: &CancellationToken) {
     warn!(%error, retry_in = ?*delay, "pulling jobs failed");
     tokio::select! {
         () = tokio::time::sleep(*delay) => {}

@@ -1,0 +1,460 @@
+//! Component tests of the producer client and the Rust worker SDK against a real nats-server.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::names::QueueRef;
+use conveyor::protocol::{self, Backoff, dead_letter};
+use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
+use conveyor::{Client, Job, SubmitError, Worker};
+use conveyor_testkit::{NatsServer, wait_for};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn queue_with(
+    nats: &NatsServer,
+    settings: QueueSettings,
+) -> anyhow::Result<(Client, QueueRef)> {
+    let client = Client::connect(&nats.url()).await?;
+    let queue = QueueRef::new("test", "jobs");
+    ensure_queue(client.jetstream(), &queue, &settings).await?;
+    Ok((client, queue))
+}
+
+async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(stream) => stream
+            .get_info()
+            .await
+            .map(|i| i.state.messages)
+            .unwrap_or(u64::MAX),
+        Err(_) => u64::MAX,
+    }
+}
+
+fn fast_options() -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 4,
+        poll_wait: Duration::from_millis(500),
+        drain_timeout: Duration::from_secs(5),
+        pod_name: "test-pod".into(),
+        ..Default::default()
+    }
+}
+
+/// Runs a worker in the background; cancel the token to stop it.
+fn spawn_worker<F, Fut>(
+    client: &Client,
+    queue: &QueueRef,
+    options: WorkerOptions,
+    handler: F,
+) -> CancellationToken
+where
+    F: Fn(ReceivedJob) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    let stop = CancellationToken::new();
+    let worker = Worker::new(client.jetstream().clone(), queue.clone())
+        .options(options)
+        .handler(handler);
+    let token = stop.clone();
+    tokio::spawn(async move { worker.run(async move { token.cancelled().await }).await });
+    stop
+}
+
+#[tokio::test]
+async fn duplicate_submission_is_reported_and_not_queued_twice() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let first = client.submit(&queue, Job::new("order-1", "a")).await?;
+    let second = client.submit(&queue, Job::new("order-1", "a")).await?;
+    assert!(!first.duplicate);
+    assert!(
+        second.duplicate,
+        "resubmission inside the window is a duplicate"
+    );
+    assert_eq!(second.sequence, first.sequence);
+    assert_eq!(stream_len(client.jetstream(), &queue.stream()).await, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn batch_submission_queues_every_job() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let jobs = (0..2000).map(|i| Job::new(format!("job-{i}"), format!("payload {i}")));
+    let results = client.submit_batch(&queue, jobs).await;
+    assert_eq!(results.len(), 2000);
+    for (i, result) in results.iter().enumerate() {
+        let ack = result
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("job {i}: {e}"))?;
+        assert_eq!(ack.id, format!("job-{i}"));
+        assert!(!ack.duplicate);
+    }
+    assert_eq!(stream_len(client.jetstream(), &queue.stream()).await, 2000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_jobs_are_refused_with_the_limit() -> anyhow::Result<()> {
+    let nats = NatsServer::builder().max_payload(64 * 1024).start().await?;
+    let settings = QueueSettings {
+        max_job_size: Some(1024),
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    // Larger than the queue's maxJobSize, smaller than the server's max_payload.
+    let err = client
+        .submit(&queue, Job::new("big", vec![0u8; 4096]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::TooLarge { size: 4096, .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("larger than the queue accepts"),
+        "{err}"
+    );
+    // Larger than the server's max_payload: refused before it is sent.
+    let err = client
+        .submit(&queue, Job::new("huge", vec![0u8; 100 * 1024]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::TooLarge { .. }), "{err:?}");
+    assert_eq!(stream_len(client.jetstream(), &queue.stream()).await, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_queue_refuses_new_jobs_and_keeps_the_old_ones() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        max_jobs: Some(3),
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    for i in 0..3 {
+        client
+            .submit(&queue, Job::new(format!("j{i}"), "x"))
+            .await?;
+    }
+    let err = client
+        .submit(&queue, Job::new("j3", "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::QueueFull { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("is full"), "{err}");
+    assert_eq!(stream_len(client.jetstream(), &queue.stream()).await, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_priority_and_bad_ids_are_refused() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        priorities: 2,
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    client
+        .submit(&queue, Job::new("ok", "x").priority(1))
+        .await?;
+    let err = client
+        .submit(&queue, Job::new("p5", "x").priority(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::NoSuchQueue { priority: 5, .. }),
+        "{err:?}"
+    );
+    let err = client
+        .submit(&queue, Job::new("has space", "x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SubmitError::InvalidId(_)), "{err:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_acks_successful_jobs_and_the_stream_empties() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let stop = spawn_worker(&client, &queue, fast_options(), move |job: ReceivedJob| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(job.id.clone());
+            Outcome::Done(job.payload)
+        }
+    });
+    let results = client
+        .submit_batch(&queue, (0..500).map(|i| Job::new(format!("j{i}"), "x")))
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    wait_for(WAIT, "all 500 jobs handled", || async {
+        seen.lock().unwrap().len() >= 500
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        stream_len(client.jetstream(), &queue.stream()).await == 0
+    })
+    .await?;
+    stop.cancel();
+    let seen: HashSet<String> = seen.lock().unwrap().iter().cloned().collect();
+    let expected: HashSet<String> = (0..500).map(|i| format!("j{i}")).collect();
+    assert_eq!(seen, expected, "each job id handled");
+    Ok(())
+}
+
+#[tokio::test]
+async fn failed_attempt_is_retried_after_the_backoff_delay() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let delay = Duration::from_millis(1500);
+    let options = WorkerOptions {
+        backoff: Backoff {
+            initial: delay,
+            max: delay,
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
+        ..fast_options()
+    };
+    let attempts: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let record = attempts.clone();
+    let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push((job.attempt, Instant::now()));
+            if job.attempt == 1 {
+                Outcome::Failed("first try fails".into())
+            } else {
+                Outcome::Done(job.payload)
+            }
+        }
+    });
+    client.submit(&queue, Job::new("flaky", "x")).await?;
+    wait_for(WAIT, "the second attempt", || async {
+        attempts.lock().unwrap().len() >= 2
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        stream_len(client.jetstream(), &queue.stream()).await == 0
+    })
+    .await?;
+    stop.cancel();
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!((attempts[0].0, attempts[1].0), (1, 2));
+    let gap = attempts[1].1 - attempts[0].1;
+    println!("redelivered after {gap:?} (configured delay {delay:?})");
+    assert!(
+        gap >= delay,
+        "redelivered after {gap:?}, before the {delay:?} delay"
+    );
+    Ok(())
+}
+
+/// Reads every message of the dead-letter stream.
+async fn dead_letters(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+) -> anyhow::Result<Vec<jetstream::Message>> {
+    let stream = js.get_stream(queue.dead_letter_stream()).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    let mut batch = consumer.fetch().max_messages(1000).messages().await?;
+    while let Some(message) = batch.next().await {
+        out.push(message.map_err(|e| anyhow::anyhow!(e))?);
+    }
+    Ok(out)
+}
+
+fn header(message: &jetstream::Message, name: &str) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn permanent_failure_and_exhausted_attempts_go_to_the_dead_letter_stream()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let options = WorkerOptions {
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(50),
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
+        ..fast_options()
+    };
+    let stop = spawn_worker(&client, &queue, options, |job: ReceivedJob| async move {
+        match job.id.as_str() {
+            "bad" => Outcome::Permanent("payload is not an invoice".into()),
+            _ => Outcome::Failed(format!("attempt {} failed", job.attempt)),
+        }
+    });
+    client.submit(&queue, Job::new("bad", "x")).await?;
+    client.submit(&queue, Job::new("flaky", "y")).await?;
+    client
+        .submit(&queue, Job::new("capped", "z").max_attempts(2))
+        .await?;
+    let js = client.jetstream();
+    wait_for(WAIT, "three dead letters", || async {
+        stream_len(js, &queue.dead_letter_stream()).await == 3
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        stream_len(js, &queue.stream()).await == 0
+    })
+    .await?;
+    stop.cancel();
+    let letters = dead_letters(js, &queue).await?;
+    let by_id = |id: &str| {
+        letters
+            .iter()
+            .find(|m| header(m, dead_letter::JOB_ID) == id)
+            .expect(id)
+    };
+    let bad = by_id("bad");
+    assert_eq!(header(bad, dead_letter::REASON), "permanent");
+    assert_eq!(header(bad, dead_letter::ATTEMPTS), "1");
+    assert_eq!(header(bad, dead_letter::ERROR), "payload is not an invoice");
+    assert_eq!(header(bad, dead_letter::POD), "test-pod");
+    assert_eq!(bad.payload.as_ref(), b"x");
+    let flaky = by_id("flaky");
+    assert_eq!(header(flaky, dead_letter::REASON), "exhausted");
+    assert_eq!(header(flaky, dead_letter::ATTEMPTS), "3");
+    assert_eq!(header(flaky, dead_letter::ERROR), "attempt 3 failed");
+    assert_eq!(
+        header(by_id("capped"), dead_letter::ATTEMPTS),
+        "2",
+        "per-job cap honoured"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_header_from_a_foreign_producer_is_dead_lettered_with_a_clear_error()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let handled = Arc::new(Mutex::new(0));
+    let count = handled.clone();
+    let stop = spawn_worker(&client, &queue, fast_options(), move |job: ReceivedJob| {
+        let count = count.clone();
+        async move {
+            *count.lock().unwrap() += 1;
+            Outcome::Done(job.payload)
+        }
+    });
+    // A producer in another language, publishing by hand.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(protocol::MSG_ID, "foreign-1");
+    headers.insert(protocol::MAX_ATTEMPTS, "lots");
+    client
+        .jetstream()
+        .publish_with_headers(queue.job_subject(0), headers, "p".into())
+        .await?
+        .await?;
+    let js = client.jetstream();
+    wait_for(
+        WAIT,
+        "the malformed job in the dead-letter stream",
+        || async { stream_len(js, &queue.dead_letter_stream()).await == 1 },
+    )
+    .await?;
+    stop.cancel();
+    let letters = dead_letters(js, &queue).await?;
+    assert_eq!(header(&letters[0], dead_letter::REASON), "malformed");
+    assert_eq!(
+        header(&letters[0], dead_letter::ERROR),
+        "malformed header Conveyor-Max-Attempts: \"lots\" is not a whole number from 1 to 4294967295"
+    );
+    assert_eq!(*handled.lock().unwrap(), 0, "the handler never saw it");
+    Ok(())
+}
+
+#[tokio::test]
+async fn high_priority_jobs_run_before_a_low_priority_backlog() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        priorities: 2,
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let low = client
+        .submit_batch(&queue, (0..2000).map(|i| Job::new(format!("low-{i}"), "l")))
+        .await;
+    assert!(low.iter().all(Result::is_ok));
+    let high = client
+        .submit_batch(
+            &queue,
+            (0..100).map(|i| Job::new(format!("high-{i}"), "h").priority(1)),
+        )
+        .await;
+    assert!(high.iter().all(Result::is_ok));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let record = order.clone();
+    let options = WorkerOptions {
+        priorities: 2,
+        ..fast_options()
+    };
+    let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(job.id.clone());
+            Outcome::Done(job.payload)
+        }
+    });
+    wait_for(WAIT, "all 2100 jobs handled", || async {
+        order.lock().unwrap().len() >= 2100
+    })
+    .await?;
+    stop.cancel();
+    let order = order.lock().unwrap().clone();
+    let last_high = order
+        .iter()
+        .rposition(|id| id.starts_with("high-"))
+        .expect("high jobs ran");
+    let low_before = order[..last_high]
+        .iter()
+        .filter(|id| id.starts_with("low-"))
+        .count();
+    println!("low-priority jobs run before the last high one: {low_before}");
+    // Every tenth sweep serves the low level first (anti-starvation), one batch of at most
+    // `concurrency` jobs each; 100 high jobs take about 25 sweeps of 4.
+    assert!(
+        low_before <= 4 * 4,
+        "{low_before} low jobs ran before the high ones finished"
+    );
+    assert_eq!(
+        order.iter().collect::<HashSet<_>>().len(),
+        2100,
+        "each job id handled once"
+    );
+    Ok(())
+}
