@@ -1,0 +1,261 @@
+//! `JobQueue`: a durable queue backed by a JetStream work stream, one durable pull consumer per
+//! priority level, and a dead-letter stream. The operator keeps the JetStream assets in line with
+//! the spec and reports their state in the status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::duration::{self, DurationError};
+
+/// A durable job queue on NATS JetStream.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "conveyor.dev",
+    version = "v1alpha1",
+    kind = "JobQueue",
+    plural = "jobqueues",
+    singular = "jobqueue",
+    namespaced,
+    doc = "A durable job queue backed by a NATS JetStream stream.",
+    status = "JobQueueStatus",
+    derive = "PartialEq",
+    shortname = "jq",
+    category = "conveyor",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#,
+        description = "Whether the JetStream assets exist and match the spec"
+    ),
+    printcolumn(
+        name = "Pending",
+        type_ = "integer",
+        json_path = ".status.pending",
+        description = "Jobs waiting for a worker"
+    ),
+    printcolumn(
+        name = "In-Flight",
+        type_ = "integer",
+        json_path = ".status.inFlight",
+        description = "Jobs handed to a worker and not yet acknowledged"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#,
+        description = "Why the queue is or is not ready"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct JobQueueSpec {
+    /// NATS connection override for this queue. When absent, the operator's default
+    /// (`--nats-url`, set by the Helm chart) is used for the queue and its workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsConnection>,
+
+    /// Limits and placement of the JetStream stream that stores the jobs.
+    #[serde(default)]
+    pub stream: StreamSpec,
+
+    /// Number of priority levels (1 to 10). Level 0 is the lowest; a free worker takes a job
+    /// of the highest non-empty level first. Each level has its own subject and consumer.
+    #[serde(default = "default_priorities")]
+    #[schemars(range(min = 1, max = 10))]
+    pub priorities: u8,
+
+    /// What happens to a job whose handler fails.
+    #[serde(default)]
+    pub retry: RetrySpec,
+
+    /// How long a worker may hold a job without a sign of life (ack, nak or in-progress
+    /// heartbeat) before JetStream hands it to another worker. Format: `30s`, `5m`, `1h30m`.
+    #[serde(default = "default_timeout")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub timeout: String,
+
+    /// What happens to the JetStream streams when this resource is deleted: `Delete` removes
+    /// the work and dead-letter streams with every job in them, `Retain` keeps them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// Where the queue's NATS server is, when it is not the operator's default.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NatsConnection {
+    /// NATS server URL(s), comma-separated, e.g. `nats://nats.messaging:4222`. Used by the
+    /// operator and injected into the queue's worker pods.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("nats.url must not be empty"))]
+    pub url: String,
+}
+
+/// Limits of the work stream. When a limit is reached, new submissions are rejected with an
+/// error (back-pressure); stored jobs are never dropped to make room.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamSpec {
+    /// Number of copies JetStream keeps of each job (1 for a single server, 3 for a
+    /// fault-tolerant cluster). Cannot exceed the number of NATS servers.
+    #[serde(default = "default_stream_replicas")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: u8,
+
+    /// Where JetStream stores jobs: `file` (survives a NATS restart) or `memory` (faster, lost
+    /// on restart).
+    #[serde(default)]
+    pub storage: StorageType,
+
+    /// Maximum number of jobs the stream holds; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_jobs: Option<i64>,
+
+    /// Maximum total size in bytes of the jobs the stream holds; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_bytes: Option<i64>,
+
+    /// Maximum size in bytes of one job (payload plus headers); larger submissions are
+    /// rejected. The NATS server's own `max_payload` applies when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_job_size: Option<i32>,
+
+    /// How long a job may wait in the stream before JetStream discards it; forever when
+    /// absent. Format: `30s`, `5m`, `24h`, `7d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub max_age: Option<String>,
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_stream_replicas(),
+            storage: StorageType::default(),
+            max_jobs: None,
+            max_bytes: None,
+            max_job_size: None,
+            max_age: None,
+        }
+    }
+}
+
+/// JetStream storage backend.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    /// Jobs are written to disk and survive a NATS restart.
+    #[default]
+    File,
+    /// Jobs are kept in memory only.
+    Memory,
+}
+
+/// Retry settings of the queue.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// How many times a job is delivered at most (first attempt included) before it is
+    /// given up and goes to the dead-letter queue.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: i32,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+/// What to do with the JetStream assets when the `JobQueue` is deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Delete the work and dead-letter streams (and every job in them).
+    #[default]
+    Delete,
+    /// Keep the streams; a new `JobQueue` with the same namespace and name adopts them.
+    Retain,
+}
+
+/// Observed state of a `JobQueue`.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct JobQueueStatus {
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Current state of the queue. `Ready` is `True` when the streams and consumers exist and
+    /// match the spec; otherwise its reason (`NatsUnavailable`, `InvalidSpec`,
+    /// `StreamError`) and message say what is wrong.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Jobs waiting for a worker, over every priority level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<u64>,
+
+    /// Jobs delivered to a worker and not yet acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+
+    /// The JetStream assets behind the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamStatus>,
+}
+
+/// Names of the JetStream assets of a queue, for `nats` CLI users.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamStatus {
+    /// Name of the work stream.
+    pub name: String,
+    /// Name of the dead-letter stream.
+    pub dead_letter: String,
+    /// Subjects jobs are published to, one per priority level (index = level).
+    #[serde(default)]
+    pub subjects: Vec<String>,
+}
+
+fn default_priorities() -> u8 {
+    1
+}
+fn default_timeout() -> String {
+    "30s".into()
+}
+fn default_stream_replicas() -> u8 {
+    1
+}
+fn default_max_attempts() -> i32 {
+    5
+}
+
+impl JobQueueSpec {
+    /// The ack wait (`timeout`) as a duration.
+    pub fn timeout(&self) -> Result<Duration, DurationError> {
+        duration::parse("spec.timeout", &self.timeout)
+    }
+
+    /// The stream's maximum job age, if any.
+    pub fn max_age(&self) -> Result<Option<Duration>, DurationError> {
+        self.stream
+            .max_age
+            .as_deref()
+            .map(|v| duration::parse("spec.stream.maxAge", v))
+            .transpose()
+    }
+}

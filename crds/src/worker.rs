@@ -1,0 +1,230 @@
+//! `Worker`: a pool of pods that run the user's handler for one `JobQueue`. The operator renders
+//! it as an owned Deployment with the Conveyor worker runtime injected, and sizes it from the
+//! queue's backlog when `scaling` is set.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::duration::{self, DurationError};
+
+/// A pool of worker pods for one queue.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[kube(
+    group = "conveyor.dev",
+    version = "v1alpha1",
+    kind = "Worker",
+    plural = "workers",
+    singular = "worker",
+    namespaced,
+    doc = "A pool of worker pods that run a handler for one JobQueue.",
+    status = "WorkerStatus",
+    derive = "PartialEq",
+    shortname = "cw",
+    category = "conveyor",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Queue",
+        type_ = "string",
+        json_path = ".spec.queue",
+        description = "The JobQueue the workers consume"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas",
+        description = "Replicas the operator asks for"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Pods ready to take jobs"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Available")].status"#,
+        description = "Whether enough pods are available"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.lastScaleReason",
+        description = "Why the pool has its current size"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("has(self.template.spec) && size(self.template.spec.containers) > 0")
+    .message("template.spec.containers must contain the container that runs the handler"))]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Name of the `JobQueue` (in the same namespace) whose jobs these workers run.
+    #[x_kube(validation = Rule::new("self.size() > 0").message("queue must name a JobQueue"))]
+    pub queue: String,
+
+    /// Number of pods when `scaling` is absent (default 1); `kubectl scale` sets it. Ignored
+    /// when `scaling` is set: the operator then sizes the pool from the backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+
+    /// Jobs one pod runs at the same time. A pod never holds more jobs than this.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub concurrency: i32,
+
+    /// How the worker runtime hands a job to the user's code.
+    pub handler: HandlerSpec,
+
+    /// Pod template of the workers: the user's image, resources, env and so on. The first
+    /// container runs the handler; the operator injects the worker runtime into it.
+    pub template: PodTemplateSpec,
+
+    /// Backlog-driven autoscaling. When absent, the pool has `replicas` pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingSpec>,
+}
+
+/// How jobs reach user code.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.mode == 'http' || (has(self.command) && size(self.command) > 0)")
+    .message("handler.command is required for the exec and jsonl modes"))]
+#[x_kube(validation = Rule::new("self.mode != 'http' || has(self.url)")
+    .message("handler.url is required for the http mode"))]
+#[serde(rename_all = "camelCase")]
+pub struct HandlerSpec {
+    /// `exec`: one process per job (payload on stdin, result on stdout, exit code decides);
+    /// `jsonl`: one long-lived process speaking JSON lines on stdin/stdout; `http`: the runtime
+    /// POSTs each job to `url` (a container beside it in the pod).
+    pub mode: HandlerMode,
+
+    /// The program (and its arguments) the runtime starts, from the user's image. Required for
+    /// `exec` and `jsonl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+
+    /// Base URL of the handler for `http` mode, e.g. `http://127.0.0.1:8000/jobs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// Handler protocol between the worker runtime and user code.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerMode {
+    /// One process per job.
+    Exec,
+    /// A long-lived child process speaking JSON lines.
+    Jsonl,
+    /// An HTTP endpoint beside the runtime.
+    Http,
+}
+
+impl HandlerMode {
+    /// The value of `CONVEYOR_HANDLER_MODE` for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::Jsonl => "jsonl",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// Backlog-driven autoscaling of a worker pool.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("scaling.minReplicas must be less than or equal to scaling.maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingSpec {
+    /// Fewest pods, also when the queue is empty; 0 lets the pool scale to zero.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+
+    /// Most pods, however long the backlog.
+    #[schemars(range(min = 0))]
+    pub max_replicas: i32,
+
+    /// Backlog (pending + in-flight jobs) one pod is expected to handle; the pool gets
+    /// ceil(backlog / targetBacklogPerReplica) pods, within the bounds above.
+    #[serde(default = "default_target_backlog")]
+    #[schemars(range(min = 1))]
+    pub target_backlog_per_replica: i32,
+
+    /// How long the backlog must stay low before the pool shrinks; growing is immediate.
+    /// Format: `30s`, `5m`.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub scale_down_delay: String,
+}
+
+impl ScalingSpec {
+    /// The scale-down delay as a duration.
+    pub fn scale_down_delay(&self) -> Result<Duration, DurationError> {
+        duration::parse("spec.scaling.scaleDownDelay", &self.scale_down_delay)
+    }
+}
+
+/// Observed state of a `Worker`.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Pods of the Deployment (mirrors its status).
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Pods that are ready to take jobs.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// Pods the operator currently asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+
+    /// Label selector of the pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// When the operator last changed the number of pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+
+    /// Why the pool has its current size, e.g. `backlog 37, target 10 per replica`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+
+    /// Current state of the pool. `Available` is `True` when at least the minimum number of
+    /// pods is ready; its reason says why not (`QueueNotFound`, `InvalidSpec`,
+    /// `DeploymentUnavailable`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+fn default_concurrency() -> i32 {
+    1
+}
+fn default_target_backlog() -> i32 {
+    10
+}
+fn default_scale_down_delay() -> String {
+    "30s".into()
+}
