@@ -1,0 +1,518 @@
+//! Component tests of the `conveyor-worker` binary against a real nats-server: the real
+//! runtime process, real handler processes, real signals.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::names::{QueueRef, env};
+use conveyor::protocol::dead_letter;
+use conveyor::{Client, Job};
+use conveyor_testkit::{NatsServer, free_port, wait_for};
+use futures::StreamExt;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    nats: NatsServer,
+    client: Client,
+    queue: QueueRef,
+    out: tempfile::TempDir,
+}
+
+async fn setup(settings: QueueSettings) -> anyhow::Result<Setup> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let queue = QueueRef::new("test", "work");
+    ensure_queue(client.jetstream(), &queue, &settings).await?;
+    Ok(Setup {
+        nats,
+        client,
+        queue,
+        out: tempfile::tempdir()?,
+    })
+}
+
+impl Setup {
+    /// Starts the real runtime binary, configured through the environment like in a pod.
+    fn worker(
+        &self,
+        mode: &str,
+        extra: &[(&str, &str)],
+        command: &[&str],
+    ) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_conveyor-worker"));
+        cmd.arg("run")
+            .arg("--")
+            .args(command)
+            .env(env::NATS_URL, self.nats.url())
+            .env(env::QUEUE_NAMESPACE, &self.queue.namespace)
+            .env(env::QUEUE_NAME, &self.queue.name)
+            .env(env::HANDLER_MODE, mode)
+            .env(env::POD_NAME, "worker-under-test")
+            .env(env::POLL_WAIT, "300ms")
+            .env("OUT", self.out.path())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for (key, value) in extra {
+            cmd.env(key, value);
+        }
+        Ok(cmd.spawn()?)
+    }
+
+    fn files(&self, prefix: &str) -> Vec<String> {
+        files(self.out.path(), prefix)
+    }
+
+    async fn stream_len(&self, stream: &str) -> u64 {
+        stream_len(self.client.jetstream(), stream).await
+    }
+}
+
+fn files(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(prefix))
+                .map(|n| n[prefix.len()..].to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(stream) => stream
+            .get_info()
+            .await
+            .map(|i| i.state.messages)
+            .unwrap_or(u64::MAX),
+        Err(_) => u64::MAX,
+    }
+}
+
+fn signal(child: &Child, signal: Signal) -> anyhow::Result<()> {
+    let pid = Pid::from_raw(i32::try_from(child.id().expect("running"))?);
+    kill(pid, signal)?;
+    Ok(())
+}
+
+async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+async fn dead_letters(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+) -> anyhow::Result<Vec<jetstream::Message>> {
+    let stream = js.get_stream(queue.dead_letter_stream()).await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    let mut batch = consumer.fetch().max_messages(1000).messages().await?;
+    while let Some(message) = batch.next().await {
+        out.push(message.map_err(|e| anyhow::anyhow!(e))?);
+    }
+    Ok(out)
+}
+
+fn header(message: &jetstream::Message, name: &str) -> String {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn exec_mode_acks_every_job_and_serves_metrics() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let health = format!("127.0.0.1:{}", free_port()?);
+    let mut worker = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "4"), (env::HEALTH_ADDR, &health)],
+        &["sh", "-c", r#"cat > "$OUT/done-$CONVEYOR_JOB_ID""#],
+    )?;
+    let jobs = (0..100).map(|i| Job::new(format!("job-{i:03}"), format!("payload {i}")));
+    assert!(
+        s.client
+            .submit_batch(&s.queue, jobs)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_for(WAIT, "100 jobs handled", || async {
+        s.files("done-").len() == 100
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    let expected: Vec<String> = (0..100).map(|i| format!("job-{i:03}")).collect();
+    assert_eq!(s.files("done-"), expected, "each job id accounted for");
+    assert_eq!(
+        std::fs::read_to_string(s.out.path().join("done-job-007"))?,
+        "payload 7"
+    );
+
+    wait_for(WAIT, "metrics to count 100 acked jobs", || async {
+        http_get(&health, "/metrics")
+            .await
+            .is_ok_and(|t| t.contains(r#"conveyor_worker_jobs_total{outcome="acked"} 100"#))
+    })
+    .await?;
+    assert!(
+        http_get(&health, "/healthz")
+            .await?
+            .starts_with("HTTP/1.0 200")
+    );
+    assert!(
+        http_get(&health, "/readyz")
+            .await?
+            .starts_with("HTTP/1.0 200")
+    );
+    signal(&worker, Signal::SIGTERM)?;
+    let status = tokio::time::timeout(WAIT, worker.wait()).await??;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_exit_codes_decide_retry_and_permanent_failure() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let script = r#"
+        case "$CONVEYOR_JOB_ID" in
+          perm) echo "not an invoice" >&2; exit 65 ;;
+          later) [ "$CONVEYOR_JOB_ATTEMPT" -ge 2 ] || exit 75 ;;
+        esac
+        touch "$OUT/done-$CONVEYOR_JOB_ID-$CONVEYOR_JOB_ATTEMPT"
+    "#;
+    let _worker = s.worker(
+        "exec",
+        &[(env::BACKOFF_INITIAL, "200ms"), (env::BACKOFF_JITTER, "0")],
+        &["sh", "-c", script],
+    )?;
+    for id in ["ok", "perm", "later"] {
+        s.client.submit(&s.queue, Job::new(id, "x")).await?;
+    }
+    wait_for(WAIT, "ok and later done", || async {
+        s.files("done-") == ["later-2", "ok-1"]
+    })
+    .await?;
+    wait_for(WAIT, "perm dead-lettered", || async {
+        s.stream_len(&s.queue.dead_letter_stream()).await == 1
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    let letters = dead_letters(s.client.jetstream(), &s.queue).await?;
+    assert_eq!(header(&letters[0], dead_letter::JOB_ID), "perm");
+    assert_eq!(header(&letters[0], dead_letter::REASON), "permanent");
+    assert_eq!(header(&letters[0], dead_letter::POD), "worker-under-test");
+    assert_eq!(
+        header(&letters[0], dead_letter::ERROR),
+        "handler exited with 65 (permanent): not an invoice"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_jobs_finish_and_leaves_the_rest_queued() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let slow =
+        r#"touch "$OUT/started-$CONVEYOR_JOB_ID"; sleep 1; touch "$OUT/done-$CONVEYOR_JOB_ID""#;
+    let mut first = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "2"), (env::DRAIN_TIMEOUT, "20s")],
+        &["sh", "-c", slow],
+    )?;
+    assert!(
+        s.client
+            .submit_batch(&s.queue, (0..6).map(|i| Job::new(format!("j{i}"), "x")))
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_for(WAIT, "two jobs started", || async {
+        s.files("started-").len() == 2
+    })
+    .await?;
+    signal(&first, Signal::SIGTERM)?;
+    let status = tokio::time::timeout(WAIT, first.wait()).await??;
+    assert!(status.success(), "{status}");
+    let started = s.files("started-");
+    assert_eq!(started.len(), 2, "no job started after SIGTERM");
+    assert_eq!(
+        s.files("done-"),
+        started,
+        "in-flight jobs finished before exit"
+    );
+
+    let second_started = Instant::now();
+    let _second = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "4")],
+        &["sh", "-c", r#"touch "$OUT/done-$CONVEYOR_JOB_ID""#],
+    )?;
+    wait_for(WAIT, "all six jobs done", || async {
+        s.files("done-").len() == 6
+    })
+    .await?;
+    println!(
+        "second worker finished the remaining 4 jobs in {:?}",
+        second_started.elapsed()
+    );
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_gives_back_jobs_that_cannot_finish_and_they_are_redelivered_at_once()
+-> anyhow::Result<()> {
+    // A long ack wait: a job that was not given back would only return after 60 s.
+    let s = setup(QueueSettings {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await?;
+    let stuck = r#"touch "$OUT/started-$CONVEYOR_JOB_ID-$CONVEYOR_JOB_ATTEMPT"; exec sleep 60"#;
+    let mut first = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "2"), (env::DRAIN_TIMEOUT, "500ms")],
+        &["sh", "-c", stuck],
+    )?;
+    assert!(
+        s.client
+            .submit_batch(&s.queue, (0..2).map(|i| Job::new(format!("j{i}"), "x")))
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_for(WAIT, "two jobs started", || async {
+        s.files("started-").len() == 2
+    })
+    .await?;
+    signal(&first, Signal::SIGTERM)?;
+    let status = tokio::time::timeout(WAIT, first.wait()).await??;
+    assert!(status.success(), "{status}");
+
+    let given_back = Instant::now();
+    let _second = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "2")],
+        &[
+            "sh",
+            "-c",
+            r#"touch "$OUT/done-$CONVEYOR_JOB_ID-$CONVEYOR_JOB_ATTEMPT""#,
+        ],
+    )?;
+    wait_for(
+        Duration::from_secs(15),
+        "both jobs redelivered and done",
+        || async { s.files("done-").len() == 2 },
+    )
+    .await?;
+    let elapsed = given_back.elapsed();
+    println!("given-back jobs completed by the second worker after {elapsed:?}");
+    assert_eq!(
+        s.files("done-"),
+        ["j0-2", "j1-2"],
+        "second attempt of each job, none lost"
+    );
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkilled_worker_job_is_redelivered_after_the_ack_wait() -> anyhow::Result<()> {
+    let ack_wait = Duration::from_secs(2);
+    let s = setup(QueueSettings {
+        timeout: ack_wait,
+        ..Default::default()
+    })
+    .await?;
+    let mut first = s.worker(
+        "exec",
+        &[],
+        &[
+            "sh",
+            "-c",
+            r#"touch "$OUT/started-$CONVEYOR_JOB_ID"; exec sleep 60"#,
+        ],
+    )?;
+    s.client.submit(&s.queue, Job::new("victim", "x")).await?;
+    wait_for(WAIT, "the job started", || async {
+        s.files("started-").len() == 1
+    })
+    .await?;
+    signal(&first, Signal::SIGKILL)?;
+    let killed = Instant::now();
+    first.wait().await?;
+    let _second = s.worker(
+        "exec",
+        &[],
+        &[
+            "sh",
+            "-c",
+            r#"touch "$OUT/done-$CONVEYOR_JOB_ID-$CONVEYOR_JOB_ATTEMPT""#,
+        ],
+    )?;
+    wait_for(WAIT, "the job redelivered and done", || async {
+        s.files("done-") == ["victim-2"]
+    })
+    .await?;
+    let elapsed = killed.elapsed();
+    println!("redelivered and done {elapsed:?} after SIGKILL (ack wait {ack_wait:?})");
+    assert!(
+        elapsed >= ack_wait - Duration::from_millis(700),
+        "came back after {elapsed:?}"
+    );
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn jsonl_mode_runs_jobs_concurrently_in_one_child() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let handler = s.out.path().join("handler.py");
+    std::fs::write(
+        &handler,
+        r#"
+import json, os, sys, threading
+lock = threading.Lock()
+def work(req):
+    text = req.get("payload")
+    if text == "bad":
+        resp = {"id": req["id"], "status": "permanent", "error": "cannot process bad"}
+    else:
+        open(os.path.join(os.environ["OUT"], "done-" + req["id"]), "w").write(text)
+        resp = {"id": req["id"], "status": "ok", "result": {"len": len(text)}}
+    with lock:
+        sys.stdout.write(json.dumps(resp) + "\n")
+        sys.stdout.flush()
+open(os.path.join(os.environ["OUT"], "pid-%d" % os.getpid()), "w").close()
+for line in sys.stdin:
+    threading.Thread(target=work, args=(json.loads(line),)).start()
+"#,
+    )?;
+    let handler = handler.to_string_lossy().into_owned();
+    let _worker = s.worker(
+        "jsonl",
+        &[(env::CONCURRENCY, "8")],
+        &["python3", "-u", &handler],
+    )?;
+    let mut jobs: Vec<Job> = (0..200)
+        .map(|i| Job::new(format!("j{i:03}"), format!("text {i}")))
+        .collect();
+    jobs.push(Job::new("poison", "bad"));
+    assert!(
+        s.client
+            .submit_batch(&s.queue, jobs)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_for(WAIT, "200 jobs done", || async {
+        s.files("done-").len() == 200
+    })
+    .await?;
+    wait_for(WAIT, "the bad job dead-lettered", || async {
+        s.stream_len(&s.queue.dead_letter_stream()).await == 1
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    assert_eq!(
+        s.files("pid-").len(),
+        1,
+        "one long-lived child for all jobs"
+    );
+    let letters = dead_letters(s.client.jetstream(), &s.queue).await?;
+    assert_eq!(
+        header(&letters[0], dead_letter::ERROR),
+        "cannot process bad"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn jsonl_child_that_dies_fails_its_job_and_is_restarted() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    // Exits on its first job of attempt 1 (a crash), answers ok otherwise.
+    let script = r#"
+import json, os, sys
+open(os.path.join(os.environ["OUT"], "pid-%d" % os.getpid()), "w").close()
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["attempt"] == 1:
+        sys.exit(3)
+    open(os.path.join(os.environ["OUT"], "done-%s-%d" % (req["id"], req["attempt"])), "w").close()
+    print(json.dumps({"id": req["id"], "status": "ok"}), flush=True)
+"#;
+    let _worker = s.worker(
+        "jsonl",
+        &[(env::BACKOFF_INITIAL, "100ms"), (env::BACKOFF_JITTER, "0")],
+        &["python3", "-u", "-c", script],
+    )?;
+    s.client.submit(&s.queue, Job::new("crashy", "x")).await?;
+    wait_for(WAIT, "the job done on its second attempt", || async {
+        s.files("done-") == ["crashy-2"]
+    })
+    .await?;
+    assert_eq!(s.files("pid-").len(), 2, "the child was restarted once");
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[test]
+fn install_copies_the_runtime_into_a_directory() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("bin");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conveyor-worker"))
+        .arg("install")
+        .arg(&target)
+        .output()?;
+    assert!(output.status.success(), "{output:?}");
+    let copied = target.join("conveyor-worker");
+    let help = std::process::Command::new(&copied).arg("--help").output()?;
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Conveyor worker runtime"));
+    Ok(())
+}
