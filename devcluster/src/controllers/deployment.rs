@@ -69,7 +69,13 @@ fn spec_replicas(rs: &ReplicaSet) -> i32 {
 fn status_of(rs: &ReplicaSet) -> (i32, i32, i32) {
     rs.status
         .as_ref()
-        .map(|s| (s.replicas, s.ready_replicas.unwrap_or(0), s.available_replicas.unwrap_or(0)))
+        .map(|s| {
+            (
+                s.replicas,
+                s.ready_replicas.unwrap_or(0),
+                s.available_replicas.unwrap_or(0),
+            )
+        })
         .unwrap_or_default()
 }
 
@@ -86,11 +92,18 @@ fn revision_of(rs: &ReplicaSet) -> i64 {
 fn resolve(value: Option<&IntOrString>, default_percent: i32, total: i32, round_up: bool) -> i32 {
     let percent = match value {
         Some(IntOrString::Int(n)) => return (*n).max(0),
-        Some(IntOrString::String(s)) => s.trim_end_matches('%').parse::<i32>().unwrap_or(default_percent),
+        Some(IntOrString::String(s)) => s
+            .trim_end_matches('%')
+            .parse::<i32>()
+            .unwrap_or(default_percent),
         None => default_percent,
     };
     let scaled = i64::from(total) * i64::from(percent);
-    let value = if round_up { (scaled + 99) / 100 } else { scaled / 100 };
+    let value = if round_up {
+        (scaled + 99) / 100
+    } else {
+        scaled / 100
+    };
     i32::try_from(value).unwrap_or(i32::MAX)
 }
 
@@ -98,10 +111,26 @@ fn resolve(value: Option<&IntOrString>, default_percent: i32, total: i32, round_
 pub fn surge_and_unavailable(d: &Deployment) -> (i32, i32) {
     let spec = d.spec.as_ref();
     let desired = spec.and_then(|s| s.replicas).unwrap_or(1);
-    let rolling = spec.and_then(|s| s.strategy.as_ref()).and_then(|s| s.rolling_update.as_ref());
-    let surge = resolve(rolling.and_then(|r| r.max_surge.as_ref()), 25, desired, true);
-    let unavailable = resolve(rolling.and_then(|r| r.max_unavailable.as_ref()), 25, desired, false);
-    if surge == 0 && unavailable == 0 { (0, 1) } else { (surge, unavailable) }
+    let rolling = spec
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.rolling_update.as_ref());
+    let surge = resolve(
+        rolling.and_then(|r| r.max_surge.as_ref()),
+        25,
+        desired,
+        true,
+    );
+    let unavailable = resolve(
+        rolling.and_then(|r| r.max_unavailable.as_ref()),
+        25,
+        desired,
+        false,
+    );
+    if surge == 0 && unavailable == 0 {
+        (0, 1)
+    } else {
+        (surge, unavailable)
+    }
 }
 
 fn is_recreate(d: &Deployment) -> bool {
@@ -117,10 +146,15 @@ fn new_replica_set(d: &Deployment, hash: &str, replicas: i32, revision: i64) -> 
     let spec = d.spec.clone().unwrap_or_default();
     let mut template = spec.template.clone();
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
-    meta.labels.get_or_insert_with(BTreeMap::new).insert(POD_TEMPLATE_HASH.into(), hash.into());
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(POD_TEMPLATE_HASH.into(), hash.into());
     let labels = meta.labels.clone();
     let mut selector: LabelSelector = spec.selector.clone();
-    selector.match_labels.get_or_insert_with(BTreeMap::new).insert(POD_TEMPLATE_HASH.into(), hash.into());
+    selector
+        .match_labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(POD_TEMPLATE_HASH.into(), hash.into());
     let (surge, _) = surge_and_unavailable(d);
     let desired = spec.replicas.unwrap_or(1);
     let mut annotations = BTreeMap::new();
@@ -150,16 +184,28 @@ fn new_replica_set(d: &Deployment, hash: &str, replicas: i32, revision: i64) -> 
 /// Decides what to write for one Deployment, given every ReplicaSet and pod of its namespace.
 pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestamp) -> Plan {
     let mut plan = Plan::default();
-    let Some(spec) = d.spec.as_ref() else { return plan };
+    let Some(spec) = d.spec.as_ref() else {
+        return plan;
+    };
     let desired = spec.replicas.unwrap_or(1);
-    let owned: Vec<&ReplicaSet> = all_rs.iter().copied().filter(|rs| is_owned_by(&rs.metadata, &d.metadata)).collect();
+    let owned: Vec<&ReplicaSet> = all_rs
+        .iter()
+        .copied()
+        .filter(|rs| is_owned_by(&rs.metadata, &d.metadata))
+        .collect();
     let hash = template_hash(&spec.template);
     let wanted = without_hash_label(&spec.template);
     let name = d.metadata.name.clone().unwrap_or_default();
     let new_name = format!("{name}-{hash}");
     let new_rs = owned.iter().copied().find(|rs| {
         rs.metadata.name.as_deref() == Some(new_name.as_str())
-            || rs.spec.as_ref().and_then(|s| s.template.as_ref()).map(without_hash_label).as_ref() == Some(&wanted)
+            || rs
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.as_ref())
+                .map(without_hash_label)
+                .as_ref()
+                == Some(&wanted)
     });
     let mut old: Vec<&ReplicaSet> = owned
         .iter()
@@ -187,7 +233,10 @@ pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestam
         } else {
             let old_pods_left = pods.iter().any(|p| {
                 old.iter().any(|rs| is_owned_by(&p.metadata, &rs.metadata))
-                    && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+                    && !matches!(
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                        Some("Succeeded" | "Failed")
+                    )
             });
             if !old_pods_left {
                 new_target = desired;
@@ -205,7 +254,13 @@ pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestam
             }
         }
         if new_target <= new_current && old_targets.iter().any(|&n| n > 0) {
-            scale_down_old(&old, &mut old_targets, desired - unavailable, new_current, new_available);
+            scale_down_old(
+                &old,
+                &mut old_targets,
+                desired - unavailable,
+                new_current,
+                new_available,
+            );
         }
     }
 
@@ -214,7 +269,9 @@ pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestam
         _ => max_old_revision + 1,
     };
     match new_rs {
-        None if !paused => plan.create.push(new_replica_set(d, &hash, new_target, revision)),
+        None if !paused => plan
+            .create
+            .push(new_replica_set(d, &hash, new_target, revision)),
         None => {}
         Some(rs) => {
             let rs_name = rs.metadata.name.clone().unwrap_or_default();
@@ -228,20 +285,27 @@ pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestam
     }
     for (rs, target) in old.iter().zip(&old_targets) {
         if *target != spec_replicas(rs) {
-            plan.scale.push((rs.metadata.name.clone().unwrap_or_default(), *target));
+            plan.scale
+                .push((rs.metadata.name.clone().unwrap_or_default(), *target));
         }
     }
 
     let complete = new_rs.is_some_and(|rs| {
         let (replicas, _, available) = status_of(rs);
         spec_replicas(rs) == desired && replicas == desired && available == desired
-    }) && old.iter().all(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0);
+    }) && old
+        .iter()
+        .all(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0);
     if complete {
         let limit = usize::try_from(spec.revision_history_limit.unwrap_or(10).max(0)).unwrap_or(0);
-        let empty: Vec<&&ReplicaSet> = old.iter().filter(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0).collect();
+        let empty: Vec<&&ReplicaSet> = old
+            .iter()
+            .filter(|rs| spec_replicas(rs) == 0 && status_of(rs).0 == 0)
+            .collect();
         if empty.len() > limit {
             for rs in &empty[..empty.len() - limit] {
-                plan.delete.push(rs.metadata.name.clone().unwrap_or_default());
+                plan.delete
+                    .push(rs.metadata.name.clone().unwrap_or_default());
             }
         }
     }
@@ -254,7 +318,13 @@ pub fn plan(d: &Deployment, all_rs: &[&ReplicaSet], pods: &[&Pod], now: Timestam
 
 /// Scales old ReplicaSets down as far as `min_available` allows: first their unavailable pods,
 /// then available ones, oldest ReplicaSet first (`reconcileOldReplicaSets` of Kubernetes).
-fn scale_down_old(old: &[&ReplicaSet], targets: &mut [i32], min_available: i32, new_spec: i32, new_available: i32) {
+fn scale_down_old(
+    old: &[&ReplicaSet],
+    targets: &mut [i32],
+    min_available: i32,
+    new_spec: i32,
+    new_available: i32,
+) {
     let all: i32 = new_spec + targets.iter().sum::<i32>();
     let new_unavailable = (new_spec - new_available).max(0);
     let mut budget = all - min_available - new_unavailable;
@@ -289,13 +359,20 @@ fn condition(
     progressed: bool,
 ) -> DeploymentCondition {
     let same = previous.is_some_and(|c| c.status == status);
-    let same_reason = same && previous.is_some_and(|c| c.reason.as_deref() == Some(reason) && c.message.as_deref() == Some(message.as_str()));
+    let same_reason = same
+        && previous.is_some_and(|c| {
+            c.reason.as_deref() == Some(reason) && c.message.as_deref() == Some(message.as_str())
+        });
     DeploymentCondition {
         type_: type_.into(),
         status: status.into(),
         reason: Some(reason.into()),
         message: Some(message),
-        last_transition_time: if same { previous.and_then(|c| c.last_transition_time.clone()) } else { Some(Time(now)) },
+        last_transition_time: if same {
+            previous.and_then(|c| c.last_transition_time.clone())
+        } else {
+            Some(Time(now))
+        },
         last_update_time: if same_reason && !progressed {
             previous.and_then(|c| c.last_update_time.clone())
         } else {
@@ -321,13 +398,36 @@ fn status(
     });
     let updated = new_rs.map(|rs| status_of(rs).0).unwrap_or(0);
     let previous = d.status.clone().unwrap_or_default();
-    let prev_cond = |t: &str| previous.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == t));
+    let prev_cond = |t: &str| {
+        previous
+            .conditions
+            .as_ref()
+            .and_then(|cs| cs.iter().find(|c| c.type_ == t))
+    };
     let (_, max_unavailable) = surge_and_unavailable(d);
-    let rs_name = new_rs.and_then(|rs| rs.metadata.name.clone()).unwrap_or(new_name);
+    let rs_name = new_rs
+        .and_then(|rs| rs.metadata.name.clone())
+        .unwrap_or(new_name);
     let available_cond = if available >= desired - max_unavailable {
-        condition(prev_cond("Available"), "Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.".into(), now, false)
+        condition(
+            prev_cond("Available"),
+            "Available",
+            "True",
+            "MinimumReplicasAvailable",
+            "Deployment has minimum availability.".into(),
+            now,
+            false,
+        )
     } else {
-        condition(prev_cond("Available"), "Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.".into(), now, false)
+        condition(
+            prev_cond("Available"),
+            "Available",
+            "False",
+            "MinimumReplicasUnavailable",
+            "Deployment does not have minimum availability.".into(),
+            now,
+            false,
+        )
     };
     let progressed = previous.replicas != Some(replicas)
         || previous.updated_replicas != Some(updated)
@@ -335,9 +435,25 @@ fn status(
         || previous.available_replicas != Some(available);
     let prev_progress = prev_cond("Progressing");
     let progressing = if complete {
-        condition(prev_progress, "Progressing", "True", "NewReplicaSetAvailable", format!("ReplicaSet \"{rs_name}\" has successfully progressed."), now, false)
+        condition(
+            prev_progress,
+            "Progressing",
+            "True",
+            "NewReplicaSetAvailable",
+            format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+            now,
+            false,
+        )
     } else if spec.paused.unwrap_or(false) {
-        condition(prev_progress, "Progressing", "Unknown", "DeploymentPaused", "Deployment is paused".into(), now, false)
+        condition(
+            prev_progress,
+            "Progressing",
+            "Unknown",
+            "DeploymentPaused",
+            "Deployment is paused".into(),
+            now,
+            false,
+        )
     } else {
         let deadline = i64::from(spec.progress_deadline_seconds.unwrap_or(600));
         let since = prev_progress
@@ -345,10 +461,41 @@ fn status(
             .and_then(|c| c.last_update_time.as_ref())
             .map(|t| t.0);
         match since {
-            Some(since) if !progressed && now.as_second() - since.as_second() > deadline => condition(prev_progress, "Progressing", "False", "ProgressDeadlineExceeded", format!("ReplicaSet \"{rs_name}\" has timed out progressing."), now, false),
-            _ if prev_progress.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded")) && !progressed => prev_progress.cloned().unwrap_or_default(),
-            _ if new_rs.is_none() => condition(prev_progress, "Progressing", "True", "NewReplicaSetCreated", format!("Created new replica set \"{rs_name}\""), now, true),
-            _ => condition(prev_progress, "Progressing", "True", "ReplicaSetUpdated", format!("ReplicaSet \"{rs_name}\" is progressing."), now, progressed),
+            Some(since) if !progressed && now.as_second() - since.as_second() > deadline => {
+                condition(
+                    prev_progress,
+                    "Progressing",
+                    "False",
+                    "ProgressDeadlineExceeded",
+                    format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+                    now,
+                    false,
+                )
+            }
+            _ if prev_progress
+                .is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+                && !progressed =>
+            {
+                prev_progress.cloned().unwrap_or_default()
+            }
+            _ if new_rs.is_none() => condition(
+                prev_progress,
+                "Progressing",
+                "True",
+                "NewReplicaSetCreated",
+                format!("Created new replica set \"{rs_name}\""),
+                now,
+                true,
+            ),
+            _ => condition(
+                prev_progress,
+                "Progressing",
+                "True",
+                "ReplicaSetUpdated",
+                format!("ReplicaSet \"{rs_name}\" is progressing."),
+                now,
+                progressed,
+            ),
         }
     };
     DeploymentStatus {
@@ -367,7 +514,9 @@ fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStrategy, ReplicaSetStatus, RollingUpdateDeployment};
+    use k8s_openapi::api::apps::v1::{
+        DeploymentSpec, DeploymentStrategy, ReplicaSetStatus, RollingUpdateDeployment,
+    };
 
     fn deployment(replicas: i32, image: &str) -> Deployment {
         let template = PodTemplateSpec {
@@ -392,7 +541,11 @@ mod tests {
                 generation: Some(1),
                 ..ObjectMeta::default()
             },
-            spec: Some(DeploymentSpec { replicas: Some(replicas), template, ..DeploymentSpec::default() }),
+            spec: Some(DeploymentSpec {
+                replicas: Some(replicas),
+                template,
+                ..DeploymentSpec::default()
+            }),
             status: None,
         }
     }
@@ -401,7 +554,8 @@ mod tests {
         let hash = template_hash(&d.spec.as_ref().unwrap().template);
         let mut rs = new_replica_set(d, &hash, replicas, 1);
         rs.metadata.uid = Some(uid.into());
-        rs.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1_000_000 + age).unwrap()));
+        rs.metadata.creation_timestamp =
+            Some(Time(Timestamp::from_second(1_000_000 + age).unwrap()));
         rs.status = Some(ReplicaSetStatus {
             replicas,
             ready_replicas: Some(available),
@@ -430,9 +584,21 @@ mod tests {
         assert_eq!(rs.spec.as_ref().unwrap().replicas, Some(3));
         assert!(rs.metadata.name.as_ref().unwrap().starts_with("web-"));
         let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.controller), ("Deployment", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Deployment", Some(true))
+        );
         let hash = rs.metadata.labels.as_ref().unwrap()[POD_TEMPLATE_HASH].clone();
-        assert_eq!(rs.spec.as_ref().unwrap().selector.match_labels.as_ref().unwrap()[POD_TEMPLATE_HASH], hash);
+        assert_eq!(
+            rs.spec
+                .as_ref()
+                .unwrap()
+                .selector
+                .match_labels
+                .as_ref()
+                .unwrap()[POD_TEMPLATE_HASH],
+            hash
+        );
     }
 
     #[test]
@@ -468,7 +634,10 @@ mod tests {
         let old_d = deployment(2, "a");
         let old_rs = existing(&old_d, "old", 2, 2, 0);
         let mut d = deployment(2, "b");
-        d.spec.as_mut().unwrap().strategy = Some(DeploymentStrategy { type_: Some("Recreate".into()), rolling_update: None });
+        d.spec.as_mut().unwrap().strategy = Some(DeploymentStrategy {
+            type_: Some("Recreate".into()),
+            rolling_update: None,
+        });
         let p = plan(&d, &[&old_rs], &[], Timestamp::now());
         assert_eq!(p.create[0].spec.as_ref().unwrap().replicas, Some(0));
         assert_eq!(p.scale, vec![(old_rs.metadata.name.clone().unwrap(), 0)]);
@@ -480,7 +649,14 @@ mod tests {
         let rs = existing(&d, "rs", 2, 2, 0);
         let p = plan(&d, &[&rs], &[], Timestamp::now());
         let status = p.status.unwrap();
-        assert_eq!((status.replicas, status.available_replicas, status.observed_generation), (Some(2), Some(2), Some(1)));
+        assert_eq!(
+            (
+                status.replicas,
+                status.available_replicas,
+                status.observed_generation
+            ),
+            (Some(2), Some(2), Some(1))
+        );
         let conds = status.conditions.unwrap();
         assert_eq!(conds[0].status, "True");
         assert_eq!(conds[1].reason.as_deref(), Some("NewReplicaSetAvailable"));

@@ -38,7 +38,9 @@ pub const FIELD_MANAGER: &str = "devcluster-controller-manager";
 const EXPECTATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The owner reference a controller puts on the objects it creates.
-pub(crate) fn controller_owner<K: Resource<DynamicType = ()>>(meta: &ObjectMeta) -> Option<OwnerReference> {
+pub(crate) fn controller_owner<K: Resource<DynamicType = ()>>(
+    meta: &ObjectMeta,
+) -> Option<OwnerReference> {
     Some(OwnerReference {
         api_version: K::api_version(&()).into_owned(),
         kind: K::kind(&()).into_owned(),
@@ -61,7 +63,11 @@ pub(crate) fn is_owned_by(child: &ObjectMeta, owner: &ObjectMeta) -> bool {
 }
 
 fn key(meta: &ObjectMeta) -> String {
-    format!("{}/{}", meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// Writes a controller made but has not seen in its cache yet.
@@ -78,7 +84,12 @@ struct Expectation {
 
 impl Expectation {
     fn new() -> Self {
-        Self { created: BTreeSet::new(), deleted: BTreeSet::new(), scaled: Vec::new(), since: Instant::now() }
+        Self {
+            created: BTreeSet::new(),
+            deleted: BTreeSet::new(),
+            scaled: Vec::new(),
+            since: Instant::now(),
+        }
     }
 }
 
@@ -91,7 +102,11 @@ struct Manager {
     expectations: HashMap<String, Expectation>,
 }
 
-fn spawn_reflector<K>(client: &Client, changed: Arc<Notify>, shutdown: &CancellationToken) -> Store<K>
+fn spawn_reflector<K>(
+    client: &Client,
+    changed: Arc<Notify>,
+    shutdown: &CancellationToken,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
@@ -155,17 +170,27 @@ impl Manager {
         let replica_sets = self.replica_sets.state();
         let mut by_ns: HashMap<&str, (Vec<&ReplicaSet>, Vec<&Pod>)> = HashMap::new();
         for rs in &replica_sets {
-            by_ns.entry(rs.metadata.namespace.as_deref().unwrap_or_default()).or_default().0.push(rs);
+            by_ns
+                .entry(rs.metadata.namespace.as_deref().unwrap_or_default())
+                .or_default()
+                .0
+                .push(rs);
         }
         for p in &pods {
-            by_ns.entry(p.metadata.namespace.as_deref().unwrap_or_default()).or_default().1.push(p);
+            by_ns
+                .entry(p.metadata.namespace.as_deref().unwrap_or_default())
+                .or_default()
+                .1
+                .push(p);
         }
         let empty = (Vec::new(), Vec::new());
         for d in self.deployments.state() {
             if d.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            let (rss, pods) = by_ns.get(d.metadata.namespace.as_deref().unwrap_or_default()).unwrap_or(&empty);
+            let (rss, pods) = by_ns
+                .get(d.metadata.namespace.as_deref().unwrap_or_default())
+                .unwrap_or(&empty);
             let k = format!("deployment:{}", key(&d.metadata));
             if !self.satisfied(&k, rss, pods) {
                 continue;
@@ -179,7 +204,9 @@ impl Manager {
             if rs.metadata.deletion_timestamp.is_some() {
                 continue;
             }
-            let (rss, pods) = by_ns.get(rs.metadata.namespace.as_deref().unwrap_or_default()).unwrap_or(&empty);
+            let (rss, pods) = by_ns
+                .get(rs.metadata.namespace.as_deref().unwrap_or_default())
+                .unwrap_or(&empty);
             let k = format!("replicaset:{}", key(&rs.metadata));
             if !self.satisfied(&k, rss, pods) {
                 continue;
@@ -194,18 +221,29 @@ impl Manager {
     /// Whether the cache reflects every write made for `key`; forgets expectations that are met
     /// or too old.
     fn satisfied(&mut self, key: &str, rss: &[&ReplicaSet], pods: &[&Pod]) -> bool {
-        let Some(exp) = self.expectations.get(key) else { return true };
+        let Some(exp) = self.expectations.get(key) else {
+            return true;
+        };
         let seen = |name: &str| {
-            pods.iter().any(|p| p.metadata.name.as_deref() == Some(name))
-                || rss.iter().any(|rs| rs.metadata.name.as_deref() == Some(name))
+            pods.iter()
+                .any(|p| p.metadata.name.as_deref() == Some(name))
+                || rss
+                    .iter()
+                    .any(|rs| rs.metadata.name.as_deref() == Some(name))
         };
         let still_active = |name: &str| {
-            pods.iter().any(|p| p.metadata.name.as_deref() == Some(name) && replicaset::is_active(p))
+            pods.iter()
+                .any(|p| p.metadata.name.as_deref() == Some(name) && replicaset::is_active(p))
         };
         let scaled = exp.scaled.iter().all(|(name, generation)| {
-            rss.iter().any(|rs| rs.metadata.name.as_deref() == Some(name.as_str()) && rs.metadata.generation.unwrap_or(0) >= *generation)
+            rss.iter().any(|rs| {
+                rs.metadata.name.as_deref() == Some(name.as_str())
+                    && rs.metadata.generation.unwrap_or(0) >= *generation
+            })
         });
-        let met = exp.created.iter().all(|n| seen(n)) && !exp.deleted.iter().any(|n| still_active(n)) && scaled;
+        let met = exp.created.iter().all(|n| seen(n))
+            && !exp.deleted.iter().any(|n| still_active(n))
+            && scaled;
         if met || exp.since.elapsed() > EXPECTATION_TIMEOUT {
             self.expectations.remove(key);
             true
@@ -214,7 +252,11 @@ impl Manager {
         }
     }
 
-    async fn apply_deployment(&mut self, d: &Deployment, plan: deployment::Plan) -> Result<(), kube::Error> {
+    async fn apply_deployment(
+        &mut self,
+        d: &Deployment,
+        plan: deployment::Plan,
+    ) -> Result<(), kube::Error> {
         let ns = d.metadata.namespace.as_deref().unwrap_or_default();
         let rs_api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), ns);
         let params = patch_params();
@@ -222,7 +264,8 @@ impl Manager {
         for rs in &plan.create {
             match rs_api.create(&post_params(), rs).await {
                 Ok(created) => {
-                    exp.created.insert(created.metadata.name.unwrap_or_default());
+                    exp.created
+                        .insert(created.metadata.name.unwrap_or_default());
                 }
                 Err(e) if status_code(&e) == Some(409) => {}
                 Err(e) => return Err(e),
@@ -231,10 +274,12 @@ impl Manager {
         for (name, replicas) in &plan.scale {
             let patch = json!({ "spec": { "replicas": replicas } });
             let rs = rs_api.patch(name, &params, &Patch::Merge(&patch)).await?;
-            exp.scaled.push((name.clone(), rs.metadata.generation.unwrap_or(0)));
+            exp.scaled
+                .push((name.clone(), rs.metadata.generation.unwrap_or(0)));
         }
         for (name, revision) in &plan.revision {
-            let patch = json!({ "metadata": { "annotations": { deployment::REVISION: revision } } });
+            let patch =
+                json!({ "metadata": { "annotations": { deployment::REVISION: revision } } });
             rs_api.patch(name, &params, &Patch::Merge(&patch)).await?;
         }
         for name in &plan.delete {
@@ -249,28 +294,43 @@ impl Manager {
         let revision = plan
             .create
             .iter()
-            .filter_map(|rs| rs.metadata.annotations.as_ref()?.get(deployment::REVISION).cloned())
+            .filter_map(|rs| {
+                rs.metadata
+                    .annotations
+                    .as_ref()?
+                    .get(deployment::REVISION)
+                    .cloned()
+            })
             .chain(plan.revision.iter().map(|(_, r)| r.clone()))
             .next();
         if let Some(revision) = revision {
-            let patch = json!({ "metadata": { "annotations": { deployment::REVISION: revision } } });
+            let patch =
+                json!({ "metadata": { "annotations": { deployment::REVISION: revision } } });
             d_api.patch(name, &params, &Patch::Merge(&patch)).await?;
         }
         if let Some(status) = plan.status {
             let patch = json!({ "status": status });
-            match d_api.patch_status(name, &params, &Patch::Merge(&patch)).await {
+            match d_api
+                .patch_status(name, &params, &Patch::Merge(&patch))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if status_code(&e) == Some(404) => {}
                 Err(e) => return Err(e),
             }
         }
         if !exp.created.is_empty() || !exp.scaled.is_empty() {
-            self.expectations.insert(format!("deployment:{}", key(&d.metadata)), exp);
+            self.expectations
+                .insert(format!("deployment:{}", key(&d.metadata)), exp);
         }
         Ok(())
     }
 
-    async fn apply_replica_set(&mut self, rs: &ReplicaSet, plan: replicaset::Plan) -> Result<(), kube::Error> {
+    async fn apply_replica_set(
+        &mut self,
+        rs: &ReplicaSet,
+        plan: replicaset::Plan,
+    ) -> Result<(), kube::Error> {
         let ns = rs.metadata.namespace.as_deref().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         let mut exp = Expectation::new();
@@ -279,7 +339,8 @@ impl Manager {
             let pod = replicaset::new_pod(rs, &random_suffix());
             match pods.create(&post_params(), &pod).await {
                 Ok(created) => {
-                    exp.created.insert(created.metadata.name.unwrap_or_default());
+                    exp.created
+                        .insert(created.metadata.name.unwrap_or_default());
                 }
                 // A random name collided: the next pass creates another one.
                 Err(e) if status_code(&e) == Some(409) => {}
@@ -302,14 +363,18 @@ impl Manager {
             }
         }
         if !exp.created.is_empty() || !exp.deleted.is_empty() {
-            self.expectations.insert(format!("replicaset:{}", key(&rs.metadata)), exp);
+            self.expectations
+                .insert(format!("replicaset:{}", key(&rs.metadata)), exp);
         }
         result?;
         if let Some(status) = plan.status {
             let rs_api: Api<ReplicaSet> = Api::namespaced(self.client.clone(), ns);
             let patch = json!({ "status": status });
             let name = rs.metadata.name.as_deref().unwrap_or_default();
-            match rs_api.patch_status(name, &patch_params(), &Patch::Merge(&patch)).await {
+            match rs_api
+                .patch_status(name, &patch_params(), &Patch::Merge(&patch))
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if status_code(&e) == Some(404) => {}
                 Err(e) => return Err(e),
@@ -328,11 +393,17 @@ fn status_code(err: &kube::Error) -> Option<u16> {
 }
 
 fn patch_params() -> PatchParams {
-    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() }
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
 }
 
 fn post_params() -> PostParams {
-    PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    }
 }
 
 /// Five characters of [`deployment::SAFE_ALPHABET`], like the suffix of a generated pod name.
@@ -340,6 +411,8 @@ pub(crate) fn random_suffix() -> String {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     bytes[..5]
         .iter()
-        .map(|b| char::from(deployment::SAFE_ALPHABET[usize::from(*b) % deployment::SAFE_ALPHABET.len()]))
+        .map(|b| {
+            char::from(deployment::SAFE_ALPHABET[usize::from(*b) % deployment::SAFE_ALPHABET.len()])
+        })
         .collect()
 }

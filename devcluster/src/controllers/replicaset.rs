@@ -28,17 +28,32 @@ pub struct Plan {
 /// A pod counts towards the replicas until it terminates or is being deleted.
 pub fn is_active(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
-        && !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+        && !matches!(
+            p.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
 }
 
 /// Since when the pod is Ready, if it is.
 fn ready_since(p: &Pod) -> Option<Timestamp> {
-    let cond = p.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == "Ready")?;
-    (cond.status == "True").then(|| cond.last_transition_time.as_ref().map(|t| t.0).unwrap_or(Timestamp::UNIX_EPOCH))
+    let cond = p
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    (cond.status == "True").then(|| {
+        cond.last_transition_time
+            .as_ref()
+            .map(|t| t.0)
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    })
 }
 
 fn is_available(p: &Pod, min_ready_seconds: i32, now: Timestamp) -> bool {
-    ready_since(p).is_some_and(|since| since.as_second() + i64::from(min_ready_seconds) <= now.as_second())
+    ready_since(p)
+        .is_some_and(|since| since.as_second() + i64::from(min_ready_seconds) <= now.as_second())
 }
 
 fn deletion_cost(p: &Pod) -> i64 {
@@ -88,19 +103,33 @@ pub fn plan(rs: &ReplicaSet, pods: &[&Pod], now: Timestamp) -> Plan {
     let mut plan = Plan::default();
     let spec = rs.spec.clone().unwrap_or_default();
     let desired = usize::try_from(spec.replicas.unwrap_or(1).max(0)).unwrap_or(0);
-    let mut active: Vec<&Pod> = pods.iter().copied().filter(|p| is_owned_by(&p.metadata, &rs.metadata) && is_active(p)).collect();
+    let mut active: Vec<&Pod> = pods
+        .iter()
+        .copied()
+        .filter(|p| is_owned_by(&p.metadata, &rs.metadata) && is_active(p))
+        .collect();
     if active.len() < desired {
         plan.create = desired - active.len();
     } else if active.len() > desired {
         active.sort_by(|a, b| deletion_order(a, b));
-        plan.delete = active[..active.len() - desired].iter().filter_map(|p| p.metadata.name.clone()).collect();
+        plan.delete = active[..active.len() - desired]
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
     }
-    let template_labels = spec.template.as_ref().and_then(|t| t.metadata.as_ref()).and_then(|m| m.labels.clone()).unwrap_or_default();
+    let template_labels = spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
     let fully_labeled = active
         .iter()
         .filter(|p| {
             let labels = p.metadata.labels.clone().unwrap_or_default();
-            template_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            template_labels
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v))
         })
         .count();
     let min_ready = spec.min_ready_seconds.unwrap_or(0);
@@ -108,8 +137,15 @@ pub fn plan(rs: &ReplicaSet, pods: &[&Pod], now: Timestamp) -> Plan {
     let status = ReplicaSetStatus {
         replicas: count(active.len()),
         fully_labeled_replicas: Some(count(fully_labeled)),
-        ready_replicas: Some(count(active.iter().filter(|p| ready_since(p).is_some()).count())),
-        available_replicas: Some(count(active.iter().filter(|p| is_available(p, min_ready, now)).count())),
+        ready_replicas: Some(count(
+            active.iter().filter(|p| ready_since(p).is_some()).count(),
+        )),
+        available_replicas: Some(count(
+            active
+                .iter()
+                .filter(|p| is_available(p, min_ready, now))
+                .count(),
+        )),
         observed_generation: rs.metadata.generation,
         conditions: rs.status.as_ref().and_then(|s| s.conditions.clone()),
         terminating_replicas: None,
@@ -122,7 +158,11 @@ pub fn plan(rs: &ReplicaSet, pods: &[&Pod], now: Timestamp) -> Plan {
 
 /// A new pod of the ReplicaSet named `<rs>-<suffix>`, owned by it.
 pub fn new_pod(rs: &ReplicaSet, suffix: &str) -> Pod {
-    let template = rs.spec.as_ref().and_then(|s| s.template.clone()).unwrap_or_default();
+    let template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
     let meta = template.metadata.unwrap_or_default();
     let name = rs.metadata.name.clone().unwrap_or_default();
     Pod {
@@ -156,7 +196,10 @@ mod tests {
                 generation: Some(1),
                 ..ObjectMeta::default()
             },
-            spec: Some(ReplicaSetSpec { replicas: Some(replicas), ..ReplicaSetSpec::default() }),
+            spec: Some(ReplicaSetSpec {
+                replicas: Some(replicas),
+                ..ReplicaSetSpec::default()
+            }),
             status: None,
         }
     }
@@ -164,11 +207,16 @@ mod tests {
     fn pod(name: &str, ready: bool, cost: Option<i64>, created: i64) -> Pod {
         let mut p = new_pod(&rs(1), name);
         p.metadata.name = Some(name.into());
-        p.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1_000_000 + created).unwrap()));
+        p.metadata.creation_timestamp =
+            Some(Time(Timestamp::from_second(1_000_000 + created).unwrap()));
         if let Some(cost) = cost {
-            p.metadata.annotations = Some([(POD_DELETION_COST.to_owned(), cost.to_string())].into());
+            p.metadata.annotations =
+                Some([(POD_DELETION_COST.to_owned(), cost.to_string())].into());
         }
-        p.spec = Some(PodSpec { node_name: Some("devcluster".into()), ..PodSpec::default() });
+        p.spec = Some(PodSpec {
+            node_name: Some("devcluster".into()),
+            ..PodSpec::default()
+        });
         p.status = Some(PodStatus {
             phase: Some("Running".into()),
             conditions: Some(vec![PodCondition {
@@ -208,6 +256,9 @@ mod tests {
         let p = new_pod(&rs(1), "xyz12");
         assert_eq!(p.metadata.name.as_deref(), Some("web-abc-xyz12"));
         let owner = &p.metadata.owner_references.unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str(), owner.controller), ("ReplicaSet", "rs-uid", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("ReplicaSet", "rs-uid", Some(true))
+        );
     }
 }

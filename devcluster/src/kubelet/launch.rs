@@ -13,8 +13,18 @@ use super::ImageConfig;
 
 /// Host environment variables a container inherits (a real container inherits none; local
 /// processes need a few to find interpreters and shims).
-const PASSTHROUGH_ENV: &[&str] =
-    &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYENV_ROOT", "PYENV_VERSION"];
+const PASSTHROUGH_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+];
 
 /// A volume as a container sees it: where it is mounted and the host directory behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +70,10 @@ pub fn mounts(container: &Container, volumes: &BTreeMap<String, PathBuf>) -> Vec
                 Some(sub) if !sub.is_empty() => dir.join(sub),
                 _ => dir.clone(),
             };
-            Some(Mount { mount_path: m.mount_path.trim_end_matches('/').to_owned(), host })
+            Some(Mount {
+                mount_path: m.mount_path.trim_end_matches('/').to_owned(),
+                host,
+            })
         })
         .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_path.len()));
@@ -114,12 +127,19 @@ pub fn expand(value: &str, env: &[(String, String)]) -> String {
 
 /// Finds a bare program name on `path` (a `PATH` value).
 fn which(program: &str, path: &str) -> Option<PathBuf> {
-    std::env::split_paths(path).map(|dir| dir.join(program)).find(|p| p.is_file())
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
 }
 
 /// Resolves a program path: under a volume, then under the image root, then on the host; a bare
 /// name on `PATH`.
-fn resolve_program(program: &str, mounts: &[Mount], image: Option<&ImageConfig>, env: &[(String, String)]) -> Result<PathBuf, String> {
+fn resolve_program(
+    program: &str,
+    mounts: &[Mount],
+    image: Option<&ImageConfig>,
+    env: &[(String, String)],
+) -> Result<PathBuf, String> {
     if program.starts_with('/') {
         let in_volume = PathBuf::from(rewrite(program, mounts));
         if in_volume.as_os_str() != program && in_volume.exists() {
@@ -139,8 +159,14 @@ fn resolve_program(program: &str, mounts: &[Mount], image: Option<&ImageConfig>,
     if program.contains('/') {
         return Ok(program.into());
     }
-    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or_default();
-    which(program, path).ok_or_else(|| format!("exec: \"{program}\": executable file not found in $PATH"))
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    which(program, path)
+        .ok_or_else(|| format!("exec: \"{program}\": executable file not found in $PATH"))
 }
 
 /// Turns a container into a command line, given its resolved environment.
@@ -153,11 +179,23 @@ pub fn launch(
 ) -> Result<Launch, String> {
     let args = container.args.iter().flatten().map(|a| expand(a, &env));
     let mut argv: Vec<String> = match container.command.as_ref().filter(|c| !c.is_empty()) {
-        Some(command) => command.iter().map(|c| expand(c, &env)).chain(args).collect(),
-        None => image.map(|i| i.entrypoint.clone()).unwrap_or_default().into_iter().chain(args).collect(),
+        Some(command) => command
+            .iter()
+            .map(|c| expand(c, &env))
+            .chain(args)
+            .collect(),
+        None => image
+            .map(|i| i.entrypoint.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(args)
+            .collect(),
     };
     if argv.is_empty() {
-        return Err(format!("no command specified and image {:?} has no entrypoint", container.image.as_deref().unwrap_or_default()));
+        return Err(format!(
+            "no command specified and image {:?} has no entrypoint",
+            container.image.as_deref().unwrap_or_default()
+        ));
     }
     let program = resolve_program(&argv.remove(0), mounts, image, &env)?;
     let cwd = match container.working_dir.as_deref().filter(|d| !d.is_empty()) {
@@ -175,10 +213,21 @@ pub fn launch(
         }
     };
     if !cwd.is_dir() {
-        return Err(format!("working directory {:?} does not exist", cwd.display()));
+        return Err(format!(
+            "working directory {:?} does not exist",
+            cwd.display()
+        ));
     }
-    let env = env.into_iter().map(|(k, v)| (k, rewrite(&v, mounts))).collect();
-    Ok(Launch { program, args: argv.iter().map(|a| rewrite(a, mounts)).collect(), env, cwd })
+    let env = env
+        .into_iter()
+        .map(|(k, v)| (k, rewrite(&v, mounts)))
+        .collect();
+    Ok(Launch {
+        program,
+        args: argv.iter().map(|a| rewrite(a, mounts)).collect(),
+        env,
+        cwd,
+    })
 }
 
 /// The value of a downward-API field reference.
@@ -194,11 +243,18 @@ pub fn field_ref(pod: &Pod, path: &str, pod_ip: &str) -> Result<String, String> 
         "metadata.namespace" => meta.namespace.clone().unwrap_or_default(),
         "metadata.uid" => meta.uid.clone().unwrap_or_default(),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
-        "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+        "spec.serviceAccountName" => spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_default(),
         "status.podIP" => pod_ip.to_owned(),
         "status.hostIP" => "127.0.0.1".to_owned(),
-        p if p.starts_with("metadata.labels[") => from_map(meta.labels.as_ref(), &p["metadata.labels".len()..]),
-        p if p.starts_with("metadata.annotations[") => from_map(meta.annotations.as_ref(), &p["metadata.annotations".len()..]),
+        p if p.starts_with("metadata.labels[") => {
+            from_map(meta.labels.as_ref(), &p["metadata.labels".len()..])
+        }
+        p if p.starts_with("metadata.annotations[") => from_map(
+            meta.annotations.as_ref(),
+            &p["metadata.annotations".len()..],
+        ),
         other => return Err(format!("unsupported fieldRef {other:?}")),
     })
 }
@@ -208,33 +264,58 @@ fn bytes_to_string(b: &[u8]) -> String {
 }
 
 async fn config_map(client: &Client, ns: &str, name: &str) -> Result<Option<ConfigMap>, String> {
-    Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(name).await.map_err(|e| format!("configmap {name:?}: {e}"))
+    Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("configmap {name:?}: {e}"))
 }
 
 async fn secret(client: &Client, ns: &str, name: &str) -> Result<Option<Secret>, String> {
-    Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await.map_err(|e| format!("secret {name:?}: {e}"))
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("secret {name:?}: {e}"))
 }
 
 fn secret_data(s: &Secret) -> BTreeMap<String, String> {
-    let mut data: BTreeMap<String, String> =
-        s.data.iter().flatten().map(|(k, v)| (k.clone(), bytes_to_string(&v.0))).collect();
+    let mut data: BTreeMap<String, String> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), bytes_to_string(&v.0)))
+        .collect();
     data.extend(s.string_data.clone().unwrap_or_default());
     data
 }
 
 fn config_map_data(c: &ConfigMap) -> BTreeMap<String, String> {
     let mut data = c.data.clone().unwrap_or_default();
-    data.extend(c.binary_data.iter().flatten().map(|(k, v)| (k.clone(), bytes_to_string(&v.0))));
+    data.extend(
+        c.binary_data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), bytes_to_string(&v.0))),
+    );
     data
 }
 
 /// The container's environment: passthrough host variables, `HOSTNAME`, `envFrom`, then `env`
 /// (later entries win), with `valueFrom` resolved. An error is a `CreateContainerConfigError`.
-pub async fn container_env(client: &Client, pod: &Pod, container: &Container, pod_ip: &str) -> Result<Vec<(String, String)>, String> {
+pub async fn container_env(
+    client: &Client,
+    pod: &Pod,
+    container: &Container,
+    pod_ip: &str,
+) -> Result<Vec<(String, String)>, String> {
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-    let mut env: Vec<(String, String)> =
-        PASSTHROUGH_ENV.iter().filter_map(|k| Some(((*k).to_owned(), std::env::var(k).ok()?))).collect();
-    env.push(("HOSTNAME".into(), pod.metadata.name.clone().unwrap_or_default()));
+    let mut env: Vec<(String, String)> = PASSTHROUGH_ENV
+        .iter()
+        .filter_map(|k| Some(((*k).to_owned(), std::env::var(k).ok()?)))
+        .collect();
+    env.push((
+        "HOSTNAME".into(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    ));
     for source in container.env_from.iter().flatten() {
         let prefix = source.prefix.clone().unwrap_or_default();
         let data = if let Some(r) = &source.config_map_ref {
@@ -258,18 +339,32 @@ pub async fn container_env(client: &Client, pod: &Pod, container: &Container, po
         let value = match (&var.value, &var.value_from) {
             (_, Some(from)) => {
                 if let Some(r) = &from.secret_key_ref {
-                    let found = secret(client, ns, &r.name).await?.and_then(|s| secret_data(&s).remove(&r.key));
+                    let found = secret(client, ns, &r.name)
+                        .await?
+                        .and_then(|s| secret_data(&s).remove(&r.key));
                     match found {
                         Some(v) => v,
                         None if r.optional == Some(true) => continue,
-                        None => return Err(format!("couldn't find key {} in Secret {ns}/{}", r.key, r.name)),
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {} in Secret {ns}/{}",
+                                r.key, r.name
+                            ));
+                        }
                     }
                 } else if let Some(r) = &from.config_map_key_ref {
-                    let found = config_map(client, ns, &r.name).await?.and_then(|c| config_map_data(&c).remove(&r.key));
+                    let found = config_map(client, ns, &r.name)
+                        .await?
+                        .and_then(|c| config_map_data(&c).remove(&r.key));
                     match found {
                         Some(v) => v,
                         None if r.optional == Some(true) => continue,
-                        None => return Err(format!("couldn't find key {} in ConfigMap {ns}/{}", r.key, r.name)),
+                        None => {
+                            return Err(format!(
+                                "couldn't find key {} in ConfigMap {ns}/{}",
+                                r.key, r.name
+                            ));
+                        }
                     }
                 } else if let Some(r) = &from.field_ref {
                     field_ref(pod, &r.field_path, pod_ip)?
@@ -322,7 +417,11 @@ mod tests {
     fn mounted() -> Vec<Mount> {
         let volumes = BTreeMap::from([("rt".to_owned(), PathBuf::from("/tmp/pod/volumes/rt"))]);
         let c = Container {
-            volume_mounts: Some(vec![VolumeMount { name: "rt".into(), mount_path: "/conveyor".into(), ..VolumeMount::default() }]),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "rt".into(),
+                mount_path: "/conveyor".into(),
+                ..VolumeMount::default()
+            }]),
             ..Container::default()
         };
         mounts(&c, &volumes)
@@ -330,8 +429,14 @@ mod tests {
 
     #[test]
     fn image_names_lose_tag_and_digest() {
-        assert_eq!(image_name("ghcr.io/conveyor-dev/hello:1.2"), "ghcr.io/conveyor-dev/hello");
-        assert_eq!(image_name("localhost:5000/x@sha256:abc"), "localhost:5000/x");
+        assert_eq!(
+            image_name("ghcr.io/conveyor-dev/hello:1.2"),
+            "ghcr.io/conveyor-dev/hello"
+        );
+        assert_eq!(
+            image_name("localhost:5000/x@sha256:abc"),
+            "localhost:5000/x"
+        );
         assert_eq!(image_name("localhost:5000/x"), "localhost:5000/x");
         assert_eq!(image_name("busybox"), "busybox");
     }
@@ -364,9 +469,16 @@ mod tests {
         std::fs::write(vol.join("bin/tool"), "").unwrap();
         std::fs::write(root.join("usr/bin/app"), "").unwrap();
         let volumes = BTreeMap::from([("v".to_owned(), vol.clone())]);
-        let image = ImageConfig { root: root.clone(), entrypoint: vec!["/usr/bin/app".into(), "--serve".into()] };
+        let image = ImageConfig {
+            root: root.clone(),
+            entrypoint: vec!["/usr/bin/app".into(), "--serve".into()],
+        };
         let mut c = Container {
-            volume_mounts: Some(vec![VolumeMount { name: "v".into(), mount_path: "/v".into(), ..VolumeMount::default() }]),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "v".into(),
+                mount_path: "/v".into(),
+                ..VolumeMount::default()
+            }]),
             args: Some(vec!["/v/data".into()]),
             ..Container::default()
         };
@@ -374,13 +486,30 @@ mod tests {
         let env = vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())];
         let l = launch(&c, Some(&image), &m, env.clone(), dir.path()).unwrap();
         assert_eq!(l.program, root.join("usr/bin/app"));
-        assert_eq!(l.args, vec!["--serve".to_owned(), format!("{}/data", vol.display())]);
+        assert_eq!(
+            l.args,
+            vec!["--serve".to_owned(), format!("{}/data", vol.display())]
+        );
         c.command = Some(vec!["/v/bin/tool".into()]);
-        assert_eq!(launch(&c, Some(&image), &m, env.clone(), dir.path()).unwrap().program, vol.join("bin/tool"));
+        assert_eq!(
+            launch(&c, Some(&image), &m, env.clone(), dir.path())
+                .unwrap()
+                .program,
+            vol.join("bin/tool")
+        );
         c.command = Some(vec!["sh".into()]);
-        assert!(launch(&c, None, &m, env.clone(), dir.path()).unwrap().program.ends_with("sh"));
+        assert!(
+            launch(&c, None, &m, env.clone(), dir.path())
+                .unwrap()
+                .program
+                .ends_with("sh")
+        );
         c.command = Some(vec!["/nope/missing".into()]);
-        assert!(launch(&c, None, &m, env, dir.path()).unwrap_err().contains("no such file"));
+        assert!(
+            launch(&c, None, &m, env, dir.path())
+                .unwrap_err()
+                .contains("no such file")
+        );
     }
 
     #[test]

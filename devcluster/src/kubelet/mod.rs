@@ -127,10 +127,17 @@ impl Kubelet {
         let cfg = Arc::new(self.cfg);
         // Stops the pod workers, also when the watch ends on its own.
         let stop = shutdown.child_token();
-        let ips = Arc::new(Mutex::new(IpPool { first: u32::from(cfg.first_pod_ip), used: BTreeSet::new() }));
+        let ips = Arc::new(Mutex::new(IpPool {
+            first: u32::from(cfg.first_pod_ip),
+            used: BTreeSet::new(),
+        }));
         let mut pods: HashMap<String, PodHandle> = HashMap::new();
         let mut listed: Option<HashSet<String>> = None;
-        let events = watcher(Api::<Pod>::all(self.client.clone()), watcher::Config::default()).default_backoff();
+        let events = watcher(
+            Api::<Pod>::all(self.client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff();
         let mut events = std::pin::pin!(events);
         loop {
             let event = tokio::select! {
@@ -149,7 +156,9 @@ impl Kubelet {
                 watcher::Event::Init => listed = Some(HashSet::new()),
                 watcher::Event::InitDone => {
                     if let Some(listed) = listed.take() {
-                        pods.iter().filter(|(uid, _)| !listed.contains(*uid)).for_each(|(_, h)| h.gone.cancel());
+                        pods.iter()
+                            .filter(|(uid, _)| !listed.contains(*uid))
+                            .for_each(|(_, h)| h.gone.cancel());
                     }
                 }
                 watcher::Event::Delete(p) => {
@@ -158,11 +167,15 @@ impl Kubelet {
                     }
                 }
                 watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                    let Some(uid) = p.metadata.uid.clone() else { continue };
+                    let Some(uid) = p.metadata.uid.clone() else {
+                        continue;
+                    };
                     if let Some(listed) = listed.as_mut() {
                         listed.insert(uid.clone());
                     }
-                    if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(cfg.node_name.as_str()) {
+                    if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                        != Some(cfg.node_name.as_str())
+                    {
                         continue;
                     }
                     if let Some(h) = pods.get(&uid) {
@@ -173,14 +186,27 @@ impl Kubelet {
                     let (tx, rx) = watch::channel(p);
                     let gone = CancellationToken::new();
                     let task = tokio::spawn({
-                        let (client, cfg, spawner, ips, gone, shutdown) =
-                            (self.client.clone(), cfg.clone(), spawner.clone(), ips.clone(), gone.clone(), stop.clone());
+                        let (client, cfg, spawner, ips, gone, shutdown) = (
+                            self.client.clone(),
+                            cfg.clone(),
+                            spawner.clone(),
+                            ips.clone(),
+                            gone.clone(),
+                            stop.clone(),
+                        );
                         async move {
                             pod::run(client, cfg, spawner, rx, ip, gone, shutdown).await;
                             ips.lock().expect("ip pool lock").release(ip);
                         }
                     });
-                    pods.insert(uid, PodHandle { pod: tx, gone, task });
+                    pods.insert(
+                        uid,
+                        PodHandle {
+                            pod: tx,
+                            gone,
+                            task,
+                        },
+                    );
                 }
             }
         }
@@ -202,11 +228,21 @@ mod tests {
 
     #[test]
     fn pod_ips_count_up_skip_broadcast_and_reuse_released_ones() {
-        let mut pool = IpPool { first: u32::from(Ipv4Addr::new(127, 9, 0, 253)), used: BTreeSet::new() };
+        let mut pool = IpPool {
+            first: u32::from(Ipv4Addr::new(127, 9, 0, 253)),
+            used: BTreeSet::new(),
+        };
         let a = pool.allocate();
         let b = pool.allocate();
         let c = pool.allocate();
-        assert_eq!((a, b, c), (Ipv4Addr::new(127, 9, 0, 253), Ipv4Addr::new(127, 9, 0, 254), Ipv4Addr::new(127, 9, 1, 1)));
+        assert_eq!(
+            (a, b, c),
+            (
+                Ipv4Addr::new(127, 9, 0, 253),
+                Ipv4Addr::new(127, 9, 0, 254),
+                Ipv4Addr::new(127, 9, 1, 1)
+            )
+        );
         pool.release(b);
         assert_eq!(pool.allocate(), b);
     }

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, ContainerState, ContainerStateRunning, Pod, PodStatus, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerState, ContainerStateRunning, Pod, PodStatus, Secret,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client};
@@ -24,7 +26,7 @@ use super::launch::{self, Launch};
 use super::probe::{self, Target};
 use super::process::{Spawner, group_rss, signal_group};
 use super::status::{self, ContainerRun, PodRun};
-use super::{KubeletConfig, ImageConfig};
+use super::{ImageConfig, KubeletConfig};
 
 /// How often the memory of a container with a limit is measured.
 const MEMORY_POLL: Duration = Duration::from_millis(100);
@@ -78,17 +80,26 @@ pub struct PodWorker {
 
 /// The grace period of a deletion (`deletionGracePeriodSeconds`), else the spec's.
 fn grace_period(pod: &Pod) -> Duration {
-    let secs = pod.metadata.deletion_grace_period_seconds.unwrap_or_else(|| spec_grace_seconds(pod));
+    let secs = pod
+        .metadata
+        .deletion_grace_period_seconds
+        .unwrap_or_else(|| spec_grace_seconds(pod));
     Duration::from_secs(u64::try_from(secs.max(0)).unwrap_or(0))
 }
 
 /// `terminationGracePeriodSeconds` (default 30), used when a failed probe kills a container.
 fn spec_grace_seconds(pod: &Pod) -> i64 {
-    pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds).unwrap_or(30)
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(30)
 }
 
 fn is_terminal(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 /// Runs one pod until it is deleted (or vanishes, or the kubelet shuts down).
@@ -109,11 +120,24 @@ pub async fn run(
     let log_dir = cfg.logs_dir.join(&ns).join(&name);
     let spec = current.spec.clone().unwrap_or_default();
     let has_init = spec.init_containers.as_ref().is_some_and(|c| !c.is_empty());
-    let app_reason = if has_init { "PodInitializing" } else { "ContainerCreating" };
+    let app_reason = if has_init {
+        "PodInitializing"
+    } else {
+        "ContainerCreating"
+    };
     let image = |c: &Container| c.image.clone().unwrap_or_default();
     let run = PodRun {
-        init: spec.init_containers.iter().flatten().map(|c| ContainerRun::waiting(&c.name, &image(c), "PodInitializing")).collect(),
-        containers: spec.containers.iter().map(|c| ContainerRun::waiting(&c.name, &image(c), app_reason)).collect(),
+        init: spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| ContainerRun::waiting(&c.name, &image(c), "PodInitializing"))
+            .collect(),
+        containers: spec
+            .containers
+            .iter()
+            .map(|c| ContainerRun::waiting(&c.name, &image(c), app_reason))
+            .collect(),
         initialized: !has_init,
         init_failed: false,
         ip,
@@ -171,52 +195,89 @@ pub async fn run(
 
 /// Creates the pod's directories, its volumes and its log directory; returns the volumes' host
 /// directories by volume name.
-async fn prepare(client: &Client, pod: &Pod, dir: &std::path::Path, log_dir: &std::path::Path) -> std::io::Result<BTreeMap<String, PathBuf>> {
-        let ns = pod.metadata.namespace.clone().unwrap_or_default();
-        tokio::fs::create_dir_all(log_dir).await?;
-        let mut volumes = BTreeMap::new();
-        for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
-            if let Some(host) = v.host_path.as_ref() {
-                volumes.insert(v.name.clone(), PathBuf::from(&host.path));
-                continue;
-            }
-            let vol_dir = dir.join("volumes").join(&v.name);
-            tokio::fs::create_dir_all(&vol_dir).await?;
-            let files: BTreeMap<String, Vec<u8>> = if let Some(cm) = &v.config_map {
-                let found = Api::<ConfigMap>::namespaced(client.clone(), &ns).get_opt(&cm.name).await.ok().flatten();
-                found
-                    .map(|c| {
-                        let mut f: BTreeMap<String, Vec<u8>> =
-                            c.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-                        f.extend(c.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)));
-                        f
-                    })
-                    .unwrap_or_default()
-            } else if let Some(s) = &v.secret {
-                let name = s.secret_name.clone().unwrap_or_default();
-                let found = Api::<Secret>::namespaced(client.clone(), &ns).get_opt(&name).await.ok().flatten();
-                found.map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect()).unwrap_or_default()
-            } else {
-                BTreeMap::new()
-            };
-            for (file, content) in files {
-                tokio::fs::write(vol_dir.join(file), content).await?;
-            }
-            volumes.insert(v.name.clone(), vol_dir);
+async fn prepare(
+    client: &Client,
+    pod: &Pod,
+    dir: &std::path::Path,
+    log_dir: &std::path::Path,
+) -> std::io::Result<BTreeMap<String, PathBuf>> {
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    tokio::fs::create_dir_all(log_dir).await?;
+    let mut volumes = BTreeMap::new();
+    for v in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        if let Some(host) = v.host_path.as_ref() {
+            volumes.insert(v.name.clone(), PathBuf::from(&host.path));
+            continue;
         }
-        tokio::fs::create_dir_all(dir.join("work")).await?;
-        Ok(volumes)
+        let vol_dir = dir.join("volumes").join(&v.name);
+        tokio::fs::create_dir_all(&vol_dir).await?;
+        let files: BTreeMap<String, Vec<u8>> = if let Some(cm) = &v.config_map {
+            let found = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .get_opt(&cm.name)
+                .await
+                .ok()
+                .flatten();
+            found
+                .map(|c| {
+                    let mut f: BTreeMap<String, Vec<u8>> = c
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .collect();
+                    f.extend(
+                        c.binary_data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0)),
+                    );
+                    f
+                })
+                .unwrap_or_default()
+        } else if let Some(s) = &v.secret {
+            let name = s.secret_name.clone().unwrap_or_default();
+            let found = Api::<Secret>::namespaced(client.clone(), &ns)
+                .get_opt(&name)
+                .await
+                .ok()
+                .flatten();
+            found
+                .map(|s| {
+                    s.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            BTreeMap::new()
+        };
+        for (file, content) in files {
+            tokio::fs::write(vol_dir.join(file), content).await?;
+        }
+        volumes.insert(v.name.clone(), vol_dir);
+    }
+    tokio::fs::create_dir_all(dir.join("work")).await?;
+    Ok(volumes)
 }
 
 impl PodWorker {
     fn probe_grace(&self) -> Duration {
-        Duration::from_secs(u64::try_from(spec_grace_seconds(&self.pod.borrow()).max(0)).unwrap_or(0))
+        Duration::from_secs(
+            u64::try_from(spec_grace_seconds(&self.pod.borrow()).max(0)).unwrap_or(0),
+        )
     }
 
     async fn wait_for_stop(&self, gone: &CancellationToken, shutdown: &CancellationToken) -> Stop {
         let mut pod = self.pod.clone();
         loop {
-            if pod.borrow_and_update().metadata.deletion_timestamp.is_some() {
+            if pod
+                .borrow_and_update()
+                .metadata
+                .deletion_timestamp
+                .is_some()
+            {
                 return Stop::Deleted;
             }
             tokio::select! {
@@ -256,10 +317,23 @@ impl PodWorker {
         if last.as_ref() == Some(&status) {
             return true;
         }
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
-        let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..PatchParams::default() };
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+        );
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
         let patch = json!({ "status": status });
-        match api.patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &params, &Patch::Merge(&patch)).await {
+        match api
+            .patch_status(
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                &params,
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
             Ok(_) => {
                 *last = Some(status);
                 true
@@ -287,14 +361,23 @@ impl PodWorker {
     /// The final DELETE after the containers stopped, bound to this pod's uid.
     async fn delete(&self, uid: &str) {
         let pod = self.pod.borrow().clone();
-        let api: Api<Pod> = Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or_default());
+        let api: Api<Pod> = Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+        );
         let params = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions { uid: Some(uid.to_owned()), resource_version: None }),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_owned()),
+                resource_version: None,
+            }),
             ..DeleteParams::default()
         };
         for _ in 0..5 {
-            match api.delete(pod.metadata.name.as_deref().unwrap_or_default(), &params).await {
+            match api
+                .delete(pod.metadata.name.as_deref().unwrap_or_default(), &params)
+                .await
+            {
                 Ok(_) => return,
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => return,
                 Err(err) => tracing::debug!(%err, "final pod delete failed; retrying"),
@@ -305,8 +388,15 @@ impl PodWorker {
 
     async fn run_containers(self: Arc<Self>) {
         let spec = self.pod.borrow().spec.clone().unwrap_or_default();
-        let policy = spec.restart_policy.clone().unwrap_or_else(|| "Always".into());
-        let init_policy = if policy == "Never" { "Never" } else { "OnFailure" };
+        let policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
+        let init_policy = if policy == "Never" {
+            "Never"
+        } else {
+            "OnFailure"
+        };
         for (i, c) in spec.init_containers.iter().flatten().enumerate() {
             match self.supervise(Slot::Init(i), c, init_policy).await {
                 Outcome::Succeeded => {}
@@ -332,7 +422,10 @@ impl PodWorker {
     }
 
     fn image(&self, c: &Container) -> Option<ImageConfig> {
-        self.cfg.images.get(launch::image_name(c.image.as_deref().unwrap_or_default())).cloned()
+        self.cfg
+            .images
+            .get(launch::image_name(c.image.as_deref().unwrap_or_default()))
+            .cloned()
     }
 
     fn backoff(&self, crashes: u32) -> Duration {
@@ -340,7 +433,10 @@ impl PodWorker {
             return Duration::ZERO;
         }
         let factor = 2u32.saturating_pow(crashes - 2);
-        self.cfg.base_backoff.saturating_mul(factor).min(self.cfg.max_backoff)
+        self.cfg
+            .base_backoff
+            .saturating_mul(factor)
+            .min(self.cfg.max_backoff)
     }
 
     /// Waits `delay`; `false` if the pod is stopping instead.
@@ -367,8 +463,13 @@ impl PodWorker {
             let env = match launch::container_env(&self.client, &pod, c, &ip.to_string()).await {
                 Ok(env) => env,
                 Err(message) => {
-                    self.update(slot, |s| s.state = status::waiting("CreateContainerConfigError", Some(message)));
-                    if self.pause(self.cfg.base_backoff.max(Duration::from_secs(1))).await {
+                    self.update(slot, |s| {
+                        s.state = status::waiting("CreateContainerConfigError", Some(message))
+                    });
+                    if self
+                        .pause(self.cfg.base_backoff.max(Duration::from_secs(1)))
+                        .await
+                    {
                         continue;
                     }
                     return Outcome::Stopped;
@@ -381,10 +482,30 @@ impl PodWorker {
             let begun = Instant::now();
             let launched = launch::launch(c, image.as_ref(), &mounts, env, &self.dir.join("work"));
             let exit = match launched {
-                Err(message) => status::terminated(128, None, Some("StartError"), Some(message), None, None),
+                Err(message) => {
+                    status::terminated(128, None, Some("StartError"), Some(message), None, None)
+                }
                 Ok(l) => match self.spawner.spawn(&l, &log).await {
-                    Err(err) => status::terminated(128, None, Some("StartError"), Some(err.to_string()), None, None),
-                    Ok(child) => self.watch_process(slot, c, child, l, image.clone(), mounts.clone(), started).await,
+                    Err(err) => status::terminated(
+                        128,
+                        None,
+                        Some("StartError"),
+                        Some(err.to_string()),
+                        None,
+                        None,
+                    ),
+                    Ok(child) => {
+                        self.watch_process(
+                            slot,
+                            c,
+                            child,
+                            l,
+                            image.clone(),
+                            mounts.clone(),
+                            started,
+                        )
+                        .await
+                    }
                 },
             };
             let code = exit.terminated.as_ref().map_or(0, |t| t.exit_code);
@@ -398,7 +519,11 @@ impl PodWorker {
             let restart = policy == "Always" || (policy == "OnFailure" && code != 0);
             if !restart {
                 self.update(slot, |s| s.done = true);
-                return if code == 0 { Outcome::Succeeded } else { Outcome::Failed };
+                return if code == 0 {
+                    Outcome::Succeeded
+                } else {
+                    Outcome::Failed
+                };
             }
             if begun.elapsed() >= self.cfg.max_backoff.saturating_mul(2) {
                 crashes = 0;
@@ -446,13 +571,19 @@ impl PodWorker {
         let container_id = format!("devcluster://{pid}");
         let is_app = matches!(slot, Slot::App(_));
         let (startup, readiness, liveness) = if is_app {
-            (c.startup_probe.clone(), c.readiness_probe.clone(), c.liveness_probe.clone())
+            (
+                c.startup_probe.clone(),
+                c.readiness_probe.clone(),
+                c.liveness_probe.clone(),
+            )
         } else {
             (None, None, None)
         };
         self.update(slot, |s| {
             s.state = ContainerState {
-                running: Some(ContainerStateRunning { started_at: Some(Time(started)) }),
+                running: Some(ContainerStateRunning {
+                    started_at: Some(Time(started)),
+                }),
                 ..ContainerState::default()
             };
             s.container_id = Some(container_id.clone());
@@ -460,15 +591,27 @@ impl PodWorker {
             s.ready = startup.is_none() && readiness.is_none();
         });
         let ip = self.run.lock().expect("pod state lock").ip;
-        let target = Target { ip: IpAddr::V4(ip), container: c.clone(), launch, mounts, image };
+        let target = Target {
+            ip: IpAddr::V4(ip),
+            container: c.clone(),
+            launch,
+            mounts,
+            image,
+        };
         let probes = self.stop.child_token();
         let _stop_probes = probes.clone().drop_guard();
         let (startup_tx, mut startup_rx) = watch::channel(None);
         let (ready_tx, mut ready_rx) = watch::channel(None);
         let (live_tx, mut live_rx) = watch::channel(None);
-        let spawn_probe = |p: Option<&k8s_openapi::api::core::v1::Probe>, tx: &watch::Sender<Option<bool>>| {
+        let spawn_probe = |p: Option<&k8s_openapi::api::core::v1::Probe>,
+                           tx: &watch::Sender<Option<bool>>| {
             if let Some(p) = p {
-                tokio::spawn(probe::run(p.clone(), target.clone(), tx.clone(), probes.clone()));
+                tokio::spawn(probe::run(
+                    p.clone(),
+                    target.clone(),
+                    tx.clone(),
+                    probes.clone(),
+                ));
             }
         };
         spawn_probe(startup.as_ref(), &startup_tx);
@@ -487,7 +630,8 @@ impl PodWorker {
         let mut kill_at: Option<Instant> = None;
         let mut startup_done = startup.is_none();
         let exit = loop {
-            let kill_deadline = kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
+            let kill_deadline =
+                kill_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
             tokio::select! {
                 exit = child.wait() => break exit,
                 _ = memory.tick(), if limit.is_some() && !oom => {
@@ -538,7 +682,10 @@ impl PodWorker {
         // The container is gone once its main process is: kill what it left behind.
         signal_group(pid, Signal::SIGKILL);
         let (code, signal) = match exit {
-            Ok(status) => match (status.code(), std::os::unix::process::ExitStatusExt::signal(&status)) {
+            Ok(status) => match (
+                status.code(),
+                std::os::unix::process::ExitStatusExt::signal(&status),
+            ) {
                 (Some(code), _) => (code, None),
                 (None, Some(sig)) => (128 + sig, Some(sig)),
                 (None, None) => (255, None),
@@ -546,7 +693,14 @@ impl PodWorker {
             Err(_) => (255, None),
         };
         if oom {
-            status::terminated(137, signal, Some("OOMKilled"), None, Some(started), Some(container_id))
+            status::terminated(
+                137,
+                signal,
+                Some("OOMKilled"),
+                None,
+                Some(started),
+                Some(container_id),
+            )
         } else {
             status::terminated(code, signal, None, None, Some(started), Some(container_id))
         }

@@ -11,8 +11,8 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::launch::{self, Launch, Mount};
 use super::ImageConfig;
+use super::launch::{self, Launch, Mount};
 
 /// What a probe needs to reach its container.
 #[derive(Clone)]
@@ -43,28 +43,63 @@ fn port(port: &IntOrString, container: &Container) -> Option<u16> {
 
 /// Runs the probe once; `true` on success.
 pub async fn check(probe: &Probe, target: &Target) -> bool {
-    let timeout = Duration::from_secs(u64::try_from(probe.timeout_seconds.unwrap_or(1).max(1)).unwrap_or(1));
+    let timeout =
+        Duration::from_secs(u64::try_from(probe.timeout_seconds.unwrap_or(1).max(1)).unwrap_or(1));
     let attempt = async {
         if let Some(http) = &probe.http_get {
-            let Some(port) = port(&http.port, &target.container) else { return false };
-            let host = http.host.as_deref().filter(|h| !h.is_empty()).map_or_else(|| target.ip.to_string(), str::to_owned);
-            let scheme = http.scheme.as_deref().unwrap_or("HTTP").to_ascii_lowercase();
+            let Some(port) = port(&http.port, &target.container) else {
+                return false;
+            };
+            let host = http
+                .host
+                .as_deref()
+                .filter(|h| !h.is_empty())
+                .map_or_else(|| target.ip.to_string(), str::to_owned);
+            let scheme = http
+                .scheme
+                .as_deref()
+                .unwrap_or("HTTP")
+                .to_ascii_lowercase();
             let path = http.path.as_deref().unwrap_or("/");
-            let url = format!("{scheme}://{host}:{port}{}{path}", if path.starts_with('/') { "" } else { "/" });
+            let url = format!(
+                "{scheme}://{host}:{port}{}{path}",
+                if path.starts_with('/') { "" } else { "/" }
+            );
             let mut req = reqwest::Client::new().get(url).timeout(timeout);
             for h in http.http_headers.iter().flatten() {
                 req = req.header(h.name.as_str(), h.value.as_str());
             }
-            return req.send().await.is_ok_and(|r| (200..400).contains(&r.status().as_u16()));
+            return req
+                .send()
+                .await
+                .is_ok_and(|r| (200..400).contains(&r.status().as_u16()));
         }
         if let Some(tcp) = &probe.tcp_socket {
-            let Some(port) = port(&tcp.port, &target.container) else { return false };
-            let ip = tcp.host.as_deref().and_then(|h| h.parse().ok()).unwrap_or(target.ip);
-            return tokio::net::TcpStream::connect(SocketAddr::new(ip, port)).await.is_ok();
+            let Some(port) = port(&tcp.port, &target.container) else {
+                return false;
+            };
+            let ip = tcp
+                .host
+                .as_deref()
+                .and_then(|h| h.parse().ok())
+                .unwrap_or(target.ip);
+            return tokio::net::TcpStream::connect(SocketAddr::new(ip, port))
+                .await
+                .is_ok();
         }
         if let Some(exec) = &probe.exec {
-            let probe_container = Container { command: exec.command.clone(), args: None, ..target.container.clone() };
-            let Ok(l) = launch::launch(&probe_container, target.image.as_ref(), &target.mounts, target.launch.env.clone(), &target.launch.cwd) else {
+            let probe_container = Container {
+                command: exec.command.clone(),
+                args: None,
+                ..target.container.clone()
+            };
+            let Ok(l) = launch::launch(
+                &probe_container,
+                target.image.as_ref(),
+                &target.mounts,
+                target.launch.env.clone(),
+                &target.launch.cwd,
+            ) else {
                 return false;
             };
             let child = Command::new(&l.program)
@@ -82,7 +117,9 @@ pub async fn check(probe: &Probe, target: &Target) -> bool {
         // gRPC probes are not emulated: they never succeed.
         false
     };
-    tokio::time::timeout(timeout, attempt).await.unwrap_or(false)
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(false)
 }
 
 fn seconds(value: Option<i32>, default: i32) -> Duration {
@@ -92,7 +129,12 @@ fn seconds(value: Option<i32>, default: i32) -> Duration {
 /// Probes until `stop` is cancelled, publishing the verdict (`Some(true)` once `successThreshold`
 /// successes in a row, `Some(false)` once `failureThreshold` failures in a row; `None` until the
 /// first verdict).
-pub async fn run(probe: Probe, target: Target, verdict: watch::Sender<Option<bool>>, stop: CancellationToken) {
+pub async fn run(
+    probe: Probe,
+    target: Target,
+    verdict: watch::Sender<Option<bool>>,
+    stop: CancellationToken,
+) {
     let period = seconds(probe.period_seconds, 10).max(Duration::from_secs(1));
     let success_threshold = probe.success_threshold.unwrap_or(1).max(1);
     let failure_threshold = probe.failure_threshold.unwrap_or(3).max(1);

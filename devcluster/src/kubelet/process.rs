@@ -15,7 +15,10 @@ use tokio::sync::oneshot;
 
 use super::launch::Launch;
 
-type Request = (std::process::Command, oneshot::Sender<std::io::Result<Child>>);
+type Request = (
+    std::process::Command,
+    oneshot::Sender<std::io::Result<Child>>,
+);
 
 /// Starts processes from one long-lived thread: `PR_SET_PDEATHSIG` fires when the *thread* that
 /// forked the child exits, so it must not be a short-lived runtime thread.
@@ -30,16 +33,20 @@ impl Spawner {
     pub fn new() -> std::io::Result<Self> {
         let (requests, rx) = mpsc::channel::<Request>();
         let runtime = tokio::runtime::Handle::current();
-        std::thread::Builder::new().name("devcluster-kubelet-spawner".into()).spawn(move || {
-            let _guard = runtime.enter();
-            for (std_cmd, reply) in rx {
-                let mut cmd = Command::from(std_cmd);
-                cmd.kill_on_drop(true);
-                let _ = reply.send(cmd.spawn());
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("devcluster-kubelet-spawner".into())
+            .spawn(move || {
+                let _guard = runtime.enter();
+                for (std_cmd, reply) in rx {
+                    let mut cmd = Command::from(std_cmd);
+                    cmd.kill_on_drop(true);
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
         let path = std::env::var("PATH").unwrap_or_default();
-        let setpriv = std::env::split_paths(&path).map(|d| d.join("setpriv")).find(|p| p.is_file());
+        let setpriv = std::env::split_paths(&path)
+            .map(|d| d.join("setpriv"))
+            .find(|p| p.is_file());
         if setpriv.is_none() {
             tracing::warn!("setpriv not found: container processes may outlive a crashed kubelet");
         }
@@ -48,7 +55,10 @@ impl Spawner {
 
     /// Starts `launch` with stdout and stderr appended to `log`, in a new process group.
     pub async fn spawn(&self, launch: &Launch, log: &Path) -> std::io::Result<Child> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let mut cmd = match &self.setpriv {
             Some(setpriv) => {
                 let mut cmd = std::process::Command::new(setpriv);
@@ -66,8 +76,11 @@ impl Spawner {
             .stdout(file.try_clone()?)
             .stderr(file);
         let (tx, rx) = oneshot::channel();
-        self.requests.send((cmd, tx)).map_err(|_| std::io::Error::other("kubelet spawner stopped"))?;
-        rx.await.map_err(|_| std::io::Error::other("kubelet spawner stopped"))?
+        self.requests
+            .send((cmd, tx))
+            .map_err(|_| std::io::Error::other("kubelet spawner stopped"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("kubelet spawner stopped"))?
     }
 }
 
@@ -80,10 +93,16 @@ pub fn signal_group(pid: u32, signal: Signal) {
 
 /// Resident memory, in bytes, of all processes in process group `pgid` (from `/proc`).
 pub fn group_rss(pgid: u32) -> u64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .filter_map(|e| {
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
             // Fields after the command name, which may contain spaces: state ppid pgrp …
@@ -119,12 +138,18 @@ mod tests {
         let pid = child.id().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while group_rss(pid) == 0 || std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
-            assert!(std::time::Instant::now() < deadline, "process never showed up in /proc or its log");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process never showed up in /proc or its log"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         signal_group(pid, Signal::SIGTERM);
         let status = child.wait().await.unwrap();
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(15));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(15)
+        );
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
     }
 }

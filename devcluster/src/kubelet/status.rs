@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP,
-    PodStatus,
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, HostIP, Pod,
+    PodCondition, PodIP, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -36,7 +36,12 @@ pub struct ContainerRun {
 impl ContainerRun {
     /// A container that has not started yet, waiting for `reason`.
     pub fn waiting(name: &str, image: &str, reason: &str) -> Self {
-        Self { name: name.into(), image: image.into(), state: waiting(reason, None), ..Self::default() }
+        Self {
+            name: name.into(),
+            image: image.into(),
+            state: waiting(reason, None),
+            ..Self::default()
+        }
     }
 
     fn exit_code(&self) -> Option<i32> {
@@ -44,7 +49,10 @@ impl ContainerRun {
     }
 
     fn never_ran(&self) -> bool {
-        self.state.terminated.is_none() && self.state.running.is_none() && self.last_state.is_none() && !self.done
+        self.state.terminated.is_none()
+            && self.state.running.is_none()
+            && self.last_state.is_none()
+            && !self.done
     }
 
     fn status(&self) -> ContainerStatus {
@@ -65,7 +73,13 @@ impl ContainerRun {
 
 /// A `waiting` state.
 pub fn waiting(reason: &str, message: Option<String>) -> ContainerState {
-    ContainerState { waiting: Some(ContainerStateWaiting { reason: Some(reason.into()), message }), ..ContainerState::default() }
+    ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message,
+        }),
+        ..ContainerState::default()
+    }
 }
 
 /// A `terminated` state; the reason follows the exit code unless given (`OOMKilled`, `StartError`).
@@ -119,12 +133,23 @@ fn phase(run: &PodRun) -> &'static str {
         return "Pending";
     }
     if run.containers.iter().all(|c| c.done) {
-        return if run.containers.iter().all(|c| c.exit_code() == Some(0)) { "Succeeded" } else { "Failed" };
+        return if run.containers.iter().all(|c| c.exit_code() == Some(0)) {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
     }
     "Running"
 }
 
-fn condition(previous: Option<&PodStatus>, type_: &str, ok: bool, reason: Option<&str>, message: Option<String>, now: Timestamp) -> PodCondition {
+fn condition(
+    previous: Option<&PodStatus>,
+    type_: &str,
+    ok: bool,
+    reason: Option<&str>,
+    message: Option<String>,
+    now: Timestamp,
+) -> PodCondition {
     let status = if ok { "True" } else { "False" };
     let since = previous
         .and_then(|s| s.conditions.as_ref())
@@ -141,22 +166,67 @@ fn condition(previous: Option<&PodStatus>, type_: &str, ok: bool, reason: Option
 }
 
 /// The pod status for `run`; `previous` keeps the conditions' transition times stable.
-pub fn pod_status(run: &PodRun, pod: &Pod, previous: Option<&PodStatus>, now: Timestamp) -> PodStatus {
+pub fn pod_status(
+    run: &PodRun,
+    pod: &Pod,
+    previous: Option<&PodStatus>,
+    now: Timestamp,
+) -> PodStatus {
     let phase = phase(run);
-    let unready: Vec<&str> = run.containers.iter().filter(|c| !c.ready).map(|c| c.name.as_str()).collect();
+    let unready: Vec<&str> = run
+        .containers
+        .iter()
+        .filter(|c| !c.ready)
+        .map(|c| c.name.as_str())
+        .collect();
     let all_ready = unready.is_empty();
     let (ready_reason, ready_message) = if phase == "Succeeded" || phase == "Failed" {
         (Some("PodCompleted"), None)
     } else {
-        (Some("ContainersNotReady"), Some(format!("containers with unready status: [{}]", unready.join(" "))))
+        (
+            Some("ContainersNotReady"),
+            Some(format!(
+                "containers with unready status: [{}]",
+                unready.join(" ")
+            )),
+        )
     };
-    let uninitialized: Vec<&str> = run.init.iter().filter(|c| c.exit_code() != Some(0)).map(|c| c.name.as_str()).collect();
-    let init_message = Some(format!("containers with incomplete status: [{}]", uninitialized.join(" ")));
+    let uninitialized: Vec<&str> = run
+        .init
+        .iter()
+        .filter(|c| c.exit_code() != Some(0))
+        .map(|c| c.name.as_str())
+        .collect();
+    let init_message = Some(format!(
+        "containers with incomplete status: [{}]",
+        uninitialized.join(" ")
+    ));
     let conditions = vec![
         condition(previous, "PodReadyToStartContainers", true, None, None, now),
-        condition(previous, "Initialized", run.initialized, Some("ContainersNotInitialized"), init_message, now),
-        condition(previous, "Ready", all_ready && phase == "Running", ready_reason, ready_message.clone(), now),
-        condition(previous, "ContainersReady", all_ready && phase == "Running", ready_reason, ready_message, now),
+        condition(
+            previous,
+            "Initialized",
+            run.initialized,
+            Some("ContainersNotInitialized"),
+            init_message,
+            now,
+        ),
+        condition(
+            previous,
+            "Ready",
+            all_ready && phase == "Running",
+            ready_reason,
+            ready_message.clone(),
+            now,
+        ),
+        condition(
+            previous,
+            "ContainersReady",
+            all_ready && phase == "Running",
+            ready_reason,
+            ready_message,
+            now,
+        ),
         condition(previous, "PodScheduled", true, None, None, now),
     ];
     let ip = run.ip.to_string();
@@ -164,12 +234,15 @@ pub fn pod_status(run: &PodRun, pod: &Pod, previous: Option<&PodStatus>, now: Ti
         phase: Some(phase.into()),
         conditions: Some(conditions),
         host_ip: Some("127.0.0.1".into()),
-        host_ips: Some(vec![HostIP { ip: "127.0.0.1".into() }]),
+        host_ips: Some(vec![HostIP {
+            ip: "127.0.0.1".into(),
+        }]),
         pod_ip: Some(ip.clone()),
         pod_ips: Some(vec![PodIP { ip }]),
         start_time: Some(Time(run.started)),
         qos_class: Some(run.qos_class.clone()),
-        init_container_statuses: (!run.init.is_empty()).then(|| run.init.iter().map(ContainerRun::status).collect()),
+        init_container_statuses: (!run.init.is_empty())
+            .then(|| run.init.iter().map(ContainerRun::status).collect()),
         container_statuses: Some(run.containers.iter().map(ContainerRun::status).collect()),
         observed_generation: pod.metadata.generation,
         ..PodStatus::default()
@@ -181,12 +254,18 @@ pub fn qos_class(pod: &Pod) -> &'static str {
     let containers: Vec<_> = pod
         .spec
         .iter()
-        .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
         .collect();
-    let resources = |c: &&k8s_openapi::api::core::v1::Container| c.resources.clone().unwrap_or_default();
+    let resources =
+        |c: &&k8s_openapi::api::core::v1::Container| c.resources.clone().unwrap_or_default();
     if containers.iter().all(|c| {
         let r = resources(c);
-        r.requests.as_ref().is_none_or(|m| m.is_empty()) && r.limits.as_ref().is_none_or(|m| m.is_empty())
+        r.requests.as_ref().is_none_or(|m| m.is_empty())
+            && r.limits.as_ref().is_none_or(|m| m.is_empty())
     }) {
         return "BestEffort";
     }
@@ -194,9 +273,15 @@ pub fn qos_class(pod: &Pod) -> &'static str {
         let r = resources(c);
         let limits = r.limits.unwrap_or_default();
         let requests = r.requests.unwrap_or_default();
-        ["cpu", "memory"].iter().all(|k| limits.contains_key(*k) && requests.get(*k).is_none_or(|q| Some(q) == limits.get(*k)))
+        ["cpu", "memory"].iter().all(|k| {
+            limits.contains_key(*k) && requests.get(*k).is_none_or(|q| Some(q) == limits.get(*k))
+        })
     });
-    if guaranteed { "Guaranteed" } else { "Burstable" }
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
 }
 
 #[cfg(test)]
@@ -218,7 +303,10 @@ mod tests {
     fn running(ready: bool) -> ContainerRun {
         ContainerRun {
             name: "c".into(),
-            state: ContainerState { running: Some(Default::default()), ..ContainerState::default() },
+            state: ContainerState {
+                running: Some(Default::default()),
+                ..ContainerState::default()
+            },
             ready,
             started: true,
             ..ContainerRun::default()
@@ -226,14 +314,29 @@ mod tests {
     }
 
     fn cond<'a>(s: &'a PodStatus, t: &str) -> &'a PodCondition {
-        s.conditions.as_ref().unwrap().iter().find(|c| c.type_ == t).unwrap()
+        s.conditions
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
     }
 
     #[test]
     fn phases_follow_the_containers() {
-        assert_eq!(phase(&run(vec![ContainerRun::waiting("c", "i", "ContainerCreating")])), "Pending");
+        assert_eq!(
+            phase(&run(vec![ContainerRun::waiting(
+                "c",
+                "i",
+                "ContainerCreating"
+            )])),
+            "Pending"
+        );
         assert_eq!(phase(&run(vec![running(false)])), "Running");
-        let mut done = ContainerRun { done: true, ..running(false) };
+        let mut done = ContainerRun {
+            done: true,
+            ..running(false)
+        };
         done.state = terminated(0, None, None, None, None, None);
         assert_eq!(phase(&run(vec![done.clone()])), "Succeeded");
         done.state = terminated(1, None, None, None, None, None);
@@ -246,21 +349,55 @@ mod tests {
     #[test]
     fn ready_condition_keeps_its_transition_time() {
         let pod = Pod::default();
-        let first = pod_status(&run(vec![running(true)]), &pod, None, Timestamp::from_second(100).unwrap());
+        let first = pod_status(
+            &run(vec![running(true)]),
+            &pod,
+            None,
+            Timestamp::from_second(100).unwrap(),
+        );
         assert_eq!(cond(&first, "Ready").status, "True");
-        let again = pod_status(&run(vec![running(true)]), &pod, Some(&first), Timestamp::from_second(200).unwrap());
-        assert_eq!(cond(&again, "Ready").last_transition_time, cond(&first, "Ready").last_transition_time);
-        let unready = pod_status(&run(vec![running(false)]), &pod, Some(&again), Timestamp::from_second(300).unwrap());
+        let again = pod_status(
+            &run(vec![running(true)]),
+            &pod,
+            Some(&first),
+            Timestamp::from_second(200).unwrap(),
+        );
+        assert_eq!(
+            cond(&again, "Ready").last_transition_time,
+            cond(&first, "Ready").last_transition_time
+        );
+        let unready = pod_status(
+            &run(vec![running(false)]),
+            &pod,
+            Some(&again),
+            Timestamp::from_second(300).unwrap(),
+        );
         assert_eq!(cond(&unready, "Ready").status, "False");
-        assert_eq!(cond(&unready, "Ready").last_transition_time, Some(Time(Timestamp::from_second(300).unwrap())));
+        assert_eq!(
+            cond(&unready, "Ready").last_transition_time,
+            Some(Time(Timestamp::from_second(300).unwrap()))
+        );
         assert_eq!(unready.pod_ip.as_deref(), Some("127.0.0.2"));
     }
 
     #[test]
     fn terminated_reasons_follow_exit_codes() {
         let reason = |s: ContainerState| s.terminated.unwrap().reason.unwrap();
-        assert_eq!(reason(terminated(0, None, None, None, None, None)), "Completed");
+        assert_eq!(
+            reason(terminated(0, None, None, None, None, None)),
+            "Completed"
+        );
         assert_eq!(reason(terminated(2, None, None, None, None, None)), "Error");
-        assert_eq!(reason(terminated(137, Some(9), Some("OOMKilled"), None, None, None)), "OOMKilled");
+        assert_eq!(
+            reason(terminated(
+                137,
+                Some(9),
+                Some("OOMKilled"),
+                None,
+                None,
+                None
+            )),
+            "OOMKilled"
+        );
     }
 }
