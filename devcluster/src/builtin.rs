@@ -1,0 +1,285 @@
+//! Behaviour specific to built-in kinds: the defaults the real API server fills in, the
+//! scheduler's node binding, CRD status, and the conversion between `core/v1` and
+//! `events.k8s.io/v1` Events (one store, as in a real cluster).
+
+use serde_json::{Map, Value, json};
+
+use crate::kubelet::NODE_NAME;
+
+fn set_default(obj: &mut Value, pointer: &str, value: Value) {
+    if obj.pointer(pointer).is_some() {
+        return;
+    }
+    let mut cur = obj;
+    let parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+    for (i, p) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        let m = cur.as_object_mut().expect("object");
+        if i + 1 == parts.len() {
+            m.insert((*p).to_owned(), value);
+            return;
+        }
+        cur = m
+            .entry((*p).to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+fn pod_spec_defaults(spec: &mut Value) {
+    set_default(spec, "/restartPolicy", json!("Always"));
+    set_default(spec, "/terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "/dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "/schedulerName", json!("default-scheduler"));
+    set_default(spec, "/securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        if let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            for c in cs {
+                let latest = c
+                    .get("image")
+                    .and_then(Value::as_str)
+                    .is_some_and(|i| !i.contains(':') || i.ends_with(":latest"));
+                set_default(
+                    c,
+                    "/imagePullPolicy",
+                    json!(if latest { "Always" } else { "IfNotPresent" }),
+                );
+                set_default(c, "/terminationMessagePath", json!("/dev/termination-log"));
+                set_default(c, "/terminationMessagePolicy", json!("File"));
+                set_default(c, "/resources", json!({}));
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+                    for p in ports {
+                        set_default(p, "/protocol", json!("TCP"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Fills the defaults of a built-in object on create and update; `schedule` binds new pods to
+/// the devcluster node (the API server plays the scheduler when the kubelet runs).
+pub fn apply_defaults(
+    group: &str,
+    resource: &str,
+    obj: &mut Value,
+    creating: bool,
+    schedule: bool,
+) {
+    match (group, resource) {
+        ("", "pods") => {
+            if let Some(spec) = obj.get_mut("spec") {
+                pod_spec_defaults(spec);
+            }
+            if creating {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+                if schedule {
+                    set_default(obj, "/spec/nodeName", json!(NODE_NAME));
+                }
+                if obj
+                    .pointer("/spec/nodeName")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| !n.is_empty())
+                {
+                    obj["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "True",
+                        "lastProbeTime": null, "lastTransitionTime": crate::store::now()}]);
+                }
+            }
+        }
+        ("apps", "deployments") => {
+            set_default(obj, "/spec/replicas", json!(1));
+            set_default(obj, "/spec/revisionHistoryLimit", json!(10));
+            set_default(obj, "/spec/progressDeadlineSeconds", json!(600));
+            set_default(
+                obj,
+                "/spec/strategy",
+                json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}),
+            );
+            if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
+                pod_spec_defaults(spec);
+            }
+        }
+        ("apps", "replicasets") => {
+            set_default(obj, "/spec/replicas", json!(1));
+            if let Some(spec) = obj.pointer_mut("/spec/template/spec") {
+                pod_spec_defaults(spec);
+            }
+        }
+        ("", "services") => {
+            set_default(obj, "/spec/type", json!("ClusterIP"));
+            set_default(obj, "/spec/sessionAffinity", json!("None"));
+            if let Some(ports) = obj.pointer_mut("/spec/ports").and_then(Value::as_array_mut) {
+                for p in ports {
+                    set_default(p, "/protocol", json!("TCP"));
+                    if let Some(port) = p.get("port").cloned() {
+                        set_default(p, "/targetPort", port);
+                    }
+                }
+            }
+        }
+        ("", "namespaces") => {
+            let name = obj.pointer("/metadata/name").cloned().unwrap_or_default();
+            set_default(obj, "/metadata/labels/kubernetes.io~1metadata.name", name);
+            set_default(obj, "/spec/finalizers", json!(["kubernetes"]));
+            if creating {
+                obj["status"] = json!({"phase": "Active"});
+            }
+        }
+        ("", "secrets") => set_default(obj, "/type", json!("Opaque")),
+        _ => {}
+    }
+}
+
+/// The status the API server gives a CRD: names accepted and established at once.
+pub fn crd_status(crd: &Value) -> Value {
+    let now = crate::store::now();
+    let names = crd.pointer("/spec/names").cloned().unwrap_or_default();
+    let stored: Vec<Value> = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+        .filter_map(|v| v.get("name").cloned())
+        .collect();
+    json!({
+        "acceptedNames": names,
+        "storedVersions": stored,
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+             "message": "no conflicts found", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+             "message": "the initial names have been accepted", "lastTransitionTime": now},
+        ]
+    })
+}
+
+fn mv(from: &Value, from_key: &str, to: &mut Map<String, Value>, to_key: &str) {
+    if let Some(v) = from.get(from_key).filter(|v| !v.is_null()) {
+        to.insert(to_key.to_owned(), v.clone());
+    }
+}
+
+/// `events.k8s.io/v1` → `core/v1` (storage form).
+pub fn event_v1_to_core(ev: &Value) -> Value {
+    let mut out = Map::new();
+    out.insert("apiVersion".into(), json!("v1"));
+    out.insert("kind".into(), json!("Event"));
+    for (from, to) in [
+        ("metadata", "metadata"),
+        ("regarding", "involvedObject"),
+        ("related", "related"),
+        ("note", "message"),
+        ("reason", "reason"),
+        ("type", "type"),
+        ("action", "action"),
+        ("eventTime", "eventTime"),
+        ("reportingController", "reportingComponent"),
+        ("reportingInstance", "reportingInstance"),
+        ("deprecatedCount", "count"),
+        ("deprecatedFirstTimestamp", "firstTimestamp"),
+        ("deprecatedLastTimestamp", "lastTimestamp"),
+        ("deprecatedSource", "source"),
+    ] {
+        mv(ev, from, &mut out, to);
+    }
+    if let Some(series) = ev.get("series").filter(|s| s.is_object()) {
+        out.insert("series".into(), json!({"count": series.get("count"), "lastObservedTime": series.get("lastObservedTime")}));
+        out.entry("count")
+            .or_insert_with(|| series.get("count").cloned().unwrap_or(json!(1)));
+        if let Some(t) = series.get("lastObservedTime") {
+            out.insert("lastTimestamp".into(), t.clone());
+        }
+    }
+    if !out.contains_key("source")
+        && let Some(c) = ev.get("reportingController")
+    {
+        let mut src = json!({"component": c});
+        if let Some(i) = ev.get("reportingInstance") {
+            src["host"] = i.clone();
+        }
+        out.insert("source".into(), src);
+    }
+    if !out.contains_key("firstTimestamp")
+        && let Some(t) = ev.get("eventTime").filter(|t| t.is_string())
+    {
+        // `kubectl describe` shows the age from first/lastTimestamp (seconds precision).
+        let t = t.as_str().unwrap_or_default();
+        let secs = t
+            .split('.')
+            .next()
+            .unwrap_or(t)
+            .trim_end_matches('Z')
+            .to_owned()
+            + "Z";
+        out.insert("firstTimestamp".into(), json!(secs));
+        out.entry("lastTimestamp").or_insert(json!(secs));
+    }
+    out.entry("count").or_insert(json!(1));
+    Value::Object(out)
+}
+
+/// `core/v1` (storage form) → `events.k8s.io/v1`.
+pub fn event_core_to_v1(ev: &Value) -> Value {
+    let mut out = Map::new();
+    out.insert("apiVersion".into(), json!("events.k8s.io/v1"));
+    out.insert("kind".into(), json!("Event"));
+    for (from, to) in [
+        ("metadata", "metadata"),
+        ("involvedObject", "regarding"),
+        ("related", "related"),
+        ("message", "note"),
+        ("reason", "reason"),
+        ("type", "type"),
+        ("action", "action"),
+        ("eventTime", "eventTime"),
+        ("reportingComponent", "reportingController"),
+        ("reportingInstance", "reportingInstance"),
+        ("count", "deprecatedCount"),
+        ("firstTimestamp", "deprecatedFirstTimestamp"),
+        ("lastTimestamp", "deprecatedLastTimestamp"),
+        ("source", "deprecatedSource"),
+    ] {
+        mv(ev, from, &mut out, to);
+    }
+    if let Some(series) = ev.get("series").filter(|s| s.is_object()) {
+        out.insert("series".into(), series.clone());
+    }
+    if !out.contains_key("eventTime") {
+        out.insert("eventTime".into(), Value::Null);
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip() {
+        let v1 = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e"},
+            "regarding": {"kind": "Pod", "name": "p"}, "note": "hello", "reason": "Started", "type": "Normal",
+            "action": "Start", "eventTime": "2026-01-01T00:00:00.123456Z", "reportingController": "c",
+            "reportingInstance": "i"});
+        let core = event_v1_to_core(&v1);
+        assert_eq!(core["involvedObject"]["name"], "p");
+        assert_eq!(core["message"], "hello");
+        assert_eq!(core["firstTimestamp"], "2026-01-01T00:00:00Z");
+        let back = event_core_to_v1(&core);
+        assert_eq!(back["note"], "hello");
+        assert_eq!(back["regarding"]["kind"], "Pod");
+    }
+
+    #[test]
+    fn pods_are_scheduled_and_defaulted() {
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}});
+        apply_defaults("", "pods", &mut pod, true, true);
+        assert_eq!(pod["spec"]["nodeName"], NODE_NAME);
+        assert_eq!(
+            pod["spec"]["containers"][0]["imagePullPolicy"],
+            "IfNotPresent"
+        );
+        assert_eq!(pod["status"]["phase"], "Pending");
+    }
+}
