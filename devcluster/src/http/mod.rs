@@ -179,6 +179,15 @@ async fn dispatch(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or_default();
+    if content_type.contains("protobuf") || content_type.contains("cbor") {
+        return Err(ApiError::unsupported_media_type(format!(
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
+        )));
+    }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let reg = st.registry();
     let get = method == Method::GET;
