@@ -27,7 +27,7 @@ pub struct ApiError {
     /// Human readable message; kubectl prints it after `Error from server (<reason>):`.
     pub message: String,
     /// `details.group`, `details.kind`, `details.name`.
-    pub details: Option<(String, String, String)>,
+    pub details: Option<Box<(String, String, String)>>,
     /// `details.causes`.
     pub causes: Vec<Cause>,
 }
@@ -50,7 +50,7 @@ impl ApiError {
             "NotFound",
             format!("{} \"{name}\" not found", qualified(group, resource)),
         );
-        e.details = Some((group.into(), resource.into(), name.into()));
+        e.details = Some(Box::new((group.into(), resource.into(), name.into())));
         e
     }
 
@@ -70,7 +70,7 @@ impl ApiError {
             "AlreadyExists",
             format!("{} \"{name}\" already exists", qualified(group, resource)),
         );
-        e.details = Some((group.into(), resource.into(), name.into()));
+        e.details = Some(Box::new((group.into(), resource.into(), name.into())));
         e
     }
 
@@ -84,7 +84,7 @@ impl ApiError {
                 qualified(group, resource)
             ),
         );
-        e.details = Some((group.into(), resource.into(), name.into()));
+        e.details = Some(Box::new((group.into(), resource.into(), name.into())));
         e
     }
 
@@ -117,7 +117,7 @@ impl ApiError {
         };
         let message = message.replace(&format!("{kind}. \""), &format!("{kind} \""));
         let mut e = Self::new(422, "Invalid", message);
-        e.details = Some((group.into(), kind.into(), name.into()));
+        e.details = Some(Box::new((group.into(), kind.into(), name.into())));
         e.causes = causes;
         e
     }
@@ -170,7 +170,7 @@ impl ApiError {
         });
         if self.details.is_some() || !self.causes.is_empty() {
             let mut details = json!({});
-            if let Some((group, kind, name)) = &self.details {
+            if let Some((group, kind, name)) = self.details.as_deref() {
                 details["name"] = json!(name);
                 if !group.is_empty() {
                     details["group"] = json!(group);

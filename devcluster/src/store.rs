@@ -76,6 +76,29 @@ pub enum Sub {
     Status,
 }
 
+/// How an update is applied.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOpts {
+    /// Main resource or `/status`.
+    pub sub: Sub,
+    /// The resource's rules.
+    pub rules: Rules,
+    /// `dryRun=All`: validate and compute, store nothing.
+    pub dry_run: bool,
+}
+
+/// A started watch: what to send first, and the receiver of all later events (the caller
+/// filters by resource, namespace and selectors).
+#[derive(Debug)]
+pub struct WatchStart {
+    /// Events to send before the live ones.
+    pub initial: Vec<Arc<WatchEvent>>,
+    /// The resourceVersion the initial events bring the watcher to.
+    pub rv: u64,
+    /// Live events newer than `rv` (and possibly some older ones, to skip).
+    pub rx: broadcast::Receiver<Arc<WatchEvent>>,
+}
+
 /// Cascading deletion policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Propagation {
@@ -385,11 +408,14 @@ impl Store {
         gr: &Gr,
         ns: &str,
         name: &str,
-        sub: Sub,
-        rules: Rules,
-        dry_run: bool,
+        opts: WriteOpts,
         f: &mut dyn FnMut(&Value) -> Result<Value, ApiError>,
     ) -> Result<Value, ApiError> {
+        let WriteOpts {
+            sub,
+            rules,
+            dry_run,
+        } = opts;
         let mut inner = self.lock();
         let key = (ns.to_owned(), name.to_owned());
         let cur = inner
@@ -574,21 +600,13 @@ impl Store {
         Ok(result)
     }
 
-    /// Starts a watch: the events to send first, and a receiver of all later events (the caller
-    /// filters by resource, namespace and selectors).
+    /// Starts a watch of one resource (in one namespace or all).
     pub fn watch(
         &self,
         gr: &Gr,
         ns: Option<&str>,
         from: WatchFrom,
-    ) -> Result<
-        (
-            Vec<Arc<WatchEvent>>,
-            u64,
-            broadcast::Receiver<Arc<WatchEvent>>,
-        ),
-        ApiError,
-    > {
+    ) -> Result<WatchStart, ApiError> {
         let inner = self.lock();
         let rx = self.tx.subscribe();
         let matches = |e: &WatchEvent| &e.gr == gr && ns.is_none_or(|n| n == e.namespace);
@@ -626,7 +644,11 @@ impl Store {
                     .collect()
             }
         };
-        Ok((initial, inner.rv, rx))
+        Ok(WatchStart {
+            initial,
+            rv: inner.rv,
+            rx,
+        })
     }
 }
 
@@ -637,7 +659,7 @@ fn encode_continue(key: &Key) -> String {
 
 fn decode_continue(token: &str) -> Result<Key, ApiError> {
     let bad = || ApiError::bad_request("continue key is not valid");
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Result<Vec<u8>, _> = (0..token.len())

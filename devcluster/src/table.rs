@@ -471,7 +471,7 @@ pub fn jsonpath(obj: &Value, path: &str) -> Option<Value> {
                         let got = jsonpath(item, &format!(".{field}"));
                         match got {
                             Some(Value::String(s)) => s == want,
-                            Some(other) => other.to_string() == want,
+                            Some(other) => other == want,
                             None => false,
                         }
                     })

@@ -14,7 +14,7 @@ use crate::builtin;
 use crate::error::ApiError;
 use crate::registry::{Conversion, ResourceInfo};
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOpts, Propagation, Sub};
+use crate::store::{DeleteOpts, Propagation, Sub, WriteOpts};
 
 /// One request addressed to a resource.
 pub(super) struct Request<'a> {
@@ -293,9 +293,11 @@ impl Request<'_> {
                     &self.gr(),
                     "",
                     &name,
-                    Sub::Status,
-                    self.info.rules(),
-                    false,
+                    WriteOpts {
+                        sub: Sub::Status,
+                        rules: self.info.rules(),
+                        dry_run: false,
+                    },
                     &mut |cur| {
                         let mut n = cur.clone();
                         n["status"] = status.clone();
@@ -363,9 +365,11 @@ impl Request<'_> {
             &self.gr(),
             self.ns(),
             &name,
-            sub,
-            self.info.rules(),
-            self.dry_run(),
+            WriteOpts {
+                sub,
+                rules: self.info.rules(),
+                dry_run: self.dry_run(),
+            },
             &mut |cur| {
                 let desired = f(cur)?;
                 let merged = self.merged(cur, desired);
@@ -560,9 +564,11 @@ impl Request<'_> {
             &self.gr(),
             self.ns(),
             &name,
-            Sub::Main,
-            self.info.rules(),
-            self.dry_run(),
+            WriteOpts {
+                sub: Sub::Main,
+                rules: self.info.rules(),
+                dry_run: self.dry_run(),
+            },
             &mut |cur| {
                 let scale = self.scale_of(cur);
                 let new_scale = if is_put {

@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::resource::{Request, present};
 use crate::error::ApiError;
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{EventType, WatchEvent, WatchFrom};
+use crate::store::{EventType, WatchEvent, WatchFrom, WatchStart};
 
 /// How often a watch that asked for bookmarks gets one.
 const BOOKMARK_EVERY: Duration = Duration::from_secs(1);
@@ -56,10 +56,10 @@ pub(super) fn serve(req: &Request<'_>) -> Result<Response, ApiError> {
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs);
-    let (initial, snapshot_rv, rx) =
-        req.st
-            .store
-            .watch(&req.info.storage, req.ns.as_deref(), from)?;
+    let start = req
+        .st
+        .store
+        .watch(&req.info.storage, req.ns.as_deref(), from)?;
     let table = req
         .headers
         .get("accept")
@@ -84,9 +84,7 @@ pub(super) fn serve(req: &Request<'_>) -> Result<Response, ApiError> {
         let _ = w
             .run(
                 tx,
-                initial,
-                snapshot_rv,
-                rx,
+                start,
                 Opts {
                     bookmarks,
                     initial_events,
@@ -187,12 +185,15 @@ impl Watcher {
     async fn run(
         mut self,
         tx: Tx,
-        initial: Vec<std::sync::Arc<WatchEvent>>,
-        snapshot_rv: u64,
-        mut rx: broadcast::Receiver<std::sync::Arc<WatchEvent>>,
+        start: WatchStart,
         opts: Opts,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Result<(), ()> {
+        let WatchStart {
+            initial,
+            rv: snapshot_rv,
+            mut rx,
+        } = start;
         let mut last_rv = snapshot_rv;
         for ev in &initial {
             if let Some((kind, obj)) = self.translate(ev) {

@@ -92,6 +92,35 @@ pub fn rewrite(value: &str, mounts: &[Mount]) -> String {
     value.to_owned()
 }
 
+/// `value` with every mount path that starts a word — at the start, or after a space, `=`, `:`,
+/// `;`, `>`, `<`, `(` or a quote, and ending at a `/` or a non-name character — replaced by the
+/// volume's host directory, so shell scripts in `sh -c` reach their volumes too.
+pub fn rewrite_embedded(value: &str, mounts: &[Mount]) -> String {
+    let is_boundary_before = |c: char| c.is_whitespace() || "=:;<>(|&'\"`".contains(c);
+    let is_name = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+    let mut out = String::with_capacity(value.len());
+    let mut i = 0;
+    'scan: while i < value.len() {
+        let at_boundary = i == 0 || value[..i].chars().next_back().is_some_and(is_boundary_before);
+        if at_boundary {
+            for m in mounts {
+                let rest = &value[i..];
+                if let Some(after) = rest.strip_prefix(m.mount_path.as_str())
+                    && !after.starts_with(is_name)
+                {
+                    out.push_str(&m.host.display().to_string());
+                    i += m.mount_path.len();
+                    continue 'scan;
+                }
+            }
+        }
+        let c = value[i..].chars().next().unwrap_or_default();
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
 /// Expands `$(NAME)` references to variables defined earlier; `$$(NAME)` escapes to `$(NAME)`;
 /// unknown references stay as they are, like in Kubernetes.
 pub fn expand(value: &str, env: &[(String, String)]) -> String {
@@ -448,6 +477,14 @@ mod tests {
         assert_eq!(rewrite("/conveyor", &m), "/tmp/pod/volumes/rt");
         assert_eq!(rewrite("/conveyorx", &m), "/conveyorx");
         assert_eq!(rewrite("relative", &m), "relative");
+    }
+
+    #[test]
+    fn mount_paths_inside_shell_scripts_are_rewritten() {
+        let m = mounted();
+        assert_eq!(rewrite_embedded("echo hi > /conveyor/x; cat '/conveyor'", &m), "echo hi > /tmp/pod/volumes/rt/x; cat '/tmp/pod/volumes/rt'");
+        assert_eq!(rewrite_embedded("--dir=/conveyor/bin", &m), "--dir=/tmp/pod/volumes/rt/bin");
+        assert_eq!(rewrite_embedded("http://h/conveyor/x /conveyorx a/conveyor", &m), "http://h/conveyor/x /conveyorx a/conveyor");
     }
 
     #[test]

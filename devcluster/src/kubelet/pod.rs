@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::launch::{self, Launch};
 use super::probe::{self, Target};
-use super::process::{Spawner, group_rss, signal_group};
+use super::process::{GroupGuard, Spawner, group_rss, signal_group};
 use super::status::{self, ContainerRun, PodRun};
 use super::{ImageConfig, KubeletConfig};
 
@@ -568,6 +568,8 @@ impl PodWorker {
         started: Timestamp,
     ) -> ContainerState {
         let pid = child.id().unwrap_or_default();
+        // Kills what the container leaves behind when it exits, or when this future is dropped.
+        let _group = GroupGuard(pid);
         let container_id = format!("devcluster://{pid}");
         let is_app = matches!(slot, Slot::App(_));
         let (startup, readiness, liveness) = if is_app {
@@ -679,8 +681,6 @@ impl PodWorker {
                 }
             }
         };
-        // The container is gone once its main process is: kill what it left behind.
-        signal_group(pid, Signal::SIGKILL);
         let (code, signal) = match exit {
             Ok(status) => match (
                 status.code(),

@@ -91,6 +91,16 @@ pub fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
+/// Kills a container's whole process group when dropped — also when the kubelet's task is
+/// dropped with its runtime — so no process of the container outlives it.
+pub struct GroupGuard(pub u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, Signal::SIGKILL);
+    }
+}
+
 /// Resident memory, in bytes, of all processes in process group `pgid` (from `/proc`).
 pub fn group_rss(pgid: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir("/proc") else {
