@@ -160,6 +160,64 @@ impl SubmitError {
     }
 }
 
+/// The final outcome of a job, as [`Client::submit_and_wait`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobResult {
+    /// The handler succeeded; `result` is what it returned.
+    Completed {
+        /// Job id.
+        id: String,
+        /// The handler's result bytes.
+        result: Bytes,
+    },
+    /// The job was moved to the dead-letter stream.
+    DeadLettered {
+        /// Job id.
+        id: String,
+        /// `permanent`, `exhausted` or `malformed`.
+        reason: String,
+        /// The last error.
+        error: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// Why [`Client::submit_and_wait`] has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The submission was refused.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// Subscribing to the reply inbox failed.
+    #[error("subscribing to the result inbox")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    /// A job with this id was already queued; its result goes to whoever submitted it first.
+    #[error(
+        "job {id} was already submitted (duplicate id); its result goes to the first submitter"
+    )]
+    Duplicate {
+        /// Job id.
+        id: String,
+    },
+    /// No outcome within the given time; the job is still queued or running.
+    #[error("no result for job {id} within {waited:?}; it is still queued or running")]
+    TimedOut {
+        /// Job id.
+        id: String,
+        /// How long the client waited.
+        waited: Duration,
+    },
+    /// The result message does not follow the protocol.
+    #[error("malformed result for job {id}: {problem}")]
+    Malformed {
+        /// Job id.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
 /// Failure to connect to NATS.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to NATS at {url}")]
@@ -218,6 +276,63 @@ impl Client {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+
+    /// Submits a job and waits up to `timeout` for its final outcome: the handler's result, or
+    /// the news that it was dead-lettered. Results go to a private inbox (header
+    /// `Conveyor-Reply-To`) and reach only a client that is still waiting.
+    pub async fn submit_and_wait(
+        &self,
+        queue: &QueueRef,
+        mut job: Job,
+        timeout: Duration,
+    ) -> Result<JobResult, WaitError> {
+        let nats = self.jetstream.client();
+        let inbox = nats.new_inbox();
+        let mut results = nats
+            .subscribe(inbox.clone())
+            .await
+            .map_err(WaitError::Subscribe)?;
+        job.headers.insert(protocol::REPLY_TO, inbox.as_str());
+        let id = job.id.clone();
+        let ack = self.submit(queue, job).await?;
+        if ack.duplicate {
+            return Err(WaitError::Duplicate { id });
+        }
+        let message = match tokio::time::timeout(timeout, results.next()).await {
+            Ok(Some(message)) => message,
+            Ok(None) | Err(_) => {
+                return Err(WaitError::TimedOut {
+                    id,
+                    waited: timeout,
+                });
+            }
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        match header(protocol::result::STATUS).as_deref() {
+            Some(protocol::result::COMPLETED) => Ok(JobResult::Completed {
+                id,
+                result: message.payload,
+            }),
+            Some(protocol::result::DEAD_LETTERED) => Ok(JobResult::DeadLettered {
+                reason: header(protocol::dead_letter::REASON).unwrap_or_default(),
+                error: header(protocol::dead_letter::ERROR).unwrap_or_default(),
+                attempts: header(protocol::dead_letter::ATTEMPTS)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_default(),
+                id,
+            }),
+            other => Err(WaitError::Malformed {
+                id,
+                problem: format!("{} is {other:?}", protocol::result::STATUS),
+            }),
+        }
     }
 
     /// Submits many jobs with up to 256 publishes awaiting their acks at once, which is much

@@ -11,5 +11,5 @@ pub mod names;
 pub mod protocol;
 pub mod worker;
 
-pub use client::{Client, Job, SubmitAck, SubmitError};
+pub use client::{Client, Job, JobResult, SubmitAck, SubmitError, WaitError};
 pub use worker::{Outcome, ReceivedJob, Worker};

@@ -17,6 +17,23 @@ pub const MAX_ATTEMPTS: &str = "Conveyor-Max-Attempts";
 /// Per-job processing timeout of one attempt, e.g. `30s`, `1500ms`, `5m`.
 pub const TIMEOUT: &str = "Conveyor-Timeout";
 
+/// Subject the final outcome of the job is published to (for producers awaiting it).
+pub const REPLY_TO: &str = "Conveyor-Reply-To";
+
+/// Headers of a result message, published to the job's `Conveyor-Reply-To` subject once the
+/// job is done for good; the payload is the handler's result (empty for dead letters).
+pub mod result {
+    /// The job's id.
+    pub const JOB_ID: &str = "Conveyor-Job-Id";
+    /// `completed` or `dead_lettered`.
+    pub const STATUS: &str = "Conveyor-Status";
+    /// Value of [`STATUS`] after success.
+    pub const COMPLETED: &str = "completed";
+    /// Value of [`STATUS`] after the job was dead-lettered; the message then also carries
+    /// the dead-letter headers `Conveyor-Reason`, `Conveyor-Error` and `Conveyor-Attempts`.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+}
+
 /// Dead-letter headers, added by whoever moves a job into the dead-letter stream.
 pub mod dead_letter {
     /// The job's id (the dead-letter message's own `Nats-Msg-Id` is `<id>:<sequence>`).

@@ -644,9 +644,15 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
 
     let last_attempt = attempt >= max_attempts;
     let disposition = match outcome {
-        Outcome::Done(_) => match acker.ack().await {
+        Outcome::Done(result) => match acker.ack().await {
             Ok(()) => {
                 shared.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(reply) = reply_to(&message) {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(protocol::result::JOB_ID, id.as_str());
+                    headers.insert(protocol::result::STATUS, protocol::result::COMPLETED);
+                    publish_result(shared, reply, headers, result).await;
+                }
                 Disposition::Acked
             }
             Err(error) => {
@@ -787,6 +793,15 @@ async fn dead_letter<H, O>(
             if let Err(error) = acker.ack_with(AckKind::Term).await {
                 warn!(job = %id, %error, "terminating a dead-lettered job");
             }
+            if let Some(reply) = reply_to(message) {
+                let mut headers = HeaderMap::new();
+                headers.insert(protocol::result::JOB_ID, id);
+                headers.insert(protocol::result::STATUS, protocol::result::DEAD_LETTERED);
+                headers.insert(dead_letter::REASON, failure.reason);
+                headers.insert(dead_letter::ERROR, header_safe(&failure.error).as_str());
+                headers.insert(dead_letter::ATTEMPTS, failure.attempt.to_string().as_str());
+                publish_result(shared, reply, headers, Bytes::new()).await;
+            }
             shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Disposition::DeadLettered {
                 reason: failure.reason,
@@ -802,6 +817,31 @@ async fn dead_letter<H, O>(
             )
             .await
         }
+    }
+}
+
+/// The subject a producer awaits the job's outcome on, if any.
+fn reply_to(message: &async_nats::Message) -> Option<String> {
+    let reply = message
+        .headers
+        .as_ref()?
+        .get(protocol::REPLY_TO)?
+        .as_str()
+        .trim();
+    (!reply.is_empty()).then(|| reply.to_owned())
+}
+
+/// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
+/// receives it).
+async fn publish_result<H, O>(
+    shared: &Shared<H, O>,
+    reply: String,
+    headers: HeaderMap,
+    payload: Bytes,
+) {
+    let nats = shared.jetstream.client();
+    if let Err(error) = nats.publish_with_headers(reply, headers, payload).await {
+        warn!(%error, "publishing a job result");
     }
 }
 

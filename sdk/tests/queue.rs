@@ -9,7 +9,7 @@ use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::QueueRef;
 use conveyor::protocol::{self, Backoff, dead_letter};
 use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
-use conveyor::{Client, Job, SubmitError, Worker};
+use conveyor::{Client, Job, JobResult, SubmitError, WaitError, Worker};
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -459,5 +459,60 @@ async fn high_priority_jobs_run_before_a_low_priority_backlog() -> anyhow::Resul
         10_100,
         "each job id handled once"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn submit_and_wait_gets_the_result_or_the_dead_letter() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let stop = spawn_worker(
+        &client,
+        &queue,
+        fast_options(),
+        |job: ReceivedJob| async move {
+            match job.payload.as_ref() {
+                b"bad" => Outcome::Permanent("bad input".into()),
+                text => Outcome::Done(text.to_ascii_uppercase().into()),
+            }
+        },
+    );
+    let wait = Duration::from_secs(10);
+    let result = client
+        .submit_and_wait(&queue, Job::new("a", "hello"), wait)
+        .await?;
+    assert_eq!(
+        result,
+        JobResult::Completed {
+            id: "a".into(),
+            result: "HELLO".into()
+        }
+    );
+    let result = client
+        .submit_and_wait(&queue, Job::new("b", "bad"), wait)
+        .await?;
+    assert_eq!(
+        result,
+        JobResult::DeadLettered {
+            id: "b".into(),
+            reason: "permanent".into(),
+            error: "bad input".into(),
+            attempts: 1
+        }
+    );
+    let err = client
+        .submit_and_wait(&queue, Job::new("a", "hello"), wait)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WaitError::Duplicate { .. }), "{err:?}");
+    stop.cancel();
+    // A queue nobody works on: a definite "not yet" after the timeout.
+    let idle = QueueRef::new("test", "idle");
+    ensure_queue(client.jetstream(), &idle, &QueueSettings::default()).await?;
+    let err = client
+        .submit_and_wait(&idle, Job::new("c", "x"), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WaitError::TimedOut { .. }), "{err:?}");
     Ok(())
 }

@@ -516,3 +516,21 @@ fn install_copies_the_runtime_into_a_directory() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&help.stdout).contains("Conveyor worker runtime"));
     Ok(())
 }
+
+#[tokio::test]
+async fn exec_stdout_is_the_result_a_waiting_producer_gets() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let _worker = s.worker("exec", &[], &["sh", "-c", "tr a-z A-Z"])?;
+    let result = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("shout", "hello"), WAIT)
+        .await?;
+    assert_eq!(
+        result,
+        conveyor::JobResult::Completed {
+            id: "shout".into(),
+            result: "HELLO".into()
+        }
+    );
+    Ok(())
+}
