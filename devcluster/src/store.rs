@@ -157,6 +157,7 @@ type Key = (String, String);
 
 #[derive(Default)]
 struct Inner {
+    history_cap: usize,
     rv: u64,
     objects: BTreeMap<Gr, BTreeMap<Key, Value>>,
     uids: HashMap<String, (Gr, Key)>,
@@ -241,9 +242,17 @@ impl Default for Store {
 impl Store {
     /// An empty store.
     pub fn new() -> Self {
+        Self::with_history(HISTORY)
+    }
+
+    /// An empty store that keeps the last `events` watch events for resuming watches.
+    pub fn with_history(events: usize) -> Self {
         let (tx, _) = broadcast::channel(4096);
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                history_cap: events,
+                ..Inner::default()
+            }),
             tx,
         }
     }
@@ -682,7 +691,7 @@ impl Inner {
             old,
         });
         self.history.push_back(ev.clone());
-        while self.history.len() > HISTORY {
+        while self.history.len() > self.history_cap {
             self.history.pop_front();
         }
         self.pending.push(ev);
@@ -930,5 +939,59 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm_gr() -> Gr {
+        (String::new(), "configmaps".into())
+    }
+
+    fn store_with_ns(history: usize) -> Store {
+        let st = Store::with_history(history);
+        let ns = json!({"metadata": {"name": "default"}});
+        st.create(&(String::new(), "namespaces".into()), "", ns, Rules::default(), false)
+            .unwrap();
+        st
+    }
+
+    const RULES: Rules = Rules {
+        namespaced: true,
+        status: false,
+        generation: false,
+    };
+
+    #[test]
+    fn too_old_watch_gets_410_gone() {
+        let st = store_with_ns(3);
+        for i in 0..10 {
+            let obj = json!({"metadata": {"name": format!("c{i}")}});
+            st.create(&cm_gr(), "default", obj, RULES, false).unwrap();
+        }
+        let err = st.watch(&cm_gr(), None, WatchFrom::Rv(2)).unwrap_err();
+        assert_eq!(err.code, 410);
+        let ok = st.watch(&cm_gr(), None, WatchFrom::Rv(9)).unwrap();
+        assert_eq!(ok.initial.len(), 2, "events 10 and 11 are replayed");
+    }
+
+    #[test]
+    fn generate_name_and_no_op_updates() {
+        let st = store_with_ns(100);
+        let obj = json!({"metadata": {"generateName": "web-"}, "data": {"a": "1"}});
+        let created = st.create(&cm_gr(), "default", obj, RULES, false).unwrap();
+        let name = created["metadata"]["name"].as_str().unwrap().to_owned();
+        assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+        let opts = WriteOpts {
+            sub: Sub::Main,
+            rules: RULES,
+            dry_run: false,
+        };
+        let same = st
+            .update(&cm_gr(), "default", &name, opts, &mut |c| Ok(c.clone()))
+            .unwrap();
+        assert_eq!(same["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
     }
 }
