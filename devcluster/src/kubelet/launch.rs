@@ -101,7 +101,11 @@ pub fn rewrite_embedded(value: &str, mounts: &[Mount]) -> String {
     let mut out = String::with_capacity(value.len());
     let mut i = 0;
     'scan: while i < value.len() {
-        let at_boundary = i == 0 || value[..i].chars().next_back().is_some_and(is_boundary_before);
+        let at_boundary = i == 0
+            || value[..i]
+                .chars()
+                .next_back()
+                .is_some_and(is_boundary_before);
         if at_boundary {
             for m in mounts {
                 let rest = &value[i..];
@@ -249,11 +253,11 @@ pub fn launch(
     }
     let env = env
         .into_iter()
-        .map(|(k, v)| (k, rewrite(&v, mounts)))
+        .map(|(k, v)| (k, rewrite_embedded(&v, mounts)))
         .collect();
     Ok(Launch {
         program,
-        args: argv.iter().map(|a| rewrite(a, mounts)).collect(),
+        args: argv.iter().map(|a| rewrite_embedded(a, mounts)).collect(),
         env,
         cwd,
     })
@@ -482,9 +486,18 @@ mod tests {
     #[test]
     fn mount_paths_inside_shell_scripts_are_rewritten() {
         let m = mounted();
-        assert_eq!(rewrite_embedded("echo hi > /conveyor/x; cat '/conveyor'", &m), "echo hi > /tmp/pod/volumes/rt/x; cat '/tmp/pod/volumes/rt'");
-        assert_eq!(rewrite_embedded("--dir=/conveyor/bin", &m), "--dir=/tmp/pod/volumes/rt/bin");
-        assert_eq!(rewrite_embedded("http://h/conveyor/x /conveyorx a/conveyor", &m), "http://h/conveyor/x /conveyorx a/conveyor");
+        assert_eq!(
+            rewrite_embedded("echo hi > /conveyor/x; cat '/conveyor'", &m),
+            "echo hi > /tmp/pod/volumes/rt/x; cat '/tmp/pod/volumes/rt'"
+        );
+        assert_eq!(
+            rewrite_embedded("--dir=/conveyor/bin", &m),
+            "--dir=/tmp/pod/volumes/rt/bin"
+        );
+        assert_eq!(
+            rewrite_embedded("http://h/conveyor/x /conveyorx a/conveyor", &m),
+            "http://h/conveyor/x /conveyorx a/conveyor"
+        );
     }
 
     #[test]
