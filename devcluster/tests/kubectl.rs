@@ -473,3 +473,54 @@ async fn starts_fast_and_many_run_in_parallel() {
     }
     first.shutdown().await;
 }
+
+#[tokio::test]
+async fn describe_shows_events_recorded_by_kube_rs() {
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let cluster = api_cluster().await;
+    kubectl_ok(
+        &cluster,
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: target}\n"),
+    )
+    .await;
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::default_namespaced(cluster.client());
+    let target = api.get("target").await.expect("get");
+    let recorder = Recorder::new(
+        cluster.client(),
+        Reporter {
+            controller: "test-controller".into(),
+            instance: Some("test-1".into()),
+        },
+    );
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "SomethingBroke".into(),
+        note: Some("the widget fell over".into()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&ev, &target.object_ref(&()))
+        .await
+        .expect("first event");
+    recorder
+        .publish(&ev, &target.object_ref(&()))
+        .await
+        .expect("repeated event (series)");
+    let described = kubectl_ok(&cluster, &["describe", "configmap", "target"], None).await;
+    assert!(described.contains("SomethingBroke"), "{described}");
+    assert!(described.contains("the widget fell over"), "{described}");
+    assert!(
+        described.contains("x2 over"),
+        "a repeated event is aggregated: {described}"
+    );
+    let events = kubectl_ok(&cluster, &["get", "events"], None).await;
+    assert!(
+        events.contains("configmap/target") && events.contains("SomethingBroke"),
+        "{events}"
+    );
+    cluster.shutdown().await;
+}
