@@ -197,6 +197,11 @@ impl FieldSelector {
         Ok(Self(reqs))
     }
 
+    /// Whether the selector has no requirements.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether the object satisfies every requirement; a missing field compares as `""`.
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(path, eq, want)| {

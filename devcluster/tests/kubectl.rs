@@ -524,3 +524,61 @@ async fn describe_shows_events_recorded_by_kube_rs() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn logs_are_served_from_the_kubelet_files() {
+    let cluster = api_cluster().await;
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: talker}\nspec:\n  containers: [{name: main, image: x}]\n";
+    kubectl_ok(&cluster, &["apply", "-f", "-"], Some(pod)).await;
+    let dir = cluster.logs_dir().join("default").join("talker");
+    std::fs::create_dir_all(&dir).expect("log dir");
+    std::fs::write(dir.join("main.log"), "one\ntwo\nthree\n").expect("log");
+    std::fs::write(dir.join("main.previous.log"), "before the crash\n").expect("log");
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "talker"], None).await,
+        "one\ntwo\nthree\n"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "talker", "--tail", "1"], None).await,
+        "three\n"
+    );
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "talker", "--previous"], None).await,
+        "before the crash\n"
+    );
+
+    let mut follow = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(["logs", "-f", "talker"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl logs -f runs");
+    let mut lines = tokio::io::BufReader::new(follow.stdout.take().expect("stdout")).lines();
+    for want in ["one", "two", "three"] {
+        assert_eq!(
+            lines.next_line().await.expect("read").as_deref(),
+            Some(want)
+        );
+    }
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("main.log"))
+            .expect("open");
+        f.write_all(b"four\n").expect("append");
+    }
+    let next = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("a new line in time");
+    assert_eq!(next.expect("read").as_deref(), Some("four"));
+    // The stream ends when the pod is gone.
+    kubectl_ok(&cluster, &["delete", "pod", "talker"], None).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("stream ends in time");
+    assert_eq!(end.expect("read"), None);
+    cluster.shutdown().await;
+}

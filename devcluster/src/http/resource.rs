@@ -217,8 +217,7 @@ impl Request<'_> {
         let (labels, fields) = self.selectors()?;
         let info = self.info.clone();
         let version = self.version.clone();
-        let filter =
-            move |o: &Value| labels.matches(o) && fields.matches(&present(&info, &version, o));
+        let filter = move |o: &Value| selected(&info, &version, &labels, &fields, o);
         let limit = self
             .param("limit")
             .and_then(|l| l.parse().ok())
@@ -722,8 +721,7 @@ impl Request<'_> {
         let (labels, fields) = self.selectors()?;
         let info = self.info.clone();
         let version = self.version.clone();
-        let filter =
-            move |o: &Value| labels.matches(o) && fields.matches(&present(&info, &version, o));
+        let filter = move |o: &Value| selected(&info, &version, &labels, &fields, o);
         let res = self
             .st
             .store
@@ -765,6 +763,17 @@ fn list_meta(rv: u64, cont: Option<&str>, remaining: Option<usize>) -> Value {
         m["remainingItemCount"] = json!(r);
     }
     m
+}
+
+/// Whether an object passes the selectors (field selectors see the object as the client does).
+pub(crate) fn selected(
+    info: &ResourceInfo,
+    version: &str,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+    obj: &Value,
+) -> bool {
+    labels.matches(obj) && (fields.is_empty() || fields.matches(&present(info, version, obj)))
 }
 
 /// A stored object as the client sees it at `version`.

@@ -123,10 +123,7 @@ type Tx = mpsc::Sender<Result<String, std::io::Error>>;
 
 impl Watcher {
     fn matches(&self, obj: &Value) -> bool {
-        self.labels.matches(obj)
-            && self
-                .fields
-                .matches(&present(&self.info, &self.version, obj))
+        super::resource::selected(&self.info, &self.version, &self.labels, &self.fields, obj)
     }
 
     /// The event to send for a store event, if any (selectors may turn MODIFIED into ADDED/DELETED).
