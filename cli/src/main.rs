@@ -1,1 +1,39 @@
-fn main() {}
+//! `conveyor`: the command-line tool of Conveyor — submit jobs, read queue figures, and run the
+//! whole system locally on the Kubernetes test double (`conveyor dev`). Also usable as
+//! `kubectl conveyor` when installed on `PATH` as `kubectl-conveyor`.
+
+mod args;
+mod dev;
+mod input;
+mod status;
+mod submit;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(cli.command.default_log_filter()));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Submit(args) => submit::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

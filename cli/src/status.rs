@@ -1,0 +1,245 @@
+//! `conveyor status`: queue figures read straight from JetStream — what is waiting, what workers
+//! hold right now, and what ended in the dead-letter queue — without going through Kubernetes.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use std::collections::BTreeSet;
+
+use async_nats::jetstream::{
+    self, ErrorCode,
+    context::{GetStreamError, GetStreamErrorKind},
+    stream::Stream,
+};
+use conveyor::names::QueueRef;
+use futures::TryStreamExt;
+use serde::Serialize;
+
+use crate::args::{Output, StatusArgs};
+
+/// Prefix of the durable consumers that worker runtimes share (`workers-p<level>`).
+const WORKER_CONSUMER_PREFIX: &str = "workers-p";
+
+/// Runs `conveyor status`.
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let url = &args.queue_args.nats_url;
+    let client = async_nats::connect(url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    let js = jetstream::new(client);
+    let queues = match &args.queue {
+        Some(name) => vec![args.queue_args.queue(name)],
+        None => namespace_queues(&js, &args.queue_args.namespace).await?,
+    };
+    let mut figures = Vec::with_capacity(queues.len());
+    for queue in &queues {
+        figures.push(queue_figures(&js, queue).await?);
+    }
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&figures)?),
+        Output::Table if figures.is_empty() => {
+            eprintln!("no queues in namespace {}", args.queue_args.namespace);
+        }
+        Output::Table => print!("{}", table(&figures)),
+    }
+    Ok(())
+}
+
+/// The figures of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueFigures {
+    /// Namespace of the `JobQueue`.
+    pub namespace: String,
+    /// Name of the `JobQueue`.
+    pub queue: String,
+    /// Jobs waiting to be handed to a worker (including retries waiting for their backoff).
+    pub pending: u64,
+    /// Jobs a worker holds and has not acknowledged yet.
+    pub in_flight: u64,
+    /// Jobs in the dead-letter queue.
+    pub dead_lettered: u64,
+}
+
+/// Reads the figures of one queue; fails with a clear message when the queue has no stream.
+pub async fn queue_figures(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+) -> anyhow::Result<QueueFigures> {
+    let Some(stream) = get_stream(js, &queue.stream())
+        .await
+        .context("cannot read the queue's stream")?
+    else {
+        anyhow::bail!(
+            "queue {}/{} not found: JetStream has no stream {} (is the JobQueue applied and Ready?)",
+            queue.namespace,
+            queue.name,
+            queue.stream()
+        );
+    };
+    let messages = stream.cached_info().state.messages;
+    let mut pending = 0;
+    let mut in_flight = 0;
+    let mut worker_consumers = 0;
+    let mut consumers = stream.consumers();
+    while let Some(info) = consumers
+        .try_next()
+        .await
+        .context("cannot list the queue's consumers")?
+    {
+        if info.name.starts_with(WORKER_CONSUMER_PREFIX) {
+            worker_consumers += 1;
+            pending += info.num_pending;
+            in_flight += info.num_ack_pending as u64;
+        }
+    }
+    if worker_consumers == 0 {
+        // No consumer yet: everything stored is waiting.
+        pending = messages;
+    }
+    let dead_lettered = get_stream(js, &queue.dead_letter_stream())
+        .await
+        .context("cannot read the dead-letter stream")?
+        .map_or(0, |dlq| dlq.cached_info().state.messages);
+    Ok(QueueFigures {
+        namespace: queue.namespace.clone(),
+        queue: queue.name.clone(),
+        pending,
+        in_flight,
+        dead_lettered,
+    })
+}
+
+/// A stream, or `None` when JetStream has no stream of that name.
+async fn get_stream(js: &jetstream::Context, name: &str) -> Result<Option<Stream>, GetStreamError> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Every queue of a namespace, found by its work stream's name (`conveyor_<namespace>_<queue>`).
+pub async fn namespace_queues(
+    js: &jetstream::Context,
+    namespace: &str,
+) -> anyhow::Result<Vec<QueueRef>> {
+    let names: BTreeSet<String> = js
+        .stream_names()
+        .try_collect()
+        .await
+        .context("cannot list JetStream streams")?;
+    Ok(queues_among(&names, namespace))
+}
+
+/// The queues of `namespace` whose work streams are among `names`. Kubernetes names contain no
+/// `_` and the stream name maps `.` to `_`, so the queue name is recovered by mapping back; a
+/// name that is another queue's dead-letter stream is not a queue.
+fn queues_among(names: &BTreeSet<String>, namespace: &str) -> Vec<QueueRef> {
+    let prefix = QueueRef::new(namespace, "").stream();
+    let candidates: Vec<QueueRef> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(&prefix))
+        .filter(|q| !q.is_empty())
+        .map(|q| QueueRef::new(namespace, q.replace('_', ".")))
+        .collect();
+    let dead_letter: BTreeSet<String> = candidates
+        .iter()
+        .map(QueueRef::dead_letter_stream)
+        .collect();
+    candidates
+        .into_iter()
+        .filter(|q| !dead_letter.contains(&q.stream()))
+        .collect()
+}
+
+/// Renders figures as an aligned table, like `kubectl get`.
+pub fn table(figures: &[QueueFigures]) -> String {
+    let header = [
+        "NAMESPACE",
+        "QUEUE",
+        "PENDING",
+        "IN FLIGHT",
+        "DEAD-LETTERED",
+    ];
+    let rows: Vec<[String; 5]> = figures
+        .iter()
+        .map(|f| {
+            [
+                f.namespace.clone(),
+                f.queue.clone(),
+                f.pending.to_string(),
+                f.in_flight.to_string(),
+                f.dead_lettered.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}   ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_are_found_by_stream_name() {
+        let names: BTreeSet<String> = [
+            "conveyor_default_hello",
+            "conveyor_default_hello_dlq",
+            "conveyor_default_img_v2",
+            "conveyor_other_hello",
+            "unrelated",
+        ]
+        .map(String::from)
+        .into();
+        let queues = queues_among(&names, "default");
+        assert_eq!(
+            queues,
+            [
+                QueueRef::new("default", "hello"),
+                QueueRef::new("default", "img.v2")
+            ]
+        );
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let figures = [QueueFigures {
+            namespace: "default".into(),
+            queue: "hello".into(),
+            pending: 12,
+            in_flight: 3,
+            dead_lettered: 0,
+        }];
+        assert_eq!(
+            table(&figures),
+            "NAMESPACE   QUEUE   PENDING   IN FLIGHT   DEAD-LETTERED\n\
+             default     hello   12        3           0\n"
+        );
+    }
+}
