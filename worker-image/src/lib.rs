@@ -31,7 +31,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 
 /// Runs the worker until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let handler = handler::RuntimeHandler::new(args.handler_mode, &args.command)?;
+    let handler = handler::RuntimeHandler::new(
+        args.handler_mode,
+        &args.command,
+        args.handler_url.as_deref(),
+    )?;
     let mut connect =
         async_nats::ConnectOptions::new().name(format!("conveyor-worker {}", args.pod_name));
     if let Some(creds) = &args.nats_creds {

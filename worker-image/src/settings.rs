@@ -38,6 +38,8 @@ pub enum HandlerMode {
     Exec,
     /// One long-lived process speaking JSON lines on stdin/stdout.
     Jsonl,
+    /// An HTTP endpoint in the pod, one POST per job.
+    Http,
 }
 
 /// Log output format.
@@ -73,6 +75,9 @@ pub struct RunArgs {
     /// How jobs reach the handler command.
     #[arg(long, env = env::HANDLER_MODE, value_enum, default_value = "exec")]
     pub handler_mode: HandlerMode,
+    /// URL jobs are posted to in `http` mode.
+    #[arg(long, env = env::HANDLER_URL)]
+    pub handler_url: Option<String>,
     /// Name reported in dead letters and logs.
     #[arg(long, env = env::POD_NAME, default_value = "local")]
     pub pod_name: String,
@@ -103,8 +108,8 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// The handler command and its arguments (after `--`).
-    #[arg(last = true, required = true)]
+    /// The handler command and its arguments (after `--`); required for `exec` and `jsonl`.
+    #[arg(last = true)]
     pub command: Vec<String>,
 }
 
@@ -169,7 +174,22 @@ mod tests {
     }
 
     #[test]
-    fn run_without_a_command_is_refused() {
-        assert!(Cli::try_parse_from(["conveyor-worker", "run", "--queue", "q"]).is_err());
+    fn http_mode_needs_no_command() {
+        let cli = Cli::try_parse_from([
+            "conveyor-worker",
+            "run",
+            "--queue",
+            "q",
+            "--handler-mode",
+            "http",
+            "--handler-url",
+            "http://127.0.0.1:8000/jobs",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.handler_mode, HandlerMode::Http);
+        assert!(args.command.is_empty());
     }
 }

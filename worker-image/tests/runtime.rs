@@ -534,3 +534,79 @@ async fn exec_stdout_is_the_result_a_waiting_producer_gets() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn http_mode_posts_jobs_and_maps_status_codes() -> anyhow::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    let s = setup(QueueSettings::default()).await?;
+    async fn handle(headers: HeaderMap, body: String) -> (StatusCode, HeaderMap, String) {
+        let attempt = headers
+            .get("Conveyor-Attempt")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mut out = HeaderMap::new();
+        match body.as_str() {
+            "bad" => (StatusCode::UNPROCESSABLE_ENTITY, out, "bad body".into()),
+            "busy" if attempt == "1" => {
+                out.insert("retry-after", "1".parse().expect("valid header"));
+                (StatusCode::SERVICE_UNAVAILABLE, out, String::new())
+            }
+            _ => (
+                StatusCode::OK,
+                out,
+                format!("{}#{attempt}", body.to_uppercase()),
+            ),
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jobs", listener.local_addr()?);
+    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let _worker = s.worker(
+        "http",
+        &[(env::HANDLER_URL, &url), (env::CONCURRENCY, "4")],
+        &[],
+    )?;
+    let hello = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("h", "hello"), WAIT)
+        .await?;
+    assert_eq!(
+        hello,
+        conveyor::JobResult::Completed {
+            id: "h".into(),
+            result: "HELLO#1".into()
+        }
+    );
+    let busy_start = Instant::now();
+    let busy = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("b", "busy"), WAIT)
+        .await?;
+    assert_eq!(
+        busy,
+        conveyor::JobResult::Completed {
+            id: "b".into(),
+            result: "BUSY#2".into()
+        }
+    );
+    assert!(
+        busy_start.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    let bad = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("x", "bad"), WAIT)
+        .await?;
+    assert_eq!(
+        bad,
+        conveyor::JobResult::DeadLettered {
+            id: "x".into(),
+            reason: "permanent".into(),
+            error: "handler answered 422 Unprocessable Entity: bad body".into(),
+            attempts: 1,
+        }
+    );
+    Ok(())
+}

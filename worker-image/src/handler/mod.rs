@@ -1,6 +1,7 @@
 //! Handler modes: how the runtime hands a job to the user's program.
 
 mod exec;
+mod http;
 mod jsonl;
 
 use conveyor::worker::{Handler, Outcome, ReceivedJob};
@@ -8,6 +9,7 @@ use conveyor::worker::{Handler, Outcome, ReceivedJob};
 use crate::settings::HandlerMode;
 
 pub use exec::ExecHandler;
+pub use http::HttpHandler;
 pub use jsonl::JsonlHandler;
 
 /// The handler of the configured mode.
@@ -17,17 +19,26 @@ pub enum RuntimeHandler {
     Exec(ExecHandler),
     /// One long-lived JSON-lines process.
     Jsonl(JsonlHandler),
+    /// An HTTP endpoint in the pod.
+    Http(HttpHandler),
 }
 
 impl RuntimeHandler {
-    /// A handler running `command` (program and arguments) in `mode`.
-    pub fn new(mode: HandlerMode, command: &[String]) -> anyhow::Result<Self> {
+    /// The handler of `mode`: `command` (program and arguments) for `exec` and `jsonl`,
+    /// `url` for `http`.
+    pub fn new(mode: HandlerMode, command: &[String], url: Option<&str>) -> anyhow::Result<Self> {
+        if mode == HandlerMode::Http {
+            let Some(url) = url else {
+                anyhow::bail!("http handler mode needs --handler-url (CONVEYOR_HANDLER_URL)");
+            };
+            return Ok(Self::Http(HttpHandler::new(url.to_owned())?));
+        }
         let Some((program, args)) = command.split_first() else {
             anyhow::bail!("no handler command given: `conveyor-worker run -- <command> [args…]`");
         };
         Ok(match mode {
-            HandlerMode::Exec => Self::Exec(ExecHandler::new(program.clone(), args.to_vec())),
             HandlerMode::Jsonl => Self::Jsonl(JsonlHandler::new(program.clone(), args.to_vec())),
+            _ => Self::Exec(ExecHandler::new(program.clone(), args.to_vec())),
         })
     }
 }
@@ -37,6 +48,7 @@ impl Handler for RuntimeHandler {
         match self {
             Self::Exec(handler) => handler.run(job).await,
             Self::Jsonl(handler) => handler.run(job).await,
+            Self::Http(handler) => handler.run(job).await,
         }
     }
 }
@@ -47,4 +59,25 @@ fn excerpt(bytes: &[u8], limit: usize) -> String {
     String::from_utf8_lossy(&bytes[start..])
         .trim()
         .replace('\n', " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_command_or_url_is_a_clear_error() {
+        let err = RuntimeHandler::new(HandlerMode::Exec, &[], None).unwrap_err();
+        assert!(
+            err.to_string().contains("no handler command given"),
+            "{err}"
+        );
+        let err = RuntimeHandler::new(HandlerMode::Http, &[], None).unwrap_err();
+        assert!(err.to_string().contains("needs --handler-url"), "{err}");
+        let url = Some("http://127.0.0.1:1/");
+        assert!(matches!(
+            RuntimeHandler::new(HandlerMode::Http, &[], url),
+            Ok(RuntimeHandler::Http(_))
+        ));
+    }
 }
