@@ -582,3 +582,76 @@ async fn logs_are_served_from_the_kubelet_files() {
     assert_eq!(end.expect("read"), None);
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn kubectl_create_generators_work_for_simple_kinds() {
+    let cluster = api_cluster().await;
+    kubectl_ok(&cluster, &["create", "namespace", "made"], None).await;
+    kubectl_ok(
+        &cluster,
+        &[
+            "-n",
+            "made",
+            "create",
+            "configmap",
+            "cfg",
+            "--from-literal",
+            "a=1",
+        ],
+        None,
+    )
+    .await;
+    kubectl_ok(
+        &cluster,
+        &[
+            "-n",
+            "made",
+            "create",
+            "secret",
+            "generic",
+            "creds",
+            "--from-literal",
+            "pw=hunter2",
+        ],
+        None,
+    )
+    .await;
+    let data = kubectl_ok(
+        &cluster,
+        &["-n", "made", "get", "cm", "cfg", "-o", "jsonpath={.data.a}"],
+        None,
+    )
+    .await;
+    assert_eq!(data, "1");
+    let secret = kubectl_ok(
+        &cluster,
+        &[
+            "-n",
+            "made",
+            "get",
+            "secret",
+            "creds",
+            "-o",
+            "jsonpath={.data.pw}",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(secret, "aHVudGVyMg==");
+    let meta = kubectl_ok(
+        &cluster,
+        &[
+            "-n",
+            "made",
+            "get",
+            "secret",
+            "creds",
+            "-o",
+            "jsonpath={.metadata}",
+        ],
+        None,
+    )
+    .await;
+    assert!(!meta.contains("generateName"), "{meta}");
+    cluster.shutdown().await;
+}

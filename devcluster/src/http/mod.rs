@@ -183,11 +183,19 @@ async fn dispatch(
         .get("content-type")
         .and_then(|c| c.to_str().ok())
         .unwrap_or_default();
-    if content_type.contains("protobuf") || content_type.contains("cbor") {
-        return Err(ApiError::unsupported_media_type(format!(
-            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
-        )));
-    }
+    let body = if content_type.contains("protobuf") || content_type.contains("cbor") {
+        // kubectl's typed generator commands send protobuf; a few simple kinds are understood.
+        match crate::protobuf::decode(&body) {
+            Some(obj) => Bytes::from(obj.to_string()),
+            None => {
+                return Err(ApiError::unsupported_media_type(format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"
+                )));
+            }
+        }
+    } else {
+        body
+    };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let reg = st.registry();
     let get = method == Method::GET;
