@@ -152,6 +152,11 @@ spec:
             .expect("pod answers");
         assert!(reply.status().is_success());
     }
+    let described = kubectl_ok(&cluster, &["describe", "deployment", "web"], None).await;
+    assert!(
+        described.contains("ScalingReplicaSet"),
+        "describe shows the scaling event:\n{described}"
+    );
     let table = kubectl_ok(&cluster, &["get", "deployment", "web"], None).await;
     assert!(
         table.contains("2/2"),

@@ -297,6 +297,15 @@ async fn crashing_container_shows_crash_loop_back_off() {
     let previous = kubectl_ok(&cluster, &["logs", "crasher", "--previous"], None).await;
     assert_eq!(previous, "boom\n");
     wait_for(
+        "kubectl describe to show BackOff events",
+        Duration::from_secs(20),
+        || async {
+            let described = kubectl_ok(&cluster, &["describe", "pod", "crasher"], None).await;
+            (described.contains("BackOff") && described.contains("Started")).then_some(())
+        },
+    )
+    .await;
+    wait_for(
         "kubectl get to show the back-off",
         Duration::from_secs(20),
         || async {

@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -100,6 +102,35 @@ struct Manager {
     pods: Store<Pod>,
     /// Per Deployment key / ReplicaSet key.
     expectations: HashMap<String, Expectation>,
+    deployment_events: Recorder,
+    replica_set_events: Recorder,
+}
+
+/// Records a Normal event about `reference`, without waiting for it to be written.
+fn record(recorder: &Recorder, reference: ObjectReference, reason: &str, note: String) {
+    let recorder = recorder.clone();
+    let event = Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(err) = recorder.publish(&event, &reference).await {
+            tracing::debug!(%err, "cannot record an event");
+        }
+    });
+}
+
+fn recorder(client: &Client, controller: &str) -> Recorder {
+    Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: controller.into(),
+            instance: None,
+        },
+    )
 }
 
 fn spawn_reflector<K>(
@@ -140,6 +171,8 @@ pub async fn run(client: Client, shutdown: CancellationToken) {
         deployments: spawn_reflector(&client, changed.clone(), &shutdown),
         replica_sets: spawn_reflector(&client, changed.clone(), &shutdown),
         pods: spawn_reflector(&client, changed.clone(), &shutdown),
+        deployment_events: recorder(&client, "deployment-controller"),
+        replica_set_events: recorder(&client, "replicaset-controller"),
         client,
         expectations: HashMap::new(),
     };
@@ -264,16 +297,37 @@ impl Manager {
         for rs in &plan.create {
             match rs_api.create(&post_params(), rs).await {
                 Ok(created) => {
-                    exp.created
-                        .insert(created.metadata.name.unwrap_or_default());
+                    let name = created.metadata.name.unwrap_or_default();
+                    let replicas = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    let note = format!("Scaled up replica set {name} from 0 to {replicas}");
+                    record(
+                        &self.deployment_events,
+                        d.object_ref(&()),
+                        "ScalingReplicaSet",
+                        note,
+                    );
+                    exp.created.insert(name);
                 }
                 Err(e) if status_code(&e) == Some(409) => {}
                 Err(e) => return Err(e),
             }
         }
         for (name, replicas) in &plan.scale {
+            let before = self
+                .replica_sets
+                .get(&ObjectRef::new(name).within(ns))
+                .and_then(|rs| rs.spec.as_ref()?.replicas)
+                .unwrap_or(1);
             let patch = json!({ "spec": { "replicas": replicas } });
             let rs = rs_api.patch(name, &params, &Patch::Merge(&patch)).await?;
+            let direction = if *replicas > before { "up" } else { "down" };
+            let note = format!("Scaled {direction} replica set {name} from {before} to {replicas}");
+            record(
+                &self.deployment_events,
+                d.object_ref(&()),
+                "ScalingReplicaSet",
+                note,
+            );
             exp.scaled
                 .push((name.clone(), rs.metadata.generation.unwrap_or(0)));
         }
@@ -339,8 +393,15 @@ impl Manager {
             let pod = replicaset::new_pod(rs, &random_suffix());
             match pods.create(&post_params(), &pod).await {
                 Ok(created) => {
-                    exp.created
-                        .insert(created.metadata.name.unwrap_or_default());
+                    let name = created.metadata.name.unwrap_or_default();
+                    let note = format!("Created pod: {name}");
+                    record(
+                        &self.replica_set_events,
+                        rs.object_ref(&()),
+                        "SuccessfulCreate",
+                        note,
+                    );
+                    exp.created.insert(name);
                 }
                 // A random name collided: the next pass creates another one.
                 Err(e) if status_code(&e) == Some(409) => {}
@@ -353,6 +414,13 @@ impl Manager {
         for name in &plan.delete {
             match pods.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {
+                    let note = format!("Deleted pod: {name}");
+                    record(
+                        &self.replica_set_events,
+                        rs.object_ref(&()),
+                        "SuccessfulDelete",
+                        note,
+                    );
                     exp.deleted.insert(name.clone());
                 }
                 Err(e) if status_code(&e) == Some(404) => {}

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -118,12 +119,20 @@ impl Kubelet {
     /// Runs pods until `shutdown` is cancelled, then kills every process it started.
     pub async fn run(self, shutdown: CancellationToken) {
         let spawner = match process::Spawner::new() {
-            Ok(s) => Arc::new(s),
+            Ok(s) => s,
             Err(err) => {
                 tracing::error!(%err, "kubelet cannot start its process spawner");
                 return;
             }
         };
+        let reporter = Reporter {
+            controller: "kubelet".into(),
+            instance: Some(self.cfg.node_name.clone()),
+        };
+        let node = Arc::new(pod::Node {
+            spawner,
+            recorder: Recorder::new(self.client.clone(), reporter),
+        });
         let cfg = Arc::new(self.cfg);
         // Stops the pod workers, also when the watch ends on its own.
         let stop = shutdown.child_token();
@@ -186,16 +195,16 @@ impl Kubelet {
                     let (tx, rx) = watch::channel(p);
                     let gone = CancellationToken::new();
                     let task = tokio::spawn({
-                        let (client, cfg, spawner, ips, gone, shutdown) = (
+                        let (client, cfg, node, ips, gone, shutdown) = (
                             self.client.clone(),
                             cfg.clone(),
-                            spawner.clone(),
+                            node.clone(),
                             ips.clone(),
                             gone.clone(),
                             stop.clone(),
                         );
                         async move {
-                            pod::run(client, cfg, spawner, rx, ip, gone, shutdown).await;
+                            pod::run(client, cfg, node, rx, ip, gone, shutdown).await;
                             ips.lock().expect("ip pool lock").release(ip);
                         }
                     });

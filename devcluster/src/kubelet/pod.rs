@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
-use kube::{Api, Client};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
 use nix::sys::signal::Signal;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -60,11 +61,19 @@ enum Stop {
     Shutdown,
 }
 
+/// What every pod worker of a kubelet shares besides its configuration.
+pub struct Node {
+    /// Starts container processes.
+    pub spawner: Spawner,
+    /// Records the kubelet's Events (Started, Killing, BackOff, Unhealthy, Failed).
+    pub recorder: Recorder,
+}
+
 /// Shared state of one pod worker.
 pub struct PodWorker {
     client: Client,
     cfg: Arc<KubeletConfig>,
-    spawner: Arc<Spawner>,
+    node: Arc<Node>,
     pod: watch::Receiver<Pod>,
     dir: PathBuf,
     log_dir: PathBuf,
@@ -106,7 +115,7 @@ fn is_terminal(pod: &Pod) -> bool {
 pub async fn run(
     client: Client,
     cfg: Arc<KubeletConfig>,
-    spawner: Arc<Spawner>,
+    node: Arc<Node>,
     pod: watch::Receiver<Pod>,
     ip: Ipv4Addr,
     gone: CancellationToken,
@@ -155,7 +164,7 @@ pub async fn run(
         volumes,
         client,
         cfg,
-        spawner,
+        node,
         pod,
         dir,
         log_dir,
@@ -263,6 +272,24 @@ async fn prepare(
 }
 
 impl PodWorker {
+    /// Records an Event about the pod, without waiting for it to be written.
+    fn record(&self, type_: EventType, reason: &str, note: String) {
+        let recorder = self.node.recorder.clone();
+        let reference = self.pod.borrow().object_ref(&());
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(err) = recorder.publish(&event, &reference).await {
+                tracing::debug!(%err, "cannot record a pod event");
+            }
+        });
+    }
+
     fn probe_grace(&self) -> Duration {
         Duration::from_secs(
             u64::try_from(spec_grace_seconds(&self.pod.borrow()).max(0)).unwrap_or(0),
@@ -463,6 +490,7 @@ impl PodWorker {
             let env = match launch::container_env(&self.client, &pod, c, &ip.to_string()).await {
                 Ok(env) => env,
                 Err(message) => {
+                    self.record(EventType::Warning, "Failed", format!("Error: {message}"));
                     self.update(slot, |s| {
                         s.state = status::waiting("CreateContainerConfigError", Some(message))
                     });
@@ -485,7 +513,7 @@ impl PodWorker {
                 Err(message) => {
                     status::terminated(128, None, Some("StartError"), Some(message), None, None)
                 }
-                Ok(l) => match self.spawner.spawn(&l, &log).await {
+                Ok(l) => match self.node.spawner.spawn(&l, &log).await {
                     Err(err) => status::terminated(
                         128,
                         None,
@@ -509,6 +537,14 @@ impl PodWorker {
                 },
             };
             let code = exit.terminated.as_ref().map_or(0, |t| t.exit_code);
+            if let Some(t) = exit
+                .terminated
+                .as_ref()
+                .filter(|t| t.reason.as_deref() == Some("StartError"))
+            {
+                let message = t.message.clone().unwrap_or_default();
+                self.record(EventType::Warning, "Failed", format!("Error: {message}"));
+            }
             self.update(slot, |s| {
                 s.state = exit.clone();
                 s.ready = false;
@@ -543,6 +579,14 @@ impl PodWorker {
                     s.last_state = Some(exit.clone());
                     s.state = status::waiting("CrashLoopBackOff", Some(message));
                 });
+                self.record(
+                    EventType::Warning,
+                    "BackOff",
+                    format!(
+                        "Back-off restarting failed container {} in pod {pod_name}_{ns}({uid})",
+                        c.name
+                    ),
+                );
                 if !self.pause(delay).await {
                     return Outcome::Stopped;
                 }
@@ -592,6 +636,11 @@ impl PodWorker {
             s.started = startup.is_none();
             s.ready = startup.is_none() && readiness.is_none();
         });
+        self.record(
+            EventType::Normal,
+            "Started",
+            format!("Started container {}", c.name),
+        );
         let ip = self.run.lock().expect("pod state lock").ip;
         let target = Target {
             ip: IpAddr::V4(ip),
@@ -643,6 +692,7 @@ impl PodWorker {
                     }
                 }
                 () = self.stop.cancelled(), if kill_at.is_none() => {
+                    self.record(EventType::Normal, "Killing", format!("Stopping container {}", c.name));
                     signal_group(pid, Signal::SIGTERM);
                     kill_at = Some(*self.kill_at.lock().expect("kill_at lock"));
                 }
@@ -663,6 +713,8 @@ impl PodWorker {
                             startup_done = true;
                         }
                         Some(false) if kill_at.is_none() => {
+                            self.record(EventType::Warning, "Unhealthy", "Startup probe failed".into());
+                            self.record(EventType::Normal, "Killing", format!("Container {} failed startup probe, will be restarted", c.name));
                             signal_group(pid, Signal::SIGTERM);
                             kill_at = Some(Instant::now() + self.probe_grace());
                         }
@@ -670,11 +722,16 @@ impl PodWorker {
                     }
                 }
                 Ok(()) = ready_rx.changed() => {
-                    let ready = *ready_rx.borrow_and_update() == Some(true);
-                    self.update(slot, |s| s.ready = ready);
+                    let verdict = *ready_rx.borrow_and_update();
+                    if verdict == Some(false) {
+                        self.record(EventType::Warning, "Unhealthy", "Readiness probe failed".into());
+                    }
+                    self.update(slot, |s| s.ready = verdict == Some(true));
                 }
                 Ok(()) = live_rx.changed() => {
                     if *live_rx.borrow_and_update() == Some(false) && kill_at.is_none() {
+                        self.record(EventType::Warning, "Unhealthy", "Liveness probe failed".into());
+                        self.record(EventType::Normal, "Killing", format!("Container {} failed liveness probe, will be restarted", c.name));
                         signal_group(pid, Signal::SIGTERM);
                         kill_at = Some(Instant::now() + self.probe_grace());
                     }
