@@ -207,7 +207,10 @@ async fn scaling_down_honours_pod_deletion_cost_and_scaling_up_adds_pods() {
         None,
     )
     .await;
-    assert_eq!(&wait_ready_pods(&cluster, "pool", 1).await, &[keep.clone()]);
+    assert_eq!(
+        wait_ready_pods(&cluster, "pool", 1).await,
+        vec![keep.clone()]
+    );
 
     kubectl_ok(
         &cluster,
