@@ -438,3 +438,46 @@ async fn kube_rs_controller_reconciles() {
     task.abort();
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn metadata_lists_watches_and_delete_collection() {
+    let cluster = api_cluster().await;
+    let api: Api<ConfigMap> = Api::default_namespaced(cluster.client());
+    for name in ["m1", "m2", "keep"] {
+        let mut c = cm(name);
+        if name != "keep" {
+            c.metadata.labels = Some([("batch".to_owned(), "x".to_owned())].into());
+        }
+        api.create(&PostParams::default(), &c)
+            .await
+            .expect("create");
+    }
+    let meta = api
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list metadata");
+    assert_eq!(meta.items.len(), 3);
+    assert!(meta.items.iter().all(|m| m.metadata.uid.is_some()));
+    let mut stream =
+        kube::runtime::metadata_watcher(api.clone(), watcher::Config::default()).boxed();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+        .await
+        .expect("in time");
+    assert!(matches!(first, Ok(Some(watcher::Event::Init))), "{first:?}");
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("batch=x"),
+    )
+    .await
+    .expect("delete collection");
+    let left: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    assert_eq!(left, ["keep"]);
+    cluster.shutdown().await;
+}

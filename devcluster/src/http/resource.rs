@@ -72,14 +72,11 @@ impl Request<'_> {
     }
 
     fn wants_table(&self) -> bool {
-        self.headers
-            .get("accept")
-            .and_then(|a| a.to_str().ok())
-            .is_some_and(|a| {
-                a.split(',')
-                    .next()
-                    .is_some_and(|first| first.contains("as=Table"))
-            })
+        output(self.headers) == Output::Table
+    }
+
+    fn wants_metadata(&self) -> bool {
+        output(self.headers) == Output::Metadata
     }
 
     fn field_manager(&self) -> String {
@@ -175,6 +172,9 @@ impl Request<'_> {
                         &crate::table::render(&self.info, &self.version, &[obj], true),
                     ));
                 }
+                if self.wants_metadata() {
+                    return Ok(json_response(200, &partial_metadata(&obj)));
+                }
                 Ok(json_response(200, &self.present(&obj)))
             }
             ("GET", true, Some("scale")) if self.info.scale.is_some() => {
@@ -233,6 +233,18 @@ impl Request<'_> {
             let mut table = crate::table::render(&self.info, &self.version, &res.items, true);
             table["metadata"] = list_meta(res.rv, res.continue_token.as_deref(), res.remaining);
             return Ok(json_response(200, &table));
+        }
+        if self.wants_metadata() {
+            let items: Vec<Value> = res.items.iter().map(partial_metadata).collect();
+            return Ok(json_response(
+                200,
+                &json!({
+                    "apiVersion": "meta.k8s.io/v1",
+                    "kind": "PartialObjectMetadataList",
+                    "metadata": list_meta(res.rv, res.continue_token.as_deref(), res.remaining),
+                    "items": items,
+                }),
+            ));
         }
         let items: Vec<Value> = res.items.iter().map(|o| self.present(o)).collect();
         Ok(json_response(
@@ -763,6 +775,37 @@ fn list_meta(rv: u64, cont: Option<&str>, remaining: Option<usize>) -> Value {
         m["remainingItemCount"] = json!(r);
     }
     m
+}
+
+/// The representation a client asked for with the first media type of its `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// The object itself.
+    Object,
+    /// A `meta.k8s.io/v1` Table.
+    Table,
+    /// `PartialObjectMetadata` (kube-rs metadata watches).
+    Metadata,
+}
+
+pub(crate) fn output(headers: &HeaderMap) -> Output {
+    let first = headers
+        .get("accept")
+        .and_then(|a| a.to_str().ok())
+        .and_then(|a| a.split(',').next())
+        .unwrap_or_default();
+    if first.contains("as=Table") {
+        Output::Table
+    } else if first.contains("as=PartialObjectMetadata") {
+        Output::Metadata
+    } else {
+        Output::Object
+    }
+}
+
+/// An object reduced to its metadata.
+pub(crate) fn partial_metadata(obj: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
 }
 
 /// Whether an object passes the selectors (field selectors see the object as the client does).

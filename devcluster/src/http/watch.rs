@@ -8,7 +8,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 
-use super::resource::{Request, present};
+use super::resource::{Output, Request, partial_metadata, present};
 use crate::error::ApiError;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{EventType, WatchEvent, WatchFrom, WatchStart};
@@ -60,22 +60,14 @@ pub(super) fn serve(req: &Request<'_>) -> Result<Response, ApiError> {
         .st
         .store
         .watch(&req.info.storage, req.ns.as_deref(), from)?;
-    let table = req
-        .headers
-        .get("accept")
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| {
-            a.split(',')
-                .next()
-                .is_some_and(|first| first.contains("as=Table"))
-        });
+    let output = super::resource::output(req.headers);
     let w = Watcher {
         info: req.info.clone(),
         version: req.version.clone(),
         ns: req.ns.clone(),
         labels,
         fields,
-        table,
+        output,
         table_header_sent: false,
     };
     let (tx, body_rx) = mpsc::channel::<Result<String, std::io::Error>>(64);
@@ -115,7 +107,7 @@ struct Watcher {
     ns: Option<String>,
     labels: LabelSelector,
     fields: FieldSelector,
-    table: bool,
+    output: Output,
     table_header_sent: bool,
 }
 
@@ -149,7 +141,10 @@ impl Watcher {
     }
 
     fn render(&mut self, obj: &Value) -> Value {
-        if self.table {
+        if self.output == Output::Metadata {
+            return partial_metadata(obj);
+        }
+        if self.output == Output::Table {
             let with_defs = !self.table_header_sent;
             self.table_header_sent = true;
             crate::table::render(
