@@ -78,6 +78,9 @@ pub enum AdminError {
     /// The settings are out of range.
     #[error("invalid queue settings: {0}")]
     Invalid(String),
+    /// The NATS server is too old.
+    #[error(transparent)]
+    UnsupportedServer(#[from] crate::protocol::UnsupportedServer),
     /// Creating or updating a stream failed.
     #[error("creating or updating stream {stream}")]
     Stream {
@@ -202,6 +205,7 @@ pub async fn ensure_queue(
     settings: &QueueSettings,
 ) -> Result<(), AdminError> {
     settings.validate()?;
+    crate::protocol::check_server_version(&jetstream.client().server_info().version)?;
     for config in [
         stream_config(queue, settings),
         dead_letter_stream_config(queue, settings),

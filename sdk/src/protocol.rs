@@ -54,6 +54,32 @@ pub mod dead_letter {
     pub const REASON: &str = "Conveyor-Reason";
 }
 
+/// Oldest NATS server release Conveyor supports (work-queue streams with one filtered consumer
+/// per level, nak with delay, consumer create-or-update).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// The server is older than [`MIN_SERVER_VERSION`] or reports no version we can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("NATS server version {version:?} is not supported; Conveyor needs {}.{} or newer", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
+pub struct UnsupportedServer {
+    /// Version the server reported.
+    pub version: String,
+}
+
+/// Checks a server's reported version (e.g. `2.15.1`) against [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str) -> Result<(), UnsupportedServer> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u64>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= MIN_SERVER_VERSION => Ok(()),
+        _ => Err(UnsupportedServer {
+            version: version.to_owned(),
+        }),
+    }
+}
+
 /// Longest job id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
 
@@ -354,6 +380,19 @@ mod tests {
             let d = b.delay(attempt);
             assert!(d <= b.max);
         }
+    }
+
+    #[test]
+    fn server_versions_are_checked() {
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("2.10.0-beta").is_ok());
+        assert!(check_server_version("3.0.0").is_ok());
+        let err = check_server_version("2.9.22").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "NATS server version \"2.9.22\" is not supported; Conveyor needs 2.10 or newer"
+        );
+        assert!(check_server_version("").is_err());
     }
 
     #[test]

@@ -132,6 +132,9 @@ pub trait Observer: Send + Sync + 'static {
     fn started(&self, _sequence: u64, _deadline: Option<Instant>) {}
     /// An attempt finished.
     fn finished(&self, _report: &JobReport) {}
+    /// A pull request for free slots returned (with jobs, empty, or failed): the worker is
+    /// still consuming. Happens at least every `poll_wait` while a slot is free.
+    fn pulled(&self) {}
 }
 
 /// The observer used when none is set.
@@ -202,6 +205,9 @@ pub enum WorkerError {
     /// Invalid options.
     #[error("invalid worker options: {0}")]
     Invalid(String),
+    /// The NATS server is too old.
+    #[error(transparent)]
+    UnsupportedServer(#[from] protocol::UnsupportedServer),
 }
 
 /// Counts of a finished run.
@@ -447,6 +453,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
+                    shared.observer.pulled();
                     pause_after_error(error.to_string(), &mut error_delay, stop).await;
                     continue;
                 }
@@ -462,6 +469,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
                     Err(error) => warn!(%error, "pull request ended with an error"),
                 }
             }
+            shared.observer.pulled();
             continue;
         }
 
@@ -503,6 +511,7 @@ async fn fetch_loop<H: Handler, O: Observer>(
                 }
             }
         }
+        shared.observer.pulled();
         if found > 0 {
             wake = None;
             continue;

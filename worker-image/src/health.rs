@@ -1,5 +1,6 @@
 //! Health and metrics over HTTP: `/healthz` (liveness: fails when a handler is past its
-//! deadline, i.e. could not be stopped), `/readyz` (connected to NATS) and `/metrics`
+//! deadline, i.e. could not be stopped, or when the worker stopped pulling although it has free
+//! slots), `/readyz` (connected to NATS) and `/metrics`
 //! (Prometheus text). [`Metrics`] is also the worker's observer that feeds them.
 
 use std::collections::HashMap;
@@ -34,17 +35,15 @@ pub struct Metrics {
     in_flight: Gauge,
     duration: Histogram,
     deadlines: Mutex<HashMap<u64, Option<Instant>>>,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
+    concurrency: usize,
+    stall_after: Duration,
+    last_pull: Mutex<Instant>,
 }
 
 impl Metrics {
-    /// Registers the metrics under the `conveyor_worker` prefix.
-    pub fn new() -> Self {
+    /// Registers the metrics under the `conveyor_worker` prefix. Liveness fails when no pull
+    /// returned for `stall_after` while fewer than `concurrency` jobs run.
+    pub fn new(concurrency: usize, stall_after: Duration) -> Self {
         let mut registry = Registry::with_prefix("conveyor_worker");
         let jobs = Family::<OutcomeLabel, Counter>::default();
         registry.register(
@@ -72,6 +71,9 @@ impl Metrics {
             in_flight,
             duration,
             deadlines: Mutex::new(HashMap::new()),
+            concurrency,
+            stall_after,
+            last_pull: Mutex::new(Instant::now()),
         }
     }
 
@@ -84,13 +86,26 @@ impl Metrics {
         text
     }
 
-    /// `Err` with the reason when a handler is past its deadline by more than the grace.
+    /// `Err` with the reason when a handler is past its deadline by more than the grace, or
+    /// when the worker has free slots but stopped pulling.
     pub fn liveness(&self) -> Result<(), String> {
         let now = Instant::now();
         let deadlines = self
             .deadlines
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since_pull = self
+            .last_pull
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed();
+        if deadlines.len() < self.concurrency && since_pull > self.stall_after {
+            return Err(format!(
+                "no pull for {since_pull:?} although {} of {} slots are free",
+                self.concurrency - deadlines.len(),
+                self.concurrency
+            ));
+        }
         for (sequence, deadline) in deadlines.iter() {
             if let Some(deadline) = deadline
                 && now > *deadline + DEADLINE_GRACE
@@ -132,6 +147,13 @@ impl Observer for Metrics {
             Disposition::GivenBack => "given_back",
         };
         self.jobs.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    fn pulled(&self) {
+        *self
+            .last_pull
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
     }
 }
 
@@ -184,4 +206,56 @@ async fn metrics_text(
         )],
         state.metrics.encode(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_fails_when_pulling_stops_with_free_slots() {
+        let metrics = Metrics::new(1, Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(metrics.liveness().unwrap_err().contains("no pull for"));
+        metrics.started(1, None);
+        assert!(
+            metrics.liveness().is_ok(),
+            "all slots busy: not pulling is fine"
+        );
+        metrics.started(
+            2,
+            Some(Instant::now() - DEADLINE_GRACE - Duration::from_secs(1)),
+        );
+        assert!(
+            metrics
+                .liveness()
+                .unwrap_err()
+                .contains("past its deadline")
+        );
+    }
+
+    #[test]
+    fn metrics_count_outcomes() {
+        let metrics = Metrics::new(4, Duration::from_secs(60));
+        metrics.started(7, None);
+        metrics.finished(&JobReport {
+            id: "a".into(),
+            sequence: 7,
+            attempt: 1,
+            disposition: Disposition::Retried {
+                delay: Duration::from_secs(1),
+            },
+            duration: Duration::from_millis(3),
+        });
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"conveyor_worker_jobs_total{outcome="retried"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("conveyor_worker_jobs_in_flight 0"), "{text}");
+        assert!(
+            text.contains("conveyor_worker_handler_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
 }

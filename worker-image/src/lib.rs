@@ -48,7 +48,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .connect(&args.nats_url)
         .await
         .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
-    let metrics = Arc::new(health::Metrics::new());
+    // A pull returns at least every poll_wait while a slot is free; allow a few missed ones.
+    let stall_after = args.poll_wait * 3 + std::time::Duration::from_secs(10);
+    let concurrency = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
+    let metrics = Arc::new(health::Metrics::new(concurrency, stall_after));
     if let Some(addr) = args.health_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
