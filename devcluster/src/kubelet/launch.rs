@@ -125,6 +125,21 @@ pub fn rewrite_embedded(value: &str, mounts: &[Mount]) -> String {
     out
 }
 
+/// An argument or env value as the process sees it: mount paths rewritten where they start a
+/// word ([`rewrite_embedded`]); failing that, a whole value that is an absolute path existing
+/// under the image root (`/handler.sh`) points there, so programs handed a path of the image —
+/// like the worker runtime's `run -- /handler.sh` — find it.
+fn rewrite_value(value: &str, mounts: &[Mount], image: Option<&ImageConfig>) -> String {
+    let rewritten = rewrite_embedded(value, mounts);
+    if rewritten != value || value == "/" || !value.starts_with('/') {
+        return rewritten;
+    }
+    match image.map(|i| i.root.join(value.trim_start_matches('/'))) {
+        Some(in_image) if in_image.exists() => in_image.display().to_string(),
+        _ => rewritten,
+    }
+}
+
 /// Expands `$(NAME)` references to variables defined earlier; `$$(NAME)` escapes to `$(NAME)`;
 /// unknown references stay as they are, like in Kubernetes.
 pub fn expand(value: &str, env: &[(String, String)]) -> String {
@@ -253,11 +268,14 @@ pub fn launch(
     }
     let env = env
         .into_iter()
-        .map(|(k, v)| (k, rewrite_embedded(&v, mounts)))
+        .map(|(k, v)| (k, rewrite_value(&v, mounts, image)))
         .collect();
     Ok(Launch {
         program,
-        args: argv.iter().map(|a| rewrite_embedded(a, mounts)).collect(),
+        args: argv
+            .iter()
+            .map(|a| rewrite_value(a, mounts, image))
+            .collect(),
         env,
         cwd,
     })
@@ -539,6 +557,13 @@ mod tests {
         assert_eq!(
             l.args,
             vec!["--serve".to_owned(), format!("{}/data", vol.display())]
+        );
+        c.args = Some(vec!["/usr/bin/app".into(), "/".into(), "/missing".into()]);
+        let l = launch(&c, Some(&image), &m, env.clone(), dir.path()).unwrap();
+        let app = root.join("usr/bin/app").display().to_string();
+        assert_eq!(
+            l.args,
+            vec!["--serve".to_owned(), app, "/".into(), "/missing".into()]
         );
         c.command = Some(vec!["/v/bin/tool".into()]);
         assert_eq!(
