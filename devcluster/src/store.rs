@@ -555,7 +555,9 @@ impl Store {
             .pointer("/metadata/deletionGracePeriodSeconds")
             .and_then(Value::as_i64)
             .unwrap_or(0);
-        if deleting && finalizers(&new).is_empty() && grace == 0 {
+        // Namespaces go when they are empty (see `settle`), not when their finalizers are gone.
+        let is_namespace = gr.0 == NS.0 && gr.1 == NS.1;
+        if deleting && finalizers(&new).is_empty() && grace == 0 && !is_namespace {
             inner.remove(gr, &key);
         }
         inner.settle();
@@ -953,8 +955,14 @@ mod tests {
     fn store_with_ns(history: usize) -> Store {
         let st = Store::with_history(history);
         let ns = json!({"metadata": {"name": "default"}});
-        st.create(&(String::new(), "namespaces".into()), "", ns, Rules::default(), false)
-            .unwrap();
+        st.create(
+            &(String::new(), "namespaces".into()),
+            "",
+            ns,
+            Rules::default(),
+            false,
+        )
+        .unwrap();
         st
     }
 
@@ -978,6 +986,46 @@ mod tests {
     }
 
     #[test]
+    fn terminating_namespace_waits_for_its_contents() {
+        let st = store_with_ns(100);
+        let mut obj = json!({"metadata": {"name": "held", "finalizers": ["x/y"]}});
+        st.create(&cm_gr(), "default", obj.clone(), RULES, false)
+            .unwrap();
+        let ns_gr: Gr = (String::new(), "namespaces".into());
+        let (_, gone) = st
+            .delete(&ns_gr, "", "default", &DeleteOpts::default())
+            .unwrap();
+        assert!(!gone);
+        let opts = WriteOpts {
+            sub: Sub::Main,
+            rules: Rules::default(),
+            dry_run: false,
+        };
+        let touched = st.update(&ns_gr, "", "default", opts, &mut |c| {
+            let mut c = c.clone();
+            c["metadata"]["labels"] = json!({"touched": "yes"});
+            Ok(c)
+        });
+        assert!(touched.is_ok());
+        assert!(st.get(&ns_gr, "", "default").is_ok(), "still has content");
+        let opts = WriteOpts {
+            rules: RULES,
+            ..opts
+        };
+        st.update(&cm_gr(), "default", "held", opts, &mut |c| {
+            let mut c = c.clone();
+            c["metadata"]["finalizers"] = json!([]);
+            Ok(c)
+        })
+        .unwrap();
+        assert!(st.get(&cm_gr(), "default", "held").is_err());
+        assert!(
+            st.get(&ns_gr, "", "default").is_err(),
+            "empty namespace is removed"
+        );
+    }
+
+    #[test]
     fn generate_name_and_no_op_updates() {
         let st = store_with_ns(100);
         let obj = json!({"metadata": {"generateName": "web-"}, "data": {"a": "1"}});
@@ -992,6 +1040,9 @@ mod tests {
         let same = st
             .update(&cm_gr(), "default", &name, opts, &mut |c| Ok(c.clone()))
             .unwrap();
-        assert_eq!(same["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
     }
 }
