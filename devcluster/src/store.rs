@@ -988,7 +988,7 @@ mod tests {
     #[test]
     fn terminating_namespace_waits_for_its_contents() {
         let st = store_with_ns(100);
-        let mut obj = json!({"metadata": {"name": "held", "finalizers": ["x/y"]}});
+        let obj = json!({"metadata": {"name": "held", "finalizers": ["x/y"]}});
         st.create(&cm_gr(), "default", obj.clone(), RULES, false)
             .unwrap();
         let ns_gr: Gr = (String::new(), "namespaces".into());
