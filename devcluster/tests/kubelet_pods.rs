@@ -392,3 +392,86 @@ spec:
     )
     .await;
 }
+
+/// The operator's runtime injection: an init container of one image copies a program into an
+/// emptyDir; the app container of another image runs it from there, handing it a path of its
+/// own image.
+#[tokio::test]
+async fn images_map_to_directories_and_programs_pass_through_volumes() {
+    use std::os::unix::fs::PermissionsExt;
+    let images = tempfile::tempdir().unwrap();
+    let installer = images.path().join("installer");
+    let app = images.path().join("app");
+    std::fs::create_dir_all(installer.join("usr/local/bin")).unwrap();
+    std::fs::create_dir_all(&app).unwrap();
+    let script = |path: &std::path::Path, body: &str| {
+        std::fs::write(path, body).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    script(
+        &installer.join("usr/local/bin/runtime"),
+        "#!/bin/sh\nif [ \"$1\" = install ]; then cp \"$0\" \"$2/runtime\"; else shift; exec cat \"$@\"; fi\n",
+    );
+    std::fs::write(app.join("handler.txt"), "handled\n").unwrap();
+    let cluster = DevCluster::start(Options {
+        images: [
+            (
+                "example.com/installer".to_owned(),
+                conveyor_devcluster::ImageConfig {
+                    root: installer.clone(),
+                    entrypoint: vec!["/usr/local/bin/runtime".into()],
+                },
+            ),
+            (
+                "example.com/app".to_owned(),
+                conveyor_devcluster::ImageConfig {
+                    root: app.clone(),
+                    entrypoint: vec![],
+                },
+            ),
+        ]
+        .into(),
+        ..Options::default()
+    })
+    .await
+    .expect("devcluster starts");
+    kubectl_ok(
+        &cluster,
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: injected}
+spec:
+  restartPolicy: Never
+  volumes: [{name: rt, emptyDir: {}}]
+  initContainers:
+  - name: install
+    image: example.com/installer:v1
+    args: ["install", "/rt"]
+    volumeMounts: [{name: rt, mountPath: /rt}]
+  containers:
+  - name: main
+    image: example.com/app@sha256:0123
+    command: ["/rt/runtime", "run", "/handler.txt"]
+    volumeMounts: [{name: rt, mountPath: /rt}]
+"#,
+        ),
+    )
+    .await;
+    wait_for(
+        "pod injected to succeed",
+        Duration::from_secs(20),
+        || async {
+            pod(&cluster, "injected")
+                .await
+                .filter(|p| phase(p) == Some("Succeeded"))
+        },
+    )
+    .await;
+    assert_eq!(
+        kubectl_ok(&cluster, &["logs", "injected"], None).await,
+        "handled\n"
+    );
+}
