@@ -610,3 +610,54 @@ async fn http_mode_posts_jobs_and_maps_status_codes() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn poison_job_that_crashes_its_handler_is_dead_lettered_while_good_jobs_flow()
+-> anyhow::Result<()> {
+    const GOOD: usize = 1000;
+    let s = setup(QueueSettings {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .await?;
+    // The poison job kills its own handler process with SIGKILL on every attempt.
+    let script =
+        r#"[ "$CONVEYOR_JOB_ID" = poison ] && kill -9 $$; touch "$OUT/done-$CONVEYOR_JOB_ID""#;
+    let _worker = s.worker(
+        "exec",
+        &[
+            (env::CONCURRENCY, "8"),
+            (env::BACKOFF_INITIAL, "100ms"),
+            (env::BACKOFF_JITTER, "0"),
+        ],
+        &["sh", "-c", script],
+    )?;
+    let mut jobs = vec![Job::new("poison", "x")];
+    jobs.extend((0..GOOD).map(|i| Job::new(format!("good-{i:04}"), "x")));
+    assert!(
+        s.client
+            .submit_batch(&s.queue, jobs)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    wait_for(WAIT, "every good job done", || async {
+        s.files("done-good-").len() == GOOD
+    })
+    .await?;
+    wait_for(WAIT, "the poison job dead-lettered", || async {
+        s.stream_len(&s.queue.dead_letter_stream()).await == 1
+    })
+    .await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    let letters = dead_letters(s.client.jetstream(), &s.queue).await?;
+    assert_eq!(header(&letters[0], dead_letter::JOB_ID), "poison");
+    assert_eq!(header(&letters[0], dead_letter::REASON), "exhausted");
+    assert_eq!(header(&letters[0], dead_letter::ATTEMPTS), "3");
+    assert!(header(&letters[0], dead_letter::ERROR).starts_with("handler killed by a signal"));
+    assert!(s.files("done-poison").is_empty());
+    Ok(())
+}
