@@ -11,6 +11,8 @@ use std::time::Duration;
 use crate::duration::{self, DurationError};
 
 /// A durable job queue on NATS JetStream.
+// Each `printcolumn(...)` repeats `type_ = ...`, which the lint mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "conveyor.dev",
@@ -170,12 +172,56 @@ pub struct RetrySpec {
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_attempts: i32,
+
+    /// Delay before a failed job is retried: `initial` after the first failure, multiplied by
+    /// `multiplier` after each further one, at most `max`, spread by `jitter`. The job goes to
+    /// the back of the queue meanwhile, so a failing job does not hold up good ones.
+    #[serde(default)]
+    pub backoff: BackoffSpec,
 }
 
 impl Default for RetrySpec {
     fn default() -> Self {
         Self {
             max_attempts: default_max_attempts(),
+            backoff: BackoffSpec::default(),
+        }
+    }
+}
+
+/// Exponential backoff between attempts, applied by the worker runtime.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffSpec {
+    /// Delay after the first failed attempt. Format: `500ms`, `1s`, `1m`.
+    #[serde(default = "default_backoff_initial")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub initial: String,
+
+    /// Longest delay between two attempts. Format: `30s`, `5m`.
+    #[serde(default = "default_backoff_max")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub max: String,
+
+    /// Factor the delay grows by per failed attempt (1 = constant delay).
+    #[serde(default = "default_backoff_multiplier")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub multiplier: f64,
+
+    /// Random spread of each delay, as a fraction of it (0 = none, 0.2 = plus or minus 20 %),
+    /// so jobs that failed together are not retried together.
+    #[serde(default = "default_backoff_jitter")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub jitter: f64,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        Self {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+            multiplier: default_backoff_multiplier(),
+            jitter: default_backoff_jitter(),
         }
     }
 }
@@ -243,11 +289,32 @@ fn default_stream_replicas() -> u8 {
 fn default_max_attempts() -> i32 {
     5
 }
+fn default_backoff_initial() -> String {
+    "1s".into()
+}
+fn default_backoff_max() -> String {
+    "5m".into()
+}
+fn default_backoff_multiplier() -> f64 {
+    2.0
+}
+fn default_backoff_jitter() -> f64 {
+    0.2
+}
 
 impl JobQueueSpec {
     /// The ack wait (`timeout`) as a duration.
     pub fn timeout(&self) -> Result<Duration, DurationError> {
         duration::parse("spec.timeout", &self.timeout)
+    }
+
+    /// The retry backoff's first and longest delay.
+    pub fn backoff_bounds(&self) -> Result<(Duration, Duration), DurationError> {
+        let backoff = &self.retry.backoff;
+        Ok((
+            duration::parse("spec.retry.backoff.initial", &backoff.initial)?,
+            duration::parse("spec.retry.backoff.max", &backoff.max)?,
+        ))
     }
 
     /// The stream's maximum job age, if any.

@@ -12,6 +12,8 @@ use std::time::Duration;
 use crate::duration::{self, DurationError};
 
 /// A pool of worker pods for one queue.
+// Each `printcolumn(...)` repeats `type_ = ...`, which the lint mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "conveyor.dev",
@@ -100,25 +102,18 @@ pub struct WorkerSpec {
 
 /// How jobs reach user code.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
-#[x_kube(validation = Rule::new("self.mode == 'http' || (has(self.command) && size(self.command) > 0)")
+#[x_kube(validation = Rule::new("!(self.mode in ['exec', 'jsonl']) || (has(self.command) && size(self.command) > 0)")
     .message("handler.command is required for the exec and jsonl modes"))]
-#[x_kube(validation = Rule::new("self.mode != 'http' || has(self.url)")
-    .message("handler.url is required for the http mode"))]
 #[serde(rename_all = "camelCase")]
 pub struct HandlerSpec {
-    /// `exec`: one process per job (payload on stdin, result on stdout, exit code decides);
-    /// `jsonl`: one long-lived process speaking JSON lines on stdin/stdout; `http`: the runtime
-    /// POSTs each job to `url` (a container beside it in the pod).
+    /// `exec`: one process per job (payload on stdin, result on stdout, exit code decides:
+    /// 0 done, 75 retry later, 65 permanent failure, anything else a failed attempt); `jsonl`:
+    /// one long-lived process speaking JSON lines on stdin/stdout.
     pub mode: HandlerMode,
 
-    /// The program (and its arguments) the runtime starts, from the user's image. Required for
-    /// `exec` and `jsonl`.
+    /// The program (and its arguments) the runtime starts, from the user's image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
-
-    /// Base URL of the handler for `http` mode, e.g. `http://127.0.0.1:8000/jobs`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
 }
 
 /// Handler protocol between the worker runtime and user code.
@@ -129,8 +124,6 @@ pub enum HandlerMode {
     Exec,
     /// A long-lived child process speaking JSON lines.
     Jsonl,
-    /// An HTTP endpoint beside the runtime.
-    Http,
 }
 
 impl HandlerMode {
@@ -139,7 +132,6 @@ impl HandlerMode {
         match self {
             Self::Exec => "exec",
             Self::Jsonl => "jsonl",
-            Self::Http => "http",
         }
     }
 }

@@ -121,18 +121,6 @@ fn exec_and_jsonl_need_a_command() {
 }
 
 #[test]
-fn http_needs_a_url_but_no_command() {
-    let mut spec = good_worker_spec();
-    spec["handler"] = json!({"mode": "http"});
-    assert_eq!(
-        violations(&root::<Worker>(), &worker(spec.clone())),
-        ["handler.url is required for the http mode"]
-    );
-    spec["handler"] = json!({"mode": "http", "url": "http://127.0.0.1:8000/jobs"});
-    assert!(violations(&root::<Worker>(), &worker(spec)).is_empty());
-}
-
-#[test]
 fn a_template_without_containers_is_rejected() {
     let mut spec = good_worker_spec();
     spec["template"] = json!({"spec": {"containers": []}});

@@ -68,6 +68,10 @@ fn jobqueue_defaults_mirror_serde() {
     assert_eq!(q.spec.priorities, 1);
     assert_eq!(q.spec.timeout, "30s");
     assert_eq!(q.spec.retry.max_attempts, 5);
+    assert_eq!(q.spec.retry.backoff.initial, "1s");
+    let backoff = &spec["properties"]["retry"]["properties"]["backoff"]["properties"];
+    assert_eq!(backoff["multiplier"]["default"], 2.0);
+    assert_eq!(backoff["jitter"]["maximum"], 1.0);
     assert_eq!(
         spec["properties"]["retry"]["properties"]["maxAttempts"]["default"],
         5
@@ -95,7 +99,7 @@ fn worker_names_columns_and_scale_subresource() {
     let spec = spec_schema(&crd);
     assert_eq!(
         spec["properties"]["handler"]["properties"]["mode"]["enum"],
-        json!(["exec", "jsonl", "http"])
+        json!(["exec", "jsonl"])
     );
     assert_eq!(spec["properties"]["concurrency"]["default"], 1);
     assert_eq!(spec["required"], json!(["handler", "queue", "template"]));

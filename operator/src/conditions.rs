@@ -1,0 +1,196 @@
+//! Conditions in the `metav1.Condition` shape, and the CamelCase reasons the operator sets.
+//! `lastTransitionTime` changes only when a condition's status flips, so a status computed
+//! twice from the same state is equal and is not written again.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+/// Condition type of a `JobQueue`: the JetStream assets exist and match the spec.
+pub const READY: &str = "Ready";
+/// Condition type of a `Worker`: enough pods are ready to take jobs.
+pub const AVAILABLE: &str = "Available";
+
+/// Reasons (CamelCase) used in conditions and Events.
+pub mod reason {
+    /// The streams and consumers exist and match the spec.
+    pub const STREAM_READY: &str = "StreamReady";
+    /// The operator cannot reach the queue's NATS server.
+    pub const NATS_UNAVAILABLE: &str = "NatsUnavailable";
+    /// The spec holds a value the operator cannot use; the message says which.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// NATS refused to create or update an asset; the message has NATS's answer.
+    pub const STREAM_ERROR: &str = "StreamError";
+    /// The `JobQueue` a `Worker` names does not exist.
+    pub const QUEUE_NOT_FOUND: &str = "QueueNotFound";
+    /// The Deployment has at least the minimum number of ready pods.
+    pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+    /// The Deployment has fewer ready pods than the minimum.
+    pub const MINIMUM_REPLICAS_UNAVAILABLE: &str = "MinimumReplicasUnavailable";
+}
+
+/// Status of a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// `True`.
+    True,
+    /// `False`.
+    False,
+    /// `Unknown`.
+    Unknown,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Inserts or replaces the condition `type_` in `conditions`, keeping its
+/// `lastTransitionTime` when the status did not change.
+pub fn set(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: Status,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let previous = conditions.iter().position(|c| c.type_ == type_);
+    let last_transition_time = match previous.map(|i| &conditions[i]) {
+        Some(old) if old.status == status.as_str() => old.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let condition = Condition {
+        type_: type_.to_owned(),
+        status: status.as_str().to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time,
+    };
+    match previous {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+}
+
+/// The condition `type_`, if present.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    #[test]
+    fn keeps_transition_time_while_status_holds() {
+        let mut conditions = Vec::new();
+        set(
+            &mut conditions,
+            READY,
+            Status::False,
+            reason::NATS_UNAVAILABLE,
+            "down",
+            Some(1),
+            at(10),
+        );
+        set(
+            &mut conditions,
+            READY,
+            Status::False,
+            reason::STREAM_ERROR,
+            "refused",
+            Some(2),
+            at(20),
+        );
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].last_transition_time, Time(at(10)));
+        assert_eq!(conditions[0].reason, reason::STREAM_ERROR);
+        assert_eq!(conditions[0].observed_generation, Some(2));
+    }
+
+    #[test]
+    fn flipping_status_moves_transition_time() {
+        let mut conditions = Vec::new();
+        set(
+            &mut conditions,
+            READY,
+            Status::False,
+            reason::NATS_UNAVAILABLE,
+            "down",
+            None,
+            at(10),
+        );
+        set(
+            &mut conditions,
+            READY,
+            Status::True,
+            reason::STREAM_READY,
+            "ok",
+            None,
+            at(30),
+        );
+        assert_eq!(conditions[0].last_transition_time, Time(at(30)));
+        assert_eq!(conditions[0].status, "True");
+    }
+
+    #[test]
+    fn same_inputs_give_equal_conditions() {
+        let mut a = Vec::new();
+        set(
+            &mut a,
+            READY,
+            Status::True,
+            reason::STREAM_READY,
+            "ok",
+            Some(1),
+            at(10),
+        );
+        let mut b = a.clone();
+        set(
+            &mut b,
+            READY,
+            Status::True,
+            reason::STREAM_READY,
+            "ok",
+            Some(1),
+            at(99),
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn types_are_independent() {
+        let mut conditions = Vec::new();
+        set(
+            &mut conditions,
+            READY,
+            Status::True,
+            reason::STREAM_READY,
+            "",
+            None,
+            at(1),
+        );
+        set(
+            &mut conditions,
+            AVAILABLE,
+            Status::False,
+            reason::QUEUE_NOT_FOUND,
+            "",
+            None,
+            at(2),
+        );
+        assert_eq!(conditions.len(), 2);
+        assert_eq!(find(&conditions, READY).unwrap().status, "True");
+    }
+}

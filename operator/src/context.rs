@@ -1,0 +1,101 @@
+//! State shared by the controllers and the scaler: the Kubernetes client, NATS connections,
+//! the Event recorder, metrics and the per-object error backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::nats::NatsPool;
+
+/// Field manager of every server-side apply the operator does (children and status).
+pub const FIELD_MANAGER: &str = "conveyor-operator";
+
+/// First retry delay after a transient error; doubles per consecutive failure up to `--resync`.
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// NATS clients per server URL.
+    pub nats: NatsPool,
+    /// Publishes Events on the resources.
+    pub recorder: Recorder,
+    /// Operator metrics.
+    pub metrics: Arc<Metrics>,
+    /// Operator settings.
+    pub config: Config,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context for the given client and settings.
+    pub fn new(client: kube::Client, config: Config, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: config.identity.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            nats: NatsPool::new(config.nats_url.clone(), FIELD_MANAGER),
+            client,
+            metrics,
+            config,
+            failures: Mutex::default(),
+        }
+    }
+
+    /// Publishes an Event on `obj`; failures are logged, never fatal (Events are best effort).
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(%err, reason, "cannot publish event");
+        }
+    }
+
+    /// Delay before retrying an object after a transient error: exponential per object,
+    /// capped at the resync period so recovery is never slower than a resync.
+    pub fn backoff(&self, key: String) -> Duration {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key).or_insert(0);
+        let delay = MIN_BACKOFF.saturating_mul(1 << (*n).min(10));
+        *n = n.saturating_add(1);
+        delay.min(self.config.resync.max(MIN_BACKOFF))
+    }
+
+    /// Forgets the failures of an object after it reconciled cleanly.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}

@@ -1,0 +1,250 @@
+//! The `JobQueue` controller: keeps a queue's JetStream assets in line with its spec, reports
+//! `Ready` and the queue's figures in the status, and deletes or keeps the assets when the
+//! resource goes away (finalizer [`FINALIZER`], `spec.deletionPolicy`).
+
+mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use conveyor::names::QueueRef;
+use conveyor_crds::{DeletionPolicy, JobQueue, JobQueueStatus};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+use tracing::instrument;
+
+use crate::assets::{self, AssetsError};
+use crate::conditions::{self, reason};
+use crate::context::{Context, FIELD_MANAGER};
+pub use status::{Outcome, compute_status};
+
+/// Finalizer that guards the JetStream assets of a queue.
+pub const FINALIZER: &str = "conveyor.dev/jetstream";
+const CONTROLLER: &str = "jobqueue";
+
+/// Why a `JobQueue` reconcile failed; all of these are retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The queue's NATS server cannot be reached.
+    #[error("NATS at {url} is unreachable")]
+    NatsUnavailable {
+        /// The server URL.
+        url: String,
+    },
+    /// A JetStream call failed.
+    #[error(transparent)]
+    Assets(#[from] AssetsError),
+    /// Writing the status failed.
+    #[error("cannot write status: {0}")]
+    Status(#[source] kube::Error),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Static label for the error metric.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NatsUnavailable { .. } => "nats_unavailable",
+            Self::Assets(e) if e.is_unavailable() => "nats_unavailable",
+            Self::Assets(_) => "jetstream",
+            Self::Status(_) => "kube",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// The JobQueue controller (its cache also feeds the scaler).
+pub fn controller(ctx: &Context) -> Controller<JobQueue> {
+    let api: Api<JobQueue> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(api, watcher::Config::default())
+}
+
+/// Runs `controller` until `shutdown` resolves.
+pub async fn run(
+    controller: Controller<JobQueue>,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "jobqueue reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+fn key(jq: &JobQueue) -> String {
+    format!(
+        "jobqueue/{}/{}",
+        jq.namespace().unwrap_or_default(),
+        jq.name_any()
+    )
+}
+
+/// Reconciles one `JobQueue` (through the finalizer, so deletion runs [`cleanup`]).
+#[instrument(skip(jq, ctx), fields(namespace = jq.namespace(), name = jq.name_any()))]
+pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = jq.namespace().unwrap_or_default();
+    let api: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer::finalizer(&api, FINALIZER, jq.clone(), |event| async {
+        match event {
+            Finalizer::Apply(jq) => apply(&jq, &api, &ctx).await,
+            Finalizer::Cleanup(jq) => cleanup(&jq, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| match err {
+        finalizer::Error::ApplyFailed(err) | finalizer::Error::CleanupFailed(err) => err,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(&jq));
+    }
+    result
+}
+
+/// Retries transient errors with per-object exponential backoff (capped at the resync period).
+pub fn error_policy(jq: Arc<JobQueue>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(CONTROLLER, err.label());
+    let delay = ctx.backoff(key(&jq));
+    tracing::warn!(%err, ?delay, name = jq.name_any(), "jobqueue reconcile failed, retrying");
+    Action::requeue(delay)
+}
+
+fn queue_ref(jq: &JobQueue) -> QueueRef {
+    QueueRef::new(jq.namespace().unwrap_or_default(), jq.name_any())
+}
+
+async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Action, Error> {
+    let queue = queue_ref(jq);
+    let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
+    let shown_url = url.unwrap_or(ctx.nats.default_url()).to_owned();
+    let (outcome, result) = match assets::desired(&queue, &jq.spec) {
+        Err(err) => (
+            Outcome::Invalid(err.to_string()),
+            Ok(Action::await_change()),
+        ),
+        Ok(desired) => match ctx.nats.connected(url).await {
+            Err(err) => (
+                Outcome::Invalid(err.to_string()),
+                Ok(Action::await_change()),
+            ),
+            Ok(None) => (
+                Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
+                Err(Error::NatsUnavailable { url: shown_url }),
+            ),
+            Ok(Some(js)) => match assets::ensure(&js, &desired).await {
+                Ok(figures) => (
+                    Outcome::Ready(figures),
+                    Ok(Action::requeue(ctx.config.resync)),
+                ),
+                Err(err) if err.is_unavailable() => {
+                    (Outcome::Unavailable(err.to_string()), Err(err.into()))
+                }
+                Err(err) => (Outcome::Failed(err.to_string()), Err(err.into())),
+            },
+        },
+    };
+    let levels = jq.spec.priorities;
+    let new = compute_status(
+        jq.status.as_ref(),
+        jq.meta().generation,
+        &queue,
+        levels,
+        &outcome,
+        now(),
+    );
+    announce(jq, &new, ctx).await;
+    if jq.status.as_ref() != Some(&new) {
+        write_status(api, jq, &new).await.map_err(Error::Status)?;
+    }
+    result
+}
+
+/// Publishes an Event when the `Ready` condition changes status or reason.
+async fn announce(jq: &JobQueue, new: &JobQueueStatus, ctx: &Context) {
+    let old = jq
+        .status
+        .as_ref()
+        .and_then(|s| conditions::find(&s.conditions, conditions::READY));
+    let Some(cond) = conditions::find(&new.conditions, conditions::READY) else {
+        return;
+    };
+    if old.is_some_and(|o| o.status == cond.status && o.reason == cond.reason) {
+        return;
+    }
+    let type_ = if cond.status == "True" {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    ctx.event(jq, type_, &cond.reason, cond.message.clone())
+        .await;
+}
+
+async fn write_status(
+    api: &Api<JobQueue>,
+    jq: &JobQueue,
+    status: &JobQueueStatus,
+) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({
+        "apiVersion": JobQueue::api_version(&()),
+        "kind": JobQueue::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &jq.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Deletes the JetStream assets under `deletionPolicy: Delete`; keeps them (and needs no NATS)
+/// under `Retain`.
+async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
+    let queue = queue_ref(jq);
+    if jq.spec.deletion_policy == DeletionPolicy::Retain {
+        tracing::info!(stream = %queue.stream(), "queue deleted, streams retained");
+        return Ok(Action::await_change());
+    }
+    let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
+    let js = match ctx.nats.connected(url).await {
+        // A URL that does not parse never had assets to delete.
+        Err(_) => return Ok(Action::await_change()),
+        Ok(None) => {
+            let url = url.unwrap_or(ctx.nats.default_url()).to_owned();
+            ctx.event(
+                jq,
+                EventType::Warning,
+                reason::NATS_UNAVAILABLE,
+                format!("cannot delete streams: NATS at {url} is unreachable; retrying"),
+            )
+            .await;
+            return Err(Error::NatsUnavailable { url });
+        }
+        Ok(Some(js)) => js,
+    };
+    assets::delete(&js, &queue).await?;
+    Ok(Action::await_change())
+}
+
+fn now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}

@@ -1,0 +1,271 @@
+//! Unit tests of the Deployment builder, using the `examples/hello` manifests as fixtures.
+
+use super::*;
+use conveyor_crds::{HandlerMode, HandlerSpec, WorkerSpec};
+
+const QUEUE_YAML: &str = include_str!("../../../../examples/hello/queue.yaml");
+const WORKER_YAML: &str = include_str!("../../../../examples/hello/worker.yaml");
+const IMAGE: &str = "ghcr.io/conveyor-dev/conveyor-worker:test";
+
+fn queue() -> JobQueue {
+    let mut q: JobQueue = serde_yaml::from_str(QUEUE_YAML).unwrap();
+    q.metadata.namespace = Some("team".into());
+    q
+}
+
+fn worker() -> Worker {
+    let mut w: Worker = serde_yaml::from_str(WORKER_YAML).unwrap();
+    w.metadata.namespace = Some("team".into());
+    w.metadata.uid = Some("uid-1".into());
+    w
+}
+
+fn with_handler(mut w: Worker, handler: HandlerSpec) -> Worker {
+    w.spec = WorkerSpec { handler, ..w.spec };
+    w
+}
+
+fn render(w: &Worker) -> Result<Deployment, BuildError> {
+    let q = queue();
+    build(
+        w,
+        Inputs {
+            queue: &q,
+            worker_image: IMAGE,
+            default_nats_url: "nats://nats:4222",
+            replicas: 2,
+        },
+    )
+}
+
+fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
+    c.env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|v| (v.name.clone(), v))
+        .collect()
+}
+
+#[test]
+fn exec_mode_wraps_the_user_command_with_the_injected_runtime() {
+    let d = render(&worker()).unwrap();
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let init = &pod.init_containers.as_ref().unwrap()[0];
+    assert_eq!(init.name, INSTALL_CONTAINER);
+    assert_eq!(init.image.as_deref(), Some(IMAGE));
+    assert_eq!(
+        init.command.as_deref().unwrap(),
+        ["/usr/local/bin/conveyor-worker", "install", "/conveyor/bin"]
+    );
+    let main = &pod.containers[0];
+    assert_eq!(
+        main.image.as_deref(),
+        Some("ghcr.io/conveyor-dev/hello:latest")
+    );
+    assert_eq!(
+        main.command.as_deref().unwrap(),
+        ["/conveyor/bin/conveyor-worker", "run", "--", "/handler.sh"]
+    );
+    let mounts = main.volume_mounts.as_ref().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == RUNTIME_VOLUME && m.mount_path == "/conveyor")
+    );
+    let volume = &pod.volumes.as_ref().unwrap()[0];
+    assert_eq!(volume.name, RUNTIME_VOLUME);
+    assert!(volume.empty_dir.is_some());
+}
+
+#[test]
+fn injects_the_settings_the_runtime_reads() {
+    let d = render(&worker()).unwrap();
+    let main = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    let vars = env_of(main);
+    let value = |k: &str| vars[k].value.clone().unwrap();
+    assert_eq!(value(env::NATS_URL), "nats://nats:4222");
+    assert_eq!(value(env::QUEUE_NAMESPACE), "team");
+    assert_eq!(value(env::QUEUE_NAME), "hello");
+    assert_eq!(value(env::PRIORITIES), "1");
+    assert_eq!(value(env::CONCURRENCY), "4");
+    assert_eq!(value(env::HANDLER_MODE), "exec");
+    assert_eq!(value(env::HEALTH_ADDR), "$(CONVEYOR_POD_IP):9090");
+    assert_eq!(value(env::BACKOFF_INITIAL), "1s");
+    assert_eq!(value(env::BACKOFF_MAX), "5m");
+    assert_eq!(value(env::BACKOFF_MULTIPLIER), "2");
+    assert_eq!(value(env::DRAIN_TIMEOUT), "23s");
+    let field = |k: &str| {
+        vars[k]
+            .value_from
+            .clone()
+            .unwrap()
+            .field_ref
+            .unwrap()
+            .field_path
+    };
+    assert_eq!(field(env::POD_NAME), "metadata.name");
+    assert_eq!(field("CONVEYOR_POD_IP"), "status.podIP");
+    // The referenced variable must be defined before the reference.
+    let names: Vec<_> = main
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    let ip = names.iter().position(|n| *n == "CONVEYOR_POD_IP").unwrap();
+    let health = names.iter().position(|n| *n == env::HEALTH_ADDR).unwrap();
+    assert!(ip < health);
+}
+
+#[test]
+fn queue_nats_override_reaches_the_pods() {
+    let mut q = queue();
+    q.spec.nats = Some(conveyor_crds::NatsConnection {
+        url: "nats://other:4222".into(),
+    });
+    let w = worker();
+    let d = build(
+        &w,
+        Inputs {
+            queue: &q,
+            worker_image: IMAGE,
+            default_nats_url: "nats://nats:4222",
+            replicas: 1,
+        },
+    )
+    .unwrap();
+    let vars = env_of(&d.spec.unwrap().template.spec.unwrap().containers[0]);
+    assert_eq!(
+        vars[env::NATS_URL].value.as_deref(),
+        Some("nats://other:4222")
+    );
+}
+
+#[test]
+fn probes_labels_owner_and_replicas() {
+    let d = render(&worker()).unwrap();
+    assert_eq!(d.metadata.name.as_deref(), Some("hello"));
+    assert_eq!(d.metadata.namespace.as_deref(), Some("team"));
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("Worker", Some(true))
+    );
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let selector = spec.selector.match_labels.unwrap();
+    assert_eq!(selector["app.kubernetes.io/name"], "conveyor-worker");
+    assert_eq!(selector["conveyor.dev/worker"], "hello");
+    let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+    assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    let main = &spec.template.spec.as_ref().unwrap().containers[0];
+    let live = main
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (live.path.as_deref(), &live.port),
+        (Some("/healthz"), &IntOrString::Int(9090))
+    );
+    let ready = main
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    assert_eq!(
+        selector_string("hello"),
+        "app.kubernetes.io/name=conveyor-worker,conveyor.dev/worker=hello"
+    );
+}
+
+#[test]
+fn restricted_security_context_by_default_but_user_settings_win() {
+    let d = render(&worker()).unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+    let sc = pod.containers[0].security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+
+    let mut w = worker();
+    let own = SecurityContext {
+        run_as_user: Some(1000),
+        ..Default::default()
+    };
+    w.spec.template.spec.as_mut().unwrap().containers[0].security_context = Some(own.clone());
+    let d = render(&w).unwrap();
+    assert_eq!(
+        d.spec.unwrap().template.spec.unwrap().containers[0].security_context,
+        Some(own)
+    );
+}
+
+#[test]
+fn user_env_with_runtime_names_is_replaced_not_duplicated() {
+    let mut w = worker();
+    w.spec.template.spec.as_mut().unwrap().containers[0].env = Some(vec![
+        EnvVar {
+            name: env::CONCURRENCY.into(),
+            value: Some("99".into()),
+            value_from: None,
+        },
+        EnvVar {
+            name: "GREETING".into(),
+            value: Some("hi".into()),
+            value_from: None,
+        },
+    ]);
+    let d = render(&w).unwrap();
+    let main = &d.spec.unwrap().template.spec.unwrap().containers[0];
+    let all = main.env.as_ref().unwrap();
+    assert_eq!(all.iter().filter(|v| v.name == env::CONCURRENCY).count(), 1);
+    assert_eq!(env_of(main)[env::CONCURRENCY].value.as_deref(), Some("4"));
+    assert_eq!(env_of(main)["GREETING"].value.as_deref(), Some("hi"));
+}
+
+#[test]
+fn rejects_what_the_schema_should_have_caught() {
+    let no_command = with_handler(
+        worker(),
+        HandlerSpec {
+            mode: HandlerMode::Jsonl,
+            command: Some(vec![]),
+        },
+    );
+    assert_eq!(
+        render(&no_command).unwrap_err(),
+        BuildError::NoCommand("jsonl")
+    );
+    let mut empty = worker();
+    empty
+        .spec
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers
+        .clear();
+    assert_eq!(render(&empty).unwrap_err(), BuildError::NoContainer);
+}
+
+#[test]
+fn drain_timeout_follows_the_grace_period() {
+    let mut w = worker();
+    w.spec
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .termination_grace_period_seconds = Some(120);
+    let d = render(&w).unwrap();
+    let vars = env_of(&d.spec.unwrap().template.spec.unwrap().containers[0]);
+    assert_eq!(vars[env::DRAIN_TIMEOUT].value.as_deref(), Some("113s"));
+}

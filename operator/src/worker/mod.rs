@@ -1,0 +1,271 @@
+//! The `Worker` controller: server-side applies the Worker's Deployment (built by
+//! [`deployment::build`]) and mirrors its state into the Worker's status with an `Available`
+//! condition. Pool size comes from `spec.replicas`, or from the scaler when `scaling` is set.
+
+pub mod deployment;
+mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use conveyor_crds::{JobQueue, Worker, WorkerStatus};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Resource, ResourceExt};
+use tracing::instrument;
+
+use crate::conditions;
+use crate::context::{Context, FIELD_MANAGER};
+pub use status::{Problem, compute_status};
+
+const CONTROLLER: &str = "worker";
+
+/// Why a `Worker` reconcile failed; retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the Worker's JobQueue failed.
+    #[error("cannot read JobQueue {name}: {source}")]
+    GetQueue {
+        /// Queue name.
+        name: String,
+        /// Kubernetes error.
+        source: kube::Error,
+    },
+    /// Applying the Deployment failed.
+    #[error("cannot apply Deployment: {0}")]
+    Apply(#[source] kube::Error),
+    /// Writing the status failed.
+    #[error("cannot write status: {0}")]
+    Status(#[source] kube::Error),
+}
+
+impl Error {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::GetQueue { .. } => "get_queue",
+            Self::Apply(_) => "apply_deployment",
+            Self::Status(_) => "kube",
+        }
+    }
+}
+
+/// The Worker controller, wired to its Deployments and to the JobQueues its Workers name.
+pub fn controller(ctx: &Context) -> Controller<Worker> {
+    let (workers, deployments, queues) = match &ctx.config.namespace {
+        Some(ns) => (
+            Api::<Worker>::namespaced(ctx.client.clone(), ns),
+            Api::<Deployment>::namespaced(ctx.client.clone(), ns),
+            Api::<JobQueue>::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (
+            Api::all(ctx.client.clone()),
+            Api::all(ctx.client.clone()),
+            Api::all(ctx.client.clone()),
+        ),
+    };
+    let ours = watcher::Config::default().labels(&format!(
+        "{}={}",
+        deployment::NAME_LABEL.0,
+        deployment::NAME_LABEL.1
+    ));
+    let controller = Controller::new(workers, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(deployments, ours)
+        .watches(queues, watcher::Config::default(), move |queue| {
+            workers_of(&store, &queue)
+        })
+}
+
+/// Workers that consume `queue`, so they are reconciled when it appears or changes.
+fn workers_of(store: &Store<Worker>, queue: &JobQueue) -> Vec<ObjectRef<Worker>> {
+    let ns = queue.namespace();
+    store
+        .state()
+        .iter()
+        .filter(|w| w.namespace() == ns && w.spec.queue == queue.name_any())
+        .map(|w| ObjectRef::from_obj(&**w))
+        .collect()
+}
+
+/// Runs `controller` until `shutdown` resolves.
+pub async fn run(
+    controller: Controller<Worker>,
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "worker reconcile ended with an error");
+            }
+        })
+        .await;
+}
+
+fn key(worker: &Worker) -> String {
+    format!(
+        "worker/{}/{}",
+        worker.namespace().unwrap_or_default(),
+        worker.name_any()
+    )
+}
+
+/// The number of pods the Deployment should have.
+pub fn desired_replicas(worker: &Worker) -> i32 {
+    match &worker.spec.scaling {
+        Some(scaling) => {
+            let max = scaling.max_replicas.max(0);
+            worker
+                .status
+                .as_ref()
+                .and_then(|s| s.desired_replicas)
+                .unwrap_or(scaling.min_replicas)
+                .clamp(scaling.min_replicas.clamp(0, max), max)
+        }
+        None => worker.spec.replicas.unwrap_or(1).max(0),
+    }
+}
+
+/// Reconciles one `Worker`.
+#[instrument(skip(worker, ctx), fields(namespace = worker.namespace(), name = worker.name_any()))]
+pub async fn reconcile(worker: Arc<Worker>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = apply(&worker, &ctx).await;
+    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    if result.is_ok() {
+        ctx.succeeded(&key(&worker));
+    }
+    result
+}
+
+/// Retries with per-object exponential backoff (capped at the resync period).
+pub fn error_policy(worker: Arc<Worker>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed(CONTROLLER, err.label());
+    let delay = ctx.backoff(key(&worker));
+    tracing::warn!(%err, ?delay, name = worker.name_any(), "worker reconcile failed, retrying");
+    Action::requeue(delay)
+}
+
+async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
+    let ns = worker.namespace().unwrap_or_default();
+    let name = worker.name_any();
+    let queues: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
+    let queue_name = &worker.spec.queue;
+    let queue = queues
+        .get_opt(queue_name)
+        .await
+        .map_err(|source| Error::GetQueue {
+            name: queue_name.clone(),
+            source,
+        })?;
+    let replicas = desired_replicas(worker);
+    let (deployment, problem, action) = match queue {
+        None => {
+            let message = format!("JobQueue {queue_name} does not exist in namespace {ns}");
+            (
+                None,
+                Some(Problem::queue_not_found(message)),
+                Action::requeue(ctx.config.resync),
+            )
+        }
+        Some(queue) => {
+            let inputs = deployment::Inputs {
+                queue: &queue,
+                worker_image: &ctx.config.worker_image,
+                default_nats_url: ctx.nats.default_url(),
+                replicas,
+            };
+            match deployment::build(worker, inputs) {
+                Err(err) => (
+                    None,
+                    Some(Problem::invalid(err.to_string())),
+                    Action::await_change(),
+                ),
+                Ok(desired) => {
+                    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+                    let params = PatchParams::apply(FIELD_MANAGER).force();
+                    let applied = api
+                        .patch(&name, &params, &Patch::Apply(&desired))
+                        .await
+                        .map_err(Error::Apply)?;
+                    (Some(applied), None, Action::requeue(ctx.config.resync))
+                }
+            }
+        }
+    };
+    let scaled = worker.spec.scaling.is_some();
+    let old = worker.status.clone().unwrap_or_default();
+    let new = compute_status(
+        &old,
+        worker.meta().generation,
+        &name,
+        deployment.as_ref(),
+        replicas,
+        scaled,
+        problem.as_ref(),
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    announce(worker, &old, &new, ctx).await;
+    if new != old {
+        write_status(worker, &new, scaled, ctx)
+            .await
+            .map_err(Error::Status)?;
+    }
+    Ok(action)
+}
+
+/// Publishes an Event when `Available` changes status or reason.
+async fn announce(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: &Context) {
+    let before = conditions::find(&old.conditions, conditions::AVAILABLE);
+    let Some(now) = conditions::find(&new.conditions, conditions::AVAILABLE) else {
+        return;
+    };
+    if before.is_some_and(|b| b.status == now.status && b.reason == now.reason) {
+        return;
+    }
+    let type_ = if now.status == "True" {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    ctx.event(worker, type_, &now.reason, now.message.clone())
+        .await;
+}
+
+/// Applies the fields this controller owns; the scaler owns the scaling fields of autoscaled
+/// pools, so they are left out of the patch.
+async fn write_status(
+    worker: &Worker,
+    status: &WorkerStatus,
+    scaled: bool,
+    ctx: &Context,
+) -> Result<(), kube::Error> {
+    let mut body = serde_json::to_value(status).unwrap_or_default();
+    if scaled && let Some(fields) = body.as_object_mut() {
+        for owned_by_scaler in ["desiredReplicas", "lastScaleTime", "lastScaleReason"] {
+            fields.remove(owned_by_scaler);
+        }
+    }
+    let patch = serde_json::json!({
+        "apiVersion": Worker::api_version(&()),
+        "kind": Worker::kind(&()),
+        "status": body,
+    });
+    let api: Api<Worker> =
+        Api::namespaced(ctx.client.clone(), &worker.namespace().unwrap_or_default());
+    api.patch_status(
+        &worker.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}

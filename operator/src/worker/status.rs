@@ -1,0 +1,229 @@
+//! The status of a `Worker` as a pure function of its previous status and its Deployment.
+
+use conveyor_crds::WorkerStatus;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::jiff::Timestamp;
+
+use super::deployment::selector_string;
+use crate::conditions::{self, Status, reason};
+
+/// Something that keeps the Worker from running, with a CamelCase reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    reason: &'static str,
+    message: String,
+}
+
+impl Problem {
+    /// The Worker's queue does not exist.
+    pub fn queue_not_found(message: String) -> Self {
+        Self {
+            reason: reason::QUEUE_NOT_FOUND,
+            message,
+        }
+    }
+
+    /// The Worker's spec cannot be rendered.
+    pub fn invalid(message: String) -> Self {
+        Self {
+            reason: reason::INVALID_SPEC,
+            message,
+        }
+    }
+}
+
+/// The new status: the previous one with the Deployment's figures, the selector, the desired
+/// size (only for pools without `scaling`; the scaler writes it otherwise) and `Available`.
+#[allow(clippy::too_many_arguments)]
+pub fn compute_status(
+    old: &WorkerStatus,
+    generation: Option<i64>,
+    name: &str,
+    deployment: Option<&Deployment>,
+    desired: i32,
+    scaled: bool,
+    problem: Option<&Problem>,
+    now: Timestamp,
+) -> WorkerStatus {
+    let mut status = old.clone();
+    status.observed_generation = generation;
+    status.selector = Some(selector_string(name));
+    if let Some(d) = deployment {
+        let observed = d.status.clone().unwrap_or_default();
+        status.replicas = observed.replicas.unwrap_or(0);
+        status.ready_replicas = observed.ready_replicas.unwrap_or(0);
+    }
+    if !scaled {
+        status.desired_replicas = Some(desired);
+    }
+    let ready = status.ready_replicas;
+    let (state, why, message) = match problem {
+        Some(p) => (Status::False, p.reason, p.message.clone()),
+        None if desired == 0 => (
+            Status::True,
+            reason::MINIMUM_REPLICAS_AVAILABLE,
+            "scaled to zero: no pods needed".to_owned(),
+        ),
+        None if ready >= 1 => (
+            Status::True,
+            reason::MINIMUM_REPLICAS_AVAILABLE,
+            format!("{ready} of {desired} pods ready"),
+        ),
+        None => (
+            Status::False,
+            reason::MINIMUM_REPLICAS_UNAVAILABLE,
+            format!("{ready} of {desired} pods ready"),
+        ),
+    };
+    conditions::set(
+        &mut status.conditions,
+        conditions::AVAILABLE,
+        state,
+        why,
+        message,
+        generation,
+        now,
+    );
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::DeploymentStatus;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn deployment(replicas: i32, ready: i32) -> Deployment {
+        Deployment {
+            status: Some(DeploymentStatus {
+                replicas: Some(replicas),
+                ready_replicas: Some(ready),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn available(s: &WorkerStatus) -> (String, String) {
+        let c = conditions::find(&s.conditions, conditions::AVAILABLE).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn mirrors_the_deployment() {
+        let s = compute_status(
+            &WorkerStatus::default(),
+            Some(2),
+            "hello",
+            Some(&deployment(3, 2)),
+            3,
+            false,
+            None,
+            at(1),
+        );
+        assert_eq!(
+            (s.replicas, s.ready_replicas, s.desired_replicas),
+            (3, 2, Some(3))
+        );
+        assert_eq!(
+            s.selector.as_deref(),
+            Some("app.kubernetes.io/name=conveyor-worker,conveyor.dev/worker=hello")
+        );
+        assert_eq!(
+            available(&s),
+            ("True".into(), reason::MINIMUM_REPLICAS_AVAILABLE.into())
+        );
+    }
+
+    #[test]
+    fn no_ready_pod_is_unavailable_unless_scaled_to_zero() {
+        let s = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(1, 0)),
+            1,
+            false,
+            None,
+            at(1),
+        );
+        assert_eq!(available(&s).0, "False");
+        let zero = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(0, 0)),
+            0,
+            false,
+            None,
+            at(1),
+        );
+        assert_eq!(available(&zero).0, "True");
+    }
+
+    #[test]
+    fn scaled_pools_keep_the_scalers_figure() {
+        let old = WorkerStatus {
+            desired_replicas: Some(7),
+            ..Default::default()
+        };
+        let s = compute_status(
+            &old,
+            None,
+            "w",
+            Some(&deployment(7, 7)),
+            2,
+            true,
+            None,
+            at(1),
+        );
+        assert_eq!(s.desired_replicas, Some(7));
+    }
+
+    #[test]
+    fn missing_queue_says_so() {
+        let problem = Problem::queue_not_found("JobQueue q does not exist in namespace n".into());
+        let s = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            None,
+            1,
+            false,
+            Some(&problem),
+            at(1),
+        );
+        assert_eq!(
+            available(&s),
+            ("False".into(), reason::QUEUE_NOT_FOUND.into())
+        );
+    }
+
+    #[test]
+    fn unchanged_inputs_give_an_equal_status() {
+        let first = compute_status(
+            &WorkerStatus::default(),
+            Some(1),
+            "w",
+            Some(&deployment(2, 2)),
+            2,
+            false,
+            None,
+            at(1),
+        );
+        let second = compute_status(
+            &first,
+            Some(1),
+            "w",
+            Some(&deployment(2, 2)),
+            2,
+            false,
+            None,
+            at(9),
+        );
+        assert_eq!(first, second);
+    }
+}
