@@ -421,10 +421,31 @@ pub fn apply(
         }
     }
 
+    // An apply that changes nothing leaves the object (and its managedFields times) alone, so
+    // that controllers re-applying their desired state do not cause watch events.
+    let had_entry = list
+        .iter()
+        .any(|e| e.manager == manager && e.operation == "Apply" && e.subresource == sub);
+    if let Some(cur) = cur
+        && had_entry
+        && previous == mine
+        && conflicts.is_empty()
+        && without_managed_fields(&out) == without_managed_fields(cur)
+    {
+        return Ok(cur.clone());
+    }
     list.retain(|e| !(e.manager == manager && e.operation == "Apply" && e.subresource == sub));
     list.push(new_entry(manager, "Apply", api_version, status, mine));
     store_entries(&mut out, list);
     Ok(out)
+}
+
+fn without_managed_fields(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("managedFields");
+    }
+    v
 }
 
 fn merge_into(dst: &mut Value, src: &Value, field: &str) {
@@ -485,6 +506,14 @@ mod tests {
         // Same value: shared ownership, no conflict.
         let same = apply(Some(&forced), &other, "carol", false, "v1", false).unwrap();
         assert_eq!(same["data"]["a"], "2");
+    }
+
+    #[test]
+    fn repeated_apply_is_a_no_op() {
+        let cfg = json!({"metadata": {"name": "c"}, "spec": {"replicas": 1}});
+        let obj = apply(None, &cfg, "m", false, "v1", false).unwrap();
+        let again = apply(Some(&obj), &cfg, "m", false, "v1", false).unwrap();
+        assert_eq!(again, obj);
     }
 
     #[test]

@@ -102,6 +102,35 @@ async fn server_side_apply_with_conflicts() {
     let w = WIDGET.replace("color: red", "color: red\n  replicas: 2");
     let out = kubectl_ok(&cluster, &["apply", "--server-side", "-f", "-"], Some(&w)).await;
     assert!(out.contains("serverside-applied"), "{out}");
+    let before = kubectl_ok(
+        &cluster,
+        &[
+            "get",
+            "wd",
+            "w1",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+        None,
+    )
+    .await;
+    kubectl_ok(&cluster, &["apply", "--server-side", "-f", "-"], Some(&w)).await;
+    let after = kubectl_ok(
+        &cluster,
+        &[
+            "get",
+            "wd",
+            "w1",
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        before, after,
+        "re-applying the same configuration changes nothing"
+    );
     let other = w.replace("replicas: 2", "replicas: 3");
     let conflict = kubectl(
         &cluster,
