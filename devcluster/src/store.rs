@@ -15,7 +15,7 @@ use crate::error::ApiError;
 pub type Gr = (String, String);
 
 /// How many watch events are kept for resuming watches; older resourceVersions get 410 Gone.
-const HISTORY: usize = 20_000;
+const HISTORY: usize = 5_000;
 
 /// The kind of a watch event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
