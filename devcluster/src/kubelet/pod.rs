@@ -455,17 +455,6 @@ impl PodWorker {
             .cloned()
     }
 
-    fn backoff(&self, crashes: u32) -> Duration {
-        if crashes <= 1 {
-            return Duration::ZERO;
-        }
-        let factor = 2u32.saturating_pow(crashes - 2);
-        self.cfg
-            .base_backoff
-            .saturating_mul(factor)
-            .min(self.cfg.max_backoff)
-    }
-
     /// Waits `delay`; `false` if the pod is stopping instead.
     async fn pause(&self, delay: Duration) -> bool {
         tokio::select! {
@@ -565,7 +554,7 @@ impl PodWorker {
                 crashes = 0;
             }
             crashes += 1;
-            let delay = self.backoff(crashes);
+            let delay = crash_loop_delay(crashes, self.cfg.base_backoff, self.cfg.max_backoff);
             if !delay.is_zero() {
                 let pod_name = pod.metadata.name.clone().unwrap_or_default();
                 let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -764,6 +753,16 @@ impl PodWorker {
     }
 }
 
+/// The CrashLoopBackOff delay before the restart after the `crashes`-th crash in a row: the
+/// first restart is immediate, then `base` doubles up to `max`.
+fn crash_loop_delay(crashes: u32, base: Duration, max: Duration) -> Duration {
+    if crashes <= 1 {
+        return Duration::ZERO;
+    }
+    base.saturating_mul(2u32.saturating_pow(crashes - 2))
+        .min(max)
+}
+
 /// A duration the way Kubernetes prints back-off delays (`10s`, `2m40s`).
 fn humanize(d: Duration) -> String {
     let secs = d.as_secs();
@@ -778,6 +777,20 @@ fn humanize(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crash_loop_back_off_doubles_up_to_the_maximum() {
+        let delays: Vec<u64> = (1..=8)
+            .map(|n| {
+                crash_loop_delay(n, Duration::from_secs(10), Duration::from_secs(300)).as_secs()
+            })
+            .collect();
+        assert_eq!(delays, [0, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(
+            crash_loop_delay(100, Duration::from_secs(10), Duration::from_secs(300)).as_secs(),
+            300
+        );
+    }
 
     #[test]
     fn backoff_delays_print_like_kubernetes() {
