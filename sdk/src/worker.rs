@@ -459,14 +459,31 @@ async fn fetch_loop<H: Handler, O: Observer>(
                 }
             };
             error_delay = Duration::from_millis(100);
-            while let Some(message) = batch.next().await {
+            loop {
+                let message = tokio::select! {
+                    message = batch.next() => message,
+                    () = stop.cancelled() => {
+                        // The open pull may still deliver jobs until it expires: hand those
+                        // back in the background. Detached, so it does not delay the exit; once
+                        // the connection closes, the server drops the pull with it.
+                        let drainer = shared.clone();
+                        tokio::spawn(async move {
+                            while let Some(message) = batch.next().await {
+                                if let Ok(message) = message {
+                                    give_back(&drainer, message).await;
+                                }
+                            }
+                        });
+                        return;
+                    }
+                };
                 match message {
-                    Ok(message) if stop.is_cancelled() => give_back(shared, message).await,
-                    Ok(message) => {
+                    None => break,
+                    Some(Ok(message)) => {
                         let permit = permits.pop().expect("a pull never returns more than asked");
                         spawn_job(shared, tasks, message, permit);
                     }
-                    Err(error) => warn!(%error, "pull request ended with an error"),
+                    Some(Err(error)) => warn!(%error, "pull request ended with an error"),
                 }
             }
             shared.observer.pulled();

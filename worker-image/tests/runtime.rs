@@ -661,3 +661,49 @@ async fn poison_job_that_crashes_its_handler_is_dead_lettered_while_good_jobs_fl
     assert!(s.files("done-poison").is_empty());
     Ok(())
 }
+
+#[tokio::test]
+async fn idle_worker_exits_promptly_on_sigterm_even_with_a_long_poll_open() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let health = format!("127.0.0.1:{}", free_port()?);
+    let mut worker = s.worker(
+        "exec",
+        &[(env::POLL_WAIT, "30s"), (env::HEALTH_ADDR, &health)],
+        &["true"],
+    )?;
+    wait_for(WAIT, "the worker to be ready", || async {
+        http_get(&health, "/readyz")
+            .await
+            .is_ok_and(|t| t.starts_with("HTTP/1.0 200"))
+    })
+    .await?;
+    let start = Instant::now();
+    signal(&worker, Signal::SIGTERM)?;
+    let status = tokio::time::timeout(WAIT, worker.wait()).await??;
+    assert!(status.success(), "{status}");
+    println!(
+        "exited {:?} after SIGTERM with a 30 s long poll open",
+        start.elapsed()
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+
+    // The dead worker's open pull must not swallow a job submitted now (the ack wait is 30 s).
+    let submitted = Instant::now();
+    s.client.submit(&s.queue, Job::new("after", "x")).await?;
+    let _second = s.worker(
+        "exec",
+        &[],
+        &["sh", "-c", r#"touch "$OUT/done-$CONVEYOR_JOB_ID""#],
+    )?;
+    wait_for(
+        Duration::from_secs(10),
+        "the job done by the second worker",
+        || async { s.files("done-") == ["after"] },
+    )
+    .await?;
+    println!(
+        "job submitted after the exit done in {:?}",
+        submitted.elapsed()
+    );
+    Ok(())
+}
