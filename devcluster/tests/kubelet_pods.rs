@@ -475,3 +475,64 @@ spec:
         "handled\n"
     );
 }
+
+/// Process groups (`pgrp` from `/proc/<pid>/stat`) of every live process.
+fn process_groups() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            (state != "Z")
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn shutdown_kills_every_process_of_every_container() {
+    let cluster = cluster().await;
+    kubectl_ok(
+        &cluster,
+        &[
+            "run",
+            "lingering",
+            "--image=busybox",
+            "--command",
+            "--",
+            "sh",
+            "-c",
+            "sleep 300 & exec sleep 301",
+        ],
+        None,
+    )
+    .await;
+    let running = wait_for("pod lingering to run", Duration::from_secs(20), || async {
+        pod(&cluster, "lingering")
+            .await
+            .filter(|p| phase(p) == Some("Running"))
+    })
+    .await;
+    let id = container_status(&running, "lingering")
+        .unwrap()
+        .container_id
+        .unwrap();
+    let pgid: u32 = id.trim_start_matches("devcluster://").parse().unwrap();
+    wait_for(
+        "both processes of the container",
+        Duration::from_secs(10),
+        || async { (process_groups().iter().filter(|g| **g == pgid).count() == 2).then_some(()) },
+    )
+    .await;
+    cluster.shutdown().await;
+    wait_for(
+        "the container's processes to be gone",
+        Duration::from_secs(10),
+        || async { (!process_groups().contains(&pgid)).then_some(()) },
+    )
+    .await;
+}

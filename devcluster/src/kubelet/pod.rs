@@ -668,6 +668,7 @@ impl PodWorker {
         let mut memory = tokio::time::interval(MEMORY_POLL);
         let mut oom = false;
         let mut kill_at: Option<Instant> = None;
+        let mut stopping = false;
         let mut startup_done = startup.is_none();
         let exit = loop {
             let kill_deadline =
@@ -680,10 +681,13 @@ impl PodWorker {
                         signal_group(pid, Signal::SIGKILL);
                     }
                 }
-                () = self.stop.cancelled(), if kill_at.is_none() => {
+                () = self.stop.cancelled(), if !stopping => {
+                    // Also when a failed probe is already stopping it: the earlier deadline wins.
+                    stopping = true;
                     self.record(EventType::Normal, "Killing", format!("Stopping container {}", c.name));
                     signal_group(pid, Signal::SIGTERM);
-                    kill_at = Some(*self.kill_at.lock().expect("kill_at lock"));
+                    let deadline = *self.kill_at.lock().expect("kill_at lock");
+                    kill_at = Some(kill_at.map_or(deadline, |k| k.min(deadline)));
                 }
                 () = tokio::time::sleep_until(kill_deadline.into()), if kill_at.is_some() => {
                     signal_group(pid, Signal::SIGKILL);
