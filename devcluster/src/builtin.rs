@@ -73,7 +73,8 @@ pub fn apply_defaults(
                 pod_spec_defaults(spec);
             }
             if creating {
-                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+                let qos = qos_class(obj.get("spec").unwrap_or(&Value::Null));
+                obj["status"] = json!({"phase": "Pending", "qosClass": qos});
                 if schedule {
                     set_default(obj, "/spec/nodeName", json!(NODE_NAME));
                 }
@@ -128,6 +129,38 @@ pub fn apply_defaults(
         }
         ("", "secrets") => set_default(obj, "/type", json!("Opaque")),
         _ => {}
+    }
+}
+
+/// The pod's QoS class, computed as the API server does at creation: Guaranteed when every
+/// container limits and requests (equal) CPU and memory, BestEffort when none sets any, else
+/// Burstable.
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|l| spec.get(*l).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let res =
+        |c: &Value, kind: &str, r: &str| c.pointer(&format!("/resources/{kind}/{r}")).cloned();
+    let any = containers.iter().any(|c| {
+        ["cpu", "memory"]
+            .iter()
+            .any(|r| res(c, "requests", r).is_some() || res(c, "limits", r).is_some())
+    });
+    if !any {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        ["cpu", "memory"].iter().all(|r| {
+            let limit = res(c, "limits", r);
+            limit.is_some() && res(c, "requests", r).is_none_or(|req| Some(req) == limit)
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
     }
 }
 
@@ -281,5 +314,11 @@ mod tests {
             "IfNotPresent"
         );
         assert_eq!(pod["status"]["phase"], "Pending");
+        assert_eq!(pod["status"]["qosClass"], "BestEffort");
+        let limited =
+            json!({"containers": [{"name": "c", "resources": {"limits": {"memory": "64Mi"}}}]});
+        assert_eq!(qos_class(&limited), "Burstable");
+        let exact = json!({"containers": [{"name": "c", "resources": {"limits": {"memory": "64Mi", "cpu": "1"}}}]});
+        assert_eq!(qos_class(&exact), "Guaranteed");
     }
 }

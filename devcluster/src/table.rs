@@ -14,7 +14,7 @@ pub fn render(info: &ResourceInfo, version: &str, objs: &[Value], with_defs: boo
         .iter()
         .map(|o| {
             let shown = present(info, version, o);
-            let cells: Vec<Value> = columns.iter().map(|c| cell(info, c, &shown)).collect();
+            let cells: Vec<Value> = columns.iter().map(|c| cell(c, &shown)).collect();
             json!({"cells": cells, "object": shown})
         })
         .collect();
@@ -162,7 +162,7 @@ fn age_of(ts: Option<&str>) -> Value {
     }
 }
 
-fn cell(info: &ResourceInfo, c: &Column, obj: &Value) -> Value {
+fn cell(c: &Column, obj: &Value) -> Value {
     let s = |p: &str| {
         obj.pointer(p)
             .and_then(Value::as_str)
@@ -304,7 +304,6 @@ fn cell(info: &ResourceInfo, c: &Column, obj: &Value) -> Value {
                 .unwrap_or(json!(""))
         ),
         path => {
-            let _ = info;
             let v = jsonpath(obj, path);
             match (c.kind.as_str(), v) {
                 (_, None) => Value::Null,
