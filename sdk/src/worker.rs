@@ -160,6 +160,8 @@ pub struct WorkerOptions {
     pub poll_wait: Duration,
     /// Name put into dead letters (`Conveyor-Pod`).
     pub pod_name: String,
+    /// Stop (drain and return) after taking this many jobs, so a leaky process is replaced.
+    pub max_jobs: Option<u64>,
 }
 
 impl Default for WorkerOptions {
@@ -172,6 +174,7 @@ impl Default for WorkerOptions {
             drain_timeout: Duration::from_secs(30),
             poll_wait: Duration::from_secs(5),
             pod_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
+            max_jobs: None,
         }
     }
 }
@@ -297,6 +300,8 @@ struct Shared<H, O> {
     max_deliver: Option<u32>,
     /// Cancelled when the drain deadline passes: unfinished jobs are given back.
     give_back: CancellationToken,
+    /// Jobs handed to the handler so far (for `max_jobs`).
+    started: AtomicU64,
     acked: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
@@ -313,7 +318,7 @@ impl<H: Handler, O: Observer> Runner<H, O> {
         }
     }
 
-    /// Runs until `shutdown` completes, then stops fetching, lets in-flight jobs finish within
+    /// Runs until `shutdown` completes (or `max_jobs` jobs were taken), then stops fetching, lets in-flight jobs finish within
     /// the drain timeout, gives the rest back for immediate redelivery, and returns.
     pub async fn run(
         self,
@@ -365,6 +370,7 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             max_deliver: u32::try_from(config.max_deliver).ok().filter(|n| *n > 0),
             options,
             give_back: CancellationToken::new(),
+            started: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
@@ -442,6 +448,14 @@ async fn fetch_loop<H: Handler, O: Observer>(
     let mut round: u64 = 0;
     let mut error_delay = Duration::from_millis(100);
     while let Some(mut permits) = free_slots(&slots, stop).await {
+        if let Some(max_jobs) = shared.options.max_jobs {
+            let remaining = max_jobs.saturating_sub(shared.started.load(Ordering::Relaxed));
+            if remaining == 0 {
+                info!(max_jobs, "took max_jobs jobs; stopping to be replaced");
+                return;
+            }
+            permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+        }
         if consumers.len() == 1 {
             // One level: a long-poll pull for exactly the free slots; jobs start as they arrive.
             let batch = consumers[0]
@@ -581,6 +595,7 @@ fn spawn_job<H: Handler, O: Observer>(
     message: jetstream::Message,
     permit: OwnedSemaphorePermit,
 ) {
+    shared.started.fetch_add(1, Ordering::Relaxed);
     let shared = shared.clone();
     tasks.spawn(async move {
         process(&shared, message).await;

@@ -105,6 +105,9 @@ pub struct RunArgs {
     /// Relative jitter of the delay, 0 to 1.
     #[arg(long, env = env::BACKOFF_JITTER, default_value_t = 0.2)]
     pub backoff_jitter: f64,
+    /// Exit (0) after taking this many jobs, so the process is replaced by a fresh one.
+    #[arg(long, env = env::MAX_JOBS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_jobs: Option<u64>,
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -129,6 +132,7 @@ impl RunArgs {
             drain_timeout: self.drain_timeout,
             poll_wait: self.poll_wait,
             pod_name: self.pod_name.clone(),
+            max_jobs: self.max_jobs,
         }
     }
 }
@@ -137,9 +141,12 @@ impl RunArgs {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    // Colours only on a terminal: container logs stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -707,3 +707,29 @@ async fn idle_worker_exits_promptly_on_sigterm_even_with_a_long_poll_open() -> a
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_exits_after_max_jobs_to_be_replaced() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let mut worker = s.worker(
+        "exec",
+        &[(env::CONCURRENCY, "2"), (env::MAX_JOBS, "3")],
+        &["sh", "-c", r#"touch "$OUT/done-$CONVEYOR_JOB_ID""#],
+    )?;
+    let jobs = (0..10).map(|i| Job::new(format!("j{i}"), "x"));
+    assert!(
+        s.client
+            .submit_batch(&s.queue, jobs)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    let status = tokio::time::timeout(WAIT, worker.wait()).await??;
+    assert!(status.success(), "{status}");
+    assert_eq!(s.files("done-").len(), 3, "exactly max_jobs jobs taken");
+    wait_for(WAIT, "the other 7 jobs still queued", || async {
+        s.stream_len(&s.queue.stream()).await == 7
+    })
+    .await?;
+    Ok(())
+}
