@@ -536,3 +536,59 @@ async fn shutdown_kills_every_process_of_every_container() {
     )
     .await;
 }
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+#[tokio::test]
+async fn readiness_follows_an_exec_probe_both_ways() {
+    let cluster = cluster().await;
+    let flags = tempfile::tempdir().unwrap();
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: flappy}}
+spec:
+  volumes: [{{name: flags, hostPath: {{path: "{dir}"}}}}]
+  containers:
+  - name: main
+    image: busybox
+    command: ["sh", "-c", "exec sleep 300"]
+    volumeMounts: [{{name: flags, mountPath: /flags}}]
+    readinessProbe:
+      exec: {{command: ["test", "-f", "/flags/ready"]}}
+      periodSeconds: 1
+      failureThreshold: 1
+"#,
+        dir = flags.path().display()
+    );
+    kubectl_ok(&cluster, &["apply", "-f", "-"], Some(&manifest)).await;
+    let running = wait_for("pod flappy to run", Duration::from_secs(20), || async {
+        pod(&cluster, "flappy")
+            .await
+            .filter(|p| phase(p) == Some("Running"))
+    })
+    .await;
+    assert!(!is_ready(&running), "not ready before the probe passes");
+    std::fs::write(flags.path().join("ready"), "").unwrap();
+    wait_for(
+        "pod flappy to become ready",
+        Duration::from_secs(20),
+        || async { pod(&cluster, "flappy").await.filter(is_ready) },
+    )
+    .await;
+    std::fs::remove_file(flags.path().join("ready")).unwrap();
+    let unready = wait_for(
+        "pod flappy to become unready",
+        Duration::from_secs(20),
+        || async { pod(&cluster, "flappy").await.filter(|p| !is_ready(p)) },
+    )
+    .await;
+    assert!(!container_status(&unready, "main").unwrap().ready);
+    assert_eq!(phase(&unready), Some("Running"));
+}
