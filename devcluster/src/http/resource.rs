@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::{ApiState, json_response};
 use crate::builtin;
 use crate::error::ApiError;
-use crate::registry::{Conversion, ResourceInfo};
+use crate::registry::{Conversion, ResourceInfo, ScalePaths};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{DeleteOpts, Propagation, Sub, WriteOpts};
 
@@ -183,7 +183,7 @@ impl Request<'_> {
                     self.ns(),
                     self.name.as_deref().unwrap_or_default(),
                 )?;
-                Ok(json_response(200, &self.scale_of(&obj)))
+                Ok(json_response(200, &self.scale_of(&obj)?))
             }
             ("GET", true, Some("log"))
                 if self.info.group.is_empty() && self.info.resource == "pods" =>
@@ -521,12 +521,15 @@ impl Request<'_> {
         }
     }
 
-    fn scale_of(&self, obj: &Value) -> Value {
-        let paths = self
-            .info
+    fn scale_paths(&self) -> Result<ScalePaths, ApiError> {
+        self.info
             .scale
             .clone()
-            .unwrap_or_else(|| unreachable!("scale checked by the caller"));
+            .ok_or_else(|| ApiError::no_route(&format!("{}/scale", self.info.resource)))
+    }
+
+    fn scale_of(&self, obj: &Value) -> Result<Value, ApiError> {
+        let paths = self.scale_paths()?;
         let spec = obj
             .pointer(&path_to_pointer(&paths.spec_replicas))
             .cloned()
@@ -558,15 +561,11 @@ impl Request<'_> {
         if let Some(sel) = selector {
             scale["status"]["selector"] = sel;
         }
-        scale
+        Ok(scale)
     }
 
     fn write_scale(&self, method: &Method) -> Result<Response, ApiError> {
-        let paths = self
-            .info
-            .scale
-            .clone()
-            .unwrap_or_else(|| unreachable!("scale checked by the caller"));
+        let paths = self.scale_paths()?;
         let ct = self.content_type();
         let body = self.body.clone();
         let name = self.name.clone().unwrap_or_default();
@@ -581,7 +580,7 @@ impl Request<'_> {
                 dry_run: self.dry_run(),
             },
             &mut |cur| {
-                let scale = self.scale_of(cur);
+                let scale = self.scale_of(cur)?;
                 let new_scale = if is_put {
                     parse_body(&body)?
                 } else {
@@ -637,7 +636,7 @@ impl Request<'_> {
                 Ok(new)
             },
         )?;
-        Ok(json_response(200, &self.scale_of(&out)))
+        Ok(json_response(200, &self.scale_of(&out)?))
     }
 
     fn delete_opts(&self) -> Result<DeleteOpts, ApiError> {
