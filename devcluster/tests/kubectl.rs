@@ -684,3 +684,59 @@ async fn kubectl_create_generators_work_for_simple_kinds() {
     assert!(!meta.contains("generateName"), "{meta}");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_project_crds_and_examples_apply() {
+    let cluster = api_cluster().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let crds = [
+        root.join("crds/jobqueues.yaml"),
+        root.join("crds/workers.yaml"),
+    ];
+    for crd in &crds {
+        let path = crd.to_str().expect("utf-8 path");
+        kubectl_ok(&cluster, &["apply", "-f", path], None).await;
+        // Large CRDs (the Worker embeds a pod template) also go through server-side apply.
+        kubectl_ok(
+            &cluster,
+            &["apply", "--server-side", "--force-conflicts", "-f", path],
+            None,
+        )
+        .await;
+    }
+    kubectl_ok(
+        &cluster,
+        &[
+            "wait",
+            "--for",
+            "condition=Established",
+            "crd",
+            "--all",
+            "--timeout",
+            "20s",
+        ],
+        None,
+    )
+    .await;
+    let examples = root.join("examples/hello");
+    let mut applied = 0;
+    for entry in std::fs::read_dir(&examples).expect("examples/hello") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            kubectl_ok(
+                &cluster,
+                &["apply", "-f", path.to_str().expect("utf-8 path")],
+                None,
+            )
+            .await;
+            applied += 1;
+        }
+    }
+    assert!(applied > 0, "examples/hello has manifests");
+    let listed = kubectl_ok(&cluster, &["get", "jobqueues,workers", "-o", "name"], None).await;
+    assert!(
+        listed.contains("jobqueue.conveyor.dev/") && listed.contains("worker.conveyor.dev/"),
+        "{listed}"
+    );
+    cluster.shutdown().await;
+}

@@ -21,6 +21,9 @@ use crate::error::ApiError;
 use crate::registry::Registry;
 use crate::store::{Gr, Rules, Store};
 
+/// Largest request body, as kube-apiserver's limit (3 MiB).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
 /// Shared state of one API server.
 pub struct ApiState {
     /// The objects.
@@ -149,7 +152,10 @@ pub(crate) fn json_response(code: u16, body: &Value) -> Response {
 
 /// Builds the router of one API server.
 pub fn router(state: Arc<ApiState>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(state)
+    axum::Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
 }
 
 async fn handle(
