@@ -132,8 +132,9 @@ pub trait Observer: Send + Sync + 'static {
     fn started(&self, _sequence: u64, _deadline: Option<Instant>) {}
     /// An attempt finished.
     fn finished(&self, _report: &JobReport) {}
-    /// A pull request for free slots returned (with jobs, empty, or failed): the worker is
-    /// still consuming. Happens at least every `poll_wait` while a slot is free.
+    /// The worker found its consumers and starts pulling, or a pull request for free slots
+    /// returned (with jobs, empty, or failed): it is consuming. Happens at least every
+    /// `poll_wait` while a slot is free.
     fn pulled(&self) {}
 }
 
@@ -337,30 +338,29 @@ impl<H: Handler, O: Observer> Runner<H, O> {
         if options.priorities == 0 {
             return Err(WorkerError::Invalid("priorities must be at least 1".into()));
         }
-        let stream = jetstream
-            .get_stream(queue.stream())
-            .await
-            .map_err(|source| WorkerError::Stream {
-                stream: queue.stream(),
-                source,
-            })?;
-        let mut consumers: Vec<PullConsumer> = Vec::new();
-        for level in 0..options.priorities {
-            let consumer = stream
-                .get_consumer(&queue.consumer(level))
-                .await
-                .map_err(|source| WorkerError::Consumer {
-                    stream: queue.stream(),
-                    consumer: queue.consumer(level),
-                    source,
-                })?;
-            consumers.push(consumer);
-        }
-        let config = consumers[0]
-            .get_info()
-            .await
-            .map_err(WorkerError::ConsumerInfo)?
-            .config;
+        protocol::check_server_version(&jetstream.client().server_info().version)?;
+        let stop = CancellationToken::new();
+        let stop_on_shutdown = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_on_shutdown.cancel();
+        });
+        // The queue may not exist yet (the worker started before its JobQueue was applied):
+        // wait for it rather than crash-looping.
+        let mut delay = Duration::from_millis(200);
+        let (consumers, config) = loop {
+            match lookup(&jetstream, &queue, options.priorities).await {
+                Ok(found) => break found,
+                Err(error) => {
+                    warn!(error = %DisplayChain(&error), retry_in = ?delay, "waiting for the queue");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.cancelled() => return Ok(Summary::default()),
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
         let shared = Arc::new(Shared {
             handler: self.handler,
             observer: self.observer,
@@ -376,15 +376,11 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             dead_lettered: AtomicU64::new(0),
             given_back: AtomicU64::new(0),
         });
-        let stop = CancellationToken::new();
-        let stop_on_shutdown = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop_on_shutdown.cancel();
-        });
         info!(stream = %queue.stream(), concurrency = shared.options.concurrency,
               priorities = shared.options.priorities, "worker started");
 
+        // Consumers found: the worker counts as consuming from here on.
+        shared.observer.pulled();
         let tasks = TaskTracker::new();
         fetch_loop(&shared, &consumers, &tasks, &stop).await;
 
@@ -416,6 +412,54 @@ impl<H: Handler, O: Observer> Runner<H, O> {
         };
         info!(?summary, "worker stopped");
         Ok(summary)
+    }
+}
+
+/// The consumers of every level and the settings of level 0's consumer.
+async fn lookup(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    priorities: u8,
+) -> Result<(Vec<PullConsumer>, jetstream::consumer::Config), WorkerError> {
+    let stream = jetstream
+        .get_stream(queue.stream())
+        .await
+        .map_err(|source| WorkerError::Stream {
+            stream: queue.stream(),
+            source,
+        })?;
+    let mut consumers: Vec<PullConsumer> = Vec::new();
+    for level in 0..priorities {
+        let consumer = stream
+            .get_consumer(&queue.consumer(level))
+            .await
+            .map_err(|source| WorkerError::Consumer {
+                stream: queue.stream(),
+                consumer: queue.consumer(level),
+                source,
+            })?;
+        consumers.push(consumer);
+    }
+    let config = consumers[0]
+        .get_info()
+        .await
+        .map_err(WorkerError::ConsumerInfo)?
+        .config;
+    Ok((consumers, config))
+}
+
+/// Formats an error with its sources, for logs.
+struct DisplayChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 

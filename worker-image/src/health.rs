@@ -1,6 +1,6 @@
 //! Health and metrics over HTTP: `/healthz` (liveness: fails when a handler is past its
 //! deadline, i.e. could not be stopped, or when the worker stopped pulling although it has free
-//! slots), `/readyz` (connected to NATS) and `/metrics`
+//! slots), `/readyz` (consuming, and connected to NATS) and `/metrics`
 //! (Prometheus text). [`Metrics`] is also the worker's observer that feeds them.
 
 use std::collections::HashMap;
@@ -38,6 +38,8 @@ pub struct Metrics {
     concurrency: usize,
     stall_after: Duration,
     last_pull: Mutex<Instant>,
+    /// Set by the first pull: the queue was found and the worker consumes.
+    consuming: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -74,6 +76,7 @@ impl Metrics {
             concurrency,
             stall_after,
             last_pull: Mutex::new(Instant::now()),
+            consuming: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -150,6 +153,8 @@ impl Observer for Metrics {
     }
 
     fn pulled(&self) {
+        self.consuming
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         *self
             .last_pull
             .lock()
@@ -187,6 +192,14 @@ async fn healthz(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    if !state
+        .metrics
+        .consuming
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let reason = "not consuming yet (waiting for the queue's stream and consumers)\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, reason.into());
+    }
     match state.nats.connection_state() {
         async_nats::connection::State::Connected => (StatusCode::OK, "ok\n".into()),
         other => (

@@ -733,3 +733,48 @@ async fn worker_exits_after_max_jobs_to_be_replaced() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_started_before_its_queue_waits_for_it() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let s = Setup {
+        nats,
+        client,
+        queue: QueueRef::new("test", "later"),
+        out: tempfile::tempdir()?,
+    };
+    let health = format!("127.0.0.1:{}", free_port()?);
+    let mut worker = s.worker(
+        "exec",
+        &[(env::HEALTH_ADDR, &health)],
+        &["sh", "-c", r#"touch "$OUT/done-$CONVEYOR_JOB_ID""#],
+    )?;
+    wait_for(
+        WAIT,
+        "/readyz to say the worker waits for its queue",
+        || async {
+            http_get(&health, "/readyz")
+                .await
+                .is_ok_and(|t| t.contains("waiting for the queue"))
+        },
+    )
+    .await?;
+    assert!(
+        worker.try_wait()?.is_none(),
+        "the worker waits instead of exiting"
+    );
+    ensure_queue(s.client.jetstream(), &s.queue, &QueueSettings::default()).await?;
+    s.client.submit(&s.queue, Job::new("first", "x")).await?;
+    wait_for(WAIT, "the job done", || async {
+        s.files("done-") == ["first"]
+    })
+    .await?;
+    wait_for(WAIT, "/readyz to say ready", || async {
+        http_get(&health, "/readyz")
+            .await
+            .is_ok_and(|t| t.starts_with("HTTP/1.0 200"))
+    })
+    .await?;
+    Ok(())
+}
