@@ -114,6 +114,10 @@ pub fn resource_list(reg: &Registry, group: &str, version: &str) -> Option<Value
         }
         if group.is_empty() && r.resource == "pods" {
             list.push(sub("log", "Pod", &["get"]));
+            let mut eviction = sub("eviction", "Eviction", &["create"]);
+            eviction["group"] = json!("policy");
+            eviction["version"] = json!("v1");
+            list.push(eviction);
         }
     }
     if list.is_empty() {

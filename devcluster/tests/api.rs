@@ -198,6 +198,20 @@ async fn bound_pods_terminate_gracefully() {
         .await
         .expect("final delete");
     assert!(api.get_opt("p").await.expect("get").is_none());
+    // Eviction is a graceful delete too.
+    let evictee: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "e"}, "spec": {"nodeName": "devcluster",
+        "containers": [{"name": "c", "image": "x"}]}}),
+    )
+    .expect("pod");
+    api.create(&PostParams::default(), &evictee)
+        .await
+        .expect("create");
+    api.evict("e", &kube::api::EvictParams::default())
+        .await
+        .expect("evict");
+    let e = api.get("e").await.expect("terminating");
+    assert_eq!(e.metadata.deletion_grace_period_seconds, Some(30));
     // Unbound pods go at once.
     let unbound: Pod = serde_json::from_value(
         json!({"metadata": {"name": "u"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}),

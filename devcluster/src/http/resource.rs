@@ -197,6 +197,11 @@ impl Request<'_> {
             }
             ("PATCH", true, None | Some("status")) => self.patch(),
             ("DELETE", true, None) => self.delete(),
+            ("POST", true, Some("eviction"))
+                if self.info.group.is_empty() && self.info.resource == "pods" =>
+            {
+                self.evict()
+            }
             ("DELETE", false, None) => self.delete_collection(),
             _ => Err(ApiError::method_not_allowed(format!(
                 "{method} is not supported on {}{}",
@@ -639,8 +644,29 @@ impl Request<'_> {
         Ok(json_response(200, &self.scale_of(&out)?))
     }
 
+    /// The eviction subresource: with no PodDisruptionBudgets, an eviction is a graceful delete
+    /// with the Eviction's `deleteOptions`.
+    fn evict(&self) -> Result<Response, ApiError> {
+        let eviction = parse_body(&self.body)?;
+        let options = eviction
+            .get("deleteOptions")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let opts = self.delete_options_from(&options)?;
+        let name = self.name.clone().unwrap_or_default();
+        self.delete_one(&name, &opts)?;
+        Ok(json_response(
+            201,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+        ))
+    }
+
     fn delete_opts(&self) -> Result<DeleteOpts, ApiError> {
         let body = parse_body(&self.body)?;
+        self.delete_options_from(&body)
+    }
+
+    fn delete_options_from(&self, body: &Value) -> Result<DeleteOpts, ApiError> {
         let propagation = body
             .get("propagationPolicy")
             .and_then(Value::as_str)
