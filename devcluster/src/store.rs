@@ -209,12 +209,15 @@ fn owner_uids(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The object without metadata and status: what `generation` tracks.
-fn spec_part(obj: &Value) -> Value {
+/// What `generation` tracks: everything but metadata, and but status when status is a
+/// subresource (without one, a custom resource's status changes bump the generation too).
+fn spec_part(obj: &Value, status_is_subresource: bool) -> Value {
     let mut v = obj.clone();
     if let Some(m) = v.as_object_mut() {
         m.remove("metadata");
-        m.remove("status");
+        if status_is_subresource {
+            m.remove("status");
+        }
         m.remove("apiVersion");
         m.remove("kind");
     }
@@ -533,7 +536,7 @@ impl Store {
                 meta.insert("finalizers".into(), json!(kept));
             }
         }
-        if rules.generation && spec_part(&cur) != spec_part(&new) {
+        if rules.generation && spec_part(&cur, rules.status) != spec_part(&new, rules.status) {
             let g = cur_meta
                 .get("generation")
                 .and_then(Value::as_i64)
