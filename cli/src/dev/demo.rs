@@ -53,7 +53,14 @@ pub async fn run(env: &DevEnv, args: &DevArgs, paths: &Paths) -> anyhow::Result<
     let before = wait_until(args.timeout, "the queue's stream", || async move {
         Ok(queue_figures(js, queue).await.ok())
     })
-    .await?;
+    .await;
+    let before = match before {
+        Ok(figures) => figures,
+        Err(e) => {
+            let story = k8s::queue_story(&env.client, &queue.namespace, &queue.name).await;
+            bail!("{e:#}\n  {story}");
+        }
+    };
 
     for worker in &workers {
         let namespace = worker.namespace().unwrap_or_else(|| "default".into());
@@ -69,14 +76,17 @@ pub async fn run(env: &DevEnv, args: &DevArgs, paths: &Paths) -> anyhow::Result<
             "waiting for a Ready pod of Worker {namespace}/{name}"
         ));
         let (client, namespace, name) = (&env.client, namespace.as_str(), name.as_str());
-        wait_until(
+        let ready = wait_until(
             args.timeout,
             &format!("a Ready pod of Worker {namespace}/{name}"),
             || async move {
                 Ok((k8s::worker_ready_replicas(client, namespace, name).await? >= 1).then_some(()))
             },
         )
-        .await?;
+        .await;
+        if let Err(e) = ready {
+            bail!("{e:#}\n  {}", k8s::pods_story(client, namespace).await);
+        }
     }
 
     let total = args.demo_jobs;

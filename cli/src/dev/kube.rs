@@ -7,6 +7,7 @@ use std::process::Stdio;
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -152,4 +153,67 @@ pub async fn worker_ready_replicas(
         .filter_map(|d| d.status.as_ref()?.ready_replicas)
         .sum();
     Ok(ready)
+}
+
+/// What the `JobQueue` says about itself, for error messages: its `Ready` condition.
+pub async fn queue_story(client: &Client, namespace: &str, name: &str) -> String {
+    let api: Api<conveyor_crds::JobQueue> = Api::namespaced(client.clone(), namespace);
+    let ready = match api.get_opt(name).await {
+        Err(e) => return format!("cannot read JobQueue {namespace}/{name}: {e}"),
+        Ok(None) => return format!("JobQueue {namespace}/{name} does not exist"),
+        Ok(Some(queue)) => queue
+            .status
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready")),
+    };
+    match ready {
+        None => format!(
+            "JobQueue {namespace}/{name} has no Ready condition yet (is the operator reconciling it?)"
+        ),
+        Some(c) => format!(
+            "JobQueue {namespace}/{name}: Ready={} ({}: {})",
+            c.status, c.reason, c.message
+        ),
+    }
+}
+
+/// What the worker pods of a namespace are doing, for error messages: phase and the reason a
+/// container is waiting or terminated.
+pub async fn pods_story(client: &Client, namespace: &str) -> String {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pods = match api.list(&ListParams::default()).await {
+        Ok(pods) => pods.items,
+        Err(e) => return format!("cannot list pods: {e}"),
+    };
+    if pods.is_empty() {
+        return format!("no pods in namespace {namespace}");
+    }
+    let lines: Vec<String> = pods
+        .iter()
+        .map(|pod| {
+            let status = pod.status.clone().unwrap_or_default();
+            let containers: Vec<String> = status
+                .container_statuses
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| {
+                    let state = c.state.unwrap_or_default();
+                    let why = match (state.waiting, state.terminated) {
+                        (Some(w), _) => w.reason.unwrap_or_default(),
+                        (None, Some(t)) => {
+                            format!("{} (exit {})", t.reason.unwrap_or_default(), t.exit_code)
+                        }
+                        (None, None) => "running".to_owned(),
+                    };
+                    format!("{}: {why}, ready={}", c.name, c.ready)
+                })
+                .collect();
+            format!(
+                "pod {} {} [{}]",
+                pod.name_any(),
+                status.phase.unwrap_or_default(),
+                containers.join("; ")
+            )
+        })
+        .collect();
+    lines.join("\n  ")
 }
