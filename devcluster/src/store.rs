@@ -224,6 +224,34 @@ fn spec_part(obj: &Value, status_is_subresource: bool) -> Value {
     v
 }
 
+/// Kubernetes' name rules: RFC 1123 labels for namespaces and services, subdomains otherwise.
+fn invalid_name(gr: &Gr, name: &str) -> Option<crate::error::Cause> {
+    let label = gr.0.is_empty() && matches!(gr.1.as_str(), "namespaces" | "services");
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    let (ok, message) = if label {
+        (
+            name.len() <= 63 && part_ok(name),
+            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
+        )
+    } else {
+        (
+            name.len() <= 253 && name.split('.').all(part_ok),
+            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+        )
+    };
+    (!ok).then(|| crate::error::Cause {
+        reason: "FieldValueInvalid".into(),
+        field: "metadata.name".into(),
+        message: format!("Invalid value: {name:?}: {message}"),
+    })
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
@@ -379,6 +407,9 @@ impl Store {
                 }
             },
         };
+        if let Some(cause) = invalid_name(gr, &name) {
+            return Err(ApiError::invalid(&gr.0, &gr.1, &name, vec![cause]));
+        }
         let key = (ns.to_owned(), name.clone());
         if inner.objects.get(gr).is_some_and(|m| m.contains_key(&key)) {
             return Err(ApiError::already_exists(&gr.0, &gr.1, &name));
@@ -1025,6 +1056,28 @@ mod tests {
         assert!(
             st.get(&ns_gr, "", "default").is_err(),
             "empty namespace is removed"
+        );
+    }
+
+    #[test]
+    fn names_follow_kubernetes_rules() {
+        let st = store_with_ns(10);
+        for bad in ["Upper", "-dash", "under_score", ""] {
+            let obj = json!({"metadata": {"name": bad}});
+            let res = st.create(&cm_gr(), "default", obj, RULES, false);
+            if !bad.is_empty() {
+                assert_eq!(res.unwrap_err().code, 422, "{bad}");
+            }
+        }
+        let dotted = json!({"metadata": {"name": "a.b-c"}});
+        assert!(st.create(&cm_gr(), "default", dotted, RULES, false).is_ok());
+        let ns = json!({"metadata": {"name": "a.b"}});
+        let ns_gr: Gr = (String::new(), "namespaces".into());
+        assert_eq!(
+            st.create(&ns_gr, "", ns, Rules::default(), false)
+                .unwrap_err()
+                .code,
+            422
         );
     }
 
