@@ -15,7 +15,7 @@ use conveyor_testkit::{NatsServer, wait_for};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, run by hand"]
 async fn sdk_throughput() -> anyhow::Result<()> {
-    const JOBS: u64 = 50_000;
+    const JOBS: u64 = 200_000;
     let nats = NatsServer::start().await?;
     let client = Client::connect(&nats.url()).await?;
     let queue = QueueRef::new("bench", "noop");
