@@ -164,6 +164,100 @@ fn qos_class(spec: &Value) -> &'static str {
     }
 }
 
+/// Structural checks of a CustomResourceDefinition the real API server makes before serving
+/// it: the name is `<plural>.<group>`, names and versions are present, exactly one version is
+/// the storage version, and every `x-kubernetes-validations` rule compiles.
+pub fn validate_crd(crd: &Value) -> Vec<crate::error::Cause> {
+    let mut causes = Vec::new();
+    let mut cause = |field: &str, message: String| {
+        causes.push(crate::error::Cause {
+            reason: "FieldValueInvalid".into(),
+            field: field.into(),
+            message,
+        })
+    };
+    let s = |p: &str| crd.pointer(p).and_then(Value::as_str).unwrap_or_default();
+    let (group, plural, kind) = (
+        s("/spec/group"),
+        s("/spec/names/plural"),
+        s("/spec/names/kind"),
+    );
+    if group.is_empty() {
+        cause("spec.group", "Required value".into());
+    }
+    if plural.is_empty() {
+        cause("spec.names.plural", "Required value".into());
+    }
+    if kind.is_empty() {
+        cause("spec.names.kind", "Required value".into());
+    }
+    let name = s("/metadata/name");
+    if !group.is_empty() && !plural.is_empty() && name != format!("{plural}.{group}") {
+        cause(
+            "metadata.name",
+            format!("Invalid value: {name:?}: must be spec.names.plural+\".\"+spec.group"),
+        );
+    }
+    let versions = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if versions.is_empty() {
+        cause(
+            "spec.versions",
+            "Invalid value: []: must have exactly one version marked as storage version".into(),
+        );
+    }
+    let storage = versions
+        .iter()
+        .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+        .count();
+    if !versions.is_empty() && storage != 1 {
+        cause(
+            "spec.versions",
+            format!(
+                "Invalid value: {storage}: must have exactly one version marked as storage version"
+            ),
+        );
+    }
+    for (i, v) in versions.iter().enumerate() {
+        if let Some(schema) = v.pointer("/schema/openAPIV3Schema") {
+            let path = format!("spec.versions[{i}].schema.openAPIV3Schema");
+            check_rules(schema, &path, &mut cause);
+        }
+    }
+    causes
+}
+
+fn check_rules(schema: &Value, path: &str, cause: &mut dyn FnMut(&str, String)) {
+    for (i, rule) in schema
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let expr = rule.get("rule").and_then(Value::as_str).unwrap_or_default();
+        if let Err(e) = cel::Program::compile(expr) {
+            cause(
+                &format!("{path}.x-kubernetes-validations[{i}].rule"),
+                format!("Invalid value: {expr:?}: compilation failed: {e}"),
+            );
+        }
+    }
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        for (k, p) in props {
+            check_rules(p, &format!("{path}.properties[{k}]"), cause);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(sub) = schema.get(key).filter(|v| v.is_object()) {
+            check_rules(sub, &format!("{path}.{key}"), cause);
+        }
+    }
+}
+
 /// The status the API server gives a CRD: names accepted and established at once.
 pub fn crd_status(crd: &Value) -> Value {
     let now = crate::store::now();
@@ -302,6 +396,26 @@ mod tests {
         let back = event_core_to_v1(&core);
         assert_eq!(back["note"], "hello");
         assert_eq!(back["regarding"]["kind"], "Pod");
+    }
+
+    #[test]
+    fn crds_are_checked_before_they_are_served() {
+        let crd = json!({"metadata": {"name": "things.x.dev"}, "spec": {"group": "x.dev",
+            "names": {"plural": "things", "kind": "Thing"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                "type": "object", "properties": {"spec": {"type": "object",
+                    "x-kubernetes-validations": [{"rule": "self.a <"}]}}}}}]}});
+        let causes = validate_crd(&crd);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert!(
+            causes[0]
+                .field
+                .ends_with("properties[spec].x-kubernetes-validations[0].rule")
+        );
+        let mut misnamed = crd.clone();
+        misnamed["metadata"]["name"] = json!("other.x.dev");
+        misnamed["spec"]["versions"][0]["schema"] = json!({"openAPIV3Schema": {"type": "object"}});
+        assert_eq!(validate_crd(&misnamed)[0].field, "metadata.name");
     }
 
     #[test]

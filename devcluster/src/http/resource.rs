@@ -148,6 +148,21 @@ impl Request<'_> {
             creating,
             self.st.schedule,
         );
+        if self.info.group == "apiextensions.k8s.io" {
+            let causes = builtin::validate_crd(&obj);
+            if !causes.is_empty() {
+                let name = obj
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                return Err(ApiError::invalid(
+                    &self.info.group,
+                    &self.info.kind,
+                    name,
+                    causes,
+                ));
+            }
+        }
         if self.info.is_custom() {
             let strict = self.param("fieldValidation") == Some("Strict");
             obj = crate::validation::admit(&self.info, &self.version, obj, old, strict)?;
