@@ -100,6 +100,12 @@ pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, E
     let started = Instant::now();
     let ns = jq.namespace().unwrap_or_default();
     let api: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
+    if jq.meta().deletion_timestamp.is_none() && !jq.finalizers().iter().any(|f| f == FINALIZER) {
+        let result = add_finalizer(&api, &jq).await;
+        ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+        // The update triggers the next reconcile.
+        return result.map(|()| Action::await_change());
+    }
     let result = finalizer::finalizer(&api, FINALIZER, jq.clone(), |event| async {
         match event {
             Finalizer::Apply(jq) => apply(&jq, &api, &ctx).await,
@@ -116,6 +122,26 @@ pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, E
         ctx.succeeded(&key(&jq));
     }
     result
+}
+
+/// Adds [`FINALIZER`] with a merge patch guarded by the `resourceVersion` that was read (a
+/// concurrent change makes it fail with 409 and retry). kube-runtime's helper would do this with
+/// a JSON-patch `test` of a missing `/metadata/finalizers` against `null`, which the Kubernetes
+/// test double rejects; removal still goes through the helper.
+async fn add_finalizer(api: &Api<JobQueue>, jq: &JobQueue) -> Result<(), Error> {
+    let mut finalizers = jq.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": jq.resource_version()}
+    });
+    api.patch(
+        &jq.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|err| Error::Finalizer(Box::new(finalizer::Error::AddFinalizer(err))))
 }
 
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).

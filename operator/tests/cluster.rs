@@ -1,0 +1,433 @@
+//! The operator against the Kubernetes test double (`conveyor-devcluster`, API server only) and
+//! a real `nats-server`, driven with the real `kubectl` like a user would. Each test has its own
+//! cluster, NATS server and operator (in-process, `--resync 1s`), so tests run in parallel.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_devcluster::{DevCluster, Options};
+use conveyor_operator::Config;
+use conveyor_testkit::{NatsServer, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+const DEADLINE: Duration = Duration::from_secs(30);
+const NS: &str = "team";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// What `kubectl` answered.
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn kubectl_ok(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(cluster, args, stdin).await;
+    assert!(out.ok, "kubectl {args:?} failed: {}", out.stderr);
+    out.stdout
+}
+
+/// A cluster with the CRDs and the namespace `team`, a NATS server, and (once started) the
+/// operator.
+struct Env {
+    cluster: DevCluster,
+    nats: NatsServer,
+    stop: CancellationToken,
+    operator: Option<tokio::task::JoinHandle<Result<(), conveyor_operator::Error>>>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+        let crds = [repo("crds/jobqueues.yaml"), repo("crds/workers.yaml")];
+        for crd in &crds {
+            kubectl_ok(&cluster, &["apply", "-f", crd.to_str().unwrap()], None).await;
+        }
+        kubectl_ok(&cluster, &["create", "namespace", NS], None).await;
+        let nats = NatsServer::start().await.unwrap();
+        Self {
+            cluster,
+            nats,
+            stop: CancellationToken::new(),
+            operator: None,
+        }
+    }
+
+    fn start_operator(&mut self) {
+        let mut config = Config::with_nats_url(self.nats.url());
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.resync = Duration::from_secs(1);
+        config.scaler_interval = Duration::from_millis(200);
+        config.worker_image = "ghcr.io/conveyor-dev/conveyor-worker:test".into();
+        let stop = self.stop.clone();
+        let client = self.cluster.client();
+        self.operator = Some(tokio::spawn(conveyor_operator::run_with_client(
+            config,
+            client,
+            async move {
+                stop.cancelled().await;
+            },
+        )));
+    }
+
+    fn queues(&self) -> Api<JobQueue> {
+        Api::namespaced(self.cluster.client(), NS)
+    }
+
+    async fn apply(&self, yaml: &str) {
+        kubectl_ok(&self.cluster, &["apply", "-n", NS, "-f", "-"], Some(yaml)).await;
+    }
+
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap())
+    }
+
+    /// Waits until the queue's `Ready` condition has `status` (and `reason`, when given).
+    async fn wait_ready(&self, name: &str, status: &str, reason: Option<&str>) -> String {
+        let api = self.queues();
+        let ready = |q: Option<JobQueue>| {
+            q.and_then(|q| q.status)
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+                .filter(|c| c.status == status && reason.is_none_or(|r| r == c.reason))
+        };
+        let what = format!("JobQueue {name} Ready={status} {reason:?}");
+        wait_for(DEADLINE, &what, || async {
+            ready(api.get_opt(name).await.ok().flatten()).is_some()
+        })
+        .await
+        .unwrap();
+        ready(api.get_opt(name).await.unwrap())
+            .map(|c| c.message)
+            .unwrap_or_default()
+    }
+
+    async fn stream_exists(&self, name: &str) -> bool {
+        self.jetstream().await.get_stream(name).await.is_ok()
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(operator) = self.operator.take() {
+            let result = tokio::time::timeout(DEADLINE, operator)
+                .await
+                .expect("operator stops");
+            result.unwrap().expect("operator exits cleanly");
+        }
+        self.cluster.shutdown().await;
+    }
+}
+
+fn queue_yaml(name: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: {name}}}\nspec: {{deletionPolicy: {policy}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn hello_example_yields_a_deployment_with_the_runtime_injected() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    let dir = repo("examples/hello");
+    for file in ["queue.yaml", "worker.yaml"] {
+        let path = dir.join(file);
+        kubectl_ok(
+            &env.cluster,
+            &["apply", "-n", NS, "-f", path.to_str().unwrap()],
+            None,
+        )
+        .await;
+    }
+
+    env.wait_ready("hello", "True", Some("StreamReady")).await;
+    assert!(env.stream_exists("conveyor_team_hello").await);
+    assert!(env.stream_exists("conveyor_team_hello_dlq").await);
+
+    let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
+    wait_for(DEADLINE, "the hello Deployment", || async {
+        deployments.get_opt("hello").await.ok().flatten().is_some()
+    })
+    .await
+    .unwrap();
+    let deployment = deployments.get("hello").await.unwrap();
+    let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Worker", "hello")
+    );
+    let spec = deployment.spec.unwrap();
+    assert_eq!(
+        spec.replicas,
+        Some(1),
+        "minReplicas while the queue is empty"
+    );
+    let pod = spec.template.spec.unwrap();
+    let init = &pod.init_containers.unwrap()[0];
+    assert_eq!(init.name, "install-conveyor-runtime");
+    assert_eq!(
+        init.image.as_deref(),
+        Some("ghcr.io/conveyor-dev/conveyor-worker:test")
+    );
+    let main = &pod.containers[0];
+    assert_eq!(
+        main.command.as_deref().unwrap(),
+        ["/conveyor/bin/conveyor-worker", "run", "--", "/handler.sh"]
+    );
+    let env_names: Vec<_> = main
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    for name in [
+        "CONVEYOR_NATS_URL",
+        "CONVEYOR_QUEUE",
+        "CONVEYOR_POD_NAME",
+        "CONVEYOR_HEALTH_ADDR",
+    ] {
+        assert!(
+            env_names.contains(&name),
+            "{name} missing from {env_names:?}"
+        );
+    }
+
+    let workers: Api<Worker> = Api::namespaced(env.cluster.client(), NS);
+    wait_for(
+        DEADLINE,
+        "the Worker status to name its selector and desired size",
+        || async {
+            workers
+                .get("hello")
+                .await
+                .ok()
+                .and_then(|w| w.status)
+                .is_some_and(|s| {
+                    s.selector.as_deref()
+                        == Some("app.kubernetes.io/name=conveyor-worker,conveyor.dev/worker=hello")
+                        && s.desired_replicas == Some(1)
+                })
+        },
+    )
+    .await
+    .unwrap();
+
+    let table = kubectl_ok(&env.cluster, &["get", "-n", NS, "jobqueues,workers"], None).await;
+    for column in [
+        "READY",
+        "PENDING",
+        "IN-FLIGHT",
+        "QUEUE",
+        "DESIRED",
+        "AVAILABLE",
+        "AGE",
+    ] {
+        assert!(table.contains(column), "{column} missing from:\n{table}");
+    }
+    assert!(table.contains("hello"), "{table}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn deleting_a_queue_deletes_or_retains_its_streams() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("dropped", "Delete")).await;
+    env.apply(&queue_yaml("kept", "Retain")).await;
+    env.wait_ready("dropped", "True", None).await;
+    env.wait_ready("kept", "True", None).await;
+    assert!(env.stream_exists("conveyor_team_dropped").await);
+
+    kubectl_ok(
+        &env.cluster,
+        &[
+            "delete",
+            "-n",
+            NS,
+            "jobqueue",
+            "dropped",
+            "kept",
+            "--wait=true",
+        ],
+        None,
+    )
+    .await;
+    let api = env.queues();
+    wait_for(DEADLINE, "both JobQueues to be gone", || async {
+        api.get_opt("dropped").await.unwrap().is_none()
+            && api.get_opt("kept").await.unwrap().is_none()
+    })
+    .await
+    .unwrap();
+    assert!(!env.stream_exists("conveyor_team_dropped").await);
+    assert!(!env.stream_exists("conveyor_team_dropped_dlq").await);
+    assert!(env.stream_exists("conveyor_team_kept").await);
+    assert!(env.stream_exists("conveyor_team_kept_dlq").await);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn nats_down_at_start_is_reported_and_recovered_from() {
+    let mut env = Env::new().await;
+    env.nats.stop().await.unwrap();
+    env.start_operator();
+    env.apply(&queue_yaml("early", "Retain")).await;
+
+    let message = env
+        .wait_ready("early", "False", Some("NatsUnavailable"))
+        .await;
+    assert!(
+        message.contains(&env.nats.url()),
+        "message names the server: {message}"
+    );
+    assert!(
+        !env.operator.as_ref().unwrap().is_finished(),
+        "the operator keeps running"
+    );
+    let describe = kubectl_ok(
+        &env.cluster,
+        &["describe", "-n", NS, "jobqueue", "early"],
+        None,
+    )
+    .await;
+    assert!(describe.contains("NatsUnavailable"), "{describe}");
+
+    env.nats.restart().await.unwrap();
+    env.wait_ready("early", "True", Some("StreamReady")).await;
+    assert!(env.stream_exists("conveyor_team_early").await);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_retained_queue_can_be_deleted_while_nats_is_down() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("kept", "Retain")).await;
+    env.wait_ready("kept", "True", None).await;
+    env.nats.stop().await.unwrap();
+    kubectl_ok(
+        &env.cluster,
+        &["delete", "-n", NS, "jobqueue", "kept", "--wait=true"],
+        None,
+    )
+    .await;
+    let api = env.queues();
+    wait_for(DEADLINE, "the JobQueue to be gone", || async {
+        api.get_opt("kept").await.unwrap().is_none()
+    })
+    .await
+    .unwrap();
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stream_deleted_behind_the_operators_back_is_recreated() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("q", "Delete")).await;
+    env.wait_ready("q", "True", None).await;
+    let js = env.jetstream().await;
+    js.delete_stream("conveyor_team_q").await.unwrap();
+    assert!(!env.stream_exists("conveyor_team_q").await);
+    // One resync is 1 s; allow for a slow machine but far less than the default 30 s.
+    wait_for(
+        Duration::from_secs(10),
+        "the stream to be recreated",
+        || async { env.stream_exists("conveyor_team_q").await },
+    )
+    .await
+    .unwrap();
+    let stream = js.get_stream("conveyor_team_q").await.unwrap();
+    let consumer: Result<async_nats::jetstream::consumer::PullConsumer, _> =
+        stream.get_consumer("workers-p0").await;
+    assert!(consumer.is_ok(), "the consumer is back too");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_rejected_by_kubectl_apply() {
+    let env = Env::new().await;
+    let worker = |scaling: &str, mode: &str| {
+        format!(
+            "apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {{name: bad}}
+spec:
+  queue: hello
+  handler: {{mode: {mode}, command: [/handler.sh]}}
+  scaling: {scaling}
+  template: {{spec: {{containers: [{{name: handler, image: hello}}]}}}}
+"
+        )
+    };
+    let out = kubectl(
+        &env.cluster,
+        &["apply", "-n", NS, "-f", "-"],
+        Some(&worker("{minReplicas: 5, maxReplicas: 2}", "exec")),
+    )
+    .await;
+    assert!(!out.ok, "min > max must be rejected");
+    assert!(
+        out.stderr
+            .contains("scaling.minReplicas must be less than or equal to scaling.maxReplicas"),
+        "{}",
+        out.stderr
+    );
+
+    let out = kubectl(
+        &env.cluster,
+        &["apply", "-n", NS, "-f", "-"],
+        Some(&worker("{maxReplicas: 2}", "grpc")),
+    )
+    .await;
+    assert!(!out.ok, "an unknown handler mode must be rejected");
+    assert!(
+        out.stderr.contains("grpc") && out.stderr.contains("exec"),
+        "{}",
+        out.stderr
+    );
+
+    let out = kubectl(
+        &env.cluster,
+        &["apply", "-n", NS, "-f", "-"],
+        Some(&worker("{maxReplicas: 2}", "exec")),
+    )
+    .await;
+    assert!(out.ok, "the fixed manifest is accepted: {}", out.stderr);
+    env.shutdown().await;
+}
