@@ -202,7 +202,24 @@ fn cell(c: &Column, obj: &Value) -> Value {
                         .map(|c| c.get("restartCount").and_then(Value::as_i64).unwrap_or(0))
                         .sum()
                 });
-            json!(n.to_string())
+            // Like kubectl: "3 (42s ago)", from the latest finish of a previous container.
+            let last = obj
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| {
+                    c.pointer("/lastState/terminated/finishedAt")
+                        .and_then(Value::as_str)
+                })
+                .max();
+            match last {
+                Some(t) if n > 0 => json!(format!(
+                    "{n} ({} ago)",
+                    age_of(Some(t)).as_str().unwrap_or("?")
+                )),
+                _ => json!(n.to_string()),
+            }
         }
         "@deploy-ready" => json!(format!(
             "{}/{}",
