@@ -105,12 +105,13 @@ impl Paths {
                 (temp.path().to_owned(), Some(temp))
             }
         };
+        // Absolute: pod processes run in their own directories.
         let state = std::path::absolute(&state)?;
         Ok(Self {
             state,
             _temp: temp,
             worker_bin: std::path::absolute(worker_bin)?,
-            examples,
+            examples: std::path::absolute(examples)?,
         })
     }
 
