@@ -586,6 +586,7 @@ impl Request<'_> {
 
     fn write_scale(&self, method: &Method) -> Result<Response, ApiError> {
         let paths = self.scale_paths()?;
+        let manager = self.field_manager();
         let ct = self.content_type();
         let body = self.body.clone();
         let name = self.name.clone().unwrap_or_default();
@@ -644,6 +645,16 @@ impl Request<'_> {
                 if let Some(rv) = new_scale.pointer("/metadata/resourceVersion") {
                     new["metadata"]["resourceVersion"] = rv.clone();
                 }
+                // The writer of the scale subresource owns the replicas it set.
+                let api_version = self.info.api_version(&self.version);
+                crate::ssa::record_update(
+                    Some(cur),
+                    &mut new,
+                    &manager,
+                    "Update",
+                    &api_version,
+                    false,
+                );
                 if self.info.is_custom() {
                     return crate::validation::admit(
                         &self.info,
