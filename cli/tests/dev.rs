@@ -52,22 +52,20 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 #[tokio::test]
 async fn demo_processes_every_job_and_exits_zero() {
     let state = tempfile::tempdir().expect("tempdir");
-    let out = timeout(
-        Duration::from_secs(300),
-        conveyor_dev(&[
-            "--demo",
-            "--demo-jobs",
-            "100",
-            "--timeout",
-            "120s",
-            "--state-dir",
-        ])
-        .arg(state.path())
-        .output(),
-    )
-    .await
-    .expect("conveyor dev --demo finishes within 5 minutes")
-    .expect("conveyor dev --demo runs");
+    let state_str = state.path().to_string_lossy().into_owned();
+    let args = [
+        "--demo",
+        "--demo-jobs",
+        "100",
+        "--timeout",
+        "120s",
+        "--state-dir",
+        &state_str,
+    ];
+    let out = timeout(Duration::from_secs(300), conveyor_dev(&args).output())
+        .await
+        .expect("conveyor dev --demo finishes within 5 minutes")
+        .expect("conveyor dev --demo runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -79,7 +77,7 @@ async fn demo_processes_every_job_and_exits_zero() {
         stdout.contains("hello"),
         "kubectl get output names the queue: {stdout}"
     );
-    let left = processes_mentioning(&state.path().to_string_lossy());
+    let left = processes_mentioning(&state_str);
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
 
