@@ -161,6 +161,8 @@ struct Inner {
     rv: u64,
     objects: BTreeMap<Gr, BTreeMap<Key, Value>>,
     uids: HashMap<String, (Gr, Key)>,
+    /// Objects with a deletionTimestamp, so that `settle` does not scan the whole store.
+    deleting: std::collections::BTreeSet<(Gr, Key)>,
     history: VecDeque<Arc<WatchEvent>>,
     pending: Vec<Arc<WatchEvent>>,
 }
@@ -738,6 +740,11 @@ impl Inner {
         if let Some(uid) = meta_str(&obj, "uid") {
             self.uids.insert(uid.to_owned(), (gr.clone(), key.clone()));
         }
+        if meta_str(&obj, "deletionTimestamp").is_some() {
+            self.deleting.insert((gr.clone(), key.clone()));
+        } else {
+            self.deleting.remove(&(gr.clone(), key.clone()));
+        }
         self.objects
             .entry(gr.clone())
             .or_default()
@@ -767,6 +774,7 @@ impl Inner {
         meta_mut(&mut obj).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let uid = meta_str(&obj, "uid").unwrap_or_default().to_owned();
         self.uids.remove(&uid);
+        self.deleting.remove(&(gr.clone(), key.clone()));
         self.emit(gr, &key.0, EventType::Deleted, obj, None);
         self.collect_dependents(&uid);
     }
@@ -930,25 +938,23 @@ impl Inner {
     fn settle(&mut self) {
         loop {
             let mut work: Vec<(Gr, Key, bool)> = Vec::new();
-            for (gr, objs) in &self.objects {
-                for (key, obj) in objs {
-                    if meta_str(obj, "deletionTimestamp").is_none() {
-                        continue;
+            for (gr, key) in &self.deleting {
+                let Some(obj) = self.objects.get(gr).and_then(|m| m.get(key)) else {
+                    continue;
+                };
+                let is_ns = gr.0 == NS.0 && gr.1 == NS.1;
+                if is_ns {
+                    let empty = self
+                        .objects
+                        .values()
+                        .all(|m| m.keys().all(|k| k.0 != key.1));
+                    if empty && finalizers(obj).is_empty() {
+                        work.push((gr.clone(), key.clone(), true));
                     }
-                    let is_ns = gr.0 == NS.0 && gr.1 == NS.1;
-                    if is_ns {
-                        let empty = self
-                            .objects
-                            .values()
-                            .all(|m| m.keys().all(|k| k.0 != key.1));
-                        if empty && finalizers(obj).is_empty() {
-                            work.push((gr.clone(), key.clone(), true));
-                        }
-                    } else if finalizers(obj).iter().any(|f| f == "foregroundDeletion") {
-                        let uid = meta_str(obj, "uid").unwrap_or_default();
-                        if self.dependents(uid).is_empty() {
-                            work.push((gr.clone(), key.clone(), false));
-                        }
+                } else if finalizers(obj).iter().any(|f| f == "foregroundDeletion") {
+                    let uid = meta_str(obj, "uid").unwrap_or_default();
+                    if self.dependents(uid).is_empty() {
+                        work.push((gr.clone(), key.clone(), false));
                     }
                 }
             }
