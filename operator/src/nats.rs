@@ -12,6 +12,9 @@ use async_nats::jetstream;
 
 /// Longest pause between two reconnection attempts, so recovery after a NATS outage is quick.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How long a new client may take for its first connection before callers are told NATS is
+/// unavailable (so a healthy start does not flash `NatsUnavailable`).
+const FIRST_CONNECT_GRACE: Duration = Duration::from_secs(2);
 /// How long one JetStream API request may take before the reconcile gives up on it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,6 +78,13 @@ impl NatsPool {
                 source,
             })?;
         clients.insert(url, client.clone());
+        drop(clients);
+        let started = std::time::Instant::now();
+        while client.connection_state() != State::Connected
+            && started.elapsed() < FIRST_CONNECT_GRACE
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(client)
     }
 

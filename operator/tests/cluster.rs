@@ -431,3 +431,73 @@ spec:
     assert!(out.ok, "the fixed manifest is accepted: {}", out.stderr);
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() {
+    let env = Env::new().await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.cluster.client(), NS);
+    let holder = || async {
+        leases
+            .get_opt("conveyor-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+    let start = |identity: &str, stop: CancellationToken| {
+        let mut config = Config::with_nats_url(env.nats.url());
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.resync = Duration::from_secs(1);
+        config.leader_election = true;
+        config.lease_namespace = NS.into();
+        config.lease_duration = Duration::from_secs(3);
+        config.identity = Some(identity.into());
+        tokio::spawn(conveyor_operator::run_with_client(
+            config,
+            env.cluster.client(),
+            async move {
+                stop.cancelled().await;
+            },
+        ))
+    };
+    let stop_a = CancellationToken::new();
+    let a = start("a", stop_a.clone());
+    wait_for(DEADLINE, "a to hold the lease", || async {
+        holder().await.as_deref() == Some("a")
+    })
+    .await
+    .unwrap();
+    let stop_b = CancellationToken::new();
+    let b = start("b", stop_b.clone());
+    env.apply(&queue_yaml("q", "Delete")).await;
+    env.wait_ready("q", "True", None).await;
+    assert_eq!(
+        holder().await.as_deref(),
+        Some("a"),
+        "b stands by while a renews"
+    );
+
+    stop_a.cancel();
+    a.await.unwrap().expect("a exits cleanly");
+    wait_for(DEADLINE, "b to take the lease over", || async {
+        holder().await.as_deref() == Some("b")
+    })
+    .await
+    .unwrap();
+    // b now runs the controllers: it recreates a stream deleted behind its back.
+    env.jetstream()
+        .await
+        .delete_stream("conveyor_team_q")
+        .await
+        .unwrap();
+    wait_for(DEADLINE, "b to recreate the stream", || async {
+        env.stream_exists("conveyor_team_q").await
+    })
+    .await
+    .unwrap();
+    stop_b.cancel();
+    b.await.unwrap().expect("b exits cleanly");
+    env.shutdown().await;
+}
