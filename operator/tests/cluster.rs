@@ -501,3 +501,82 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() {
     b.await.unwrap().expect("b exits cleanly");
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_scaler_follows_the_backlog() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("work", "Delete")).await;
+    env.apply(
+        "apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {name: work}
+spec:
+  queue: work
+  handler: {mode: exec, command: [/bin/cat]}
+  scaling: {minReplicas: 0, maxReplicas: 4, targetBacklogPerReplica: 10, scaleDownDelay: 1s}
+  template: {spec: {containers: [{name: handler, image: busybox}]}}
+",
+    )
+    .await;
+    env.wait_ready("work", "True", None).await;
+    let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
+    let replicas = |want: i32| {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get_opt("work")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.spec)
+                .and_then(|s| s.replicas)
+                == Some(want)
+        }
+    };
+    wait_for(DEADLINE, "an idle pool at zero", || replicas(0))
+        .await
+        .unwrap();
+
+    // No pod runs (API server only), so the 25 jobs stay pending: ceil(25 / 10) = 3 pods.
+    let js = env.jetstream().await;
+    for i in 0..25 {
+        js.publish("conveyor.team.work.jobs.0", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    wait_for(DEADLINE, "the pool to grow to 3", || replicas(3))
+        .await
+        .unwrap();
+    let worker = Api::<Worker>::namespaced(env.cluster.client(), NS)
+        .get("work")
+        .await
+        .unwrap();
+    let status = worker.status.unwrap();
+    assert_eq!(status.desired_replicas, Some(3));
+    assert!(status.last_scale_reason.unwrap().contains("backlog 25"));
+    let describe = kubectl_ok(
+        &env.cluster,
+        &["describe", "-n", NS, "worker", "work"],
+        None,
+    )
+    .await;
+    assert!(describe.contains("ScaledUp"), "{describe}");
+
+    js.get_stream("conveyor_team_work")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    wait_for(
+        DEADLINE,
+        "the pool to shrink back to zero after the delay",
+        || replicas(0),
+    )
+    .await
+    .unwrap();
+    env.shutdown().await;
+}
