@@ -48,6 +48,7 @@ pub struct Env {
     /// The NATS server.
     pub nats: NatsServer,
     operator: Option<tokio::process::Child>,
+    operator_port: u16,
     // The fake runtime image; removed when the environment is dropped.
     _images: tempfile::TempDir,
 }
@@ -85,6 +86,7 @@ impl Env {
             cluster,
             nats,
             operator: None,
+            operator_port: 0,
             _images: images,
         };
         for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
@@ -113,6 +115,7 @@ impl Env {
             .spawn()
             .context("starting conveyor-operator")?;
         self.operator = Some(child);
+        self.operator_port = port;
         wait_for(
             Duration::from_secs(20),
             "the operator's HTTP port",
@@ -123,6 +126,21 @@ impl Env {
             },
         )
         .await
+    }
+
+    /// `GET path` on the operator's HTTP server: the status line and the body.
+    pub async fn operator_http(&self, path: &str) -> anyhow::Result<(String, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.operator_port)).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("malformed HTTP response")?;
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        Ok((status, body.to_owned()))
     }
 
     /// Asks the operator to stop (SIGTERM) and waits for a clean exit.

@@ -103,5 +103,15 @@ async fn hello_example_processes_every_job() {
     ] {
         assert!(table.contains(column), "{column} missing:\n{table}");
     }
+    let (status, _) = env.operator_http("/healthz").await.unwrap();
+    assert!(status.contains("200"), "{status}");
+    let (status, _) = env.operator_http("/readyz").await.unwrap();
+    assert!(status.contains("200"), "{status}");
+    let (_, metrics) = env.operator_http("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("conveyor_operator_reconciles_total{controller=\"jobqueue\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("conveyor_operator_leader 1"), "{metrics}");
     env.stop_operator().await.unwrap();
 }
