@@ -580,3 +580,62 @@ spec:
     .unwrap();
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn kubectl_scale_sizes_a_pool_without_scaling() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("fixed", "Delete")).await;
+    env.apply(
+        "apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {name: fixed}
+spec:
+  queue: fixed
+  handler: {mode: jsonl, command: [/bin/handler]}
+  template: {spec: {containers: [{name: handler, image: busybox}]}}
+",
+    )
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
+    let replicas = |want: i32| {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get_opt("fixed")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.spec)
+                .and_then(|s| s.replicas)
+                == Some(want)
+        }
+    };
+    wait_for(DEADLINE, "the default single pod", || replicas(1))
+        .await
+        .unwrap();
+    kubectl_ok(
+        &env.cluster,
+        &["scale", "-n", NS, "worker", "fixed", "--replicas=3"],
+        None,
+    )
+    .await;
+    wait_for(DEADLINE, "the Deployment to follow kubectl scale", || {
+        replicas(3)
+    })
+    .await
+    .unwrap();
+    let workers: Api<Worker> = Api::namespaced(env.cluster.client(), NS);
+    wait_for(DEADLINE, "status.desiredReplicas to follow", || async {
+        workers
+            .get("fixed")
+            .await
+            .ok()
+            .and_then(|w| w.status)
+            .and_then(|s| s.desired_replicas)
+            == Some(3)
+    })
+    .await
+    .unwrap();
+    env.shutdown().await;
+}
