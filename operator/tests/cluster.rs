@@ -639,3 +639,26 @@ spec:
     .unwrap();
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_queue_can_live_on_another_nats_server() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    let other = NatsServer::start().await.unwrap();
+    env.apply(&format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: elsewhere}}\nspec: {{nats: {{url: '{}'}}}}\n",
+        other.url()
+    ))
+    .await;
+    env.wait_ready("elsewhere", "True", None).await;
+    let js = async_nats::jetstream::new(async_nats::connect(other.url()).await.unwrap());
+    assert!(
+        js.get_stream("conveyor_team_elsewhere").await.is_ok(),
+        "created on the override"
+    );
+    assert!(
+        !env.stream_exists("conveyor_team_elsewhere").await,
+        "not on the default server"
+    );
+    env.shutdown().await;
+}
