@@ -662,3 +662,19 @@ async fn a_queue_can_live_on_another_nats_server() {
     );
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unusable_nats_url_is_reported_as_invalid_spec() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: odd}\nspec: {nats: {url: 'nats://bad host:4222'}}\n",
+    )
+    .await;
+    let message = env.wait_ready("odd", "False", Some("InvalidSpec")).await;
+    assert!(message.contains("bad host"), "{message}");
+    // Other queues are not held up by the bad one.
+    env.apply(&queue_yaml("fine", "Delete")).await;
+    env.wait_ready("fine", "True", None).await;
+    env.shutdown().await;
+}
