@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use anyhow::Context as _;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use async_nats::jetstream::{
     self, ErrorCode,
@@ -121,37 +121,36 @@ async fn get_stream(js: &jetstream::Context, name: &str) -> Result<Option<Stream
     }
 }
 
-/// Every queue of a namespace, found by its work stream's name (`conveyor_<namespace>_<queue>`).
+/// Every queue of a namespace, found by its work stream (`conveyor_<namespace>_<queue>`).
 pub async fn namespace_queues(
     js: &jetstream::Context,
     namespace: &str,
 ) -> anyhow::Result<Vec<QueueRef>> {
-    let names: BTreeSet<String> = js
-        .stream_names()
+    let streams: BTreeMap<String, Vec<String>> = js
+        .streams()
+        .map_ok(|info| (info.config.name, info.config.subjects))
         .try_collect()
         .await
         .context("cannot list JetStream streams")?;
-    Ok(queues_among(&names, namespace))
+    Ok(queues_among(&streams, namespace))
 }
 
-/// The queues of `namespace` whose work streams are among `names`. Kubernetes names contain no
-/// `_` and the stream name maps `.` to `_`, so the queue name is recovered by mapping back; a
-/// name that is another queue's dead-letter stream is not a queue.
-fn queues_among(names: &BTreeSet<String>, namespace: &str) -> Vec<QueueRef> {
+/// The queues of `namespace` among `streams` (name → subjects). Kubernetes names contain no `_`
+/// and stream names map `.` to `_`, so a queue name is recovered by mapping back; the stream is
+/// the queue's work stream only if it takes the queue's jobs — the queue's other streams
+/// (dead letters, delayed jobs, events) share the name prefix but not the subjects.
+fn queues_among(streams: &BTreeMap<String, Vec<String>>, namespace: &str) -> Vec<QueueRef> {
     let prefix = QueueRef::new(namespace, "").stream();
-    let candidates: Vec<QueueRef> = names
+    streams
         .iter()
-        .filter_map(|n| n.strip_prefix(&prefix))
-        .filter(|q| !q.is_empty())
-        .map(|q| QueueRef::new(namespace, q.replace('_', ".")))
-        .collect();
-    let dead_letter: BTreeSet<String> = candidates
-        .iter()
-        .map(QueueRef::dead_letter_stream)
-        .collect();
-    candidates
-        .into_iter()
-        .filter(|q| !dead_letter.contains(&q.stream()))
+        .filter_map(|(name, subjects)| {
+            let rest = name.strip_prefix(&prefix).filter(|q| !q.is_empty())?;
+            let queue = QueueRef::new(namespace, rest.replace('_', "."));
+            let takes_jobs = subjects
+                .iter()
+                .any(|s| *s == queue.job_subject(0) || *s == queue.jobs_wildcard());
+            takes_jobs.then_some(queue)
+        })
         .collect()
 }
 
@@ -207,17 +206,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queues_are_found_by_stream_name() {
-        let names: BTreeSet<String> = [
-            "conveyor_default_hello",
-            "conveyor_default_hello_dlq",
-            "conveyor_default_img_v2",
-            "conveyor_other_hello",
-            "unrelated",
+    fn queues_are_found_by_their_work_stream() {
+        let stream = |name: &str, subjects: &[&str]| {
+            (
+                name.to_owned(),
+                subjects.iter().map(|s| s.to_string()).collect(),
+            )
+        };
+        let streams: BTreeMap<String, Vec<String>> = [
+            stream("conveyor_default_hello", &["conveyor.default.hello.jobs.0"]),
+            stream(
+                "conveyor_default_hello_dlq",
+                &["conveyor.default.hello.dlq"],
+            ),
+            stream(
+                "conveyor_default_hello_delayed",
+                &["conveyor.default.hello.delayed.*"],
+            ),
+            stream(
+                "conveyor_default_img_v2",
+                &[
+                    "conveyor.default.img_v2.jobs.0",
+                    "conveyor.default.img_v2.jobs.1",
+                ],
+            ),
+            stream("conveyor_other_hello", &["conveyor.other.hello.jobs.0"]),
+            stream("unrelated", &["x"]),
         ]
-        .map(String::from)
         .into();
-        let queues = queues_among(&names, "default");
+        let queues = queues_among(&streams, "default");
         assert_eq!(
             queues,
             [
