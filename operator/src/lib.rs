@@ -7,6 +7,7 @@ pub mod assets;
 pub mod conditions;
 pub mod config;
 pub mod context;
+pub mod dispatcher;
 pub mod http;
 pub mod jobqueue;
 pub mod leader;
@@ -171,5 +172,6 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
         jobqueue::run(queues, ctx.clone(), on(&stop)),
         worker::run(workers, ctx.clone(), on(&stop)),
         scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
+        dispatcher::run(ctx.clone(), stop.clone()),
     );
 }

@@ -1,5 +1,6 @@
 //! The one definition of the JetStream assets behind a queue: the work stream, one durable pull
-//! consumer per priority level, and the dead-letter stream. The operator applies these from a
+//! consumer per priority level, the dead-letter stream, and the events stream that keeps the
+//! advisories the dispatcher acts on. The operator applies these from a
 //! `JobQueue` spec; tests and `conveyor dev` call [`ensure_queue`] directly.
 
 use std::time::Duration;
@@ -177,6 +178,25 @@ pub fn dead_letter_stream_config(queue: &QueueRef, settings: &QueueSettings) -> 
     }
 }
 
+/// The events stream: captures the `MAX_DELIVERIES` advisories of the queue's consumers, so a
+/// job exhausted by crashes or timeouts (no handler ever reported) is remembered even while no
+/// dispatcher runs. Work-queue retention: an advisory is gone once the dispatcher acked it.
+pub fn events_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.events_stream(),
+        description: Some(format!(
+            "Conveyor advisories of {}/{} for the dispatcher",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![queue.max_deliveries_advisories()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
 /// The durable pull consumer of one priority level: explicit acks, `max_deliver` =
 /// `maxAttempts`, `ack_wait` = `timeout` (workers heartbeat to extend it).
 pub fn consumer_config(
@@ -198,7 +218,8 @@ pub fn consumer_config(
     }
 }
 
-/// Creates the queue's streams and consumers, or updates them to match `settings`.
+/// Creates the queue's streams (work, dead-letter, events) and consumers, or updates them to
+/// match `settings`.
 pub async fn ensure_queue(
     jetstream: &jetstream::Context,
     queue: &QueueRef,
@@ -209,6 +230,7 @@ pub async fn ensure_queue(
     for config in [
         stream_config(queue, settings),
         dead_letter_stream_config(queue, settings),
+        events_stream_config(queue, settings),
     ] {
         let name = config.name.clone();
         jetstream

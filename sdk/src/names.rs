@@ -60,7 +60,27 @@ impl QueueRef {
     pub fn consumer(&self, priority: u8) -> String {
         format!("workers-p{priority}")
     }
+
+    /// The events stream: `conveyor_<namespace>_<queue>_events`. It keeps the server's
+    /// `MAX_DELIVERIES` advisories of the queue's consumers (which JetStream publishes
+    /// fire-and-forget) until the dispatcher has dead-lettered the job they name.
+    pub fn events_stream(&self) -> String {
+        format!("{}_events", self.stream())
+    }
+
+    /// Subjects of the `MAX_DELIVERIES` advisories of every consumer of the work stream:
+    /// `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.*`.
+    pub fn max_deliveries_advisories(&self) -> String {
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            self.stream()
+        )
+    }
 }
+
+/// Durable consumer of the events stream through which the operator's dispatcher reads the
+/// advisories.
+pub const DISPATCHER_CONSUMER: &str = "dispatcher";
 
 /// Environment variables the operator sets in worker pods and the runtime reads.
 pub mod env {

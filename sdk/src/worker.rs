@@ -661,8 +661,10 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
     };
     let (message, acker) = message.split();
     let headers = message.headers.clone().unwrap_or_default();
+    // A requeued dead letter keeps its job id in `Conveyor-Job-Id` (its `Nats-Msg-Id` is new).
     let id = headers
-        .get(protocol::MSG_ID)
+        .get(dead_letter::JOB_ID)
+        .or_else(|| headers.get(protocol::MSG_ID))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_else(|| format!("{}:{sequence}", shared.queue.stream()));
     let priority = message

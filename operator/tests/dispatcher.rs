@@ -1,0 +1,289 @@
+//! The dispatcher against a real `nats-server`: jobs whose worker dies on every delivery (a
+//! puller that never acks) end in the dead-letter queue exactly once — with the dispatcher
+//! running, started only after they exhausted, killed and restarted mid-run, and across a
+//! NATS restart.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use conveyor::admin::{self, QueueSettings};
+use conveyor::dlq::{self, REASON_MAX_DELIVERIES, Selector};
+use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
+use conveyor::protocol;
+use conveyor_operator::dispatcher::Dispatcher;
+use conveyor_testkit::{NatsServer, wait_for};
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn connect(server: &NatsServer) -> async_nats::Client {
+    let client = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|_| Duration::from_millis(100))
+        .connect(server.url())
+        .await
+        .unwrap();
+    wait_for(DEADLINE, "the client to connect", || async {
+        client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await
+    .unwrap();
+    client
+}
+
+/// A queue whose jobs are given up after 2 deliveries of 1 s each.
+async fn queue(js: &jetstream::Context, name: &str) -> QueueRef {
+    let queue = QueueRef::new("test", name);
+    let settings = QueueSettings {
+        max_attempts: 2,
+        timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    admin::ensure_queue(js, &queue, &settings).await.unwrap();
+    queue
+}
+
+async fn submit(js: &jetstream::Context, queue: &QueueRef, ids: impl IntoIterator<Item = String>) {
+    for id in ids {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(protocol::MSG_ID, id.as_str());
+        js.publish_with_headers(queue.job_subject(0), headers, id.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+fn ids(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// A worker that takes every job and dies before answering: it pulls and never acks.
+fn crashing_worker(js: jetstream::Context, queue: &QueueRef) -> JoinHandle<()> {
+    let (stream, consumer) = (queue.stream(), queue.consumer(0));
+    tokio::spawn(async move {
+        let consumer: PullConsumer = loop {
+            match js.get_consumer_from_stream(&consumer, &stream).await {
+                Ok(consumer) => break consumer,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        loop {
+            let Ok(mut batch) = consumer
+                .batch()
+                .max_messages(100)
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while let Some(message) = batch.next().await {
+                drop(message);
+            }
+        }
+    })
+}
+
+fn dispatcher(client: async_nats::Client) -> (CancellationToken, JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let run = Dispatcher::new(client)
+        .interval(Duration::from_millis(200))
+        .run(stop.clone());
+    (stop, tokio::spawn(run))
+}
+
+async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until `count` dead letters exist and nothing is left to move: the work stream is
+/// empty and every advisory is acked. Then no later dead letter can appear.
+async fn settled(js: &jetstream::Context, queue: &QueueRef, count: u64) {
+    wait_for(
+        DEADLINE,
+        "every job dead-lettered and every advisory acked",
+        || async {
+            if messages(js, &queue.dead_letter_stream()).await < count
+                || messages(js, &queue.stream()).await != 0
+                || messages(js, &queue.events_stream()).await != 0
+            {
+                return false;
+            }
+            let consumer: Result<PullConsumer, _> = js
+                .get_consumer_from_stream(DISPATCHER_CONSUMER, queue.events_stream())
+                .await;
+            let Ok(consumer) = consumer else {
+                return false;
+            };
+            let info = consumer.cached_info();
+            info.num_pending == 0 && info.num_ack_pending == 0
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Every id appears exactly once in the dead-letter queue, as a `max_deliveries` dead letter.
+async fn exactly_once(js: &jetstream::Context, queue: &QueueRef, expected: &[String]) {
+    let entries = dlq::list(js, queue, &Selector::All, usize::MAX)
+        .await
+        .unwrap();
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for entry in &entries {
+        assert_eq!(entry.reason, REASON_MAX_DELIVERIES, "{entry:?}");
+        assert_eq!(entry.attempts, Some(2), "{entry:?}");
+        assert_eq!(entry.pod, "unknown");
+        *counts.entry(entry.job_id.clone()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "dead-lettered more than once: {twice:?}");
+    let mut expected = expected.to_vec();
+    expected.sort();
+    assert_eq!(counts.into_keys().collect::<Vec<_>>(), expected);
+}
+
+#[tokio::test]
+async fn a_job_whose_worker_dies_on_every_delivery_is_dead_lettered_once() {
+    let server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "crash").await;
+    let (stop, running) = dispatcher(client.clone());
+    let crasher = crashing_worker(js.clone(), &queue);
+
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(protocol::MSG_ID, "poison");
+    headers.insert("X-Trace", "t-1");
+    js.publish_with_headers(queue.job_subject(0), headers, "payload".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    settled(&js, &queue, 1).await;
+    exactly_once(&js, &queue, &["poison".to_owned()]).await;
+    let job = dlq::show(&js, &queue, "poison").await.unwrap();
+    assert_eq!(job.payload, "payload");
+    assert_eq!(job.headers.get("X-Trace").unwrap().as_str(), "t-1");
+    assert_eq!(
+        job.headers.get(protocol::MSG_ID).unwrap().as_str(),
+        format!(
+            "poison:{}",
+            job.headers.get(protocol::dead_letter::SEQUENCE).unwrap()
+        )
+    );
+    assert!(
+        job.entry
+            .error
+            .contains("no handler reported in 2 deliveries")
+    );
+    assert_eq!(job.entry.subject, queue.job_subject(0));
+
+    crasher.abort();
+    stop.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn jobs_exhausted_while_no_dispatcher_runs_are_dead_lettered_when_it_starts() {
+    let server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "later").await;
+    let crasher = crashing_worker(js.clone(), &queue);
+    let jobs = ids("late", 0..20);
+    submit(&js, &queue, jobs.clone()).await;
+
+    wait_for(
+        DEADLINE,
+        "20 advisories kept in the events stream",
+        || async { messages(&js, &queue.events_stream()).await == 20 },
+    )
+    .await
+    .unwrap();
+    crasher.abort();
+    assert_eq!(messages(&js, &queue.dead_letter_stream()).await, 0);
+
+    let (stop, running) = dispatcher(connect(&server).await);
+    settled(&js, &queue, 20).await;
+    exactly_once(&js, &queue, &jobs).await;
+    stop.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dispatcher_killed_mid_run_and_restarted_dead_letters_each_job_once() {
+    let server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "restart").await;
+    let crasher = crashing_worker(js.clone(), &queue);
+    let mut jobs = ids("first", 0..20);
+
+    // A dispatcher with its own connection, killed (task aborted, connection dropped) while
+    // it is moving jobs.
+    let first = connect(&server).await;
+    let (_stop, running) = dispatcher(first.clone());
+    submit(&js, &queue, jobs.clone()).await;
+    wait_for(DEADLINE, "the first dead letters", || async {
+        messages(&js, &queue.dead_letter_stream()).await >= 3
+    })
+    .await
+    .unwrap();
+    running.abort();
+    let _ = running.await;
+    drop(first);
+
+    // More jobs exhaust while no dispatcher runs.
+    let more = ids("second", 0..20);
+    submit(&js, &queue, more.clone()).await;
+    jobs.extend(more);
+
+    let (stop, running) = dispatcher(connect(&server).await);
+    settled(&js, &queue, 40).await;
+    exactly_once(&js, &queue, &jobs).await;
+    crasher.abort();
+    stop.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_dispatcher_keeps_working_across_a_nats_restart() {
+    let mut server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "nats-restart").await;
+    let (stop, running) = dispatcher(connect(&server).await);
+    let mut jobs = ids("before", 0..10);
+    submit(&js, &queue, jobs.clone()).await;
+    let crasher = crashing_worker(js.clone(), &queue);
+    settled(&js, &queue, 10).await;
+    crasher.abort();
+
+    server.restart().await.unwrap();
+    let crasher = crashing_worker(js.clone(), &queue);
+    let more = ids("after", 0..10);
+    // The client reconnects on its own; submissions right after the restart may need a retry.
+    wait_for(DEADLINE, "the client to reconnect", || async {
+        client.connection_state() == async_nats::connection::State::Connected
+    })
+    .await
+    .unwrap();
+    submit(&js, &queue, more.clone()).await;
+    jobs.extend(more);
+    settled(&js, &queue, 20).await;
+    exactly_once(&js, &queue, &jobs).await;
+    crasher.abort();
+    stop.cancel();
+    running.await.unwrap();
+}

@@ -1,0 +1,494 @@
+//! Dead-letter tools over a queue's dead-letter stream: list, show, requeue and purge.
+//!
+//! Listing reads headers only (an ordered consumer with `headers_only`), so a queue with
+//! millions of dead letters is scanned without moving their payloads; `show` and `requeue` fetch
+//! the full message of each chosen entry by sequence. Requeuing republishes the job to its
+//! original priority level with fresh attempts and deletes the dead letter only after the work
+//! stream acknowledged the job: an interrupted requeue loses nothing (at worst, outside the
+//! deduplication window, a job runs twice). The rules are in `docs/protocol.md`, "Dead-letter
+//! tools".
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream::Stream};
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::names::QueueRef;
+use crate::protocol::{self, dead_letter};
+
+/// `Conveyor-Reason` of a job the dispatcher dead-lettered because it reached the consumer's
+/// `max_deliver` without any handler report (its worker crashed or hung on every attempt).
+pub const REASON_MAX_DELIVERIES: &str = "max_deliveries";
+
+/// Longest wait for the next header while scanning; the scan ends early rather than hang.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Dead-letter headers that describe the failure; a requeued job drops them.
+const FAILURE_HEADERS: [&str; 8] = [
+    dead_letter::JOB_ID,
+    dead_letter::ERROR,
+    dead_letter::ATTEMPTS,
+    dead_letter::POD,
+    dead_letter::FAILED_AT,
+    dead_letter::SUBJECT,
+    dead_letter::SEQUENCE,
+    dead_letter::REASON,
+];
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// The dead letters of one job id.
+    One(String),
+    /// Dead letters whose error or reason contains this text (case-insensitive).
+    ErrorMatch(String),
+    /// Every dead letter of the queue.
+    All,
+}
+
+impl Selector {
+    /// Whether `entry` is selected.
+    pub fn matches(&self, entry: &DeadLetter) -> bool {
+        match self {
+            Selector::One(id) => entry.job_id == *id,
+            Selector::ErrorMatch(text) => {
+                let text = text.to_lowercase();
+                entry.error.to_lowercase().contains(&text)
+                    || entry.reason.to_lowercase().contains(&text)
+            }
+            Selector::All => true,
+        }
+    }
+}
+
+/// One dead letter as listed: its headers, not its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Sequence in the dead-letter stream (unique per dead letter).
+    pub sequence: u64,
+    /// The job's id.
+    pub job_id: String,
+    /// `permanent`, `exhausted`, `malformed` or [`REASON_MAX_DELIVERIES`].
+    pub reason: String,
+    /// The last error (one line, at most 1024 characters).
+    pub error: String,
+    /// Attempts made, when known.
+    pub attempts: Option<u32>,
+    /// Pod that ran the last attempt (`unknown` when no handler reported).
+    pub pod: String,
+    /// When the job was dead-lettered (RFC 3339, as written by whoever dead-lettered it).
+    pub failed_at: String,
+    /// The job subject it was submitted to (gives the priority level).
+    pub subject: String,
+    /// Payload size in bytes, when the scan could tell.
+    pub size: Option<u64>,
+}
+
+impl DeadLetter {
+    /// Reads the dead-letter headers of the message at `sequence`.
+    fn from_headers(sequence: u64, headers: &HeaderMap) -> Self {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        Self {
+            sequence,
+            job_id: Some(get(dead_letter::JOB_ID))
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| get(protocol::MSG_ID)),
+            reason: get(dead_letter::REASON),
+            error: get(dead_letter::ERROR),
+            attempts: get(dead_letter::ATTEMPTS).trim().parse().ok(),
+            pod: get(dead_letter::POD),
+            failed_at: get(dead_letter::FAILED_AT),
+            subject: get(dead_letter::SUBJECT),
+            size: headers
+                .get("Nats-Msg-Size")
+                .and_then(|v| v.as_str().trim().parse().ok()),
+        }
+    }
+}
+
+/// A dead letter with its payload and every header.
+#[derive(Debug, Clone)]
+pub struct DeadLetterJob {
+    /// What the listing shows.
+    pub entry: DeadLetter,
+    /// All headers: the job's own and the dead-letter headers.
+    pub headers: HeaderMap,
+    /// The job's payload as submitted.
+    pub payload: Bytes,
+}
+
+/// What a requeue or purge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Job ids requeued or purged, in dead-letter order.
+    pub jobs: Vec<String>,
+}
+
+/// A dead-letter operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// The queue's dead-letter stream is missing or unreachable.
+    #[error("looking up stream {stream}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    /// Reading the dead-letter stream's headers failed.
+    #[error("reading the dead letters of stream {stream}: {reason}")]
+    Scan {
+        /// Stream name.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No dead letter has this job id.
+    #[error("no dead letter with job id {0:?}")]
+    NotFound(String),
+    /// Fetching one dead letter failed.
+    #[error("fetching dead letter {sequence}")]
+    Get {
+        /// Sequence in the dead-letter stream.
+        sequence: u64,
+        /// Cause.
+        #[source]
+        source: jetstream::stream::RawMessageError,
+    },
+    /// Republishing a job to the work stream failed; its dead letter is kept.
+    #[error("republishing job {job} to {subject}")]
+    Publish {
+        /// Job id.
+        job: String,
+        /// Job subject.
+        subject: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// Deleting a dead letter failed.
+    #[error("deleting dead letter {sequence}")]
+    Delete {
+        /// Sequence in the dead-letter stream.
+        sequence: u64,
+        /// Cause.
+        #[source]
+        source: jetstream::stream::DeleteMessageError,
+    },
+    /// Purging the dead-letter stream failed.
+    #[error("purging stream {stream}")]
+    Purge {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::stream::PurgeError,
+    },
+}
+
+/// Lists up to `limit` dead letters chosen by `filter`, oldest first, without their payloads.
+pub async fn list(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    filter: &Selector,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    scan(&stream, filter, limit).await
+}
+
+/// The newest dead letter of job `id`, with its payload and headers.
+pub async fn show(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    id: &str,
+) -> Result<DeadLetterJob, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    let entry = scan(&stream, &Selector::One(id.to_owned()), usize::MAX)
+        .await?
+        .pop()
+        .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+    fetch(&stream, entry).await
+}
+
+/// Requeues the selected dead letters: each is republished to the subject it was submitted to
+/// (so its priority level is kept) with fresh attempts, its original job id in
+/// `Conveyor-Job-Id` and the new `Nats-Msg-Id` `<job id>:requeue:<dead-letter sequence>`,
+/// then deleted from the dead-letter stream once the work stream acknowledged it. Dead letters
+/// that arrive while this runs are left alone.
+pub async fn requeue(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    selector: &Selector,
+) -> Result<Moved, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    let entries = scan(&stream, selector, usize::MAX).await?;
+    if let Selector::One(id) = selector
+        && entries.is_empty()
+    {
+        return Err(DlqError::NotFound(id.clone()));
+    }
+    let mut moved = Moved::default();
+    for entry in entries {
+        let job = fetch(&stream, entry).await?;
+        let subject = requeue_subject(queue, &job.entry.subject);
+        let headers = requeue_headers(&job);
+        let published = match jetstream
+            .publish_with_headers(subject.clone(), headers, job.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        published.map_err(|source| DlqError::Publish {
+            job: job.entry.job_id.clone(),
+            subject,
+            source,
+        })?;
+        delete(&stream, job.entry.sequence).await?;
+        moved.jobs.push(job.entry.job_id);
+    }
+    Ok(moved)
+}
+
+/// Deletes the selected dead letters for good.
+pub async fn purge(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    selector: &Selector,
+) -> Result<Moved, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    let entries = scan(&stream, selector, usize::MAX).await?;
+    if let Selector::One(id) = selector
+        && entries.is_empty()
+    {
+        return Err(DlqError::NotFound(id.clone()));
+    }
+    let mut moved = Moved::default();
+    if *selector == Selector::All {
+        // One request instead of one per message; only what the scan saw is reported, and
+        // what arrived after it is purged too (the caller asked for all).
+        stream.purge().await.map_err(|source| DlqError::Purge {
+            stream: queue.dead_letter_stream(),
+            source,
+        })?;
+        moved.jobs = entries.into_iter().map(|e| e.job_id).collect();
+        return Ok(moved);
+    }
+    for entry in entries {
+        delete(&stream, entry.sequence).await?;
+        moved.jobs.push(entry.job_id);
+    }
+    Ok(moved)
+}
+
+async fn dead_letter_stream(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+) -> Result<Stream, DlqError> {
+    jetstream
+        .get_stream(queue.dead_letter_stream())
+        .await
+        .map_err(|source| DlqError::Stream {
+            stream: queue.dead_letter_stream(),
+            source,
+        })
+}
+
+/// Reads the headers of the dead letters present when the scan starts, oldest first, and keeps
+/// up to `limit` that `selector` chooses.
+async fn scan(
+    stream: &Stream,
+    selector: &Selector,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let name = stream.cached_info().config.name.clone();
+    let failed = |reason: String| DlqError::Scan {
+        stream: name.clone(),
+        reason,
+    };
+    let state = &stream.cached_info().state;
+    let last = state.last_sequence;
+    let mut found = Vec::new();
+    if state.messages == 0 || limit == 0 {
+        return Ok(found);
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            headers_only: true,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    loop {
+        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+            // Everything up to `last` was deleted meanwhile, or the server went quiet.
+            Err(_) | Ok(None) => break,
+            Ok(Some(message)) => message.map_err(|e| failed(e.to_string()))?,
+        };
+        let info = message.info().map_err(|e| failed(e.to_string()))?;
+        let (sequence, pending) = (info.stream_sequence, info.pending);
+        if sequence > last {
+            break;
+        }
+        let entry = DeadLetter::from_headers(
+            sequence,
+            message.headers.as_ref().unwrap_or(&HeaderMap::new()),
+        );
+        if selector.matches(&entry) {
+            found.push(entry);
+            if found.len() >= limit {
+                break;
+            }
+        }
+        if pending == 0 || sequence >= last {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// The full message of a listed dead letter.
+async fn fetch(stream: &Stream, entry: DeadLetter) -> Result<DeadLetterJob, DlqError> {
+    let message = stream
+        .get_raw_message(entry.sequence)
+        .await
+        .map_err(|source| DlqError::Get {
+            sequence: entry.sequence,
+            source,
+        })?;
+    let mut entry = entry;
+    entry.size = u64::try_from(message.payload.len()).ok();
+    Ok(DeadLetterJob {
+        entry,
+        headers: message.headers,
+        payload: message.payload,
+    })
+}
+
+/// Deletes one dead letter; one that is already gone counts as deleted.
+async fn delete(stream: &Stream, sequence: u64) -> Result<(), DlqError> {
+    match stream.delete_message(sequence).await {
+        Ok(_) => Ok(()),
+        Err(error)
+            if matches!(error.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(e)
+                if e.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(DlqError::Delete { sequence, source }),
+    }
+}
+
+/// The subject a requeued job goes to: the one it was submitted to when that is one of this
+/// queue's job subjects, else level 0.
+fn requeue_subject(queue: &QueueRef, original: &str) -> String {
+    let prefix = format!("{}.jobs.", queue.subject_prefix());
+    match original.strip_prefix(&prefix) {
+        Some(level) if level.parse::<u8>().is_ok() => original.to_owned(),
+        _ => queue.job_subject(0),
+    }
+}
+
+/// The job's own headers, without the failure headers, with its job id kept in
+/// `Conveyor-Job-Id` and a `Nats-Msg-Id` that deduplication has not seen yet (but that a
+/// retried requeue of the same dead letter repeats).
+fn requeue_headers(job: &DeadLetterJob) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in job.headers.iter() {
+        let name: &str = name.as_ref();
+        let skip = FAILURE_HEADERS
+            .iter()
+            .chain([&protocol::MSG_ID])
+            .any(|h| h.eq_ignore_ascii_case(name))
+            || name.starts_with("Nats-");
+        if skip {
+            continue;
+        }
+        for value in values {
+            headers.append(name, value.as_str());
+        }
+    }
+    headers.insert(dead_letter::JOB_ID, job.entry.job_id.as_str());
+    headers.insert(
+        protocol::MSG_ID,
+        format!("{}:requeue:{}", job.entry.job_id, job.entry.sequence).as_str(),
+    );
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, reason: &str, error: &str) -> DeadLetter {
+        let mut headers = HeaderMap::new();
+        headers.insert(dead_letter::JOB_ID, id);
+        headers.insert(dead_letter::REASON, reason);
+        headers.insert(dead_letter::ERROR, error);
+        headers.insert(dead_letter::ATTEMPTS, "3");
+        DeadLetter::from_headers(7, &headers)
+    }
+
+    #[test]
+    fn selectors_choose_by_id_error_or_all() {
+        let e = entry("job-1", "permanent", "Connection Refused by upstream");
+        assert_eq!(e.attempts, Some(3));
+        assert!(Selector::One("job-1".into()).matches(&e));
+        assert!(!Selector::One("job-2".into()).matches(&e));
+        assert!(Selector::ErrorMatch("connection refused".into()).matches(&e));
+        assert!(Selector::ErrorMatch("PERMANENT".into()).matches(&e));
+        assert!(!Selector::ErrorMatch("timeout".into()).matches(&e));
+        assert!(Selector::All.matches(&e));
+    }
+
+    #[test]
+    fn requeue_keeps_the_level_and_the_id_with_a_fresh_msg_id() {
+        let queue = QueueRef::new("ns", "q");
+        assert_eq!(
+            requeue_subject(&queue, "conveyor.ns.q.jobs.2"),
+            "conveyor.ns.q.jobs.2"
+        );
+        assert_eq!(
+            requeue_subject(&queue, "elsewhere.jobs.2"),
+            "conveyor.ns.q.jobs.0"
+        );
+        assert_eq!(requeue_subject(&queue, ""), "conveyor.ns.q.jobs.0");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::MSG_ID, "job-1:41");
+        headers.insert(dead_letter::JOB_ID, "job-1");
+        headers.insert(dead_letter::REASON, "exhausted");
+        headers.insert(dead_letter::ERROR, "boom");
+        headers.insert(protocol::REPLY_TO, "_INBOX.x");
+        headers.insert("X-Trace", "abc");
+        let job = DeadLetterJob {
+            entry: DeadLetter::from_headers(9, &headers),
+            headers,
+            payload: Bytes::new(),
+        };
+        let out = requeue_headers(&job);
+        assert_eq!(
+            out.get(protocol::MSG_ID).unwrap().as_str(),
+            "job-1:requeue:9"
+        );
+        assert_eq!(out.get(dead_letter::JOB_ID).unwrap().as_str(), "job-1");
+        assert_eq!(out.get("X-Trace").unwrap().as_str(), "abc");
+        assert_eq!(out.get(protocol::REPLY_TO).unwrap().as_str(), "_INBOX.x");
+        assert!(out.get(dead_letter::REASON).is_none());
+        assert!(out.get(dead_letter::ERROR).is_none());
+    }
+}
