@@ -154,6 +154,42 @@ pub fn stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Conf
         max_message_size: settings.max_job_size.unwrap_or(-1),
         max_age: settings.max_age.unwrap_or_default(),
         duplicate_window: settings.deduplication_window,
+        sources: Some(vec![stream::Source {
+            name: queue.delayed_stream(),
+            subject_transforms: vec![stream::SubjectTransform {
+                source: format!("{}.due.*", queue.subject_prefix()),
+                destination: format!("{}.jobs.{{{{wildcard(1)}}}}", queue.subject_prefix()),
+            }],
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The delayed-jobs stream. A delayed job is a JetStream message schedule (`Nats-Schedule:
+/// @at …`) on `<prefix>.delayed.<hex id>` whose target is `<prefix>.due.<level>`; when it is
+/// due the server writes the job there, and the work stream sources it from there as
+/// `<prefix>.jobs.<level>` (see [`stream_config`]). Schedules are refused on a `discard: new`
+/// stream, which is why they live here and not in the work stream. Limits retention: the
+/// server removes a fired schedule; a due copy expires after its `Nats-Schedule-TTL`.
+pub fn delayed_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    let mut subjects = vec![format!("{}.delayed.*", queue.subject_prefix())];
+    subjects.extend((0..settings.priorities).map(|level| queue.due_subject(level)));
+    stream::Config {
+        name: queue.delayed_stream(),
+        description: Some(format!(
+            "Conveyor delayed jobs of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_message_size: settings.max_job_size.unwrap_or(-1),
+        duplicate_window: settings.deduplication_window,
+        allow_message_schedules: true,
+        allow_message_ttl: true,
         ..Default::default()
     }
 }
@@ -228,6 +264,7 @@ pub async fn ensure_queue(
     settings.validate()?;
     crate::protocol::check_server_version(&jetstream.client().server_info().version)?;
     for config in [
+        delayed_stream_config(queue, settings),
         stream_config(queue, settings),
         dead_letter_stream_config(queue, settings),
         events_stream_config(queue, settings),
@@ -293,6 +330,43 @@ mod tests {
         assert_eq!(config.discard, stream::DiscardPolicy::New);
         assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
         assert_eq!(config.max_messages, 10);
+    }
+
+    #[test]
+    fn delayed_stream_allows_schedules_and_feeds_the_work_stream() {
+        let queue = QueueRef::new("ns", "q");
+        let settings = QueueSettings {
+            priorities: 2,
+            ..Default::default()
+        };
+        let delayed = delayed_stream_config(&queue, &settings);
+        assert_eq!(delayed.name, "conveyor_ns_q_delayed");
+        assert_eq!(
+            delayed.subjects,
+            [
+                "conveyor.ns.q.delayed.*",
+                "conveyor.ns.q.due.0",
+                "conveyor.ns.q.due.1"
+            ]
+        );
+        assert!(delayed.allow_message_schedules);
+        assert_eq!(delayed.discard, stream::DiscardPolicy::Old);
+        let work = stream_config(&queue, &settings);
+        let sources = work.sources.expect("the work stream sources due jobs");
+        assert_eq!(sources[0].name, "conveyor_ns_q_delayed");
+        assert_eq!(
+            sources[0].subject_transforms[0].source,
+            "conveyor.ns.q.due.*"
+        );
+        assert_eq!(
+            sources[0].subject_transforms[0].destination,
+            "conveyor.ns.q.jobs.{{wildcard(1)}}"
+        );
+        assert_eq!(
+            queue.delayed_subject("a.b"),
+            "conveyor.ns.q.delayed.612e62",
+            "the id is hex-encoded into one token"
+        );
     }
 
     #[test]

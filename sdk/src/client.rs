@@ -1,7 +1,7 @@
 //! The producer side: submit jobs to a queue, one at a time or as a pipelined batch, with
 //! clear errors for duplicates, oversized jobs, full queues and unknown queues or priorities.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
@@ -28,6 +28,8 @@ pub struct Job {
     pub options: JobOptions,
     /// Further headers passed through to the handler untouched.
     pub headers: HeaderMap,
+    /// Not before this time: a delayed job, kept in the queue's delayed stream until due.
+    pub not_before: Option<SystemTime>,
 }
 
 impl Job {
@@ -39,6 +41,7 @@ impl Job {
             priority: 0,
             options: JobOptions::default(),
             headers: HeaderMap::new(),
+            not_before: None,
         }
     }
 
@@ -63,6 +66,18 @@ impl Job {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.options.timeout = Some(timeout);
         self
+    }
+
+    /// Runs the job no earlier than `at` (to the second, never early). A time in the past
+    /// queues it at once.
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// Runs the job no earlier than `delay` from now.
+    pub fn delay(self, delay: Duration) -> Self {
+        self.run_at(SystemTime::now() + delay)
     }
 
     /// Adds a header passed through to the handler.
@@ -132,6 +147,15 @@ pub enum SubmitError {
         queue: String,
         /// Requested priority level.
         priority: u8,
+    },
+    /// The job carries a message schedule the server refuses: a malformed `Nats-Schedule`
+    /// (only `@at <RFC 3339 time>` is a delayed job), or one sent to the work stream itself.
+    #[error("job {id} refused: invalid schedule ({detail})")]
+    InvalidSchedule {
+        /// Job id.
+        id: String,
+        /// The server's reason.
+        detail: String,
     },
     /// No answer from JetStream in time; the job may have been queued.
     #[error("job {id}: no acknowledgement from JetStream in time; it may or may not be queued")]
@@ -262,8 +286,23 @@ impl Client {
     /// Submits one job and waits for the queue to store it.
     pub async fn submit(&self, queue: &QueueRef, job: Job) -> Result<SubmitAck, SubmitError> {
         protocol::validate_id(&job.id)?;
-        let subject = queue.job_subject(job.priority);
-        let headers = job.wire_headers();
+        let mut subject = queue.job_subject(job.priority);
+        let mut headers = job.wire_headers();
+        if let Some(at) = job.not_before.filter(|at| *at > SystemTime::now()) {
+            // A message schedule in the delayed stream; when due, the server writes the job
+            // to `due.<level>` and the work stream sources it from there.
+            subject = queue.delayed_subject(&job.id);
+            headers.insert(protocol::JOB_ID, job.id.as_str());
+            headers.insert(
+                protocol::schedule::SCHEDULE,
+                protocol::schedule::at(at).as_str(),
+            );
+            headers.insert(
+                protocol::schedule::TARGET,
+                queue.due_subject(job.priority).as_str(),
+            );
+            headers.insert(protocol::schedule::TTL, protocol::schedule::DUE_TTL);
+        }
         let ack = self
             .jetstream
             .publish_with_headers(subject, headers, job.payload.clone())
@@ -366,6 +405,23 @@ fn classify(error: jetstream::context::PublishError, queue: &QueueRef, job: &Job
         },
         PublishErrorKind::TimedOut => SubmitError::TimedOut { id },
         _ => match jetstream_error(&error) {
+            // A delayed job's target `due.<level>` is not in the delayed stream.
+            Some(js) if js.error_code() == ErrorCode::MESSAGE_SCHEDULES_TARGET_INVALID => {
+                SubmitError::NoSuchQueue {
+                    id,
+                    queue: queue.stream(),
+                    priority: job.priority,
+                }
+            }
+            Some(js)
+                if js.error_code() == ErrorCode::MESSAGE_SCHEDULES_PATTERN_INVALID
+                    || js.error_code() == ErrorCode::MESSAGE_SCHEDULES_DISABLED =>
+            {
+                SubmitError::InvalidSchedule {
+                    id,
+                    detail: js.to_string(),
+                }
+            }
             Some(js) if js.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => {
                 SubmitError::TooLarge {
                     id,

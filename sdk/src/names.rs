@@ -56,6 +56,25 @@ impl QueueRef {
         format!("{}.dlq", self.subject_prefix())
     }
 
+    /// The delayed-jobs stream: `conveyor_<namespace>_<queue>_delayed`. It holds the schedules
+    /// of jobs that must not run before a given time; the work stream sources their due copies.
+    pub fn delayed_stream(&self) -> String {
+        format!("{}_delayed", self.stream())
+    }
+
+    /// Subject of a delayed job's schedule: `<prefix>.delayed.<hex of the job id>`. One
+    /// schedule per subject: re-scheduling an id replaces its schedule, and cancelling purges it.
+    pub fn delayed_subject(&self, job_id: &str) -> String {
+        let hex: String = job_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{}.delayed.{hex}", self.subject_prefix())
+    }
+
+    /// Subject a delayed job of the given level appears on, in the delayed stream, once due:
+    /// `<prefix>.due.<level>`. The work stream sources it as `<prefix>.jobs.<level>`.
+    pub fn due_subject(&self, priority: u8) -> String {
+        format!("{}.due.{priority}", self.subject_prefix())
+    }
+
     /// Durable pull consumer that workers share for one priority level: `workers-p<level>`.
     pub fn consumer(&self, priority: u8) -> String {
         format!("workers-p{priority}")

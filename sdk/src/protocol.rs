@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// Job id; JetStream deduplicates submissions with the same id within the stream's window.
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The job id, when `Nats-Msg-Id` is not it: a due delayed job (the server does not copy
+/// `Nats-Msg-Id` from its schedule) or a requeued dead letter. Takes precedence over `Nats-Msg-Id`.
+pub const JOB_ID: &str = "Conveyor-Job-Id";
 /// Priority level the producer asked for (the subject decides; this header is informational).
 pub const PRIORITY: &str = "Conveyor-Priority";
 /// Per-job cap on attempts, at most the queue's `maxAttempts`.
@@ -19,6 +22,30 @@ pub const TIMEOUT: &str = "Conveyor-Timeout";
 
 /// Subject the final outcome of the job is published to (for producers awaiting it).
 pub const REPLY_TO: &str = "Conveyor-Reply-To";
+
+/// Headers of a delayed job: a JetStream message schedule (server 2.12+) in the queue's delayed
+/// stream. See `docs/protocol.md`, "Delayed jobs".
+pub mod schedule {
+    /// When the job becomes due: `@at <RFC 3339 time>` (server header).
+    pub const SCHEDULE: &str = "Nats-Schedule";
+    /// Subject the due job is written to: `<prefix>.due.<level>` (server header).
+    pub const TARGET: &str = "Nats-Schedule-Target";
+    /// How long the due copy stays in the delayed stream after the work stream sourced it
+    /// (server header).
+    pub const TTL: &str = "Nats-Schedule-TTL";
+    /// Value of [`TTL`] the client sets: long enough for the work stream to source the copy
+    /// even after a long outage of the server or a full queue.
+    pub const DUE_TTL: &str = "24h";
+
+    /// The `Nats-Schedule` value for a job due at `at`.
+    pub fn at(at: std::time::SystemTime) -> String {
+        let at = jiff::Timestamp::try_from(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        // Whole seconds (rounded up, never early), `Z`: the plainest RFC 3339 form.
+        let seconds = at.as_second() + i64::from(at.subsec_nanosecond() > 0);
+        let at = jiff::Timestamp::from_second(seconds).unwrap_or(at);
+        format!("@at {}", at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    }
+}
 
 /// Headers of a result message, published to the job's `Conveyor-Reply-To` subject once the
 /// job is done for good; the payload is the handler's result (empty for dead letters).
