@@ -25,6 +25,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Run NATS, the Kubernetes test double and the operator locally, no cluster needed.
     Dev(DevArgs),
+    /// Inspect, requeue and purge a queue's dead letters.
+    Dlq(crate::dlq::DlqArgs),
 }
 
 impl Command {
@@ -32,7 +34,7 @@ impl Command {
     /// story for `dev`.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Submit(_) | Command::Status(_) => "warn",
+            Command::Submit(_) | Command::Status(_) | Command::Dlq(_) => "warn",
             Command::Dev(_) => "warn,conveyor_operator=info",
         }
     }

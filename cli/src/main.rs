@@ -4,6 +4,7 @@
 
 mod args;
 mod dev;
+mod dlq;
 mod input;
 mod status;
 mod submit;
@@ -30,6 +31,7 @@ async fn main() -> ExitCode {
         Command::Submit(args) => submit::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

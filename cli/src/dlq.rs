@@ -1,0 +1,314 @@
+//! `conveyor dlq`: the dead-letter queue of a queue — list what failed and why, show one job,
+//! requeue one, a filtered set or all with fresh attempts, or purge them. A thin shell over
+//! `conveyor::dlq`, which reads headers only when listing.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::{ArgGroup, Args, Subcommand};
+use conveyor::dlq::{self, DeadLetter, Selector};
+use serde::Serialize;
+
+use crate::args::{Output, QueueArgs};
+
+/// Arguments of `conveyor dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// What to do with the dead letters.
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// The `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first: job id, attempts, reason, error, pod, time.
+    List(ListArgs),
+    /// Show one dead letter's headers and payload.
+    Show(ShowArgs),
+    /// Put dead letters back on their queue with fresh attempts (their job ids are kept).
+    Requeue(SelectArgs),
+    /// Delete dead letters for good.
+    Purge(SelectArgs),
+}
+
+/// Arguments of `conveyor dlq list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobQueue.
+    pub queue: String,
+    /// Only dead letters whose error or reason contains this text (case-insensitive).
+    #[arg(long, env = "CONVEYOR_DLQ_ERROR")]
+    pub error: Option<String>,
+    /// Show at most this many.
+    #[arg(long, env = "CONVEYOR_DLQ_LIMIT", default_value_t = 50)]
+    pub limit: usize,
+    /// Output format.
+    #[arg(long, short = 'o', env = "CONVEYOR_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Arguments of `conveyor dlq show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobQueue.
+    pub queue: String,
+    /// Job id.
+    pub id: String,
+    /// Print only the payload, byte for byte.
+    #[arg(long)]
+    pub payload_only: bool,
+}
+
+/// Which dead letters `requeue` and `purge` act on: exactly one of a job id, `--error` or
+/// `--all`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("selector").required(true).args(["id", "error", "all"])))]
+pub struct SelectArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobQueue.
+    pub queue: String,
+    /// The job id of one dead letter.
+    pub id: Option<String>,
+    /// Every dead letter whose error or reason contains this text (case-insensitive).
+    #[arg(long)]
+    pub error: Option<String>,
+    /// Every dead letter of the queue.
+    #[arg(long)]
+    pub all: bool,
+}
+
+impl SelectArgs {
+    fn selector(&self) -> Selector {
+        match (&self.id, &self.error) {
+            (Some(id), _) => Selector::One(id.clone()),
+            (None, Some(text)) => Selector::ErrorMatch(text.clone()),
+            (None, None) => Selector::All,
+        }
+    }
+}
+
+/// Runs `conveyor dlq …`.
+pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
+    match args.command {
+        DlqCommand::List(args) => list(args).await,
+        DlqCommand::Show(args) => show(args).await,
+        DlqCommand::Requeue(args) => {
+            let (js, queue) = (
+                connect(&args.queue_args).await?,
+                args.queue_args.queue(&args.queue),
+            );
+            let moved = dlq::requeue(&js, &queue, &args.selector()).await?;
+            println!("requeued {} job(s) to {}", moved.jobs.len(), args.queue);
+            Ok(())
+        }
+        DlqCommand::Purge(args) => {
+            let (js, queue) = (
+                connect(&args.queue_args).await?,
+                args.queue_args.queue(&args.queue),
+            );
+            let moved = dlq::purge(&js, &queue, &args.selector()).await?;
+            println!(
+                "purged {} dead letter(s) of {}",
+                moved.jobs.len(),
+                args.queue
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn connect(args: &QueueArgs) -> anyhow::Result<jetstream::Context> {
+    let url = &args.nats_url;
+    let client = async_nats::connect(url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    Ok(jetstream::new(client))
+}
+
+/// A dead letter as `dlq list -o json` prints it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row<'a> {
+    id: &'a str,
+    attempts: Option<u32>,
+    reason: &'a str,
+    error: &'a str,
+    pod: &'a str,
+    failed_at: &'a str,
+    subject: &'a str,
+    size: Option<u64>,
+}
+
+async fn list(args: ListArgs) -> anyhow::Result<()> {
+    let js = connect(&args.queue_args).await?;
+    let queue = args.queue_args.queue(&args.queue);
+    let filter = args
+        .error
+        .clone()
+        .map_or(Selector::All, Selector::ErrorMatch);
+    let entries = dlq::list(&js, &queue, &filter, args.limit).await?;
+    match args.output {
+        Output::Json => {
+            let rows: Vec<Row<'_>> = entries.iter().map(row).collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Output::Table if entries.is_empty() => eprintln!("no dead letters in {}", args.queue),
+        Output::Table => print!("{}", table(&entries)),
+    }
+    Ok(())
+}
+
+fn row(entry: &DeadLetter) -> Row<'_> {
+    Row {
+        id: &entry.job_id,
+        attempts: entry.attempts,
+        reason: &entry.reason,
+        error: &entry.error,
+        pod: &entry.pod,
+        failed_at: &entry.failed_at,
+        subject: &entry.subject,
+        size: entry.size,
+    }
+}
+
+/// Longest error excerpt in the table; `-o json` and `show` give the whole error.
+const ERROR_EXCERPT: usize = 60;
+
+fn table(entries: &[DeadLetter]) -> String {
+    let rows: Vec<[String; 6]> = entries
+        .iter()
+        .map(|e| {
+            let mut error: String = e.error.chars().take(ERROR_EXCERPT).collect();
+            if e.error.chars().count() > ERROR_EXCERPT {
+                error.push('…');
+            }
+            [
+                e.job_id.clone(),
+                e.attempts.map_or_else(|| "?".into(), |n| n.to_string()),
+                e.reason.clone(),
+                e.pod.clone(),
+                e.failed_at.clone(),
+                error,
+            ]
+        })
+        .collect();
+    let header = ["ID", "ATTEMPTS", "REASON", "POD", "FAILED AT", "ERROR"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let last = cells.len() - 1;
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                let _ = writeln!(out, "{cell}");
+            } else {
+                let _ = write!(out, "{cell:<width$}   ", width = widths[i]);
+            }
+        }
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+async fn show(args: ShowArgs) -> anyhow::Result<()> {
+    let js = connect(&args.queue_args).await?;
+    let queue = args.queue_args.queue(&args.queue);
+    let job = dlq::show(&js, &queue, &args.id).await?;
+    let mut stdout = std::io::stdout().lock();
+    if !args.payload_only {
+        let mut headers: Vec<(String, String)> = job
+            .headers
+            .iter()
+            .flat_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(move |v| (name.to_owned(), v.as_str().to_owned()))
+            })
+            .collect();
+        headers.sort();
+        for (name, value) in headers {
+            writeln!(stdout, "{name}: {value}")?;
+        }
+        writeln!(stdout)?;
+    }
+    stdout.write_all(&job.payload)?;
+    if !args.payload_only && !job.payload.ends_with(b"\n") {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: DlqCommand,
+    }
+
+    #[test]
+    fn requeue_needs_exactly_one_selector() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["dlq"].iter().chain(args));
+        let Ok(Cli {
+            command: DlqCommand::Requeue(one),
+        }) = parse(&["requeue", "q", "job-1"])
+        else {
+            panic!("requeue q job-1 parses");
+        };
+        assert_eq!(one.selector(), Selector::One("job-1".into()));
+        let Ok(Cli {
+            command: DlqCommand::Purge(all),
+        }) = parse(&["purge", "q", "--all"])
+        else {
+            panic!("purge q --all parses");
+        };
+        assert_eq!(all.selector(), Selector::All);
+        assert!(parse(&["requeue", "q"]).is_err(), "no selector");
+        assert!(
+            parse(&["requeue", "q", "job-1", "--all"]).is_err(),
+            "two selectors"
+        );
+    }
+
+    #[test]
+    fn the_table_cuts_long_errors() {
+        let entry = DeadLetter {
+            sequence: 1,
+            job_id: "job-1".into(),
+            reason: "exhausted".into(),
+            error: "x".repeat(100),
+            attempts: Some(5),
+            pod: "pod-a".into(),
+            failed_at: "2026-01-01T00:00:00Z".into(),
+            subject: "conveyor.ns.q.jobs.0".into(),
+            size: Some(3),
+        };
+        let text = table(&[entry]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID"));
+        assert!(lines[1].starts_with("job-1"));
+        assert!(lines[1].ends_with(&format!("{}…", "x".repeat(60))));
+    }
+}
