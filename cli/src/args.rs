@@ -27,6 +27,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Inspect, requeue and purge a queue's dead letters.
     Dlq(crate::dlq::DlqArgs),
+    /// Measure Conveyor against raw JetStream on the same server in the same run.
+    Bench(BenchArgs),
 }
 
 impl Command {
@@ -36,6 +38,7 @@ impl Command {
         match self {
             Command::Submit(_) | Command::Status(_) | Command::Dlq(_) => "warn",
             Command::Dev(_) => "warn,conveyor_operator=info",
+            Command::Bench(_) => "warn",
         }
     }
 }
@@ -152,4 +155,37 @@ pub struct DevArgs {
     /// else the one of the source tree this executable was built in.
     #[arg(long, env = "CONVEYOR_EXAMPLES_DIR")]
     pub examples_dir: Option<PathBuf>,
+}
+
+/// Arguments of `conveyor bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// NATS server to measure against; without it the bench starts its own `nats-server -js`
+    /// (file storage in a temp dir).
+    #[arg(long, env = "CONVEYOR_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// The `nats-server` executable to start when no `--nats-url` is given.
+    #[arg(long, env = "CONVEYOR_NATS_SERVER", default_value = "nats-server")]
+    pub nats_server: PathBuf,
+    /// Jobs per throughput measurement.
+    #[arg(long, env = "CONVEYOR_BENCH_JOBS", default_value_t = 200_000)]
+    pub jobs: usize,
+    /// Payload size in bytes.
+    #[arg(long, env = "CONVEYOR_BENCH_PAYLOAD", default_value_t = 256)]
+    pub payload: usize,
+    /// Jobs a worker holds at once (the raw consumer pulls batches of this size).
+    #[arg(long, env = "CONVEYOR_BENCH_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Submission rate of the latency measurement, jobs per second.
+    #[arg(long, env = "CONVEYOR_BENCH_RATE", default_value_t = 5_000)]
+    pub rate: u32,
+    /// Length of the latency measurement in seconds.
+    #[arg(long, env = "CONVEYOR_BENCH_LATENCY_SECONDS", default_value_t = 5)]
+    pub latency_seconds: u64,
+    /// Rounds of each measurement; the report gives medians.
+    #[arg(long, env = "CONVEYOR_BENCH_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -3,6 +3,7 @@
 //! `kubectl conveyor` when installed on `PATH` as `kubectl-conveyor`.
 
 mod args;
+mod bench;
 mod dev;
 mod dlq;
 mod input;
@@ -32,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Status(args) => status::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

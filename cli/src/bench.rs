@@ -1,0 +1,579 @@
+//! `conveyor bench`: measures Conveyor against raw JetStream on the same server, in the same
+//! process and the same run, so the ratio says what Conveyor's protocol costs on this machine.
+//!
+//! Two measurements, each repeated `--rounds` times, raw and Conveyor alternating:
+//! - throughput: `--jobs` no-op jobs of `--payload` bytes, producer and workers running at once;
+//! - latency: submit-to-handler time at a fixed `--rate` for `--latency-seconds`.
+//!
+//! Raw is "publish with ack, pull, ack" with one pull consumer; Conveyor is `Client::submit_batch`
+//! → the worker engine of the `conveyor-worker` runtime → ack, with the same concurrency.
+//! The figures are medians over the rounds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use conveyor::admin::{self, QueueSettings};
+use conveyor::client::{Client, Job};
+use conveyor::names::QueueRef;
+use conveyor::worker::{Outcome, ReceivedJob, Worker};
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::args::BenchArgs;
+use crate::dev::nats::LocalNats;
+
+/// Publishes awaiting their ack at once, raw and Conveyor alike.
+const PUBLISH_WINDOW: usize = 256;
+/// Longest a single measurement may take before the bench gives up.
+const RUN_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Result of one throughput measurement.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Throughput {
+    jobs_per_second: f64,
+    seconds: f64,
+}
+
+/// Result of one latency measurement, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    samples: usize,
+}
+
+/// Medians of all rounds, and Conveyor relative to raw JetStream.
+#[derive(Debug, Serialize)]
+struct Report {
+    nats_server: String,
+    jobs: usize,
+    payload_bytes: usize,
+    concurrency: usize,
+    rate_per_second: u32,
+    rounds: usize,
+    raw_throughput: f64,
+    conveyor_throughput: f64,
+    throughput_ratio: f64,
+    raw_p50_ms: f64,
+    raw_p99_ms: f64,
+    conveyor_p50_ms: f64,
+    conveyor_p99_ms: f64,
+    p99_ratio: f64,
+    all_rounds: Vec<Round>,
+}
+
+/// Every figure of one round.
+#[derive(Debug, Serialize)]
+struct Round {
+    raw_throughput: Throughput,
+    conveyor_throughput: Throughput,
+    raw_latency: Latency,
+    conveyor_latency: Latency,
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    // Keep the server (if we started one) alive for the whole run.
+    let (url, _server, _dir) = match &args.nats_url {
+        Some(url) => (url.clone(), None, None),
+        None => {
+            let dir = tempfile::tempdir().context("creating a temp dir for nats-server")?;
+            let server = LocalNats::start(&args.nats_server, dir.path()).await?;
+            (server.url().to_owned(), Some(server), Some(dir))
+        }
+    };
+    let nats_server = server_version(&url).await?;
+    eprintln!(
+        "bench: {} jobs of {} B, concurrency {}, latency at {}/s for {} s, {} rounds, against {url} ({nats_server})",
+        args.jobs, args.payload, args.concurrency, args.rate, args.latency_seconds, args.rounds
+    );
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let raw_throughput = raw_throughput(&url, &args, round).await?;
+        eprintln!(
+            "round {round}: raw      {:>9.0} jobs/s",
+            raw_throughput.jobs_per_second
+        );
+        let conveyor_throughput = conveyor_throughput(&url, &args, round).await?;
+        eprintln!(
+            "round {round}: conveyor {:>9.0} jobs/s",
+            conveyor_throughput.jobs_per_second
+        );
+        let raw_latency = raw_latency(&url, &args, round).await?;
+        eprintln!(
+            "round {round}: raw      p50 {:.2} ms p99 {:.2} ms",
+            raw_latency.p50_ms, raw_latency.p99_ms
+        );
+        let conveyor_latency = conveyor_latency(&url, &args, round).await?;
+        eprintln!(
+            "round {round}: conveyor p50 {:.2} ms p99 {:.2} ms",
+            conveyor_latency.p50_ms, conveyor_latency.p99_ms
+        );
+        rounds.push(Round {
+            raw_throughput,
+            conveyor_throughput,
+            raw_latency,
+            conveyor_latency,
+        });
+    }
+    let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let raw_tp = med(&|r| r.raw_throughput.jobs_per_second);
+    let conv_tp = med(&|r| r.conveyor_throughput.jobs_per_second);
+    let raw_p99 = med(&|r| r.raw_latency.p99_ms);
+    let conv_p99 = med(&|r| r.conveyor_latency.p99_ms);
+    let report = Report {
+        nats_server,
+        jobs: args.jobs,
+        payload_bytes: args.payload,
+        concurrency: args.concurrency,
+        rate_per_second: args.rate,
+        rounds: args.rounds,
+        raw_throughput: raw_tp,
+        conveyor_throughput: conv_tp,
+        throughput_ratio: conv_tp / raw_tp,
+        raw_p50_ms: med(&|r| r.raw_latency.p50_ms),
+        raw_p99_ms: raw_p99,
+        conveyor_p50_ms: med(&|r| r.conveyor_latency.p50_ms),
+        conveyor_p99_ms: conv_p99,
+        p99_ratio: conv_p99 / raw_p99,
+        all_rounds: rounds,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn print_text(r: &Report) {
+    println!(
+        "Conveyor vs raw JetStream ({}, medians of {} rounds)",
+        r.nats_server, r.rounds
+    );
+    println!(
+        "  throughput, {} jobs x {} B, concurrency {}:",
+        r.jobs, r.payload_bytes, r.concurrency
+    );
+    println!("    raw JetStream  {:>9.0} jobs/s", r.raw_throughput);
+    println!("    Conveyor       {:>9.0} jobs/s", r.conveyor_throughput);
+    println!("    ratio          {:>9.2}", r.throughput_ratio);
+    println!(
+        "  submit-to-handler latency at {} jobs/s:",
+        r.rate_per_second
+    );
+    println!(
+        "    raw JetStream  p50 {:>6.2} ms  p99 {:>6.2} ms",
+        r.raw_p50_ms, r.raw_p99_ms
+    );
+    println!(
+        "    Conveyor       p50 {:>6.2} ms  p99 {:>6.2} ms",
+        r.conveyor_p50_ms, r.conveyor_p99_ms
+    );
+    println!("    p99 ratio      {:>9.2}", r.p99_ratio);
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
+}
+
+async fn server_version(url: &str) -> anyhow::Result<String> {
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(format!("nats-server {}", client.server_info().version))
+}
+
+async fn jetstream_at(url: &str) -> anyhow::Result<jetstream::Context> {
+    let client = async_nats::connect(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(jetstream::new(client))
+}
+
+/// A fresh stream + durable pull consumer for a raw run; the stream is deleted afterwards.
+async fn raw_setup(
+    url: &str,
+    name: &str,
+) -> anyhow::Result<(jetstream::Context, consumer::PullConsumer, String)> {
+    let js = jetstream_at(url).await?;
+    let subject = format!("bench.{name}");
+    let stream = js
+        .create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .context("creating the raw consumer")?;
+    Ok((js, consumer, subject))
+}
+
+/// A fresh Conveyor queue (its stream and consumer made the way the operator makes them).
+async fn conveyor_setup(url: &str, name: &str) -> anyhow::Result<(Client, Worker, QueueRef)> {
+    let queue = QueueRef::new("bench", name);
+    let client = Client::connect(url).await?;
+    admin::ensure_queue(client.jetstream(), &queue, &QueueSettings::default())
+        .await
+        .context("creating the bench queue")?;
+    // The workers get their own connection, as a worker pod would.
+    let worker = Worker::new(jetstream_at(url).await?, queue.clone());
+    Ok((client, worker, queue))
+}
+
+async fn raw_teardown(js: &jetstream::Context, name: &str) {
+    let _ = js.delete_stream(name).await;
+}
+
+async fn conveyor_teardown(client: &Client, queue: &QueueRef) {
+    let _ = client.jetstream().delete_stream(queue.stream()).await;
+    let _ = client
+        .jetstream()
+        .delete_stream(queue.dead_letter_stream())
+        .await;
+}
+
+/// Waits until `count` reaches `target`, with the run deadline.
+async fn wait_count(
+    count: &AtomicU64,
+    done: &Notify,
+    target: u64,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + RUN_DEADLINE;
+    while count.load(Ordering::Acquire) < target {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "{what}: only {} of {target} jobs after {RUN_DEADLINE:?}",
+                count.load(Ordering::Acquire)
+            );
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), done.notified()).await;
+    }
+    Ok(())
+}
+
+async fn raw_throughput(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Throughput> {
+    let name = format!("bench_raw_tp_{round}_{}", std::process::id());
+    let (js, consumer, subject) = raw_setup(url, &name).await?;
+    let payload = Bytes::from(vec![b'x'; args.payload]);
+    let n = args.jobs as u64;
+    let start = Instant::now();
+    let producer = tokio::spawn(publish_all(js.clone(), subject, payload, n));
+    consume_raw(&consumer, args.concurrency, n, |_| {}).await?;
+    let seconds = start.elapsed().as_secs_f64();
+    producer.await??;
+    raw_teardown(&js, &name).await;
+    Ok(Throughput {
+        jobs_per_second: n as f64 / seconds,
+        seconds,
+    })
+}
+
+/// Pulls `n` messages (batches of `concurrency`), hands each payload to `seen`, then acks it.
+async fn consume_raw(
+    consumer: &consumer::PullConsumer,
+    concurrency: usize,
+    n: u64,
+    mut seen: impl FnMut(&[u8]),
+) -> anyhow::Result<()> {
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(concurrency)
+        .messages()
+        .await
+        .context("starting the raw pull")?;
+    let deadline = tokio::time::Instant::now() + RUN_DEADLINE;
+    for _ in 0..n {
+        let message = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .context("raw consumer timed out")?
+            .context("raw pull ended")?
+            .map_err(|e| anyhow::anyhow!("raw pull: {e}"))?;
+        seen(&message.payload);
+        message
+            .ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("raw ack: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Publishes `n` raw messages with acks, `PUBLISH_WINDOW` at a time.
+async fn publish_all(
+    js: jetstream::Context,
+    subject: String,
+    payload: Bytes,
+    n: u64,
+) -> anyhow::Result<()> {
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|_| {
+            let js = &js;
+            let subject = subject.clone();
+            let payload = payload.clone();
+            async move { js.publish(subject, payload).await?.await }
+        })
+        .buffer_unordered(PUBLISH_WINDOW)
+        .collect()
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        bail!("raw publish failed: {e}");
+    }
+    Ok(())
+}
+
+async fn conveyor_throughput(
+    url: &str,
+    args: &BenchArgs,
+    round: usize,
+) -> anyhow::Result<Throughput> {
+    let name = format!("tp-{round}-{}", std::process::id());
+    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let payload = Bytes::from(vec![b'x'; args.payload]);
+    let n = args.jobs as u64;
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let stop = Arc::new(Notify::new());
+    let runner = {
+        let (handled, done, stop) = (handled.clone(), done.clone(), stop.clone());
+        worker
+            .concurrency(args.concurrency)
+            .handler(move |_job: ReceivedJob| {
+                let (handled, done) = (handled.clone(), done.clone());
+                async move {
+                    if handled.fetch_add(1, Ordering::AcqRel) + 1 == n {
+                        done.notify_one();
+                    }
+                    Outcome::Done(Bytes::new())
+                }
+            })
+            .run(async move { stop.notified().await })
+    };
+    let start = Instant::now();
+    let worker_task = tokio::spawn(runner);
+    let producer = {
+        let client = client.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let jobs = (0..n).map(move |i| Job::new(format!("j{i}"), payload.clone()));
+            client
+                .submit_batch(&queue, jobs)
+                .await
+                .into_iter()
+                .filter(Result::is_err)
+                .count()
+        })
+    };
+    wait_count(&handled, &done, n, "conveyor throughput").await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let failed = producer.await?;
+    stop.notify_one();
+    worker_task.await??;
+    conveyor_teardown(&client, &queue).await;
+    if failed > 0 {
+        bail!("{failed} submissions failed");
+    }
+    Ok(Throughput {
+        jobs_per_second: n as f64 / seconds,
+        seconds,
+    })
+}
+
+/// The payload of a latency job: nanoseconds since `base` when it was sent, then padding.
+fn stamped(base: Instant, size: usize) -> Bytes {
+    let mut v = (base.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
+    v.resize(size.max(8), b'x');
+    Bytes::from(v)
+}
+
+fn latency_of(base: Instant, payload: &[u8]) -> Duration {
+    let sent = u64::from_le_bytes(payload[..8].try_into().expect("payload has a stamp"));
+    base.elapsed().saturating_sub(Duration::from_nanos(sent))
+}
+
+/// Sends `total` stamped payloads at `rate` per second through `send`, keeping acks in flight.
+async fn paced<F, Fut>(
+    rate: u32,
+    total: u64,
+    base: Instant,
+    size: usize,
+    send: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Bytes) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    while sent < total {
+        tokio::select! {
+            _ = tick.tick() => {
+                let due = ((start.elapsed().as_secs_f64() * f64::from(rate)) as u64).min(total);
+                while sent < due {
+                    pending.push(send(stamped(base, size)));
+                    sent += 1;
+                }
+            }
+            Some(result) = pending.next(), if !pending.is_empty() => result?,
+        }
+    }
+    while let Some(result) = pending.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+fn summarize(mut samples: Vec<Duration>) -> Latency {
+    samples.sort();
+    Latency {
+        p50_ms: percentile(&samples, 50.0),
+        p99_ms: percentile(&samples, 99.0),
+        samples: samples.len(),
+    }
+}
+
+async fn raw_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Latency> {
+    let name = format!("bench_raw_lat_{round}_{}", std::process::id());
+    let (js, consumer, subject) = raw_setup(url, &name).await?;
+    let total = u64::from(args.rate) * args.latency_seconds;
+    let base = Instant::now();
+    let producer = {
+        let js = js.clone();
+        let (rate, size) = (args.rate, args.payload);
+        tokio::spawn(async move {
+            paced(rate, total, base, size, |payload| {
+                let js = js.clone();
+                let subject = subject.clone();
+                async move {
+                    js.publish(subject, payload).await?.await?;
+                    Ok(())
+                }
+            })
+            .await
+        })
+    };
+    let mut samples = Vec::with_capacity(total as usize);
+    consume_raw(&consumer, args.concurrency, total, |payload| {
+        samples.push(latency_of(base, payload));
+    })
+    .await?;
+    producer.await??;
+    raw_teardown(&js, &name).await;
+    Ok(summarize(samples))
+}
+
+async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Latency> {
+    let name = format!("lat-{round}-{}", std::process::id());
+    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let total = u64::from(args.rate) * args.latency_seconds;
+    let base = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
+    let handled = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let stop = Arc::new(Notify::new());
+    let runner = {
+        let (samples, handled, done, stop) =
+            (samples.clone(), handled.clone(), done.clone(), stop.clone());
+        worker
+            .concurrency(args.concurrency)
+            .handler(move |job: ReceivedJob| {
+                let latency = latency_of(base, &job.payload);
+                samples.lock().expect("samples lock").push(latency);
+                if handled.fetch_add(1, Ordering::AcqRel) + 1 == total {
+                    done.notify_one();
+                }
+                async { Outcome::Done(Bytes::new()) }
+            })
+            .run(async move { stop.notified().await })
+    };
+    let worker_task = tokio::spawn(runner);
+    let producer = {
+        let client = client.clone();
+        let queue = queue.clone();
+        let (rate, size) = (args.rate, args.payload);
+        let next_id = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            paced(rate, total, base, size, |payload| {
+                let client = client.clone();
+                let queue = queue.clone();
+                let id = format!("l{}", next_id.fetch_add(1, Ordering::Relaxed));
+                async move {
+                    client.submit(&queue, Job::new(id, payload)).await?;
+                    Ok(())
+                }
+            })
+            .await
+        })
+    };
+    wait_count(&handled, &done, total, "conveyor latency").await?;
+    producer.await??;
+    stop.notify_one();
+    worker_task.await??;
+    conveyor_teardown(&client, &queue).await;
+    let samples = std::mem::take(&mut *samples.lock().expect("samples lock"));
+    Ok(summarize(samples))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 50.0), 50.0);
+        assert_eq!(percentile(&samples, 99.0), 99.0);
+        assert_eq!(percentile(&samples[..1], 99.0), 1.0);
+    }
+
+    #[test]
+    fn stamps_round_trip() {
+        let base = Instant::now();
+        let payload = stamped(base, 256);
+        assert_eq!(payload.len(), 256);
+        assert!(latency_of(base, &payload) < Duration::from_secs(5));
+    }
+}
