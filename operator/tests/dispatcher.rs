@@ -287,3 +287,51 @@ async fn the_dispatcher_keeps_working_across_a_nats_restart() {
     stop.cancel();
     running.await.unwrap();
 }
+
+#[tokio::test]
+async fn jobs_the_runtime_dead_lettered_itself_are_left_alone() {
+    let server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "reported").await;
+    let (stop, running) = dispatcher(client.clone());
+    let worker_stop = CancellationToken::new();
+    let worker = conveyor::Worker::new(js.clone(), queue.clone())
+        .options(conveyor::worker::WorkerOptions {
+            concurrency: 4,
+            poll_wait: Duration::from_millis(200),
+            backoff: protocol::Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(10),
+                ..Default::default()
+            },
+            pod_name: "pod-1".into(),
+            ..Default::default()
+        })
+        .handler(|_job: conveyor::ReceivedJob| async {
+            conveyor::Outcome::Failed("handler said no".into())
+        });
+    let token = worker_stop.clone();
+    let worker = tokio::spawn(async move { worker.run(token.cancelled_owned()).await });
+    let jobs = ids("failing", 0..10);
+    submit(&js, &queue, jobs.clone()).await;
+
+    settled(&js, &queue, 10).await;
+    let entries = dlq::list(&js, &queue, &Selector::All, usize::MAX)
+        .await
+        .unwrap();
+    let mut seen: Vec<String> = entries
+        .iter()
+        .inspect(|e| {
+            assert_eq!(e.reason, "exhausted");
+            assert_eq!(e.pod, "pod-1");
+        })
+        .map(|e| e.job_id.clone())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, jobs);
+    worker_stop.cancel();
+    worker.await.unwrap().unwrap();
+    stop.cancel();
+    running.await.unwrap();
+}
