@@ -205,7 +205,9 @@ pub struct WorkerStatus {
 
     /// Current state of the pool. `Available` is `True` when at least the minimum number of
     /// pods is ready; its reason says why not (`QueueNotFound`, `InvalidSpec`,
-    /// `DeploymentUnavailable`).
+    /// `MinimumReplicasUnavailable`). `Degraded` is `True` when pods were OOM-killed recently,
+    /// crash-loop, cannot pull their image, cannot be configured or cannot be scheduled; its
+    /// message names the pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -1,8 +1,11 @@
 //! The `Worker` controller: server-side applies the Worker's Deployment (built by
 //! [`deployment::build`]) and mirrors its state into the Worker's status with an `Available`
-//! condition. Pool size comes from `spec.replicas`, or from the scaler when `scaling` is set.
+//! condition, and judges its pods into a `Degraded` condition (with a `WorkerCrashed` Event
+//! when that changes). Pool size comes from `spec.replicas`, or from the scaler when `scaling`
+//! is set.
 
 pub mod deployment;
+pub mod pods;
 mod status;
 
 use std::sync::Arc;
@@ -11,7 +14,8 @@ use std::time::Instant;
 use conveyor_crds::{JobQueue, Worker, WorkerStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -39,6 +43,9 @@ pub enum Error {
     /// Applying the Deployment failed.
     #[error("cannot apply Deployment: {0}")]
     Apply(#[source] kube::Error),
+    /// Listing the Worker's pods failed.
+    #[error("cannot list pods: {0}")]
+    ListPods(#[source] kube::Error),
     /// Writing the status failed.
     #[error("cannot write status: {0}")]
     Status(#[source] kube::Error),
@@ -49,6 +56,7 @@ impl Error {
         match self {
             Self::GetQueue { .. } => "get_queue",
             Self::Apply(_) => "apply_deployment",
+            Self::ListPods(_) => "list_pods",
             Self::Status(_) => "kube",
         }
     }
@@ -56,13 +64,15 @@ impl Error {
 
 /// The Worker controller, wired to its Deployments and to the JobQueues its Workers name.
 pub fn controller(ctx: &Context) -> Controller<Worker> {
-    let (workers, deployments, queues) = match &ctx.config.namespace {
+    let (workers, deployments, queues, pods) = match &ctx.config.namespace {
         Some(ns) => (
             Api::<Worker>::namespaced(ctx.client.clone(), ns),
             Api::<Deployment>::namespaced(ctx.client.clone(), ns),
             Api::<JobQueue>::namespaced(ctx.client.clone(), ns),
+            Api::<Pod>::namespaced(ctx.client.clone(), ns),
         ),
         None => (
+            Api::all(ctx.client.clone()),
             Api::all(ctx.client.clone()),
             Api::all(ctx.client.clone()),
             Api::all(ctx.client.clone()),
@@ -76,10 +86,17 @@ pub fn controller(ctx: &Context) -> Controller<Worker> {
     let controller = Controller::new(workers, watcher::Config::default());
     let store = controller.store();
     controller
-        .owns(deployments, ours)
+        .owns(deployments, ours.clone())
         .watches(queues, watcher::Config::default(), move |queue| {
             workers_of(&store, &queue)
         })
+        .watches(pods, ours, |pod| worker_of(&pod))
+}
+
+/// The Worker a pod belongs to (by its label), so pod crashes update `Degraded` at once.
+fn worker_of(pod: &Pod) -> Option<ObjectRef<Worker>> {
+    let name = pod.labels().get(deployment::WORKER_LABEL)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
 /// Workers that consume `queue`, so they are reconciled when it appears or changes.
@@ -203,7 +220,8 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
     };
     let scaled = worker.spec.scaling.is_some();
     let old = worker.status.clone().unwrap_or_default();
-    let new = compute_status(
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut new = compute_status(
         &old,
         worker.meta().generation,
         &name,
@@ -211,9 +229,25 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         replicas,
         scaled,
         problem.as_ref(),
-        k8s_openapi::jiff::Timestamp::now(),
+        now,
     );
+    if deployment.is_some() {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        let selector = ListParams::default().labels(&deployment::selector_string(&name));
+        let listed = api.list(&selector).await.map_err(Error::ListPods)?;
+        let health = pods::health(&listed.items, now);
+        conditions::set(
+            &mut new.conditions,
+            pods::DEGRADED,
+            health.status,
+            health.reason,
+            health.message,
+            worker.meta().generation,
+            now,
+        );
+    }
     announce(worker, &old, &new, ctx).await;
+    announce_crashes(worker, &old, &new, ctx).await;
     if new != old {
         write_status(worker, &new, scaled, ctx)
             .await
@@ -238,6 +272,28 @@ async fn announce(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: 
     };
     ctx.event(worker, type_, &now.reason, now.message.clone())
         .await;
+}
+
+/// Publishes a `WorkerCrashed` Warning when `Degraded` becomes true or names other pods or
+/// troubles; the message leaves out restart counts, so a crash loop is one aggregated Event.
+async fn announce_crashes(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: &Context) {
+    let Some(now) = conditions::find(&new.conditions, pods::DEGRADED) else {
+        return;
+    };
+    if now.status != "True" {
+        return;
+    }
+    let before = conditions::find(&old.conditions, pods::DEGRADED);
+    if before.is_some_and(|b| b.status == now.status && b.message == now.message) {
+        return;
+    }
+    ctx.event(
+        worker,
+        EventType::Warning,
+        pods::reason::WORKER_CRASHED,
+        now.message.clone(),
+    )
+    .await;
 }
 
 /// Applies the fields this controller owns; the scaler owns the scaling fields of autoscaled

@@ -1,0 +1,376 @@
+//! The health of a Worker's pods as its `Degraded` condition: which pods were OOM-killed,
+//! crash-loop, cannot pull their image, cannot start or cannot be scheduled. A pure function of
+//! the pods and the time, so the same pods give the same condition and no status write.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::conditions::Status;
+
+/// Condition type of a `Worker`: some of its pods crash, were OOM-killed or cannot start.
+pub const DEGRADED: &str = "Degraded";
+
+/// CamelCase reasons of the `Degraded` condition and the `WorkerCrashed` Event.
+pub mod reason {
+    /// No worker pod is crash-looping, OOM-killed, failing to pull or unschedulable.
+    pub const PODS_HEALTHY: &str = "PodsHealthy";
+    /// A worker pod's container was killed for exceeding its memory limit.
+    pub const OOM_KILLED: &str = "OOMKilled";
+    /// A worker pod's container keeps exiting.
+    pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
+    /// A worker pod's image cannot be pulled.
+    pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
+    /// A worker pod's container cannot be configured (missing Secret or ConfigMap).
+    pub const CREATE_CONTAINER_CONFIG_ERROR: &str = "CreateContainerConfigError";
+    /// No node can take a worker pod.
+    pub const UNSCHEDULABLE: &str = "Unschedulable";
+    /// Event reason: worker pods started crashing or their troubles changed.
+    pub const WORKER_CRASHED: &str = "WorkerCrashed";
+}
+
+/// How long an OOM kill keeps a pod listed after its container restarted: long enough to be
+/// seen, short enough that a pod that recovered stops being reported.
+pub const RECENT: SignedDuration = SignedDuration::from_mins(10);
+
+/// Pods named in the message; the rest are counted.
+const LISTED: usize = 5;
+
+/// What is wrong with one pod, most severe first (the order decides the condition's reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trouble {
+    /// A container was killed for exceeding its memory limit.
+    OomKilled,
+    /// A container keeps exiting and waits to be restarted.
+    CrashLoopBackOff,
+    /// The image cannot be pulled.
+    ImagePullBackOff,
+    /// The container cannot be configured (a missing Secret or ConfigMap).
+    CreateContainerConfigError,
+    /// No node can take the pod.
+    Unschedulable,
+}
+
+impl Trouble {
+    /// The CamelCase reason of the condition and of the `WorkerCrashed` Event.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::OomKilled => reason::OOM_KILLED,
+            Self::CrashLoopBackOff => reason::CRASH_LOOP_BACK_OFF,
+            Self::ImagePullBackOff => reason::IMAGE_PULL_BACK_OFF,
+            Self::CreateContainerConfigError => reason::CREATE_CONTAINER_CONFIG_ERROR,
+            Self::Unschedulable => reason::UNSCHEDULABLE,
+        }
+    }
+
+    /// Whether the pod's process died, so a job it was running is retried by redelivery.
+    fn lost_jobs(self) -> bool {
+        matches!(self, Self::OomKilled | Self::CrashLoopBackOff)
+    }
+}
+
+/// The `Degraded` condition computed from the pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// `True` when at least one pod is in trouble.
+    pub status: Status,
+    /// CamelCase reason: the most severe trouble, or `PodsHealthy`.
+    pub reason: &'static str,
+    /// Names the pods and what is wrong with each. Stable while the troubles are (no restart
+    /// counts), so it only changes, and is only announced, when something new happens.
+    pub message: String,
+}
+
+/// The trouble of one pod, if any. Terminating pods are not judged.
+pub fn trouble(pod: &Pod, now: Timestamp) -> Option<(Trouble, String)> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let status = pod.status.as_ref()?;
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    let mut worst: Option<(Trouble, String)> = None;
+    for container in containers {
+        if let Some(found) = container_trouble(container, now)
+            && worst.as_ref().is_none_or(|(w, _)| found.0 < *w)
+        {
+            worst = Some(found);
+        }
+    }
+    if worst.is_none()
+        && let Some(condition) = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        && condition.reason.as_deref() == Some("Unschedulable")
+    {
+        let detail = condition.message.clone().unwrap_or_default();
+        worst = Some((Trouble::Unschedulable, detail));
+    }
+    worst
+}
+
+fn container_trouble(container: &ContainerStatus, now: Timestamp) -> Option<(Trouble, String)> {
+    let name = &container.name;
+    let terminations = [container.state.as_ref(), container.last_state.as_ref()];
+    for terminated in terminations
+        .into_iter()
+        .flatten()
+        .flat_map(|s| &s.terminated)
+    {
+        let recent = terminated
+            .finished_at
+            .as_ref()
+            .is_none_or(|at| now.duration_since(at.0) <= RECENT);
+        if terminated.reason.as_deref() == Some("OOMKilled") && recent {
+            return Some((
+                Trouble::OomKilled,
+                format!("container {name} exceeded its memory limit"),
+            ));
+        }
+    }
+    let waiting = container.state.as_ref()?.waiting.as_ref()?;
+    let trouble = match waiting.reason.as_deref()? {
+        "CrashLoopBackOff" => Trouble::CrashLoopBackOff,
+        "ImagePullBackOff" | "ErrImagePull" => Trouble::ImagePullBackOff,
+        "CreateContainerConfigError" => Trouble::CreateContainerConfigError,
+        _ => return None,
+    };
+    let exit = container
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| format!(", last exit code {}", t.exit_code))
+        .unwrap_or_default();
+    Some((trouble, format!("container {name}{exit}")))
+}
+
+/// The `Degraded` condition of a pool from its pods at `now`.
+pub fn health(pods: &[Pod], now: Timestamp) -> Health {
+    // Sorted by pod name so the message does not depend on the list order.
+    let troubles: BTreeMap<String, (Trouble, String)> = pods
+        .iter()
+        .filter_map(|pod| {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            trouble(pod, now).map(|t| (name, t))
+        })
+        .collect();
+    let Some(worst) = troubles.values().map(|(t, _)| *t).min() else {
+        return Health {
+            status: Status::False,
+            reason: reason::PODS_HEALTHY,
+            message: "no pod is crash-looping, OOM-killed, failing to pull its image or \
+                      unschedulable"
+                .into(),
+        };
+    };
+    let mut parts: Vec<String> = troubles
+        .iter()
+        .take(LISTED)
+        .map(|(pod, (t, detail))| format!("pod {pod}: {} ({detail})", t.reason()))
+        .collect();
+    if troubles.len() > LISTED {
+        parts.push(format!("and {} more", troubles.len() - LISTED));
+    }
+    let mut message = parts.join("; ");
+    if troubles.values().any(|(t, _)| t.lost_jobs()) {
+        message.push_str(
+            ". A job a pod was running when it died is redelivered after the queue's timeout, \
+             and that attempt counts against retry.maxAttempts, so a job that keeps killing \
+             its worker ends in the dead-letter queue",
+        );
+    }
+    Health {
+        status: Status::True,
+        reason: worst.reason(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, PodCondition, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    fn pod(name: &str, containers: Vec<ContainerStatus>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                container_statuses: Some(containers),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn waiting(reason: &str) -> Option<ContainerState> {
+        Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: None,
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn terminated(reason: &str, code: i32, finished: i64) -> Option<ContainerState> {
+        Some(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                reason: Some(reason.into()),
+                exit_code: code,
+                finished_at: Some(Time(at(finished))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn running() -> Option<ContainerState> {
+        Some(ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        })
+    }
+
+    fn container(state: Option<ContainerState>, last: Option<ContainerState>) -> ContainerStatus {
+        ContainerStatus {
+            name: "handler".into(),
+            state,
+            last_state: last,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn healthy_pods_are_not_degraded() {
+        let pods = [pod("w-1", vec![container(running(), None)])];
+        let h = health(&pods, at(100));
+        assert_eq!((h.status, h.reason), (Status::False, reason::PODS_HEALTHY));
+    }
+
+    #[test]
+    fn a_recent_oom_kill_names_the_pod_and_redelivery() {
+        let pods = [
+            pod("w-1", vec![container(running(), None)]),
+            pod(
+                "w-2",
+                vec![container(running(), terminated("OOMKilled", 137, 90))],
+            ),
+        ];
+        let h = health(&pods, at(100));
+        assert_eq!((h.status, h.reason), (Status::True, reason::OOM_KILLED));
+        assert!(h.message.starts_with("pod w-2: OOMKilled"), "{}", h.message);
+        assert!(h.message.contains("retry.maxAttempts"), "{}", h.message);
+        assert!(!h.message.contains("w-1"), "{}", h.message);
+    }
+
+    #[test]
+    fn an_old_oom_kill_is_forgotten() {
+        let pods = [pod(
+            "w-2",
+            vec![container(running(), terminated("OOMKilled", 137, 0))],
+        )];
+        let later = at(0) + RECENT + SignedDuration::from_secs(1);
+        assert_eq!(health(&pods, later).status, Status::False);
+    }
+
+    #[test]
+    fn oom_outranks_a_crash_loop_and_both_are_listed() {
+        let pods = [
+            pod(
+                "w-a",
+                vec![container(
+                    waiting("CrashLoopBackOff"),
+                    terminated("Error", 1, 95),
+                )],
+            ),
+            pod(
+                "w-b",
+                vec![container(
+                    waiting("CrashLoopBackOff"),
+                    terminated("OOMKilled", 137, 95),
+                )],
+            ),
+        ];
+        let h = health(&pods, at(100));
+        assert_eq!(h.reason, reason::OOM_KILLED);
+        assert!(
+            h.message
+                .starts_with("pod w-a: CrashLoopBackOff (container handler, last exit code 1)"),
+            "{}",
+            h.message
+        );
+        assert!(h.message.contains("pod w-b: OOMKilled"), "{}", h.message);
+    }
+
+    #[test]
+    fn image_pull_failures_and_config_errors_do_not_blame_jobs() {
+        let mut init = pod("w-1", vec![container(waiting("PodInitializing"), None)]);
+        init.status.as_mut().unwrap().init_container_statuses =
+            Some(vec![container(waiting("ErrImagePull"), None)]);
+        let h = health(&[init], at(1));
+        assert_eq!(h.reason, reason::IMAGE_PULL_BACK_OFF);
+        assert!(!h.message.contains("maxAttempts"), "{}", h.message);
+        let config = pod(
+            "w-2",
+            vec![container(waiting("CreateContainerConfigError"), None)],
+        );
+        assert_eq!(
+            health(&[config], at(1)).reason,
+            reason::CREATE_CONTAINER_CONFIG_ERROR
+        );
+    }
+
+    #[test]
+    fn unschedulable_pods_say_why() {
+        let mut p = pod("w-1", Vec::new());
+        p.status.as_mut().unwrap().conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/3 nodes have enough memory".into()),
+            ..Default::default()
+        }]);
+        let h = health(&[p], at(1));
+        assert_eq!(h.reason, reason::UNSCHEDULABLE);
+        assert!(h.message.contains("0/3 nodes"), "{}", h.message);
+    }
+
+    #[test]
+    fn terminating_pods_are_ignored() {
+        let mut p = pod("w-1", vec![container(waiting("CrashLoopBackOff"), None)]);
+        p.metadata.deletion_timestamp = Some(Time(at(1)));
+        assert_eq!(health(&[p], at(2)).status, Status::False);
+    }
+
+    #[test]
+    fn many_pods_are_counted_and_order_does_not_matter() {
+        let mut pods: Vec<Pod> = (0..8)
+            .map(|i| {
+                pod(
+                    &format!("w-{i}"),
+                    vec![container(waiting("CrashLoopBackOff"), None)],
+                )
+            })
+            .collect();
+        let h = health(&pods, at(1));
+        assert!(h.message.contains("and 3 more"), "{}", h.message);
+        pods.reverse();
+        assert_eq!(health(&pods, at(1)), h);
+    }
+}

@@ -1,0 +1,97 @@
+//! A handler that blows its pod's memory limit: the kubelet OOM-kills the pod, and the Worker's
+//! `Degraded` condition names the pod and the reason, with one `WorkerCrashed` Event.
+
+mod worker_env;
+
+use std::time::Duration;
+
+use conveyor::names::QueueRef;
+use worker_env::{Env, NS};
+
+const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
+kind: JobQueue
+metadata: {name: heavy}
+spec:
+  timeout: 30s
+  retry: {maxAttempts: 2}
+";
+
+// The handler writes 300 MiB (touched, so resident) under a 64 MiB limit.
+const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {name: heavy}
+spec:
+  queue: heavy
+  replicas: 1
+  handler:
+    mode: exec
+    command: ["python3", "-c", "import time; x = b'x' * (300 << 20); time.sleep(30)"]
+  template:
+    spec:
+      containers:
+        - name: handler
+          image: ghcr.io/conveyor-dev/handler
+          resources: {limits: {memory: 64Mi}}
+"#;
+
+#[tokio::test]
+async fn an_oom_killed_pod_makes_the_worker_degraded() {
+    let env = Env::start().await;
+    env.apply(QUEUE).await;
+    env.apply(WORKER).await;
+    let queue = QueueRef::new(NS, "heavy");
+    env.wait_stream(&queue.stream()).await;
+    env.wait_worker("heavy", Duration::from_secs(30), "a ready pod", |w| {
+        w.status
+            .as_ref()
+            .filter(|s| s.ready_replicas == 1)
+            .map(|_| ())
+    })
+    .await;
+    let healthy = env
+        .wait_worker("heavy", Duration::from_secs(10), "Degraded=False", |w| {
+            degraded(w).filter(|c| c.status == "False")
+        })
+        .await;
+    assert_eq!(healthy.reason, "PodsHealthy");
+
+    let js = env.jetstream().await;
+    js.publish(queue.job_subject(0), "boom".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let condition = env
+        .wait_worker(
+            "heavy",
+            Duration::from_secs(30),
+            "Degraded=True/OOMKilled",
+            |w| degraded(w).filter(|c| c.status == "True" && c.reason == "OOMKilled"),
+        )
+        .await;
+    assert!(
+        condition.message.starts_with("pod heavy-") && condition.message.contains("OOMKilled"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("retry.maxAttempts"),
+        "{}",
+        condition.message
+    );
+    let described = env.kubectl(&["describe", "worker", "heavy"]).await;
+    assert!(described.contains("WorkerCrashed"), "{described}");
+    env.shutdown().await;
+}
+
+fn degraded(
+    w: &conveyor_crds::Worker,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    w.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .cloned()
+}

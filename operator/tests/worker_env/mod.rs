@@ -1,0 +1,202 @@
+//! Fixture of the `worker_*` tests: the Kubernetes test double with its controllers and process
+//! kubelet (so worker pods run the real `conveyor-worker` runtime), a real `nats-server`, the
+//! CRDs, the namespace `team` and the operator in-process (`--resync 1s`). Needs
+//! `cargo build -p conveyor-worker --bins` first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor_crds::Worker;
+use conveyor_devcluster::{DevCluster, ImageConfig, Options};
+use conveyor_operator::Config;
+use conveyor_testkit::{NatsServer, wait_for};
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
+/// Namespace of the test objects.
+pub const NS: &str = "team";
+/// The runtime image the operator injects.
+const WORKER_IMAGE: &str = "ghcr.io/conveyor-dev/conveyor-worker";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// The built `conveyor-worker`, next to the test executable's `deps/` directory.
+fn runtime_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("conveyor-worker");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p conveyor-worker --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A running environment; `shutdown` stops everything and removes the state directory.
+pub struct Env {
+    pub cluster: DevCluster,
+    pub nats: NatsServer,
+    stop: CancellationToken,
+    operator: tokio::task::JoinHandle<Result<(), conveyor_operator::Error>>,
+    state: PathBuf,
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let state = std::env::temp_dir().join(format!(
+            "conveyor-worker-test-{}-{}",
+            std::process::id(),
+            conveyor_testkit::free_port().unwrap()
+        ));
+        let image = state.join("images/conveyor-worker");
+        let bin = image.join("usr/local/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(runtime_binary(), bin.join("conveyor-worker")).unwrap();
+        let options = Options {
+            images: BTreeMap::from([(
+                WORKER_IMAGE.to_owned(),
+                ImageConfig {
+                    root: image,
+                    entrypoint: vec!["/usr/local/bin/conveyor-worker".into()],
+                },
+            )]),
+            state_dir: Some(state.join("cluster")),
+            base_backoff: Some(Duration::from_millis(500)),
+            max_backoff: Some(Duration::from_secs(2)),
+            ..Options::default()
+        };
+        let cluster = DevCluster::start(options).await.unwrap();
+        for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
+            kubectl(
+                &cluster,
+                &["apply", "-f", repo(crd).to_str().unwrap()],
+                None,
+            )
+            .await;
+        }
+        kubectl(&cluster, &["create", "namespace", NS], None).await;
+        let nats = NatsServer::start().await.unwrap();
+        let mut config = Config::with_nats_url(nats.url());
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.resync = Duration::from_secs(1);
+        config.scaler_interval = Duration::from_millis(200);
+        config.worker_image = format!("{WORKER_IMAGE}:test");
+        let stop = CancellationToken::new();
+        let on_stop = stop.clone();
+        let operator = tokio::spawn(conveyor_operator::run_with_client(
+            config,
+            cluster.client(),
+            async move { on_stop.cancelled().await },
+        ));
+        Self {
+            cluster,
+            nats,
+            stop,
+            operator,
+            state,
+        }
+    }
+
+    /// `kubectl apply -n team -f -` with `yaml`.
+    pub async fn apply(&self, yaml: &str) {
+        kubectl(&self.cluster, &["apply", "-n", NS, "-f", "-"], Some(yaml)).await;
+    }
+
+    /// `kubectl -n team <args>`; panics with stderr when it fails.
+    pub async fn kubectl(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", NS];
+        all.extend_from_slice(args);
+        kubectl(&self.cluster, &all, None).await
+    }
+
+    pub fn workers(&self) -> Api<Worker> {
+        Api::namespaced(self.cluster.client(), NS)
+    }
+
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.nats.url()).await.unwrap())
+    }
+
+    /// Waits until `check` finds what it wants in the Worker `name` and returns it.
+    pub async fn wait_worker<T>(
+        &self,
+        name: &str,
+        deadline: Duration,
+        what: &str,
+        check: impl Fn(&Worker) -> Option<T>,
+    ) -> T {
+        let api = self.workers();
+        wait_for(deadline, what, || async {
+            api.get_opt(name)
+                .await
+                .ok()
+                .flatten()
+                .as_ref()
+                .and_then(&check)
+                .is_some()
+        })
+        .await
+        .unwrap();
+        check(&api.get(name).await.unwrap()).unwrap()
+    }
+
+    /// Waits until the queue's streams exist (the JobQueue controller made them).
+    pub async fn wait_stream(&self, stream: &str) {
+        let js = self.jetstream().await;
+        wait_for(
+            Duration::from_secs(30),
+            &format!("stream {stream}"),
+            || async { js.get_stream(stream).await.is_ok() },
+        )
+        .await
+        .unwrap();
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.operator)
+            .await
+            .expect("operator stops");
+        result.unwrap().expect("operator exits cleanly");
+        self.cluster.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("/usr/bin/kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
