@@ -194,6 +194,32 @@ pub fn delayed_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stre
     }
 }
 
+/// How long a cancellation is remembered when the queue has no `maxAge` (with one, a
+/// cancellation is kept as long as a job may stay queued).
+pub const CANCEL_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// The cancellations stream: one message per cancelled job id on
+/// `<prefix>.cancel.<hex id>` (the last per subject is kept), for the queue's `maxAge` or
+/// [`CANCEL_RETENTION`]. Workers follow it from the start, so a job cancelled while queued is
+/// skipped whenever it is delivered, and a running one is stopped.
+pub fn cancel_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.cancel_stream(),
+        description: Some(format!(
+            "Conveyor cancellations of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![queue.cancels_wildcard()],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_messages_per_subject: 1,
+        max_age: settings.max_age.unwrap_or(CANCEL_RETENTION),
+        ..Default::default()
+    }
+}
+
 /// The dead-letter stream: limits retention, oldest dropped when full.
 pub fn dead_letter_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
     stream::Config {
@@ -265,6 +291,7 @@ pub async fn ensure_queue(
     crate::protocol::check_server_version(&jetstream.client().server_info().version)?;
     for config in [
         delayed_stream_config(queue, settings),
+        cancel_stream_config(queue, settings),
         stream_config(queue, settings),
         dead_letter_stream_config(queue, settings),
         events_stream_config(queue, settings),

@@ -205,6 +205,56 @@ pub enum JobResult {
         /// Attempts made.
         attempts: u32,
     },
+    /// The job was cancelled ([`Client::cancel`]) before it finished.
+    Cancelled {
+        /// Job id.
+        id: String,
+    },
+}
+
+/// What [`Client::cancel`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelAck {
+    /// The job id.
+    pub id: String,
+    /// True when the job was still a delayed job: its schedule was removed, so it never runs.
+    pub schedule_removed: bool,
+}
+
+/// Why a cancellation was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// The job id cannot be used.
+    #[error("cancel refused: {0}")]
+    InvalidId(#[from] InvalidId),
+    /// The queue has no cancellations stream (it does not exist, or predates cancellation).
+    #[error("cancelling job {id}: queue {queue} does not exist or does not support cancellation")]
+    NoSuchQueue {
+        /// Job id.
+        id: String,
+        /// Stream of the queue.
+        queue: String,
+    },
+    /// Publishing the cancellation failed; it may or may not be recorded: cancel again.
+    #[error("cancelling job {id}: publish failed")]
+    Publish {
+        /// Job id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// The cancellation is recorded, but removing the delayed job's schedule failed; the job
+    /// is still skipped when it comes due within the cancellation retention.
+    #[error("cancelling job {id}: removing its schedule from {stream} failed: {detail}")]
+    Schedule {
+        /// Job id.
+        id: String,
+        /// The delayed stream.
+        stream: String,
+        /// What failed.
+        detail: String,
+    },
 }
 
 /// Why [`Client::submit_and_wait`] has no result.
@@ -367,11 +417,90 @@ impl Client {
                     .unwrap_or_default(),
                 id,
             }),
+            Some(protocol::result::CANCELLED) => Ok(JobResult::Cancelled { id }),
             other => Err(WaitError::Malformed {
                 id,
                 problem: format!("{} is {other:?}", protocol::result::STATUS),
             }),
         }
+    }
+
+    /// Cancels a job by id. A queued job is skipped (acked unrun) when a worker receives it; a
+    /// running one is told ([`crate::worker::ReceivedJob::cancel`]) and stopped after the
+    /// worker's grace; a delayed one has its schedule removed. A client awaiting the job gets
+    /// [`JobResult::Cancelled`]. Cancelling an unknown or finished id is harmless. The
+    /// cancellation is remembered for the queue's `maxAge` (or a day).
+    pub async fn cancel(&self, queue: &QueueRef, id: &str) -> Result<CancelAck, CancelError> {
+        protocol::validate_id(id)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::JOB_ID, id);
+        self.jetstream
+            .publish_with_headers(queue.cancel_subject(id), headers, Bytes::new())
+            .await
+            .map_err(|source| cancel_error(source, queue, id))?
+            .await
+            .map_err(|source| cancel_error(source, queue, id))?;
+        let schedule_removed = self.remove_schedule(queue, id).await?;
+        Ok(CancelAck {
+            id: id.to_owned(),
+            schedule_removed,
+        })
+    }
+
+    /// Removes a delayed job's schedule, answering a client that awaits it. False when there
+    /// was none (the job is not delayed, or already due).
+    async fn remove_schedule(&self, queue: &QueueRef, id: &str) -> Result<bool, CancelError> {
+        let failed = |detail: String| CancelError::Schedule {
+            id: id.to_owned(),
+            stream: queue.delayed_stream(),
+            detail,
+        };
+        let subject = queue.delayed_subject(id);
+        let stream = match self.jetstream.get_stream(queue.delayed_stream()).await {
+            Ok(stream) => stream,
+            Err(error)
+                if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(false);
+            }
+            Err(error) => return Err(failed(error.to_string())),
+        };
+        let schedule = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(schedule) => schedule,
+            Err(error)
+                if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                return Ok(false);
+            }
+            Err(error) => return Err(failed(error.to_string())),
+        };
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .await
+            .map_err(|error| failed(error.to_string()))?;
+        if purged.purged == 0 {
+            return Ok(false); // it came due meanwhile: the worker skips it
+        }
+        let reply = schedule
+            .headers
+            .get(protocol::REPLY_TO)
+            .map(|v| v.as_str().trim().to_owned())
+            .filter(|r| !r.is_empty());
+        if let Some(reply) = reply {
+            let mut headers = HeaderMap::new();
+            headers.insert(protocol::result::JOB_ID, id);
+            headers.insert(protocol::result::STATUS, protocol::result::CANCELLED);
+            let nats = self.jetstream.client();
+            if let Err(error) = nats
+                .publish_with_headers(reply, headers, Bytes::new())
+                .await
+            {
+                tracing::warn!(job = %id, %error, "answering the client awaiting a cancelled job");
+            }
+        }
+        Ok(true)
     }
 
     /// Submits many jobs with up to 256 publishes awaiting their acks at once, which is much
@@ -441,6 +570,25 @@ fn classify(error: jetstream::context::PublishError, queue: &QueueRef, job: &Job
             }
             _ => SubmitError::Publish { id, source: error },
         },
+    }
+}
+
+/// Maps a failed cancellation publish.
+fn cancel_error(
+    source: jetstream::context::PublishError,
+    queue: &QueueRef,
+    id: &str,
+) -> CancelError {
+    if source.kind() == PublishErrorKind::StreamNotFound {
+        CancelError::NoSuchQueue {
+            id: id.to_owned(),
+            queue: queue.stream(),
+        }
+    } else {
+        CancelError::Publish {
+            id: id.to_owned(),
+            source,
+        }
     }
 }
 

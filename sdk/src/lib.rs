@@ -12,5 +12,7 @@ pub mod names;
 pub mod protocol;
 pub mod worker;
 
-pub use client::{Client, Job, JobResult, SubmitAck, SubmitError, WaitError};
+pub use client::{
+    CancelAck, CancelError, Client, Job, JobResult, SubmitAck, SubmitError, WaitError,
+};
 pub use worker::{Outcome, ReceivedJob, Worker};

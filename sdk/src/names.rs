@@ -16,6 +16,11 @@ fn token(s: &str) -> String {
     s.replace('.', "_")
 }
 
+/// A job id as one subject token: its bytes in lowercase hex (ids may contain `.`, `*`, `>`).
+fn hex_token(job_id: &str) -> String {
+    job_id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 impl QueueRef {
     /// A queue reference from namespace and name.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
@@ -65,8 +70,23 @@ impl QueueRef {
     /// Subject of a delayed job's schedule: `<prefix>.delayed.<hex of the job id>`. One
     /// schedule per subject: re-scheduling an id replaces its schedule, and cancelling purges it.
     pub fn delayed_subject(&self, job_id: &str) -> String {
-        let hex: String = job_id.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("{}.delayed.{hex}", self.subject_prefix())
+        format!("{}.delayed.{}", self.subject_prefix(), hex_token(job_id))
+    }
+
+    /// The cancellations stream: `conveyor_<namespace>_<queue>_cancel`. It remembers for a
+    /// while which jobs were cancelled, so a worker that receives one later skips it.
+    pub fn cancel_stream(&self) -> String {
+        format!("{}_cancel", self.stream())
+    }
+
+    /// Subject a job's cancellation is published to: `<prefix>.cancel.<hex of the job id>`.
+    pub fn cancel_subject(&self, job_id: &str) -> String {
+        format!("{}.cancel.{}", self.subject_prefix(), hex_token(job_id))
+    }
+
+    /// Wildcard matching every cancellation of the queue: `<prefix>.cancel.*`.
+    pub fn cancels_wildcard(&self) -> String {
+        format!("{}.cancel.*", self.subject_prefix())
     }
 
     /// Subject a delayed job of the given level appears on, in the delayed stream, once due:

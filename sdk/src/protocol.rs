@@ -59,6 +59,8 @@ pub mod result {
     /// Value of [`STATUS`] after the job was dead-lettered; the message then also carries
     /// the dead-letter headers `Conveyor-Reason`, `Conveyor-Error` and `Conveyor-Attempts`.
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Value of [`STATUS`] after the job was cancelled (`Client::cancel`).
+    pub const CANCELLED: &str = "cancelled";
 }
 
 /// Dead-letter headers, added by whoever moves a job into the dead-letter stream.

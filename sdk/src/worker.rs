@@ -19,13 +19,16 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acker};
+use async_nats::jetstream::{
+    self, AckKind, consumer::PullConsumer, consumer::push, message::Acker,
+};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -73,6 +76,10 @@ pub struct ReceivedJob {
     pub priority: u8,
     /// Deadline of this attempt, if any; the handler is cancelled when it passes.
     pub deadline: Option<Instant>,
+    /// Cancelled when the job is cancelled (`Client::cancel`) while it runs. The handler may
+    /// wind down; its future is dropped after the worker's `cancel_grace` either way, and the
+    /// job is acked as cancelled whatever it returns.
+    pub cancel: CancellationToken,
 }
 
 /// User code that handles jobs. Implemented for `Fn(ReceivedJob) -> impl Future<Output = Outcome>`.
@@ -109,6 +116,8 @@ pub enum Disposition {
     },
     /// Not finished before the drain deadline; given back for immediate redelivery.
     GivenBack,
+    /// Cancelled (before it ran, or while running); acked without a retry.
+    Cancelled,
 }
 
 /// Report of one finished attempt, for metrics and logs.
@@ -163,6 +172,9 @@ pub struct WorkerOptions {
     pub pod_name: String,
     /// Stop (drain and return) after taking this many jobs, so a leaky process is replaced.
     pub max_jobs: Option<u64>,
+    /// How long a handler may take to wind down after its job was cancelled before it is
+    /// stopped (its future dropped, its process killed).
+    pub cancel_grace: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -176,6 +188,7 @@ impl Default for WorkerOptions {
             poll_wait: Duration::from_secs(5),
             pod_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
             max_jobs: None,
+            cancel_grace: Duration::from_secs(5),
         }
     }
 }
@@ -225,6 +238,8 @@ pub struct Summary {
     pub dead_lettered: u64,
     /// Jobs given back at the drain deadline.
     pub given_back: u64,
+    /// Jobs skipped or stopped because they were cancelled.
+    pub cancelled: u64,
 }
 
 /// A worker for one queue, before its handler is set.
@@ -301,12 +316,15 @@ struct Shared<H, O> {
     max_deliver: Option<u32>,
     /// Cancelled when the drain deadline passes: unfinished jobs are given back.
     give_back: CancellationToken,
+    /// Cancelled job ids and the jobs running here.
+    cancels: Arc<Mutex<Cancels>>,
     /// Jobs handed to the handler so far (for `max_jobs`).
     started: AtomicU64,
     acked: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     given_back: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 impl<H: Handler, O: Observer> Runner<H, O> {
@@ -361,6 +379,8 @@ impl<H: Handler, O: Observer> Runner<H, O> {
                 }
             }
         };
+        let following = CancellationToken::new();
+        let cancels = follow_cancels(&jetstream, &queue, following.clone()).await;
         let shared = Arc::new(Shared {
             handler: self.handler,
             observer: self.observer,
@@ -370,11 +390,13 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             max_deliver: u32::try_from(config.max_deliver).ok().filter(|n| *n > 0),
             options,
             give_back: CancellationToken::new(),
+            cancels,
             started: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             given_back: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
         });
         info!(stream = %queue.stream(), concurrency = shared.options.concurrency,
               priorities = shared.options.priorities, "worker started");
@@ -409,7 +431,9 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             retried: shared.retried.load(Ordering::Relaxed),
             dead_lettered: shared.dead_lettered.load(Ordering::Relaxed),
             given_back: shared.given_back.load(Ordering::Relaxed),
+            cancelled: shared.cancelled.load(Ordering::Relaxed),
         };
+        following.cancel();
         info!(?summary, "worker stopped");
         Ok(summary)
     }
@@ -685,6 +709,12 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         shared.observer.finished(&report);
     };
 
+    let Some(running) = Running::start(&shared.cancels, sequence, &id) else {
+        info!(job = %id, "job was cancelled; skipping it");
+        finish(settle_cancelled(shared, &message, &acker, &id).await);
+        return;
+    };
+
     let options = match JobOptions::parse(message.headers.as_ref()) {
         Ok(options) => options,
         Err(error) => {
@@ -715,10 +745,25 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         max_attempts,
         priority,
         deadline,
+        cancel: running.cancel.clone(),
     };
 
+    let mut attempt_run = Box::pin(with_heartbeats(
+        shared.handler.handle(job),
+        &acker,
+        shared.ack_wait,
+        timeout,
+    ));
     let outcome = tokio::select! {
-        outcome = with_heartbeats(shared.handler.handle(job), &acker, shared.ack_wait, timeout) => outcome,
+        outcome = &mut attempt_run => outcome,
+        () = running.cancel.cancelled() => {
+            // The handler was told (`ReceivedJob::cancel`); stop it once the grace passes.
+            let _ = tokio::time::timeout(shared.options.cancel_grace, &mut attempt_run).await;
+            drop(attempt_run);
+            info!(job = %id, "job cancelled while running; handler stopped");
+            finish(settle_cancelled(shared, &message, &acker, &id).await);
+            return;
+        }
         () = shared.give_back.cancelled() => {
             shared.given_back.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = acker.ack_with(AckKind::Nak(None)).await {
@@ -786,6 +831,183 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         }
     };
     finish(disposition);
+}
+
+/// Acks a cancelled job (no retry, no dead letter) and tells an awaiting producer.
+async fn settle_cancelled<H, O>(
+    shared: &Shared<H, O>,
+    message: &async_nats::Message,
+    acker: &Acker,
+    id: &str,
+) -> Disposition {
+    if let Err(error) = acker.ack().await {
+        warn!(job = %id, %error, "acking a cancelled job; it comes back and is skipped again");
+    }
+    shared.cancelled.fetch_add(1, Ordering::Relaxed);
+    if let Some(reply) = reply_to(message) {
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::result::JOB_ID, id);
+        headers.insert(protocol::result::STATUS, protocol::result::CANCELLED);
+        publish_result(shared, reply, headers, Bytes::new()).await;
+    }
+    Disposition::Cancelled
+}
+
+/// Cancelled job ids (from the queue's cancellations stream) and the jobs running here.
+struct Cancels {
+    /// Cancelled ids and when this worker learnt of them.
+    ids: HashMap<String, Instant>,
+    /// Running jobs by stream sequence: their id and the token that tells their handler.
+    running: HashMap<u64, (String, CancellationToken)>,
+    /// How long the stream remembers a cancellation; older ids are forgotten here too.
+    retention: Duration,
+    /// Size of `ids` at which old ids are forgotten next.
+    prune_at: usize,
+}
+
+impl Cancels {
+    fn new(retention: Duration) -> Self {
+        Self {
+            ids: HashMap::new(),
+            running: HashMap::new(),
+            retention,
+            prune_at: 1024,
+        }
+    }
+
+    /// Records a cancellation and tells the handler if the job runs here.
+    fn cancel(&mut self, id: String) {
+        for (running_id, token) in self.running.values() {
+            if *running_id == id {
+                token.cancel();
+            }
+        }
+        self.ids.insert(id, Instant::now());
+        if self.ids.len() >= self.prune_at {
+            let retention = self.retention;
+            self.ids.retain(|_, seen| seen.elapsed() < retention);
+            self.prune_at = (self.ids.len() * 2).max(1024);
+        }
+    }
+}
+
+/// A job registered as running, so a cancellation reaches it; unregistered on drop.
+struct Running<'a> {
+    cancels: &'a Mutex<Cancels>,
+    sequence: u64,
+    cancel: CancellationToken,
+}
+
+impl<'a> Running<'a> {
+    /// Registers the job, or `None` when it is already cancelled. One lock for the check and
+    /// the registration, so a cancellation arriving meanwhile is never missed.
+    fn start(cancels: &'a Mutex<Cancels>, sequence: u64, id: &str) -> Option<Self> {
+        let mut state = cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.ids.contains_key(id) {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        state
+            .running
+            .insert(sequence, (id.to_owned(), cancel.clone()));
+        Some(Self {
+            cancels,
+            sequence,
+            cancel,
+        })
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.running.remove(&self.sequence);
+    }
+}
+
+/// Reads the queue's cancellations from the start (before the worker takes jobs), then
+/// follows new ones in the background until `done`. Without a cancellations stream (a queue
+/// created by an older Conveyor) cancellation is off, with a warning.
+async fn follow_cancels(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    done: CancellationToken,
+) -> Arc<Mutex<Cancels>> {
+    let mut stream = match jetstream.get_stream(queue.cancel_stream()).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(stream = %queue.cancel_stream(), %error, "no cancellations stream; jobs cannot be cancelled");
+            return Arc::new(Mutex::new(Cancels::new(Duration::ZERO)));
+        }
+    };
+    let retention = match stream.info().await {
+        Ok(info) if !info.config.max_age.is_zero() => info.config.max_age,
+        _ => crate::admin::CANCEL_RETENTION,
+    };
+    let cancels = Arc::new(Mutex::new(Cancels::new(retention)));
+    let config = push::OrderedConfig {
+        deliver_subject: jetstream.client().new_inbox(),
+        filter_subject: queue.cancels_wildcard(),
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let consumer = match stream.create_consumer(config).await {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            warn!(%error, "following cancellations failed; jobs cannot be cancelled");
+            return cancels;
+        }
+    };
+    let mut pending = consumer.cached_info().num_pending;
+    let mut messages = match consumer.messages().await {
+        Ok(messages) => messages,
+        Err(error) => {
+            warn!(%error, "following cancellations failed; jobs cannot be cancelled");
+            return cancels;
+        }
+    };
+    let record = |cancels: &Mutex<Cancels>, message: &jetstream::Message| {
+        let id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(protocol::JOB_ID));
+        if let Some(id) = id {
+            let mut state = cancels
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.cancel(id.as_str().to_owned());
+        }
+    };
+    // Catch up with the cancellations made so far before taking any job.
+    while pending > 0 {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(Some(Ok(message))) => {
+                record(&cancels, &message);
+                pending = message.info().map(|info| info.pending).unwrap_or(0);
+            }
+            Ok(Some(Err(error))) => warn!(%error, "reading cancellations"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let following = cancels.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(Ok(message)) => record(&following, &message),
+                    Some(Err(error)) => warn!(%error, "reading cancellations"),
+                    None => break,
+                },
+                () = done.cancelled() => break,
+            }
+        }
+    });
+    cancels
 }
 
 /// Drives the handler, sending an in-progress heartbeat every third of `ack_wait`, and

@@ -148,6 +148,7 @@ impl Observer for Metrics {
             Disposition::Retried { .. } => "retried",
             Disposition::DeadLettered { .. } => "dead_lettered",
             Disposition::GivenBack => "given_back",
+            Disposition::Cancelled => "cancelled",
         };
         self.jobs.get_or_create(&OutcomeLabel { outcome }).inc();
     }

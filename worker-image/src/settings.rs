@@ -133,6 +133,7 @@ impl RunArgs {
             poll_wait: self.poll_wait,
             pod_name: self.pod_name.clone(),
             max_jobs: self.max_jobs,
+            ..WorkerOptions::default()
         }
     }
 }
