@@ -84,8 +84,8 @@ pub mod dead_letter {
 }
 
 /// Oldest NATS server release Conveyor supports (work-queue streams with one filtered consumer
-/// per level, nak with delay, consumer create-or-update).
-pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+/// per level, nak with delay, consumer create-or-update, message schedules for delayed jobs).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 12);
 
 /// The server is older than [`MIN_SERVER_VERSION`] or reports no version we can read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -414,12 +414,16 @@ mod tests {
     #[test]
     fn server_versions_are_checked() {
         assert!(check_server_version("2.15.1").is_ok());
-        assert!(check_server_version("2.10.0-beta").is_ok());
+        assert!(check_server_version("2.12.0-beta").is_ok());
+        assert!(
+            check_server_version("2.11.4").is_err(),
+            "no message schedules"
+        );
         assert!(check_server_version("3.0.0").is_ok());
         let err = check_server_version("2.9.22").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "NATS server version \"2.9.22\" is not supported; Conveyor needs 2.10 or newer"
+            "NATS server version \"2.9.22\" is not supported; Conveyor needs 2.12 or newer"
         );
         assert!(check_server_version("").is_err());
     }

@@ -186,3 +186,39 @@ async fn malformed_schedules_are_refused_with_a_clear_error() -> anyhow::Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn due_job_waits_while_the_queue_is_full() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let queue = QueueRef::new("test", "full");
+    let settings = QueueSettings {
+        max_jobs: Some(1),
+        ..Default::default()
+    };
+    ensure_queue(client.jetstream(), &queue, &settings).await?;
+    client.submit(&queue, Job::new("first", "x")).await?;
+    let due = SystemTime::now() + Duration::from_secs(1);
+    client
+        .submit(&queue, Job::new("delayed", "y").run_at(due))
+        .await?;
+    // Due, but the queue is full: the due copy waits in the delayed stream.
+    wait_for(WAIT, "the schedule to fire", || async {
+        let Ok(stream) = client.jetstream().get_stream(queue.delayed_stream()).await else {
+            return false;
+        };
+        stream
+            .get_last_raw_message_by_subject(&queue.due_subject(0))
+            .await
+            .is_ok()
+    })
+    .await?;
+    let seen = Seen::default();
+    let stop = spawn_recorder(&client, &queue, 1, &seen);
+    wait_for(WAIT, "both jobs, once the queue has room", || async {
+        seen.lock().unwrap().len() == 2
+    })
+    .await?;
+    stop.cancel();
+    Ok(())
+}
