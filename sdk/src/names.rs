@@ -145,6 +145,9 @@ pub mod env {
     pub const HEALTH_ADDR: &str = "CONVEYOR_HEALTH_ADDR";
     /// Longest time in-flight jobs may take after SIGTERM before they are given back (`25s`).
     pub const DRAIN_TIMEOUT: &str = "CONVEYOR_DRAIN_TIMEOUT";
+    /// How long a cancelled running job's handler may take to wind down before it is stopped
+    /// (`5s`); `exec` handlers get SIGTERM at once and SIGKILL after it.
+    pub const CANCEL_GRACE: &str = "CONVEYOR_CANCEL_GRACE";
     /// Default timeout of one attempt when the job sets none (`5m`); unset means none.
     pub const JOB_TIMEOUT: &str = "CONVEYOR_JOB_TIMEOUT";
     /// Longest single wait for new jobs (`5s`).

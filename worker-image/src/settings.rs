@@ -87,6 +87,9 @@ pub struct RunArgs {
     /// After SIGTERM, how long in-flight jobs may run before they are given back.
     #[arg(long, env = env::DRAIN_TIMEOUT, default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// How long a cancelled running job's handler may wind down before it is stopped.
+    #[arg(long, env = env::CANCEL_GRACE, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub cancel_grace: Duration,
     /// Timeout of one attempt when the job sets none; the handler is killed when it passes.
     #[arg(long, env = env::JOB_TIMEOUT, value_parser = humantime::parse_duration)]
     pub job_timeout: Option<Duration>,
@@ -133,7 +136,7 @@ impl RunArgs {
             poll_wait: self.poll_wait,
             pod_name: self.pod_name.clone(),
             max_jobs: self.max_jobs,
-            ..WorkerOptions::default()
+            cancel_grace: self.cancel_grace,
         }
     }
 }

@@ -783,3 +783,40 @@ async fn worker_started_before_its_queue_waits_for_it() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn cancelled_exec_job_gets_sigterm_and_is_not_retried() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let handler = r#"trap 'kill $!; touch "$OUT/term-$CONVEYOR_JOB_ID"; exit 1' TERM
+touch "$OUT/started-$CONVEYOR_JOB_ID"
+sleep 60 & wait"#;
+    let _worker = s.worker(
+        "exec",
+        &[(env::CANCEL_GRACE, "10s")],
+        &["sh", "-c", handler],
+    )?;
+    let waiter = {
+        let (client, queue) = (s.client.clone(), s.queue.clone());
+        tokio::spawn(async move {
+            client
+                .submit_and_wait(&queue, Job::new("long", "x"), WAIT)
+                .await
+        })
+    };
+    wait_for(WAIT, "the handler started", || async {
+        s.files("started-") == ["long"]
+    })
+    .await?;
+    s.client.cancel(&s.queue, "long").await?;
+    assert_eq!(
+        waiter.await??,
+        conveyor::JobResult::Cancelled { id: "long".into() }
+    );
+    assert_eq!(s.files("term-"), ["long"], "the handler got SIGTERM");
+    // Its exit code 1 would mean a retry: the job is gone instead.
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! `exec` mode: one process per job. The payload is the process's stdin, stdout is the result,
 //! and the exit code decides: 0 success, 75 (`EX_TEMPFAIL`) retry later, 65 (`EX_DATAERR`)
-//! permanent failure, anything else (or a signal) a failed attempt.
+//! permanent failure, anything else (or a signal) a failed attempt. A cancelled job's process
+//! gets SIGTERM at once; the runtime kills it when the cancel grace passes.
 
 use std::process::Stdio;
 
@@ -24,7 +25,8 @@ impl ExecHandler {
         Self { program, args }
     }
 
-    /// Runs one attempt. Dropping the future kills the process.
+    /// Runs one attempt. Dropping the future kills the process; cancelling the job
+    /// ([`ReceivedJob::cancel`]) sends it SIGTERM.
     pub async fn run(&self, job: ReceivedJob) -> Outcome {
         let mut child = match Command::new(&self.program)
             .args(&self.args)
@@ -42,6 +44,7 @@ impl ExecHandler {
                 return Outcome::Failed(format!("starting handler {:?}: {error}", self.program));
             }
         };
+        let pid = child.id();
         let stdin = child.stdin.take();
         let payload = job.payload.clone();
         let feed = async move {
@@ -50,7 +53,20 @@ impl ExecHandler {
                 let _ = stdin.write_all(&payload).await;
             }
         };
-        let (_, output) = tokio::join!(feed, child.wait_with_output());
+        let cancel = job.cancel.clone();
+        let wait = async move {
+            let wait = child.wait_with_output();
+            tokio::pin!(wait);
+            tokio::select! {
+                output = &mut wait => output,
+                () = cancel.cancelled() => {
+                    // Still running (not reaped), so the pid is still this process's.
+                    terminate(pid);
+                    wait.await
+                }
+            }
+        };
+        let (_, output) = tokio::join!(feed, wait);
         let output = match output {
             Ok(output) => output,
             Err(error) => return Outcome::Failed(format!("waiting for the handler: {error}")),
@@ -69,5 +85,16 @@ impl ExecHandler {
                 output.status
             )),
         }
+    }
+}
+
+/// Asks a handler process to stop (SIGTERM).
+fn terminate(pid: Option<u32>) {
+    let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) else {
+        return;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if let Err(error) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+        debug!(%error, "sending SIGTERM to a cancelled job's handler");
     }
 }
