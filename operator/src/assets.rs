@@ -2,7 +2,8 @@
 //! and the idempotent calls that create, update, measure and delete them.
 //!
 //! What the assets look like is defined once, in `conveyor::admin` (a work stream with one
-//! subject per priority level, one durable pull consumer per level, a dead-letter stream); this
+//! subject per priority level, one durable pull consumer per level, and its companion streams:
+//! delayed jobs, cancellations, dead letters and captured advisories); this
 //! module maps a `JobQueue` spec onto it and adds what only the operator does: dropping the
 //! consumers of removed levels, reading the figures, and deleting the streams.
 
@@ -19,8 +20,9 @@ pub struct QueueAssets {
     pub queue: QueueRef,
     /// The work stream.
     pub stream: stream::Config,
-    /// The dead-letter stream.
-    pub dead_letter: stream::Config,
+    /// The companion streams (delayed jobs, cancellations, dead letters, advisories), created
+    /// before the work stream because it sources due jobs from the delayed one.
+    pub companions: Vec<stream::Config>,
     /// One durable pull consumer per priority level, index = level.
     pub consumers: Vec<pull::Config>,
 }
@@ -79,7 +81,12 @@ pub fn desired(queue: &QueueRef, spec: &JobQueueSpec) -> Result<QueueAssets, Spe
     Ok(QueueAssets {
         queue: queue.clone(),
         stream: admin::stream_config(queue, &settings),
-        dead_letter: admin::dead_letter_stream_config(queue, &settings),
+        companions: vec![
+            admin::delayed_stream_config(queue, &settings),
+            admin::cancel_stream_config(queue, &settings),
+            admin::dead_letter_stream_config(queue, &settings),
+            admin::events_stream_config(queue, &settings),
+        ],
         consumers: (0..settings.priorities)
             .map(|level| admin::consumer_config(queue, level, &settings))
             .collect(),
@@ -164,12 +171,14 @@ fn is_not_found(err: &jetstream::Error, code: jetstream::ErrorCode) -> bool {
 /// longer exist, and returns the queue's figures.
 pub async fn ensure(js: &jetstream::Context, assets: &QueueAssets) -> Result<Figures, AssetsError> {
     let name = assets.stream.name.clone();
-    js.create_or_update_stream(assets.dead_letter.clone())
-        .await
-        .map_err(|source| AssetsError::Stream {
-            stream: assets.dead_letter.name.clone(),
-            source,
-        })?;
+    for companion in &assets.companions {
+        js.create_or_update_stream(companion.clone())
+            .await
+            .map_err(|source| AssetsError::Stream {
+                stream: companion.name.clone(),
+                source,
+            })?;
+    }
     let stream = match js.get_stream(&name).await {
         Ok(stream) => Some(stream),
         Err(err)
@@ -272,10 +281,16 @@ pub async fn figures(
     Ok(figures)
 }
 
-/// Deletes the work and dead-letter streams (and with them their consumers). A stream that
+/// Deletes the work stream and its companions (and with them their consumers). A stream that
 /// does not exist counts as deleted, so this can run any number of times.
 pub async fn delete(js: &jetstream::Context, queue: &QueueRef) -> Result<(), AssetsError> {
-    for name in [queue.stream(), queue.dead_letter_stream()] {
+    for name in [
+        queue.stream(),
+        queue.delayed_stream(),
+        queue.cancel_stream(),
+        queue.dead_letter_stream(),
+        queue.events_stream(),
+    ] {
         match js.delete_stream(&name).await {
             Ok(_) => tracing::info!(stream = %name, "deleted stream"),
             Err(err)

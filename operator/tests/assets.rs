@@ -42,7 +42,13 @@ async fn ensure_creates_streams_and_consumers_and_counts_jobs() {
     assert_eq!(figures, Figures::default());
     assert_eq!(
         stream_names(&js).await,
-        ["conveyor_team_mail", "conveyor_team_mail_dlq"]
+        [
+            "conveyor_team_mail",
+            "conveyor_team_mail_cancel",
+            "conveyor_team_mail_delayed",
+            "conveyor_team_mail_dlq",
+            "conveyor_team_mail_events",
+        ]
     );
     let mut stream = js.get_stream("conveyor_team_mail").await.unwrap();
     let info = stream.info().await.unwrap();
@@ -84,15 +90,22 @@ async fn ensure_recreates_what_was_deleted_behind_its_back() {
     let desired = assets::desired(&queue, &spec("{}")).unwrap();
     assets::ensure(&js, &desired).await.unwrap();
 
-    js.delete_stream(queue.stream()).await.unwrap();
-    js.delete_stream(queue.dead_letter_stream()).await.unwrap();
+    let mut all = vec![
+        queue.stream(),
+        queue.delayed_stream(),
+        queue.cancel_stream(),
+        queue.dead_letter_stream(),
+        queue.events_stream(),
+    ];
+    all.sort();
+    assert_eq!(stream_names(&js).await, all);
+    for name in &all {
+        js.delete_stream(name).await.unwrap();
+    }
     assert!(stream_names(&js).await.is_empty());
 
     assets::ensure(&js, &desired).await.unwrap();
-    assert_eq!(
-        stream_names(&js).await,
-        [queue.stream(), queue.dead_letter_stream()]
-    );
+    assert_eq!(stream_names(&js).await, all);
     let stream = js.get_stream(queue.stream()).await.unwrap();
     let consumers: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
     assert_eq!(consumers, ["workers-p0"]);

@@ -294,10 +294,14 @@ async fn deleting_a_queue_deletes_or_retains_its_streams() {
     })
     .await
     .unwrap();
-    assert!(!env.stream_exists("conveyor_team_dropped").await);
-    assert!(!env.stream_exists("conveyor_team_dropped_dlq").await);
-    assert!(env.stream_exists("conveyor_team_kept").await);
-    assert!(env.stream_exists("conveyor_team_kept_dlq").await);
+    for suffix in ["", "_dlq", "_delayed", "_cancel", "_events"] {
+        let (dropped, kept) = (
+            format!("conveyor_team_dropped{suffix}"),
+            format!("conveyor_team_kept{suffix}"),
+        );
+        assert!(!env.stream_exists(&dropped).await, "{dropped} is deleted");
+        assert!(env.stream_exists(&kept).await, "{kept} is retained");
+    }
     env.shutdown().await;
 }
 
