@@ -149,6 +149,10 @@ pub async fn run(
             let decision = decide(input(*current, backlog, &scaling), window, history, now);
             let written = worker.status.as_ref().and_then(|s| s.desired_replicas);
             if decision.replicas != *current || written.is_none() {
+                if decision.replicas < *current {
+                    // Idle pods first, so the ReplicaSet does not stop a busy worker mid-job.
+                    crate::worker::idle::mark(&ctx, &worker).await;
+                }
                 if let Err(err) = record(&ctx, &worker, *current, &decision).await {
                     tracing::warn!(%err, worker = worker.name_any(), "cannot record scaling decision");
                     continue;

@@ -5,6 +5,7 @@
 //! is set.
 
 pub mod deployment;
+pub mod idle;
 pub mod pods;
 mod status;
 
