@@ -98,6 +98,44 @@ pub struct WorkerSpec {
     /// Backlog-driven autoscaling. When absent, the pool has `replicas` pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<ScalingSpec>,
+
+    /// Replaces worker pods before they rot (leaks, fragmentation). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle: Option<RecycleSpec>,
+}
+
+/// When and how fast worker pods are replaced.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecycleSpec {
+    /// Pods older than this (plus up to 10 % jitter, so pods born together are not replaced
+    /// together) are deleted gracefully and replaced. Format: `30s`, `12h`. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub max_age: Option<String>,
+
+    /// The runtime exits cleanly after taking this many jobs, and its container is restarted
+    /// (`CONVEYOR_MAX_JOBS`). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_jobs: Option<i64>,
+
+    /// Most pods that may be unavailable while old ones are replaced (default 1); pods that
+    /// are already not ready count against it, so recycling never drops the pool further below
+    /// its desired size.
+    #[serde(default = "default_max_unavailable")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable: i32,
+}
+
+impl RecycleSpec {
+    /// `maxAge` as a duration, `None` when absent.
+    pub fn max_age(&self) -> Result<Option<Duration>, DurationError> {
+        self.max_age
+            .as_deref()
+            .map(|v| duration::parse("spec.recycle.maxAge", v))
+            .transpose()
+    }
 }
 
 /// How jobs reach user code.
@@ -203,6 +241,10 @@ pub struct WorkerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
 
+    /// Pods deleted because they reached `recycle.maxAge`, since the Worker was created.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recycled_pods: i64,
+
     /// Current state of the pool. `Available` is `True` when at least the minimum number of
     /// pods is ready; its reason says why not (`QueueNotFound`, `InvalidSpec`,
     /// `MinimumReplicasUnavailable`). `Degraded` is `True` when pods were OOM-killed recently,
@@ -215,6 +257,12 @@ pub struct WorkerStatus {
 
 fn default_concurrency() -> i32 {
     1
+}
+fn default_max_unavailable() -> i32 {
+    1
+}
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 fn default_target_backlog() -> i32 {
     10

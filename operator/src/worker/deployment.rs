@@ -227,6 +227,9 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
     // A SIGTERM'd runtime must give back what it cannot finish before the kubelet kills it.
     let drain = (grace_seconds - DRAIN_MARGIN_SECONDS).max(1);
     vars.push(value(env::DRAIN_TIMEOUT, format!("{drain}s")));
+    if let Some(max_jobs) = spec.recycle.as_ref().and_then(|r| r.max_jobs) {
+        vars.push(value(env::MAX_JOBS, max_jobs.to_string()));
+    }
     vars.push(field(env::POD_NAME, "metadata.name"));
     // POD_IP must come before the variable that references it.
     vars.push(field(POD_IP, "status.podIP"));

@@ -7,6 +7,7 @@
 pub mod deployment;
 pub mod idle;
 pub mod pods;
+pub mod recycle;
 mod status;
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use conveyor_crds::{JobQueue, Worker, WorkerStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -237,6 +238,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         let selector = ListParams::default().labels(&deployment::selector_string(&name));
         let listed = api.list(&selector).await.map_err(Error::ListPods)?;
         let health = pods::health(&listed.items, now);
+        new.recycled_pods += recycle_old_pods(worker, &listed.items, replicas, &api, ctx).await;
         conditions::set(
             &mut new.conditions,
             pods::DEGRADED,
@@ -273,6 +275,53 @@ async fn announce(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: 
     };
     ctx.event(worker, type_, &now.reason, now.message.clone())
         .await;
+}
+
+/// Deletes (gracefully) the pods that `recycle.maxAge` says are due, announces them with a
+/// `Recycled` Event and returns how many went. Failures are logged and retried next time.
+async fn recycle_old_pods(
+    worker: &Worker,
+    listed: &[Pod],
+    desired: i32,
+    api: &Api<Pod>,
+    ctx: &Context,
+) -> i64 {
+    let Some(spec) = &worker.spec.recycle else {
+        return 0;
+    };
+    let Ok(Some(max_age)) = spec.max_age() else {
+        return 0;
+    };
+    let live: Vec<_> = listed.iter().filter_map(recycle::PodAge::of).collect();
+    let terminating = listed.len() - live.len();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let due = recycle::due(
+        &live,
+        max_age,
+        spec.max_unavailable,
+        desired,
+        terminating,
+        now,
+    );
+    let mut gone = Vec::new();
+    for name in due {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => gone.push(name),
+            Err(err) => tracing::warn!(%err, pod = name, "cannot recycle pod"),
+        }
+    }
+    if gone.is_empty() {
+        return 0;
+    }
+    let note = format!(
+        "replacing {} older than maxAge {}: {}",
+        if gone.len() == 1 { "a pod" } else { "pods" },
+        spec.max_age.as_deref().unwrap_or_default(),
+        gone.join(", ")
+    );
+    ctx.event(worker, EventType::Normal, recycle::RECYCLED, note)
+        .await;
+    i64::try_from(gone.len()).unwrap_or(i64::MAX)
 }
 
 /// Publishes a `WorkerCrashed` Warning when `Degraded` becomes true or names other pods or

@@ -269,3 +269,23 @@ fn drain_timeout_follows_the_grace_period() {
     let vars = env_of(&d.spec.unwrap().template.spec.unwrap().containers[0]);
     assert_eq!(vars[env::DRAIN_TIMEOUT].value.as_deref(), Some("113s"));
 }
+
+#[test]
+fn recycle_max_jobs_reaches_the_runtime_only_when_set() {
+    let main = |w: &Worker| {
+        render(w)
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .clone()
+    };
+    assert!(!env_of(&main(&worker())).contains_key(env::MAX_JOBS));
+    let mut w = worker();
+    w.spec.recycle = Some(serde_yaml::from_str("{maxAge: 1h, maxJobs: 500}").unwrap());
+    let vars = env_of(&main(&w));
+    assert_eq!(vars[env::MAX_JOBS].value.as_deref(), Some("500"));
+}
