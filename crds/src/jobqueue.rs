@@ -2,7 +2,7 @@
 //! priority level, and a dead-letter stream. The operator keeps the JetStream assets in line with
 //! the spec and reports their state in the status.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,18 @@ use crate::duration::{self, DurationError};
         description = "Whether the JetStream assets exist and match the spec"
     ),
     printcolumn(
+        name = "Backlogged",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Backlogged")].status"#,
+        description = "Whether the backlog is over the spec.alerts thresholds"
+    ),
+    printcolumn(
+        name = "Failing",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="JobsFailing")].status"#,
+        description = "Whether jobs were dead-lettered within spec.alerts.failureWindow"
+    ),
+    printcolumn(
         name = "Pending",
         type_ = "integer",
         json_path = ".status.pending",
@@ -43,6 +55,19 @@ use crate::duration::{self, DurationError};
         type_ = "integer",
         json_path = ".status.inFlight",
         description = "Jobs handed to a worker and not yet acknowledged"
+    ),
+    printcolumn(
+        name = "Dead",
+        type_ = "integer",
+        json_path = ".status.deadLettered",
+        description = "Jobs in the dead-letter stream"
+    ),
+    printcolumn(
+        name = "Oldest",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.oldestPendingAge",
+        description = "Age of the oldest job not yet finished"
     ),
     printcolumn(
         name = "Reason",
@@ -83,6 +108,10 @@ pub struct JobQueueSpec {
     #[serde(default = "default_timeout")]
     #[schemars(pattern(crate::duration::PATTERN))]
     pub timeout: String,
+
+    /// Thresholds that flip the `Backlogged` and `JobsFailing` conditions and raise Events.
+    #[serde(default)]
+    pub alerts: AlertsSpec,
 
     /// What happens to the JetStream streams when this resource is deleted: `Delete` removes
     /// the work and dead-letter streams with every job in them, `Retain` keeps them.
@@ -226,6 +255,47 @@ impl Default for BackoffSpec {
     }
 }
 
+/// When the queue counts as unhealthy. `Backlogged` turns `True` when a backlog threshold is
+/// exceeded; `JobsFailing` turns `True` when more than `maxFailures` jobs were dead-lettered
+/// within `failureWindow`.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertsSpec {
+    /// Most jobs that may wait for a worker before the queue is `Backlogged`; no limit when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_pending: Option<i64>,
+
+    /// Longest a job may wait unfinished before the queue is `Backlogged`; no limit when
+    /// absent. Format: `30s`, `5m`, `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub max_oldest_pending_age: Option<String>,
+
+    /// Most dead-lettered jobs within `failureWindow` that still count as healthy; 0 (the
+    /// default) makes any dead letter flip `JobsFailing`.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_failures: i64,
+
+    /// How far back dead letters count for `JobsFailing`. Format: `5m`, `1h`.
+    #[serde(default = "default_failure_window")]
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub failure_window: String,
+}
+
+impl Default for AlertsSpec {
+    fn default() -> Self {
+        Self {
+            max_pending: None,
+            max_oldest_pending_age: None,
+            max_failures: 0,
+            failure_window: default_failure_window(),
+        }
+    }
+}
+
 /// What to do with the JetStream assets when the `JobQueue` is deleted.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeletionPolicy {
@@ -259,9 +329,50 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
 
+    /// Jobs in the dead-letter stream (failed for good, waiting to be inspected, requeued or
+    /// purged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_lettered: Option<u64>,
+
+    /// Age of the oldest job not yet finished (waiting or running), e.g. `1m30s`; absent when
+    /// the queue is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age: Option<String>,
+
+    /// The newest dead letters (at most 10), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_failures: Vec<RecentFailure>,
+
+    /// When the figures above were read from JetStream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<Time>,
+
     /// The JetStream assets behind the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamStatus>,
+}
+
+/// One dead-lettered job, from the headers of its dead letter.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentFailure {
+    /// The job's id.
+    pub job_id: String,
+    /// Attempts made, including the last, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Why it was dead-lettered: `permanent`, `exhausted`, `malformed` or `max_deliveries`.
+    #[serde(default)]
+    pub reason: String,
+    /// The start of the last error (at most 200 characters).
+    #[serde(default)]
+    pub error: String,
+    /// Pod that ran the last attempt.
+    #[serde(default)]
+    pub pod: String,
+    /// When it was dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// Names of the JetStream assets of a queue, for `nats` CLI users.
@@ -282,6 +393,9 @@ fn default_priorities() -> u8 {
 }
 fn default_timeout() -> String {
     "30s".into()
+}
+fn default_failure_window() -> String {
+    "5m".into()
 }
 fn default_stream_replicas() -> u8 {
     1
@@ -315,6 +429,18 @@ impl JobQueueSpec {
             duration::parse("spec.retry.backoff.initial", &backoff.initial)?,
             duration::parse("spec.retry.backoff.max", &backoff.max)?,
         ))
+    }
+
+    /// The `alerts.failureWindow` and `alerts.maxOldestPendingAge` as durations.
+    pub fn alert_durations(&self) -> Result<(Duration, Option<Duration>), DurationError> {
+        let window = duration::parse("spec.alerts.failureWindow", &self.alerts.failure_window)?;
+        let age = self
+            .alerts
+            .max_oldest_pending_age
+            .as_deref()
+            .map(|v| duration::parse("spec.alerts.maxOldestPendingAge", v))
+            .transpose()?;
+        Ok((window, age))
     }
 
     /// The stream's maximum job age, if any.

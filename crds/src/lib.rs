@@ -10,8 +10,8 @@ pub mod jobqueue;
 pub mod worker;
 
 pub use jobqueue::{
-    BackoffSpec, DeletionPolicy, JobQueue, JobQueueSpec, JobQueueStatus, NatsConnection, RetrySpec,
-    StorageType, StreamSpec, StreamStatus,
+    AlertsSpec, BackoffSpec, DeletionPolicy, JobQueue, JobQueueSpec, JobQueueStatus,
+    NatsConnection, RecentFailure, RetrySpec, StorageType, StreamSpec, StreamStatus,
 };
 pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};
 

@@ -31,7 +31,17 @@ fn jobqueue_names_columns_and_status() {
     assert_eq!(crd["spec"]["names"]["categories"], json!(["conveyor"]));
     assert_eq!(
         columns(&crd),
-        ["Ready", "Pending", "In-Flight", "Reason", "Age"]
+        [
+            "Ready",
+            "Backlogged",
+            "Failing",
+            "Pending",
+            "In-Flight",
+            "Dead",
+            "Oldest",
+            "Reason",
+            "Age"
+        ]
     );
     assert_eq!(
         crd["spec"]["versions"][0]["subresources"],
@@ -68,6 +78,8 @@ fn jobqueue_defaults_mirror_serde() {
     assert_eq!(q.spec.priorities, 1);
     assert_eq!(q.spec.timeout, "30s");
     assert_eq!(q.spec.retry.max_attempts, 5);
+    assert_eq!(q.spec.alerts.failure_window, "5m");
+    assert_eq!(q.spec.alerts.max_failures, 0);
     assert_eq!(q.spec.retry.backoff.initial, "1s");
     let backoff = &spec["properties"]["retry"]["properties"]["backoff"]["properties"];
     assert_eq!(backoff["multiplier"]["default"], 2.0);

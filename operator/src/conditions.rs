@@ -7,6 +7,12 @@ use k8s_openapi::jiff::Timestamp;
 
 /// Condition type of a `JobQueue`: the JetStream assets exist and match the spec.
 pub const READY: &str = "Ready";
+/// Condition type of a `JobQueue`: pending jobs or the oldest job's age exceed
+/// `spec.alerts`.
+pub const BACKLOGGED: &str = "Backlogged";
+/// Condition type of a `JobQueue`: more than `spec.alerts.maxFailures` jobs were
+/// dead-lettered within `spec.alerts.failureWindow`.
+pub const JOBS_FAILING: &str = "JobsFailing";
 /// Condition type of a `Worker`: enough pods are ready to take jobs.
 pub const AVAILABLE: &str = "Available";
 
@@ -20,6 +26,24 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// NATS refused to create or update an asset; the message has NATS's answer.
     pub const STREAM_ERROR: &str = "StreamError";
+    /// `Backlogged`: more jobs wait than `alerts.maxPending` allows.
+    pub const DEPTH_OVER_THRESHOLD: &str = "DepthOverThreshold";
+    /// `Backlogged`: the oldest unfinished job is older than `alerts.maxOldestPendingAge`.
+    pub const AGE_OVER_THRESHOLD: &str = "AgeOverThreshold";
+    /// `Backlogged` is `False`: depth and age are within the thresholds (or none are set).
+    pub const WITHIN_THRESHOLDS: &str = "WithinThresholds";
+    /// `JobsFailing`: too many jobs were dead-lettered within the window; the message names
+    /// the last one. Also the Event raised when the condition turns `True`.
+    pub const JOBS_DEAD_LETTERED: &str = "JobsDeadLettered";
+    /// `JobsFailing` is `False`: no more dead letters within the window than allowed.
+    pub const NO_RECENT_FAILURES: &str = "NoRecentFailures";
+    /// Event: a queue's `JobsFailing` condition turned `True` (one Event per transition, not
+    /// per job).
+    pub const JOB_DEAD_LETTERED: &str = "JobDeadLettered";
+    /// Event: a queue's `Backlogged` condition turned `True`.
+    pub const BACKLOGGED: &str = "Backlogged";
+    /// Event: a queue's `Backlogged` or `JobsFailing` condition turned back to `False`.
+    pub const RECOVERED: &str = "Recovered";
     /// The `JobQueue` a `Worker` names does not exist.
     pub const QUEUE_NOT_FOUND: &str = "QueueNotFound";
     /// The Deployment has at least the minimum number of ready pods.

@@ -1,7 +1,10 @@
 //! The `JobQueue` controller: keeps a queue's JetStream assets in line with its spec, reports
-//! `Ready` and the queue's figures in the status, and deletes or keeps the assets when the
-//! resource goes away (finalizer [`FINALIZER`], `spec.deletionPolicy`).
+//! `Ready`, `Backlogged` and `JobsFailing` with the queue's figures and recent failures in the
+//! status (refreshed every few seconds, written at most every [`STATUS_THROTTLE`] unless a
+//! condition flips), raises Events on condition transitions only, and deletes or keeps the
+//! assets when the resource goes away (finalizer [`FINALIZER`], `spec.deletionPolicy`).
 
+mod observe;
 mod status;
 
 use std::sync::Arc;
@@ -19,9 +22,9 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::assets::{self, AssetsError};
-use crate::conditions::{self, reason};
+use crate::conditions::reason;
 use crate::context::{Context, FIELD_MANAGER};
-pub use status::{Outcome, compute_status};
+pub use status::{Health, Observed, Outcome, STATUS_THROTTLE, Thresholds, compute_status, notices};
 
 /// Finalizer that guards the JetStream assets of a queue.
 pub const FINALIZER: &str = "conveyor.dev/jetstream";
@@ -156,15 +159,32 @@ fn queue_ref(jq: &JobQueue) -> QueueRef {
     QueueRef::new(jq.namespace().unwrap_or_default(), jq.name_any())
 }
 
+/// How often a ready queue's figures are refreshed at most (the resync when shorter).
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `spec.alerts` as thresholds.
+fn thresholds(jq: &JobQueue) -> Result<Thresholds, conveyor_crds::duration::DurationError> {
+    let (window, max_age) = jq.spec.alert_durations()?;
+    let alerts = &jq.spec.alerts;
+    Ok(Thresholds {
+        max_pending: alerts.max_pending.map(|n| u64::try_from(n).unwrap_or(0)),
+        max_age,
+        max_failures: u64::try_from(alerts.max_failures).unwrap_or(0),
+        window,
+    })
+}
+
 async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Action, Error> {
     let queue = queue_ref(jq);
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
     let shown_url = url.unwrap_or(ctx.nats.default_url()).to_owned();
-    let (outcome, result) = match assets::desired(&queue, &jq.spec) {
-        Err(err) => (
-            Outcome::Invalid(err.to_string()),
-            Ok(Action::await_change()),
-        ),
+    let limits = thresholds(jq);
+    let desired = limits
+        .as_ref()
+        .map_err(ToString::to_string)
+        .and_then(|_| assets::desired(&queue, &jq.spec).map_err(|e| e.to_string()));
+    let (outcome, result) = match desired {
+        Err(err) => (Outcome::Invalid(err), Ok(Action::await_change())),
         Ok(desired) => match ctx.nats.connected(url).await {
             Err(err) => (
                 Outcome::Invalid(err.to_string()),
@@ -175,10 +195,19 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
                 Err(Error::NatsUnavailable { url: shown_url }),
             ),
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
-                Ok(figures) => (
-                    Outcome::Ready(figures),
-                    Ok(Action::requeue(ctx.config.resync)),
-                ),
+                Ok(figures) => {
+                    let health = match observe::health(&js, &queue, now()).await {
+                        Ok(health) => Some(health),
+                        Err(err) => {
+                            tracing::warn!(%err, "cannot read the queue's health figures");
+                            None
+                        }
+                    };
+                    (
+                        Outcome::Ready(Observed { figures, health }),
+                        Ok(Action::requeue(ctx.config.resync.min(STATUS_REFRESH))),
+                    )
+                }
                 Err(err) if err.is_unavailable() => {
                     (Outcome::Unavailable(err.to_string()), Err(err.into()))
                 }
@@ -187,40 +216,31 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
         },
     };
     let levels = jq.spec.priorities;
+    let now = now();
     let new = compute_status(
         jq.status.as_ref(),
         jq.meta().generation,
         &queue,
         levels,
+        &limits.unwrap_or_default(),
         &outcome,
-        now(),
+        now,
     );
-    announce(jq, &new, ctx).await;
-    if jq.status.as_ref() != Some(&new) {
-        write_status(api, jq, &new).await.map_err(Error::Status)?;
+    for notice in notices(jq.status.as_ref(), &new) {
+        let type_ = if notice.normal {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(jq, type_, notice.reason, notice.note).await;
+    }
+    let fresh = matches!(outcome, Outcome::Ready(_));
+    if let Some(status) = status::to_write(jq.status.as_ref(), new, fresh, now) {
+        write_status(api, jq, &status)
+            .await
+            .map_err(Error::Status)?;
     }
     result
-}
-
-/// Publishes an Event when the `Ready` condition changes status or reason.
-async fn announce(jq: &JobQueue, new: &JobQueueStatus, ctx: &Context) {
-    let old = jq
-        .status
-        .as_ref()
-        .and_then(|s| conditions::find(&s.conditions, conditions::READY));
-    let Some(cond) = conditions::find(&new.conditions, conditions::READY) else {
-        return;
-    };
-    if old.is_some_and(|o| o.status == cond.status && o.reason == cond.reason) {
-        return;
-    }
-    let type_ = if cond.status == "True" {
-        EventType::Normal
-    } else {
-        EventType::Warning
-    };
-    ctx.event(jq, type_, &cond.reason, cond.message.clone())
-        .await;
 }
 
 async fn write_status(

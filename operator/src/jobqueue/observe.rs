@@ -1,0 +1,193 @@
+//! Reads what the status shows beyond the consumer figures, with a bounded number of JetStream
+//! requests whatever the queue's size: the work stream's info and one direct read of its first
+//! message (the oldest unfinished job), the dead-letter stream's info, and the headers of at
+//! most [`TAIL`] of its newest messages.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use conveyor::names::QueueRef;
+use conveyor::protocol::{self, dead_letter};
+use conveyor_crds::RecentFailure;
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::status::{Health, excerpt};
+
+/// Most dead letters read per reconcile (newest first); also bounds the count shown in
+/// `JobsFailing` ("at least N" beyond it).
+pub const TAIL: u64 = 100;
+/// Longest wait for the next dead-letter header; the read ends early rather than hang.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A read of the queue's streams that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// A stream's info could not be read.
+    #[error("cannot look up stream {stream}: {source}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// The JetStream error.
+        source: jetstream::context::GetStreamError,
+    },
+    /// Reading the dead letters' headers failed.
+    #[error("cannot read the dead letters of stream {stream}: {reason}")]
+    Tail {
+        /// Stream name.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// The oldest job's age, the dead-letter count and the newest dead letters.
+pub async fn health(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    now: Timestamp,
+) -> Result<Health, ObserveError> {
+    let stream_error = |stream: String| move |source| ObserveError::Stream { stream, source };
+    let work = js
+        .get_stream(queue.stream())
+        .await
+        .map_err(stream_error(queue.stream()))?;
+    let state = &work.cached_info().state;
+    let oldest_age = if state.messages == 0 {
+        None
+    } else {
+        // The first message at or after the first sequence: acks between the info and this
+        // read only move it on.
+        let first = work
+            .get_first_raw_message_by_subject(
+                format!("{}.jobs.*", queue.subject_prefix()),
+                state.first_sequence,
+            )
+            .await
+            .ok();
+        first.map(|m| age(now, m.time.unix_timestamp()))
+    };
+    let dlq_name = queue.dead_letter_stream();
+    let dlq = js
+        .get_stream(&dlq_name)
+        .await
+        .map_err(stream_error(dlq_name.clone()))?;
+    let state = dlq.cached_info().state.clone();
+    let mut tail = Vec::new();
+    if state.messages > 0 {
+        let start = state
+            .first_sequence
+            .max(state.last_sequence.saturating_sub(TAIL - 1));
+        let failed = |reason: String| ObserveError::Tail {
+            stream: dlq_name.clone(),
+            reason,
+        };
+        let consumer = dlq
+            .create_consumer(consumer::pull::OrderedConfig {
+                headers_only: true,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        while let Ok(Some(message)) = tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
+            let message = message.map_err(|e| failed(e.to_string()))?;
+            let info = message.info().map_err(|e| failed(e.to_string()))?;
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            let stored = Timestamp::from_second(info.published.unix_timestamp()).ok();
+            tail.push(recent_failure(
+                message.headers.as_ref().unwrap_or(&HeaderMap::new()),
+                stored,
+            ));
+            if pending == 0 || sequence >= state.last_sequence {
+                break;
+            }
+        }
+        tail.reverse();
+    }
+    Ok(Health {
+        dead_lettered: state.messages,
+        oldest_age,
+        tail_complete: state.messages <= tail.len() as u64,
+        tail,
+    })
+}
+
+fn age(now: Timestamp, unix_seconds: i64) -> Duration {
+    let secs = now.as_second().saturating_sub(unix_seconds);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+}
+
+/// A dead letter's headers as shown in `status.recentFailures`; `stored` (when JetStream stored
+/// it) stands in for a missing or unreadable `Conveyor-Failed-At`.
+fn recent_failure(headers: &HeaderMap, stored: Option<Timestamp>) -> RecentFailure {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    let job_id = Some(get(dead_letter::JOB_ID))
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| get(protocol::MSG_ID));
+    let time = get(dead_letter::FAILED_AT)
+        .parse::<Timestamp>()
+        .ok()
+        .or(stored)
+        .map(Time);
+    RecentFailure {
+        job_id,
+        attempts: get(dead_letter::ATTEMPTS).trim().parse().ok(),
+        reason: get(dead_letter::REASON),
+        error: excerpt(&get(dead_letter::ERROR)),
+        pod: get(dead_letter::POD),
+        time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_dead_letter_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(dead_letter::JOB_ID, "job-7");
+        headers.insert(dead_letter::ATTEMPTS, "3");
+        headers.insert(dead_letter::REASON, "exhausted");
+        headers.insert(dead_letter::ERROR, "x".repeat(1000).as_str());
+        headers.insert(dead_letter::POD, "work-1");
+        headers.insert(dead_letter::FAILED_AT, "2026-11-23T18:00:00Z");
+        let f = recent_failure(&headers, None);
+        assert_eq!(f.job_id, "job-7");
+        assert_eq!(f.attempts, Some(3));
+        assert_eq!(f.error.chars().count(), 201);
+        assert_eq!(f.time.unwrap().0.to_string(), "2026-11-23T18:00:00Z");
+    }
+
+    #[test]
+    fn falls_back_to_the_message_id_and_the_stored_time() {
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::MSG_ID, "job-8:12");
+        let stored = Timestamp::from_second(1000).unwrap();
+        let f = recent_failure(&headers, Some(stored));
+        assert_eq!(f.job_id, "job-8:12");
+        assert_eq!(f.attempts, None);
+        assert_eq!(f.time, Some(Time(stored)));
+    }
+
+    #[test]
+    fn ages_never_go_negative() {
+        let now = Timestamp::from_second(100).unwrap();
+        assert_eq!(age(now, 40), Duration::from_secs(60));
+        assert_eq!(age(now, 140), Duration::ZERO);
+    }
+}

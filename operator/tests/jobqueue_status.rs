@@ -1,0 +1,280 @@
+//! What a user sees of a queue's health in `kubectl describe jobqueue` and `kubectl get`:
+//! figures, `Backlogged` and `JobsFailing` conditions, recent failures and a handful of Events
+//! after a thousand dead letters. Kubernetes test double (API server only), a real
+//! `nats-server`, the operator in-process; dead letters are published with the headers a worker
+//! writes (`docs/protocol.md`, "Dead letters").
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor_crds::JobQueue;
+use conveyor_devcluster::{DevCluster, Options};
+use conveyor_operator::Config;
+use conveyor_testkit::{NatsServer, wait_for};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::ListParams;
+use tokio_util::sync::CancellationToken;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+const DEADLINE: Duration = Duration::from_secs(60);
+const NS: &str = "team";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(args)
+        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Publishes `n` dead letters the way a worker writes them.
+async fn dead_letters(js: &async_nats::jetstream::Context, from: usize, n: usize) {
+    let mut acks = Vec::new();
+    for i in from..from + n {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("job-{i}:{i}").as_str());
+        headers.insert("Conveyor-Job-Id", format!("job-{i}").as_str());
+        headers.insert("Conveyor-Reason", "exhausted");
+        headers.insert(
+            "Conveyor-Error",
+            format!("exit status 3: cannot resize image {i}").as_str(),
+        );
+        headers.insert("Conveyor-Attempts", "3");
+        headers.insert("Conveyor-Pod", "thumbs-7d9f-abcde");
+        headers.insert(
+            "Conveyor-Failed-At",
+            k8s_openapi::jiff::Timestamp::now().to_string().as_str(),
+        );
+        headers.insert("Conveyor-Original-Subject", "conveyor.team.thumbs.jobs.0");
+        acks.push(
+            js.publish_with_headers("conveyor.team.thumbs.dlq", headers, "{}".into())
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+fn condition(q: &JobQueue, type_: &str) -> Option<(String, String)> {
+    q.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+#[tokio::test]
+async fn a_thousand_failures_show_in_describe_with_a_handful_of_events() {
+    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
+        kubectl(
+            &cluster,
+            &["apply", "-f", repo(crd).to_str().unwrap()],
+            None,
+        )
+        .await;
+    }
+    kubectl(&cluster, &["create", "namespace", NS], None).await;
+    let nats = NatsServer::start().await.unwrap();
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.resync = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+    kubectl(
+        &cluster,
+        &["apply", "-n", NS, "-f", "-"],
+        Some(
+            "apiVersion: conveyor.dev/v1alpha1
+kind: JobQueue
+metadata: {name: thumbs}
+spec:
+  alerts: {maxPending: 10, maxFailures: 5, failureWindow: 10m}
+",
+        ),
+    )
+    .await;
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+    let until = |what: &'static str, type_: &'static str, want: (&'static str, &'static str)| {
+        let api = api.clone();
+        async move {
+            wait_for(DEADLINE, what, || async {
+                api.get("thumbs")
+                    .await
+                    .ok()
+                    .and_then(|q| condition(&q, type_))
+                    == Some((want.0.into(), want.1.into()))
+            })
+            .await
+            .unwrap();
+        }
+    };
+    until("a calm queue", "Backlogged", ("False", "WithinThresholds")).await;
+    until(
+        "no failures yet",
+        "JobsFailing",
+        ("False", "NoRecentFailures"),
+    )
+    .await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    // 20 jobs wait (no worker): over maxPending 10.
+    for i in 0..20 {
+        js.publish("conveyor.team.thumbs.jobs.0", format!("{i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    until(
+        "Backlogged by depth",
+        "Backlogged",
+        ("True", "DepthOverThreshold"),
+    )
+    .await;
+    // A thousand failures, in bursts, while the operator reconciles every second.
+    for burst in 0..10 {
+        dead_letters(&js, burst * 100, 100).await;
+    }
+    until("JobsFailing", "JobsFailing", ("True", "JobsDeadLettered")).await;
+    wait_for(DEADLINE, "1000 dead letters in the status", || async {
+        api.get("thumbs")
+            .await
+            .ok()
+            .and_then(|q| q.status)
+            .and_then(|s| s.dead_lettered)
+            == Some(1000)
+    })
+    .await
+    .unwrap();
+
+    let status = api.get("thumbs").await.unwrap().status.unwrap();
+    assert_eq!(status.pending, Some(20));
+    assert_eq!(status.recent_failures.len(), 10);
+    assert_eq!(status.recent_failures[0].job_id, "job-999");
+    assert!(status.oldest_pending_age.is_some());
+    let failing = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "JobsFailing")
+        .unwrap();
+    assert!(
+        failing.message.starts_with("at least 100 jobs dead-lettered in the last 10m; last: job job-999 (exhausted after 3 attempt(s)) on pod thumbs-7d9f-abcde: exit status 3"),
+        "{}",
+        failing.message
+    );
+
+    let describe = kubectl(
+        &cluster,
+        &["describe", "-n", NS, "jobqueue", "thumbs"],
+        None,
+    )
+    .await;
+    for expected in [
+        "Backlogged",
+        "DepthOverThreshold",
+        "JobsFailing",
+        "JobsDeadLettered",
+        "Dead Lettered:           1000",
+        "Recent Failures:",
+        "job-999",
+        "thumbs-7d9f-abcde",
+        "JobDeadLettered",
+    ] {
+        assert!(
+            describe.contains(expected),
+            "{expected} missing:\n{describe}"
+        );
+    }
+    println!("{describe}");
+    let table = kubectl(&cluster, &["get", "-n", NS, "jobqueues"], None).await;
+    for expected in ["BACKLOGGED", "FAILING", "DEAD", "1000"] {
+        assert!(table.contains(expected), "{expected} missing:\n{table}");
+    }
+    println!("{table}");
+
+    // Draining the backlog and purging the dead letters clears both conditions.
+    js.get_stream("conveyor_team_thumbs")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    js.get_stream("conveyor_team_thumbs_dlq")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    until(
+        "the backlog recovered",
+        "Backlogged",
+        ("False", "WithinThresholds"),
+    )
+    .await;
+    until(
+        "failures recovered",
+        "JobsFailing",
+        ("False", "NoRecentFailures"),
+    )
+    .await;
+
+    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
+    let events = events.list(&ListParams::default()).await.unwrap().items;
+    let reasons: Vec<_> = events
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("thumbs"))
+        .map(|e| e.reason.clone().unwrap_or_default())
+        .collect();
+    println!("events: {reasons:?}");
+    assert!(
+        reasons.len() <= 6,
+        "a handful of events, not one per job: {reasons:?}"
+    );
+    for reason in ["Backlogged", "JobDeadLettered", "Recovered"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, operator)
+        .await
+        .expect("operator stops")
+        .unwrap()
+        .expect("operator exits cleanly");
+    cluster.shutdown().await;
+}
