@@ -21,6 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Submit jobs to a queue and print their ids.
     Submit(SubmitArgs),
+    /// Cancel queued, delayed or running jobs by id.
+    Cancel(CancelArgs),
     /// Show queue figures (pending, in flight, dead-lettered) read straight from JetStream.
     Status(StatusArgs),
     /// Run NATS, the Kubernetes test double and the operator locally, no cluster needed.
@@ -36,7 +38,9 @@ impl Command {
     /// story for `dev`.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Submit(_) | Command::Status(_) | Command::Dlq(_) => "warn",
+            Command::Submit(_) | Command::Status(_) | Command::Dlq(_) | Command::Cancel(_) => {
+                "warn"
+            }
             Command::Dev(_) => "warn,conveyor_operator=info",
             Command::Bench(_) => "warn",
         }
@@ -104,6 +108,31 @@ pub struct SubmitArgs {
     /// Priority level of the jobs: 0 (default, lowest) up to the queue's `priorities` - 1.
     #[arg(long, short = 'p', env = "CONVEYOR_PRIORITY", default_value_t = 0)]
     pub priority: u8,
+    /// Run the jobs no earlier than this long from now (e.g. `30s`, `5m`, `2h`); durable across
+    /// server restarts.
+    #[arg(long, env = "CONVEYOR_DELAY", value_parser = humantime::parse_duration)]
+    pub delay: Option<Duration>,
+    /// Wait for every job's outcome and print one line per job: `<id> <completed|dead-lettered|
+    /// cancelled> <result or error>`. Exits non-zero unless every job completed.
+    #[arg(long, short = 'w', env = "CONVEYOR_WAIT")]
+    pub wait: bool,
+    /// With --wait: how long to wait for each job's outcome.
+    #[arg(long, env = "CONVEYOR_WAIT_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub wait_timeout: Duration,
+}
+
+/// Arguments of `conveyor cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobQueue.
+    pub queue: String,
+    /// Ids of the jobs to cancel: a queued or delayed job never runs, a running one is told to
+    /// stop and is not retried.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }
 
 /// Output formats of `conveyor status`.

@@ -30,6 +30,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Submit(args) => submit::run(args).await,
+        Command::Cancel(args) => submit::cancel(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,

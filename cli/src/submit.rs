@@ -2,14 +2,18 @@
 //! every job the queue stored, one per line, so scripts can pipe them on.
 
 use std::io::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use conveyor::client::{Client, Job, SubmitError};
+use conveyor::client::{Client, Job, JobResult, SubmitError};
 use conveyor::names::QueueRef;
+use futures::StreamExt;
 
-use crate::args::SubmitArgs;
+use crate::args::{CancelArgs, SubmitArgs};
 use crate::input::{self, JobInput, PayloadSource};
+
+/// Jobs awaited at once with `--wait`.
+const WAIT_WINDOW: usize = 256;
 
 /// Runs `conveyor submit`.
 pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
@@ -17,7 +21,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     let queue = args.queue_args.queue(&args.queue);
     let client = Client::connect(&args.queue_args.nats_url).await?;
     let started = Instant::now();
-    let outcome = submit(&client, &queue, jobs, args.priority).await?;
+    let options = Options {
+        priority: args.priority,
+        delay: args.delay,
+    };
+    if args.wait {
+        return submit_and_wait(&client, &queue, jobs, options, args.wait_timeout).await;
+    }
+    let outcome = submit(&client, &queue, jobs, options).await?;
     eprintln!(
         "submitted {} job(s) to {}/{} in {:.2?}{}",
         outcome.stored,
@@ -36,6 +47,114 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Per-job settings from the command line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Priority level.
+    pub priority: u8,
+    /// Run no earlier than this long from now.
+    pub delay: Option<Duration>,
+}
+
+impl Options {
+    fn job(&self, input: JobInput) -> Job {
+        let job = match input.id {
+            Some(id) => Job::new(id, input.payload),
+            None => Job::with_random_id(input.payload),
+        }
+        .priority(self.priority);
+        match self.delay {
+            Some(delay) => job.delay(delay),
+            None => job,
+        }
+    }
+}
+
+/// Submits each job and waits for its outcome (`--wait`), up to `WAIT_WINDOW` at once, printing
+/// `<id>\t<outcome>\t<result or error>` as outcomes arrive. Fails unless every job completed.
+async fn submit_and_wait(
+    client: &Client,
+    queue: &QueueRef,
+    jobs: Vec<JobInput>,
+    options: Options,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let total = jobs.len();
+    let mut outcomes = futures::stream::iter(jobs)
+        .map(|input| client.submit_and_wait(queue, options.job(input), timeout))
+        .buffer_unordered(WAIT_WINDOW);
+    let mut stdout = std::io::stdout().lock();
+    let (mut completed, mut first_problem) = (0usize, None::<String>);
+    while let Some(outcome) = outcomes.next().await {
+        let line = match outcome {
+            Ok(JobResult::Completed { id, result }) => {
+                completed += 1;
+                format!(
+                    "{id}\tcompleted\t{}",
+                    one_line(&String::from_utf8_lossy(&result))
+                )
+            }
+            Ok(JobResult::DeadLettered {
+                id,
+                reason,
+                error,
+                attempts,
+            }) => {
+                format!(
+                    "{id}\tdead-lettered\t{reason} after {attempts} attempt(s): {}",
+                    one_line(&error)
+                )
+            }
+            Ok(JobResult::Cancelled { id }) => format!("{id}\tcancelled\t"),
+            Err(error) => format!("-\terror\t{}", one_line(&error.to_string())),
+        };
+        if !line.contains("\tcompleted\t") && first_problem.is_none() {
+            first_problem = Some(line.replace('\t', " "));
+        }
+        writeln!(stdout, "{line}").context("cannot write to stdout")?;
+    }
+    stdout.flush().context("cannot write to stdout")?;
+    eprintln!(
+        "{completed} of {total} job(s) completed on {}/{}",
+        queue.namespace, queue.name
+    );
+    match first_problem {
+        Some(first) => bail!(
+            "{} of {total} job(s) did not complete; first: {first}",
+            total - completed
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Results and errors on one output line.
+fn one_line(text: &str) -> String {
+    text.trim_end().replace(['\n', '\r', '\t'], " ")
+}
+
+/// Runs `conveyor cancel`: prints each cancelled id; fails if any cancel was refused.
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    let queue = args.queue_args.queue(&args.queue);
+    let client = Client::connect(&args.queue_args.nats_url).await?;
+    let mut refused = 0;
+    for id in &args.ids {
+        match client.cancel(&queue, id).await {
+            Ok(ack) if ack.schedule_removed => {
+                println!("{id}\tcancelled (was delayed; it will never run)")
+            }
+            Ok(_) => println!("{id}\tcancelled"),
+            Err(error) => {
+                refused += 1;
+                eprintln!("error: cannot cancel {id}: {error}");
+            }
+        }
+    }
+    if refused > 0 {
+        bail!("{refused} of {} cancel(s) failed", args.ids.len());
+    }
+    Ok(())
+}
+
 /// What a submission did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -51,16 +170,10 @@ pub async fn submit(
     client: &Client,
     queue: &QueueRef,
     jobs: Vec<JobInput>,
-    priority: u8,
+    options: Options,
 ) -> anyhow::Result<Outcome> {
     let total = jobs.len();
-    let jobs = jobs.into_iter().map(|j| {
-        let job = match j.id {
-            Some(id) => Job::new(id, j.payload),
-            None => Job::with_random_id(j.payload),
-        };
-        job.priority(priority)
-    });
+    let jobs = jobs.into_iter().map(|j| options.job(j));
     let results = client.submit_batch(queue, jobs).await;
     let mut stdout = std::io::stdout().lock();
     let mut outcome = Outcome {

@@ -254,3 +254,87 @@ async fn errors_exit_non_zero_with_a_clear_message() {
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
+
+#[tokio::test]
+async fn delayed_jobs_wait_and_cancel_removes_them() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "later").await;
+    let url = nats.url();
+
+    let out = conveyor(
+        &url,
+        &["submit", "later", "--id", "d-1", "--delay", "1h", "x"],
+        b"",
+    )
+    .await;
+    assert_eq!(stdout_lines(&out), ["d-1"]);
+    // Not yet a job of the work stream: it waits in the delayed stream.
+    let mut work = js.get_stream(queue.stream()).await.expect("work stream");
+    assert_eq!(work.info().await.expect("info").state.messages, 0);
+    let mut delayed = js
+        .get_stream(queue.delayed_stream())
+        .await
+        .expect("delayed stream");
+    assert_eq!(delayed.info().await.expect("info").state.messages, 1);
+
+    let out = conveyor(&url, &["cancel", "later", "d-1"], b"").await;
+    assert_eq!(
+        stdout_lines(&out),
+        ["d-1\tcancelled (was delayed; it will never run)"]
+    );
+    assert_eq!(delayed.info().await.expect("info").state.messages, 0);
+
+    let out = conveyor(&url, &["submit", "later", "--delay", "soon", "x"], b"").await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--delay"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn wait_reports_each_outcome_and_fails_when_a_job_does_not_complete() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "answers").await;
+    let worker = conveyor::worker::Worker::new(js, queue).handler(
+        |job: conveyor::worker::ReceivedJob| async move {
+            if job.payload.as_ref() == b"bad" {
+                conveyor::worker::Outcome::Permanent("refused: bad input".into())
+            } else {
+                conveyor::worker::Outcome::Done(job.payload)
+            }
+        },
+    );
+    let stop = tokio::sync::Notify::new();
+    let stop = std::sync::Arc::new(stop);
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        worker.run(async move { stop.notified().await })
+    });
+
+    let out = conveyor(
+        &nats.url(),
+        &["submit", "answers", "--id", "ok-1", "--wait", "fine"],
+        b"",
+    )
+    .await;
+    assert_eq!(stdout_lines(&out), ["ok-1\tcompleted\tfine"]);
+
+    let out = conveyor(
+        &nats.url(),
+        &["submit", "answers", "--id", "bad-1", "--wait", "bad"],
+        b"",
+    )
+    .await;
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .starts_with("bad-1\tdead-lettered\tpermanent after 1 attempt(s): refused: bad input"),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 of 1 job(s) did not complete"));
+    stop.notify_one();
+    running.await.expect("worker task").expect("worker");
+}

@@ -1,16 +1,13 @@
 //! The walking skeleton end to end: the hello example applied with `kubectl` runs worker pods
-//! with the injected runtime, and 1,000 submitted jobs all come back with their greeting.
+//! with the injected runtime, and 1,000 jobs submitted with `conveyor submit --wait` all come
+//! back with their greeting.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use conveyor::Client;
-use conveyor::client::{Job, JobResult};
-use conveyor::names::QueueRef;
 use conveyor_crds::Worker;
 use conveyor_testkit::wait_for;
-use conveyor_tests::{Env, repo};
-use futures::StreamExt;
+use conveyor_tests::{Env, binary, repo};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -57,35 +54,45 @@ async fn hello_example_processes_every_job() {
         .unwrap();
     assert_eq!(command[..3], ["/conveyor/bin/conveyor-worker", "run", "--"]);
 
-    let client = Client::connect(&env.nats.url()).await.unwrap();
-    let queue = QueueRef::new(NS, "hello");
-    let results: Vec<_> = futures::stream::iter(0..JOBS)
-        .map(|i| {
-            let client = client.clone();
-            let queue = queue.clone();
-            async move {
-                let job = Job::new(format!("job-{i}"), format!("job {i}"));
-                client
-                    .submit_and_wait(&queue, job, Duration::from_secs(120))
-                    .await
-            }
-        })
-        .buffer_unordered(200)
-        .collect()
-        .await;
+    // The real `conveyor submit`, as a user runs it: 1,000 jobs from a JSON Lines file, waiting
+    // for every outcome (one line per job: id, outcome, the handler's result).
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = dir.path().join("jobs.jsonl");
+    let lines: Vec<String> = (0..JOBS)
+        .map(|i| format!(r#"{{"id": "job-{i}", "payload": "job {i}"}}"#))
+        .collect();
+    std::fs::write(&jobs, lines.join("\n")).unwrap();
+    let output = tokio::process::Command::new(binary("conveyor").unwrap())
+        .args([
+            "submit",
+            "hello",
+            "--wait",
+            "--wait-timeout",
+            "120s",
+            "-n",
+            NS,
+        ])
+        .arg("--nats-url")
+        .arg(env.nats.url())
+        .arg("--jsonl")
+        .arg(&jobs)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "conveyor submit failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let mut done = BTreeSet::new();
-    for result in results {
-        match result.expect("every job gets an answer") {
-            JobResult::Completed { id, result } => {
-                let i: usize = id.strip_prefix("job-").unwrap().parse().unwrap();
-                assert_eq!(
-                    String::from_utf8_lossy(&result).trim(),
-                    format!("Hello, job {i}!")
-                );
-                assert!(done.insert(i), "{id} answered twice");
-            }
-            other => panic!("job failed: {other:?}"),
-        }
+    for line in stdout.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert_eq!(fields.len(), 3, "malformed line {line:?}");
+        let i: usize = fields[0].strip_prefix("job-").unwrap().parse().unwrap();
+        assert_eq!(fields[1], "completed", "{line}");
+        assert_eq!(fields[2], format!("Hello, job {i}!"), "{line}");
+        assert!(done.insert(i), "job-{i} answered twice");
     }
     assert_eq!(done.len(), JOBS, "every job id accounted for");
 
