@@ -366,13 +366,20 @@ async fn a_stream_deleted_behind_the_operators_back_is_recreated() {
     env.apply(&queue_yaml("q", "Delete")).await;
     env.wait_ready("q", "True", None).await;
     let js = env.jetstream().await;
+    let created = |js: async_nats::jetstream::Context| async move {
+        let mut stream = js.get_stream("conveyor_team_q").await.ok()?;
+        Some(stream.info().await.ok()?.created)
+    };
+    let before = created(js.clone())
+        .await
+        .expect("the operator made the stream");
     js.delete_stream("conveyor_team_q").await.unwrap();
-    assert!(!env.stream_exists("conveyor_team_q").await);
-    // One resync is 1 s; allow for a slow machine but far less than the default 30 s.
+    // The operator may recreate it before we look again (a resync is 1 s), so a fresh stream is
+    // told apart by its creation time, not by a window in which it is missing.
     wait_for(
         Duration::from_secs(10),
         "the stream to be recreated",
-        || async { env.stream_exists("conveyor_team_q").await },
+        || async { created(js.clone()).await.is_some_and(|now| now != before) },
     )
     .await
     .unwrap();
