@@ -168,10 +168,25 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
         let token = token.clone();
         async move { token.cancelled().await }
     };
-    tokio::join!(
-        jobqueue::run(queues, ctx.clone(), on(&stop)),
-        worker::run(workers, ctx.clone(), on(&stop)),
-        scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
-        dispatcher::run(ctx.clone(), stop.clone()),
-    );
+    let all = async {
+        tokio::join!(
+            jobqueue::run(queues, ctx.clone(), on(&stop)),
+            worker::run(workers, ctx.clone(), on(&stop)),
+            scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
+            dispatcher::run(ctx.clone(), stop.clone()),
+        )
+    };
+    // A controller's graceful shutdown waits for its running reconciles, and for a store that
+    // never became ready (e.g. its CRD is not installed): bound the wait.
+    let grace = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = all => {}
+        () = grace => tracing::warn!(?SHUTDOWN_GRACE, "controllers did not stop in time; leaving them"),
+    }
 }
+
+/// How long the controllers get to finish their reconciles after a shutdown request.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
