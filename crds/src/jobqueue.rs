@@ -350,6 +350,33 @@ pub struct JobQueueStatus {
     /// The JetStream assets behind the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamStatus>,
+
+    /// The last dead-letter operation requested with the `conveyor.dev/dlq-requeue` or
+    /// `conveyor.dev/dlq-purge` annotation, and what came of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_dead_letter_request: Option<DeadLetterRequest>,
+}
+
+/// A dead-letter operation requested with an annotation, once carried out (or refused).
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterRequest {
+    /// The annotation, `conveyor.dev/dlq-requeue` or `conveyor.dev/dlq-purge`.
+    pub annotation: String,
+    /// The annotation's value: `all`, `id=<job id>` or `error=<text>`.
+    pub value: String,
+    /// `Done` when it was carried out; `Invalid` when the value could not be read and
+    /// `NotFound` when no dead letter has the job id asked for (nothing was changed).
+    pub outcome: String,
+    /// Dead letters requeued or purged.
+    #[serde(default)]
+    pub jobs: u64,
+    /// What was done, naming a few of the jobs, or why the value was refused.
+    #[serde(default)]
+    pub message: String,
+    /// When the request was handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
 }
 
 /// One dead-lettered job, from the headers of its dead letter.

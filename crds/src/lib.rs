@@ -10,8 +10,9 @@ pub mod jobqueue;
 pub mod worker;
 
 pub use jobqueue::{
-    AlertsSpec, BackoffSpec, DeletionPolicy, JobQueue, JobQueueSpec, JobQueueStatus,
-    NatsConnection, RecentFailure, RetrySpec, StorageType, StreamSpec, StreamStatus,
+    AlertsSpec, BackoffSpec, DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueSpec,
+    JobQueueStatus, NatsConnection, RecentFailure, RetrySpec, StorageType, StreamSpec,
+    StreamStatus,
 };
 pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};
 

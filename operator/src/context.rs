@@ -31,6 +31,7 @@ pub struct Context {
     /// Operator settings.
     pub config: Config,
     failures: Mutex<HashMap<String, u32>>,
+    handled: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -55,6 +56,7 @@ impl Context {
             metrics,
             config,
             failures: Mutex::default(),
+            handled: Mutex::default(),
         }
     }
 
@@ -97,5 +99,24 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
+    }
+
+    /// Whether a one-off request `key` was already carried out at `version` (the object's
+    /// `resourceVersion`). A reconcile can see an object from the cache that predates the
+    /// operator's own removal of the request; this keeps such a request from running twice.
+    pub fn handled(&self, key: &str, version: &str) -> bool {
+        self.handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|v| v == version)
+    }
+
+    /// Records that request `key` was carried out at `version`.
+    pub fn mark_handled(&self, key: String, version: String) {
+        self.handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, version);
     }
 }

@@ -12,8 +12,8 @@ use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_testkit::{NatsServer, wait_for};
 use k8s_openapi::api::events::v1::Event;
-use kube::Api;
 use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -269,6 +269,168 @@ spec:
             "{reason} in {reasons:?}"
         );
     }
+
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, operator)
+        .await
+        .expect("operator stops")
+        .unwrap()
+        .expect("operator exits cleanly");
+    cluster.shutdown().await;
+}
+
+/// Reasons and notes of the Events regarding the `thumbs` queue.
+async fn queue_events(cluster: &DevCluster) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("thumbs"))
+        .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+        .collect()
+}
+
+async fn messages(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test]
+async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_nothing() {
+    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    // Only the JobQueue CRD: the Worker controller's store never becomes ready, which also
+    // checks that the operator still stops (within its shutdown grace) at the end.
+    kubectl(
+        &cluster,
+        &["apply", "-f", repo("crds/jobqueues.yaml").to_str().unwrap()],
+        None,
+    )
+    .await;
+    kubectl(&cluster, &["create", "namespace", NS], None).await;
+    let nats = NatsServer::start().await.unwrap();
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.resync = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+    let queue =
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: thumbs}\nspec: {}\n";
+    kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(queue)).await;
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+    wait_for(DEADLINE, "the queue Ready", || async {
+        api.get("thumbs")
+            .await
+            .ok()
+            .and_then(|q| condition(&q, "Ready"))
+            .map(|c| c.0)
+            == Some("True".into())
+    })
+    .await
+    .unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    dead_letters(&js, 0, 5).await;
+
+    // Each request: annotate, then wait until the operator has handled and removed it.
+    let request = |annotation: &'static str, value: &'static str| {
+        let (cluster, api) = (&cluster, api.clone());
+        async move {
+            let arg = format!("{annotation}={value}");
+            kubectl(
+                cluster,
+                &["annotate", "-n", NS, "jobqueue", "thumbs", &arg],
+                None,
+            )
+            .await;
+            let handled = |q: &JobQueue| {
+                q.status
+                    .as_ref()
+                    .and_then(|s| s.last_dead_letter_request.clone())
+                    .filter(|r| r.annotation == annotation && r.value == value)
+            };
+            wait_for(
+                DEADLINE,
+                "the request handled, recorded in status and its annotation removed",
+                || async {
+                    api.get("thumbs").await.is_ok_and(|q| {
+                        handled(&q).is_some() && !q.annotations().contains_key(annotation)
+                    })
+                },
+            )
+            .await
+            .unwrap();
+            handled(&api.get("thumbs").await.unwrap()).unwrap()
+        }
+    };
+
+    let refused = request("conveyor.dev/dlq-requeue", "everything").await;
+    assert_eq!((refused.outcome.as_str(), refused.jobs), ("Invalid", 0));
+    assert_eq!(
+        messages(&js, "conveyor_team_thumbs_dlq").await,
+        5,
+        "nothing was changed"
+    );
+    assert_eq!(messages(&js, "conveyor_team_thumbs").await, 0);
+    let events = queue_events(&cluster).await;
+    assert!(
+        events.iter().any(|(r, n)| r == "InvalidDeadLetterRequest"
+            && n.contains("\"everything\" is not `all`, `id=<job id>` or `error=<text>`")),
+        "{events:?}"
+    );
+
+    let missing = request("conveyor.dev/dlq-requeue", "id=job-99").await;
+    assert_eq!((missing.outcome.as_str(), missing.jobs), ("NotFound", 0));
+    assert_eq!(messages(&js, "conveyor_team_thumbs_dlq").await, 5);
+
+    let requeued = request("conveyor.dev/dlq-requeue", "id=job-3").await;
+    assert_eq!((requeued.outcome.as_str(), requeued.jobs), ("Done", 1));
+    assert_eq!(messages(&js, "conveyor_team_thumbs_dlq").await, 4);
+    assert_eq!(
+        messages(&js, "conveyor_team_thumbs").await,
+        1,
+        "job-3 is queued again"
+    );
+    let events = queue_events(&cluster).await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "DeadLettersRequeued"
+                && n.contains("requeued 1 dead letter(s) (job-3)")),
+        "{events:?}"
+    );
+
+    let purged = request("conveyor.dev/dlq-purge", "all").await;
+    assert_eq!((purged.outcome.as_str(), purged.jobs), ("Done", 4));
+    assert!(
+        purged.message.contains("purged 4 dead letter(s)"),
+        "{purged:?}"
+    );
+    assert_eq!(messages(&js, "conveyor_team_thumbs_dlq").await, 0);
+    assert_eq!(
+        messages(&js, "conveyor_team_thumbs").await,
+        1,
+        "purging leaves queued jobs alone"
+    );
+    let events = queue_events(&cluster).await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "DeadLettersPurged" && n.contains("purged 4 dead letter(s)")),
+        "{events:?}"
+    );
 
     stop.cancel();
     tokio::time::timeout(DEADLINE, operator)

@@ -4,6 +4,7 @@
 //! condition flips), raises Events on condition transitions only, and deletes or keeps the
 //! assets when the resource goes away (finalizer [`FINALIZER`], `spec.deletionPolicy`).
 
+mod dlq_requests;
 mod observe;
 mod status;
 
@@ -183,6 +184,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
         .as_ref()
         .map_err(ToString::to_string)
         .and_then(|_| assets::desired(&queue, &jq.spec).map_err(|e| e.to_string()));
+    let mut request = None;
     let (outcome, result) = match desired {
         Err(err) => (Outcome::Invalid(err), Ok(Action::await_change())),
         Ok(desired) => match ctx.nats.connected(url).await {
@@ -196,6 +198,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
             ),
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
                 Ok(figures) => {
+                    request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
                     let health = match observe::health(&js, &queue, now()).await {
                         Ok(health) => Some(health),
                         Err(err) => {
@@ -217,7 +220,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
     };
     let levels = jq.spec.priorities;
     let now = now();
-    let new = compute_status(
+    let mut new = compute_status(
         jq.status.as_ref(),
         jq.meta().generation,
         &queue,
@@ -226,6 +229,9 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
         &outcome,
         now,
     );
+    if request.is_some() {
+        new.last_dead_letter_request = request;
+    }
     for notice in notices(jq.status.as_ref(), &new) {
         let type_ = if notice.normal {
             EventType::Normal

@@ -355,7 +355,8 @@ fn reason_const(r: &str) -> &'static str {
 
 /// The status to write now, or `None`: nothing changed, or only figures and messages changed
 /// and the last write is less than [`STATUS_THROTTLE`] old. A change of a condition's status
-/// or reason, of `observedGeneration` or of the stream names is written at once. The written
+/// or reason, of `observedGeneration`, of the stream names or of the last dead-letter request
+/// is written at once. The written
 /// status carries `observedAt` = `now` when `fresh` (figures were read this time).
 pub fn to_write(
     old: Option<&JobQueueStatus>,
@@ -376,6 +377,7 @@ pub fn to_write(
             key(old) != key(&new)
                 || old.observed_generation != new.observed_generation
                 || old.stream != new.stream
+                || old.last_dead_letter_request != new.last_dead_letter_request
                 || old
                     .observed_at
                     .as_ref()
