@@ -247,7 +247,10 @@ pub struct WorkerStatus {
 
     /// Current state of the pool. `Available` is `True` when at least the minimum number of
     /// pods is ready; its reason says why not (`QueueNotFound`, `InvalidSpec`,
-    /// `MinimumReplicasUnavailable`). `Degraded` is `True` when pods were OOM-killed recently,
+    /// `MinimumReplicasUnavailable`). `Scaling` is `True` while the pool changes size
+    /// (`ScalingUp`, `ScalingDown`) and `False` at the size asked for (`AtDesiredSize`, or
+    /// `BacklogUnknown` while the scaler cannot read NATS and holds the size); its message
+    /// gives the scaler's reason. `Degraded` is `True` when pods were OOM-killed recently,
     /// crash-loop, cannot pull their image, cannot be configured or cannot be scheduled; its
     /// message names the pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -15,6 +15,9 @@ pub const BACKLOGGED: &str = "Backlogged";
 pub const JOBS_FAILING: &str = "JobsFailing";
 /// Condition type of a `Worker`: enough pods are ready to take jobs.
 pub const AVAILABLE: &str = "Available";
+/// Condition type of a `Worker`: the pool is changing size (`True`) or is at the size asked
+/// for (`False`).
+pub const SCALING: &str = "Scaling";
 
 /// Reasons (CamelCase) used in conditions and Events.
 pub mod reason {
@@ -50,6 +53,15 @@ pub mod reason {
     pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
     /// The Deployment has fewer ready pods than the minimum.
     pub const MINIMUM_REPLICAS_UNAVAILABLE: &str = "MinimumReplicasUnavailable";
+    /// `Scaling`: fewer pods run than are asked for; more are starting.
+    pub const SCALING_UP: &str = "ScalingUp";
+    /// `Scaling`: more pods run than are asked for; the extra ones are draining.
+    pub const SCALING_DOWN: &str = "ScalingDown";
+    /// `Scaling` is `False`: the pool has the size asked for.
+    pub const AT_DESIRED_SIZE: &str = "AtDesiredSize";
+    /// `Scaling` is `False`: the scaler cannot read the backlog from NATS and holds the
+    /// current size until it can.
+    pub const BACKLOG_UNKNOWN: &str = "BacklogUnknown";
 }
 
 /// Status of a condition.

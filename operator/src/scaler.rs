@@ -36,6 +36,9 @@ pub struct Input {
     pub target: i32,
 }
 
+/// How a decision taken without the backlog begins; the `Scaling` condition reads it.
+pub const HOLDING: &str = "NATS unreachable";
+
 /// The scaler's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -63,7 +66,7 @@ pub fn decide(input: Input, window: Duration, history: &mut History, now: Instan
     let Some(backlog) = input.backlog else {
         return Decision {
             replicas: input.current,
-            reason: format!("NATS unreachable: holding {} replicas", input.current),
+            reason: format!("{HOLDING}: holding {} replicas", input.current),
         };
     };
     let recommended = recommend(backlog, input.min, input.max, input.target);
@@ -148,7 +151,15 @@ pub async fn run(
                 .unwrap_or(Duration::from_secs(30));
             let decision = decide(input(*current, backlog, &scaling), window, history, now);
             let written = worker.status.as_ref().and_then(|s| s.desired_replicas);
-            if decision.replicas != *current || written.is_none() {
+            // Going blind (NATS unreachable) or seeing again is recorded too, so the status
+            // says why the size is held.
+            let was_blind = worker
+                .status
+                .as_ref()
+                .and_then(|s| s.last_scale_reason.as_deref())
+                .is_some_and(|r| r.starts_with(HOLDING));
+            let blindness_changed = was_blind != backlog.is_none();
+            if decision.replicas != *current || written.is_none() || blindness_changed {
                 if decision.replicas < *current {
                     // Idle pods first, so the ReplicaSet does not stop a busy worker mid-job.
                     crate::worker::idle::mark(&ctx, &worker).await;
@@ -198,12 +209,24 @@ async fn record(
 ) -> Result<(), kube::Error> {
     let api: Api<Worker> =
         Api::namespaced(ctx.client.clone(), &worker.namespace().unwrap_or_default());
+    // A decision that keeps the size keeps the last scale time (an apply patch that left it out
+    // would remove it).
+    let previous = worker
+        .status
+        .as_ref()
+        .and_then(|s| s.last_scale_time.clone());
+    let scale_time = match previous {
+        Some(time) if decision.replicas == current => time,
+        _ => {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+        }
+    };
     let patch = serde_json::json!({
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "Worker",
         "status": {
             "desiredReplicas": decision.replicas,
-            "lastScaleTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+            "lastScaleTime": scale_time,
             "lastScaleReason": decision.reason,
         }
     });

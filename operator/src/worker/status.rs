@@ -84,7 +84,58 @@ pub fn compute_status(
         generation,
         now,
     );
+    let (state, why, message) = scaling(&status, desired);
+    conditions::set(
+        &mut status.conditions,
+        conditions::SCALING,
+        state,
+        why,
+        message,
+        generation,
+        now,
+    );
     status
+}
+
+/// The `Scaling` condition: the Deployment's pods against the size asked for, with the
+/// scaler's last reason.
+fn scaling(status: &WorkerStatus, desired: i32) -> (Status, &'static str, String) {
+    let want = status.desired_replicas.unwrap_or(desired);
+    let have = status.replicas;
+    let why = status
+        .last_scale_reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    if have < want {
+        (
+            Status::True,
+            reason::SCALING_UP,
+            format!("{have} of {want} pods running{why}"),
+        )
+    } else if have > want {
+        (
+            Status::True,
+            reason::SCALING_DOWN,
+            format!("{have} pods running, {want} asked for{why}"),
+        )
+    } else if status
+        .last_scale_reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with(crate::scaler::HOLDING))
+    {
+        (
+            Status::False,
+            reason::BACKLOG_UNKNOWN,
+            format!("{have} pods{why}"),
+        )
+    } else {
+        (
+            Status::False,
+            reason::AT_DESIRED_SIZE,
+            format!("{have} pods{why}"),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +232,78 @@ mod tests {
             at(1),
         );
         assert_eq!(s.desired_replicas, Some(7));
+    }
+
+    fn scaling_condition(s: &WorkerStatus) -> (String, String, String) {
+        let c = conditions::find(&s.conditions, conditions::SCALING).unwrap();
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn scaling_compares_the_pods_with_the_size_asked_for() {
+        let scaled = |replicas: i32, desired: i32, why: &str| {
+            let old = WorkerStatus {
+                desired_replicas: Some(desired),
+                last_scale_reason: Some(why.into()),
+                ..Default::default()
+            };
+            let d = deployment(replicas, replicas);
+            scaling_condition(&compute_status(
+                &old,
+                None,
+                "w",
+                Some(&d),
+                0,
+                true,
+                None,
+                at(1),
+            ))
+        };
+        let (status, why, message) = scaled(1, 4, "backlog 40, target 10 per replica");
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("True", reason::SCALING_UP)
+        );
+        assert_eq!(
+            message,
+            "1 of 4 pods running: backlog 40, target 10 per replica"
+        );
+        let (status, why, _) = scaled(4, 0, "backlog 0");
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("True", reason::SCALING_DOWN)
+        );
+        let (status, why, message) = scaled(2, 2, "backlog 20");
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("False", reason::AT_DESIRED_SIZE)
+        );
+        assert_eq!(message, "2 pods: backlog 20");
+        let held = format!("{}: holding 3 replicas", crate::scaler::HOLDING);
+        let (status, why, _) = scaled(3, 3, &held);
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("False", reason::BACKLOG_UNKNOWN)
+        );
+    }
+
+    #[test]
+    fn fixed_pools_scale_to_their_replicas() {
+        let s = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(1, 1)),
+            3,
+            false,
+            None,
+            at(1),
+        );
+        let (status, why, message) = scaling_condition(&s);
+        assert_eq!(
+            (status.as_str(), why.as_str(), message.as_str()),
+            ("True", reason::SCALING_UP, "1 of 3 pods running")
+        );
     }
 
     #[test]
