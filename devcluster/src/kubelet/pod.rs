@@ -467,7 +467,17 @@ impl PodWorker {
     async fn supervise(&self, slot: Slot, c: &Container, policy: &str) -> Outcome {
         let mut crashes = 0u32;
         let image = self.image(c);
-        let mounts = launch::mounts(c, &self.volumes);
+        let mut mounts = launch::mounts(c, &self.volumes);
+        // The termination message file (`terminationMessagePath`, default
+        // /dev/termination-log): a host file of its own, read into `terminated.message`.
+        let termination = self.dir.join(format!("{}.termination-log", c.name));
+        if let Some(path) = c.termination_message_path.as_deref() {
+            mounts.push(launch::Mount {
+                mount_path: path.to_owned(),
+                host: termination.clone(),
+            });
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.mount_path.len()));
+        }
         let log = self.log_dir.join(format!("{}.log", c.name));
         let previous_log = self.log_dir.join(format!("{}.previous.log", c.name));
         loop {
@@ -497,8 +507,10 @@ impl PodWorker {
             }
             let started = Timestamp::now();
             let begun = Instant::now();
+            // Empty at each start, as a kubelet makes it.
+            let _ = tokio::fs::write(&termination, b"").await;
             let launched = launch::launch(c, image.as_ref(), &mounts, env, &self.dir.join("work"));
-            let exit = match launched {
+            let mut exit = match launched {
                 Err(message) => {
                     status::terminated(128, None, Some("StartError"), Some(message), None, None)
                 }
@@ -525,6 +537,11 @@ impl PodWorker {
                     }
                 },
             };
+            if let Some(t) = exit.terminated.as_mut()
+                && t.message.is_none()
+            {
+                t.message = termination_message(c, &termination, &log, t.exit_code).await;
+            }
             let code = exit.terminated.as_ref().map_or(0, |t| t.exit_code);
             if let Some(t) = exit
                 .terminated
@@ -776,6 +793,36 @@ fn humanize(d: Duration) -> String {
         (m, 0) => format!("{m}m0s"),
         (m, s) => format!("{m}m{s}s"),
     }
+}
+
+/// Most bytes of a termination message, as in Kubernetes.
+const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// The message of a terminated container: its termination message file, or with
+/// `terminationMessagePolicy: FallbackToLogsOnError` and a failed, silent exit, the end of its
+/// log (at most 80 lines), each cut to [`TERMINATION_MESSAGE_LIMIT`] bytes.
+async fn termination_message(
+    c: &Container,
+    file: &std::path::Path,
+    log: &std::path::Path,
+    exit_code: i32,
+) -> Option<String> {
+    let cut = |bytes: &[u8]| {
+        let start = bytes.len().saturating_sub(TERMINATION_MESSAGE_LIMIT);
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    };
+    let written = tokio::fs::read(file).await.unwrap_or_default();
+    if !written.is_empty() {
+        return Some(cut(&written[..written.len().min(TERMINATION_MESSAGE_LIMIT)]));
+    }
+    if exit_code == 0 || c.termination_message_policy.as_deref() != Some("FallbackToLogsOnError") {
+        return None;
+    }
+    let text = tokio::fs::read(log).await.ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    (!tail.is_empty()).then(|| cut(tail.as_bytes()))
 }
 
 #[cfg(test)]
