@@ -689,3 +689,59 @@ async fn an_unusable_nats_url_is_reported_as_invalid_spec() {
     env.wait_ready("fine", "True", None).await;
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn observed_generation_follows_spec_changes_and_transition_times_hold() {
+    let mut env = Env::new().await;
+    env.start_operator();
+    env.apply(&queue_yaml("gen", "Delete")).await;
+    env.wait_ready("gen", "True", None).await;
+    let api = env.queues();
+    // Every condition and the status itself describe generation `g`.
+    let observed = |g: i64| {
+        let api = api.clone();
+        async move {
+            wait_for(DEADLINE, "the status to observe the generation", || async {
+                let q = api.get("gen").await.unwrap();
+                let status = q.status.unwrap_or_default();
+                status.observed_generation == Some(g)
+                    && !status.conditions.is_empty()
+                    && status
+                        .conditions
+                        .iter()
+                        .all(|c| c.observed_generation == Some(g))
+            })
+            .await
+            .unwrap();
+            api.get("gen").await.unwrap()
+        }
+    };
+    let first = api.get("gen").await.unwrap().metadata.generation.unwrap();
+    let before = observed(first).await;
+    let ready_since = |q: &JobQueue| {
+        let status = q.status.as_ref().unwrap();
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+        ready.unwrap().last_transition_time.clone()
+    };
+
+    // Metadata is not spec: the generation stays.
+    kubectl_ok(
+        &env.cluster,
+        &["annotate", "-n", NS, "jobqueue", "gen", "team=thumbnails"],
+        None,
+    )
+    .await;
+    let annotated = api.get("gen").await.unwrap();
+    assert_eq!(annotated.metadata.generation, Some(first));
+
+    // A spec change bumps it; the operator catches up and Ready keeps its transition time.
+    env.apply(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: gen}\nspec: {deletionPolicy: Delete, alerts: {maxPending: 5}}\n",
+    )
+    .await;
+    let second = api.get("gen").await.unwrap().metadata.generation.unwrap();
+    assert_eq!(second, first + 1);
+    let after = observed(second).await;
+    assert_eq!(ready_since(&after), ready_since(&before));
+    env.shutdown().await;
+}
