@@ -1,5 +1,5 @@
 //! A handler that blows its pod's memory limit: the kubelet OOM-kills the pod, and the Worker's
-//! `Degraded` condition names the pod and the reason, with one `WorkerCrashed` Event.
+//! `Degraded` condition names the pod, the reason and the job, with one `WorkerCrashed` Event.
 
 mod worker_env;
 
@@ -55,10 +55,9 @@ async fn an_oom_killed_pod_makes_the_worker_degraded() {
         .await;
     assert_eq!(healthy.reason, "PodsHealthy");
 
-    let js = env.jetstream().await;
-    js.publish(queue.job_subject(0), "boom".into())
-        .await
-        .unwrap()
+    let client = conveyor::Client::connect(&env.nats.url()).await.unwrap();
+    client
+        .submit(&queue, conveyor::Job::new("resize-huge-image", "boom"))
         .await
         .unwrap();
 
@@ -72,6 +71,14 @@ async fn an_oom_killed_pod_makes_the_worker_degraded() {
         .await;
     assert!(
         condition.message.starts_with("pod heavy-") && condition.message.contains("OOMKilled"),
+        "{}",
+        condition.message
+    );
+    // The runtime kept the job's id in the termination message file; the kubelet reported it.
+    assert!(
+        condition
+            .message
+            .contains("exceeded its memory limit while running job resize-huge-image"),
         "{}",
         condition.message
     );

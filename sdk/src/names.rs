@@ -164,6 +164,9 @@ pub mod env {
     pub const MAX_JOBS: &str = "CONVEYOR_MAX_JOBS";
     /// Log format of the runtime: `text` or `json`.
     pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";
+    /// File the runtime keeps the ids of its running jobs in (the container's termination
+    /// message file), so a pod that dies mid-job says which job it ran.
+    pub const TERMINATION_MESSAGE_PATH: &str = "CONVEYOR_TERMINATION_MESSAGE_PATH";
 }
 
 /// Environment the runtime gives a handler process in `exec` mode.

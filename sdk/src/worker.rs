@@ -137,8 +137,8 @@ pub struct JobReport {
 
 /// Hooks the runtime uses for metrics and liveness. Both methods default to doing nothing.
 pub trait Observer: Send + Sync + 'static {
-    /// A handler starts on the job with stream sequence `sequence`.
-    fn started(&self, _sequence: u64, _deadline: Option<Instant>) {}
+    /// A handler starts on job `id`, stream sequence `sequence`.
+    fn started(&self, _id: &str, _sequence: u64, _deadline: Option<Instant>) {}
     /// An attempt finished.
     fn finished(&self, _report: &JobReport) {}
     /// The worker found its consumers and starts pulling, or a pull request for free slots
@@ -736,7 +736,7 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
     };
     let timeout = options.timeout.or(shared.options.job_timeout);
     let deadline = timeout.map(|t| started + t);
-    shared.observer.started(sequence, deadline);
+    shared.observer.started(&id, sequence, deadline);
     let job = ReceivedJob {
         id: id.clone(),
         payload: message.payload.clone(),

@@ -21,6 +21,9 @@ use tracing::warn;
 /// How long past its deadline a handler may linger (while being killed) before liveness fails.
 const DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
+/// Most bytes of the running-jobs file (Kubernetes keeps 4096 of a termination message).
+const RUNNING_FILE_LIMIT: usize = 4000;
+
 /// Label of `conveyor_worker_jobs_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -34,7 +37,10 @@ pub struct Metrics {
     jobs: Family<OutcomeLabel, Counter>,
     in_flight: Gauge,
     duration: Histogram,
-    deadlines: Mutex<HashMap<u64, Option<Instant>>>,
+    /// Running jobs by stream sequence: id and deadline.
+    running: Mutex<HashMap<u64, (String, Option<Instant>)>>,
+    /// Where the running jobs' ids are kept, if anywhere.
+    running_file: Option<std::fs::File>,
     concurrency: usize,
     stall_after: Duration,
     last_pull: Mutex<Instant>,
@@ -72,11 +78,52 @@ impl Metrics {
             jobs,
             in_flight,
             duration,
-            deadlines: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            running_file: None,
             concurrency,
             stall_after,
             last_pull: Mutex::new(Instant::now()),
             consuming: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Keeps the ids of the running jobs in `path` as JSON (`{"runningJobs":["a","b"]}`),
+    /// rewritten whenever a job starts or finishes, at most [`RUNNING_FILE_LIMIT`] bytes.
+    pub fn running_jobs_file(mut self, path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        self.running_file = Some(file);
+        Ok(self)
+    }
+
+    /// Writes the running jobs' ids to the running-jobs file, if there is one.
+    fn write_running(&self, running: &HashMap<u64, (String, Option<Instant>)>) {
+        use std::os::unix::fs::FileExt;
+        let Some(file) = &self.running_file else {
+            return;
+        };
+        let mut sequences: Vec<&u64> = running.keys().collect();
+        sequences.sort_unstable();
+        let mut ids: Vec<&str> = Vec::new();
+        let mut size = 20;
+        for sequence in sequences {
+            let id = running[sequence].0.as_str();
+            size += id.len() + 3;
+            if size > RUNNING_FILE_LIMIT {
+                break;
+            }
+            ids.push(id);
+        }
+        let text = serde_json::json!({ "runningJobs": ids }).to_string();
+        if let Err(error) = file
+            .set_len(0)
+            .and_then(|()| file.write_all_at(text.as_bytes(), 0))
+        {
+            warn!(%error, "cannot record the running jobs");
         }
     }
 
@@ -93,8 +140,8 @@ impl Metrics {
     /// when the worker has free slots but stopped pulling.
     pub fn liveness(&self) -> Result<(), String> {
         let now = Instant::now();
-        let deadlines = self
-            .deadlines
+        let running = self
+            .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let since_pull = self
@@ -102,19 +149,19 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .elapsed();
-        if deadlines.len() < self.concurrency && since_pull > self.stall_after {
+        if running.len() < self.concurrency && since_pull > self.stall_after {
             return Err(format!(
                 "no pull for {since_pull:?} although {} of {} slots are free",
-                self.concurrency - deadlines.len(),
+                self.concurrency - running.len(),
                 self.concurrency
             ));
         }
-        for (sequence, deadline) in deadlines.iter() {
+        for (sequence, (id, deadline)) in running.iter() {
             if let Some(deadline) = deadline
                 && now > *deadline + DEADLINE_GRACE
             {
                 return Err(format!(
-                    "handler of job sequence {sequence} is {:?} past its deadline",
+                    "handler of job {id} (sequence {sequence}) is {:?} past its deadline",
                     now - *deadline
                 ));
             }
@@ -124,21 +171,28 @@ impl Metrics {
 }
 
 impl Observer for Metrics {
-    fn started(&self, sequence: u64, deadline: Option<Instant>) {
+    fn started(&self, id: &str, sequence: u64, deadline: Option<Instant>) {
         self.in_flight.inc();
-        self.deadlines
+        let mut running = self
+            .running
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(sequence, deadline);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.insert(sequence, (id.to_owned(), deadline));
+        self.write_running(&running);
     }
 
     fn finished(&self, report: &JobReport) {
-        let started = self
-            .deadlines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&report.sequence)
-            .is_some();
+        let started = {
+            let mut running = self
+                .running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let started = running.remove(&report.sequence).is_some();
+            if started {
+                self.write_running(&running);
+            }
+            started
+        };
         if started {
             self.in_flight.dec();
             self.duration.observe(report.duration.as_secs_f64());
@@ -231,27 +285,28 @@ mod tests {
         let metrics = Metrics::new(1, Duration::ZERO);
         std::thread::sleep(Duration::from_millis(2));
         assert!(metrics.liveness().unwrap_err().contains("no pull for"));
-        metrics.started(1, None);
+        metrics.started("a", 1, None);
         assert!(
             metrics.liveness().is_ok(),
             "all slots busy: not pulling is fine"
         );
         metrics.started(
+            "hung",
             2,
             Some(Instant::now() - DEADLINE_GRACE - Duration::from_secs(1)),
         );
+        let err = metrics.liveness().unwrap_err();
         assert!(
-            metrics
-                .liveness()
-                .unwrap_err()
-                .contains("past its deadline")
+            err.contains("handler of job hung (sequence 2) is")
+                && err.contains("past its deadline"),
+            "{err}"
         );
     }
 
     #[test]
     fn metrics_count_outcomes() {
         let metrics = Metrics::new(4, Duration::from_secs(60));
-        metrics.started(7, None);
+        metrics.started("a", 7, None);
         metrics.finished(&JobReport {
             id: "a".into(),
             sequence: 7,
@@ -271,5 +326,32 @@ mod tests {
             text.contains("conveyor_worker_handler_duration_seconds_count 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_running_jobs_file_names_the_jobs_running_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("termination-log");
+        let metrics = Metrics::new(4, Duration::from_secs(60))
+            .running_jobs_file(&path)
+            .unwrap();
+        let read = || std::fs::read_to_string(&path).unwrap();
+        assert_eq!(read(), "");
+        metrics.started("resize-1", 1, None);
+        metrics.started("resize-2", 2, None);
+        assert_eq!(read(), r#"{"runningJobs":["resize-1","resize-2"]}"#);
+        metrics.finished(&JobReport {
+            id: "resize-1".into(),
+            sequence: 1,
+            attempt: 1,
+            disposition: Disposition::Acked,
+            duration: Duration::from_millis(3),
+        });
+        assert_eq!(read(), r#"{"runningJobs":["resize-2"]}"#);
+        let long = "x".repeat(1000);
+        for sequence in 10..20 {
+            metrics.started(&long, sequence, None);
+        }
+        assert!(read().len() <= RUNNING_FILE_LIMIT, "{}", read().len());
     }
 }

@@ -51,7 +51,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // A pull returns at least every poll_wait while a slot is free; allow a few missed ones.
     let stall_after = args.poll_wait * 3 + std::time::Duration::from_secs(10);
     let concurrency = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
-    let metrics = Arc::new(health::Metrics::new(concurrency, stall_after));
+    let mut metrics = health::Metrics::new(concurrency, stall_after);
+    if let Some(path) = &args.termination_message_path {
+        metrics = metrics.running_jobs_file(path)?;
+    }
+    let metrics = Arc::new(metrics);
     if let Some(addr) = args.health_addr {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -111,6 +111,11 @@ pub struct RunArgs {
     /// Exit (0) after taking this many jobs, so the process is replaced by a fresh one.
     #[arg(long, env = env::MAX_JOBS, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_jobs: Option<u64>,
+    /// File to keep the running jobs' ids in (JSON), normally the container's termination
+    /// message file: Kubernetes reports it when the container dies, even by SIGKILL or
+    /// OOM-kill, and the operator names the job in the Worker's `Degraded` condition.
+    #[arg(long, env = env::TERMINATION_MESSAGE_PATH)]
+    pub termination_message_path: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,

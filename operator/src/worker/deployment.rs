@@ -163,8 +163,19 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
 /// Adds the runtime's settings, health port, probes and default security context to the
 /// container that runs the runtime. Settings the user also set are replaced by ours; probes and
 /// a security context the user set are kept.
-fn inject(container: &mut Container, runtime_env: Vec<EnvVar>) {
+fn inject(container: &mut Container, mut runtime_env: Vec<EnvVar>) {
     let (liveness, readiness) = health_probes();
+    // The runtime keeps its running jobs' ids in the termination message file, so a pod that
+    // dies mid-job (OOM-kill included) tells which job it ran.
+    let termination = container
+        .termination_message_path
+        .get_or_insert_with(|| TERMINATION_MESSAGE_PATH.into())
+        .clone();
+    runtime_env.push(EnvVar {
+        name: env::TERMINATION_MESSAGE_PATH.into(),
+        value: Some(termination),
+        value_from: None,
+    });
     let vars = container.env.get_or_insert_with(Vec::new);
     vars.retain(|v| !runtime_env.iter().any(|r| r.name == v.name));
     vars.extend(runtime_env);
@@ -239,6 +250,9 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
     ));
     vars
 }
+
+/// Kubernetes' default `terminationMessagePath`.
+const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 fn health_probes() -> (Probe, Probe) {
     let probe = |path: &str, period: i32| Probe {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::conditions::Status;
@@ -130,7 +130,10 @@ fn container_trouble(container: &ContainerStatus, now: Timestamp) -> Option<(Tro
         if terminated.reason.as_deref() == Some("OOMKilled") && recent {
             return Some((
                 Trouble::OomKilled,
-                format!("container {name} exceeded its memory limit"),
+                format!(
+                    "container {name} exceeded its memory limit{}",
+                    running_jobs(terminated)
+                ),
             ));
         }
     }
@@ -145,9 +148,44 @@ fn container_trouble(container: &ContainerStatus, now: Timestamp) -> Option<(Tro
         .last_state
         .as_ref()
         .and_then(|s| s.terminated.as_ref())
-        .map(|t| format!(", last exit code {}", t.exit_code))
+        .map(|t| format!(", last exit code {}{}", t.exit_code, running_jobs(t)))
         .unwrap_or_default();
     Some((trouble, format!("container {name}{exit}")))
+}
+
+/// Job ids named at most per dead container.
+const JOBS_NAMED: usize = 3;
+
+/// `" while running job a, b"` from the termination message the worker runtime keeps
+/// (`{"runningJobs":[…]}`), or nothing when it holds no job.
+fn running_jobs(terminated: &ContainerStateTerminated) -> String {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LastWords {
+        running_jobs: Vec<String>,
+    }
+    let Some(words) = terminated
+        .message
+        .as_deref()
+        .and_then(|m| serde_json::from_str::<LastWords>(m).ok())
+    else {
+        return String::new();
+    };
+    let jobs = &words.running_jobs;
+    if jobs.is_empty() {
+        return String::new();
+    }
+    let mut named = jobs
+        .iter()
+        .take(JOBS_NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if jobs.len() > JOBS_NAMED {
+        named.push_str(&format!(" and {} more", jobs.len() - JOBS_NAMED));
+    }
+    let noun = if jobs.len() == 1 { "job" } else { "jobs" };
+    format!(" while running {noun} {named}")
 }
 
 /// The `Degraded` condition of a pool from its pods at `now`.
@@ -277,6 +315,49 @@ mod tests {
         assert!(h.message.starts_with("pod w-2: OOMKilled"), "{}", h.message);
         assert!(h.message.contains("retry.maxAttempts"), "{}", h.message);
         assert!(!h.message.contains("w-1"), "{}", h.message);
+    }
+
+    #[test]
+    fn a_dead_container_names_the_jobs_it_was_running() {
+        let with_words = |state: Option<ContainerState>, words: &str| {
+            let mut state = state.unwrap();
+            state.terminated.as_mut().unwrap().message = Some(words.into());
+            Some(state)
+        };
+        let oom = with_words(
+            terminated("OOMKilled", 137, 90),
+            r#"{"runningJobs":["resize-7"]}"#,
+        );
+        let h = health(&[pod("w-1", vec![container(running(), oom)])], at(100));
+        assert!(
+            h.message
+                .starts_with("pod w-1: OOMKilled (container handler exceeded its memory limit while running job resize-7)"),
+            "{}",
+            h.message
+        );
+        let crash = with_words(
+            terminated("Error", 139, 90),
+            r#"{"runningJobs":["a","b","c","d"]}"#,
+        );
+        let h = health(
+            &[pod(
+                "w-2",
+                vec![container(waiting("CrashLoopBackOff"), crash)],
+            )],
+            at(100),
+        );
+        assert!(
+            h.message
+                .contains("last exit code 139 while running jobs a, b, c and 1 more"),
+            "{}",
+            h.message
+        );
+        let idle = with_words(terminated("OOMKilled", 137, 90), r#"{"runningJobs":[]}"#);
+        let h = health(&[pod("w-3", vec![container(running(), idle)])], at(100));
+        assert!(!h.message.contains("while running"), "{}", h.message);
+        let foreign = with_words(terminated("OOMKilled", 137, 90), "segfault in libfoo");
+        let h = health(&[pod("w-4", vec![container(running(), foreign)])], at(100));
+        assert!(!h.message.contains("while running"), "{}", h.message);
     }
 
     #[test]

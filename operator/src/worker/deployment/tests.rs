@@ -289,3 +289,39 @@ fn recycle_max_jobs_reaches_the_runtime_only_when_set() {
     let vars = env_of(&main(&w));
     assert_eq!(vars[env::MAX_JOBS].value.as_deref(), Some("500"));
 }
+
+#[test]
+fn the_runtime_keeps_running_jobs_in_the_termination_message_file() {
+    let main = |w: &Worker| {
+        render(w)
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .clone()
+    };
+    let c = main(&worker());
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some("/dev/termination-log")
+    );
+    assert_eq!(
+        env_of(&c)[env::TERMINATION_MESSAGE_PATH].value.as_deref(),
+        Some("/dev/termination-log")
+    );
+    let mut w = worker();
+    w.spec.template.spec.as_mut().unwrap().containers[0].termination_message_path =
+        Some("/tmp/last-words".into());
+    let c = main(&w);
+    assert_eq!(
+        c.termination_message_path.as_deref(),
+        Some("/tmp/last-words")
+    );
+    assert_eq!(
+        env_of(&c)[env::TERMINATION_MESSAGE_PATH].value.as_deref(),
+        Some("/tmp/last-words")
+    );
+}
