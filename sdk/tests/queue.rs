@@ -519,7 +519,7 @@ async fn submit_and_wait_gets_the_result_or_the_dead_letter() -> anyhow::Result<
 
 #[tokio::test]
 async fn nats_restart_during_a_run_loses_nothing() -> anyhow::Result<()> {
-    const JOBS: usize = 20_000;
+    const JOBS: usize = 50_000;
     let mut nats = NatsServer::start().await?;
     // Acks sent while the server is down are lost; those jobs come back after the ack wait.
     let settings = QueueSettings {
