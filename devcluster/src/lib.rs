@@ -250,6 +250,16 @@ impl DevCluster {
         &self.state_dir
     }
 
+    /// Requests the API server has served so far, by HTTP method (`GET`, `PATCH`, …; a watch
+    /// counts once), for tests that measure the load a client puts on it.
+    pub fn requests(&self) -> std::collections::BTreeMap<String, u64> {
+        self.state
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The newest resourceVersion of the store (for tests of watch semantics).
     pub fn resource_version(&self) -> u64 {
         self.state.store.current_rv()

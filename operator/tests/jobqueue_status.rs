@@ -4,6 +4,7 @@
 //! `nats-server`, the operator in-process; dead letters are published with the headers a worker
 //! writes (`docs/protocol.md`, "Dead letters").
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -432,6 +433,113 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         "{events:?}"
     );
 
+    stop.cancel();
+    tokio::time::timeout(DEADLINE, operator)
+        .await
+        .expect("operator stops")
+        .unwrap()
+        .expect("operator exits cleanly");
+    cluster.shutdown().await;
+}
+
+/// The API load one busy queue puts on the API server: 1,000 jobs/s through a queue for 20 s
+/// (an SDK worker acking them, a tenth of them failing into the dead-letter queue so
+/// `JobsFailing` flips and stays `True`), while the test itself stays off the API. Every
+/// request the API server serves in that window is the operator's.
+#[tokio::test]
+async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_requests() {
+    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
+        kubectl(
+            &cluster,
+            &["apply", "-f", repo(crd).to_str().unwrap()],
+            None,
+        )
+        .await;
+    }
+    kubectl(&cluster, &["create", "namespace", NS], None).await;
+    let nats = NatsServer::start().await.unwrap();
+    // The operator's defaults, but for the HTTP port.
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: busy}\nspec: {retry: {maxAttempts: 1}, alerts: {maxPending: 100000}}\n";
+    kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+    wait_for(DEADLINE, "the queue Ready", || async {
+        api.get("busy")
+            .await
+            .ok()
+            .and_then(|q| condition(&q, "Ready"))
+            .map(|c| c.0)
+            == Some("True".into())
+    })
+    .await
+    .unwrap();
+
+    let queue = conveyor::names::QueueRef::new(NS, "busy");
+    let client = conveyor::Client::connect(&nats.url()).await.unwrap();
+    let worker_stop = CancellationToken::new();
+    let worker = {
+        let stop = worker_stop.clone();
+        let options = conveyor::worker::WorkerOptions {
+            concurrency: 64,
+            poll_wait: Duration::from_millis(500),
+            ..Default::default()
+        };
+        conveyor::Worker::new(client.jetstream().clone(), queue.clone())
+            .options(options)
+            .handler(|job: conveyor::ReceivedJob| async move {
+                if job.id.ends_with('7') {
+                    conveyor::Outcome::Permanent("simulated failure".into())
+                } else {
+                    conveyor::Outcome::Done(job.payload)
+                }
+            })
+            .run(async move { stop.cancelled().await })
+    };
+    let worker = tokio::spawn(worker);
+
+    const SECONDS: u64 = 20;
+    const PER_SECOND: usize = 1_000;
+    let before = cluster.requests();
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut submitted = 0usize;
+    while started.elapsed() < Duration::from_secs(SECONDS) {
+        tick.tick().await;
+        let batch = (submitted..submitted + PER_SECOND / 10)
+            .map(|i| conveyor::Job::new(format!("job-{i}"), "x"));
+        let results = client.submit_batch(&queue, batch).await;
+        assert!(results.iter().all(Result::is_ok));
+        submitted += PER_SECOND / 10;
+    }
+    let after = cluster.requests();
+    let window = started.elapsed().as_secs_f64();
+    let delta: BTreeMap<String, u64> = after
+        .iter()
+        .map(|(verb, n)| (verb.clone(), n - before.get(verb).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let total: u64 = delta.values().sum();
+    let per_minute = total as f64 * 60.0 / window;
+    println!(
+        "{submitted} jobs in {window:.1} s ({:.0}/s): {total} API requests ({delta:?}) = \
+         {per_minute:.1} per minute",
+        submitted as f64 / window
+    );
+    // Status at most every 5 s (12 a minute), a few condition-transition Events, and the
+    // leader-election Lease renewals; nothing per job.
+    assert!(per_minute <= 40.0, "{per_minute:.1} requests a minute");
+
+    worker_stop.cancel();
+    worker.await.unwrap().unwrap();
     stop.cancel();
     tokio::time::timeout(DEADLINE, operator)
         .await

@@ -37,6 +37,9 @@ pub struct ApiState {
     pub shutdown: CancellationToken,
     /// `host:port` the server listens on, for `/api` discovery.
     pub address: String,
+    /// Requests served, by HTTP method (a watch counts once), for tests that measure the load
+    /// a client puts on the API server.
+    pub requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl ApiState {
@@ -54,6 +57,7 @@ impl ApiState {
             schedule,
             shutdown,
             address,
+            requests: std::sync::Mutex::default(),
         };
         let ns_rules = Rules {
             namespaced: false,
@@ -168,6 +172,11 @@ async fn handle(
     let query: HashMap<String, String> = Query::try_from_uri(&uri).map(|q| q.0).unwrap_or_default();
     let path = uri.path().trim_end_matches('/').to_owned();
     tracing::debug!(%method, %uri, "request");
+    *st.requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .entry(method.to_string())
+        .or_default() += 1;
     match dispatch(&st, &method, &path, &query, &headers, body).await {
         Ok(r) => r,
         Err(e) => {
