@@ -109,6 +109,16 @@ pub struct JobQueueSpec {
     #[schemars(pattern(crate::duration::PATTERN))]
     pub timeout: String,
 
+    /// Most jobs running at once across every worker of this queue, e.g. to protect a
+    /// downstream service; unlimited when absent. JetStream enforces it: each priority level's
+    /// consumer hands out at most this many jobs not yet acknowledged (`max_ack_pending`), so
+    /// with one level the cap is exact. With several levels each level may use the whole cap;
+    /// the scaler keeps autoscaled pools within `concurrencyLimit / concurrency` pods (at least
+    /// one), which keeps the total within the cap too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub concurrency_limit: Option<i32>,
+
     /// Thresholds that flip the `Backlogged` and `JobsFailing` conditions and raise Events.
     #[serde(default)]
     pub alerts: AlertsSpec,

@@ -149,7 +149,13 @@ pub async fn run(
             let window = scaling
                 .scale_down_delay()
                 .unwrap_or(Duration::from_secs(30));
-            let decision = decide(input(*current, backlog, &scaling), window, history, now);
+            let cap = limit_cap(queue.spec.concurrency_limit, worker.spec.concurrency);
+            let decision = decide(
+                input(*current, backlog, &scaling, cap),
+                window,
+                history,
+                now,
+            );
             let written = worker.status.as_ref().and_then(|s| s.desired_replicas);
             // Going blind (NATS unreachable) or seeing again is recorded too, so the status
             // says why the size is held.
@@ -175,14 +181,26 @@ pub async fn run(
     }
 }
 
-fn input(current: i32, backlog: Option<u64>, scaling: &ScalingSpec) -> Input {
+fn input(
+    current: i32,
+    backlog: Option<u64>,
+    scaling: &ScalingSpec,
+    limit_cap: Option<i32>,
+) -> Input {
     Input {
         current,
         backlog,
         min: scaling.min_replicas,
-        max: scaling.max_replicas,
+        max: limit_cap.map_or(scaling.max_replicas, |cap| scaling.max_replicas.min(cap)),
         target: scaling.target_backlog_per_replica,
     }
+}
+
+/// The most pods a queue's `concurrencyLimit` can keep busy with `concurrency` jobs each: more
+/// would only wait, and could take the total over the cap when the queue has several priority
+/// levels. At least one, so the queue is always worked on.
+pub fn limit_cap(concurrency_limit: Option<i32>, concurrency: i32) -> Option<i32> {
+    concurrency_limit.map(|limit| (limit / concurrency.max(1)).max(1))
 }
 
 /// Pending + in-flight of a queue, `None` if NATS cannot tell right now.
@@ -275,6 +293,28 @@ mod tests {
         assert_eq!(recommend(11, 0, 8, 10), 2);
         assert_eq!(recommend(10_000, 0, 8, 10), 8);
         assert_eq!(recommend(0, 2, 8, 10), 2);
+    }
+
+    #[test]
+    fn a_concurrency_limit_caps_the_pool_at_the_pods_it_keeps_busy() {
+        assert_eq!(limit_cap(None, 4), None);
+        assert_eq!(limit_cap(Some(20), 4), Some(5));
+        assert_eq!(
+            limit_cap(Some(22), 4),
+            Some(5),
+            "a sixth pod would only wait"
+        );
+        assert_eq!(limit_cap(Some(2), 4), Some(1), "one pod at least");
+        let scaling: ScalingSpec =
+            serde_yaml::from_str("{minReplicas: 0, maxReplicas: 8, targetBacklogPerReplica: 10}")
+                .unwrap();
+        let capped = input(0, Some(10_000), &scaling, limit_cap(Some(12), 4));
+        let d = decide(capped, WINDOW, &mut History::default(), Instant::now());
+        assert_eq!(d.replicas, 3);
+        assert!(d.reason.contains("max 3"), "{}", d.reason);
+        let uncapped = input(0, Some(10_000), &scaling, None);
+        let d = decide(uncapped, WINDOW, &mut History::default(), Instant::now());
+        assert_eq!(d.replicas, 8);
     }
 
     #[test]

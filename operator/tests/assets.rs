@@ -34,7 +34,7 @@ async fn ensure_creates_streams_and_consumers_and_counts_jobs() {
     let queue = QueueRef::new("team", "mail");
     let desired = assets::desired(
         &queue,
-        &spec("priorities: 2\ntimeout: 10s\nretry: {maxAttempts: 4}"),
+        &spec("priorities: 2\ntimeout: 10s\nretry: {maxAttempts: 4}\nconcurrencyLimit: 25"),
     )
     .unwrap();
 
@@ -59,6 +59,7 @@ async fn ensure_creates_streams_and_consumers_and_counts_jobs() {
     let consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer("workers-p1").await.unwrap();
     assert_eq!(consumer.cached_info().config.max_deliver, 4);
+    assert_eq!(consumer.cached_info().config.max_ack_pending, 25);
     assert_eq!(
         consumer.cached_info().config.ack_wait,
         Duration::from_secs(10)

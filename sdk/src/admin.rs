@@ -45,7 +45,8 @@ pub struct QueueSettings {
     pub max_age: Option<Duration>,
     /// Window in which a second submission with the same job id is a duplicate.
     pub deduplication_window: Duration,
-    /// Cap of jobs in flight across all workers, per priority level (`max_ack_pending`).
+    /// Cap of jobs in flight across all workers, per priority level (each level consumer's
+    /// `max_ack_pending`; exact for the queue with one level).
     pub concurrency_limit: Option<i64>,
     /// How long dead letters are kept.
     pub dead_letter_max_age: Option<Duration>,

@@ -569,3 +569,59 @@ async fn nats_restart_during_a_run_loses_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrency_limit_caps_jobs_in_flight_across_workers() -> anyhow::Result<()> {
+    const LIMIT: usize = 3;
+    const JOBS: usize = 18;
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        concurrency_limit: Some(LIMIT as i64),
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let results = client
+        .submit_batch(&queue, (0..JOBS).map(|i| Job::new(format!("c{i}"), "x")))
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    // (running now, most running at once, finished)
+    let state = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+    // Two workers with room for 4 jobs each: 8 slots, but only LIMIT jobs may run.
+    let stops: Vec<CancellationToken> = (0..2)
+        .map(|_| {
+            let state = state.clone();
+            let options = WorkerOptions {
+                concurrency: 4,
+                ..fast_options()
+            };
+            spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+                let state = state.clone();
+                async move {
+                    {
+                        let mut s = state.lock().unwrap();
+                        s.0 += 1;
+                        s.1 = s.1.max(s.0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    let mut s = state.lock().unwrap();
+                    s.0 -= 1;
+                    s.2 += 1;
+                    Outcome::Done(job.payload)
+                }
+            })
+        })
+        .collect();
+    wait_for(WAIT, "every job finished", || async {
+        state.lock().unwrap().2 == JOBS
+    })
+    .await?;
+    for stop in stops {
+        stop.cancel();
+    }
+    let most = state.lock().unwrap().1;
+    assert_eq!(
+        most, LIMIT,
+        "never more than the limit, and the limit is used"
+    );
+    Ok(())
+}
