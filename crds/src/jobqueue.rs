@@ -63,6 +63,20 @@ use crate::duration::{self, DurationError};
         description = "Jobs in the dead-letter stream"
     ),
     printcolumn(
+        name = "Delayed",
+        type_ = "integer",
+        priority = 1,
+        json_path = ".status.delayed",
+        description = "Jobs scheduled for later, not yet due"
+    ),
+    printcolumn(
+        name = "Done/s",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.finishedPerSecond",
+        description = "Jobs finished (completed or dead-lettered) per second"
+    ),
+    printcolumn(
         name = "Oldest",
         type_ = "string",
         priority = 1,
@@ -338,6 +352,20 @@ pub struct JobQueueStatus {
     /// Jobs delivered to a worker and not yet acknowledged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
+
+    /// Jobs scheduled for later (`run at` / `delay`) and not yet due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delayed: Option<u64>,
+
+    /// Jobs submitted per second between the operator's last two readings, e.g. `1004` or
+    /// `0.4` (delayed jobs count when they fall due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_per_second: Option<String>,
+
+    /// Jobs finished (completed or dead-lettered) per second between the operator's last two
+    /// readings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_per_second: Option<String>,
 
     /// Jobs in the dead-letter stream (failed for good, waiting to be inspected, requeued or
     /// purged).

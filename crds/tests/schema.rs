@@ -38,6 +38,8 @@ fn jobqueue_names_columns_and_status() {
             "Pending",
             "In-Flight",
             "Dead",
+            "Delayed",
+            "Done/s",
             "Oldest",
             "Reason",
             "Age"

@@ -9,6 +9,7 @@ use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::config::Config;
+use crate::jobqueue::Sample;
 use crate::metrics::Metrics;
 use crate::nats::NatsPool;
 
@@ -32,6 +33,7 @@ pub struct Context {
     pub config: Config,
     failures: Mutex<HashMap<String, u32>>,
     handled: Mutex<HashMap<String, String>>,
+    samples: Mutex<HashMap<String, Sample>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -57,6 +59,7 @@ impl Context {
             config,
             failures: Mutex::default(),
             handled: Mutex::default(),
+            samples: Mutex::default(),
         }
     }
 
@@ -118,5 +121,20 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key, version);
+    }
+
+    /// Keeps `sample` of a queue's counters as its latest and returns the one it replaces, for
+    /// rates. A sample younger than a second is not replaced (too short an interval).
+    pub fn previous_sample(&self, key: String, sample: Sample) -> Option<Sample> {
+        let mut samples = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match samples.get(&key) {
+            Some(previous) if sample.at.duration_since(previous.at) < Duration::from_secs(1) => {
+                Some(*previous)
+            }
+            _ => samples.insert(key, sample),
+        }
     }
 }

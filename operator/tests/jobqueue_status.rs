@@ -506,6 +506,12 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
     };
     let worker = tokio::spawn(worker);
 
+    // Three jobs for later: the status counts them as delayed.
+    for i in 0..3 {
+        let later = conveyor::Job::new(format!("later-{i}"), "x").delay(Duration::from_secs(3600));
+        client.submit(&queue, later).await.unwrap();
+    }
+
     const SECONDS: u64 = 20;
     const PER_SECOND: usize = 1_000;
     let before = cluster.requests();
@@ -537,6 +543,18 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
     // Status at most every 5 s (12 a minute), a few condition-transition Events, and the
     // leader-election Lease renewals; nothing per job.
     assert!(per_minute <= 40.0, "{per_minute:.1} requests a minute");
+
+    // The figures the status shows of that run.
+    let status = api.get("busy").await.unwrap().status.unwrap();
+    assert_eq!(status.delayed, Some(3));
+    let rate = |r: Option<String>| r.and_then(|r| r.parse::<f64>().ok()).unwrap_or(-1.0);
+    let (submitted, finished) = (
+        rate(status.submitted_per_second.clone()),
+        rate(status.finished_per_second.clone()),
+    );
+    println!("status: submitted {submitted}/s, finished {finished}/s");
+    assert!((500.0..=1500.0).contains(&submitted), "{status:?}");
+    assert!((500.0..=1500.0).contains(&finished), "{status:?}");
 
     worker_stop.cancel();
     worker.await.unwrap().unwrap();

@@ -25,7 +25,9 @@ use tracing::instrument;
 use crate::assets::{self, AssetsError};
 use crate::conditions::reason;
 use crate::context::{Context, FIELD_MANAGER};
-pub use status::{Health, Observed, Outcome, STATUS_THROTTLE, Thresholds, compute_status, notices};
+pub use status::{
+    Health, Observed, Outcome, STATUS_THROTTLE, Sample, Thresholds, compute_status, notices,
+};
 
 /// Finalizer that guards the JetStream assets of a queue.
 pub const FINALIZER: &str = "conveyor.dev/jetstream";
@@ -200,7 +202,16 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
                 Ok(figures) => {
                     request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
                     let health = match observe::health(&js, &queue, now()).await {
-                        Ok(health) => Some(health),
+                        Ok(mut health) => {
+                            let sample = status::Sample {
+                                at: std::time::Instant::now(),
+                                counters: health.counters,
+                            };
+                            health.rates = ctx
+                                .previous_sample(key(jq), sample)
+                                .and_then(|previous| status::rates(previous, sample));
+                            Some(health)
+                        }
                         Err(err) => {
                             tracing::warn!(%err, "cannot read the queue's health figures");
                             None

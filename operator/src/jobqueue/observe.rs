@@ -1,7 +1,7 @@
 //! Reads what the status shows beyond the consumer figures, with a bounded number of JetStream
 //! requests whatever the queue's size: the work stream's info and one direct read of its first
-//! message (the oldest unfinished job), the dead-letter stream's info, and the headers of at
-//! most [`TAIL`] of its newest messages.
+//! message (the oldest unfinished job), the delayed and dead-letter streams' infos, and the
+//! headers of at most [`TAIL`] of the dead-letter stream's newest messages.
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::status::{Health, excerpt};
+use super::status::{Counters, Health, excerpt};
 
 /// Most dead letters read per reconcile (newest first); also bounds the count shown in
 /// `JobsFailing` ("at least N" beyond it).
@@ -55,6 +55,10 @@ pub async fn health(
         .await
         .map_err(stream_error(queue.stream()))?;
     let state = &work.cached_info().state;
+    let counters = Counters {
+        submitted: state.last_sequence,
+        stored: state.messages,
+    };
     let oldest_age = if state.messages == 0 {
         None
     } else {
@@ -113,7 +117,18 @@ pub async fn health(
         }
         tail.reverse();
     }
+    let delayed_name = queue.delayed_stream();
+    let delayed = js
+        .get_stream(&delayed_name)
+        .await
+        .map_err(stream_error(delayed_name.clone()))?
+        .cached_info()
+        .state
+        .messages;
     Ok(Health {
+        delayed,
+        counters,
+        rates: None,
         dead_lettered: state.messages,
         oldest_age,
         tail_complete: state.messages <= tail.len() as u64,

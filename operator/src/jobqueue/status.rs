@@ -55,6 +55,52 @@ pub struct Health {
     pub tail: Vec<RecentFailure>,
     /// Whether `tail` holds every dead letter (the stream had no more than were read).
     pub tail_complete: bool,
+    /// Jobs in the delayed stream (scheduled, not yet due).
+    pub delayed: u64,
+    /// The work stream's counters, for rates.
+    pub counters: Counters,
+    /// Jobs submitted and finished per second since the previous reading ([`rates`]), when
+    /// known.
+    pub rates: Option<(String, String)>,
+}
+
+/// The work stream's counters at one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    /// Last sequence: every job ever stored (submitted, or fallen due).
+    pub submitted: u64,
+    /// Jobs stored now (not finished).
+    pub stored: u64,
+}
+
+/// A reading of [`Counters`] and when it was taken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// When.
+    pub at: std::time::Instant,
+    /// What.
+    pub counters: Counters,
+}
+
+/// Jobs submitted and finished per second between two samples, formatted; `None` when less
+/// than a second apart (too short to say) or when the stream was recreated (counters fell).
+pub fn rates(previous: Sample, now: Sample) -> Option<(String, String)> {
+    let seconds = now.at.checked_duration_since(previous.at)?.as_secs_f64();
+    if seconds < 1.0 || now.counters.submitted < previous.counters.submitted {
+        return None;
+    }
+    let submitted = now.counters.submitted - previous.counters.submitted;
+    // Finished = what came in minus what is still stored, over the interval.
+    let finished = (previous.counters.stored + submitted).saturating_sub(now.counters.stored);
+    let per_second = |n: u64| {
+        let rate = n as f64 / seconds;
+        if rate >= 10.0 || rate == 0.0 {
+            format!("{rate:.0}")
+        } else {
+            format!("{rate:.1}")
+        }
+    };
+    Some((per_second(submitted), per_second(finished)))
 }
 
 /// `spec.alerts`, parsed.
@@ -147,6 +193,11 @@ fn apply_health(
     now: Timestamp,
 ) {
     status.dead_lettered = Some(health.dead_lettered);
+    status.delayed = Some(health.delayed);
+    if let Some((submitted, finished)) = &health.rates {
+        status.submitted_per_second = Some(submitted.clone());
+        status.finished_per_second = Some(finished.clone());
+    }
     status.oldest_pending_age = health.oldest_age.map(format_age);
     status.recent_failures = health.tail.iter().take(RECENT_FAILURES).cloned().collect();
     let (state, why, message) = backlogged(figures.pending, health.oldest_age, thresholds);
@@ -432,7 +483,38 @@ mod tests {
             oldest_age: age.map(Duration::from_secs),
             tail_complete: true,
             tail,
+            delayed: 0,
+            counters: Counters::default(),
+            rates: None,
         }
+    }
+
+    #[test]
+    fn rates_count_what_came_in_and_what_left() {
+        let t0 = std::time::Instant::now();
+        let sample = |secs: u64, submitted: u64, stored: u64| Sample {
+            at: t0 + Duration::from_secs(secs),
+            counters: Counters { submitted, stored },
+        };
+        // 5,000 in over 5 s; 100 still stored of 600 before + 5,000 new: 5,500 finished.
+        assert_eq!(
+            rates(sample(0, 1_000, 600), sample(5, 6_000, 100)),
+            Some(("1000".into(), "1100".into()))
+        );
+        assert_eq!(
+            rates(sample(0, 10, 0), sample(5, 12, 0)),
+            Some(("0.4".into(), "0.4".into()))
+        );
+        assert_eq!(
+            rates(sample(0, 10, 3), sample(4, 10, 3)),
+            Some(("0".into(), "0".into()))
+        );
+        assert_eq!(rates(sample(0, 10, 0), sample(0, 20, 0)), None, "too short");
+        assert_eq!(
+            rates(sample(0, 10, 0), sample(5, 2, 0)),
+            None,
+            "a recreated stream starts over"
+        );
     }
 
     fn status_of(s: &JobQueueStatus, type_: &str) -> (String, String) {
