@@ -39,3 +39,4 @@ lint:
 bench: deps
 	$(CARGO) build --release --workspace --bins
 	./target/release/conveyor bench
+	$(CARGO) bench -p conveyor-operator --bench scaling

@@ -50,6 +50,12 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// [`Env::start`] with the operator's settings changed by `tune` after the fixture's own
+    /// (`--resync 1s`, `--scaler-interval 200ms`).
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -92,6 +98,7 @@ impl Env {
         config.resync = Duration::from_secs(1);
         config.scaler_interval = Duration::from_millis(200);
         config.worker_image = format!("{WORKER_IMAGE}:test");
+        tune(&mut config);
         let stop = CancellationToken::new();
         let on_stop = stop.clone();
         let operator = tokio::spawn(conveyor_operator::run_with_client(
