@@ -50,13 +50,15 @@ impl Command {
 /// Where the queues live.
 #[derive(Debug, Clone, Args)]
 pub struct QueueArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "CONVEYOR_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
+    /// NATS server URL(s), comma-separated. When not given, it is read from the JobQueue
+    /// (`status.natsUrl`, else `spec.nats.url`) through the kubeconfig (`--context`, or the
+    /// current context), and without a kubeconfig it is nats://127.0.0.1:4222.
+    #[arg(long, env = "CONVEYOR_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// kubeconfig context to find the JobQueue's NATS server in, when `--nats-url` is not
+    /// given (default: the current context).
+    #[arg(long, env = "CONVEYOR_KUBE_CONTEXT")]
+    pub context: Option<String>,
     /// Kubernetes namespace of the JobQueue.
     #[arg(
         long,

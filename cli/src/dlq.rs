@@ -105,7 +105,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         DlqCommand::Show(args) => show(args).await,
         DlqCommand::Requeue(args) => {
             let (js, queue) = (
-                connect(&args.queue_args).await?,
+                connect(&args.queue_args, &args.queue).await?,
                 args.queue_args.queue(&args.queue),
             );
             let moved = dlq::requeue(&js, &queue, &args.selector()).await?;
@@ -114,7 +114,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
         }
         DlqCommand::Purge(args) => {
             let (js, queue) = (
-                connect(&args.queue_args).await?,
+                connect(&args.queue_args, &args.queue).await?,
                 args.queue_args.queue(&args.queue),
             );
             let moved = dlq::purge(&js, &queue, &args.selector()).await?;
@@ -128,8 +128,8 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(args: &QueueArgs) -> anyhow::Result<jetstream::Context> {
-    let url = &args.nats_url;
+async fn connect(args: &QueueArgs, queue: &str) -> anyhow::Result<jetstream::Context> {
+    let url = &crate::discover::nats_url(args, Some(queue)).await?;
     let client = async_nats::connect(url.as_str())
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))?;
@@ -151,7 +151,7 @@ struct Row<'a> {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let js = connect(&args.queue_args).await?;
+    let js = connect(&args.queue_args, &args.queue).await?;
     let queue = args.queue_args.queue(&args.queue);
     let filter = args
         .error
@@ -229,7 +229,7 @@ fn table(entries: &[DeadLetter]) -> String {
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<()> {
-    let js = connect(&args.queue_args).await?;
+    let js = connect(&args.queue_args, &args.queue).await?;
     let queue = args.queue_args.queue(&args.queue);
     let job = dlq::show(&js, &queue, &args.id).await?;
     let mut stdout = std::io::stdout().lock();

@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod dev;
+mod discover;
 mod dlq;
 mod input;
 mod status;

@@ -22,7 +22,7 @@ const WORKER_CONSUMER_PREFIX: &str = "workers-p";
 
 /// Runs `conveyor status`.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let url = &args.queue_args.nats_url;
+    let url = &crate::discover::nats_url(&args.queue_args, args.queue.as_deref()).await?;
     let client = async_nats::connect(url.as_str())
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))?;

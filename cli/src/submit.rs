@@ -19,7 +19,8 @@ const WAIT_WINDOW: usize = 256;
 pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     let jobs = read_jobs(&args)?;
     let queue = args.queue_args.queue(&args.queue);
-    let client = Client::connect(&args.queue_args.nats_url).await?;
+    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
+    let client = Client::connect(&url).await?;
     let started = Instant::now();
     let options = Options {
         priority: args.priority,
@@ -135,7 +136,8 @@ fn one_line(text: &str) -> String {
 /// Runs `conveyor cancel`: prints each cancelled id; fails if any cancel was refused.
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let queue = args.queue_args.queue(&args.queue);
-    let client = Client::connect(&args.queue_args.nats_url).await?;
+    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
+    let client = Client::connect(&url).await?;
     let mut refused = 0;
     for id in &args.ids {
         match client.cancel(&queue, id).await {

@@ -389,6 +389,11 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamStatus>,
 
+    /// The NATS server URL(s) the queue lives on: `spec.nats.url`, or the operator's default.
+    /// `kubectl conveyor` reads it to find the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
+
     /// The last dead-letter operation requested with the `conveyor.dev/dlq-requeue` or
     /// `conveyor.dev/dlq-purge` annotation, and what came of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -718,6 +718,9 @@ async fn observed_generation_follows_spec_changes_and_transition_times_hold() {
     };
     let first = api.get("gen").await.unwrap().metadata.generation.unwrap();
     let before = observed(first).await;
+    // Where the queue lives, for `kubectl conveyor` to find it.
+    let nats_url = before.status.as_ref().and_then(|s| s.nats_url.clone());
+    assert_eq!(nats_url, Some(env.nats.url()));
     let ready_since = |q: &JobQueue| {
         let status = q.status.as_ref().unwrap();
         let ready = status.conditions.iter().find(|c| c.type_ == "Ready");

@@ -196,7 +196,9 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
             ),
             Ok(None) => (
                 Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
-                Err(Error::NatsUnavailable { url: shown_url }),
+                Err(Error::NatsUnavailable {
+                    url: shown_url.clone(),
+                }),
             ),
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
                 Ok(figures) => {
@@ -243,6 +245,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
     if request.is_some() {
         new.last_dead_letter_request = request;
     }
+    new.nats_url = Some(shown_url);
     for notice in notices(jq.status.as_ref(), &new) {
         let type_ = if notice.normal {
             EventType::Normal

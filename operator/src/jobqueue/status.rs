@@ -406,8 +406,8 @@ fn reason_const(r: &str) -> &'static str {
 
 /// The status to write now, or `None`: nothing changed, or only figures and messages changed
 /// and the last write is less than [`STATUS_THROTTLE`] old. A change of a condition's status
-/// or reason, of `observedGeneration`, of the stream names or of the last dead-letter request
-/// is written at once. The written
+/// or reason, of `observedGeneration`, of the stream names, of the NATS URL or of the last
+/// dead-letter request is written at once. The written
 /// status carries `observedAt` = `now` when `fresh` (figures were read this time).
 pub fn to_write(
     old: Option<&JobQueueStatus>,
@@ -429,6 +429,7 @@ pub fn to_write(
                 || old.observed_generation != new.observed_generation
                 || old.stream != new.stream
                 || old.last_dead_letter_request != new.last_dead_letter_request
+                || old.nats_url != new.nats_url
                 || old
                     .observed_at
                     .as_ref()
