@@ -82,7 +82,18 @@ async fn submit_and_wait(
 ) -> anyhow::Result<()> {
     let total = jobs.len();
     let mut outcomes = futures::stream::iter(jobs)
-        .map(|input| client.submit_and_wait(queue, options.job(input), timeout))
+        .map(|input| {
+            let job = options.job(input);
+            let id = job.id.clone();
+            // Progress goes to stderr, so stdout keeps one outcome line per job.
+            let on_progress = move |update: bytes::Bytes| {
+                eprintln!(
+                    "{id}\tprogress\t{}",
+                    one_line(&String::from_utf8_lossy(&update))
+                );
+            };
+            client.submit_and_watch(queue, job, timeout, on_progress)
+        })
         .buffer_unordered(WAIT_WINDOW);
     let mut stdout = std::io::stdout().lock();
     let (mut completed, mut first_problem) = (0usize, None::<String>);

@@ -373,8 +373,21 @@ impl Client {
     pub async fn submit_and_wait(
         &self,
         queue: &QueueRef,
+        job: Job,
+        timeout: Duration,
+    ) -> Result<JobResult, WaitError> {
+        self.submit_and_watch(queue, job, timeout, |_| {}).await
+    }
+
+    /// [`Client::submit_and_wait`], calling `on_progress` with each progress update the
+    /// handler reports ([`crate::worker::Progress::report`]) until the final outcome; `timeout`
+    /// bounds the whole wait.
+    pub async fn submit_and_watch(
+        &self,
+        queue: &QueueRef,
         mut job: Job,
         timeout: Duration,
+        mut on_progress: impl FnMut(Bytes),
     ) -> Result<JobResult, WaitError> {
         let nats = self.jetstream.client();
         let inbox = nats.new_inbox();
@@ -388,14 +401,26 @@ impl Client {
         if ack.duplicate {
             return Err(WaitError::Duplicate { id });
         }
-        let message = match tokio::time::timeout(timeout, results.next()).await {
-            Ok(Some(message)) => message,
-            Ok(None) | Err(_) => {
-                return Err(WaitError::TimedOut {
-                    id,
-                    waited: timeout,
-                });
+        let deadline = tokio::time::Instant::now() + timeout;
+        let message = loop {
+            let message = match tokio::time::timeout_at(deadline, results.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) | Err(_) => {
+                    return Err(WaitError::TimedOut {
+                        id,
+                        waited: timeout,
+                    });
+                }
+            };
+            let status = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::result::STATUS));
+            if status.map(|s| s.as_str()) == Some(protocol::result::PROGRESS) {
+                on_progress(message.payload);
+                continue;
             }
+            break message;
         };
         let header = |name: &str| {
             message

@@ -48,7 +48,8 @@ pub mod schedule {
 }
 
 /// Headers of a result message, published to the job's `Conveyor-Reply-To` subject once the
-/// job is done for good; the payload is the handler's result (empty for dead letters).
+/// job is done for good; the payload is the handler's result (empty for dead letters). Progress
+/// updates go to the same subject before it, with [`result::STATUS`] = [`result::PROGRESS`].
 pub mod result {
     /// The job's id.
     pub const JOB_ID: &str = "Conveyor-Job-Id";
@@ -61,6 +62,10 @@ pub mod result {
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// Value of [`STATUS`] after the job was cancelled (`Client::cancel`).
     pub const CANCELLED: &str = "cancelled";
+    /// Value of [`STATUS`] of a progress update: the handler is still running and reports
+    /// where it is (the payload, opaque to Conveyor). Any number of these may precede the one
+    /// final message; they are best effort (a waiter that is not listening misses them).
+    pub const PROGRESS: &str = "progress";
 }
 
 /// Dead-letter headers, added by whoever moves a job into the dead-letter stream.
@@ -319,6 +324,9 @@ pub enum JsonlStatus {
     Failed,
     /// Failed for good; dead-lettered at once.
     Permanent,
+    /// Not an outcome: the job is still running and `progress` (any JSON) says how far it
+    /// got. Forwarded to a producer awaiting the job; any number may precede the outcome.
+    Progress,
 }
 
 /// A `jsonl` handler's answer for one job, one JSON object per line on its stdout.
@@ -337,6 +345,9 @@ pub struct JsonlResponse {
     /// Delay before the retry, for `retry`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// How far the job got (any JSON), for `progress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -80,6 +80,45 @@ pub struct ReceivedJob {
     /// wind down; its future is dropped after the worker's `cancel_grace` either way, and the
     /// job is acked as cancelled whatever it returns.
     pub cancel: CancellationToken,
+    /// Reports progress to a producer awaiting the job ([`Progress::report`]).
+    pub progress: Progress,
+}
+
+/// Where a running job reports progress: the awaiting producer's inbox, if there is one.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    target: Option<(async_nats::Client, String, String)>,
+}
+
+impl Progress {
+    /// Progress of job `id` goes to `reply` (the job's `Conveyor-Reply-To`).
+    fn to(nats: async_nats::Client, reply: String, id: String) -> Self {
+        Self {
+            target: Some((nats, reply, id)),
+        }
+    }
+
+    /// Whether anyone awaits the job (reports are dropped otherwise).
+    pub fn is_awaited(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Sends `update` (opaque bytes, e.g. `{"done": 40, "of": 100}`) to the producer awaiting
+    /// the job, if any. Best effort: a failure is logged, never fails the job.
+    pub async fn report(&self, update: impl Into<Bytes>) {
+        let Some((nats, reply, id)) = &self.target else {
+            return;
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::result::JOB_ID, id.as_str());
+        headers.insert(protocol::result::STATUS, protocol::result::PROGRESS);
+        if let Err(error) = nats
+            .publish_with_headers(reply.clone(), headers, update.into())
+            .await
+        {
+            warn!(job = %id, %error, "publishing a progress update");
+        }
+    }
 }
 
 /// User code that handles jobs. Implemented for `Fn(ReceivedJob) -> impl Future<Output = Outcome>`.
@@ -746,6 +785,9 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         priority,
         deadline,
         cancel: running.cancel.clone(),
+        progress: reply_to(&message)
+            .map(|reply| Progress::to(shared.jetstream.client(), reply, id.clone()))
+            .unwrap_or_default(),
     };
 
     let mut attempt_run = Box::pin(with_heartbeats(

@@ -625,3 +625,42 @@ async fn concurrency_limit_caps_jobs_in_flight_across_workers() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_handler_reports_progress_to_the_awaiting_client() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let stop = spawn_worker(
+        &client,
+        &queue,
+        fast_options(),
+        |job: ReceivedJob| async move {
+            assert!(job.progress.is_awaited());
+            for step in 1..=3 {
+                job.progress.report(format!("step {step} of 3")).await;
+            }
+            Outcome::Done("all done".into())
+        },
+    );
+    let mut updates = Vec::new();
+    let result = client
+        .submit_and_watch(&queue, Job::new("p1", "x"), WAIT, |update| {
+            updates.push(String::from_utf8_lossy(&update).into_owned());
+        })
+        .await?;
+    assert_eq!(updates, ["step 1 of 3", "step 2 of 3", "step 3 of 3"]);
+    assert_eq!(
+        result,
+        JobResult::Completed {
+            id: "p1".into(),
+            result: "all done".into()
+        }
+    );
+    // submit_and_wait skips progress and returns the outcome.
+    let result = client
+        .submit_and_wait(&queue, Job::new("p2", "x"), WAIT)
+        .await?;
+    assert!(matches!(result, JobResult::Completed { .. }), "{result:?}");
+    stop.cancel();
+    Ok(())
+}

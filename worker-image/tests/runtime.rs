@@ -506,6 +506,45 @@ for line in sys.stdin:
     Ok(())
 }
 
+#[tokio::test]
+async fn jsonl_progress_lines_reach_the_awaiting_producer_in_order() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let script = r#"
+import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    for done in (25, 50, 75):
+        print(json.dumps({"id": req["id"], "status": "progress", "progress": {"done": done}}), flush=True)
+    print(json.dumps({"id": req["id"], "status": "ok", "result": "resized"}), flush=True)
+"#;
+    let _worker = s.worker("jsonl", &[], &["python3", "-u", "-c", script])?;
+    let mut updates = Vec::new();
+    let result = s
+        .client
+        .submit_and_watch(&s.queue, Job::new("resize-1", "x"), WAIT, |update| {
+            updates.push(String::from_utf8_lossy(&update).into_owned());
+        })
+        .await?;
+    assert_eq!(
+        updates,
+        [r#"{"done":25}"#, r#"{"done":50}"#, r#"{"done":75}"#]
+    );
+    assert_eq!(
+        result,
+        conveyor::JobResult::Completed {
+            id: "resize-1".into(),
+            result: r#""resized""#.into()
+        }
+    );
+    // A job nobody awaits: its progress lines go nowhere and it completes all the same.
+    s.client.submit(&s.queue, Job::new("resize-2", "x")).await?;
+    wait_for(WAIT, "the work stream to be empty", || async {
+        s.stream_len(&s.queue.stream()).await == 0
+    })
+    .await?;
+    Ok(())
+}
+
 #[test]
 fn install_copies_the_runtime_into_a_directory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use conveyor::protocol::{JsonlRequest, JsonlResponse, JsonlStatus};
-use conveyor::worker::{Outcome, ReceivedJob};
+use conveyor::worker::{Outcome, Progress, ReceivedJob};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// Answers awaited from the child, by job id.
-type Pending = Mutex<HashMap<String, oneshot::Sender<JsonlResponse>>>;
+/// Answers awaited from the child, by job id, with where the job's progress goes.
+type Pending = Mutex<HashMap<String, (oneshot::Sender<JsonlResponse>, Progress)>>;
 
 /// Talks JSON lines to one long-lived child process, restarted when it dies.
 #[derive(Debug)]
@@ -105,7 +105,11 @@ impl JsonlHandler {
         let mut line = serde_json::to_vec(&request).expect("a request always serializes");
         line.push(b'\n');
         let (tx, rx) = oneshot::channel();
-        if lock(&conn.pending).insert(job.id.clone(), tx).is_some() {
+        let progress = job.progress.clone();
+        if lock(&conn.pending)
+            .insert(job.id.clone(), (tx, progress))
+            .is_some()
+        {
             warn!(job = %job.id, "two deliveries of one job in flight; the older one fails");
         }
         let mut guard = InFlight {
@@ -171,6 +175,8 @@ fn outcome(response: JsonlResponse) -> Outcome {
         },
         JsonlStatus::Failed => Outcome::Failed(error),
         JsonlStatus::Permanent => Outcome::Permanent(error),
+        // Never routed here: progress lines are forwarded by the reader.
+        JsonlStatus::Progress => Outcome::Failed("a progress line is not an outcome".into()),
     }
 }
 
@@ -181,8 +187,22 @@ async fn read_responses(mut child: Child, stdout: ChildStdout, conn: Arc<Conn>) 
         match lines.next_line().await {
             Ok(Some(line)) if line.trim().is_empty() => {}
             Ok(Some(line)) => match serde_json::from_str::<JsonlResponse>(&line) {
+                Ok(response) if response.status == JsonlStatus::Progress => {
+                    let progress = lock(&conn.pending)
+                        .get(&response.id)
+                        .map(|(_, progress)| progress.clone());
+                    match progress {
+                        Some(progress) => {
+                            let update = response.progress.unwrap_or_default().to_string();
+                            progress.report(update).await;
+                        }
+                        None => {
+                            warn!(id = %response.id, "progress for a job that is not in flight")
+                        }
+                    }
+                }
                 Ok(response) => match lock(&conn.pending).remove(&response.id) {
-                    Some(tx) => {
+                    Some((tx, _)) => {
                         let _ = tx.send(response);
                     }
                     None => warn!(id = %response.id, "response for a job that is not in flight"),
@@ -209,7 +229,7 @@ async fn read_responses(mut child: Child, stdout: ChildStdout, conn: Arc<Conn>) 
 
 fn lock(
     pending: &Pending,
-) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<JsonlResponse>>> {
+) -> std::sync::MutexGuard<'_, HashMap<String, (oneshot::Sender<JsonlResponse>, Progress)>> {
     pending
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
