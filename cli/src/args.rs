@@ -25,6 +25,8 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Show queue figures (pending, in flight, dead-lettered) read straight from JetStream.
     Status(StatusArgs),
+    /// Print the stored outcome of finished jobs (queues with `results.retention`).
+    Result(ResultArgs),
     /// Run NATS, the Kubernetes test double and the operator locally, no cluster needed.
     Dev(DevArgs),
     /// Inspect, requeue and purge a queue's dead letters.
@@ -38,9 +40,11 @@ impl Command {
     /// story for `dev`.
     pub fn default_log_filter(&self) -> &'static str {
         match self {
-            Command::Submit(_) | Command::Status(_) | Command::Dlq(_) | Command::Cancel(_) => {
-                "warn"
-            }
+            Command::Submit(_)
+            | Command::Status(_)
+            | Command::Dlq(_)
+            | Command::Cancel(_)
+            | Command::Result(_) => "warn",
             Command::Dev(_) => "warn,conveyor_operator=info",
             Command::Bench(_) => "warn",
         }
@@ -133,6 +137,19 @@ pub struct CancelArgs {
     pub queue: String,
     /// Ids of the jobs to cancel: a queued or delayed job never runs, a running one is told to
     /// stop and is not retried.
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+/// Arguments of `conveyor result`.
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobQueue (it must keep results: `spec.results.retention`).
+    pub queue: String,
+    /// Ids of the jobs whose stored outcome to print.
     #[arg(required = true)]
     pub ids: Vec<String>,
 }

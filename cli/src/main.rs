@@ -33,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Submit(args) => submit::run(args).await,
         Command::Cancel(args) => submit::cancel(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Result(args) => submit::result(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Bench(args) => bench::run(args).await,

@@ -9,7 +9,7 @@ use conveyor::client::{Client, Job, JobResult, SubmitError};
 use conveyor::names::QueueRef;
 use futures::StreamExt;
 
-use crate::args::{CancelArgs, SubmitArgs};
+use crate::args::{CancelArgs, ResultArgs, SubmitArgs};
 use crate::input::{self, JobInput, PayloadSource};
 
 /// Jobs awaited at once with `--wait`.
@@ -99,25 +99,12 @@ async fn submit_and_wait(
     let (mut completed, mut first_problem) = (0usize, None::<String>);
     while let Some(outcome) = outcomes.next().await {
         let line = match outcome {
-            Ok(JobResult::Completed { id, result }) => {
-                completed += 1;
-                format!(
-                    "{id}\tcompleted\t{}",
-                    one_line(&String::from_utf8_lossy(&result))
-                )
+            Ok(result) => {
+                if matches!(result, JobResult::Completed { .. }) {
+                    completed += 1;
+                }
+                outcome_line(&result)
             }
-            Ok(JobResult::DeadLettered {
-                id,
-                reason,
-                error,
-                attempts,
-            }) => {
-                format!(
-                    "{id}\tdead-lettered\t{reason} after {attempts} attempt(s): {}",
-                    one_line(&error)
-                )
-            }
-            Ok(JobResult::Cancelled { id }) => format!("{id}\tcancelled\t"),
             Err(error) => format!("-\terror\t{}", one_line(&error.to_string())),
         };
         if !line.contains("\tcompleted\t") && first_problem.is_none() {
@@ -137,6 +124,49 @@ async fn submit_and_wait(
         ),
         None => Ok(()),
     }
+}
+
+/// A job's outcome as one tab-separated line: `<id> completed <result>`, `<id> dead-lettered
+/// <reason> after <n> attempt(s): <error>` or `<id> cancelled`.
+fn outcome_line(result: &JobResult) -> String {
+    match result {
+        JobResult::Completed { id, result } => format!(
+            "{id}\tcompleted\t{}",
+            one_line(&String::from_utf8_lossy(result))
+        ),
+        JobResult::DeadLettered {
+            id,
+            reason,
+            error,
+            attempts,
+        } => format!(
+            "{id}\tdead-lettered\t{reason} after {attempts} attempt(s): {}",
+            one_line(error)
+        ),
+        JobResult::Cancelled { id } => format!("{id}\tcancelled\t"),
+    }
+}
+
+/// Runs `conveyor result`: one outcome line per stored result; fails when any id has none.
+pub async fn result(args: ResultArgs) -> anyhow::Result<()> {
+    let queue = args.queue_args.queue(&args.queue);
+    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
+    let client = Client::connect(&url).await?;
+    let mut missing = Vec::new();
+    for id in &args.ids {
+        match client.result(&queue, id).await? {
+            Some(result) => println!("{}", outcome_line(&result)),
+            None => missing.push(id.as_str()),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "no stored result for {} (not finished yet, older than the queue's results.retention, \
+         or the queue keeps no results)",
+        missing.join(", ")
+    )
 }
 
 /// Results and errors on one output line.

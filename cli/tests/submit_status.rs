@@ -338,3 +338,52 @@ async fn wait_reports_each_outcome_and_fails_when_a_job_does_not_complete() {
     stop.notify_one();
     running.await.expect("worker task").expect("worker");
 }
+
+#[tokio::test]
+async fn result_prints_stored_outcomes_and_fails_for_unknown_ids() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+    let queue = QueueRef::new("default", "kept");
+    let settings = QueueSettings {
+        result_retention: Some(std::time::Duration::from_secs(3600)),
+        ..QueueSettings::default()
+    };
+    ensure_queue(&js, &queue, &settings)
+        .await
+        .expect("create queue");
+    let options = conveyor::worker::WorkerOptions {
+        store_results: true,
+        poll_wait: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = conveyor::Worker::new(js.clone(), queue.clone())
+        .options(options)
+        .handler(|job: conveyor::ReceivedJob| async move {
+            conveyor::Outcome::Done(format!("thumbnail of {}", job.id).into())
+        });
+    let token = stop.clone();
+    tokio::spawn(async move { worker.run(async move { token.cancelled().await }).await });
+
+    let out = conveyor(&nats.url(), &["submit", "kept", "--id", "img-1", "x"], b"").await;
+    stdout_lines(&out);
+    let client = conveyor::Client::connect(&nats.url()).await.unwrap();
+    conveyor_testkit::wait_for(
+        std::time::Duration::from_secs(20),
+        "the outcome stored",
+        || async { matches!(client.result(&queue, "img-1").await, Ok(Some(_))) },
+    )
+    .await
+    .unwrap();
+    let out = conveyor(&nats.url(), &["result", "kept", "img-1"], b"").await;
+    assert_eq!(stdout_lines(&out), ["img-1\tcompleted\tthumbnail of img-1"]);
+    let out = conveyor(&nats.url(), &["result", "kept", "img-1", "img-9"], b"").await;
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "img-1\tcompleted\tthumbnail of img-1"
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no stored result for img-9"), "{said}");
+    stop.cancel();
+}

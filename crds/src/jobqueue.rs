@@ -133,6 +133,11 @@ pub struct JobQueueSpec {
     #[schemars(range(min = 1))]
     pub concurrency_limit: Option<i32>,
 
+    /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
+    /// `Client::result`) instead of having to wait for it. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<ResultsSpec>,
+
     /// Thresholds that flip the `Backlogged` and `JobsFailing` conditions and raise Events.
     #[serde(default)]
     pub alerts: AlertsSpec,
@@ -141,6 +146,16 @@ pub struct JobQueueSpec {
     /// the work and dead-letter streams with every job in them, `Retain` keeps them.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+}
+
+/// Stored outcomes of finished jobs.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultsSpec {
+    /// How long each finished job's outcome (result, dead-lettered or cancelled) is kept,
+    /// one per job id (a later outcome of the same id replaces it). Format: `30s`, `1h`, `7d`.
+    #[schemars(pattern(crate::duration::PATTERN))]
+    pub retention: String,
 }
 
 /// Where the queue's NATS server is, when it is not the operator's default.
@@ -511,6 +526,14 @@ impl JobQueueSpec {
             .map(|v| duration::parse("spec.alerts.maxOldestPendingAge", v))
             .transpose()?;
         Ok((window, age))
+    }
+
+    /// `results.retention`, when results are kept.
+    pub fn result_retention(&self) -> Result<Option<Duration>, DurationError> {
+        self.results
+            .as_ref()
+            .map(|r| duration::parse("spec.results.retention", &r.retention))
+            .transpose()
     }
 
     /// The stream's maximum job age, if any.

@@ -11,7 +11,7 @@ pub mod worker;
 
 pub use jobqueue::{
     AlertsSpec, BackoffSpec, DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueSpec,
-    JobQueueStatus, NatsConnection, RecentFailure, RetrySpec, StorageType, StreamSpec,
+    JobQueueStatus, NatsConnection, RecentFailure, ResultsSpec, RetrySpec, StorageType, StreamSpec,
     StreamStatus,
 };
 pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};

@@ -70,6 +70,7 @@ pub fn settings(spec: &JobQueueSpec) -> Result<QueueSettings, SpecError> {
         max_job_size: spec.stream.max_job_size,
         max_age: spec.max_age()?,
         concurrency_limit: spec.concurrency_limit.map(i64::from),
+        result_retention: spec.result_retention()?,
         ..QueueSettings::default()
     };
     settings.validate()?;
@@ -87,6 +88,7 @@ pub fn desired(queue: &QueueRef, spec: &JobQueueSpec) -> Result<QueueAssets, Spe
             admin::cancel_stream_config(queue, &settings),
             admin::dead_letter_stream_config(queue, &settings),
             admin::events_stream_config(queue, &settings),
+            admin::results_stream_config(queue, &settings),
         ],
         consumers: (0..settings.priorities)
             .map(|level| admin::consumer_config(queue, level, &settings))
@@ -291,6 +293,7 @@ pub async fn delete(js: &jetstream::Context, queue: &QueueRef) -> Result<(), Ass
         queue.cancel_stream(),
         queue.dead_letter_stream(),
         queue.events_stream(),
+        queue.results_stream(),
     ] {
         match js.delete_stream(&name).await {
             Ok(_) => tracing::info!(stream = %name, "deleted stream"),

@@ -412,18 +412,35 @@ impl Dispatcher {
         }
         warn!(queue = %queue.stream(), job = %id, deliveries = advisory.deliveries,
               "job dead-lettered after its last delivery went unanswered");
+        let mut result = HeaderMap::new();
+        result.insert(protocol::result::JOB_ID, id.as_str());
+        result.insert(protocol::result::STATUS, protocol::result::DEAD_LETTERED);
+        result.insert(dead_letter::REASON, REASON_MAX_DELIVERIES);
+        result.insert(dead_letter::ERROR, error.as_str());
+        result.insert(dead_letter::ATTEMPTS, attempts.as_str());
+        // Kept in the results stream too (every queue has one; it expires by its retention),
+        // since no worker is left to store this outcome.
+        let stored = match self
+            .jetstream
+            .publish_with_headers(
+                queue.result_subject(&id),
+                result.clone(),
+                Default::default(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = stored {
+            warn!(job = %id, %error, "storing the dead-lettered outcome");
+        }
         if let Some(reply) = job
             .headers
             .get(protocol::REPLY_TO)
             .map(|v| v.as_str().trim().to_owned())
             .filter(|r| !r.is_empty())
         {
-            let mut result = HeaderMap::new();
-            result.insert(protocol::result::JOB_ID, id.as_str());
-            result.insert(protocol::result::STATUS, protocol::result::DEAD_LETTERED);
-            result.insert(dead_letter::REASON, REASON_MAX_DELIVERIES);
-            result.insert(dead_letter::ERROR, error.as_str());
-            result.insert(dead_letter::ATTEMPTS, attempts.as_str());
             let nats = self.jetstream.client();
             if let Err(error) = nats
                 .publish_with_headers(reply, result, Default::default())

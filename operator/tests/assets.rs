@@ -48,6 +48,7 @@ async fn ensure_creates_streams_and_consumers_and_counts_jobs() {
             "conveyor_team_mail_delayed",
             "conveyor_team_mail_dlq",
             "conveyor_team_mail_events",
+            "conveyor_team_mail_results",
         ]
     );
     let mut stream = js.get_stream("conveyor_team_mail").await.unwrap();
@@ -97,6 +98,7 @@ async fn ensure_recreates_what_was_deleted_behind_its_back() {
         queue.cancel_stream(),
         queue.dead_letter_stream(),
         queue.events_stream(),
+        queue.results_stream(),
     ];
     all.sort();
     assert_eq!(stream_names(&js).await, all);

@@ -188,6 +188,17 @@ async fn a_job_whose_worker_dies_on_every_delivery_is_dead_lettered_once() {
             .contains("no handler reported in 2 deliveries")
     );
     assert_eq!(job.entry.subject, queue.job_subject(0));
+    // The outcome is stored for producers that fetch it later.
+    let stored = conveyor::Client::new(client.clone())
+        .result(&queue, "poison")
+        .await
+        .unwrap();
+    match stored {
+        Some(conveyor::JobResult::DeadLettered { reason, .. }) => {
+            assert_eq!(reason, "max_deliveries");
+        }
+        other => panic!("expected a stored dead-lettered outcome: {other:?}"),
+    }
 
     crasher.abort();
     stop.cancel();

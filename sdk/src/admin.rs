@@ -52,6 +52,10 @@ pub struct QueueSettings {
     pub dead_letter_max_age: Option<Duration>,
     /// Most bytes of dead letters kept (oldest dropped first).
     pub dead_letter_max_bytes: Option<i64>,
+    /// How long finished jobs' outcomes are kept in the results stream (workers store them
+    /// only when told to, `WorkerOptions::store_results`); [`DEFAULT_RESULT_RETENTION`] when
+    /// `None`.
+    pub result_retention: Option<Duration>,
 }
 
 impl Default for QueueSettings {
@@ -70,6 +74,7 @@ impl Default for QueueSettings {
             concurrency_limit: None,
             dead_letter_max_age: None,
             dead_letter_max_bytes: None,
+            result_retention: None,
         }
     }
 }
@@ -221,6 +226,30 @@ pub fn cancel_stream_config(queue: &QueueRef, settings: &QueueSettings) -> strea
     }
 }
 
+/// How long outcomes are kept when a queue sets no result retention.
+pub const DEFAULT_RESULT_RETENTION: Duration = Duration::from_secs(3600);
+
+/// The results stream: the last outcome per job id, kept for the result retention.
+pub fn results_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.results_stream(),
+        description: Some(format!(
+            "Conveyor job results of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![queue.results_wildcard()],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_messages_per_subject: 1,
+        max_age: settings
+            .result_retention
+            .unwrap_or(DEFAULT_RESULT_RETENTION),
+        ..Default::default()
+    }
+}
+
 /// The dead-letter stream: limits retention, oldest dropped when full.
 pub fn dead_letter_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
     stream::Config {
@@ -296,6 +325,7 @@ pub async fn ensure_queue(
         stream_config(queue, settings),
         dead_letter_stream_config(queue, settings),
         events_stream_config(queue, settings),
+        results_stream_config(queue, settings),
     ] {
         let name = config.name.clone();
         jetstream

@@ -290,6 +290,14 @@ pub enum WaitError {
         /// What is wrong.
         problem: String,
     },
+    /// The queue's results stream could not be read.
+    #[error("reading stored results from stream {stream}: {problem}")]
+    Results {
+        /// Stream name.
+        stream: String,
+        /// What went wrong.
+        problem: String,
+    },
 }
 
 /// Failure to connect to NATS.
@@ -422,30 +430,34 @@ impl Client {
             }
             break message;
         };
-        let header = |name: &str| {
-            message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
-        match header(protocol::result::STATUS).as_deref() {
-            Some(protocol::result::COMPLETED) => Ok(JobResult::Completed {
-                id,
-                result: message.payload,
-            }),
-            Some(protocol::result::DEAD_LETTERED) => Ok(JobResult::DeadLettered {
-                reason: header(protocol::dead_letter::REASON).unwrap_or_default(),
-                error: header(protocol::dead_letter::ERROR).unwrap_or_default(),
-                attempts: header(protocol::dead_letter::ATTEMPTS)
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_default(),
-                id,
-            }),
-            Some(protocol::result::CANCELLED) => Ok(JobResult::Cancelled { id }),
-            other => Err(WaitError::Malformed {
-                id,
-                problem: format!("{} is {other:?}", protocol::result::STATUS),
+        outcome(id, message.headers.as_ref(), message.payload)
+    }
+
+    /// The stored outcome of job `id`, for a queue with `results.retention`: `None` when there
+    /// is none (the job has not finished, finished longer ago than the retention, or the queue
+    /// keeps no results).
+    pub async fn result(&self, queue: &QueueRef, id: &str) -> Result<Option<JobResult>, WaitError> {
+        let stream = self
+            .jetstream
+            .get_stream(queue.results_stream())
+            .await
+            .map_err(|e| WaitError::Results {
+                stream: queue.results_stream(),
+                problem: e.to_string(),
+            })?;
+        match stream
+            .get_last_raw_message_by_subject(&queue.result_subject(id))
+            .await
+        {
+            Ok(message) => {
+                outcome(id.to_owned(), Some(&message.headers), message.payload).map(Some)
+            }
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(WaitError::Results {
+                stream: queue.results_stream(),
+                problem: e.to_string(),
             }),
         }
     }
@@ -620,4 +632,36 @@ fn cancel_error(
 /// The JetStream API error inside a publish error, if the server sent one.
 fn jetstream_error(error: &jetstream::context::PublishError) -> Option<&jetstream::Error> {
     std::error::Error::source(error)?.downcast_ref::<jetstream::Error>()
+}
+
+/// A job's outcome from a result message's headers and payload.
+fn outcome(
+    id: String,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+) -> Result<JobResult, WaitError> {
+    let header = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    match header(protocol::result::STATUS).as_deref() {
+        Some(protocol::result::COMPLETED) => Ok(JobResult::Completed {
+            id,
+            result: payload,
+        }),
+        Some(protocol::result::DEAD_LETTERED) => Ok(JobResult::DeadLettered {
+            reason: header(protocol::dead_letter::REASON).unwrap_or_default(),
+            error: header(protocol::dead_letter::ERROR).unwrap_or_default(),
+            attempts: header(protocol::dead_letter::ATTEMPTS)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_default(),
+            id,
+        }),
+        Some(protocol::result::CANCELLED) => Ok(JobResult::Cancelled { id }),
+        other => Err(WaitError::Malformed {
+            id,
+            problem: format!("{} is {other:?}", protocol::result::STATUS),
+        }),
+    }
 }

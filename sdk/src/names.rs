@@ -95,6 +95,22 @@ impl QueueRef {
         format!("{}.due.{priority}", self.subject_prefix())
     }
 
+    /// The results stream: `conveyor_<namespace>_<queue>_results`. It keeps each finished
+    /// job's outcome (one per job id) for the queue's `results.retention`.
+    pub fn results_stream(&self) -> String {
+        format!("{}_results", self.stream())
+    }
+
+    /// Subject of a job's stored outcome: `<prefix>.results.<hex of the job id>`.
+    pub fn result_subject(&self, job_id: &str) -> String {
+        format!("{}.results.{}", self.subject_prefix(), hex_token(job_id))
+    }
+
+    /// Wildcard matching every stored outcome of the queue: `<prefix>.results.*`.
+    pub fn results_wildcard(&self) -> String {
+        format!("{}.results.*", self.subject_prefix())
+    }
+
     /// Durable pull consumer that workers share for one priority level: `workers-p<level>`.
     pub fn consumer(&self, priority: u8) -> String {
         format!("workers-p{priority}")
@@ -164,6 +180,8 @@ pub mod env {
     pub const MAX_JOBS: &str = "CONVEYOR_MAX_JOBS";
     /// Log format of the runtime: `text` or `json`.
     pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";
+    /// `true`: the runtime stores each finished job's outcome in the queue's results stream.
+    pub const STORE_RESULTS: &str = "CONVEYOR_STORE_RESULTS";
     /// File the runtime keeps the ids of its running jobs in (the container's termination
     /// message file), so a pod that dies mid-job says which job it ran.
     pub const TERMINATION_MESSAGE_PATH: &str = "CONVEYOR_TERMINATION_MESSAGE_PATH";

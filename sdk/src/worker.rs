@@ -214,6 +214,9 @@ pub struct WorkerOptions {
     /// How long a handler may take to wind down after its job was cancelled before it is
     /// stopped (its future dropped, its process killed).
     pub cancel_grace: Duration,
+    /// Store each finished job's outcome in the queue's results stream (for queues with
+    /// `results.retention`), so producers can fetch it later (`Client::result`).
+    pub store_results: bool,
 }
 
 impl Default for WorkerOptions {
@@ -228,6 +231,7 @@ impl Default for WorkerOptions {
             pod_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
             max_jobs: None,
             cancel_grace: Duration::from_secs(5),
+            store_results: false,
         }
     }
 }
@@ -821,11 +825,11 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         Outcome::Done(result) => match acker.ack().await {
             Ok(()) => {
                 shared.acked.fetch_add(1, Ordering::Relaxed);
-                if let Some(reply) = reply_to(&message) {
+                if outcome_wanted(shared, &message) {
                     let mut headers = HeaderMap::new();
                     headers.insert(protocol::result::JOB_ID, id.as_str());
                     headers.insert(protocol::result::STATUS, protocol::result::COMPLETED);
-                    publish_result(shared, reply, headers, result).await;
+                    publish_result(shared, &message, &id, headers, result).await;
                 }
                 Disposition::Acked
             }
@@ -886,11 +890,11 @@ async fn settle_cancelled<H, O>(
         warn!(job = %id, %error, "acking a cancelled job; it comes back and is skipped again");
     }
     shared.cancelled.fetch_add(1, Ordering::Relaxed);
-    if let Some(reply) = reply_to(message) {
+    if outcome_wanted(shared, message) {
         let mut headers = HeaderMap::new();
         headers.insert(protocol::result::JOB_ID, id);
         headers.insert(protocol::result::STATUS, protocol::result::CANCELLED);
-        publish_result(shared, reply, headers, Bytes::new()).await;
+        publish_result(shared, message, id, headers, Bytes::new()).await;
     }
     Disposition::Cancelled
 }
@@ -1144,14 +1148,14 @@ async fn dead_letter<H, O>(
             if let Err(error) = acker.ack_with(AckKind::Term).await {
                 warn!(job = %id, %error, "terminating a dead-lettered job");
             }
-            if let Some(reply) = reply_to(message) {
+            if outcome_wanted(shared, message) {
                 let mut headers = HeaderMap::new();
                 headers.insert(protocol::result::JOB_ID, id);
                 headers.insert(protocol::result::STATUS, protocol::result::DEAD_LETTERED);
                 headers.insert(dead_letter::REASON, failure.reason);
                 headers.insert(dead_letter::ERROR, header_safe(&failure.error).as_str());
                 headers.insert(dead_letter::ATTEMPTS, failure.attempt.to_string().as_str());
-                publish_result(shared, reply, headers, Bytes::new()).await;
+                publish_result(shared, message, id, headers, Bytes::new()).await;
             }
             shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Disposition::DeadLettered {
@@ -1182,17 +1186,40 @@ fn reply_to(message: &async_nats::Message) -> Option<String> {
     (!reply.is_empty()).then(|| reply.to_owned())
 }
 
+/// Whether anyone wants the job's outcome: a producer awaiting it, or the results stream.
+fn outcome_wanted<H, O>(shared: &Shared<H, O>, message: &async_nats::Message) -> bool {
+    shared.options.store_results || reply_to(message).is_some()
+}
+
 /// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
-/// receives it).
+/// receives it) and, with `store_results`, keeps it in the queue's results stream (JetStream
+/// publish, acknowledged; one per job id).
 async fn publish_result<H, O>(
     shared: &Shared<H, O>,
-    reply: String,
+    message: &async_nats::Message,
+    id: &str,
     headers: HeaderMap,
     payload: Bytes,
 ) {
-    let nats = shared.jetstream.client();
-    if let Err(error) = nats.publish_with_headers(reply, headers, payload).await {
-        warn!(%error, "publishing a job result");
+    if shared.options.store_results {
+        let subject = shared.queue.result_subject(id);
+        let stored = match shared
+            .jetstream
+            .publish_with_headers(subject, headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        if let Err(error) = stored {
+            warn!(job = %id, %error, "storing a job result");
+        }
+    }
+    if let Some(reply) = reply_to(message) {
+        let nats = shared.jetstream.client();
+        if let Err(error) = nats.publish_with_headers(reply, headers, payload).await {
+            warn!(%error, "publishing a job result");
+        }
     }
 }
 

@@ -664,3 +664,55 @@ async fn a_handler_reports_progress_to_the_awaiting_client() -> anyhow::Result<(
     stop.cancel();
     Ok(())
 }
+
+#[tokio::test]
+async fn outcomes_are_kept_for_the_result_retention_and_then_forgotten() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        result_retention: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let options = WorkerOptions {
+        store_results: true,
+        ..fast_options()
+    };
+    let stop = spawn_worker(&client, &queue, options, |job: ReceivedJob| async move {
+        match job.id.as_str() {
+            "bad" => Outcome::Permanent("cannot resize".into()),
+            _ => Outcome::Done(format!("done {}", job.id).into()),
+        }
+    });
+    // Nobody waits: the outcomes are fetched afterwards.
+    for id in ["good", "bad"] {
+        client.submit(&queue, Job::new(id, "x")).await?;
+    }
+    wait_for(WAIT, "both outcomes stored", || async {
+        matches!(client.result(&queue, "good").await, Ok(Some(_)))
+            && matches!(client.result(&queue, "bad").await, Ok(Some(_)))
+    })
+    .await?;
+    assert_eq!(
+        client.result(&queue, "good").await?,
+        Some(JobResult::Completed {
+            id: "good".into(),
+            result: "done good".into()
+        })
+    );
+    match client.result(&queue, "bad").await? {
+        Some(JobResult::DeadLettered { reason, error, .. }) => {
+            assert_eq!(
+                (reason.as_str(), error.as_str()),
+                ("permanent", "cannot resize")
+            );
+        }
+        other => panic!("expected a dead-lettered outcome: {other:?}"),
+    }
+    assert_eq!(client.result(&queue, "never-submitted").await?, None);
+    wait_for(WAIT, "the outcomes expire after the retention", || async {
+        matches!(client.result(&queue, "good").await, Ok(None))
+    })
+    .await?;
+    stop.cancel();
+    Ok(())
+}

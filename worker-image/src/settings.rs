@@ -119,6 +119,10 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Keep each finished job's outcome in the queue's results stream (set by the operator
+    /// for queues with `results.retention`).
+    #[arg(long, env = env::STORE_RESULTS)]
+    pub store_results: bool,
     /// The handler command and its arguments (after `--`); required for `exec` and `jsonl`.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -142,6 +146,7 @@ impl RunArgs {
             pod_name: self.pod_name.clone(),
             max_jobs: self.max_jobs,
             cancel_grace: self.cancel_grace,
+            store_results: self.store_results,
         }
     }
 }

@@ -238,6 +238,9 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
     // A SIGTERM'd runtime must give back what it cannot finish before the kubelet kills it.
     let drain = (grace_seconds - DRAIN_MARGIN_SECONDS).max(1);
     vars.push(value(env::DRAIN_TIMEOUT, format!("{drain}s")));
+    if queue.spec.results.is_some() {
+        vars.push(value(env::STORE_RESULTS, "true".into()));
+    }
     if let Some(max_jobs) = spec.recycle.as_ref().and_then(|r| r.max_jobs) {
         vars.push(value(env::MAX_JOBS, max_jobs.to_string()));
     }

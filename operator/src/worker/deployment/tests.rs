@@ -325,3 +325,33 @@ fn the_runtime_keeps_running_jobs_in_the_termination_message_file() {
         Some("/tmp/last-words")
     );
 }
+
+#[test]
+fn queues_that_keep_results_have_their_workers_store_them() {
+    let main = |q: &JobQueue| {
+        build(
+            &worker(),
+            Inputs {
+                queue: q,
+                worker_image: IMAGE,
+                default_nats_url: "nats://nats:4222",
+                replicas: 1,
+            },
+        )
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .containers[0]
+            .clone()
+    };
+    let mut q = queue();
+    assert!(!env_of(&main(&q)).contains_key(env::STORE_RESULTS));
+    q.spec.results = Some(serde_yaml::from_str("{retention: 1h}").unwrap());
+    assert_eq!(
+        env_of(&main(&q))[env::STORE_RESULTS].value.as_deref(),
+        Some("true")
+    );
+}
