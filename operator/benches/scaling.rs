@@ -5,8 +5,7 @@
 //! a real nats-server, the operator in-process. Run by `make bench` (after a release build of
 //! the binaries): `cargo bench -p conveyor-operator --bench scaling`.
 
-// The fixture is shared with the tests; this bench uses a part of it.
-#[allow(dead_code)]
+// The fixture of the worker tests.
 #[path = "../tests/worker_env/mod.rs"]
 mod worker_env;
 
@@ -15,8 +14,6 @@ use std::time::{Duration, Instant};
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
 use conveyor_testkit::wait_for;
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use worker_env::{Env, NS};
 
 const ROUNDS: usize = 5;
@@ -68,18 +65,8 @@ async fn run() {
     env.apply(WORKER).await;
     let queue = QueueRef::new(NS, "reaction");
     env.wait_stream(&queue.stream()).await;
-    let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
-    let replicas = || async {
-        deployments
-            .get_opt("reaction")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas)
-            .unwrap_or(-1)
-    };
+    let replicas = || async { env.deployment_replicas("reaction").await.unwrap_or(-1) };
     let client = Client::connect(&env.nats.url()).await.expect("NATS");
-    let js = env.jetstream().await;
     let (mut ups, mut downs) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         wait_for(Duration::from_secs(120), "an idle pool", || async {
@@ -101,11 +88,7 @@ async fn run() {
         .expect("the pool scales up");
         let up = first.elapsed();
         wait_for(Duration::from_secs(120), "an empty queue", || async {
-            let stream = js.get_stream(queue.stream()).await;
-            match stream {
-                Ok(mut s) => s.info().await.is_ok_and(|i| i.state.messages == 0),
-                Err(_) => false,
-            }
+            env.stream_messages(&queue.stream()).await == 0
         })
         .await
         .expect("every job done");

@@ -91,31 +91,67 @@ fn condition(q: &JobQueue, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// Both CRDs.
+const BOTH_CRDS: &[&str] = &["crds/jobqueues.yaml", "crds/workers.yaml"];
+
+/// The API server of the test double with `crds` and the namespace, a nats-server, and the
+/// operator in-process (its defaults but for a free HTTP port, then `tune`).
+struct Fixture {
+    cluster: DevCluster,
+    nats: NatsServer,
+    stop: CancellationToken,
+    operator: tokio::task::JoinHandle<Result<(), conveyor_operator::Error>>,
+}
+
+impl Fixture {
+    async fn start(crds: &[&str], tune: impl FnOnce(&mut Config)) -> Self {
+        let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+        for crd in crds {
+            kubectl(
+                &cluster,
+                &["apply", "-f", repo(crd).to_str().unwrap()],
+                None,
+            )
+            .await;
+        }
+        kubectl(&cluster, &["create", "namespace", NS], None).await;
+        let nats = NatsServer::start().await.unwrap();
+        let mut config = Config::with_nats_url(nats.url());
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        tune(&mut config);
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let operator = tokio::spawn(conveyor_operator::run_with_client(
+            config,
+            cluster.client(),
+            async move { stopped.cancelled().await },
+        ));
+        Self {
+            cluster,
+            nats,
+            stop,
+            operator,
+        }
+    }
+
+    /// Stops the operator (it must exit cleanly) and the API server.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(DEADLINE, self.operator)
+            .await
+            .expect("operator stops")
+            .unwrap()
+            .expect("operator exits cleanly");
+        self.cluster.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn a_thousand_failures_show_in_describe_with_a_handful_of_events() {
-    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
-    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
-        kubectl(
-            &cluster,
-            &["apply", "-f", repo(crd).to_str().unwrap()],
-            None,
-        )
-        .await;
-    }
-    kubectl(&cluster, &["create", "namespace", NS], None).await;
-    let nats = NatsServer::start().await.unwrap();
-    let mut config = Config::with_nats_url(nats.url());
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.resync = Duration::from_secs(1);
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let operator = tokio::spawn(conveyor_operator::run_with_client(
-        config,
-        cluster.client(),
-        async move { stopped.cancelled().await },
-    ));
+    let fx = Fixture::start(BOTH_CRDS, |c| c.resync = Duration::from_secs(1)).await;
+    let (cluster, nats) = (&fx.cluster, &fx.nats);
     kubectl(
-        &cluster,
+        cluster,
         &["apply", "-n", NS, "-f", "-"],
         Some(
             "apiVersion: conveyor.dev/v1alpha1
@@ -197,12 +233,7 @@ spec:
         failing.message
     );
 
-    let describe = kubectl(
-        &cluster,
-        &["describe", "-n", NS, "jobqueue", "thumbs"],
-        None,
-    )
-    .await;
+    let describe = kubectl(cluster, &["describe", "-n", NS, "jobqueue", "thumbs"], None).await;
     for expected in [
         "Backlogged",
         "DepthOverThreshold",
@@ -220,7 +251,7 @@ spec:
         );
     }
     println!("{describe}");
-    let table = kubectl(&cluster, &["get", "-n", NS, "jobqueues"], None).await;
+    let table = kubectl(cluster, &["get", "-n", NS, "jobqueues"], None).await;
     for expected in ["BACKLOGGED", "FAILING", "DEAD", "1000"] {
         assert!(table.contains(expected), "{expected} missing:\n{table}");
     }
@@ -271,13 +302,7 @@ spec:
         );
     }
 
-    stop.cancel();
-    tokio::time::timeout(DEADLINE, operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .expect("operator exits cleanly");
-    cluster.shutdown().await;
+    fx.shutdown().await;
 }
 
 /// Reasons and notes of the Events regarding the `thumbs` queue.
@@ -307,30 +332,16 @@ async fn messages(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
 
 #[tokio::test]
 async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_nothing() {
-    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
     // Only the JobQueue CRD: the Worker controller's store never becomes ready, which also
     // checks that the operator still stops (within its shutdown grace) at the end.
-    kubectl(
-        &cluster,
-        &["apply", "-f", repo("crds/jobqueues.yaml").to_str().unwrap()],
-        None,
-    )
+    let fx = Fixture::start(&["crds/jobqueues.yaml"], |c| {
+        c.resync = Duration::from_secs(1)
+    })
     .await;
-    kubectl(&cluster, &["create", "namespace", NS], None).await;
-    let nats = NatsServer::start().await.unwrap();
-    let mut config = Config::with_nats_url(nats.url());
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.resync = Duration::from_secs(1);
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let operator = tokio::spawn(conveyor_operator::run_with_client(
-        config,
-        cluster.client(),
-        async move { stopped.cancelled().await },
-    ));
+    let (cluster, nats) = (&fx.cluster, &fx.nats);
     let queue =
         "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: thumbs}\nspec: {}\n";
-    kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(queue)).await;
+    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_for(DEADLINE, "the queue Ready", || async {
         api.get("thumbs")
@@ -385,7 +396,7 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         "nothing was changed"
     );
     assert_eq!(messages(&js, "conveyor_team_thumbs").await, 0);
-    let events = queue_events(&cluster).await;
+    let events = queue_events(cluster).await;
     assert!(
         events.iter().any(|(r, n)| r == "InvalidDeadLetterRequest"
             && n.contains("\"everything\" is not `all`, `id=<job id>` or `error=<text>`")),
@@ -404,7 +415,7 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         1,
         "job-3 is queued again"
     );
-    let events = queue_events(&cluster).await;
+    let events = queue_events(cluster).await;
     assert!(
         events
             .iter()
@@ -425,7 +436,7 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         1,
         "purging leaves queued jobs alone"
     );
-    let events = queue_events(&cluster).await;
+    let events = queue_events(cluster).await;
     assert!(
         events
             .iter()
@@ -433,13 +444,7 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         "{events:?}"
     );
 
-    stop.cancel();
-    tokio::time::timeout(DEADLINE, operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .expect("operator exits cleanly");
-    cluster.shutdown().await;
+    fx.shutdown().await;
 }
 
 /// The API load one busy queue puts on the API server: 1,000 jobs/s through a queue for 20 s
@@ -448,29 +453,11 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
 /// request the API server serves in that window is the operator's.
 #[tokio::test]
 async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_requests() {
-    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
-    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
-        kubectl(
-            &cluster,
-            &["apply", "-f", repo(crd).to_str().unwrap()],
-            None,
-        )
-        .await;
-    }
-    kubectl(&cluster, &["create", "namespace", NS], None).await;
-    let nats = NatsServer::start().await.unwrap();
     // The operator's defaults, but for the HTTP port.
-    let mut config = Config::with_nats_url(nats.url());
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let operator = tokio::spawn(conveyor_operator::run_with_client(
-        config,
-        cluster.client(),
-        async move { stopped.cancelled().await },
-    ));
+    let fx = Fixture::start(BOTH_CRDS, |_| {}).await;
+    let (cluster, nats) = (&fx.cluster, &fx.nats);
     let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: busy}\nspec: {retry: {maxAttempts: 1}, alerts: {maxPending: 100000}}\n";
-    kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
+    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_for(DEADLINE, "the queue Ready", || async {
         api.get("busy")
@@ -558,11 +545,5 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
 
     worker_stop.cancel();
     worker.await.unwrap().unwrap();
-    stop.cancel();
-    tokio::time::timeout(DEADLINE, operator)
-        .await
-        .expect("operator stops")
-        .unwrap()
-        .expect("operator exits cleanly");
-    cluster.shutdown().await;
+    fx.shutdown().await;
 }

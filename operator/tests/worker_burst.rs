@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
 use conveyor_testkit::wait_for;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -51,15 +50,7 @@ async fn a_burst_scales_from_zero_to_max_and_back_to_zero() {
     env.apply(WORKER).await;
     let queue = QueueRef::new(NS, "burst");
     env.wait_stream(&queue.stream()).await;
-    let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
-    let replicas = || async {
-        deployments
-            .get_opt("burst")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|d| d.spec?.replicas)
-    };
+    let replicas = || env.deployment_replicas("burst");
     wait_for(Duration::from_secs(20), "the idle pool at zero", || async {
         replicas().await == Some(0)
     })
@@ -95,30 +86,16 @@ async fn a_burst_scales_from_zero_to_max_and_back_to_zero() {
         .await;
     assert!(reason.contains("max 8"), "{reason}");
 
-    let js = env.jetstream().await;
-    let messages = |stream: String| {
-        let js = js.clone();
-        async move {
-            js.get_stream(stream)
-                .await
-                .unwrap()
-                .info()
-                .await
-                .unwrap()
-                .state
-                .messages
-        }
-    };
     wait_for(
         Duration::from_secs(120),
         "every job acknowledged",
-        || async { messages(queue.stream()).await == 0 },
+        || async { env.stream_messages(&queue.stream()).await == 0 },
     )
     .await
     .unwrap();
     let drained = first.elapsed();
     assert_eq!(
-        messages(queue.dead_letter_stream()).await,
+        env.stream_messages(&queue.dead_letter_stream()).await,
         0,
         "nothing dead-lettered"
     );

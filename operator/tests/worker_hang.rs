@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job, JobResult};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
 use kube::api::ListParams;
 use worker_env::{Env, NS};
@@ -45,6 +45,16 @@ spec:
             timeoutSeconds: 1
             failureThreshold: 2
 "#;
+
+/// The status of the pod's container.
+fn container(pod: &Pod) -> &ContainerStatus {
+    &pod.status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+}
 
 async fn the_pod(env: &Env) -> Pod {
     let pods: Api<Pod> = Api::namespaced(env.cluster.client(), NS);
@@ -92,13 +102,7 @@ async fn a_worker_that_stops_heart_beating_is_replaced_and_its_job_runs_again() 
     .await
     .unwrap();
     let pod = the_pod(&env).await;
-    let status = &pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0];
+    let status = container(&pod);
     let pid = status
         .container_id
         .as_deref()
@@ -123,13 +127,7 @@ async fn a_worker_that_stops_heart_beating_is_replaced_and_its_job_runs_again() 
         other => panic!("expected the job to complete on its second attempt: {other:?}"),
     }
     let pod = the_pod(&env).await;
-    let status = &pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0];
+    let status = container(&pod);
     assert!(status.restart_count >= 1, "the container was replaced");
     let last = status
         .last_state

@@ -3,6 +3,10 @@
 //! CRDs, the namespace `team` and the operator in-process (`--resync 1s`). Needs
 //! `cargo build -p conveyor-worker --bins` first.
 
+// Shared by several test binaries (and the scaling bench), each of which uses a part of it;
+// the compiler checks each binary alone and would call the rest unused.
+#![allow(dead_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -156,6 +160,22 @@ impl Env {
         .await
         .unwrap();
         check(&api.get(name).await.unwrap()).unwrap()
+    }
+
+    /// The replicas the Deployment `name` asks for (`None` while it does not exist).
+    pub async fn deployment_replicas(&self, name: &str) -> Option<i32> {
+        let api: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(self.cluster.client(), NS);
+        api.get_opt(name).await.ok().flatten()?.spec?.replicas
+    }
+
+    /// Messages in `stream` now.
+    pub async fn stream_messages(&self, stream: &str) -> u64 {
+        let js = self.jetstream().await;
+        match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
+            Err(_) => 0,
+        }
     }
 
     /// Waits until the queue's streams exist (the JobQueue controller made them).

@@ -38,6 +38,23 @@ fn render(w: &Worker) -> Result<Deployment, BuildError> {
     )
 }
 
+/// The container that runs the runtime, rendered for `w` and `q`.
+fn main_container_for(w: &Worker, q: &JobQueue) -> Container {
+    let inputs = Inputs {
+        queue: q,
+        worker_image: IMAGE,
+        default_nats_url: "nats://nats:4222",
+        replicas: 2,
+    };
+    let d = build(w, inputs).unwrap();
+    d.spec.unwrap().template.spec.unwrap().containers[0].clone()
+}
+
+/// The container that runs the runtime, rendered for `w` and the test queue.
+fn main_container(w: &Worker) -> Container {
+    main_container_for(w, &queue())
+}
+
 fn env_of(c: &Container) -> BTreeMap<String, EnvVar> {
     c.env
         .clone()
@@ -272,38 +289,16 @@ fn drain_timeout_follows_the_grace_period() {
 
 #[test]
 fn recycle_max_jobs_reaches_the_runtime_only_when_set() {
-    let main = |w: &Worker| {
-        render(w)
-            .unwrap()
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-            .containers[0]
-            .clone()
-    };
-    assert!(!env_of(&main(&worker())).contains_key(env::MAX_JOBS));
+    assert!(!env_of(&main_container(&worker())).contains_key(env::MAX_JOBS));
     let mut w = worker();
     w.spec.recycle = Some(serde_yaml::from_str("{maxAge: 1h, maxJobs: 500}").unwrap());
-    let vars = env_of(&main(&w));
+    let vars = env_of(&main_container(&w));
     assert_eq!(vars[env::MAX_JOBS].value.as_deref(), Some("500"));
 }
 
 #[test]
 fn the_runtime_keeps_running_jobs_in_the_termination_message_file() {
-    let main = |w: &Worker| {
-        render(w)
-            .unwrap()
-            .spec
-            .unwrap()
-            .template
-            .spec
-            .unwrap()
-            .containers[0]
-            .clone()
-    };
-    let c = main(&worker());
+    let c = main_container(&worker());
     assert_eq!(
         c.termination_message_path.as_deref(),
         Some("/dev/termination-log")
@@ -315,7 +310,7 @@ fn the_runtime_keeps_running_jobs_in_the_termination_message_file() {
     let mut w = worker();
     w.spec.template.spec.as_mut().unwrap().containers[0].termination_message_path =
         Some("/tmp/last-words".into());
-    let c = main(&w);
+    let c = main_container(&w);
     assert_eq!(
         c.termination_message_path.as_deref(),
         Some("/tmp/last-words")
@@ -328,30 +323,13 @@ fn the_runtime_keeps_running_jobs_in_the_termination_message_file() {
 
 #[test]
 fn queues_that_keep_results_have_their_workers_store_them() {
-    let main = |q: &JobQueue| {
-        build(
-            &worker(),
-            Inputs {
-                queue: q,
-                worker_image: IMAGE,
-                default_nats_url: "nats://nats:4222",
-                replicas: 1,
-            },
-        )
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap()
-        .containers[0]
-            .clone()
-    };
     let mut q = queue();
-    assert!(!env_of(&main(&q)).contains_key(env::STORE_RESULTS));
+    assert!(!env_of(&main_container_for(&worker(), &q)).contains_key(env::STORE_RESULTS));
     q.spec.results = Some(serde_yaml::from_str("{retention: 1h}").unwrap());
     assert_eq!(
-        env_of(&main(&q))[env::STORE_RESULTS].value.as_deref(),
+        env_of(&main_container_for(&worker(), &q))[env::STORE_RESULTS]
+            .value
+            .as_deref(),
         Some("true")
     );
 }
