@@ -91,6 +91,20 @@ fn condition(q: &JobQueue, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// Waits until the JobQueue `name` is `Ready`.
+async fn wait_ready(api: &Api<JobQueue>, name: &str) {
+    wait_for(DEADLINE, "the queue Ready", || async {
+        api.get(name)
+            .await
+            .ok()
+            .and_then(|q| condition(&q, "Ready"))
+            .map(|c| c.0)
+            == Some("True".into())
+    })
+    .await
+    .unwrap();
+}
+
 /// Both CRDs.
 const BOTH_CRDS: &[&str] = &["crds/jobqueues.yaml", "crds/workers.yaml"];
 
@@ -343,16 +357,7 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
         "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: thumbs}\nspec: {}\n";
     kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
-    wait_for(DEADLINE, "the queue Ready", || async {
-        api.get("thumbs")
-            .await
-            .ok()
-            .and_then(|q| condition(&q, "Ready"))
-            .map(|c| c.0)
-            == Some("True".into())
-    })
-    .await
-    .unwrap();
+    wait_ready(&api, "thumbs").await;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     dead_letters(&js, 0, 5).await;
 
@@ -459,16 +464,7 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
     let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: busy}\nspec: {retry: {maxAttempts: 1}, alerts: {maxPending: 100000}}\n";
     kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
-    wait_for(DEADLINE, "the queue Ready", || async {
-        api.get("busy")
-            .await
-            .ok()
-            .and_then(|q| condition(&q, "Ready"))
-            .map(|c| c.0)
-            == Some("True".into())
-    })
-    .await
-    .unwrap();
+    wait_ready(&api, "busy").await;
 
     let queue = conveyor::names::QueueRef::new(NS, "busy");
     let client = conveyor::Client::connect(&nats.url()).await.unwrap();
