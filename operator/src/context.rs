@@ -137,4 +137,12 @@ impl Context {
             _ => samples.insert(key, sample),
         }
     }
+
+    /// Drops what is remembered of a queue that is being deleted (its rate samples).
+    pub fn forget_queue(&self, key: &str) {
+        self.samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
 }
