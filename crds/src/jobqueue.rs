@@ -133,6 +133,14 @@ pub struct JobQueueSpec {
     #[schemars(range(min = 1))]
     pub concurrency_limit: Option<i32>,
 
+    /// Most jobs started per second across every worker of this queue (e.g. an API's quota);
+    /// unlimited when absent. The operator issues tokens at this rate into a per-queue stream
+    /// and each worker takes one per job it starts, so the limit holds however many pods run;
+    /// up to one second's worth of tokens saved while the queue was idle may be used at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub rate_limit: Option<i32>,
+
     /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
     /// `Client::result`) instead of having to wait for it. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -71,6 +71,7 @@ pub fn settings(spec: &JobQueueSpec) -> Result<QueueSettings, SpecError> {
         max_age: spec.max_age()?,
         concurrency_limit: spec.concurrency_limit.map(i64::from),
         result_retention: spec.result_retention()?,
+        rate_limit: spec.rate_limit.and_then(|r| u32::try_from(r).ok()),
         ..QueueSettings::default()
     };
     settings.validate()?;
@@ -83,13 +84,16 @@ pub fn desired(queue: &QueueRef, spec: &JobQueueSpec) -> Result<QueueAssets, Spe
     Ok(QueueAssets {
         queue: queue.clone(),
         stream: admin::stream_config(queue, &settings),
-        companions: vec![
+        companions: [
             admin::delayed_stream_config(queue, &settings),
             admin::cancel_stream_config(queue, &settings),
             admin::dead_letter_stream_config(queue, &settings),
             admin::events_stream_config(queue, &settings),
             admin::results_stream_config(queue, &settings),
-        ],
+        ]
+        .into_iter()
+        .chain(admin::tokens_stream_config(queue, &settings))
+        .collect(),
         consumers: (0..settings.priorities)
             .map(|level| admin::consumer_config(queue, level, &settings))
             .collect(),
@@ -294,6 +298,7 @@ pub async fn delete(js: &jetstream::Context, queue: &QueueRef) -> Result<(), Ass
         queue.dead_letter_stream(),
         queue.events_stream(),
         queue.results_stream(),
+        queue.tokens_stream(),
     ] {
         match js.delete_stream(&name).await {
             Ok(_) => tracing::info!(stream = %name, "deleted stream"),

@@ -13,6 +13,7 @@ pub mod jobqueue;
 pub mod leader;
 pub mod metrics;
 pub mod nats;
+pub mod ratelimit;
 pub mod scaler;
 pub mod worker;
 
@@ -162,6 +163,7 @@ fn default_identity() -> String {
 async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
     let queues = jobqueue::controller(&ctx);
     let queue_store = queues.store();
+    let limited_queues = queues.store();
     let workers = worker::controller(&ctx);
     let worker_store = workers.store();
     let on = |token: &CancellationToken| {
@@ -174,6 +176,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
             worker::run(workers, ctx.clone(), on(&stop)),
             scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
             dispatcher::run(ctx.clone(), stop.clone()),
+            ratelimit::run(ctx.clone(), limited_queues, stop.clone()),
         )
     };
     // A controller's graceful shutdown waits for its running reconciles, and for a store that

@@ -543,3 +543,84 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
     worker.await.unwrap().unwrap();
     fx.shutdown().await;
 }
+
+/// `spec.rateLimit`: the operator makes the tokens stream and issues tokens at the rate; two
+/// rate-limited workers with 32 free slots between them start jobs no faster than that.
+#[tokio::test]
+async fn a_rate_limited_queue_gets_tokens_from_the_operator() {
+    const RATE: usize = 20;
+    const JOBS: usize = 80;
+    let fx = Fixture::start(BOTH_CRDS, |c| c.resync = Duration::from_secs(1)).await;
+    let (cluster, nats) = (&fx.cluster, &fx.nats);
+    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: quota}\nspec: {rateLimit: 20}\n";
+    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+    wait_ready(&api, "quota").await;
+    let queue = conveyor::names::QueueRef::new(NS, "quota");
+    let client = conveyor::Client::connect(&nats.url()).await.unwrap();
+    assert!(
+        client
+            .jetstream()
+            .get_stream(queue.tokens_stream())
+            .await
+            .is_ok()
+    );
+    let results = client
+        .submit_batch(
+            &queue,
+            (0..JOBS).map(|i| conveyor::Job::new(format!("q{i}"), "x")),
+        )
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    let starts = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stops: Vec<CancellationToken> = (0..2)
+        .map(|_| {
+            let stop = CancellationToken::new();
+            let token = stop.clone();
+            let starts = starts.clone();
+            let options = conveyor::worker::WorkerOptions {
+                concurrency: 16,
+                rate_limited: true,
+                poll_wait: Duration::from_millis(500),
+                ..Default::default()
+            };
+            let worker = conveyor::Worker::new(client.jetstream().clone(), queue.clone())
+                .options(options)
+                .handler(move |job: conveyor::ReceivedJob| {
+                    let starts = starts.clone();
+                    async move {
+                        starts.lock().unwrap().push(std::time::Instant::now());
+                        conveyor::Outcome::Done(job.payload)
+                    }
+                });
+            tokio::spawn(async move { worker.run(async move { token.cancelled().await }).await });
+            stop
+        })
+        .collect();
+    wait_for(DEADLINE, "every job started", || async {
+        starts.lock().unwrap().len() >= JOBS
+    })
+    .await
+    .unwrap();
+    for stop in stops {
+        stop.cancel();
+    }
+    let mut starts = starts.lock().unwrap().clone();
+    starts.sort();
+    let spread = starts[JOBS - 1] - starts[0];
+    // At most one second's worth saved up front, then 20/s: 80 jobs take at least ~3 s.
+    assert!(spread >= Duration::from_secs(2), "{spread:?}");
+    let second = Duration::from_secs(1);
+    let busiest = starts
+        .iter()
+        .map(|&t| starts.iter().filter(|&&u| u >= t && u < t + second).count())
+        .max()
+        .unwrap_or(0);
+    // The saved second plus one second of issuing, and a tick of slack.
+    assert!(
+        busiest <= 2 * RATE + RATE / 4,
+        "{busiest} started within a second"
+    );
+    println!("{JOBS} jobs at rateLimit {RATE}/s over {spread:?}, at most {busiest} in any second");
+    fx.shutdown().await;
+}

@@ -56,6 +56,9 @@ pub struct QueueSettings {
     /// only when told to, `WorkerOptions::store_results`); [`DEFAULT_RESULT_RETENTION`] when
     /// `None`.
     pub result_retention: Option<Duration>,
+    /// Most jobs started per second across all workers: the queue gets a tokens stream
+    /// ([`tokens_stream_config`]) that holds at most one second of tokens.
+    pub rate_limit: Option<u32>,
 }
 
 impl Default for QueueSettings {
@@ -75,6 +78,7 @@ impl Default for QueueSettings {
             dead_letter_max_age: None,
             dead_letter_max_bytes: None,
             result_retention: None,
+            rate_limit: None,
         }
     }
 }
@@ -250,6 +254,26 @@ pub fn results_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stre
     }
 }
 
+/// The rate-limit tokens stream of a queue with a `rate_limit`: work-queue retention (a token
+/// taken is gone), at most one second's worth of tokens (the burst), oldest dropped when full.
+pub fn tokens_stream_config(queue: &QueueRef, settings: &QueueSettings) -> Option<stream::Config> {
+    let rate = settings.rate_limit?;
+    Some(stream::Config {
+        name: queue.tokens_stream(),
+        description: Some(format!(
+            "Conveyor rate-limit tokens of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![queue.tokens_subject()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::Memory,
+        num_replicas: settings.replicas,
+        max_messages: i64::from(rate.max(1)),
+        ..Default::default()
+    })
+}
+
 /// The dead-letter stream: limits retention, oldest dropped when full.
 pub fn dead_letter_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
     stream::Config {
@@ -326,7 +350,10 @@ pub async fn ensure_queue(
         dead_letter_stream_config(queue, settings),
         events_stream_config(queue, settings),
         results_stream_config(queue, settings),
-    ] {
+    ]
+    .into_iter()
+    .chain(tokens_stream_config(queue, settings))
+    {
         let name = config.name.clone();
         jetstream
             .create_or_update_stream(config)

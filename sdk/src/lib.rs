@@ -10,6 +10,7 @@ pub mod client;
 pub mod dlq;
 pub mod names;
 pub mod protocol;
+pub mod rate;
 pub mod worker;
 
 pub use client::{

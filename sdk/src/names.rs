@@ -111,6 +111,22 @@ impl QueueRef {
         format!("{}.results.*", self.subject_prefix())
     }
 
+    /// The rate-limit tokens stream: `conveyor_<namespace>_<queue>_tokens`, for queues with a
+    /// `rateLimit`. The operator adds tokens at the rate; a worker takes one per job it starts.
+    pub fn tokens_stream(&self) -> String {
+        format!("{}_tokens", self.stream())
+    }
+
+    /// Subject of the rate-limit tokens: `<prefix>.tokens`.
+    pub fn tokens_subject(&self) -> String {
+        format!("{}.tokens", self.subject_prefix())
+    }
+
+    /// Durable pull consumer all workers take tokens from: `rate`.
+    pub fn tokens_consumer(&self) -> &'static str {
+        "rate"
+    }
+
     /// Durable pull consumer that workers share for one priority level: `workers-p<level>`.
     pub fn consumer(&self, priority: u8) -> String {
         format!("workers-p{priority}")
@@ -180,6 +196,8 @@ pub mod env {
     pub const MAX_JOBS: &str = "CONVEYOR_MAX_JOBS";
     /// Log format of the runtime: `text` or `json`.
     pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";
+    /// `true`: the runtime takes a rate-limit token per job it starts (queues with `rateLimit`).
+    pub const RATE_LIMITED: &str = "CONVEYOR_RATE_LIMITED";
     /// `true`: the runtime stores each finished job's outcome in the queue's results stream.
     pub const STORE_RESULTS: &str = "CONVEYOR_STORE_RESULTS";
     /// File the runtime keeps the ids of its running jobs in (the container's termination

@@ -217,6 +217,9 @@ pub struct WorkerOptions {
     /// Store each finished job's outcome in the queue's results stream (for queues with
     /// `results.retention`), so producers can fetch it later (`Client::result`).
     pub store_results: bool,
+    /// Take a token from the queue's rate-limit tokens stream for every job started (queues
+    /// with a `rateLimit`; see [`crate::rate`]).
+    pub rate_limited: bool,
 }
 
 impl Default for WorkerOptions {
@@ -232,6 +235,7 @@ impl Default for WorkerOptions {
             max_jobs: None,
             cancel_grace: Duration::from_secs(5),
             store_results: false,
+            rate_limited: false,
         }
     }
 }
@@ -558,6 +562,19 @@ async fn fetch_loop<H: Handler, O: Observer>(
     let mut wake: Option<async_nats::Subscriber> = None;
     let mut round: u64 = 0;
     let mut error_delay = Duration::from_millis(100);
+    let tokens = if shared.options.rate_limited {
+        loop {
+            match crate::rate::Tokens::bind(&shared.jetstream, &shared.queue).await {
+                Ok(tokens) => break Some(tokens),
+                Err(error) => pause_after_error(error, &mut error_delay, stop).await,
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    } else {
+        None
+    };
     while let Some(mut permits) = free_slots(&slots, stop).await {
         if let Some(max_jobs) = shared.options.max_jobs {
             let remaining = max_jobs.saturating_sub(shared.started.load(Ordering::Relaxed));
@@ -566,6 +583,24 @@ async fn fetch_loop<H: Handler, O: Observer>(
                 return;
             }
             permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+        }
+        if let Some(tokens) = &tokens {
+            // One token per job started: never more slots than tokens.
+            let taken = tokio::select! {
+                taken = tokens.take(permits.len(), shared.options.poll_wait) => taken,
+                () = stop.cancelled() => return,
+            };
+            match taken {
+                Ok(0) => {
+                    shared.observer.pulled();
+                    continue;
+                }
+                Ok(granted) => permits.truncate(granted),
+                Err(error) => {
+                    pause_after_error(error, &mut error_delay, stop).await;
+                    continue;
+                }
+            }
         }
         if consumers.len() == 1 {
             // One level: a long-poll pull for exactly the free slots; jobs start as they arrive.

@@ -716,3 +716,77 @@ async fn outcomes_are_kept_for_the_result_retention_and_then_forgotten() -> anyh
     stop.cancel();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rate_limit_holds_across_workers() -> anyhow::Result<()> {
+    const RATE: u32 = 20;
+    const JOBS: usize = 100;
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        rate_limit: Some(RATE),
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let results = client
+        .submit_batch(&queue, (0..JOBS).map(|i| Job::new(format!("r{i}"), "x")))
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    let issuing = CancellationToken::new();
+    let issuer = tokio::spawn(conveyor::rate::issue(
+        client.jetstream().client(),
+        queue.clone(),
+        RATE,
+        issuing.clone(),
+    ));
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    // Two workers with 16 free slots: without the limit they would run everything at once.
+    let stops: Vec<CancellationToken> = (0..2)
+        .map(|_| {
+            let starts = starts.clone();
+            let options = WorkerOptions {
+                concurrency: 8,
+                rate_limited: true,
+                ..fast_options()
+            };
+            spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+                let starts = starts.clone();
+                async move {
+                    starts.lock().unwrap().push(Instant::now());
+                    Outcome::Done(job.payload)
+                }
+            })
+        })
+        .collect();
+    wait_for(WAIT, "every job started", || async {
+        starts.lock().unwrap().len() >= JOBS
+    })
+    .await?;
+    for stop in stops {
+        stop.cancel();
+    }
+    issuing.cancel();
+    issuer.await?;
+    let mut starts = starts.lock().unwrap().clone();
+    starts.sort();
+    let spread = starts[JOBS - 1] - starts[0];
+    // The tokens stream starts empty, so 100 jobs at 20/s take about 5 s.
+    assert!(spread >= Duration::from_secs(4), "{spread:?}");
+    // In any one second about the rate: a one-second window can span eleven 100 ms issues, and
+    // a late tick catches up; without the limit all 100 would start at once.
+    let busiest = starts
+        .iter()
+        .map(|&t| {
+            starts
+                .iter()
+                .filter(|&&u| u >= t && u < t + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        busiest <= RATE as usize + 2,
+        "{busiest} jobs started within a second"
+    );
+    println!("{JOBS} jobs at {RATE}/s over {spread:?}, at most {busiest} in any second");
+    Ok(())
+}

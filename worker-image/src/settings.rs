@@ -123,6 +123,10 @@ pub struct RunArgs {
     /// for queues with `results.retention`).
     #[arg(long, env = env::STORE_RESULTS)]
     pub store_results: bool,
+    /// Take a token from the queue's rate-limit stream for every job started (set by the
+    /// operator for queues with a `rateLimit`).
+    #[arg(long, env = env::RATE_LIMITED)]
+    pub rate_limited: bool,
     /// The handler command and its arguments (after `--`); required for `exec` and `jsonl`.
     #[arg(last = true)]
     pub command: Vec<String>,
@@ -147,6 +151,7 @@ impl RunArgs {
             max_jobs: self.max_jobs,
             cancel_grace: self.cancel_grace,
             store_results: self.store_results,
+            rate_limited: self.rate_limited,
         }
     }
 }

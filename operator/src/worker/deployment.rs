@@ -241,6 +241,9 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
     if queue.spec.results.is_some() {
         vars.push(value(env::STORE_RESULTS, "true".into()));
     }
+    if queue.spec.rate_limit.is_some() {
+        vars.push(value(env::RATE_LIMITED, "true".into()));
+    }
     if let Some(max_jobs) = spec.recycle.as_ref().and_then(|r| r.max_jobs) {
         vars.push(value(env::MAX_JOBS, max_jobs.to_string()));
     }

@@ -332,4 +332,12 @@ fn queues_that_keep_results_have_their_workers_store_them() {
             .as_deref(),
         Some("true")
     );
+    assert!(!env_of(&main_container_for(&worker(), &q)).contains_key(env::RATE_LIMITED));
+    q.spec.rate_limit = Some(50);
+    assert_eq!(
+        env_of(&main_container_for(&worker(), &q))[env::RATE_LIMITED]
+            .value
+            .as_deref(),
+        Some("true")
+    );
 }
