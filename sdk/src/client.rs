@@ -90,7 +90,11 @@ impl Job {
     pub fn wire_headers(&self) -> HeaderMap {
         let mut headers = self.headers.clone();
         headers.insert(protocol::MSG_ID, self.id.as_str());
-        headers.insert(protocol::PRIORITY, self.priority.to_string().as_str());
+        // Informational only (the subject decides the level): left out for the default level,
+        // so the common job carries one header less.
+        if self.priority > 0 {
+            headers.insert(protocol::PRIORITY, self.priority.to_string().as_str());
+        }
         self.options.write(&mut headers);
         headers
     }
