@@ -545,6 +545,30 @@ for line in sys.stdin:
     Ok(())
 }
 
+#[tokio::test]
+async fn exec_progress_lines_on_stderr_reach_the_awaiting_producer() -> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let script = "echo 'conveyor:progress {\"done\":1}' >&2; echo 'a log line' >&2; \
+                  echo 'conveyor:progress {\"done\":2}' >&2; cat";
+    let _worker = s.worker("exec", &[], &["sh", "-c", script])?;
+    let mut updates = Vec::new();
+    let result = s
+        .client
+        .submit_and_watch(&s.queue, Job::new("report", "done"), WAIT, |update| {
+            updates.push(String::from_utf8_lossy(&update).into_owned());
+        })
+        .await?;
+    assert_eq!(updates, [r#"{"done":1}"#, r#"{"done":2}"#]);
+    assert_eq!(
+        result,
+        conveyor::JobResult::Completed {
+            id: "report".into(),
+            result: "done".into()
+        }
+    );
+    Ok(())
+}
+
 #[test]
 fn install_copies_the_runtime_into_a_directory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

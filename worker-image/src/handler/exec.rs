@@ -1,16 +1,21 @@
 //! `exec` mode: one process per job. The payload is the process's stdin, stdout is the result,
 //! and the exit code decides: 0 success, 75 (`EX_TEMPFAIL`) retry later, 65 (`EX_DATAERR`)
-//! permanent failure, anything else (or a signal) a failed attempt. A cancelled job's process
-//! gets SIGTERM at once; the runtime kills it when the cancel grace passes.
+//! permanent failure, anything else (or a signal) a failed attempt. A stderr line starting
+//! with [`PROGRESS_PREFIX`] reports progress to a producer awaiting the job. A cancelled job's
+//! process gets SIGTERM at once; the runtime kills it when the cancel grace passes.
 
 use std::process::Stdio;
 
 use conveyor::names::handler_env;
 use conveyor::protocol::exit_code;
 use conveyor::worker::{Outcome, ReceivedJob};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tracing::debug;
+
+/// A line on the handler's stderr that starts with this reports progress (the rest of the
+/// line), instead of being kept for the error message.
+pub const PROGRESS_PREFIX: &str = "conveyor:progress ";
 
 /// Runs a program once per job.
 #[derive(Debug, Clone)]
@@ -53,12 +58,38 @@ impl ExecHandler {
                 let _ = stdin.write_all(&payload).await;
             }
         };
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let collect_stdout = async move {
+            let mut out = Vec::new();
+            if let Some(mut stdout) = stdout {
+                let _ = stdout.read_to_end(&mut out).await;
+            }
+            out
+        };
+        let progress = job.progress.clone();
+        let collect_stderr = async move {
+            let mut kept = Vec::new();
+            if let Some(stderr) = stderr {
+                let mut lines = BufReader::new(stderr).split(b'\n');
+                while let Ok(Some(line)) = lines.next_segment().await {
+                    match line.strip_prefix(PROGRESS_PREFIX.as_bytes()) {
+                        Some(update) => progress.report(update.to_vec()).await,
+                        None => {
+                            kept.extend_from_slice(&line);
+                            kept.push(b'\n');
+                        }
+                    }
+                }
+            }
+            kept
+        };
         let cancel = job.cancel.clone();
         let wait = async move {
-            let wait = child.wait_with_output();
+            let wait = child.wait();
             tokio::pin!(wait);
             tokio::select! {
-                output = &mut wait => output,
+                status = &mut wait => status,
                 () = cancel.cancelled() => {
                     // Still running (not reaped), so the pid is still this process's.
                     terminate(pid);
@@ -66,9 +97,13 @@ impl ExecHandler {
                 }
             }
         };
-        let (_, output) = tokio::join!(feed, wait);
-        let output = match output {
-            Ok(output) => output,
+        let (_, status, stdout, stderr) = tokio::join!(feed, wait, collect_stdout, collect_stderr);
+        let output = match status {
+            Ok(status) => std::process::Output {
+                status,
+                stdout,
+                stderr,
+            },
             Err(error) => return Outcome::Failed(format!("waiting for the handler: {error}")),
         };
         debug!(job = %job.id, status = %output.status, "handler process exited");
