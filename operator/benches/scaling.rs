@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
 use conveyor_testkit::wait_for;
-use worker_env::{Env, NS};
+use worker_env::{Env, NS, noop_autoscaled_worker};
 
 const ROUNDS: usize = 5;
 const JOBS: usize = 500;
@@ -24,23 +24,6 @@ kind: JobQueue
 metadata: {name: reaction}
 spec: {}
 ";
-
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: reaction}
-spec:
-  queue: reaction
-  concurrency: 16
-  handler:
-    mode: jsonl
-    command: ["python3", "-u", "-c", "import sys, json; [print(json.dumps({'id': json.loads(l)['id'], 'status': 'ok'}), flush=True) for l in sys.stdin]"]
-  scaling: {minReplicas: 0, maxReplicas: 4}
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
 
 /// KEDA's defaults: the scaler is polled every 30 s (`pollingInterval`) and activates a
 /// deployment from zero on that poll; on average a burst waits half an interval.
@@ -62,7 +45,11 @@ async fn run() {
     // The operator's default scaler interval, not the tests' faster one.
     let env = Env::start_with(|config| config.scaler_interval = Duration::from_secs(1)).await;
     env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&noop_autoscaled_worker(
+        "reaction",
+        "{minReplicas: 0, maxReplicas: 4}",
+    ))
+    .await;
     let queue = QueueRef::new(NS, "reaction");
     env.wait_stream(&queue.stream()).await;
     let replicas = || async { env.deployment_replicas("reaction").await.unwrap_or(-1) };

@@ -104,23 +104,24 @@ impl Context {
             .remove(key);
     }
 
-    /// Whether a one-off request `key` was already carried out at `version` (the object's
-    /// `resourceVersion`). A reconcile can see an object from the cache that predates the
-    /// operator's own removal of the request; this keeps such a request from running twice.
-    pub fn handled(&self, key: &str, version: &str) -> bool {
+    /// Whether the one-off `request` on the object `uid` was already carried out at `version`
+    /// (the object's `resourceVersion`). A reconcile can see an object from the cache that
+    /// predates the operator's own removal of the request; this keeps such a request from
+    /// running twice.
+    pub fn handled(&self, uid: &str, request: &str, version: &str) -> bool {
         self.handled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
+            .get(&request_key(uid, request))
             .is_some_and(|v| v == version)
     }
 
-    /// Records that request `key` was carried out at `version`.
-    pub fn mark_handled(&self, key: String, version: String) {
+    /// Records that `request` on the object `uid` was carried out at `version`.
+    pub fn mark_handled(&self, uid: &str, request: &str, version: String) {
         self.handled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, version);
+            .insert(request_key(uid, request), version);
     }
 
     /// Keeps `sample` of a queue's counters as its latest and returns the one it replaces, for
@@ -138,11 +139,22 @@ impl Context {
         }
     }
 
-    /// Drops what is remembered of a queue that is being deleted (its rate samples).
-    pub fn forget_queue(&self, key: &str) {
+    /// Drops what is remembered of a queue that is being deleted: its rate samples (`key`) and
+    /// its handled one-off requests (keys starting with `<uid>/`).
+    pub fn forget_queue(&self, key: &str, uid: &str) {
         self.samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
+        let prefix = request_key(uid, "");
+        self.handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|k, _| !k.starts_with(&prefix));
     }
+}
+
+/// Key of a one-off request on an object: `<uid>/<request>`.
+fn request_key(uid: &str, request: &str) -> String {
+    format!("{uid}/{request}")
 }

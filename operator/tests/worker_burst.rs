@@ -14,7 +14,7 @@ use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use worker_env::{Env, NS};
+use worker_env::{Env, NS, noop_autoscaled_worker};
 
 const JOBS: usize = 5_000;
 
@@ -25,29 +25,15 @@ spec:
   timeout: 60s
 ";
 
-// A JSON-lines handler that answers `ok` to every job.
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: burst}
-spec:
-  queue: burst
-  concurrency: 16
-  handler:
-    mode: jsonl
-    command: ["python3", "-u", "-c", "import sys, json; [print(json.dumps({'id': json.loads(l)['id'], 'status': 'ok'}), flush=True) for l in sys.stdin]"]
-  scaling: {minReplicas: 0, maxReplicas: 8, targetBacklogPerReplica: 100, scaleDownDelay: 3s}
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
-
 #[tokio::test]
 async fn a_burst_scales_from_zero_to_max_and_back_to_zero() {
     let env = Env::start().await;
     env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&noop_autoscaled_worker(
+        "burst",
+        "{minReplicas: 0, maxReplicas: 8, targetBacklogPerReplica: 100, scaleDownDelay: 3s}",
+    ))
+    .await;
     let queue = QueueRef::new(NS, "burst");
     env.wait_stream(&queue.stream()).await;
     let replicas = || env.deployment_replicas("burst");

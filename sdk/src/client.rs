@@ -441,14 +441,15 @@ impl Client {
     /// is none (the job has not finished, finished longer ago than the retention, or the queue
     /// keeps no results).
     pub async fn result(&self, queue: &QueueRef, id: &str) -> Result<Option<JobResult>, WaitError> {
+        let failed = |problem: String| WaitError::Results {
+            stream: queue.results_stream(),
+            problem,
+        };
         let stream = self
             .jetstream
             .get_stream(queue.results_stream())
             .await
-            .map_err(|e| WaitError::Results {
-                stream: queue.results_stream(),
-                problem: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?;
         match stream
             .get_last_raw_message_by_subject(&queue.result_subject(id))
             .await
@@ -459,10 +460,7 @@ impl Client {
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
                 Ok(None)
             }
-            Err(e) => Err(WaitError::Results {
-                stream: queue.results_stream(),
-                problem: e.to_string(),
-            }),
+            Err(e) => Err(failed(e.to_string())),
         }
     }
 

@@ -66,6 +66,18 @@ impl Setup {
         Ok(cmd.spawn()?)
     }
 
+    /// Submits `job` and awaits it, collecting the progress reports (as text) and the outcome.
+    async fn watch(&self, job: Job) -> anyhow::Result<(Vec<String>, conveyor::JobResult)> {
+        let mut updates = Vec::new();
+        let result = self
+            .client
+            .submit_and_watch(&self.queue, job, WAIT, |update| {
+                updates.push(String::from_utf8_lossy(&update).into_owned());
+            })
+            .await?;
+        Ok((updates, result))
+    }
+
     fn files(&self, prefix: &str) -> Vec<String> {
         files(self.out.path(), prefix)
     }
@@ -518,13 +530,7 @@ for line in sys.stdin:
     print(json.dumps({"id": req["id"], "status": "ok", "result": "resized"}), flush=True)
 "#;
     let _worker = s.worker("jsonl", &[], &["python3", "-u", "-c", script])?;
-    let mut updates = Vec::new();
-    let result = s
-        .client
-        .submit_and_watch(&s.queue, Job::new("resize-1", "x"), WAIT, |update| {
-            updates.push(String::from_utf8_lossy(&update).into_owned());
-        })
-        .await?;
+    let (updates, result) = s.watch(Job::new("resize-1", "x")).await?;
     assert_eq!(
         updates,
         [r#"{"done":25}"#, r#"{"done":50}"#, r#"{"done":75}"#]
@@ -551,13 +557,7 @@ async fn exec_progress_lines_on_stderr_reach_the_awaiting_producer() -> anyhow::
     let script = "echo 'conveyor:progress {\"done\":1}' >&2; echo 'a log line' >&2; \
                   echo 'conveyor:progress {\"done\":2}' >&2; cat";
     let _worker = s.worker("exec", &[], &["sh", "-c", script])?;
-    let mut updates = Vec::new();
-    let result = s
-        .client
-        .submit_and_watch(&s.queue, Job::new("report", "done"), WAIT, |update| {
-            updates.push(String::from_utf8_lossy(&update).into_owned());
-        })
-        .await?;
+    let (updates, result) = s.watch(Job::new("report", "done")).await?;
     assert_eq!(updates, [r#"{"done":1}"#, r#"{"done":2}"#]);
     assert_eq!(
         result,

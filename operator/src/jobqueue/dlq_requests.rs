@@ -98,9 +98,9 @@ pub async fn handle(
         let Some(value) = jq.annotations().get(annotation) else {
             continue;
         };
-        let key = format!("{}/{annotation}", jq.uid().unwrap_or_default());
+        let uid = jq.uid().unwrap_or_default();
         let version = jq.resource_version().unwrap_or_default();
-        if ctx.handled(&key, &version) {
+        if ctx.handled(&uid, annotation, &version) {
             continue;
         }
         let record = |outcome: &str, jobs: usize, message: String| DeadLetterRequest {
@@ -150,7 +150,7 @@ pub async fn handle(
                 }
             }
         };
-        ctx.mark_handled(key, version);
+        ctx.mark_handled(&uid, annotation, version);
         let patch = serde_json::json!({ "metadata": { "annotations": { annotation: null } } });
         if let Err(err) = api
             .patch(

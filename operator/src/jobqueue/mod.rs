@@ -286,7 +286,7 @@ async fn write_status(
 /// under `Retain`.
 async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
     let queue = queue_ref(jq);
-    ctx.forget_queue(&key(jq));
+    ctx.forget_queue(&key(jq), &jq.uid().unwrap_or_default());
     if jq.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(stream = %queue.stream(), "queue deleted, streams retained");
         return Ok(Action::await_change());

@@ -23,6 +23,29 @@ pub const NS: &str = "team";
 /// The runtime image the operator injects.
 const WORKER_IMAGE: &str = "ghcr.io/conveyor-dev/conveyor-worker";
 
+/// A Worker `name` on the queue `name`, 16 jobs per pod, whose JSON-lines handler answers
+/// `ok` at once to every job, autoscaled with `scaling` (a flow mapping).
+pub fn noop_autoscaled_worker(name: &str, scaling: &str) -> String {
+    format!(
+        r#"apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {{name: {name}}}
+spec:
+  queue: {name}
+  concurrency: 16
+  handler:
+    mode: jsonl
+    command: ["python3", "-u", "-c", "import sys, json; [print(json.dumps({{'id': json.loads(l)['id'], 'status': 'ok'}}), flush=True) for l in sys.stdin]"]
+  scaling: {scaling}
+  template:
+    spec:
+      containers:
+        - name: handler
+          image: ghcr.io/conveyor-dev/handler
+"#
+    )
+}
+
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }

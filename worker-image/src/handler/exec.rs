@@ -98,27 +98,20 @@ impl ExecHandler {
             }
         };
         let (_, status, stdout, stderr) = tokio::join!(feed, wait, collect_stdout, collect_stderr);
-        let output = match status {
-            Ok(status) => std::process::Output {
-                status,
-                stdout,
-                stderr,
-            },
+        let status = match status {
+            Ok(status) => status,
             Err(error) => return Outcome::Failed(format!("waiting for the handler: {error}")),
         };
-        debug!(job = %job.id, status = %output.status, "handler process exited");
-        let stderr = super::excerpt(&output.stderr, 512);
-        match output.status.code() {
-            Some(exit_code::SUCCESS) => Outcome::Done(output.stdout.into()),
+        debug!(job = %job.id, %status, "handler process exited");
+        let stderr = super::excerpt(&stderr, 512);
+        match status.code() {
+            Some(exit_code::SUCCESS) => Outcome::Done(stdout.into()),
             Some(exit_code::RETRY) => Outcome::Retry { after: None },
             Some(exit_code::PERMANENT) => {
                 Outcome::Permanent(format!("handler exited with 65 (permanent): {stderr}"))
             }
             Some(code) => Outcome::Failed(format!("handler exited with {code}: {stderr}")),
-            None => Outcome::Failed(format!(
-                "handler killed by a signal ({}): {stderr}",
-                output.status
-            )),
+            None => Outcome::Failed(format!("handler killed by a signal ({status}): {stderr}")),
         }
     }
 }
