@@ -233,6 +233,10 @@ pub struct BenchArgs {
     /// Rounds of each measurement; the report gives medians.
     #[arg(long, env = "CONVEYOR_BENCH_ROUNDS", default_value_t = 3)]
     pub rounds: usize,
+    /// Also measure each side's producer and consumer apart (publish into an empty stream;
+    /// consume a full one), to tell where a gap in throughput comes from.
+    #[arg(long)]
+    pub breakdown: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

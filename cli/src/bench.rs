@@ -64,7 +64,21 @@ struct Report {
     conveyor_p50_ms: f64,
     conveyor_p99_ms: f64,
     p99_ratio: f64,
+    /// Medians of the breakdown (`--breakdown`), jobs per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breakdown: Option<BreakdownMedians>,
     all_rounds: Vec<Round>,
+}
+
+/// Medians of [`Breakdown`] over the rounds, jobs per second.
+#[derive(Debug, Serialize)]
+struct BreakdownMedians {
+    raw_publish: f64,
+    conveyor_submit: f64,
+    submit_ratio: f64,
+    raw_consume: f64,
+    conveyor_consume: f64,
+    consume_ratio: f64,
 }
 
 /// Every figure of one round.
@@ -74,6 +88,8 @@ struct Round {
     conveyor_throughput: Throughput,
     raw_latency: Latency,
     conveyor_latency: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breakdown: Option<Breakdown>,
 }
 
 /// Runs the benchmark and prints the report.
@@ -114,11 +130,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "round {round}: conveyor p50 {:.2} ms p99 {:.2} ms",
             conveyor_latency.p50_ms, conveyor_latency.p99_ms
         );
+        let breakdown = if args.breakdown {
+            let parts = breakdown(&url, &args, round).await?;
+            eprintln!(
+                "round {round}: publish alone raw {:.0} / conveyor {:.0} jobs/s; consume alone raw {:.0} / conveyor {:.0} jobs/s",
+                parts.raw_publish.jobs_per_second,
+                parts.conveyor_submit.jobs_per_second,
+                parts.raw_consume.jobs_per_second,
+                parts.conveyor_consume.jobs_per_second
+            );
+            Some(parts)
+        } else {
+            None
+        };
         rounds.push(Round {
             raw_throughput,
             conveyor_throughput,
             raw_latency,
             conveyor_latency,
+            breakdown,
         });
     }
     let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
@@ -126,6 +156,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let conv_tp = med(&|r| r.conveyor_throughput.jobs_per_second);
     let raw_p99 = med(&|r| r.raw_latency.p99_ms);
     let conv_p99 = med(&|r| r.conveyor_latency.p99_ms);
+    let breakdown = args.breakdown.then(|| {
+        let part = |f: &dyn Fn(&Breakdown) -> Throughput| {
+            med(&|r| r.breakdown.map_or(f64::NAN, |b| f(&b).jobs_per_second))
+        };
+        let raw_publish = part(&|b| b.raw_publish);
+        let conveyor_submit = part(&|b| b.conveyor_submit);
+        let raw_consume = part(&|b| b.raw_consume);
+        let conveyor_consume = part(&|b| b.conveyor_consume);
+        BreakdownMedians {
+            raw_publish,
+            conveyor_submit,
+            submit_ratio: conveyor_submit / raw_publish,
+            raw_consume,
+            conveyor_consume,
+            consume_ratio: conveyor_consume / raw_consume,
+        }
+    });
     let report = Report {
         nats_server,
         jobs: args.jobs,
@@ -141,6 +188,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         conveyor_p50_ms: med(&|r| r.conveyor_latency.p50_ms),
         conveyor_p99_ms: conv_p99,
         p99_ratio: conv_p99 / raw_p99,
+        breakdown,
         all_rounds: rounds,
     };
     if args.json {
@@ -176,6 +224,17 @@ fn print_text(r: &Report) {
         r.conveyor_p50_ms, r.conveyor_p99_ms
     );
     println!("    p99 ratio      {:>9.2}", r.p99_ratio);
+    if let Some(b) = &r.breakdown {
+        println!("  each side apart, {} jobs:", r.jobs);
+        println!(
+            "    publish alone  raw {:>9.0}  Conveyor {:>9.0} jobs/s  ratio {:.2}",
+            b.raw_publish, b.conveyor_submit, b.submit_ratio
+        );
+        println!(
+            "    consume alone  raw {:>9.0}  Conveyor {:>9.0} jobs/s  ratio {:.2}",
+            b.raw_consume, b.conveyor_consume, b.consume_ratio
+        );
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -294,13 +353,10 @@ async fn raw_throughput(url: &str, args: &BenchArgs, round: usize) -> anyhow::Re
     let start = Instant::now();
     let producer = tokio::spawn(publish_all(js.clone(), subject, payload, n));
     consume_raw(&consumer, args.concurrency, n, |_| {}).await?;
-    let seconds = start.elapsed().as_secs_f64();
+    let result = throughput(n, start);
     producer.await??;
     raw_teardown(&js, &name).await;
-    Ok(Throughput {
-        jobs_per_second: n as f64 / seconds,
-        seconds,
-    })
+    Ok(result)
 }
 
 /// Pulls `n` messages (batches of `concurrency`), hands each payload to `seen`, then acks it.
@@ -355,6 +411,78 @@ async fn publish_all(
     Ok(())
 }
 
+/// A worker with no-op handlers counting the jobs it finished; stopped by [`NoopWorker::stop`].
+struct NoopWorker {
+    handled: Arc<AtomicU64>,
+    done: Arc<Notify>,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<Result<conveyor::worker::Summary, conveyor::worker::WorkerError>>,
+    target: u64,
+}
+
+impl NoopWorker {
+    fn start(worker: Worker, concurrency: usize, target: u64) -> Self {
+        let handled = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(Notify::new());
+        let stop = Arc::new(Notify::new());
+        let runner = {
+            let (handled, done, stop) = (handled.clone(), done.clone(), stop.clone());
+            worker
+                .concurrency(concurrency)
+                .handler(move |_job: ReceivedJob| {
+                    let (handled, done) = (handled.clone(), done.clone());
+                    async move {
+                        if handled.fetch_add(1, Ordering::AcqRel) + 1 == target {
+                            done.notify_one();
+                        }
+                        Outcome::Done(Bytes::new())
+                    }
+                })
+                .run(async move { stop.notified().await })
+        };
+        Self {
+            handled,
+            done,
+            stop,
+            task: tokio::spawn(runner),
+            target,
+        }
+    }
+
+    async fn finished(&self, what: &str) -> anyhow::Result<()> {
+        wait_count(&self.handled, &self.done, self.target, what).await
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.notify_one();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Submits `n` jobs of `payload` with `Client::submit_batch`; fails if any submission failed.
+async fn submit_all(client: Client, queue: QueueRef, payload: Bytes, n: u64) -> anyhow::Result<()> {
+    let jobs = (0..n).map(move |i| Job::new(format!("j{i}"), payload.clone()));
+    let failed = client
+        .submit_batch(&queue, jobs)
+        .await
+        .into_iter()
+        .filter(Result::is_err)
+        .count();
+    if failed > 0 {
+        bail!("{failed} submissions failed");
+    }
+    Ok(())
+}
+
+fn throughput(n: u64, start: Instant) -> Throughput {
+    let seconds = start.elapsed().as_secs_f64();
+    Throughput {
+        jobs_per_second: n as f64 / seconds,
+        seconds,
+    }
+}
+
 async fn conveyor_throughput(
     url: &str,
     args: &BenchArgs,
@@ -364,51 +492,58 @@ async fn conveyor_throughput(
     let (client, worker, queue) = conveyor_setup(url, &name).await?;
     let payload = Bytes::from(vec![b'x'; args.payload]);
     let n = args.jobs as u64;
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let stop = Arc::new(Notify::new());
-    let runner = {
-        let (handled, done, stop) = (handled.clone(), done.clone(), stop.clone());
-        worker
-            .concurrency(args.concurrency)
-            .handler(move |_job: ReceivedJob| {
-                let (handled, done) = (handled.clone(), done.clone());
-                async move {
-                    if handled.fetch_add(1, Ordering::AcqRel) + 1 == n {
-                        done.notify_one();
-                    }
-                    Outcome::Done(Bytes::new())
-                }
-            })
-            .run(async move { stop.notified().await })
-    };
     let start = Instant::now();
-    let worker_task = tokio::spawn(runner);
-    let producer = {
-        let client = client.clone();
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            let jobs = (0..n).map(move |i| Job::new(format!("j{i}"), payload.clone()));
-            client
-                .submit_batch(&queue, jobs)
-                .await
-                .into_iter()
-                .filter(Result::is_err)
-                .count()
-        })
-    };
-    wait_count(&handled, &done, n, "conveyor throughput").await?;
-    let seconds = start.elapsed().as_secs_f64();
-    let failed = producer.await?;
-    stop.notify_one();
-    worker_task.await??;
+    let worker = NoopWorker::start(worker, args.concurrency, n);
+    let producer = tokio::spawn(submit_all(client.clone(), queue.clone(), payload, n));
+    worker.finished("conveyor throughput").await?;
+    let result = throughput(n, start);
+    producer.await??;
+    worker.stop().await?;
     conveyor_teardown(&client, &queue).await;
-    if failed > 0 {
-        bail!("{failed} submissions failed");
-    }
-    Ok(Throughput {
-        jobs_per_second: n as f64 / seconds,
-        seconds,
+    Ok(result)
+}
+
+/// Producer and consumer of each side measured apart: publishing into an empty stream, and
+/// consuming a stream that already holds every job.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Breakdown {
+    raw_publish: Throughput,
+    conveyor_submit: Throughput,
+    raw_consume: Throughput,
+    conveyor_consume: Throughput,
+}
+
+async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Breakdown> {
+    let payload = Bytes::from(vec![b'x'; args.payload]);
+    let n = args.jobs as u64;
+
+    let name = format!("bench_raw_pub_{round}_{}", std::process::id());
+    let (js, consumer, subject) = raw_setup(url, &name).await?;
+    let start = Instant::now();
+    publish_all(js.clone(), subject, payload.clone(), n).await?;
+    let raw_publish = throughput(n, start);
+    let start = Instant::now();
+    consume_raw(&consumer, args.concurrency, n, |_| {}).await?;
+    let raw_consume = throughput(n, start);
+    raw_teardown(&js, &name).await;
+
+    let name = format!("pub-{round}-{}", std::process::id());
+    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let start = Instant::now();
+    submit_all(client.clone(), queue.clone(), payload, n).await?;
+    let conveyor_submit = throughput(n, start);
+    let start = Instant::now();
+    let worker = NoopWorker::start(worker, args.concurrency, n);
+    worker.finished("conveyor consume").await?;
+    let conveyor_consume = throughput(n, start);
+    worker.stop().await?;
+    conveyor_teardown(&client, &queue).await;
+
+    Ok(Breakdown {
+        raw_publish,
+        conveyor_submit,
+        raw_consume,
+        conveyor_consume,
     })
 }
 
