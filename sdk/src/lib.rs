@@ -10,6 +10,7 @@ pub mod client;
 pub mod dlq;
 pub mod names;
 pub mod protocol;
+mod pull;
 pub mod rate;
 pub mod worker;
 

@@ -1,6 +1,7 @@
 //! The Rust worker SDK and the engine of the `conveyor-worker` runtime: pull jobs on demand
 //! (never more than free slots, higher priority levels first), run a handler, then ack, nak
-//! with backoff, or dead-letter; heartbeat while a handler runs; drain on shutdown.
+//! with backoff, or dead-letter; heartbeat while a handler runs; drain on shutdown. Jobs run as
+//! futures on the worker's task (see [`Handler`]).
 //!
 //! ```no_run
 //! # async fn demo(js: async_nats::jetstream::Context) -> Result<(), conveyor::worker::WorkerError> {
@@ -30,18 +31,22 @@ use async_nats::jetstream::{
     self, AckKind, consumer::PullConsumer, consumer::push, message::Acker,
 };
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::names::QueueRef;
 use crate::protocol::{self, Backoff, JobOptions, dead_letter};
+use crate::pull::{Pulled, Puller};
 
 /// Every this many fetch rounds, levels are tried from the lowest up, so a flood of urgent jobs
 /// cannot starve the lower levels completely.
 const STARVATION_GUARD_ROUNDS: u64 = 10;
+
+/// A one-level worker with requests outstanding asks for more once a `1/TOP_UP_FRACTION` of its
+/// slots are free.
+const TOP_UP_FRACTION: usize = 8;
 
 /// How a handler finished one attempt of a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +127,12 @@ impl Progress {
 }
 
 /// User code that handles jobs. Implemented for `Fn(ReceivedJob) -> impl Future<Output = Outcome>`.
+///
+/// The worker's jobs run as futures on the worker's own task (the one awaiting
+/// [`Runner::run`]), not a task each, so a handler must not block the thread: await I/O, and
+/// put heavy computation in `tokio::task::spawn_blocking` (or a `tokio::spawn` of its own) and
+/// await that. A handler that panics fails its attempt (`Outcome::Failed`, retried with
+/// backoff) without harming the other jobs.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one attempt of one job. The future is dropped (cancelled) when the attempt's
     /// deadline passes or the drain deadline after shutdown passes.
@@ -180,8 +191,8 @@ pub trait Observer: Send + Sync + 'static {
     fn started(&self, _id: &str, _sequence: u64, _deadline: Option<Instant>) {}
     /// An attempt finished.
     fn finished(&self, _report: &JobReport) {}
-    /// The worker found its consumers and starts pulling, or a pull request for free slots
-    /// returned (with jobs, empty, or failed): it is consuming. Happens at least every
+    /// The worker found its consumers and starts pulling, a job was delivered, or a pull request
+    /// for free slots ended (filled, expired or failed): it is consuming. Happens at least every
     /// `poll_wait` while a slot is free.
     fn pulled(&self) {}
 }
@@ -450,25 +461,9 @@ impl<H: Handler, O: Observer> Runner<H, O> {
 
         // Consumers found: the worker counts as consuming from here on.
         shared.observer.pulled();
-        let tasks = TaskTracker::new();
-        fetch_loop(&shared, &consumers, &tasks, &stop).await;
-
-        tasks.close();
-        info!(
-            in_flight = tasks.len(),
-            "stopped fetching; draining in-flight jobs"
-        );
-        if tokio::time::timeout(shared.options.drain_timeout, tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                in_flight = tasks.len(),
-                "drain deadline passed; giving unfinished jobs back"
-            );
-            shared.give_back.cancel();
-            tasks.wait().await;
-        }
+        let mut in_flight = InFlight::new();
+        fetch_loop(&shared, &consumers, &mut in_flight, &stop).await;
+        in_flight.drain(&shared).await;
         // Acks and naks are plain publishes: make sure they left before returning.
         if let Err(error) = jetstream.client().flush().await {
             warn!(%error, "flushing acks at shutdown");
@@ -544,17 +539,145 @@ async fn free_slots(
         () = stop.cancelled() => return None,
     };
     let mut permits = vec![first];
-    while let Ok(permit) = slots.clone().try_acquire_owned() {
-        permits.push(permit);
-    }
+    permits.extend(take_free(slots));
     Some(permits)
 }
 
+/// Takes every free slot without waiting.
+fn take_free(slots: &Arc<Semaphore>) -> Vec<OwnedSemaphorePermit> {
+    std::iter::from_fn(|| slots.clone().try_acquire_owned().ok()).collect()
+}
+
+/// One level: pipelined pull requests for the free slots ([`crate::pull`]); jobs start as they
+/// arrive, and freed slots are asked for again while earlier requests are still being served.
+async fn pull_loop<'a, H: Handler, O: Observer>(
+    shared: &'a Arc<Shared<H, O>>,
+    consumer: &PullConsumer,
+    jobs: &mut InFlight<'a>,
+    stop: &CancellationToken,
+    slots: &Arc<Semaphore>,
+    tokens: Option<&crate::rate::Tokens>,
+) {
+    let mut error_delay = Duration::from_millis(100);
+    let poll_wait = shared.options.poll_wait;
+    let mut puller = loop {
+        match Puller::new(consumer.clone(), shared.jetstream.clone(), poll_wait).await {
+            Ok(puller) => break puller,
+            Err(error) => {
+                jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                    .await
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+    };
+    // With requests outstanding, ask again once this many slots are free: fewer, larger requests.
+    // A rate-limited worker asks only when nothing is outstanding (tokens are taken per request).
+    let top_up = (shared.options.concurrency / TOP_UP_FRACTION).max(1);
+    loop {
+        let idle = puller.outstanding() == 0;
+        if idle || (tokens.is_none() && slots.available_permits() >= top_up) {
+            let mut permits = if idle {
+                match jobs.alongside(free_slots(slots, stop)).await {
+                    Some(permits) => permits,
+                    None => return,
+                }
+            } else {
+                take_free(slots)
+            };
+            if let Some(max_jobs) = shared.options.max_jobs {
+                let taken = shared.started.load(Ordering::Relaxed) + puller.outstanding() as u64;
+                let remaining = max_jobs.saturating_sub(taken);
+                if remaining == 0 && idle {
+                    info!(max_jobs, "took max_jobs jobs; stopping to be replaced");
+                    return;
+                }
+                permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+            }
+            if let Some(tokens) = tokens {
+                // One token per job started: never more slots than tokens.
+                let taken = jobs
+                    .alongside(async {
+                        tokio::select! {
+                            taken = tokens.take(permits.len(), poll_wait) => Some(taken),
+                            () = stop.cancelled() => None,
+                        }
+                    })
+                    .await;
+                let Some(taken) = taken else { return };
+                match taken {
+                    Ok(granted) => permits.truncate(granted),
+                    Err(error) => {
+                        jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                            .await;
+                        continue;
+                    }
+                }
+            }
+            if let Err(error) = jobs.alongside(puller.request(permits)).await {
+                shared.observer.pulled();
+                jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                    .await;
+                continue;
+            }
+            if puller.outstanding() == 0 {
+                // Nothing could be asked for (no tokens, or max_jobs reached while jobs run).
+                shared.observer.pulled();
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let pulled = jobs.alongside(async {
+            tokio::select! {
+                pulled = puller.next() => Some(pulled),
+                () = stop.cancelled() => None,
+            }
+        });
+        let Some(pulled) = pulled.await else {
+            // Requests still open may deliver jobs until they expire: hand those back in
+            // the background. Detached, so it does not delay the exit; once the connection
+            // closes, the server drops the requests with it.
+            let drainer = shared.clone();
+            tokio::spawn(async move {
+                while puller.outstanding() > 0 {
+                    match puller.next().await {
+                        Pulled::Job(message, _) | Pulled::Unrequested(message) => {
+                            give_back(&drainer, message).await;
+                        }
+                        Pulled::Released => {}
+                        Pulled::Failed(_) => break,
+                    }
+                }
+            });
+            return;
+        };
+        match pulled {
+            Pulled::Job(message, permit) => {
+                // Under steady load the requests are topped up before they run dry, so no pull
+                // "returns": every job delivered counts as consuming.
+                shared.observer.pulled();
+                error_delay = Duration::from_millis(100);
+                jobs.start(shared, message, permit);
+            }
+            Pulled::Unrequested(message) => jobs.alongside(give_back(shared, message)).await,
+            Pulled::Released => shared.observer.pulled(),
+            Pulled::Failed(error) => {
+                shared.observer.pulled();
+                jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                    .await;
+            }
+        }
+    }
+}
+
 /// Pulls jobs while there are free slots, until `stop` is cancelled.
-async fn fetch_loop<H: Handler, O: Observer>(
-    shared: &Arc<Shared<H, O>>,
+async fn fetch_loop<'a, H: Handler, O: Observer>(
+    shared: &'a Arc<Shared<H, O>>,
     consumers: &[PullConsumer],
-    tasks: &TaskTracker,
+    jobs: &mut InFlight<'a>,
     stop: &CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(shared.options.concurrency));
@@ -566,7 +689,10 @@ async fn fetch_loop<H: Handler, O: Observer>(
         loop {
             match crate::rate::Tokens::bind(&shared.jetstream, &shared.queue).await {
                 Ok(tokens) => break Some(tokens),
-                Err(error) => pause_after_error(error, &mut error_delay, stop).await,
+                Err(error) => {
+                    jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                        .await
+                }
             }
             if stop.is_cancelled() {
                 return;
@@ -575,7 +701,11 @@ async fn fetch_loop<H: Handler, O: Observer>(
     } else {
         None
     };
-    while let Some(mut permits) = free_slots(&slots, stop).await {
+    if let [consumer] = consumers {
+        pull_loop(shared, consumer, jobs, stop, &slots, tokens.as_ref()).await;
+        return;
+    }
+    while let Some(mut permits) = jobs.alongside(free_slots(&slots, stop)).await {
         if let Some(max_jobs) = shared.options.max_jobs {
             let remaining = max_jobs.saturating_sub(shared.started.load(Ordering::Relaxed));
             if remaining == 0 {
@@ -586,10 +716,15 @@ async fn fetch_loop<H: Handler, O: Observer>(
         }
         if let Some(tokens) = &tokens {
             // One token per job started: never more slots than tokens.
-            let taken = tokio::select! {
-                taken = tokens.take(permits.len(), shared.options.poll_wait) => taken,
-                () = stop.cancelled() => return,
-            };
+            let taken = jobs
+                .alongside(async {
+                    tokio::select! {
+                        taken = tokens.take(permits.len(), shared.options.poll_wait) => Some(taken),
+                        () = stop.cancelled() => None,
+                    }
+                })
+                .await;
+            let Some(taken) = taken else { return };
             match taken {
                 Ok(0) => {
                     shared.observer.pulled();
@@ -597,59 +732,12 @@ async fn fetch_loop<H: Handler, O: Observer>(
                 }
                 Ok(granted) => permits.truncate(granted),
                 Err(error) => {
-                    pause_after_error(error, &mut error_delay, stop).await;
+                    jobs.alongside(pause_after_error(error, &mut error_delay, stop))
+                        .await;
                     continue;
                 }
             }
         }
-        if consumers.len() == 1 {
-            // One level: a long-poll pull for exactly the free slots; jobs start as they arrive.
-            let batch = consumers[0]
-                .batch()
-                .max_messages(permits.len())
-                .expires(shared.options.poll_wait)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    shared.observer.pulled();
-                    pause_after_error(error.to_string(), &mut error_delay, stop).await;
-                    continue;
-                }
-            };
-            error_delay = Duration::from_millis(100);
-            loop {
-                let message = tokio::select! {
-                    message = batch.next() => message,
-                    () = stop.cancelled() => {
-                        // The open pull may still deliver jobs until it expires: hand those
-                        // back in the background. Detached, so it does not delay the exit; once
-                        // the connection closes, the server drops the pull with it.
-                        let drainer = shared.clone();
-                        tokio::spawn(async move {
-                            while let Some(message) = batch.next().await {
-                                if let Ok(message) = message {
-                                    give_back(&drainer, message).await;
-                                }
-                            }
-                        });
-                        return;
-                    }
-                };
-                match message {
-                    None => break,
-                    Some(Ok(message)) => {
-                        let permit = permits.pop().expect("a pull never returns more than asked");
-                        spawn_job(shared, tasks, message, permit);
-                    }
-                    Some(Err(error)) => warn!(%error, "pull request ended with an error"),
-                }
-            }
-            shared.observer.pulled();
-            continue;
-        }
-
         // Several levels: sweep them without waiting, most urgent first (every tenth round
         // least urgent first), taking at most the free slots in total.
         round += 1;
@@ -662,27 +750,33 @@ async fn fetch_loop<H: Handler, O: Observer>(
             if permits.is_empty() {
                 break;
             }
-            let batch = consumers[level]
-                .fetch()
-                .max_messages(permits.len())
-                .messages()
+            let batch = jobs
+                .alongside(
+                    consumers[level]
+                        .fetch()
+                        .max_messages(permits.len())
+                        .messages(),
+                )
                 .await;
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    pause_after_error(error.to_string(), &mut error_delay, stop).await;
+                    jobs.alongside(pause_after_error(error.to_string(), &mut error_delay, stop))
+                        .await;
                     continue;
                 }
             };
-            while let Some(message) = batch.next().await {
+            while let Some(message) = jobs.alongside(batch.next()).await {
                 match message {
-                    Ok(message) if stop.is_cancelled() => give_back(shared, message).await,
+                    Ok(message) if stop.is_cancelled() => {
+                        jobs.alongside(give_back(shared, message)).await;
+                    }
                     Ok(message) => {
                         found += 1;
                         let permit = permits
                             .pop()
                             .expect("a fetch never returns more than asked");
-                        spawn_job(shared, tasks, message, permit);
+                        jobs.start(shared, message, permit);
                     }
                     Err(error) => warn!(%error, "fetch ended with an error"),
                 }
@@ -697,21 +791,30 @@ async fn fetch_loop<H: Handler, O: Observer>(
         // Nothing ready. Listen for new jobs before sweeping again, so none is missed; jobs that
         // come back after a nak delay or ack wait publish nothing, so re-check every poll_wait.
         match &mut wake {
-            None => match nats.subscribe(shared.queue.jobs_wildcard()).await {
+            None => match jobs
+                .alongside(nats.subscribe(shared.queue.jobs_wildcard()))
+                .await
+            {
                 Ok(subscriber) => {
-                    if let Err(error) = nats.flush().await {
+                    if let Err(error) = jobs.alongside(nats.flush()).await {
                         debug!(%error, "flushing wake-up subscription");
                     }
                     wake = Some(subscriber);
                 }
-                Err(error) => pause_after_error(error.to_string(), &mut error_delay, stop).await,
+                Err(error) => {
+                    jobs.alongside(pause_after_error(error.to_string(), &mut error_delay, stop))
+                        .await
+                }
             },
             Some(subscriber) => {
-                tokio::select! {
-                    _ = subscriber.next() => {}
-                    () = tokio::time::sleep(shared.options.poll_wait) => {}
-                    () = stop.cancelled() => {}
-                }
+                jobs.alongside(async {
+                    tokio::select! {
+                        _ = subscriber.next() => {}
+                        () = tokio::time::sleep(shared.options.poll_wait) => {}
+                        () = stop.cancelled() => {}
+                    }
+                })
+                .await;
             }
         }
     }
@@ -735,18 +838,72 @@ async fn give_back<H, O>(shared: &Shared<H, O>, message: jetstream::Message) {
     }
 }
 
-fn spawn_job<H: Handler, O: Observer>(
-    shared: &Arc<Shared<H, O>>,
-    tasks: &TaskTracker,
-    message: jetstream::Message,
-    permit: OwnedSemaphorePermit,
-) {
-    shared.started.fetch_add(1, Ordering::Relaxed);
-    let shared = shared.clone();
-    tasks.spawn(async move {
-        process(&shared, message).await;
-        drop(permit);
-    });
+/// A job running on this worker, as a future.
+type JobFuture<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// The jobs running on this worker: futures that the fetch loop drives itself, at each of its
+/// waits, rather than a task per job. A task per job costs an allocation, a scheduler hand-off
+/// and often a wake-up of another runtime thread; at tens of thousands of jobs a second that was
+/// most of the worker's cost (`conveyor bench --breakdown`). Jobs share the worker's task, so a
+/// handler must not block it: heavy computation belongs in `tokio::task::spawn_blocking` (or a
+/// `tokio::spawn` of its own).
+struct InFlight<'a> {
+    jobs: futures::stream::FuturesUnordered<JobFuture<'a>>,
+}
+
+impl<'a> InFlight<'a> {
+    fn new() -> Self {
+        Self {
+            jobs: futures::stream::FuturesUnordered::new(),
+        }
+    }
+
+    /// Starts a job; it holds its slot until it is settled.
+    fn start<H: Handler, O: Observer>(
+        &mut self,
+        shared: &'a Shared<H, O>,
+        message: jetstream::Message,
+        permit: OwnedSemaphorePermit,
+    ) {
+        shared.started.fetch_add(1, Ordering::Relaxed);
+        self.jobs.push(Box::pin(async move {
+            process(shared, message).await;
+            drop(permit);
+        }));
+    }
+
+    /// Waits for `future`, running the jobs meanwhile.
+    async fn alongside<T>(&mut self, future: impl Future<Output = T>) -> T {
+        tokio::pin!(future);
+        loop {
+            tokio::select! {
+                // Jobs first: a finished job frees its slot for the next pull request.
+                biased;
+                Some(()) = self.jobs.next(), if !self.jobs.is_empty() => {}
+                output = &mut future => return output,
+            }
+        }
+    }
+
+    /// Lets the jobs finish within the drain timeout, then gives the rest back.
+    async fn drain<H, O>(mut self, shared: &Shared<H, O>) {
+        info!(
+            in_flight = self.jobs.len(),
+            "stopped fetching; draining in-flight jobs"
+        );
+        let finish = async { while self.jobs.next().await.is_some() {} };
+        if tokio::time::timeout(shared.options.drain_timeout, finish)
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = self.jobs.len(),
+                "drain deadline passed; giving unfinished jobs back"
+            );
+            shared.give_back.cancel();
+            while self.jobs.next().await.is_some() {}
+        }
+    }
 }
 
 /// Runs one attempt of one job and settles it.
@@ -829,13 +986,20 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
             .unwrap_or_default(),
     };
 
-    let mut attempt_run = Box::pin(with_heartbeats(
-        shared.handler.handle(job),
-        &acker,
-        shared.ack_wait,
-        timeout,
-    ));
+    // A panicking handler fails its attempt (retried or dead-lettered like any failure); it must
+    // not take down the worker and the other jobs running beside it.
+    let handler = std::panic::AssertUnwindSafe(async { shared.handler.handle(job).await })
+        .catch_unwind()
+        .map(|result| {
+            result.unwrap_or_else(|panic| {
+                Outcome::Failed(format!("handler panicked: {}", panic_message(&*panic)))
+            })
+        });
+    let mut attempt_run = Box::pin(with_heartbeats(handler, &acker, shared.ack_wait, timeout));
     let outcome = tokio::select! {
+        // The handler first: a job that finishes on its first poll never registers with the
+        // cancellation tokens.
+        biased;
         outcome = &mut attempt_run => outcome,
         () = running.cancel.cancelled() => {
             // The handler was told (`ReceivedJob::cancel`); stop it once the grace passes.
@@ -912,6 +1076,15 @@ async fn process<H: Handler, O: Observer>(shared: &Shared<H, O>, message: jetstr
         }
     };
     finish(disposition);
+}
+
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-text panic payload")
 }
 
 /// Acks a cancelled job (no retry, no dead letter) and tells an awaiting producer.
@@ -1110,6 +1283,8 @@ async fn with_heartbeats(
     tokio::pin!(handler, expiry);
     loop {
         tokio::select! {
+            // The handler first: a job that finishes on its first poll never starts a timer.
+            biased;
             outcome = &mut handler => return outcome,
             _ = heartbeat.tick() => {
                 if let Err(error) = acker.ack_with(AckKind::Progress).await {

@@ -358,6 +358,199 @@ async fn permanent_failure_and_exhausted_attempts_go_to_the_dead_letter_stream()
 }
 
 #[tokio::test]
+async fn a_panicking_handler_fails_its_attempt_and_the_other_jobs_carry_on() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let settings = QueueSettings {
+        max_attempts: 2,
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let options = WorkerOptions {
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(50),
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
+        ..fast_options()
+    };
+    let done: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let record = done.clone();
+    let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+        let record = record.clone();
+        async move {
+            if job.id == "always" {
+                panic!("cannot parse {}", job.id);
+            }
+            if job.id == "once" && job.attempt == 1 {
+                panic!("first attempt of {}", job.id);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            record.lock().unwrap().insert(job.id.clone());
+            Outcome::Done(job.payload)
+        }
+    });
+    let jobs = ["always", "once"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain((0..50).map(|i| format!("good{i}")))
+        .map(|id| Job::new(id, "x"));
+    assert!(
+        client
+            .submit_batch(&queue, jobs)
+            .await
+            .iter()
+            .all(Result::is_ok)
+    );
+    let js = client.jetstream();
+    wait_for(WAIT, "51 jobs done and one dead letter", || async {
+        done.lock().unwrap().len() == 51 && stream_len(js, &queue.dead_letter_stream()).await == 1
+    })
+    .await?;
+    stop.cancel();
+    assert!(
+        done.lock().unwrap().contains("once"),
+        "retried after its panic"
+    );
+    let letters = dead_letters(js, &queue).await?;
+    let always = &letters[0];
+    assert_eq!(header(always, dead_letter::JOB_ID), "always");
+    assert_eq!(header(always, dead_letter::REASON), "exhausted");
+    assert_eq!(header(always, dead_letter::ATTEMPTS), "2");
+    assert_eq!(
+        header(always, dead_letter::ERROR),
+        "handler panicked: cannot parse always"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_long_job_and_a_silent_one_times_out() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let ack_wait = Duration::from_secs(1);
+    let settings = QueueSettings {
+        // The consumer's ack wait: a job not heard of for this long is redelivered.
+        timeout: ack_wait,
+        max_attempts: 2,
+        ..Default::default()
+    };
+    let (client, queue) = queue_with(&nats, settings).await?;
+    let options = WorkerOptions {
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(50),
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
+        ..fast_options()
+    };
+    let attempts: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let record = attempts.clone();
+    let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push((job.id.clone(), job.attempt));
+            match job.id.as_str() {
+                // Three ack waits of work: heartbeats keep the job with this worker.
+                "long" => tokio::time::sleep(3 * ack_wait).await,
+                // Hangs: its own 300 ms timeout ends each attempt.
+                _ => std::future::pending::<()>().await,
+            }
+            Outcome::Done(job.payload)
+        }
+    });
+    client.submit(&queue, Job::new("long", "x")).await?;
+    client
+        .submit(
+            &queue,
+            Job::new("hung", "y").timeout(Duration::from_millis(300)),
+        )
+        .await?;
+    let js = client.jetstream();
+    wait_for(
+        WAIT,
+        "the long job done, the hung one dead-lettered",
+        || async {
+            stream_len(js, &queue.stream()).await == 0
+                && stream_len(js, &queue.dead_letter_stream()).await == 1
+        },
+    )
+    .await?;
+    stop.cancel();
+    let attempts = attempts.lock().unwrap().clone();
+    let of = |id: &str| attempts.iter().filter(|(job, _)| job == id).count();
+    assert_eq!(
+        of("long"),
+        1,
+        "never redelivered while it ran: {attempts:?}"
+    );
+    assert_eq!(of("hung"), 2, "each attempt timed out: {attempts:?}");
+    let letters = dead_letters(js, &queue).await?;
+    assert_eq!(header(&letters[0], dead_letter::JOB_ID), "hung");
+    assert_eq!(
+        header(&letters[0], dead_letter::ERROR),
+        "handler timed out after 300ms"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn workers_run_at_most_their_concurrency_and_share_a_backlog() -> anyhow::Result<()> {
+    const JOBS: usize = 300;
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, QueueSettings::default()).await?;
+    let results = client
+        .submit_batch(&queue, (0..JOBS).map(|i| Job::new(format!("s{i}"), "x")))
+        .await;
+    assert!(results.iter().all(Result::is_ok));
+    // Per worker: (running now, most running at once, finished); every (id, attempt) seen.
+    let states: Vec<Arc<Mutex<(usize, usize, usize)>>> = (0..2).map(|_| Arc::default()).collect();
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let stops: Vec<CancellationToken> = states
+        .iter()
+        .map(|state| {
+            let (state, seen) = (state.clone(), seen.clone());
+            spawn_worker(&client, &queue, fast_options(), move |job: ReceivedJob| {
+                let (state, seen) = (state.clone(), seen.clone());
+                async move {
+                    seen.lock().unwrap().push((job.id.clone(), job.attempt));
+                    {
+                        let mut s = state.lock().unwrap();
+                        s.0 += 1;
+                        s.1 = s.1.max(s.0);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let mut s = state.lock().unwrap();
+                    s.0 -= 1;
+                    s.2 += 1;
+                    Outcome::Done(job.payload)
+                }
+            })
+        })
+        .collect();
+    wait_for(WAIT, "every job finished", || async {
+        states.iter().map(|s| s.lock().unwrap().2).sum::<usize>() == JOBS
+    })
+    .await?;
+    for stop in stops {
+        stop.cancel();
+    }
+    let concurrency = fast_options().concurrency;
+    for state in &states {
+        let (_, most, done) = *state.lock().unwrap();
+        assert_eq!(most, concurrency, "each worker used all its slots, no more");
+        assert!(done > 0, "both workers got jobs");
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), JOBS, "each job ran once");
+    assert!(
+        seen.iter().all(|(_, attempt)| *attempt == 1),
+        "no job was held unstarted until it came back"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_header_from_a_foreign_producer_is_dead_lettered_with_a_clear_error()
 -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
