@@ -549,11 +549,15 @@ impl Client {
         queue: &QueueRef,
         jobs: impl IntoIterator<Item = Job>,
     ) -> Vec<Result<SubmitAck, SubmitError>> {
-        futures::stream::iter(jobs)
-            .map(|job| self.submit(queue, job))
-            .buffered(BATCH_WINDOW)
-            .collect()
-            .await
+        // Unordered, so one slow ack does not hold up the window; put back in order after.
+        let mut results: Vec<(usize, Result<SubmitAck, SubmitError>)> =
+            futures::stream::iter(jobs.into_iter().enumerate())
+                .map(|(i, job)| async move { (i, self.submit(queue, job).await) })
+                .buffer_unordered(BATCH_WINDOW)
+                .collect()
+                .await;
+        results.sort_unstable_by_key(|(i, _)| *i);
+        results.into_iter().map(|(_, result)| result).collect()
     }
 }
 
