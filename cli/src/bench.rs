@@ -6,7 +6,9 @@
 //! - latency: submit-to-handler time at a fixed `--rate` for `--latency-seconds`.
 //!
 //! Raw is "publish with ack, pull, ack" with one pull consumer; Conveyor is `Client::submit_batch`
-//! → the worker engine of the `conveyor-worker` runtime → ack, with the same concurrency.
+//! → the worker engine of the `conveyor-worker` runtime, with the runtime's observer (metrics,
+//! liveness, running-jobs file) → ack, with the same concurrency. The handler is an in-process
+//! no-op: what is measured is Conveyor's cost, not a handler mode's.
 //! The figures are medians over the rounds.
 
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use conveyor::admin::{self, QueueSettings};
 use conveyor::client::{Client, Job};
 use conveyor::names::QueueRef;
 use conveyor::worker::{Outcome, ReceivedJob, Worker};
+use conveyor_worker::health::Metrics;
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -411,6 +414,16 @@ async fn publish_all(
     Ok(())
 }
 
+/// The observer of the `conveyor-worker` runtime (metrics, liveness, and the running-jobs file
+/// that a pod keeps for its termination message), so the bench pays the runtime's bookkeeping
+/// per job, not only the engine's. The file lives as long as the returned handle.
+fn runtime_observer(concurrency: usize) -> anyhow::Result<(Arc<Metrics>, tempfile::NamedTempFile)> {
+    let file = tempfile::NamedTempFile::new().context("creating the running-jobs file")?;
+    let metrics =
+        Metrics::new(concurrency, Duration::from_secs(60)).running_jobs_file(file.path())?;
+    Ok((Arc::new(metrics), file))
+}
+
 /// A worker with no-op handlers counting the jobs it finished; stopped by [`NoopWorker::stop`].
 struct NoopWorker {
     handled: Arc<AtomicU64>,
@@ -418,10 +431,12 @@ struct NoopWorker {
     stop: Arc<Notify>,
     task: tokio::task::JoinHandle<Result<conveyor::worker::Summary, conveyor::worker::WorkerError>>,
     target: u64,
+    _running_jobs_file: tempfile::NamedTempFile,
 }
 
 impl NoopWorker {
-    fn start(worker: Worker, concurrency: usize, target: u64) -> Self {
+    fn start(worker: Worker, concurrency: usize, target: u64) -> anyhow::Result<Self> {
+        let (observer, running_jobs_file) = runtime_observer(concurrency)?;
         let handled = Arc::new(AtomicU64::new(0));
         let done = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
@@ -438,15 +453,17 @@ impl NoopWorker {
                         Outcome::Done(Bytes::new())
                     }
                 })
+                .observer(observer)
                 .run(async move { stop.notified().await })
         };
-        Self {
+        Ok(Self {
             handled,
             done,
             stop,
             task: tokio::spawn(runner),
             target,
-        }
+            _running_jobs_file: running_jobs_file,
+        })
     }
 
     async fn finished(&self, what: &str) -> anyhow::Result<()> {
@@ -493,7 +510,7 @@ async fn conveyor_throughput(
     let payload = Bytes::from(vec![b'x'; args.payload]);
     let n = args.jobs as u64;
     let start = Instant::now();
-    let worker = NoopWorker::start(worker, args.concurrency, n);
+    let worker = NoopWorker::start(worker, args.concurrency, n)?;
     let producer = tokio::spawn(submit_all(client.clone(), queue.clone(), payload, n));
     worker.finished("conveyor throughput").await?;
     let result = throughput(n, start);
@@ -533,7 +550,7 @@ async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<
     submit_all(client.clone(), queue.clone(), payload, n).await?;
     let conveyor_submit = throughput(n, start);
     let start = Instant::now();
-    let worker = NoopWorker::start(worker, args.concurrency, n);
+    let worker = NoopWorker::start(worker, args.concurrency, n)?;
     worker.finished("conveyor consume").await?;
     let conveyor_consume = throughput(n, start);
     worker.stop().await?;
@@ -642,6 +659,7 @@ async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::
     let handled = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
     let stop = Arc::new(Notify::new());
+    let (observer, _running_jobs_file) = runtime_observer(args.concurrency)?;
     let runner = {
         let (samples, handled, done, stop) =
             (samples.clone(), handled.clone(), done.clone(), stop.clone());
@@ -655,6 +673,7 @@ async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::
                 }
                 async { Outcome::Done(Bytes::new()) }
             })
+            .observer(observer)
             .run(async move { stop.notified().await })
     };
     let worker_task = tokio::spawn(runner);
