@@ -186,6 +186,12 @@ pub async fn ensure(js: &jetstream::Context, assets: &QueueAssets) -> Result<Fig
                 source,
             })?;
     }
+    // The tokens stream exists only while the queue has a rate limit: without it, workers
+    // started with the limit would keep waiting for tokens that no longer come.
+    let tokens = assets.queue.tokens_stream();
+    if !assets.companions.iter().any(|c| c.name == tokens) {
+        delete_stream(js, tokens).await?;
+    }
     let stream = match js.get_stream(&name).await {
         Ok(stream) => Some(stream),
         Err(err)
@@ -300,20 +306,29 @@ pub async fn delete(js: &jetstream::Context, queue: &QueueRef) -> Result<(), Ass
         queue.results_stream(),
         queue.tokens_stream(),
     ] {
-        match js.delete_stream(&name).await {
-            Ok(_) => tracing::info!(stream = %name, "deleted stream"),
-            Err(err)
-                if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
-                    if is_not_found(&e, jetstream::ErrorCode::STREAM_NOT_FOUND)) => {}
-            Err(source) => {
-                return Err(AssetsError::DeleteStream {
-                    stream: name,
-                    source,
-                });
-            }
-        }
+        delete_stream(js, name).await?;
     }
     Ok(())
+}
+
+/// Deletes a stream (and its consumers); one that does not exist counts as deleted.
+async fn delete_stream(js: &jetstream::Context, name: String) -> Result<(), AssetsError> {
+    match js.delete_stream(&name).await {
+        Ok(_) => {
+            tracing::info!(stream = %name, "deleted stream");
+            Ok(())
+        }
+        Err(err)
+            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+                if is_not_found(&e, jetstream::ErrorCode::STREAM_NOT_FOUND)) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(AssetsError::DeleteStream {
+            stream: name,
+            source,
+        }),
+    }
 }
 
 /// Whether a consumer name is one of the per-level consumers the operator manages.

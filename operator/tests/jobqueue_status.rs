@@ -622,5 +622,32 @@ async fn a_rate_limited_queue_gets_tokens_from_the_operator() {
         "{busiest} started within a second"
     );
     println!("{JOBS} jobs at rateLimit {RATE}/s over {spread:?}, at most {busiest} in any second");
+
+    // Dropping the limit removes the tokens stream (workers started with it see it gone).
+    kubectl(
+        cluster,
+        &[
+            "patch",
+            "jobqueue",
+            "quota",
+            "-n",
+            NS,
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/rateLimit"}]"#,
+        ],
+        None,
+    )
+    .await;
+    wait_for(DEADLINE, "the tokens stream to be gone", || async {
+        client
+            .jetstream()
+            .get_stream(queue.tokens_stream())
+            .await
+            .is_err()
+    })
+    .await
+    .unwrap();
     fx.shutdown().await;
 }
