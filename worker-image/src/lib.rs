@@ -35,7 +35,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.handler_mode,
         &args.command,
         args.handler_url.as_deref(),
-    )?;
+    )
+    .await?;
     let mut connect =
         async_nats::ConnectOptions::new().name(format!("conveyor-worker {}", args.pod_name));
     if let Some(creds) = &args.nats_creds {

@@ -569,6 +569,59 @@ async fn exec_progress_lines_on_stderr_reach_the_awaiting_producer() -> anyhow::
     Ok(())
 }
 
+#[tokio::test]
+async fn http_progress_posts_reach_the_awaiting_producer() -> anyhow::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    let s = setup(QueueSettings::default()).await?;
+    // The handler posts two updates to its attempt's progress URL, then answers; it hands
+    // the URL back in its result so the test can check the URL closes with the attempt.
+    async fn handle(headers: HeaderMap, body: String) -> (StatusCode, String) {
+        let url = headers
+            .get("Conveyor-Progress-Url")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let http = reqwest::Client::new();
+        for done in [1, 2] {
+            let posted = http
+                .post(&url)
+                .body(format!(r#"{{"done":{done}}}"#))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            if posted.as_ref().ok() != Some(&204) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, format!("{posted:?}"));
+            }
+        }
+        (StatusCode::OK, format!("{body} {url}"))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jobs", listener.local_addr()?);
+    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let _worker = s.worker("http", &[(env::HANDLER_URL, &url)], &[])?;
+
+    let (updates, result) = s.watch(Job::new("report", "done")).await?;
+    assert_eq!(updates, [r#"{"done":1}"#, r#"{"done":2}"#]);
+    let conveyor::JobResult::Completed { result, .. } = result else {
+        panic!("not completed: {result:?}");
+    };
+    let result = String::from_utf8_lossy(&result).into_owned();
+    let (body, progress_url) = result.split_once(' ').expect("body and URL");
+    assert_eq!(body, "done");
+    assert!(
+        progress_url.starts_with("http://127.0.0.1:"),
+        "{progress_url}"
+    );
+    let late = reqwest::Client::new()
+        .post(progress_url)
+        .body("late")
+        .send()
+        .await?;
+    assert_eq!(late.status().as_u16(), 404, "the attempt is over");
+    Ok(())
+}
+
 #[test]
 fn install_copies_the_runtime_into_a_directory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

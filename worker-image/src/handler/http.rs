@@ -1,11 +1,17 @@
 //! `http` mode: each job is a `POST` to an HTTP endpoint in the pod (a container beside the
 //! runtime). Body = payload; the status code decides: 2xx success (body = result), 422 permanent
 //! failure, 429 or 503 retry later (honouring `Retry-After` seconds), anything else a failed
-//! attempt.
+//! attempt. While it works, the handler may `POST` progress updates to the URL in the
+//! `Conveyor-Progress-Url` header: a loopback-only endpoint of the runtime.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conveyor::worker::{Outcome, ReceivedJob};
+use axum::extract::{Path, State};
+use bytes::Bytes;
+use conveyor::worker::{Outcome, Progress, ReceivedJob};
 use reqwest::StatusCode;
 
 /// Request header with the job id.
@@ -14,27 +20,37 @@ pub const JOB_ID_HEADER: &str = "Conveyor-Job-Id";
 pub const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
 /// Request header with the attempts allowed.
 pub const MAX_ATTEMPTS_HEADER: &str = "Conveyor-Max-Attempts";
+/// Request header with the URL this attempt's progress updates may be posted to.
+pub const PROGRESS_URL_HEADER: &str = "Conveyor-Progress-Url";
 
 /// Posts jobs to a URL.
 #[derive(Debug, Clone)]
 pub struct HttpHandler {
     url: String,
     client: reqwest::Client,
+    progress: ProgressEndpoint,
 }
 
 impl HttpHandler {
-    /// A handler posting to `url`.
-    pub fn new(url: String) -> anyhow::Result<Self> {
+    /// A handler posting to `url`, with its progress endpoint listening on the loopback.
+    pub async fn new(url: String) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder().build()?;
-        Ok(Self { url, client })
+        let progress = ProgressEndpoint::start().await?;
+        Ok(Self {
+            url,
+            client,
+            progress,
+        })
     }
 
     /// Runs one attempt. Dropping the future cancels the request.
     pub async fn run(&self, job: ReceivedJob) -> Outcome {
+        let progress = self.progress.register(job.progress.clone());
         let response = self
             .client
             .post(&self.url)
             .header(JOB_ID_HEADER, &job.id)
+            .header(PROGRESS_URL_HEADER, progress.url())
             .header(ATTEMPT_HEADER, job.attempt.to_string())
             .header(MAX_ATTEMPTS_HEADER, job.max_attempts.to_string())
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -70,5 +86,94 @@ impl HttpHandler {
             }
             _ => Outcome::Failed(format!("handler answered {status}: {text}")),
         }
+    }
+}
+
+/// Running attempts by progress token.
+type Attempts = Arc<Mutex<HashMap<u64, Progress>>>;
+
+/// Where HTTP handlers post progress: `POST http://127.0.0.1:<port>/progress/<token>`, one
+/// token per running attempt. Loopback only: the handler runs in the same pod.
+#[derive(Debug, Clone)]
+struct ProgressEndpoint {
+    base: String,
+    attempts: Attempts,
+    next: Arc<AtomicU64>,
+}
+
+impl ProgressEndpoint {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}/progress/", listener.local_addr()?);
+        let attempts = Attempts::default();
+        let app = axum::Router::new()
+            .route("/progress/{token}", axum::routing::post(report))
+            .with_state(attempts.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, app).await {
+                tracing::warn!(%error, "the progress endpoint stopped");
+            }
+        });
+        Ok(Self {
+            base,
+            attempts,
+            next: Arc::default(),
+        })
+    }
+
+    /// Opens the endpoint of one attempt until the returned guard is dropped.
+    fn register(&self, progress: Progress) -> Registered<'_> {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(token, progress);
+        Registered {
+            endpoint: self,
+            token,
+        }
+    }
+}
+
+/// One attempt's progress endpoint; closed on drop.
+struct Registered<'a> {
+    endpoint: &'a ProgressEndpoint,
+    token: u64,
+}
+
+impl Registered<'_> {
+    fn url(&self) -> String {
+        format!("{}{}", self.endpoint.base, self.token)
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.endpoint
+            .attempts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.token);
+    }
+}
+
+/// `POST /progress/<token>`: the body goes to the producer awaiting the job (204), or 404 when
+/// the attempt is over.
+async fn report(
+    State(attempts): State<Attempts>,
+    Path(token): Path<u64>,
+    update: Bytes,
+) -> axum::http::StatusCode {
+    let progress = attempts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&token)
+        .cloned();
+    match progress {
+        Some(progress) => {
+            progress.report(update).await;
+            axum::http::StatusCode::NO_CONTENT
+        }
+        None => axum::http::StatusCode::NOT_FOUND,
     }
 }

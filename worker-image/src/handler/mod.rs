@@ -25,13 +25,17 @@ pub enum RuntimeHandler {
 
 impl RuntimeHandler {
     /// The handler of `mode`: `command` (program and arguments) for `exec` and `jsonl`,
-    /// `url` for `http`.
-    pub fn new(mode: HandlerMode, command: &[String], url: Option<&str>) -> anyhow::Result<Self> {
+    /// `url` for `http` (which also opens its progress endpoint on the loopback).
+    pub async fn new(
+        mode: HandlerMode,
+        command: &[String],
+        url: Option<&str>,
+    ) -> anyhow::Result<Self> {
         if mode == HandlerMode::Http {
             let Some(url) = url else {
                 anyhow::bail!("http handler mode needs --handler-url (CONVEYOR_HANDLER_URL)");
             };
-            return Ok(Self::Http(HttpHandler::new(url.to_owned())?));
+            return Ok(Self::Http(HttpHandler::new(url.to_owned()).await?));
         }
         let Some((program, args)) = command.split_first() else {
             anyhow::bail!("no handler command given: `conveyor-worker run -- <command> [args…]`");
@@ -65,18 +69,22 @@ fn excerpt(bytes: &[u8], limit: usize) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn missing_command_or_url_is_a_clear_error() {
-        let err = RuntimeHandler::new(HandlerMode::Exec, &[], None).unwrap_err();
+    #[tokio::test]
+    async fn missing_command_or_url_is_a_clear_error() {
+        let err = RuntimeHandler::new(HandlerMode::Exec, &[], None)
+            .await
+            .unwrap_err();
         assert!(
             err.to_string().contains("no handler command given"),
             "{err}"
         );
-        let err = RuntimeHandler::new(HandlerMode::Http, &[], None).unwrap_err();
+        let err = RuntimeHandler::new(HandlerMode::Http, &[], None)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("needs --handler-url"), "{err}");
         let url = Some("http://127.0.0.1:1/");
         assert!(matches!(
-            RuntimeHandler::new(HandlerMode::Http, &[], url),
+            RuntimeHandler::new(HandlerMode::Http, &[], url).await,
             Ok(RuntimeHandler::Http(_))
         ));
     }
