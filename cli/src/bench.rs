@@ -300,6 +300,12 @@ async fn raw_setup(
         })
         .await
         .context("creating the raw consumer")?;
+    // The consumer gets its own connection, as Conveyor's worker does.
+    let consumer = jetstream_at(url)
+        .await?
+        .get_consumer_from_stream(consumer.cached_info().name.clone(), name)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding the raw consumer: {e}"))?;
     Ok((js, consumer, subject))
 }
 

@@ -111,6 +111,8 @@ impl Puller {
         loop {
             let lost_at = self.requests.front().map(|(_, at)| *at);
             let message = tokio::select! {
+                // Messages first: while jobs are waiting, the timer is never armed.
+                biased;
                 message = self.subscriber.next() => message,
                 () = sleep_until(lost_at) => {
                     self.forget_oldest_request();

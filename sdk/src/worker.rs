@@ -632,6 +632,8 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
         }
         let pulled = jobs.alongside(async {
             tokio::select! {
+                // The puller first: while jobs are waiting, the stop token is not registered with.
+                biased;
                 pulled = puller.next() => Some(pulled),
                 () = stop.cancelled() => None,
             }
@@ -1272,6 +1274,11 @@ async fn with_heartbeats(
     ack_wait: Duration,
     timeout: Option<Duration>,
 ) -> Outcome {
+    tokio::pin!(handler);
+    // A job done on its first poll needs no timers.
+    if let std::task::Poll::Ready(outcome) = futures::poll!(handler.as_mut()) {
+        return outcome;
+    }
     let period = (ack_wait / 3).max(Duration::from_millis(100));
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let expiry = async {
@@ -1280,10 +1287,9 @@ async fn with_heartbeats(
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(handler, expiry);
+    tokio::pin!(expiry);
     loop {
         tokio::select! {
-            // The handler first: a job that finishes on its first poll never starts a timer.
             biased;
             outcome = &mut handler => return outcome,
             _ = heartbeat.tick() => {
