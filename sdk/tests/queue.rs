@@ -47,6 +47,46 @@ fn fast_options() -> WorkerOptions {
     }
 }
 
+/// [`fast_options`] with a constant 50 ms backoff, for tests that go through attempts.
+fn quick_retries() -> WorkerOptions {
+    WorkerOptions {
+        backoff: Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(50),
+            multiplier: 1.0,
+            jitter: 0.0,
+        },
+        ..fast_options()
+    }
+}
+
+/// Jobs running now, most running at once, and finished: for tests of concurrency caps.
+#[derive(Default)]
+struct Occupancy(Mutex<(usize, usize, usize)>);
+
+impl Occupancy {
+    /// Counts one job as running for `work`.
+    async fn run_for(&self, work: Duration) {
+        {
+            let mut s = self.0.lock().unwrap();
+            s.0 += 1;
+            s.1 = s.1.max(s.0);
+        }
+        tokio::time::sleep(work).await;
+        let mut s = self.0.lock().unwrap();
+        s.0 -= 1;
+        s.2 += 1;
+    }
+
+    fn most(&self) -> usize {
+        self.0.lock().unwrap().1
+    }
+
+    fn finished(&self) -> usize {
+        self.0.lock().unwrap().2
+    }
+}
+
 /// Runs a worker in the background; cancel the token to stop it.
 fn spawn_worker<F, Fut>(
     client: &Client,
@@ -302,15 +342,7 @@ async fn permanent_failure_and_exhausted_attempts_go_to_the_dead_letter_stream()
         ..Default::default()
     };
     let (client, queue) = queue_with(&nats, settings).await?;
-    let options = WorkerOptions {
-        backoff: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(50),
-            multiplier: 1.0,
-            jitter: 0.0,
-        },
-        ..fast_options()
-    };
+    let options = quick_retries();
     let stop = spawn_worker(&client, &queue, options, |job: ReceivedJob| async move {
         match job.id.as_str() {
             "bad" => Outcome::Permanent("payload is not an invoice".into()),
@@ -365,15 +397,7 @@ async fn a_panicking_handler_fails_its_attempt_and_the_other_jobs_carry_on() -> 
         ..Default::default()
     };
     let (client, queue) = queue_with(&nats, settings).await?;
-    let options = WorkerOptions {
-        backoff: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(50),
-            multiplier: 1.0,
-            jitter: 0.0,
-        },
-        ..fast_options()
-    };
+    let options = quick_retries();
     let done: Arc<Mutex<HashSet<String>>> = Arc::default();
     let record = done.clone();
     let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
@@ -435,15 +459,7 @@ async fn heartbeats_keep_a_long_job_and_a_silent_one_times_out() -> anyhow::Resu
         ..Default::default()
     };
     let (client, queue) = queue_with(&nats, settings).await?;
-    let options = WorkerOptions {
-        backoff: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(50),
-            multiplier: 1.0,
-            jitter: 0.0,
-        },
-        ..fast_options()
-    };
+    let options = quick_retries();
     let attempts: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let record = attempts.clone();
     let stop = spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
@@ -503,8 +519,8 @@ async fn workers_run_at_most_their_concurrency_and_share_a_backlog() -> anyhow::
         .submit_batch(&queue, (0..JOBS).map(|i| Job::new(format!("s{i}"), "x")))
         .await;
     assert!(results.iter().all(Result::is_ok));
-    // Per worker: (running now, most running at once, finished); every (id, attempt) seen.
-    let states: Vec<Arc<Mutex<(usize, usize, usize)>>> = (0..2).map(|_| Arc::default()).collect();
+    // Per worker: how many jobs ran at once; every (id, attempt) seen.
+    let states: Vec<Arc<Occupancy>> = (0..2).map(|_| Arc::default()).collect();
     let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
     let stops: Vec<CancellationToken> = states
         .iter()
@@ -514,22 +530,14 @@ async fn workers_run_at_most_their_concurrency_and_share_a_backlog() -> anyhow::
                 let (state, seen) = (state.clone(), seen.clone());
                 async move {
                     seen.lock().unwrap().push((job.id.clone(), job.attempt));
-                    {
-                        let mut s = state.lock().unwrap();
-                        s.0 += 1;
-                        s.1 = s.1.max(s.0);
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    let mut s = state.lock().unwrap();
-                    s.0 -= 1;
-                    s.2 += 1;
+                    state.run_for(Duration::from_millis(10)).await;
                     Outcome::Done(job.payload)
                 }
             })
         })
         .collect();
     wait_for(WAIT, "every job finished", || async {
-        states.iter().map(|s| s.lock().unwrap().2).sum::<usize>() == JOBS
+        states.iter().map(|s| s.finished()).sum::<usize>() == JOBS
     })
     .await?;
     for stop in stops {
@@ -537,9 +545,12 @@ async fn workers_run_at_most_their_concurrency_and_share_a_backlog() -> anyhow::
     }
     let concurrency = fast_options().concurrency;
     for state in &states {
-        let (_, most, done) = *state.lock().unwrap();
-        assert_eq!(most, concurrency, "each worker used all its slots, no more");
-        assert!(done > 0, "both workers got jobs");
+        assert_eq!(
+            state.most(),
+            concurrency,
+            "each worker used all its slots, no more"
+        );
+        assert!(state.finished() > 0, "both workers got jobs");
     }
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), JOBS, "each job ran once");
@@ -777,8 +788,7 @@ async fn concurrency_limit_caps_jobs_in_flight_across_workers() -> anyhow::Resul
         .submit_batch(&queue, (0..JOBS).map(|i| Job::new(format!("c{i}"), "x")))
         .await;
     assert!(results.iter().all(Result::is_ok));
-    // (running now, most running at once, finished)
-    let state = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+    let state = Arc::new(Occupancy::default());
     // Two workers with room for 4 jobs each: 8 slots, but only LIMIT jobs may run.
     let stops: Vec<CancellationToken> = (0..2)
         .map(|_| {
@@ -790,28 +800,20 @@ async fn concurrency_limit_caps_jobs_in_flight_across_workers() -> anyhow::Resul
             spawn_worker(&client, &queue, options, move |job: ReceivedJob| {
                 let state = state.clone();
                 async move {
-                    {
-                        let mut s = state.lock().unwrap();
-                        s.0 += 1;
-                        s.1 = s.1.max(s.0);
-                    }
-                    tokio::time::sleep(Duration::from_millis(150)).await;
-                    let mut s = state.lock().unwrap();
-                    s.0 -= 1;
-                    s.2 += 1;
+                    state.run_for(Duration::from_millis(150)).await;
                     Outcome::Done(job.payload)
                 }
             })
         })
         .collect();
     wait_for(WAIT, "every job finished", || async {
-        state.lock().unwrap().2 == JOBS
+        state.finished() == JOBS
     })
     .await?;
     for stop in stops {
         stop.cancel();
     }
-    let most = state.lock().unwrap().1;
+    let most = state.most();
     assert_eq!(
         most, LIMIT,
         "never more than the limit, and the limit is used"
