@@ -126,9 +126,11 @@ pub struct JobQueueSpec {
     /// Most jobs running at once across every worker of this queue, e.g. to protect a
     /// downstream service; unlimited when absent. JetStream enforces it: each priority level's
     /// consumer hands out at most this many jobs not yet acknowledged (`max_ack_pending`), so
-    /// with one level the cap is exact. With several levels each level may use the whole cap;
-    /// the scaler keeps autoscaled pools within `concurrencyLimit / concurrency` pods (at least
-    /// one), which keeps the total within the cap too.
+    /// with one level the cap is exact. With several levels each level's consumer alone would
+    /// allow the whole cap; the Worker's pods keep the total within it: each runs at most
+    /// min(`concurrency`, `concurrencyLimit`) jobs, and the scaler keeps autoscaled pools within
+    /// `concurrencyLimit / concurrency` pods (at least one). A pool with fixed `replicas`
+    /// above that, or workers the operator does not run, may exceed it by level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub concurrency_limit: Option<i32>,

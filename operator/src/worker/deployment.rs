@@ -224,7 +224,16 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
         value(env::QUEUE_NAMESPACE, queue.namespace().unwrap_or_default()),
         value(env::QUEUE_NAME, queue.name_any()),
         value(env::PRIORITIES, queue.spec.priorities.to_string()),
-        value(env::CONCURRENCY, spec.concurrency.to_string()),
+        // A pod never runs more jobs at once than the queue's concurrencyLimit, whatever its
+        // priority levels (each level's consumer alone would allow the whole limit).
+        value(
+            env::CONCURRENCY,
+            queue
+                .spec
+                .concurrency_limit
+                .map_or(spec.concurrency, |limit| spec.concurrency.min(limit))
+                .to_string(),
+        ),
         value(env::HANDLER_MODE, spec.handler.mode.as_str().to_owned()),
     ];
     let backoff = &queue.spec.retry.backoff;

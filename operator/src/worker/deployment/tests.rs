@@ -341,3 +341,21 @@ fn queues_that_keep_results_have_their_workers_store_them() {
         Some("true")
     );
 }
+
+#[test]
+fn a_pod_runs_no_more_jobs_than_the_concurrency_limit() {
+    let mut q = queue();
+    let mut w = worker();
+    w.spec.concurrency = 8;
+    let concurrency = |q: &JobQueue| {
+        env_of(&main_container_for(&w, q))[env::CONCURRENCY]
+            .value
+            .clone()
+            .unwrap_or_default()
+    };
+    assert_eq!(concurrency(&q), "8");
+    q.spec.concurrency_limit = Some(20);
+    assert_eq!(concurrency(&q), "8", "a higher limit changes nothing");
+    q.spec.concurrency_limit = Some(3);
+    assert_eq!(concurrency(&q), "3");
+}
