@@ -233,6 +233,10 @@ pub struct BenchArgs {
     /// Rounds of each measurement; the report gives medians.
     #[arg(long, env = "CONVEYOR_BENCH_ROUNDS", default_value_t = 3)]
     pub rounds: usize,
+    /// Priority levels of Conveyor's queue; jobs are spread evenly over them (the raw side has
+    /// one stream and one consumer either way). Above 1, workers sweep the levels' consumers.
+    #[arg(long, env = "CONVEYOR_BENCH_PRIORITIES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=10))]
+    pub priorities: u8,
     /// Also measure each side's producer and consumer apart (publish into an empty stream;
     /// consume a full one), to tell where a gap in throughput comes from.
     #[arg(long)]

@@ -57,6 +57,8 @@ struct Report {
     jobs: usize,
     payload_bytes: usize,
     concurrency: usize,
+    /// Priority levels of Conveyor's queue.
+    priorities: u8,
     rate_per_second: u32,
     rounds: usize,
     raw_throughput: f64,
@@ -181,6 +183,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         jobs: args.jobs,
         payload_bytes: args.payload,
         concurrency: args.concurrency,
+        priorities: args.priorities,
         rate_per_second: args.rate,
         rounds: args.rounds,
         raw_throughput: raw_tp,
@@ -208,8 +211,8 @@ fn print_text(r: &Report) {
         r.nats_server, r.rounds
     );
     println!(
-        "  throughput, {} jobs x {} B, concurrency {}:",
-        r.jobs, r.payload_bytes, r.concurrency
+        "  throughput, {} jobs x {} B, concurrency {}, {} priority level(s) on Conveyor:",
+        r.jobs, r.payload_bytes, r.concurrency, r.priorities
     );
     println!("    raw JetStream  {:>9.0} jobs/s", r.raw_throughput);
     println!("    Conveyor       {:>9.0} jobs/s", r.conveyor_throughput);
@@ -310,15 +313,28 @@ async fn raw_setup(
 }
 
 /// A fresh Conveyor queue (its stream and consumer made the way the operator makes them).
-async fn conveyor_setup(url: &str, name: &str) -> anyhow::Result<(Client, Worker, QueueRef)> {
+async fn conveyor_setup(
+    url: &str,
+    name: &str,
+    priorities: u8,
+) -> anyhow::Result<(Client, Worker, QueueRef)> {
     let queue = QueueRef::new("bench", name);
     let client = Client::connect(url).await?;
-    admin::ensure_queue(client.jetstream(), &queue, &QueueSettings::default())
+    let settings = QueueSettings {
+        priorities,
+        ..QueueSettings::default()
+    };
+    admin::ensure_queue(client.jetstream(), &queue, &settings)
         .await
         .context("creating the bench queue")?;
     // The workers get their own connection, as a worker pod would.
-    let worker = Worker::new(jetstream_at(url).await?, queue.clone());
+    let worker = Worker::new(jetstream_at(url).await?, queue.clone()).priorities(priorities);
     Ok((client, worker, queue))
+}
+
+/// The `i`th bench job: levels taken in turn.
+fn bench_job(id: String, payload: Bytes, i: u64, priorities: u8) -> Job {
+    Job::new(id, payload).priority(u8::try_from(i % u64::from(priorities)).unwrap_or(0))
 }
 
 async fn raw_teardown(js: &jetstream::Context, name: &str) {
@@ -326,11 +342,9 @@ async fn raw_teardown(js: &jetstream::Context, name: &str) {
 }
 
 async fn conveyor_teardown(client: &Client, queue: &QueueRef) {
-    let _ = client.jetstream().delete_stream(queue.stream()).await;
-    let _ = client
-        .jetstream()
-        .delete_stream(queue.dead_letter_stream())
-        .await;
+    if let Err(error) = conveyor_operator::assets::delete(client.jetstream(), queue).await {
+        tracing::warn!(%error, "deleting the bench queue");
+    }
 }
 
 /// Waits until `count` reaches `target`, with the run deadline.
@@ -484,8 +498,14 @@ impl NoopWorker {
 }
 
 /// Submits `n` jobs of `payload` with `Client::submit_batch`; fails if any submission failed.
-async fn submit_all(client: Client, queue: QueueRef, payload: Bytes, n: u64) -> anyhow::Result<()> {
-    let jobs = (0..n).map(move |i| Job::new(format!("j{i}"), payload.clone()));
+async fn submit_all(
+    client: Client,
+    queue: QueueRef,
+    payload: Bytes,
+    n: u64,
+    priorities: u8,
+) -> anyhow::Result<()> {
+    let jobs = (0..n).map(move |i| bench_job(format!("j{i}"), payload.clone(), i, priorities));
     let failed = client
         .submit_batch(&queue, jobs)
         .await
@@ -512,12 +532,18 @@ async fn conveyor_throughput(
     round: usize,
 ) -> anyhow::Result<Throughput> {
     let name = format!("tp-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
     let payload = Bytes::from(vec![b'x'; args.payload]);
     let n = args.jobs as u64;
     let start = Instant::now();
     let worker = NoopWorker::start(worker, args.concurrency, n)?;
-    let producer = tokio::spawn(submit_all(client.clone(), queue.clone(), payload, n));
+    let producer = tokio::spawn(submit_all(
+        client.clone(),
+        queue.clone(),
+        payload,
+        n,
+        args.priorities,
+    ));
     worker.finished("conveyor throughput").await?;
     let result = throughput(n, start);
     producer.await??;
@@ -551,9 +577,9 @@ async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<
     raw_teardown(&js, &name).await;
 
     let name = format!("pub-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
     let start = Instant::now();
-    submit_all(client.clone(), queue.clone(), payload, n).await?;
+    submit_all(client.clone(), queue.clone(), payload, n, args.priorities).await?;
     let conveyor_submit = throughput(n, start);
     let start = Instant::now();
     let worker = NoopWorker::start(worker, args.concurrency, n)?;
@@ -658,7 +684,7 @@ async fn raw_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Resul
 
 async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Latency> {
     let name = format!("lat-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
     let total = u64::from(args.rate) * args.latency_seconds;
     let base = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
@@ -686,15 +712,16 @@ async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::
     let producer = {
         let client = client.clone();
         let queue = queue.clone();
-        let (rate, size) = (args.rate, args.payload);
+        let (rate, size, priorities) = (args.rate, args.payload, args.priorities);
         let next_id = Arc::new(AtomicU64::new(0));
         tokio::spawn(async move {
             paced(rate, total, base, size, |payload| {
                 let client = client.clone();
                 let queue = queue.clone();
-                let id = format!("l{}", next_id.fetch_add(1, Ordering::Relaxed));
+                let i = next_id.fetch_add(1, Ordering::Relaxed);
+                let job = bench_job(format!("l{i}"), payload, i, priorities);
                 async move {
-                    client.submit(&queue, Job::new(id, payload)).await?;
+                    client.submit(&queue, job).await?;
                     Ok(())
                 }
             })
