@@ -444,7 +444,7 @@ fn runtime_observer(concurrency: usize) -> anyhow::Result<(Arc<Metrics>, tempfil
     Ok((Arc::new(metrics), file))
 }
 
-/// A worker with no-op handlers counting the jobs it finished; stopped by [`NoopWorker::stop`].
+/// A worker with no-op handlers counting the jobs it handled; stopped by [`NoopWorker::stop`].
 struct NoopWorker {
     handled: Arc<AtomicU64>,
     done: Arc<Notify>,
@@ -455,7 +455,13 @@ struct NoopWorker {
 }
 
 impl NoopWorker {
-    fn start(worker: Worker, concurrency: usize, target: u64) -> anyhow::Result<Self> {
+    /// Starts the worker; `seen` is called with each job as its handler starts.
+    fn start(
+        worker: Worker,
+        concurrency: usize,
+        target: u64,
+        seen: impl Fn(&ReceivedJob) + Send + Sync + 'static,
+    ) -> anyhow::Result<Self> {
         let (observer, running_jobs_file) = runtime_observer(concurrency)?;
         let handled = Arc::new(AtomicU64::new(0));
         let done = Arc::new(Notify::new());
@@ -464,14 +470,12 @@ impl NoopWorker {
             let (handled, done, stop) = (handled.clone(), done.clone(), stop.clone());
             worker
                 .concurrency(concurrency)
-                .handler(move |_job: ReceivedJob| {
-                    let (handled, done) = (handled.clone(), done.clone());
-                    async move {
-                        if handled.fetch_add(1, Ordering::AcqRel) + 1 == target {
-                            done.notify_one();
-                        }
-                        Outcome::Done(Bytes::new())
+                .handler(move |job: ReceivedJob| {
+                    seen(&job);
+                    if handled.fetch_add(1, Ordering::AcqRel) + 1 == target {
+                        done.notify_one();
                     }
+                    async { Outcome::Done(Bytes::new()) }
                 })
                 .observer(observer)
                 .run(async move { stop.notified().await })
@@ -536,7 +540,7 @@ async fn conveyor_throughput(
     let payload = Bytes::from(vec![b'x'; args.payload]);
     let n = args.jobs as u64;
     let start = Instant::now();
-    let worker = NoopWorker::start(worker, args.concurrency, n)?;
+    let worker = NoopWorker::start(worker, args.concurrency, n, |_| {})?;
     let producer = tokio::spawn(submit_all(
         client.clone(),
         queue.clone(),
@@ -582,7 +586,7 @@ async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<
     submit_all(client.clone(), queue.clone(), payload, n, args.priorities).await?;
     let conveyor_submit = throughput(n, start);
     let start = Instant::now();
-    let worker = NoopWorker::start(worker, args.concurrency, n)?;
+    let worker = NoopWorker::start(worker, args.concurrency, n, |_| {})?;
     worker.finished("conveyor consume").await?;
     let conveyor_consume = throughput(n, start);
     worker.stop().await?;
@@ -688,27 +692,13 @@ async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::
     let total = u64::from(args.rate) * args.latency_seconds;
     let base = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
-    let handled = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let stop = Arc::new(Notify::new());
-    let (observer, _running_jobs_file) = runtime_observer(args.concurrency)?;
-    let runner = {
-        let (samples, handled, done, stop) =
-            (samples.clone(), handled.clone(), done.clone(), stop.clone());
-        worker
-            .concurrency(args.concurrency)
-            .handler(move |job: ReceivedJob| {
-                let latency = latency_of(base, &job.payload);
-                samples.lock().expect("samples lock").push(latency);
-                if handled.fetch_add(1, Ordering::AcqRel) + 1 == total {
-                    done.notify_one();
-                }
-                async { Outcome::Done(Bytes::new()) }
-            })
-            .observer(observer)
-            .run(async move { stop.notified().await })
+    let worker = {
+        let samples = samples.clone();
+        NoopWorker::start(worker, args.concurrency, total, move |job| {
+            let latency = latency_of(base, &job.payload);
+            samples.lock().expect("samples lock").push(latency);
+        })?
     };
-    let worker_task = tokio::spawn(runner);
     let producer = {
         let client = client.clone();
         let queue = queue.clone();
@@ -728,10 +718,9 @@ async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::
             .await
         })
     };
-    wait_count(&handled, &done, total, "conveyor latency").await?;
+    worker.finished("conveyor latency").await?;
     producer.await??;
-    stop.notify_one();
-    worker_task.await??;
+    worker.stop().await?;
     conveyor_teardown(&client, &queue).await;
     let samples = std::mem::take(&mut *samples.lock().expect("samples lock"));
     Ok(summarize(samples))

@@ -578,7 +578,7 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
     loop {
         let idle = puller.outstanding() == 0;
         if idle || (tokens.is_none() && slots.available_permits() >= top_up) {
-            let mut permits = if idle {
+            let permits = if idle {
                 match jobs.alongside(free_slots(slots, stop)).await {
                     Some(permits) => permits,
                     None => return,
@@ -586,35 +586,21 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
             } else {
                 take_free(slots)
             };
-            if let Some(max_jobs) = shared.options.max_jobs {
-                let taken = shared.started.load(Ordering::Relaxed) + puller.outstanding() as u64;
-                let remaining = max_jobs.saturating_sub(taken);
-                if remaining == 0 && idle {
-                    info!(max_jobs, "took max_jobs jobs; stopping to be replaced");
-                    return;
-                }
-                permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
-            }
-            if let Some(tokens) = tokens {
-                // One token per job started: never more slots than tokens.
-                let taken = jobs
-                    .alongside(async {
-                        tokio::select! {
-                            taken = tokens.take(permits.len(), poll_wait) => Some(taken),
-                            () = stop.cancelled() => None,
-                        }
-                    })
-                    .await;
-                let Some(taken) = taken else { return };
-                match taken {
-                    Ok(granted) => permits.truncate(granted),
-                    Err(error) => {
-                        jobs.alongside(pause_after_error(error, &mut error_delay, stop))
-                            .await;
-                        continue;
-                    }
-                }
-            }
+            let permits = match ration(
+                shared,
+                jobs,
+                permits,
+                puller.outstanding(),
+                tokens,
+                stop,
+                &mut error_delay,
+            )
+            .await
+            {
+                Ration::Ask(permits) => permits,
+                Ration::Stop => return,
+                Ration::Retry => continue,
+            };
             if let Err(error) = jobs.alongside(puller.request(permits)).await {
                 shared.observer.pulled();
                 jobs.alongside(pause_after_error(error, &mut error_delay, stop))
@@ -622,7 +608,7 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
                 continue;
             }
             if puller.outstanding() == 0 {
-                // Nothing could be asked for (no tokens, or max_jobs reached while jobs run).
+                // Nothing could be asked for: no tokens came.
                 shared.observer.pulled();
                 if stop.is_cancelled() {
                     return;
@@ -707,38 +693,26 @@ async fn fetch_loop<'a, H: Handler, O: Observer>(
         pull_loop(shared, consumer, jobs, stop, &slots, tokens.as_ref()).await;
         return;
     }
-    while let Some(mut permits) = jobs.alongside(free_slots(&slots, stop)).await {
-        if let Some(max_jobs) = shared.options.max_jobs {
-            let remaining = max_jobs.saturating_sub(shared.started.load(Ordering::Relaxed));
-            if remaining == 0 {
-                info!(max_jobs, "took max_jobs jobs; stopping to be replaced");
-                return;
-            }
-            permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
-        }
-        if let Some(tokens) = &tokens {
-            // One token per job started: never more slots than tokens.
-            let taken = jobs
-                .alongside(async {
-                    tokio::select! {
-                        taken = tokens.take(permits.len(), shared.options.poll_wait) => Some(taken),
-                        () = stop.cancelled() => None,
-                    }
-                })
-                .await;
-            let Some(taken) = taken else { return };
-            match taken {
-                Ok(0) => {
-                    shared.observer.pulled();
-                    continue;
-                }
-                Ok(granted) => permits.truncate(granted),
-                Err(error) => {
-                    jobs.alongside(pause_after_error(error, &mut error_delay, stop))
-                        .await;
-                    continue;
-                }
-            }
+    while let Some(free) = jobs.alongside(free_slots(&slots, stop)).await {
+        let mut permits = match ration(
+            shared,
+            jobs,
+            free,
+            0,
+            tokens.as_ref(),
+            stop,
+            &mut error_delay,
+        )
+        .await
+        {
+            Ration::Ask(permits) => permits,
+            Ration::Stop => return,
+            Ration::Retry => continue,
+        };
+        if permits.is_empty() {
+            // No tokens came.
+            shared.observer.pulled();
+            continue;
         }
         // Several levels: sweep them without waiting, most urgent first (every tenth round
         // least urgent first), taking at most the free slots in total.
@@ -820,6 +794,58 @@ async fn fetch_loop<'a, H: Handler, O: Observer>(
             }
         }
     }
+}
+
+/// What a worker may ask for with its free slots.
+enum Ration {
+    /// These slots (possibly none: no tokens came).
+    Ask(Vec<OwnedSemaphorePermit>),
+    /// Nothing more: stop requested, or `max_jobs` taken.
+    Stop,
+    /// Taking tokens failed (after a pause): start over.
+    Retry,
+}
+
+/// Cuts the free `permits` down to what `max_jobs` leaves (counting `asked`, jobs asked for
+/// and not yet delivered) and to the rate-limit tokens it gets, one per job.
+async fn ration<'a, H: Handler, O: Observer>(
+    shared: &Shared<H, O>,
+    jobs: &mut InFlight<'a>,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    asked: usize,
+    tokens: Option<&crate::rate::Tokens>,
+    stop: &CancellationToken,
+    error_delay: &mut Duration,
+) -> Ration {
+    if let Some(max_jobs) = shared.options.max_jobs {
+        let taken = shared.started.load(Ordering::Relaxed) + asked as u64;
+        let remaining = max_jobs.saturating_sub(taken);
+        if remaining == 0 && asked == 0 {
+            info!(max_jobs, "took max_jobs jobs; stopping to be replaced");
+            return Ration::Stop;
+        }
+        permits.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+    }
+    if let Some(tokens) = tokens {
+        let taken = jobs
+            .alongside(async {
+                tokio::select! {
+                    taken = tokens.take(permits.len(), shared.options.poll_wait) => Some(taken),
+                    () = stop.cancelled() => None,
+                }
+            })
+            .await;
+        match taken {
+            None => return Ration::Stop,
+            Some(Ok(granted)) => permits.truncate(granted),
+            Some(Err(error)) => {
+                jobs.alongside(pause_after_error(error, error_delay, stop))
+                    .await;
+                return Ration::Retry;
+            }
+        }
+    }
+    Ration::Ask(permits)
 }
 
 /// Logs a NATS error and waits a growing delay (up to 5 s) or until stop.
