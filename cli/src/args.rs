@@ -1,5 +1,9 @@
 //! Command-line arguments of `conveyor`. Every flag can also be set from the environment; the
 //! `///` lines here are the `--help` text.
+//!
+//! Every number and duration a flag takes is bounded ([`bounds`]): a value out of range or
+//! malformed is refused by clap before anything runs, with one line naming the flag and the
+//! range, so no flag value can overflow, panic, hang or allocate without limit further on.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -108,22 +112,28 @@ pub struct SubmitArgs {
     /// fresh unique id per job.
     #[arg(long, env = "CONVEYOR_JOB_ID")]
     pub id: Option<String>,
-    /// Submit the payload this many times (quick load).
-    #[arg(long, env = "CONVEYOR_SUBMIT_COUNT", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Submit the payload this many times (quick load), 1 to 1000000. The jobs are made and
+    /// sent a window at a time, never all held at once.
+    #[arg(long, env = "CONVEYOR_SUBMIT_COUNT", default_value_t = 1,
+          value_parser = |s: &str| bounds::number::<u64>(s, 1, bounds::MAX_COUNT))]
     pub count: u64,
-    /// Priority level of the jobs: 0 (default, lowest) up to the queue's `priorities` - 1.
-    #[arg(long, short = 'p', env = "CONVEYOR_PRIORITY", default_value_t = 0)]
+    /// Priority level of the jobs: 0 (default, lowest) up to the queue's `priorities` - 1
+    /// (at most 9).
+    #[arg(long, short = 'p', env = "CONVEYOR_PRIORITY", default_value_t = 0,
+          value_parser = |s: &str| bounds::number::<u8>(s, 0, bounds::MAX_PRIORITY))]
     pub priority: u8,
-    /// Run the jobs no earlier than this long from now (e.g. `30s`, `5m`, `2h`); durable across
-    /// server restarts.
-    #[arg(long, env = "CONVEYOR_DELAY", value_parser = humantime::parse_duration)]
+    /// Run the jobs no earlier than this long from now (e.g. `30s`, `5m`, `2h`; at most
+    /// `365d`); durable across server restarts.
+    #[arg(long, env = "CONVEYOR_DELAY",
+          value_parser = |s: &str| bounds::duration(s, Duration::ZERO, bounds::MAX_DELAY))]
     pub delay: Option<Duration>,
     /// Wait for every job's outcome and print one line per job: `<id> <completed|dead-lettered|
     /// cancelled> <result or error>`. Exits non-zero unless every job completed.
     #[arg(long, short = 'w', env = "CONVEYOR_WAIT")]
     pub wait: bool,
-    /// With --wait: how long to wait for each job's outcome.
-    #[arg(long, env = "CONVEYOR_WAIT_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    /// With --wait: how long to wait for each job's outcome (`1s` to `7d`).
+    #[arg(long, env = "CONVEYOR_WAIT_TIMEOUT", default_value = "5m",
+          value_parser = |s: &str| bounds::duration(s, bounds::SECOND, bounds::MAX_WAIT_TIMEOUT))]
     pub wait_timeout: Duration,
 }
 
@@ -183,11 +193,13 @@ pub struct DevArgs {
     /// summary and exit (non-zero if any step fails).
     #[arg(long, env = "CONVEYOR_DEV_DEMO")]
     pub demo: bool,
-    /// Number of jobs the demo submits.
-    #[arg(long, env = "CONVEYOR_DEV_DEMO_JOBS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Number of jobs the demo submits, 1 to 100000.
+    #[arg(long, env = "CONVEYOR_DEV_DEMO_JOBS", default_value_t = 100,
+          value_parser = |s: &str| bounds::number::<u64>(s, 1, bounds::MAX_DEMO_JOBS))]
     pub demo_jobs: u64,
-    /// Deadline of each step of the demo (e.g. `90s`, `2m`).
-    #[arg(long, env = "CONVEYOR_DEV_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    /// Deadline of each step of the demo (e.g. `90s`, `2m`; `1s` to `24h`).
+    #[arg(long, env = "CONVEYOR_DEV_TIMEOUT", default_value = "120s",
+          value_parser = |s: &str| bounds::duration(s, bounds::SECOND, bounds::MAX_DEV_TIMEOUT))]
     pub timeout: Duration,
     /// Directory for NATS' store, the kubeconfig, pod logs and volumes. Default: a temporary
     /// directory removed on exit.
@@ -215,27 +227,35 @@ pub struct BenchArgs {
     /// The `nats-server` executable to start when no `--nats-url` is given.
     #[arg(long, env = "CONVEYOR_NATS_SERVER", default_value = "nats-server")]
     pub nats_server: PathBuf,
-    /// Jobs per throughput measurement.
-    #[arg(long, env = "CONVEYOR_BENCH_JOBS", default_value_t = 200_000)]
+    /// Jobs per throughput measurement, 1 to 2000000.
+    #[arg(long, env = "CONVEYOR_BENCH_JOBS", default_value_t = 200_000,
+          value_parser = |s: &str| bounds::number::<usize>(s, 1, bounds::MAX_BENCH_JOBS))]
     pub jobs: usize,
-    /// Payload size in bytes.
-    #[arg(long, env = "CONVEYOR_BENCH_PAYLOAD", default_value_t = 256)]
+    /// Payload size in bytes, 0 to 1048576.
+    #[arg(long, env = "CONVEYOR_BENCH_PAYLOAD", default_value_t = 256,
+          value_parser = |s: &str| bounds::number::<usize>(s, 0, bounds::MAX_BENCH_PAYLOAD))]
     pub payload: usize,
-    /// Jobs a worker holds at once (the raw consumer pulls batches of this size).
-    #[arg(long, env = "CONVEYOR_BENCH_CONCURRENCY", default_value_t = 64)]
+    /// Jobs a worker holds at once (the raw consumer pulls batches of this size), 1 to 4096.
+    #[arg(long, env = "CONVEYOR_BENCH_CONCURRENCY", default_value_t = 64,
+          value_parser = |s: &str| bounds::number::<usize>(s, 1, bounds::MAX_BENCH_CONCURRENCY))]
     pub concurrency: usize,
-    /// Submission rate of the latency measurement, jobs per second.
-    #[arg(long, env = "CONVEYOR_BENCH_RATE", default_value_t = 5_000)]
+    /// Submission rate of the latency measurement, jobs per second, 1 to 100000.
+    #[arg(long, env = "CONVEYOR_BENCH_RATE", default_value_t = 5_000,
+          value_parser = |s: &str| bounds::number::<u32>(s, 1, bounds::MAX_BENCH_RATE))]
     pub rate: u32,
-    /// Length of the latency measurement in seconds.
-    #[arg(long, env = "CONVEYOR_BENCH_LATENCY_SECONDS", default_value_t = 5)]
+    /// Length of the latency measurement in seconds, 1 to 120.
+    #[arg(long, env = "CONVEYOR_BENCH_LATENCY_SECONDS", default_value_t = 5,
+          value_parser = |s: &str| bounds::number::<u64>(s, 1, bounds::MAX_BENCH_LATENCY_SECONDS))]
     pub latency_seconds: u64,
-    /// Rounds of each measurement; the report gives medians.
-    #[arg(long, env = "CONVEYOR_BENCH_ROUNDS", default_value_t = 3)]
+    /// Rounds of each measurement, 1 to 100; the report gives medians.
+    #[arg(long, env = "CONVEYOR_BENCH_ROUNDS", default_value_t = 3,
+          value_parser = |s: &str| bounds::number::<usize>(s, 1, bounds::MAX_BENCH_ROUNDS))]
     pub rounds: usize,
-    /// Priority levels of Conveyor's queue; jobs are spread evenly over them (the raw side has
-    /// one stream and one consumer either way). Above 1, workers sweep the levels' consumers.
-    #[arg(long, env = "CONVEYOR_BENCH_PRIORITIES", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=10))]
+    /// Priority levels of Conveyor's queue, 1 to 10; jobs are spread evenly over them (the raw
+    /// side has one stream and one consumer either way). Above 1, workers sweep the levels'
+    /// consumers.
+    #[arg(long, env = "CONVEYOR_BENCH_PRIORITIES", default_value_t = 1,
+          value_parser = |s: &str| bounds::number::<u8>(s, 1, u64::from(conveyor::admin::MAX_PRIORITIES)))]
     pub priorities: u8,
     /// Also measure each side's producer and consumer apart (publish into an empty stream;
     /// consume a full one), to tell where a gap in throughput comes from.
@@ -244,4 +264,206 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The ranges of the CLI's numbers and durations, and the clap value parsers that enforce them.
+/// Each refusal is one line that says what is allowed; clap prefixes it with the flag.
+pub mod bounds {
+    use std::time::Duration;
+
+    /// `submit --count`: enough for quick load, small enough to finish.
+    pub const MAX_COUNT: u64 = 1_000_000;
+    /// `submit --priority`: the top level of a queue with the most levels.
+    pub const MAX_PRIORITY: u64 = conveyor::admin::MAX_PRIORITIES as u64 - 1;
+    /// `submit --delay`: a year. A delayed job is a server-side schedule, far from a calendar;
+    /// the bound also keeps `now + delay` far from where times overflow or stop being printable.
+    pub const MAX_DELAY: Duration = Duration::from_secs(365 * 86_400);
+    /// `submit --wait-timeout`: a week.
+    pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
+    /// `dev --demo-jobs`.
+    pub const MAX_DEMO_JOBS: u64 = 100_000;
+    /// `dev --timeout`: a day.
+    pub const MAX_DEV_TIMEOUT: Duration = Duration::from_secs(86_400);
+    /// `bench --jobs`: the bench keeps one result per job.
+    pub const MAX_BENCH_JOBS: u64 = 2_000_000;
+    /// `bench --payload`: the default `max_payload` of a NATS server.
+    pub const MAX_BENCH_PAYLOAD: u64 = 1 << 20;
+    /// `bench --concurrency`.
+    pub const MAX_BENCH_CONCURRENCY: u64 = 4096;
+    /// `bench --rate`: with `MAX_BENCH_LATENCY_SECONDS`, at most 12 million latency samples.
+    pub const MAX_BENCH_RATE: u64 = 100_000;
+    /// `bench --latency-seconds`: the bench gives each measurement 300 s to finish.
+    pub const MAX_BENCH_LATENCY_SECONDS: u64 = 120;
+    /// `bench --rounds`.
+    pub const MAX_BENCH_ROUNDS: u64 = 100;
+    /// The shortest timeout a flag takes.
+    pub const SECOND: Duration = Duration::from_secs(1);
+
+    /// A whole number from `min` to `max` (both allowed), as any integer type `max` fits in.
+    pub fn number<T: TryFrom<u64>>(s: &str, min: u64, max: u64) -> Result<T, String> {
+        let allowed = format!("allowed: {min} to {max}");
+        let n = match s.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(format!("out of range; {allowed}"));
+            }
+            Err(_) => return Err(format!("not a whole number; {allowed}")),
+        };
+        if !(min..=max).contains(&n) {
+            return Err(format!("out of range; {allowed}"));
+        }
+        T::try_from(n).map_err(|_| format!("out of range; {allowed}"))
+    }
+
+    /// A duration such as `30s`, `5m` or `2h` from `min` to `max` (both allowed).
+    pub fn duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+        let allowed = format!("allowed: {} to {}", show(min), show(max));
+        let d = humantime::parse_duration(s)
+            .map_err(|e| format!("{e}; {allowed}, e.g. 30s, 5m or 2h"))?;
+        if d < min || d > max {
+            return Err(format!("out of range; {allowed}"));
+        }
+        Ok(d)
+    }
+
+    /// A bound as the user would type it: `365d`, `24h`, `1s`.
+    fn show(d: Duration) -> String {
+        let s = d.as_secs();
+        match s {
+            0 => "0s".to_owned(),
+            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+            s if s % 3600 == 0 => format!("{}h", s / 3600),
+            s if s % 60 == 0 => format!("{}m", s / 60),
+            s => format!("{s}s"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounds::{self, MAX_DELAY};
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from([&["conveyor"], args].concat())
+    }
+
+    fn refusal(args: &[&str]) -> String {
+        parse(args).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn numbers_are_whole_and_in_range() {
+        assert_eq!(bounds::number::<u64>("1", 1, 5), Ok(1));
+        assert_eq!(bounds::number::<u8>("5", 0, 5), Ok(5));
+        for (input, why) in [
+            ("0", "out of range; allowed: 1 to 5"),
+            ("6", "out of range; allowed: 1 to 5"),
+            ("18446744073709551615", "out of range"),
+            ("99999999999999999999999999", "out of range"),
+            ("-1", "not a whole number; allowed: 1 to 5"),
+            ("1.5", "not a whole number"),
+            ("", "not a whole number"),
+            ("1e3", "not a whole number"),
+        ] {
+            let err = bounds::number::<u64>(input, 1, 5).unwrap_err();
+            assert!(err.starts_with(why), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations_are_bounded_and_say_the_range() {
+        let d = |s| bounds::duration(s, Duration::ZERO, MAX_DELAY);
+        assert_eq!(d("0s"), Ok(Duration::ZERO));
+        assert_eq!(d("365d"), Ok(MAX_DELAY));
+        assert_eq!(d("10m"), Ok(Duration::from_secs(600)));
+        for input in [
+            "366d",
+            "10000y",
+            "1000000000000000000000000y",
+            "18446744073709551615s",
+        ] {
+            let err = d(input).unwrap_err();
+            assert!(err.contains("allowed: 0s to 365d"), "{input}: {err}");
+        }
+        for input in ["soon", "-1s", "", "5", "1h-"] {
+            let err = d(input).unwrap_err();
+            assert!(
+                err.contains("allowed: 0s to 365d, e.g. 30s"),
+                "{input}: {err}"
+            );
+        }
+        let err = bounds::duration("0s", bounds::SECOND, bounds::MAX_WAIT_TIMEOUT).unwrap_err();
+        assert_eq!(err, "out of range; allowed: 1s to 7d");
+    }
+
+    #[test]
+    fn refusals_name_the_flag_on_their_first_line() {
+        let said = refusal(&["submit", "q", "--delay", "10000y", "x"]);
+        let first = said.lines().next().unwrap();
+        assert!(
+            first.contains("'--delay <DELAY>'") && first.contains("0s to 365d"),
+            "{said}"
+        );
+        for (args, flag) in [
+            (
+                &["submit", "q", "--count", "18446744073709551615", "x"][..],
+                "--count",
+            ),
+            (&["submit", "q", "--count", "100000000", "x"], "--count"),
+            (&["submit", "q", "-p", "10", "x"], "--priority"),
+            (
+                &["submit", "q", "--wait-timeout", "0s", "x"],
+                "--wait-timeout",
+            ),
+            (&["dev", "--demo-jobs", "0"], "--demo-jobs"),
+            (&["dev", "--timeout", "100y"], "--timeout"),
+            (&["bench", "--payload", "99999999999"], "--payload"),
+            (&["bench", "--rate", "0"], "--rate"),
+            (
+                &["bench", "--latency-seconds", "18446744073709551615"],
+                "--latency-seconds",
+            ),
+            (&["bench", "--rounds", "0"], "--rounds"),
+            (&["bench", "--jobs", "0"], "--jobs"),
+            (&["bench", "--concurrency", "0"], "--concurrency"),
+            (&["bench", "--priorities", "11"], "--priorities"),
+        ] {
+            let said = refusal(args);
+            let first = said.lines().next().unwrap();
+            assert!(
+                first.contains(&format!("'{flag} <")) && first.contains("allowed: "),
+                "{args:?}: {said}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let cli = parse(&[
+            "submit",
+            "q",
+            "--count",
+            "1000000",
+            "-p",
+            "9",
+            "--delay",
+            "365d",
+            "--wait-timeout",
+            "7d",
+            "x",
+        ])
+        .unwrap();
+        let Command::Submit(args) = cli.command else {
+            panic!("submit")
+        };
+        assert_eq!(args.count, bounds::MAX_COUNT);
+        assert_eq!(args.priority, 9);
+        assert_eq!(args.delay, Some(MAX_DELAY));
+        // Defaults go through the same parsers.
+        let Command::Bench(bench) = parse(&["bench"]).unwrap().command else {
+            panic!("bench")
+        };
+        assert_eq!((bench.jobs, bench.rate, bench.rounds), (200_000, 5_000, 3));
+    }
 }

@@ -15,13 +15,17 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return refuse(e),
+    };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cli.command.default_log_filter()));
     tracing_subscriber::fmt()
@@ -45,4 +49,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A flag value out of range or malformed is said in one line (`error: invalid value 'X' for
+/// '--flag <FLAG>': out of range; allowed: …`), without clap's usage hint; every other parse
+/// outcome (help, version, usage errors) is clap's own. Usage errors exit with status 2.
+fn refuse(e: clap::Error) -> ExitCode {
+    if e.kind() != ErrorKind::ValueValidation {
+        e.exit();
+    }
+    let said = e.to_string();
+    eprintln!("{}", said.lines().next().unwrap_or("error: invalid value"));
+    ExitCode::from(2)
 }

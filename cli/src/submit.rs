@@ -1,10 +1,13 @@
 //! `conveyor submit`: publishes jobs through the SDK's [`conveyor::Client`] and prints the id of
 //! every job the queue stored, one per line, so scripts can pipe them on.
+//!
+//! Jobs are made as they are sent, a chunk at a time ([`CHUNK_JOBS`], [`CHUNK_BYTES`]), so
+//! `--count 1000000` or a large `--jsonl` file holds one chunk in memory, not the whole load.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use conveyor::client::{Client, Job, JobResult, SubmitError};
 use conveyor::names::QueueRef;
 use futures::StreamExt;
@@ -14,6 +17,17 @@ use crate::input::{self, JobInput, PayloadSource};
 
 /// Jobs awaited at once with `--wait`.
 const WAIT_WINDOW: usize = 256;
+
+/// Most jobs handed to one [`Client::submit_batch`] (which keeps 256 publishes in flight): large
+/// enough that the window rarely drains between chunks, small enough to hold.
+const CHUNK_JOBS: usize = 4096;
+
+/// Most payload bytes of one chunk (a chunk also ends before this is passed by much).
+const CHUNK_BYTES: usize = 16 << 20;
+
+/// The jobs of a submission, made one by one; an error (a `--jsonl` file that changed since it
+/// was checked) ends them.
+type Inputs = Box<dyn Iterator<Item = anyhow::Result<JobInput>> + Send>;
 
 /// Runs `conveyor submit`.
 pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
@@ -76,14 +90,13 @@ impl Options {
 async fn submit_and_wait(
     client: &Client,
     queue: &QueueRef,
-    jobs: Vec<JobInput>,
+    jobs: Inputs,
     options: Options,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let total = jobs.len();
     let mut outcomes = futures::stream::iter(jobs)
-        .map(|input| {
-            let job = options.job(input);
+        .map(|input| async move {
+            let job = options.job(input.map_err(|e| format!("{e:#}"))?);
             let id = job.id.clone();
             // Progress goes to stderr, so stdout keeps one outcome line per job.
             let on_progress = move |update: bytes::Bytes| {
@@ -92,12 +105,16 @@ async fn submit_and_wait(
                     one_line(&String::from_utf8_lossy(&update))
                 );
             };
-            client.submit_and_watch(queue, job, timeout, on_progress)
+            client
+                .submit_and_watch(queue, job, timeout, on_progress)
+                .await
+                .map_err(|e| e.to_string())
         })
         .buffer_unordered(WAIT_WINDOW);
     let mut stdout = std::io::stdout().lock();
-    let (mut completed, mut first_problem) = (0usize, None::<String>);
+    let (mut total, mut completed, mut first_problem) = (0usize, 0usize, None::<String>);
     while let Some(outcome) = outcomes.next().await {
+        total += 1;
         let line = match outcome {
             Ok(result) => {
                 if matches!(result, JobResult::Completed { .. }) {
@@ -105,7 +122,7 @@ async fn submit_and_wait(
                 }
                 outcome_line(&result)
             }
-            Err(error) => format!("-\terror\t{}", one_line(&error.to_string())),
+            Err(error) => format!("-\terror\t{}", one_line(&error)),
         };
         if !line.contains("\tcompleted\t") && first_problem.is_none() {
             first_problem = Some(line.replace('\t', " "));
@@ -207,35 +224,47 @@ pub struct Outcome {
     pub duplicates: usize,
 }
 
-/// Submits `jobs`, printing each stored job's id on stdout. Fails, after submitting all it can,
-/// when any job was refused, with the first refusal's reason.
+/// Submits `jobs` a chunk at a time, printing each stored job's id on stdout, in order, as its
+/// chunk is acknowledged. Fails, after submitting all it can, when any job was refused, with the
+/// first refusal's reason; an error of the inputs stops it after the jobs before it were sent.
 pub async fn submit(
     client: &Client,
     queue: &QueueRef,
-    jobs: Vec<JobInput>,
+    mut jobs: Inputs,
     options: Options,
 ) -> anyhow::Result<Outcome> {
-    let total = jobs.len();
-    let jobs = jobs.into_iter().map(|j| options.job(j));
-    let results = client.submit_batch(queue, jobs).await;
-    let mut stdout = std::io::stdout().lock();
     let mut outcome = Outcome {
         stored: 0,
         duplicates: 0,
     };
-    let mut refused: Vec<SubmitError> = Vec::new();
-    for result in results {
-        match result {
-            Ok(ack) => {
-                outcome.stored += 1;
-                outcome.duplicates += usize::from(ack.duplicate);
-                writeln!(stdout, "{}", ack.id).context("cannot write to stdout")?;
+    let (mut total, mut refused, mut first_refusal) = (0usize, 0usize, None::<SubmitError>);
+    loop {
+        let (chunk, input_error) = next_chunk(&mut jobs, options);
+        if chunk.is_empty() && input_error.is_none() {
+            break;
+        }
+        total += chunk.len();
+        let results = client.submit_batch(queue, chunk).await;
+        let mut stdout = std::io::stdout().lock();
+        for result in results {
+            match result {
+                Ok(ack) => {
+                    outcome.stored += 1;
+                    outcome.duplicates += usize::from(ack.duplicate);
+                    writeln!(stdout, "{}", ack.id).context("cannot write to stdout")?;
+                }
+                Err(e) => {
+                    refused += 1;
+                    first_refusal.get_or_insert(e);
+                }
             }
-            Err(e) => refused.push(e),
+        }
+        stdout.flush().context("cannot write to stdout")?;
+        if let Some(e) = input_error {
+            return Err(e.context(format!("stopped after {} job(s) submitted", outcome.stored)));
         }
     }
-    stdout.flush().context("cannot write to stdout")?;
-    if let Some(first) = refused.first() {
+    if let Some(first) = first_refusal {
         let hint = match first {
             SubmitError::NoSuchQueue { .. } => format!(
                 " (is the JobQueue applied and Ready? kubectl get jobqueue {} -n {})",
@@ -246,18 +275,44 @@ pub async fn submit(
         if total == 1 {
             bail!("{first}{hint}");
         }
-        bail!(
-            "{} of {total} job(s) refused; first: {first}{hint}",
-            refused.len()
-        );
+        bail!("{refused} of {total} job(s) refused; first: {first}{hint}");
     }
     Ok(outcome)
 }
 
-/// The jobs the arguments describe.
-fn read_jobs(args: &SubmitArgs) -> anyhow::Result<Vec<JobInput>> {
+/// The next chunk of jobs: up to [`CHUNK_JOBS`] jobs, ending after the job that brings its
+/// payloads to [`CHUNK_BYTES`], or before an input error, which is returned beside it.
+fn next_chunk(jobs: &mut Inputs, options: Options) -> (Vec<Job>, Option<anyhow::Error>) {
+    let (mut chunk, mut bytes) = (Vec::new(), 0usize);
+    while chunk.len() < CHUNK_JOBS && bytes < CHUNK_BYTES {
+        match jobs.next() {
+            Some(Ok(input)) => {
+                bytes += input.payload.len();
+                chunk.push(options.job(input));
+            }
+            Some(Err(e)) => return (chunk, Some(e)),
+            None => break,
+        }
+    }
+    (chunk, None)
+}
+
+/// The jobs of the arguments, checked before anything is sent: every line of a `--jsonl` file,
+/// or the `--id` with `--count` and the payload, read once and shared by all jobs.
+fn read_jobs(args: &SubmitArgs) -> anyhow::Result<Inputs> {
     if let Some(path) = &args.jsonl {
-        return input::read_jsonl(path);
+        return Ok(Box::new(input::Jsonl::open(path)?.jobs()));
+    }
+    if let Some(id) = &args.id {
+        // The longest id a --count makes is the last one.
+        let last = match args.count {
+            1 => id.clone(),
+            n => format!("{id}-{n}"),
+        };
+        conveyor::protocol::validate_id(&last).map_err(|e| match args.count {
+            1 => anyhow!("--id: {e}"),
+            n => anyhow!("--id with --count {n}: the last {e}"),
+        })?;
     }
     let source = match (&args.payload, &args.file) {
         (Some(payload), _) => PayloadSource::Argument(payload),
@@ -265,5 +320,58 @@ fn read_jobs(args: &SubmitArgs) -> anyhow::Result<Vec<JobInput>> {
         (None, None) => PayloadSource::Stdin,
     };
     let payload = input::read_payload(source)?;
-    Ok(input::repeated(payload, args.id.as_deref(), args.count))
+    Ok(Box::new(
+        input::repeated(payload, args.id.clone(), args.count).map(Ok),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(n: usize, payload: bytes::Bytes) -> Inputs {
+        Box::new((0..n).map(move |i| {
+            Ok(JobInput {
+                id: Some(format!("j{i}")),
+                payload: payload.clone(),
+            })
+        }))
+    }
+
+    #[test]
+    fn chunks_hold_a_bounded_number_of_jobs_and_bytes() {
+        let mut jobs = inputs(10_000, bytes::Bytes::from_static(b"x"));
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let (chunk, error) = next_chunk(&mut jobs, Options::default());
+            assert!(error.is_none());
+            (!chunk.is_empty()).then_some(chunk.len())
+        })
+        .collect();
+        assert_eq!(sizes, [CHUNK_JOBS, CHUNK_JOBS, 10_000 - 2 * CHUNK_JOBS]);
+
+        let big = bytes::Bytes::from(vec![0u8; 6 << 20]);
+        let mut jobs = inputs(5, big);
+        let (chunk, _) = next_chunk(&mut jobs, Options::default());
+        assert_eq!(
+            chunk.len(),
+            3,
+            "16 MiB are reached with the third 6 MiB job"
+        );
+        assert_eq!(chunk[0].id, "j0");
+    }
+
+    #[test]
+    fn an_input_error_ends_the_chunk_after_the_jobs_before_it() {
+        let mut jobs: Inputs = Box::new(
+            [Ok(JobInput {
+                id: None,
+                payload: bytes::Bytes::new(),
+            })]
+            .into_iter()
+            .chain(std::iter::once(Err(anyhow!("line 2: broken")))),
+        );
+        let (chunk, error) = next_chunk(&mut jobs, Options::default());
+        assert_eq!(chunk.len(), 1);
+        assert_eq!(error.unwrap().to_string(), "line 2: broken");
+    }
 }
