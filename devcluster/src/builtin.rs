@@ -1,9 +1,10 @@
 //! Behaviour specific to built-in kinds: the defaults the real API server fills in, the
-//! scheduler's node binding, CRD status, and the conversion between `core/v1` and
-//! `events.k8s.io/v1` Events (one store, as in a real cluster).
+//! scheduler's node binding, CRD status, the conversion between `core/v1` and
+//! `events.k8s.io/v1` Events (one store, as in a real cluster) and the validation of Events.
 
 use serde_json::{Map, Value, json};
 
+use crate::error::Cause;
 use crate::kubelet::NODE_NAME;
 
 fn set_default(obj: &mut Value, pointer: &str, value: Value) {
@@ -347,6 +348,82 @@ pub fn event_v1_to_core(ev: &Value) -> Value {
     Value::Object(out)
 }
 
+/// Longest `note` (core/v1 `message`) of an Event, in bytes (`NoteLengthLimit`).
+pub const EVENT_NOTE_LIMIT: usize = 1024;
+/// Longest `reason`, `action` and `reportingInstance` of an Event, in bytes.
+const EVENT_FIELD_LIMIT: usize = 128;
+/// Fields of a stored Event that an update through `events.k8s.io/v1` may not change: only
+/// `series` (and metadata) may, which is how repeated Events are counted.
+const EVENT_IMMUTABLE: [&str; 7] = [
+    "involvedObject",
+    "reason",
+    "message",
+    "type",
+    "action",
+    "reportingComponent",
+    "reportingInstance",
+];
+
+/// The real API server's checks of an Event (in storage form) that clients run into
+/// (`pkg/apis/core/validation/events.go`): a new-style Event (one with `eventTime`, as
+/// events.k8s.io/v1 and kube-rs' `Recorder` write them, through either group) has at most
+/// 1024 bytes of note and 128 of reason, action and reporting instance, and names its
+/// reporting controller, action and reason; an update through events.k8s.io/v1 (`events_v1`)
+/// may change only the series. Old-style core/v1 Events (no `eventTime`) are not limited, as
+/// on a real server. Lengths are bytes, as Go's `len`.
+pub fn validate_event(ev: &Value, old: Option<&Value>, events_v1: bool) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    let text = |key: &str| ev.get(key).and_then(Value::as_str).unwrap_or_default();
+    if ev.get("eventTime").is_some_and(Value::is_string) {
+        let controller = if events_v1 {
+            "reportingController"
+        } else {
+            "reportingComponent"
+        };
+        for (field, value) in [
+            (controller, text("reportingComponent")),
+            ("reportingInstance", text("reportingInstance")),
+            ("action", text("action")),
+            ("reason", text("reason")),
+        ] {
+            if value.is_empty() {
+                causes.push(Cause {
+                    reason: "FieldValueRequired".into(),
+                    field: field.into(),
+                    message: "Required value".into(),
+                });
+            }
+        }
+        for (field, limit) in [
+            ("reportingInstance", EVENT_FIELD_LIMIT),
+            ("action", EVENT_FIELD_LIMIT),
+            ("reason", EVENT_FIELD_LIMIT),
+            ("message", EVENT_NOTE_LIMIT),
+        ] {
+            if text(field).len() > limit {
+                causes.push(Cause {
+                    reason: "FieldValueInvalid".into(),
+                    field: field.into(),
+                    message: format!("Invalid value: \"\": can have at most {limit} characters"),
+                });
+            }
+        }
+    }
+    if events_v1 && let Some(old) = old {
+        for field in EVENT_IMMUTABLE {
+            let new_value = ev.get(field).unwrap_or(&Value::Null);
+            if new_value != old.get(field).unwrap_or(&Value::Null) {
+                causes.push(Cause {
+                    reason: "FieldValueInvalid".into(),
+                    field: field.into(),
+                    message: format!("Invalid value: {new_value}: field is immutable"),
+                });
+            }
+        }
+    }
+    causes
+}
+
 /// `core/v1` (storage form) → `events.k8s.io/v1`.
 pub fn event_core_to_v1(ev: &Value) -> Value {
     let mut out = Map::new();
@@ -396,6 +473,49 @@ mod tests {
         let back = event_core_to_v1(&core);
         assert_eq!(back["note"], "hello");
         assert_eq!(back["regarding"]["kind"], "Pod");
+    }
+
+    fn new_style_event(note: &str) -> Value {
+        event_v1_to_core(
+            &json!({"metadata": {"name": "e"}, "regarding": {"kind": "Pod", "name": "p"},
+            "note": note, "reason": "Started", "type": "Normal", "action": "Start",
+            "eventTime": "2026-01-01T00:00:00.123456Z", "reportingController": "c",
+            "reportingInstance": "i"}),
+        )
+    }
+
+    #[test]
+    fn event_notes_are_limited_to_1024_bytes() {
+        assert!(validate_event(&new_style_event(&"x".repeat(1024)), None, true).is_empty());
+        let causes = validate_event(&new_style_event(&"é".repeat(513)), None, true);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "message");
+        assert_eq!(
+            causes[0].message,
+            "Invalid value: \"\": can have at most 1024 characters"
+        );
+        // Through core/v1 too, once the Event is new-style; old-style Events are not limited.
+        assert_eq!(
+            validate_event(&new_style_event(&"x".repeat(1025)), None, false).len(),
+            1
+        );
+        let old_style = json!({"metadata": {"name": "e"}, "message": "x".repeat(5000)});
+        assert!(validate_event(&old_style, None, false).is_empty());
+    }
+
+    #[test]
+    fn an_events_v1_update_may_change_the_series_only() {
+        let old = new_style_event("from 3 to 2");
+        let mut counted = old.clone();
+        counted["series"] = json!({"count": 2, "lastObservedTime": "2026-01-01T00:00:01.000000Z"});
+        counted["count"] = json!(2);
+        assert!(validate_event(&counted, Some(&old), true).is_empty());
+        let renoted = new_style_event("from 2 to 1");
+        let causes = validate_event(&renoted, Some(&old), true);
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        assert_eq!(causes[0].field, "message");
+        assert!(causes[0].message.ends_with("field is immutable"));
+        assert!(validate_event(&renoted, Some(&old), false).is_empty());
     }
 
     #[test]

@@ -163,6 +163,16 @@ impl Request<'_> {
                 ));
             }
         }
+        if self.info.storage.0.is_empty() && self.info.storage.1 == "events" {
+            let v1 = self.info.conversion == Conversion::EventsV1;
+            let causes = builtin::validate_event(&obj, old, v1);
+            if !causes.is_empty() {
+                let name = obj.pointer("/metadata/name").and_then(Value::as_str);
+                let name = name.unwrap_or_default();
+                let group = &self.info.group;
+                return Err(ApiError::invalid(group, "Event", name, causes));
+            }
+        }
         if self.info.is_custom() {
             let strict = self.param("fieldValidation") == Some("Strict");
             obj = crate::validation::admit(&self.info, &self.version, obj, old, strict)?;
