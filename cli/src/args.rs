@@ -331,9 +331,9 @@ pub mod bounds {
         let s = d.as_secs();
         match s {
             0 => "0s".to_owned(),
-            s if s % 86_400 == 0 => format!("{}d", s / 86_400),
-            s if s % 3600 == 0 => format!("{}h", s / 3600),
-            s if s % 60 == 0 => format!("{}m", s / 60),
+            s if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+            s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+            s if s.is_multiple_of(60) => format!("{}m", s / 60),
             s => format!("{s}s"),
         }
     }

@@ -10,13 +10,24 @@ use conveyor::names::QueueRef;
 use conveyor_testkit::NatsServer;
 use futures::StreamExt;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 /// Runs `conveyor <args>` against `nats`, feeding `stdin`, with no CONVEYOR_* from the caller.
 async fn conveyor(nats: &str, args: &[&str], stdin: &[u8]) -> Output {
+    conveyor_with_env(nats, args, stdin, &[]).await
+}
+
+/// [`conveyor`] with environment variables set.
+async fn conveyor_with_env(
+    nats: &str,
+    args: &[&str],
+    stdin: &[u8],
+    env: &[(&str, &str)],
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
         .args(args)
+        .envs(env.iter().copied())
         .env("CONVEYOR_NATS_URL", nats)
         .env_remove("CONVEYOR_NAMESPACE")
         .env_remove("RUST_LOG")
@@ -386,4 +397,314 @@ async fn result_prints_stored_outcomes_and_fails_for_unknown_ids() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("no stored result for img-9"), "{said}");
     stop.cancel();
+}
+
+/// Messages in the queue's work stream and in its delayed stream.
+async fn stored(js: &jetstream::Context, queue: &QueueRef) -> (u64, u64) {
+    let mut work = js.get_stream(queue.stream()).await.expect("work stream");
+    let mut delayed = js
+        .get_stream(queue.delayed_stream())
+        .await
+        .expect("delayed stream");
+    (
+        work.info().await.expect("info").state.messages,
+        delayed.info().await.expect("info").state.messages,
+    )
+}
+
+#[tokio::test]
+async fn out_of_range_flag_values_are_refused_in_one_line_before_anything_is_sent() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "bounded").await;
+    let url = nats.url();
+    let cases: &[(&[&str], &str, &str)] = &[
+        // Ran at once: the schedule of a time past year 9999 fell back to the epoch.
+        (&["--delay", "10000y"], "--delay", "allowed: 0s to 365d"),
+        (&["--delay", "366d"], "--delay", "allowed: 0s to 365d"),
+        (
+            &["--delay", "99999999999999999999999999y"],
+            "--delay",
+            "0s to 365d",
+        ),
+        (&["--delay=-5m"], "--delay", "0s to 365d"),
+        // Panicked.
+        (
+            &["--count", "18446744073709551615"],
+            "--count",
+            "allowed: 1 to 1000000",
+        ),
+        (
+            &["--count", "18446744073709551616"],
+            "--count",
+            "allowed: 1 to 1000000",
+        ),
+        // Built 4.8 GB of jobs before sending the first.
+        (
+            &["--count", "100000000"],
+            "--count",
+            "allowed: 1 to 1000000",
+        ),
+        (&["--count", "0"], "--count", "allowed: 1 to 1000000"),
+        (&["--count", "many"], "--count", "not a whole number"),
+        (&["--priority", "10"], "--priority", "allowed: 0 to 9"),
+        (&["--priority", "256"], "--priority", "allowed: 0 to 9"),
+        (
+            &["--wait", "--wait-timeout", "0s"],
+            "--wait-timeout",
+            "allowed: 1s to 7d",
+        ),
+        (
+            &["--wait", "--wait-timeout", "8d"],
+            "--wait-timeout",
+            "allowed: 1s to 7d",
+        ),
+    ];
+    for (flags, flag, allowed) in cases {
+        let args = [&["submit", "bounded"], *flags, &["x"]].concat();
+        let out = conveyor(&url, &args, b"").await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert_eq!(said.lines().count(), 1, "{args:?}: one line, got {said}");
+        assert!(
+            said.starts_with("error: invalid value")
+                && said.contains(&format!("'{flag} <"))
+                && said.contains(allowed),
+            "{args:?}: {said}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // From the environment alike.
+    let out = conveyor_with_env(
+        &url,
+        &["submit", "bounded", "x"],
+        b"",
+        &[("CONVEYOR_DELAY", "10000y")],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("'--delay <DELAY>'") && said.contains("365d"),
+        "{said}"
+    );
+    // Other subcommands' numbers and durations.
+    for (args, flag) in [
+        (&["dev", "--demo", "--demo-jobs", "0"][..], "--demo-jobs"),
+        (&["dev", "--demo", "--timeout", "100y"], "--timeout"),
+        (&["bench", "--nats-url", &url, "--rate", "0"], "--rate"),
+        (
+            &["bench", "--nats-url", &url, "--payload", "99999999999"],
+            "--payload",
+        ),
+        (
+            &[
+                "bench",
+                "--nats-url",
+                &url,
+                "--latency-seconds",
+                "18446744073709551615",
+            ],
+            "--latency-seconds",
+        ),
+        (&["bench", "--nats-url", &url, "--rounds", "0"], "--rounds"),
+    ] {
+        let out = conveyor(&url, args, b"").await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+        assert!(
+            said.lines().count() == 1 && said.contains(&format!("'{flag} <")),
+            "{args:?}: {said}"
+        );
+    }
+    // Nothing reached the queue, neither at once nor as a delayed job.
+    assert_eq!(stored(&js, &queue).await, (0, 0));
+    // The bounds themselves are accepted.
+    let out = conveyor(
+        &url,
+        &["submit", "bounded", "--id", "year", "--delay", "365d", "x"],
+        b"",
+    )
+    .await;
+    assert_eq!(stdout_lines(&out), ["year"]);
+    assert_eq!(stored(&js, &queue).await, (0, 1));
+}
+
+#[tokio::test]
+async fn count_sends_a_window_at_a_time_and_never_builds_all_jobs() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "stream").await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conveyor"))
+        .args(["submit", "stream", "--count", "1000000", "--id", "s", "x"])
+        .env("CONVEYOR_NATS_URL", nats.url())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn conveyor");
+    let pid = child.id().expect("pid");
+    let mut ids = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // Ids come out as their chunk is stored, long before the millionth job is made.
+    let mut seen = Vec::new();
+    while seen.len() < 10_000 {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(60), ids.next_line())
+            .await
+            .expect("ids within 60 s")
+            .expect("read stdout")
+            .expect("ids, not the end of stdout");
+        seen.push(line);
+    }
+    assert_eq!(seen[0], "s-1");
+    assert_eq!(seen[9_999], "s-10000");
+    let (pending, _) = stored(&js, &queue).await;
+    assert!(
+        pending < 1_000_000,
+        "{pending} jobs stored before the first ids"
+    );
+    // A million jobs built up front are hundreds of MB; a chunk is a few.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kib < 150 * 1024, "peak resident memory {peak_kib} KiB");
+    child.kill().await.expect("stop conveyor");
+}
+
+#[tokio::test]
+async fn a_broken_jsonl_line_is_refused_with_file_and_line_before_anything_is_sent() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "lines").await;
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jsonl = dir.path().join("broken.jsonl");
+    let content = "{\"id\":\"a\",\"payload\":1}\nplain\n\n{\"id\":\"c\",\"payload\": {\"n\":\n{\"id\":\"d\",\"payload\":4}\n";
+    std::fs::write(&jsonl, content).expect("write");
+
+    let out = conveyor(&url, &["submit", "lines", "--jsonl", path(&jsonl)], b"").await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.starts_with(&format!(
+            "error: {}: line 4: starts with {{ but is not a JSON object",
+            path(&jsonl)
+        )) && said.contains("nothing was submitted"),
+        "{said}"
+    );
+    assert!(out.stdout.is_empty());
+    let out = conveyor(
+        &url,
+        &["submit", "lines", "--jsonl", "-"],
+        content.as_bytes(),
+    )
+    .await;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.starts_with("error: stdin: line 4: "),
+        "{said}"
+    );
+    for (bad, why) in [
+        (
+            &b"ok\n{\"id\": \"a b\", \"payload\": 1}\n"[..],
+            "line 2: \"id\": job id",
+        ),
+        (b"ok\n\xff\xfe\n", "line 2: not UTF-8 text"),
+    ] {
+        std::fs::write(&jsonl, bad).expect("write");
+        let out = conveyor(&url, &["submit", "lines", "--jsonl", path(&jsonl)], b"").await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(why), "{said}");
+    }
+    assert_eq!(
+        stored(&js, &queue).await,
+        (0, 0),
+        "nothing of the files was sent"
+    );
+}
+
+#[tokio::test]
+async fn a_jsonl_rerun_after_an_interruption_sends_nothing_twice() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "rerun").await;
+    let url = nats.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Lines without ids (bare payloads, wrappers without "id", the same line twice) and one with.
+    let lines: Vec<String> = (0..600)
+        .map(|i| match i % 4 {
+            0 => format!("{{\"n\": {i}}}"),
+            1 => format!("{{\"payload\": \"text {i}\"}}"),
+            2 => "same".to_owned(),
+            _ => format!("{{\"id\": \"own-{i}\", \"payload\": {i}}}"),
+        })
+        .collect();
+    // The first run was cut off after 250 lines: what it sent is what a prefix of the file sends.
+    let prefix = dir.path().join("prefix.jsonl");
+    std::fs::write(&prefix, lines[..250].join("\n")).expect("write");
+    let first =
+        stdout_lines(&conveyor(&url, &["submit", "rerun", "--jsonl", path(&prefix)], b"").await);
+    assert_eq!(first.len(), 250);
+
+    let whole = dir.path().join("jobs.jsonl");
+    std::fs::write(&whole, lines.join("\n") + "\n").expect("write");
+    let out = conveyor(&url, &["submit", "rerun", "--jsonl", path(&whole)], b"").await;
+    let ids = stdout_lines(&out);
+    assert_eq!(ids.len(), 600);
+    assert_eq!(ids[..250], first[..], "the same line gets the same id");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("250 already submitted before"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        ids[2].starts_with("jsonl-3-") && ids[3] == "own-3",
+        "{:?}",
+        &ids[..4]
+    );
+    assert_ne!(ids[2], ids[6], "the same text on two lines is two jobs");
+    // Once more from stdin: all duplicates.
+    let out = conveyor(
+        &url,
+        &["submit", "rerun", "--jsonl", "-"],
+        (lines.join("\n") + "\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(stdout_lines(&out), ids);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("600 already submitted before"));
+    assert_eq!(stored(&js, &queue).await, (600, 0));
+}
+
+#[tokio::test]
+async fn jsonl_payloads_are_kept_byte_for_byte() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let (js, queue) = queue(&nats, "default", "bytes").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jsonl = dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &jsonl,
+        "  42  \n\t{\"n\": 1} \r\n{\"payload\": \"  padded\\n\"}\r\n \r\ncaf\u{e9} \\t\nlast, no newline ",
+    )
+    .expect("write");
+    let out = conveyor(
+        &nats.url(),
+        &["submit", "bytes", "--jsonl", path(&jsonl)],
+        b"",
+    )
+    .await;
+    assert_eq!(stdout_lines(&out).len(), 5);
+    let payloads: Vec<String> = jobs(&js, &queue)
+        .await
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(
+        payloads,
+        [
+            "  42  ",
+            "\t{\"n\": 1} ",
+            "  padded\n",
+            "caf\u{e9} \\t",
+            "last, no newline "
+        ]
+    );
 }
