@@ -86,7 +86,8 @@ impl Status {
 }
 
 /// Inserts or replaces the condition `type_` in `conditions`, keeping its
-/// `lastTransitionTime` when the status did not change.
+/// `lastTransitionTime` when the status did not change. The message is cut to the 32 KiB the
+/// API server accepts (a longer one would fail the whole status write).
 pub fn set(
     conditions: &mut Vec<Condition>,
     type_: &str,
@@ -105,7 +106,7 @@ pub fn set(
         type_: type_.to_owned(),
         status: status.as_str().to_owned(),
         reason: reason.to_owned(),
-        message: message.into(),
+        message: crate::events::bound(message, crate::events::CONDITION_MESSAGE_LIMIT),
         observed_generation: generation,
         last_transition_time,
     };
@@ -203,6 +204,23 @@ mod tests {
             at(99),
         );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn messages_are_bounded_to_what_the_api_server_accepts() {
+        let mut conditions = Vec::new();
+        let huge = "x".repeat(100_000);
+        set(
+            &mut conditions,
+            READY,
+            Status::False,
+            reason::STREAM_ERROR,
+            huge,
+            None,
+            at(1),
+        );
+        assert!(conditions[0].message.len() <= 32 * 1024);
+        assert!(conditions[0].message.ends_with('…'));
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Resource;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 
 use crate::config::Config;
+use crate::events::Recorder;
 use crate::jobqueue::Sample;
 use crate::metrics::Metrics;
 use crate::nats::NatsPool;
@@ -47,12 +48,8 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// A context for the given client and settings.
     pub fn new(client: kube::Client, config: Config, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: config.identity.clone(),
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), FIELD_MANAGER, config.identity.clone()),
             nats: NatsPool::new(config.nats_url.clone(), FIELD_MANAGER),
             client,
             metrics,
@@ -63,7 +60,9 @@ impl Context {
         }
     }
 
-    /// Publishes an Event on `obj`; failures are logged, never fatal (Events are best effort).
+    /// Publishes an Event on `obj` (the note bounded to what the API server accepts; a repeat
+    /// of the same note is counted, a new note is a new Event); failures are logged, never
+    /// fatal (Events are best effort).
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -71,14 +70,12 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+        let regarding = obj.object_ref(&());
+        let published = self
+            .recorder
+            .publish(&regarding, type_, reason, "Reconcile", &note)
+            .await;
+        if let Err(err) = published {
             tracing::warn!(%err, reason, "cannot publish event");
         }
     }

@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod config;
 pub mod context;
 pub mod dispatcher;
+pub mod events;
 pub mod http;
 pub mod jobqueue;
 pub mod leader;

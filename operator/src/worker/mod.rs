@@ -233,6 +233,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         problem.as_ref(),
         now,
     );
+    let mut crash_note = None;
     if deployment.is_some() {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let selector = ListParams::default().labels(&deployment::selector_string(&name));
@@ -248,9 +249,10 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             worker.meta().generation,
             now,
         );
+        crash_note = Some(health.note);
     }
     announce(worker, &old, &new, ctx).await;
-    announce_crashes(worker, &old, &new, ctx).await;
+    announce_crashes(worker, &old, &new, crash_note, ctx).await;
     if new != old {
         write_status(worker, &new, scaled, ctx)
             .await
@@ -317,7 +319,7 @@ async fn recycle_old_pods(
         "replacing {} older than maxAge {}: {}",
         if gone.len() == 1 { "a pod" } else { "pods" },
         spec.max_age.as_deref().unwrap_or_default(),
-        gone.join(", ")
+        crate::events::names(&gone, crate::events::NOTE_LIMIT - 100)
     );
     ctx.event(worker, EventType::Normal, recycle::RECYCLED, note)
         .await;
@@ -325,8 +327,15 @@ async fn recycle_old_pods(
 }
 
 /// Publishes a `WorkerCrashed` Warning when `Degraded` becomes true or names other pods or
-/// troubles; the message leaves out restart counts, so a crash loop is one aggregated Event.
-async fn announce_crashes(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: &Context) {
+/// troubles, with `note` (the troubles summarised to fit an Event); the message leaves out
+/// restart counts, so a crash loop is one aggregated Event.
+async fn announce_crashes(
+    worker: &Worker,
+    old: &WorkerStatus,
+    new: &WorkerStatus,
+    note: Option<String>,
+    ctx: &Context,
+) {
     let Some(now) = conditions::find(&new.conditions, pods::DEGRADED) else {
         return;
     };
@@ -341,7 +350,7 @@ async fn announce_crashes(worker: &Worker, old: &WorkerStatus, new: &WorkerStatu
         worker,
         EventType::Warning,
         pods::reason::WORKER_CRASHED,
-        now.message.clone(),
+        note.unwrap_or_else(|| now.message.clone()),
     )
     .await;
 }

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod}
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::conditions::Status;
+use crate::events::{NOTE_LIMIT, bound, names};
 
 /// Condition type of a `Worker`: some of its pods crash, were OOM-killed or cannot start.
 pub const DEGRADED: &str = "Degraded";
@@ -80,6 +81,9 @@ pub struct Health {
     /// Names the pods and what is wrong with each. Stable while the troubles are (no restart
     /// counts), so it only changes, and is only announced, when something new happens.
     pub message: String,
+    /// The `WorkerCrashed` Event's note: the same troubles summarised to fit an Event note
+    /// (1 KiB) however many pods and however long their names are.
+    pub note: String,
 }
 
 /// The trouble of one pod, if any. Terminating pods are not judged.
@@ -199,12 +203,14 @@ pub fn health(pods: &[Pod], now: Timestamp) -> Health {
         })
         .collect();
     let Some(worst) = troubles.values().map(|(t, _)| *t).min() else {
+        let message: String = "no pod is crash-looping, OOM-killed, failing to pull its image or \
+                               unschedulable"
+            .into();
         return Health {
             status: Status::False,
             reason: reason::PODS_HEALTHY,
-            message: "no pod is crash-looping, OOM-killed, failing to pull its image or \
-                      unschedulable"
-                .into(),
+            note: message.clone(),
+            message,
         };
     };
     let mut parts: Vec<String> = troubles
@@ -216,7 +222,8 @@ pub fn health(pods: &[Pod], now: Timestamp) -> Health {
         parts.push(format!("and {} more", troubles.len() - LISTED));
     }
     let mut message = parts.join("; ");
-    if troubles.values().any(|(t, _)| t.lost_jobs()) {
+    let lost_jobs = troubles.values().any(|(t, _)| t.lost_jobs());
+    if lost_jobs {
         message.push_str(
             ". A job a pod was running when it died is redelivered after the queue's timeout, \
              and that attempt counts against retry.maxAttempts, so a job that keeps killing \
@@ -226,8 +233,45 @@ pub fn health(pods: &[Pod], now: Timestamp) -> Health {
     Health {
         status: Status::True,
         reason: worst.reason(),
+        note: crash_note(&troubles, lost_jobs),
         message,
     }
+}
+
+/// Bytes of a crash note given to the pod lists; the rest is for the first pod's detail.
+const NOTE_LISTS: usize = 600;
+/// Bytes of a crash note given to the first pod's detail.
+const NOTE_DETAIL: usize = 300;
+
+/// `"6 pods OOMKilled: a, b and 4 more; 1 pod CrashLoopBackOff: c. Pod a: container …"`: the
+/// pods per trouble, most severe first, what the first of them says and what becomes of the
+/// jobs, within an Event note.
+fn crash_note(troubles: &BTreeMap<String, (Trouble, String)>, lost_jobs: bool) -> String {
+    let mut groups: BTreeMap<Trouble, Vec<&str>> = BTreeMap::new();
+    for (pod, (trouble, _)) in troubles {
+        groups.entry(*trouble).or_default().push(pod);
+    }
+    let mut lists = Vec::new();
+    let mut left = NOTE_LISTS;
+    for (i, (trouble, pods)) in groups.iter().enumerate() {
+        let noun = if pods.len() == 1 { "pod" } else { "pods" };
+        let head = format!("{} {noun} {}: ", pods.len(), trouble.reason());
+        let share = left / (groups.len() - i);
+        let list = head.clone() + &names(pods, share.saturating_sub(head.len()));
+        left = left.saturating_sub(list.len() + 2);
+        lists.push(list);
+    }
+    let mut note = lists.join("; ");
+    if let Some((pod, (trouble, detail))) = troubles.iter().min_by_key(|(_, (t, _))| *t) {
+        let first = format!(". Pod {pod}: {} ({detail})", trouble.reason());
+        note.push_str(&bound(first, NOTE_DETAIL));
+    }
+    let advice = ". Jobs they were running are retried, each attempt counting against \
+                  retry.maxAttempts";
+    if lost_jobs && note.len() + advice.len() <= NOTE_LIMIT {
+        note.push_str(advice);
+    }
+    bound(note, NOTE_LIMIT)
 }
 
 #[cfg(test)]
@@ -453,5 +497,58 @@ mod tests {
         assert!(h.message.contains("and 3 more"), "{}", h.message);
         pods.reverse();
         assert_eq!(health(&pods, at(1)), h);
+    }
+
+    /// The pool of issue #15: a 50-character Worker name, a 63-character container name and
+    /// six OOM-killed pods gave a 1,120-byte note the API server refused.
+    #[test]
+    fn the_crash_note_fits_an_event_however_long_the_names() {
+        let worker = "w".repeat(50);
+        let pods: Vec<Pod> = (0..6)
+            .map(|i| {
+                let mut c = container(running(), terminated("OOMKilled", 137, 90));
+                c.name = "c".repeat(63);
+                if let Some(t) = c.last_state.as_mut().and_then(|s| s.terminated.as_mut()) {
+                    t.message = Some(
+                        r#"{"runningJobs":["resize-image-0001","resize-image-0002","resize-image-0003","x"]}"#
+                            .into(),
+                    );
+                }
+                pod(&format!("{worker}-6f9c8d7b5-{i:05}"), vec![c])
+            })
+            .collect();
+        let h = health(&pods, at(100));
+        assert!(
+            h.message.len() > NOTE_LIMIT,
+            "the condition has the details"
+        );
+        assert!(h.note.len() <= NOTE_LIMIT, "{}: {}", h.note.len(), h.note);
+        assert!(h.note.starts_with("6 pods OOMKilled: "), "{}", h.note);
+        assert!(h.note.contains(" more"), "{}", h.note);
+        assert!(h.note.contains("exceeded its memory limit"), "{}", h.note);
+        assert!(h.note.contains("retry.maxAttempts"), "{}", h.note);
+    }
+
+    #[test]
+    fn the_crash_note_groups_pods_by_trouble_most_severe_first() {
+        let pods = [
+            pod("w-a", vec![container(waiting("CrashLoopBackOff"), None)]),
+            pod(
+                "w-b",
+                vec![container(running(), terminated("OOMKilled", 137, 95))],
+            ),
+            pod(
+                "w-c",
+                vec![container(running(), terminated("OOMKilled", 137, 95))],
+            ),
+        ];
+        let h = health(&pods, at(100));
+        assert!(
+            h.note.starts_with(
+                "2 pods OOMKilled: w-b, w-c; 1 pod CrashLoopBackOff: w-a. Pod w-b: OOMKilled"
+            ),
+            "{}",
+            h.note
+        );
     }
 }
