@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use crate::bounds;
 use crate::duration::{self, DurationError};
 
 /// A durable job queue on NATS JetStream.
@@ -96,6 +97,7 @@ use crate::duration::{self, DurationError};
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct JobQueueSpec {
     /// NATS connection override for this queue. When absent, the operator's default
@@ -107,10 +109,10 @@ pub struct JobQueueSpec {
     #[serde(default)]
     pub stream: StreamSpec,
 
-    /// Number of priority levels (1 to 10). Level 0 is the lowest; a free worker takes a job
+    /// Number of priority levels, 1 to 10. Level 0 is the lowest; a free worker takes a job
     /// of the highest non-empty level first. Each level has its own subject and consumer.
     #[serde(default = "default_priorities")]
-    #[schemars(range(min = 1, max = 10))]
+    #[schemars(range(min = 1, max = bounds::MAX_PRIORITIES))]
     pub priorities: u8,
 
     /// What happens to a job whose handler fails.
@@ -118,9 +120,11 @@ pub struct JobQueueSpec {
     pub retry: RetrySpec,
 
     /// How long a worker may hold a job without a sign of life (ack, nak or in-progress
-    /// heartbeat) before JetStream hands it to another worker. Format: `30s`, `5m`, `1h30m`.
+    /// heartbeat) before JetStream hands it to another worker: 1s to 24h. Format: `30s`, `5m`,
+    /// `1h30m`.
     #[serde(default = "default_timeout")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::TIMEOUT.rule("timeout"))]
     pub timeout: String,
 
     /// Most jobs running at once across every worker of this queue, e.g. to protect a
@@ -130,17 +134,18 @@ pub struct JobQueueSpec {
     /// allow the whole cap; the Worker's pods keep the total within it: each runs at most
     /// min(`concurrency`, `concurrencyLimit`) jobs, and the scaler keeps autoscaled pools within
     /// `concurrencyLimit / concurrency` pods (at least one). A pool with fixed `replicas`
-    /// above that, or workers the operator does not run, may exceed it by level.
+    /// above that, or workers the operator does not run, may exceed it by level. 1 to 1000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_CONCURRENCY_LIMIT))]
     pub concurrency_limit: Option<i32>,
 
     /// Most jobs started per second across every worker of this queue (e.g. an API's quota);
     /// unlimited when absent. The operator issues tokens at this rate into a per-queue stream
     /// and each worker takes one per job it starts, so the limit holds however many pods run;
     /// up to one second's worth of tokens saved while the queue was idle may be used at once.
+    /// 1 to 100000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = 1, max = bounds::MAX_RATE_LIMIT))]
     pub rate_limit: Option<i32>,
 
     /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
@@ -163,8 +168,10 @@ pub struct JobQueueSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ResultsSpec {
     /// How long each finished job's outcome (result, dead-lettered or cancelled) is kept,
-    /// one per job id (a later outcome of the same id replaces it). Format: `30s`, `1h`, `7d`.
-    #[schemars(pattern(crate::duration::PATTERN))]
+    /// one per job id (a later outcome of the same id replaces it): 1s to 3650d. Format:
+    /// `30s`, `1h`, `7d`.
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::RESULT_RETENTION.rule("results.retention"))]
     pub retention: String,
 }
 
@@ -173,7 +180,8 @@ pub struct ResultsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct NatsConnection {
     /// NATS server URL(s), comma-separated, e.g. `nats://nats.messaging:4222`. Used by the
-    /// operator and injected into the queue's worker pods.
+    /// operator and injected into the queue's worker pods. At most 4096 characters.
+    #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("nats.url must not be empty"))]
     pub url: String,
 }
@@ -184,9 +192,9 @@ pub struct NatsConnection {
 #[serde(rename_all = "camelCase")]
 pub struct StreamSpec {
     /// Number of copies JetStream keeps of each job (1 for a single server, 3 for a
-    /// fault-tolerant cluster). Cannot exceed the number of NATS servers.
+    /// fault-tolerant cluster), 1 to 5. Cannot exceed the number of NATS servers.
     #[serde(default = "default_stream_replicas")]
-    #[schemars(range(min = 1, max = 5))]
+    #[schemars(range(min = 1, max = bounds::MAX_STREAM_REPLICAS))]
     pub replicas: u8,
 
     /// Where JetStream stores jobs: `file` (survives a NATS restart) or `memory` (faster, lost
@@ -194,26 +202,30 @@ pub struct StreamSpec {
     #[serde(default)]
     pub storage: StorageType,
 
-    /// Maximum number of jobs the stream holds; unlimited when absent.
+    /// Maximum number of jobs the stream holds, 1 to 10^12; unlimited when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_JOBS))]
     pub max_jobs: Option<i64>,
 
-    /// Maximum total size in bytes of the jobs the stream holds; unlimited when absent.
+    /// Maximum total size in bytes of the jobs the stream holds, 1 to 2^50 (1 PiB); unlimited
+    /// when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_BYTES))]
     pub max_bytes: Option<i64>,
 
     /// Maximum size in bytes of one job (payload plus headers); larger submissions are
-    /// rejected. The NATS server's own `max_payload` applies when absent.
+    /// rejected. 1 to 67108864 (64 MiB, the most a NATS server's `max_payload` can be); the
+    /// server's own `max_payload` applies when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_JOB_SIZE))]
     pub max_job_size: Option<i32>,
 
-    /// How long a job may wait in the stream before JetStream discards it; forever when
-    /// absent. Format: `30s`, `5m`, `24h`, `7d`.
+    /// How long a job may wait in the stream before JetStream discards it, 2m to 3650d (at
+    /// least the stream's 2-minute deduplication window); forever when absent. Format: `30m`,
+    /// `24h`, `7d`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::STREAM_MAX_AGE.rule("stream.maxAge"))]
     pub max_age: Option<String>,
 }
 
@@ -246,9 +258,9 @@ pub enum StorageType {
 #[serde(rename_all = "camelCase")]
 pub struct RetrySpec {
     /// How many times a job is delivered at most (first attempt included) before it is
-    /// given up and goes to the dead-letter queue.
+    /// given up and goes to the dead-letter queue, 1 to 1000.
     #[serde(default = "default_max_attempts")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = bounds::MAX_ATTEMPTS))]
     pub max_attempts: i32,
 
     /// Delay before a failed job is retried: `initial` after the first failure, multiplied by
@@ -271,14 +283,16 @@ impl Default for RetrySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackoffSpec {
-    /// Delay after the first failed attempt. Format: `500ms`, `1s`, `1m`.
+    /// Delay after the first failed attempt, 1ms to 24h. Format: `500ms`, `1s`, `1m`.
     #[serde(default = "default_backoff_initial")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::BACKOFF.rule("retry.backoff.initial"))]
     pub initial: String,
 
-    /// Longest delay between two attempts. Format: `30s`, `5m`.
+    /// Longest delay between two attempts, 1ms to 24h. Format: `30s`, `5m`.
     #[serde(default = "default_backoff_max")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::BACKOFF.rule("retry.backoff.max"))]
     pub max: String,
 
     /// Factor the delay grows by per failed attempt (1 = constant delay).
@@ -310,27 +324,29 @@ impl Default for BackoffSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AlertsSpec {
-    /// Most jobs that may wait for a worker before the queue is `Backlogged`; no limit when
-    /// absent.
+    /// Most jobs that may wait for a worker before the queue is `Backlogged`, 0 to 10^12; no
+    /// limit when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = bounds::MAX_JOBS))]
     pub max_pending: Option<i64>,
 
-    /// Longest a job may wait unfinished before the queue is `Backlogged`; no limit when
-    /// absent. Format: `30s`, `5m`, `1h`.
+    /// Longest a job may wait unfinished before the queue is `Backlogged`, 1s to 3650d; no
+    /// limit when absent. Format: `30s`, `5m`, `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::MAX_OLDEST_PENDING_AGE.rule("alerts.maxOldestPendingAge"))]
     pub max_oldest_pending_age: Option<String>,
 
-    /// Most dead-lettered jobs within `failureWindow` that still count as healthy; 0 (the
-    /// default) makes any dead letter flip `JobsFailing`.
+    /// Most dead-lettered jobs within `failureWindow` that still count as healthy, 0 to 10^9;
+    /// 0 (the default) makes any dead letter flip `JobsFailing`.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = bounds::MAX_FAILURES))]
     pub max_failures: i64,
 
-    /// How far back dead letters count for `JobsFailing`. Format: `5m`, `1h`.
+    /// How far back dead letters count for `JobsFailing`, 1s to 30d. Format: `5m`, `1h`.
     #[serde(default = "default_failure_window")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::FAILURE_WINDOW.rule("alerts.failureWindow"))]
     pub failure_window: String,
 }
 
@@ -357,6 +373,7 @@ pub enum DeletionPolicy {
 
 /// Observed state of a `JobQueue`.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct JobQueueStatus {
     /// The `metadata.generation` the status was computed from.
@@ -514,26 +531,40 @@ fn default_backoff_jitter() -> f64 {
 impl JobQueueSpec {
     /// The ack wait (`timeout`) as a duration.
     pub fn timeout(&self) -> Result<Duration, DurationError> {
-        duration::parse("spec.timeout", &self.timeout)
+        duration::parse("spec.timeout", &self.timeout, bounds::TIMEOUT)
     }
 
     /// The retry backoff's first and longest delay.
     pub fn backoff_bounds(&self) -> Result<(Duration, Duration), DurationError> {
         let backoff = &self.retry.backoff;
         Ok((
-            duration::parse("spec.retry.backoff.initial", &backoff.initial)?,
-            duration::parse("spec.retry.backoff.max", &backoff.max)?,
+            duration::parse(
+                "spec.retry.backoff.initial",
+                &backoff.initial,
+                bounds::BACKOFF,
+            )?,
+            duration::parse("spec.retry.backoff.max", &backoff.max, bounds::BACKOFF)?,
         ))
     }
 
     /// The `alerts.failureWindow` and `alerts.maxOldestPendingAge` as durations.
     pub fn alert_durations(&self) -> Result<(Duration, Option<Duration>), DurationError> {
-        let window = duration::parse("spec.alerts.failureWindow", &self.alerts.failure_window)?;
+        let window = duration::parse(
+            "spec.alerts.failureWindow",
+            &self.alerts.failure_window,
+            bounds::FAILURE_WINDOW,
+        )?;
         let age = self
             .alerts
             .max_oldest_pending_age
             .as_deref()
-            .map(|v| duration::parse("spec.alerts.maxOldestPendingAge", v))
+            .map(|v| {
+                duration::parse(
+                    "spec.alerts.maxOldestPendingAge",
+                    v,
+                    bounds::MAX_OLDEST_PENDING_AGE,
+                )
+            })
             .transpose()?;
         Ok((window, age))
     }
@@ -542,7 +573,13 @@ impl JobQueueSpec {
     pub fn result_retention(&self) -> Result<Option<Duration>, DurationError> {
         self.results
             .as_ref()
-            .map(|r| duration::parse("spec.results.retention", &r.retention))
+            .map(|r| {
+                duration::parse(
+                    "spec.results.retention",
+                    &r.retention,
+                    bounds::RESULT_RETENTION,
+                )
+            })
             .transpose()
     }
 
@@ -551,7 +588,7 @@ impl JobQueueSpec {
         self.stream
             .max_age
             .as_deref()
-            .map(|v| duration::parse("spec.stream.maxAge", v))
+            .map(|v| duration::parse("spec.stream.maxAge", v, bounds::STREAM_MAX_AGE))
             .transpose()
     }
 }

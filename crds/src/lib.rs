@@ -5,8 +5,10 @@
 //! carries a `///` comment because it becomes the schema description users see in
 //! `kubectl explain`; cross-field rules are CEL rules evaluated by the API server.
 
+pub mod bounds;
 pub mod duration;
 pub mod jobqueue;
+mod schema;
 pub mod worker;
 
 pub use jobqueue::{

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use crate::bounds;
 use crate::duration::{self, DurationError};
 
 /// A pool of worker pods for one queue.
@@ -71,28 +72,34 @@ use crate::duration::{self, DurationError};
 )]
 #[x_kube(validation = Rule::new("has(self.template.spec) && size(self.template.spec.containers) > 0")
     .message("template.spec.containers must contain the container that runs the handler"))]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerSpec {
-    /// Name of the `JobQueue` (in the same namespace) whose jobs these workers run.
+    /// Name of the `JobQueue` (in the same namespace) whose jobs these workers run (an object
+    /// name: at most 253 characters).
+    #[schemars(length(max = 253))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("queue must name a JobQueue"))]
     pub queue: String,
 
     /// Number of pods when `scaling` is absent (default 1); `kubectl scale` sets it. Ignored
-    /// when `scaling` is set: the operator then sizes the pool from the backlog.
+    /// when `scaling` is set: the operator then sizes the pool from the backlog. 0 to 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = bounds::MAX_PODS))]
     pub replicas: Option<i32>,
 
-    /// Jobs one pod runs at the same time. A pod never holds more jobs than this.
+    /// Jobs one pod runs at the same time, 1 to 1000. A pod never holds more jobs than this.
     #[serde(default = "default_concurrency")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = bounds::MAX_CONCURRENCY))]
     pub concurrency: i32,
 
     /// How the worker runtime hands a job to the user's code.
     pub handler: HandlerSpec,
 
     /// Pod template of the workers: the user's image, resources, env and so on. The first
-    /// container runs the handler; the operator injects the worker runtime into it.
+    /// container runs the handler; the operator injects the worker runtime into it. The
+    /// schema keeps the structure of a PodTemplateSpec without its descriptions (see
+    /// `kubectl explain pod.spec`), so the CRD stays small enough for `kubectl apply`.
+    #[schemars(transform = crate::schema::without_nested_descriptions)]
     pub template: PodTemplateSpec,
 
     /// Backlog-driven autoscaling. When absent, the pool has `replicas` pods.
@@ -109,22 +116,24 @@ pub struct WorkerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RecycleSpec {
     /// Pods older than this (plus up to 10 % jitter, so pods born together are not replaced
-    /// together) are deleted gracefully and replaced. Format: `30s`, `12h`. Off when absent.
+    /// together) are deleted gracefully and replaced; 1s to 365d. Format: `30m`, `12h`, `7d`.
+    /// Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::RECYCLE_MAX_AGE.rule("recycle.maxAge"))]
     pub max_age: Option<String>,
 
     /// The runtime exits cleanly after taking this many jobs, and its container is restarted
-    /// (`CONVEYOR_MAX_JOBS`). Off when absent.
+    /// (`CONVEYOR_MAX_JOBS`); 1 to 10^9. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_RECYCLE_JOBS))]
     pub max_jobs: Option<i64>,
 
     /// Most pods that may be unavailable while old ones are replaced (default 1); pods that
     /// are already not ready count against it, so recycling never drops the pool further below
-    /// its desired size.
+    /// its desired size. 1 to 1000.
     #[serde(default = "default_max_unavailable")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_PODS))]
     pub max_unavailable: i32,
 }
 
@@ -133,7 +142,7 @@ impl RecycleSpec {
     pub fn max_age(&self) -> Result<Option<Duration>, DurationError> {
         self.max_age
             .as_deref()
-            .map(|v| duration::parse("spec.recycle.maxAge", v))
+            .map(|v| duration::parse("spec.recycle.maxAge", v, bounds::RECYCLE_MAX_AGE))
             .transpose()
     }
 }
@@ -180,37 +189,43 @@ impl HandlerMode {
     .message("scaling.minReplicas must be less than or equal to scaling.maxReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingSpec {
-    /// Fewest pods, also when the queue is empty; 0 lets the pool scale to zero.
+    /// Fewest pods, also when the queue is empty, 0 to 1000; 0 lets the pool scale to zero.
     #[serde(default)]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = bounds::MAX_PODS))]
     pub min_replicas: i32,
 
-    /// Most pods, however long the backlog.
-    #[schemars(range(min = 0))]
+    /// Most pods, however long the backlog, 0 to 1000.
+    #[schemars(range(min = 0, max = bounds::MAX_PODS))]
     pub max_replicas: i32,
 
     /// Backlog (pending + in-flight jobs) one pod is expected to handle; the pool gets
-    /// ceil(backlog / targetBacklogPerReplica) pods, within the bounds above.
+    /// ceil(backlog / targetBacklogPerReplica) pods, within the bounds above. 1 to 1000000.
     #[serde(default = "default_target_backlog")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = bounds::MAX_TARGET_BACKLOG))]
     pub target_backlog_per_replica: i32,
 
-    /// How long the backlog must stay low before the pool shrinks; growing is immediate.
-    /// Format: `30s`, `5m`.
+    /// How long the backlog must stay low before the pool shrinks, 0s to 24h; growing is
+    /// immediate. Format: `30s`, `5m`.
     #[serde(default = "default_scale_down_delay")]
-    #[schemars(pattern(crate::duration::PATTERN))]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::SCALE_DOWN_DELAY.rule("scaling.scaleDownDelay"))]
     pub scale_down_delay: String,
 }
 
 impl ScalingSpec {
     /// The scale-down delay as a duration.
     pub fn scale_down_delay(&self) -> Result<Duration, DurationError> {
-        duration::parse("spec.scaling.scaleDownDelay", &self.scale_down_delay)
+        duration::parse(
+            "spec.scaling.scaleDownDelay",
+            &self.scale_down_delay,
+            bounds::SCALE_DOWN_DELAY,
+        )
     }
 }
 
 /// Observed state of a `Worker`.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[schemars(transform = crate::schema::kubernetes_formats)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerStatus {
     /// The `metadata.generation` the status was computed from.

@@ -1,7 +1,10 @@
 //! `x-kubernetes-validations` rules: CEL expressions evaluated with the `cel` crate, `self`
 //! bound to the value at the rule's schema node and `oldSelf` to the previous value on updates.
+//! The environment is CEL's standard library plus the extended string functions (`indexOf`,
+//! `substring`, `split`, `replace`, `lowerAscii` …) that Kubernetes also enables for CRD rules.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
@@ -38,6 +41,26 @@ pub fn to_cel(v: &Value) -> cel::Value {
     }
 }
 
+/// The CEL environment of CRD rules, built once.
+fn env() -> &'static Arc<cel::Env> {
+    static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = cel::Env::stdlib();
+        env.add_extension(cel::extensions::strings)
+            .expect("the strings extension registers on the standard library");
+        Arc::new(env)
+    })
+}
+
+/// Compiles a rule or message expression in the CRD rules' environment.
+pub fn compile(expr: &str) -> Result<cel::Program, String> {
+    env().compile(expr).map_err(|e| e.to_string())
+}
+
+fn context() -> cel::Context<'static, 'static> {
+    cel::Context::with_env(Arc::clone(env()))
+}
+
 /// Evaluates one rule of a schema node.
 pub fn evaluate(rule: &Value, this: &Value, old: Option<&Value>) -> Verdict {
     let Some(expr) = rule.get("rule").and_then(Value::as_str) else {
@@ -49,11 +72,11 @@ pub fn evaluate(rule: &Value, this: &Value, old: Option<&Value>) -> Verdict {
         // Transition rules only apply to updates.
         return Verdict::Pass;
     }
-    let program = match cel::Program::compile(expr) {
+    let program = match compile(expr) {
         Ok(p) => p,
         Err(e) => return Verdict::Error(format!("compilation failed: {e}")),
     };
-    let mut ctx = cel::Context::default();
+    let mut ctx = context();
     ctx.add_variable_from_value("self", to_cel(this));
     if let Some(o) = old {
         ctx.add_variable_from_value("oldSelf", to_cel(o));
@@ -68,9 +91,9 @@ pub fn evaluate(rule: &Value, this: &Value, old: Option<&Value>) -> Verdict {
 
 fn message(rule: &Value, expr: &str, this: &Value, old: Option<&Value>) -> String {
     if let Some(me) = rule.get("messageExpression").and_then(Value::as_str)
-        && let Ok(p) = cel::Program::compile(me)
+        && let Ok(p) = compile(me)
     {
-        let mut ctx = cel::Context::default();
+        let mut ctx = context();
         ctx.add_variable_from_value("self", to_cel(this));
         if let Some(o) = old {
             ctx.add_variable_from_value("oldSelf", to_cel(o));
@@ -111,6 +134,23 @@ mod tests {
         assert_eq!(
             evaluate(&has, &json!({"y": 0}), None),
             Verdict::Fail("failed rule: has(self.x) || self.y > 0".into())
+        );
+    }
+
+    #[test]
+    fn kubernetes_string_functions_and_durations() {
+        let rule = json!({"rule": "duration(string(int(self.substring(0, self.indexOf('d'))) * 24) + 'h') == duration('48h')"});
+        assert_eq!(evaluate(&rule, &json!("2d"), None), Verdict::Pass);
+        let bad = json!({"rule": "duration(self) > duration('0s')"});
+        // Go's time.ParseDuration has no days: a rule that feeds it one fails at runtime.
+        assert!(
+            matches!(evaluate(&bad, &json!("1d"), None), Verdict::Error(_)),
+            "{:?}",
+            evaluate(&bad, &json!("1d"), None)
+        );
+        assert_eq!(
+            evaluate(&bad, &json!("0s"), None),
+            Verdict::Fail("failed rule: duration(self) > duration('0s')".into())
         );
     }
 
