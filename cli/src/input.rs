@@ -20,6 +20,10 @@ use serde_json::Value;
 /// in one message, so anything larger could never be sent anyway.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 
+/// Most lines of a JSON Lines input (blank ones included), as many as `--count` allows jobs: a
+/// submission that ends, and an endless stdin that is refused rather than kept.
+pub const MAX_LINES: u64 = 1_000_000;
+
 /// One job to submit: an optional caller-chosen id (the idempotency key) and the payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobInput {
@@ -162,6 +166,10 @@ impl Jsonl {
                     }
                 };
                 match parse_line(line.1, line.0) {
+                    Ok(Some(_)) if seen == jobs => {
+                        done = true;
+                        return Some(Err(changed(anyhow!("more than {jobs} jobs"))));
+                    }
                     Ok(Some(job)) => {
                         seen += 1;
                         return Some(Ok(job));
@@ -179,17 +187,21 @@ impl Jsonl {
 
 /// Checks every line of `reader`; returns how many jobs it holds.
 fn check(reader: impl BufRead, name: &str) -> anyhow::Result<u64> {
+    let refuse = |e: String| anyhow!("{name}: {e} (nothing was submitted)");
     let mut lines = Lines::new(reader);
     let mut jobs = 0u64;
-    while let Some((lineno, line)) = lines.next_line().with_context(|| name.to_owned())? {
-        if parse_line(line, lineno)
-            .map_err(|e| anyhow!("{name}: line {lineno}: {e} (nothing was submitted)"))?
-            .is_some()
-        {
-            jobs += 1;
+    loop {
+        let (lineno, line) = match lines.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) => return Ok(jobs),
+            Err(e) => return Err(refuse(format!("{e:#}"))),
+        };
+        match parse_line(line, lineno) {
+            Ok(Some(_)) => jobs += 1,
+            Ok(None) => {}
+            Err(e) => return Err(refuse(format!("line {lineno}: {e}"))),
         }
     }
-    Ok(jobs)
 }
 
 /// Copies what it reads from `from` to `to`.
@@ -208,7 +220,8 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
 
 /// The lines of a reader as bytes, numbered from 1, each without its terminator (`\n` or
 /// `\r\n`), and without the UTF-8 byte order mark that may start the first. A line longer than
-/// [`MAX_PAYLOAD`] is an error, found without reading it whole.
+/// [`MAX_PAYLOAD`] is an error, found without reading it whole, and so is a line past
+/// [`MAX_LINES`].
 struct Lines<R> {
     reader: R,
     lineno: u64,
@@ -233,6 +246,9 @@ impl<R: BufRead> Lines<R> {
             .with_context(|| format!("cannot read line {lineno}"))?;
         if read == 0 {
             return Ok(None);
+        }
+        if lineno > MAX_LINES {
+            bail!("more than {MAX_LINES} lines; split the input");
         }
         self.lineno = lineno;
         let mut line = self.buf.as_slice();
@@ -470,6 +486,17 @@ mod tests {
         let mut lines = Lines::new(exact.as_slice());
         assert_eq!(lines.next_line().unwrap().unwrap().1.len(), MAX_PAYLOAD);
         assert_eq!(lines.next_line().unwrap().unwrap(), (2, &b"z"[..]));
+        let many = "\n".repeat(MAX_LINES as usize) + "x\n";
+        let mut lines = Lines::new(many.as_bytes());
+        let err = loop {
+            match lines.next_line() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("{MAX_LINES} + 1 lines accepted"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.to_string(), "more than 1000000 lines; split the input");
+        assert_eq!(lines.lineno, MAX_LINES);
         let err = read_bounded(long.as_slice(), "the payload").unwrap_err();
         assert!(format!("{err}").contains("larger than 64 MiB"));
         assert_eq!(read_bounded(&b"ok"[..], "the payload").unwrap(), b"ok");
@@ -508,6 +535,17 @@ mod tests {
         assert!(jobs[0].is_ok());
         let err = format!("{:#}", jobs[1].as_ref().unwrap_err());
         assert!(err.contains("line 2") && err.contains("changed"), "{err}");
+
+        std::fs::write(&path, "a\nb\n").unwrap();
+        let file = Jsonl::open(&path).unwrap();
+        std::fs::write(&path, "a\nb\nc\n").unwrap();
+        let jobs: Vec<_> = file.jobs().collect();
+        assert_eq!(jobs.len(), 3);
+        let err = format!("{:#}", jobs[2].as_ref().unwrap_err());
+        assert!(
+            err.contains("more than 2 jobs") && err.contains("changed"),
+            "{err}"
+        );
     }
 
     #[test]
