@@ -1,8 +1,10 @@
 //! `exec` mode: one process per job. The payload is the process's stdin, stdout is the result,
 //! and the exit code decides: 0 success, 75 (`EX_TEMPFAIL`) retry later, 65 (`EX_DATAERR`)
 //! permanent failure, anything else (or a signal) a failed attempt. A stderr line starting
-//! with [`PROGRESS_PREFIX`] reports progress to a producer awaiting the job. A cancelled job's
-//! process gets SIGTERM at once; the runtime kills it when the cancel grace passes.
+//! with [`PROGRESS_PREFIX`] reports progress to a producer awaiting the job. The process leads
+//! a process group of its own: a cancelled job's group gets SIGTERM at once, and the group is
+//! SIGKILLed when the attempt ends (timed out, past the cancel grace, or done), so no process
+//! the handler started outlives it.
 
 use std::process::Stdio;
 
@@ -41,6 +43,7 @@ impl ExecHandler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
         {
@@ -50,6 +53,8 @@ impl ExecHandler {
             }
         };
         let pid = child.id();
+        // Dropped with the attempt, also when it is dropped unfinished (timed out).
+        let _group = super::GroupGuard(pid);
         let stdin = child.stdin.take();
         let payload = job.payload.clone();
         let feed = async move {
@@ -91,8 +96,8 @@ impl ExecHandler {
             tokio::select! {
                 status = &mut wait => status,
                 () = cancel.cancelled() => {
-                    // Still running (not reaped), so the pid is still this process's.
-                    terminate(pid);
+                    // Still running (not reaped), so the group is still this process's.
+                    super::signal_group(pid, nix::sys::signal::Signal::SIGTERM);
                     wait.await
                 }
             }
@@ -113,16 +118,5 @@ impl ExecHandler {
             Some(code) => Outcome::Failed(format!("handler exited with {code}: {stderr}")),
             None => Outcome::Failed(format!("handler killed by a signal ({status}): {stderr}")),
         }
-    }
-}
-
-/// Asks a handler process to stop (SIGTERM).
-fn terminate(pid: Option<u32>) {
-    let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) else {
-        return;
-    };
-    let pid = nix::unistd::Pid::from_raw(pid);
-    if let Err(error) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
-        debug!(%error, "sending SIGTERM to a cancelled job's handler");
     }
 }

@@ -1,7 +1,9 @@
 //! `jsonl` mode: one long-lived child process. The runtime writes one JSON request per job to
 //! its stdin and reads one JSON response per job from its stdout, matched by job id; several
 //! jobs are in flight at once. If the child exits, its in-flight jobs fail as attempts and the
-//! next job starts a new child. A job that times out kills the child (it is hung).
+//! next job starts a new child. A job that times out kills the child (it is hung). The child
+//! leads a process group of its own, killed as a whole, so a signal to the runtime's group
+//! does not reach it and nothing it started outlives it.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -10,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use conveyor::protocol::{JsonlRequest, JsonlResponse, JsonlStatus};
 use conveyor::worker::{Outcome, Progress, ReceivedJob};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::oneshot;
@@ -32,18 +33,26 @@ pub struct JsonlHandler {
 /// One running child.
 #[derive(Debug)]
 struct Conn {
-    pid: Option<Pid>,
+    pid: Option<u32>,
     stdin: tokio::sync::Mutex<ChildStdin>,
     pending: Pending,
     exited: CancellationToken,
 }
 
 impl Conn {
-    /// Kills the child unless it has exited already (its pid may be reused after that).
+    /// Kills the child's process group unless the child has exited already (its pid may be
+    /// reused after that; the reader kills the group before it reaps the child).
     fn kill(&self) {
-        if let (Some(pid), false) = (self.pid, self.exited.is_cancelled()) {
-            let _ = kill(pid, Signal::SIGKILL);
+        if !self.exited.is_cancelled() {
+            super::signal_group(self.pid, Signal::SIGKILL);
         }
+    }
+}
+
+impl Drop for Conn {
+    /// The runtime is done with the child (it stops): the child's group goes with it.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -68,15 +77,13 @@ impl JsonlHandler {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|error| format!("starting handler {:?}: {error}", self.program))?;
         let stdin = child.stdin.take().ok_or("handler has no stdin")?;
         let stdout = child.stdout.take().ok_or("handler has no stdout")?;
-        let pid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw);
+        let pid = child.id();
         info!(program = %self.program, ?pid, "started jsonl handler process");
         let conn = Arc::new(Conn {
             pid,
@@ -218,6 +225,8 @@ async fn read_responses(mut child: Child, stdout: ChildStdout, conn: Arc<Conn>) 
             }
         }
     }
+    // Not reaped yet, so the group is still the child's: what it started goes with it.
+    super::signal_group(conn.pid, Signal::SIGKILL);
     conn.exited.cancel();
     lock(&conn.pending).clear();
     let _ = child.start_kill();

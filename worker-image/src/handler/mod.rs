@@ -57,6 +57,33 @@ impl Handler for RuntimeHandler {
     }
 }
 
+/// Sends `signal` to the process group `pid` leads; a group already gone is fine.
+///
+/// Every handler process is started as the leader of a group of its own
+/// (`process_group(0)`): a signal to the runtime's group (Ctrl-C on `conveyor-worker run`, a
+/// kill of the group) then no longer reaches a running handler, so the runtime drains instead
+/// of losing the attempt, and a handler that is timed out or cancelled is stopped together with
+/// the processes it started, which would otherwise live on as orphans.
+fn signal_group(pid: Option<u32>, signal: nix::sys::signal::Signal) {
+    let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()) else {
+        return;
+    };
+    if let Err(error) = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal) {
+        tracing::debug!(%error, ?signal, "signalling a handler's process group");
+    }
+}
+
+/// SIGKILLs a handler's process group when dropped: when its attempt ends, is timed out or is
+/// abandoned, nothing the handler started outlives it.
+#[derive(Debug)]
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        signal_group(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// The last `limit` bytes of a process's output, as one trimmed line for error messages.
 fn excerpt(bytes: &[u8], limit: usize) -> String {
     let start = bytes.len().saturating_sub(limit);
