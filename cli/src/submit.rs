@@ -22,7 +22,8 @@ const WAIT_WINDOW: usize = 256;
 /// enough that the window rarely drains between chunks, small enough to hold.
 const CHUNK_JOBS: usize = 4096;
 
-/// Most payload bytes of one chunk (a chunk also ends before this is passed by much).
+/// Payload bytes after which a chunk is sent even if it has fewer than [`CHUNK_JOBS`] jobs (the
+/// job that reaches it is the chunk's last), so large `--jsonl` payloads are not held 4096 at once.
 const CHUNK_BYTES: usize = 16 << 20;
 
 /// The jobs of a submission, made one by one; an error (a `--jsonl` file that changed since it
