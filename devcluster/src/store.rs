@@ -254,6 +254,26 @@ fn invalid_name(gr: &Gr, name: &str) -> Option<crate::error::Cause> {
     })
 }
 
+/// Most bytes of `metadata.annotations` (keys plus values) the API server stores on any object.
+pub const ANNOTATIONS_LIMIT: usize = 256 * 1024;
+
+/// Kubernetes' total annotation size check (`ValidateAnnotationsSize`), on every create and
+/// update of every kind. `kubectl apply` (client side) trips it with a large object, because it
+/// keeps the whole applied object in `kubectl.kubernetes.io/last-applied-configuration`.
+fn annotations_too_long(obj: &Value) -> Option<crate::error::Cause> {
+    let total: usize = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)?
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    (total > ANNOTATIONS_LIMIT).then(|| crate::error::Cause {
+        reason: "FieldValueTooLong".into(),
+        field: "metadata.annotations".into(),
+        message: format!("Too long: may not be more than {ANNOTATIONS_LIMIT} bytes"),
+    })
+}
+
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let bytes = uuid::Uuid::new_v4().into_bytes();
@@ -410,6 +430,9 @@ impl Store {
             },
         };
         if let Some(cause) = invalid_name(gr, &name) {
+            return Err(ApiError::invalid(&gr.0, &gr.1, &name, vec![cause]));
+        }
+        if let Some(cause) = annotations_too_long(&obj) {
             return Err(ApiError::invalid(&gr.0, &gr.1, &name, vec![cause]));
         }
         let key = (ns.to_owned(), name.clone());
@@ -579,6 +602,9 @@ impl Store {
         }
         if new == cur {
             return Ok(cur);
+        }
+        if let Some(cause) = annotations_too_long(&new) {
+            return Err(ApiError::invalid(&gr.0, &gr.1, name, vec![cause]));
         }
         let rv = inner.rv + 1;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(rv.to_string()));
@@ -1063,6 +1089,45 @@ mod tests {
             st.get(&ns_gr, "", "default").is_err(),
             "empty namespace is removed"
         );
+    }
+
+    #[test]
+    fn annotations_are_limited_to_256_kib_in_total() {
+        let store = store_with_ns(100);
+        let gr = cm_gr();
+        let cm = |a: &str, b: &str| json!({"metadata": {"name": "big", "annotations": {"a": a, "b": b}}});
+        // 1 + 1 key bytes: values of 131071 bytes each make exactly the limit.
+        let half = "x".repeat(ANNOTATIONS_LIMIT / 2 - 1);
+        store
+            .create(&gr, "default", cm(&half, &half), RULES, false)
+            .expect("exactly the limit is fine");
+        let opts = WriteOpts {
+            sub: Sub::Main,
+            rules: RULES,
+            dry_run: false,
+        };
+        let err = store
+            .update(&gr, "default", "big", opts, &mut |_| {
+                Ok(cm(&half, &format!("{half}y")))
+            })
+            .unwrap_err();
+        assert_eq!(err.code, 422);
+        assert!(
+            err.message
+                .ends_with("metadata.annotations: Too long: may not be more than 262144 bytes"),
+            "{}",
+            err.message
+        );
+        let err = store
+            .create(
+                &gr,
+                "default",
+                json!({"metadata": {"name": "bigger", "annotations": {"a": "x".repeat(ANNOTATIONS_LIMIT)}}}),
+                RULES,
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(err.causes[0].field, "metadata.annotations");
     }
 
     #[test]
