@@ -1,7 +1,8 @@
 //! One pod on the process kubelet: its directories and volumes, its init containers in order,
 //! then a supervisor per app container (start, probe, enforce the memory limit, restart with
 //! CrashLoopBackOff), status writes through `/status`, and graceful termination — SIGTERM to
-//! every container's process group, SIGKILL after the grace period, then the final DELETE.
+//! every container's main process, SIGKILL to all its processes after the grace period, then
+//! the final DELETE.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -25,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::launch::{self, Launch};
 use super::probe::{self, Target};
-use super::process::{GroupGuard, Spawner, group_rss, signal_group};
+use super::process::Spawner;
 use super::status::{self, ContainerRun, PodRun};
 use super::{ImageConfig, KubeletConfig};
 
@@ -619,7 +620,7 @@ impl PodWorker {
     ) -> ContainerState {
         let pid = child.id().unwrap_or_default();
         // Kills what the container leaves behind when it exits, or when this future is dropped.
-        let _group = GroupGuard(pid);
+        let procs = self.node.spawner.processes(pid);
         let container_id = format!("devcluster://{pid}");
         let is_app = matches!(slot, Slot::App(_));
         let (startup, readiness, liveness) = if is_app {
@@ -693,21 +694,21 @@ impl PodWorker {
             tokio::select! {
                 exit = child.wait() => break exit,
                 _ = memory.tick(), if limit.is_some() && !oom => {
-                    if limit.is_some_and(|l| group_rss(pid) > l) {
+                    if limit.is_some_and(|l| procs.rss() > l) {
                         oom = true;
-                        signal_group(pid, Signal::SIGKILL);
+                        procs.kill_all();
                     }
                 }
                 () = self.stop.cancelled(), if !stopping => {
                     // Also when a failed probe is already stopping it: the earlier deadline wins.
                     stopping = true;
                     self.record(EventType::Normal, "Killing", format!("Stopping container {}", c.name));
-                    signal_group(pid, Signal::SIGTERM);
+                    procs.signal_main(Signal::SIGTERM);
                     let deadline = *self.kill_at.lock().expect("kill_at lock");
                     kill_at = Some(kill_at.map_or(deadline, |k| k.min(deadline)));
                 }
                 () = tokio::time::sleep_until(kill_deadline.into()), if kill_at.is_some() => {
-                    signal_group(pid, Signal::SIGKILL);
+                    procs.kill_all();
                     kill_at = Some(Instant::now() + Duration::from_secs(86_400));
                 }
                 Ok(()) = startup_rx.changed(), if !startup_done => {
@@ -725,7 +726,7 @@ impl PodWorker {
                         Some(false) if kill_at.is_none() => {
                             self.record(EventType::Warning, "Unhealthy", "Startup probe failed".into());
                             self.record(EventType::Normal, "Killing", format!("Container {} failed startup probe, will be restarted", c.name));
-                            signal_group(pid, Signal::SIGTERM);
+                            procs.signal_main(Signal::SIGTERM);
                             kill_at = Some(Instant::now() + self.probe_grace());
                         }
                         _ => {}
@@ -742,7 +743,7 @@ impl PodWorker {
                     if *live_rx.borrow_and_update() == Some(false) && kill_at.is_none() {
                         self.record(EventType::Warning, "Unhealthy", "Liveness probe failed".into());
                         self.record(EventType::Normal, "Killing", format!("Container {} failed liveness probe, will be restarted", c.name));
-                        signal_group(pid, Signal::SIGTERM);
+                        procs.signal_main(Signal::SIGTERM);
                         kill_at = Some(Instant::now() + self.probe_grace());
                     }
                 }

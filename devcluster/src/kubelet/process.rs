@@ -1,8 +1,11 @@
-//! Container processes: started in a process group of their own (so signals reach every process
-//! of the container), killed when dropped, and — through util-linux `setpriv --pdeathsig KILL`,
-//! since the workspace forbids the `unsafe` a `pre_exec` hook needs — killed by the kernel when
-//! the kubelet's spawner thread dies, so a crashed test leaves no orphans behind. Also measures a
-//! process group's resident memory from `/proc`.
+//! Container processes: each container is a session of its own (util-linux `setsid`), which
+//! every process it starts stays in — also processes that lead process groups of their own and
+//! orphans — so the session stands in for the container's cgroup: its memory is measured, and
+//! all of it is killed when the main process exits or the container is dropped. Stop signals go
+//! to the main process only, as a container runtime sends them to PID 1. Through util-linux
+//! `setpriv --pdeathsig KILL` (the workspace forbids the `unsafe` a `pre_exec` hook needs) the
+//! kernel kills the main process when the kubelet's spawner thread dies, so a crashed test
+//! leaves no orphans behind. Without `setsid` a container falls back to a process group.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +18,14 @@ use tokio::sync::oneshot;
 
 use super::launch::Launch;
 
+/// Which processes belong to a container: those of its session, or (without `setsid`) of its
+/// process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Session,
+    Group,
+}
+
 type Request = (
     std::process::Command,
     oneshot::Sender<std::io::Result<Child>>,
@@ -25,6 +36,15 @@ type Request = (
 pub struct Spawner {
     requests: mpsc::Sender<Request>,
     setpriv: Option<PathBuf>,
+    setsid: Option<PathBuf>,
+}
+
+/// A program on the kubelet's `PATH`.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl Spawner {
@@ -43,31 +63,58 @@ impl Spawner {
                     let _ = reply.send(cmd.spawn());
                 }
             })?;
-        let path = std::env::var("PATH").unwrap_or_default();
-        let setpriv = std::env::split_paths(&path)
-            .map(|d| d.join("setpriv"))
-            .find(|p| p.is_file());
+        let setpriv = on_path("setpriv");
         if setpriv.is_none() {
             tracing::warn!("setpriv not found: container processes may outlive a crashed kubelet");
         }
-        Ok(Self { requests, setpriv })
+        let setsid = on_path("setsid");
+        if setsid.is_none() {
+            tracing::warn!(
+                "setsid not found: containers are process groups, and a process that leads a \
+                 group of its own escapes its container's memory limit and stop"
+            );
+        }
+        Ok(Self {
+            requests,
+            setpriv,
+            setsid,
+        })
     }
 
-    /// Starts `launch` with stdout and stderr appended to `log`, in a new process group.
+    /// The processes of the container whose main process is `pid` (as [`Spawner::spawn`]
+    /// started it); dropping the value kills them all.
+    pub fn processes(&self, pid: u32) -> Processes {
+        let scope = if self.setsid.is_some() {
+            Scope::Session
+        } else {
+            Scope::Group
+        };
+        Processes { pid, scope }
+    }
+
+    /// Starts `launch` with stdout and stderr appended to `log`, in a new session (else a new
+    /// process group) that the main process leads.
     pub async fn spawn(&self, launch: &Launch, log: &Path) -> std::io::Result<Child> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
-        let mut cmd = match &self.setpriv {
-            Some(setpriv) => {
-                let mut cmd = std::process::Command::new(setpriv);
-                cmd.args(["--pdeathsig", "KILL", "--"]).arg(&launch.program);
-                cmd
-            }
-            None => std::process::Command::new(&launch.program),
-        };
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // setpriv → setsid → program, each exec'ing the next in the same process. setsid(1)
+        // does not fork, since the child does not lead a process group.
+        let mut chain: Vec<&std::ffi::OsStr> = Vec::new();
+        if let Some(setpriv) = &self.setpriv {
+            chain.extend([setpriv.as_os_str(), "--pdeathsig".as_ref(), "KILL".as_ref()]);
+            chain.push("--".as_ref());
+        }
+        if let Some(setsid) = &self.setsid {
+            chain.extend([setsid.as_os_str(), "--".as_ref()]);
+        }
+        chain.push(launch.program.as_ref());
+        let mut cmd = std::process::Command::new(chain[0]);
+        cmd.args(&chain[1..]);
+        if self.setsid.is_none() {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         cmd.args(&launch.args)
             .env_clear()
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
@@ -84,82 +131,137 @@ impl Spawner {
     }
 }
 
-/// Sends `signal` to every process of the group led by `pid`; a group already gone is fine.
-pub fn signal_group(pid: u32, signal: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = killpg(Pid::from_raw(pid), signal);
-    }
+/// The processes of one container: its main process `pid` and every process in the session
+/// (or process group) it leads. Killed, all of them, when dropped — when the main process has
+/// exited, and when the kubelet's task is dropped with its runtime — so no process of the
+/// container outlives it, as none outlives a container's PID 1.
+#[derive(Debug)]
+pub struct Processes {
+    pid: u32,
+    scope: Scope,
 }
 
-/// Kills a container's whole process group when dropped — also when the kubelet's task is
-/// dropped with its runtime — so no process of the container outlives it.
-pub struct GroupGuard(pub u32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        signal_group(self.0, Signal::SIGKILL);
+impl Processes {
+    /// Sends `signal` to the main process only, as a container runtime does for a stop or a
+    /// failed probe; the program decides what becomes of its children.
+    pub fn signal_main(&self, signal: Signal) {
+        if let Ok(pid) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+        }
     }
-}
 
-/// Resident memory, in bytes, of all processes in process group `pgid` (from `/proc`).
-pub fn group_rss(pgid: u32) -> u64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // Fields after the command name, which may contain spaces: state ppid pgrp …
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let pgrp: u32 = rest.split_whitespace().nth(2)?.parse().ok()?;
-            if pgrp != pgid {
-                return None;
+    /// SIGKILLs every process of the container (a group already gone is fine). Repeated while
+    /// processes are found, since one may fork while the others are killed.
+    pub fn kill_all(&self) {
+        if self.scope == Scope::Group {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
+            return;
+        }
+        for _ in 0..10 {
+            let members: Vec<u32> = members(self.scope, self.pid).collect();
+            if members.is_empty() {
+                return;
+            }
+            for pid in members {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Resident memory, in bytes, of all processes of the container (from `/proc`).
+    pub fn rss(&self) -> u64 {
+        members(self.scope, self.pid)
+            .filter_map(|pid| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            })
+            .sum()
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// The live processes whose session (or process group) is `id`, from `/proc`. Zombies are
+/// left out: they hold no memory and are gone once reaped.
+fn members(scope: Scope, id: u32) -> impl Iterator<Item = u32> {
+    let field = match scope {
+        Scope::Group => 2,
+        Scope::Session => 3,
+    };
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // Fields after the command name, which may contain spaces: state ppid pgrp session …
+            let rest = stat.get(stat.rfind(')')? + 1..)?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            let owner: u32 = fields.nth(field - 1)?.parse().ok()?;
+            (owner == id && state != 'Z').then_some(pid)
         })
-        .sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A container whose main process starts a child that leads a process group of its own
+    /// (as the worker runtime does with its handlers): the child counts for the container's
+    /// memory, a stop signal reaches the main process only, and dropping the container's
+    /// processes kills the child too.
     #[tokio::test]
-    async fn spawned_processes_lead_their_own_group_and_count_their_memory() {
+    async fn a_container_is_its_main_process_and_everything_it_starts() {
         let dir = tempfile::tempdir().unwrap();
         let spawner = Spawner::new().unwrap();
+        let script = "python3 -c 'import os, time; os.setpgid(0, 0); time.sleep(60)' & \
+                      echo hello; exec sleep 60";
         let launch = Launch {
             program: "/bin/sh".into(),
-            args: vec!["-c".into(), "echo hello; exec sleep 30".into()],
-            env: vec![],
+            args: vec!["-c".into(), script.into()],
+            env: vec![("PATH".into(), std::env::var("PATH").unwrap_or_default())],
             cwd: dir.path().to_owned(),
         };
         let log = dir.path().join("c.log");
         let mut child = spawner.spawn(&launch, &log).await.unwrap();
         let pid = child.id().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while group_rss(pid) == 0 || std::fs::read_to_string(&log).unwrap_or_default().is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "process never showed up in /proc or its log"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        signal_group(pid, Signal::SIGTERM);
+        let procs = spawner.processes(pid);
+        let scope = procs.scope;
+        let count = || members(scope, pid).count();
+        until("the main process and its child", || {
+            count() == 2 && !std::fs::read_to_string(&log).unwrap_or_default().is_empty()
+        })
+        .await;
+        assert!(procs.rss() > 0);
+        procs.signal_main(Signal::SIGTERM);
         let status = child.wait().await.unwrap();
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(15)
         );
+        assert_eq!(count(), 1, "the child got no signal");
         assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\n");
+        drop(procs);
+        until("the child is killed with the container", || count() == 0).await;
     }
 }
