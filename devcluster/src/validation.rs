@@ -2,7 +2,8 @@
 //! does it: null and unknown fields pruned (unless `x-kubernetes-preserve-unknown-fields`),
 //! defaults applied, then types, `required`, `enum`, bounds, `pattern`, sizes,
 //! `x-kubernetes-int-or-string` and `x-kubernetes-validations` CEL rules checked, with every
-//! violation reported as a cause of one 422 Invalid error.
+//! violation reported as a cause of one 422 Invalid error. As on the real server, the CEL rules
+//! only count when the schema found no type, required, enum or size violation.
 
 use serde_json::{Value, json};
 
@@ -41,24 +42,37 @@ pub fn admit(
             list.join(", ")
         )));
     }
-    let mut causes = Vec::new();
+    let mut found = Found::default();
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         for (k, prop) in props {
             if matches!(k.as_str(), "metadata" | "apiVersion" | "kind") {
                 continue;
             }
             if let Some(v) = obj.get(k) {
-                validate(v, prop, k, old.and_then(|o| o.get(k)), &mut causes);
+                validate(v, prop, k, old.and_then(|o| o.get(k)), &mut found);
             }
         }
     }
     for req in strings(schema.get("required")) {
         if obj.get(&req).is_none() {
-            causes.push(cause("FieldValueRequired", &req, "Required value".into()));
+            found
+                .schema
+                .push(cause("FieldValueRequired", &req, "Required value".into()));
         }
     }
     let root_old = old.cloned();
-    rules(&obj, &schema, "", root_old.as_ref(), &mut causes);
+    rules(&obj, &schema, "", root_old.as_ref(), &mut found.rules);
+    let mut causes = found.schema;
+    if causes.iter().any(blocks_rules) {
+        // The real server reports this cause with a nil field path.
+        causes.push(cause(
+            "FieldValueInvalid",
+            "<nil>",
+            "Invalid value: \"null\": some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
+        ));
+    } else {
+        causes.extend(found.rules);
+    }
     if causes.is_empty() {
         return Ok(obj);
     }
@@ -209,7 +223,28 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: &mut Vec<Cause>) {
+/// What validation found: schema violations, and the messages of the CEL rules that failed.
+#[derive(Default)]
+struct Found {
+    schema: Vec<Cause>,
+    rules: Vec<Cause>,
+}
+
+/// Schema violations after which the API server does not run CEL rules at all (its
+/// `hasBlockingErr`): a rule could not make sense of a value of the wrong type, a missing
+/// required field, a value outside an enum, or one too long or too large to bound its cost.
+fn blocks_rules(cause: &Cause) -> bool {
+    matches!(
+        cause.reason.as_str(),
+        "FieldValueNotSupported"
+            | "FieldValueRequired"
+            | "FieldValueTooLong"
+            | "FieldValueTooMany"
+            | "FieldValueTypeInvalid"
+    )
+}
+
+fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, found: &mut Found) {
     if v.is_null() {
         return;
     }
@@ -219,7 +254,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
         == Some(true);
     if int_or_string {
         if !(v.is_string() || v.is_i64() || v.is_u64()) {
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueInvalid",
                 path,
                 format!(
@@ -241,7 +276,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             _ => true,
         };
         if !ok {
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueTypeInvalid",
                 path,
                 format!(
@@ -257,7 +292,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
         && !e.contains(v)
     {
         let supported: Vec<String> = e.iter().map(Value::to_string).collect();
-        causes.push(cause(
+        found.schema.push(cause(
             "FieldValueNotSupported",
             path,
             format!(
@@ -277,7 +312,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             } else {
                 "greater than or equal to"
             };
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueInvalid",
                 path,
                 format!(
@@ -294,7 +329,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             } else {
                 "less than or equal to"
             };
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueInvalid",
                 path,
                 format!(
@@ -309,7 +344,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
         if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
             && len < min
         {
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueInvalid",
                 path,
                 format!("Invalid value: {v}: {path} in body should be at least {min} chars long"),
@@ -318,7 +353,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
         if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
             && len > max
         {
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueTooLong",
                 path,
                 format!("Too long: may not be more than {max} bytes"),
@@ -327,7 +362,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
         if let Some(p) = schema.get("pattern").and_then(Value::as_str)
             && regex::Regex::new(p).is_ok_and(|re| !re.is_match(s))
         {
-            causes.push(cause(
+            found.schema.push(cause(
                 "FieldValueInvalid",
                 path,
                 format!("Invalid value: {v}: {path} in body should match '{p}'"),
@@ -344,7 +379,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
                             prop,
                             &join(path, k),
                             old.and_then(|o| o.get(k)),
-                            causes,
+                            found,
                         );
                     }
                 }
@@ -355,13 +390,13 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
                         add,
                         &join(path, k),
                         old.and_then(|o| o.get(k)),
-                        causes,
+                        found,
                     );
                 }
             }
             for req in strings(schema.get("required")) {
                 if !m.contains_key(&req) {
-                    causes.push(cause(
+                    found.schema.push(cause(
                         "FieldValueRequired",
                         &join(path, &req),
                         "Required value".into(),
@@ -372,7 +407,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
                 && n > max
             {
-                causes.push(cause(
+                found.schema.push(cause(
                     "FieldValueTooMany",
                     path,
                     format!("Too many: {n}: must have at most {max} items"),
@@ -384,7 +419,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
                 && n < min
             {
-                causes.push(cause(
+                found.schema.push(cause(
                     "FieldValueInvalid",
                     path,
                     format!("Invalid value: {n}: {path} in body should have at least {min} items"),
@@ -393,7 +428,7 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
                 && n > max
             {
-                causes.push(cause(
+                found.schema.push(cause(
                     "FieldValueTooMany",
                     path,
                     format!("Too many: {n}: must have at most {max} items"),
@@ -401,13 +436,13 @@ fn validate(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: 
             }
             if let Some(item_schema) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
-                    validate(item, item_schema, &format!("{path}[{i}]"), None, causes);
+                    validate(item, item_schema, &format!("{path}[{i}]"), None, found);
                 }
             }
         }
         _ => {}
     }
-    rules(v, schema, path, old, causes);
+    rules(v, schema, path, old, &mut found.rules);
 }
 
 /// Evaluates the node's `x-kubernetes-validations`.
@@ -497,15 +532,33 @@ mod tests {
 
     #[test]
     fn violations_become_causes() {
-        let obj =
-            json!({"metadata": {"name": "t"}, "spec": {"size": 20, "mode": "c", "name": "A1"}});
+        let obj = json!({"metadata": {"name": "t"}, "spec": {"size": 20, "name": "A1"}});
         let err = admit(&info(), "v1", obj, None, false).unwrap_err();
         assert_eq!(err.code, 422);
         let fields: Vec<&str> = err.causes.iter().map(|c| c.field.as_str()).collect();
-        assert!(fields.contains(&"spec.mode"), "{fields:?}");
-        assert!(fields.contains(&"spec.name"), "{fields:?}");
+        assert_eq!(
+            fields,
+            ["spec.name", "spec"],
+            "a pattern violation does not block rules"
+        );
         assert!(
             err.message.contains("size must not exceed max"),
+            "{}",
+            err.message
+        );
+        // An enum violation does: the rules are not run, and the error says so.
+        let obj =
+            json!({"metadata": {"name": "t"}, "spec": {"size": 20, "mode": "c", "name": "A1"}});
+        let err = admit(&info(), "v1", obj, None, false).unwrap_err();
+        let fields: Vec<&str> = err.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.mode", "spec.name", "<nil>"],
+            "{}",
+            err.message
+        );
+        assert!(
+            err.message.ends_with("<nil>: Invalid value: \"null\": some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]"),
             "{}",
             err.message
         );

@@ -257,3 +257,32 @@ async fn out_of_range_counts_are_refused_with_the_range() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn rules_wait_for_the_schema_errors_that_block_them() {
+    let cluster = cluster_with_crds().await;
+    // An enum violation blocks every CEL rule of the object, as on a real API server: the
+    // timeout's range is only reported once the storage is fixed.
+    let err = refused(&cluster, &queue("{timeout: 0s, stream: {storage: tape}}")).await;
+    assert!(
+        err.contains("spec.stream.storage: Unsupported value: \"tape\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("some validation rules were not checked because the object was invalid"),
+        "{err}"
+    );
+    assert!(!err.contains("timeout must be a duration"), "{err}");
+    // A string longer than maxLength blocks them too (the server bounds rule costs by it).
+    let long = format!("{{timeout: {}s}}", "1".repeat(40));
+    let err = refused(&cluster, &queue(&long)).await;
+    assert!(
+        err.contains("spec.timeout: Too long: may not be more than 39 bytes"),
+        "{err}"
+    );
+    let err = refused(&cluster, &queue("{timeout: 0s}")).await;
+    assert!(
+        err.contains("timeout must be a duration from 1s to 24h"),
+        "{err}"
+    );
+}
