@@ -201,3 +201,92 @@ async fn every_recycled_event_names_the_pod_replaced_that_time() {
     assert!(described.contains(pod), "{described}");
     env.shutdown().await;
 }
+
+/// The pool of issue #15: a 50-character Worker name and a 63-character container name, so a
+/// `Degraded` message naming four or more OOM-killed pods is longer than an Event note may be.
+/// The `WorkerCrashed` Event is still published (the test double refuses notes over 1 KiB, as
+/// the API server does), with a summary that counts the pods.
+#[tokio::test]
+async fn many_oom_killed_pods_with_long_names_still_make_a_worker_crashed_event() {
+    let name = format!("oom{}", "x".repeat(47));
+    let container = "c".repeat(63);
+    let env = Env::start().await;
+    env.apply(&format!(
+        "apiVersion: conveyor.dev/v1alpha1
+kind: JobQueue
+metadata: {{name: {name}}}
+spec:
+  timeout: 30s
+  retry: {{maxAttempts: 20}}
+"
+    ))
+    .await;
+    env.apply(&format!(
+        r#"apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {{name: {name}}}
+spec:
+  queue: {name}
+  replicas: 6
+  handler:
+    mode: exec
+    command: ["python3", "-c", "import time; x = b'x' * (96 << 20); time.sleep(30)"]
+  template:
+    spec:
+      containers:
+        - name: {container}
+          image: ghcr.io/conveyor-dev/handler
+          resources: {{limits: {{memory: 48Mi}}}}
+"#
+    ))
+    .await;
+    let queue = conveyor::names::QueueRef::new(NS, &name);
+    env.wait_stream(&queue.stream()).await;
+    let client = conveyor::Client::connect(&env.nats.url()).await.unwrap();
+    for i in 0..12 {
+        client
+            .submit(&queue, conveyor::Job::new(format!("job-{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let message = env
+        .wait_worker(
+            &name,
+            Duration::from_secs(90),
+            "Degraded naming four OOM-killed pods",
+            |w| {
+                let c = w
+                    .status
+                    .as_ref()?
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Degraded")?;
+                (c.message.matches(": OOMKilled (").count() >= 4).then(|| c.message.clone())
+            },
+        )
+        .await;
+    assert!(message.len() > NOTE_LIMIT, "{}", message.len());
+    let api: Api<Event> = Api::namespaced(env.cluster.client(), NS);
+    let note = wait_for(
+        Duration::from_secs(30),
+        "a WorkerCrashed Event for four pods",
+        || async {
+            api.list(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("WorkerCrashed"))
+                .filter_map(|e| e.note)
+                .any(|n| {
+                    n.split(" pods OOMKilled: ")
+                        .next()
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .is_some_and(|n| n >= 4)
+                })
+        },
+    )
+    .await;
+    note.unwrap();
+    env.shutdown().await;
+}
