@@ -53,20 +53,23 @@ impl Bounds {
     }
 
     /// The CEL rule that holds the field to these bounds, with the message
-    /// `<field> must be a duration from <min> to <max>`.
+    /// `<field> must be a duration from <min> to <max> (…)`.
     ///
-    /// Kubernetes' `duration()` takes Go syntax only, without days, so the rule turns a leading
-    /// `<n>d` into `<n*24>h` first. It only judges non-empty strings the pattern admits (a
-    /// pattern or length violation is reported by the schema, and the API server evaluates
-    /// rules even then), so it never fails at runtime: `int()` sees at most 4 digits and `duration()` a valid Go
-    /// duration well inside its range.
+    /// Kubernetes' `duration()` takes Go syntax only, without days, so the rule reads a leading
+    /// `<n>d` with `int()` and the rest with `duration()`, and compares milliseconds. It only
+    /// judges non-empty strings the pattern admits (a pattern or length violation is reported
+    /// by the schema, and the API server evaluates rules even then), so it never fails at
+    /// runtime: `int()` sees at most 4 digits, `duration()` a valid Go duration and the sum
+    /// stays below 10^13. It concatenates no strings and only calls functions on `self` and
+    /// its substrings, whose size the API server bounds by `maxLength` when it estimates the
+    /// rule's cost.
     pub fn rule(&self, field: &str) -> Rule {
-        let value = "(self.contains('d') ? duration(string(int(self.substring(0, self.indexOf('d'))) * 24) + 'h' + self.substring(self.indexOf('d') + 1)) : duration(self))";
+        let ms = "(self.contains('d') ? int(self.substring(0, self.indexOf('d'))) * 86400000 + (self.endsWith('d') ? 0 : duration(self.substring(self.indexOf('d') + 1)).getMilliseconds()) : duration(self).getMilliseconds())";
         let mut checks = Vec::new();
         if !self.min().is_zero() {
-            checks.push(format!("{value} >= duration('{}')", go_syntax(self.min())));
+            checks.push(format!("{ms} >= {}", self.min().as_millis()));
         }
-        checks.push(format!("{value} <= duration('{}')", go_syntax(self.max())));
+        checks.push(format!("{ms} <= {}", self.max().as_millis()));
         Rule::new(format!(
             "self == '' || !self.matches('{PATTERN}') || ({})",
             checks.join(" && ")
@@ -75,18 +78,6 @@ impl Bounds {
             "{field} must be a duration {} (units d, h, m, s, ms in that order, e.g. 1h30m)",
             self.range()
         )))
-    }
-}
-
-/// A duration in Go's syntax, as CEL's `duration()` reads it: whole hours, minutes, seconds or
-/// milliseconds.
-fn go_syntax(d: Duration) -> String {
-    let ms = d.as_millis();
-    match ms {
-        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
-        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
-        _ if ms.is_multiple_of(1_000) => format!("{}s", ms / 1_000),
-        _ => format!("{ms}ms"),
     }
 }
 
@@ -249,15 +240,20 @@ mod tests {
     }
 
     #[test]
-    fn rules_compare_in_go_syntax() {
-        assert_eq!(go_syntax(Duration::from_secs(3650 * 86400)), "87600h");
-        assert_eq!(go_syntax(Duration::from_secs(90)), "90s");
-        assert_eq!(go_syntax(Duration::from_millis(1)), "1ms");
+    fn rules_compare_milliseconds_and_skip_a_zero_minimum() {
         let rule = serde_json::to_value(Bounds::new("0s", "24h").rule("x")).unwrap();
-        assert!(!rule["rule"].as_str().unwrap().contains(">="), "{rule}");
+        let text = rule["rule"].as_str().unwrap();
+        assert!(!text.contains(">="), "{text}");
+        assert!(text.ends_with("<= 86400000)"), "{text}");
         assert_eq!(
             rule["message"],
             "x must be a duration from 0s to 24h (units d, h, m, s, ms in that order, e.g. 1h30m)"
+        );
+        let rule = serde_json::to_value(Bounds::new("1ms", "3650d").rule("x")).unwrap();
+        let text = rule["rule"].as_str().unwrap();
+        assert!(
+            text.contains(">= 1 &&") && text.ends_with("<= 315360000000)"),
+            "{text}"
         );
     }
 }
