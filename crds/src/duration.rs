@@ -57,9 +57,9 @@ impl Bounds {
     ///
     /// Kubernetes' `duration()` takes Go syntax only, without days, so the rule reads a leading
     /// `<n>d` with `int()` and the rest with `duration()`, and compares milliseconds. It only
-    /// judges non-empty strings the pattern admits (a pattern or length violation is reported
-    /// by the schema, and the API server evaluates rules even then), so it never fails at
-    /// runtime: `int()` sees at most 4 digits, `duration()` a valid Go duration and the sum
+    /// judges non-empty strings the pattern admits: the schema reports the others, and the API
+    /// server still evaluates rules after a pattern or `minLength` violation (only type,
+    /// required, enum and `maxLength` violations stop it). So it never fails at runtime: `int()` sees at most 4 digits, `duration()` a valid Go duration and the sum
     /// stays below 10^13. It concatenates no strings and only calls functions on `self` and
     /// its substrings, whose size the API server bounds by `maxLength` when it estimates the
     /// rule's cost.
