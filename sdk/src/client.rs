@@ -77,7 +77,12 @@ impl Job {
 
     /// Runs the job no earlier than `delay` from now.
     pub fn delay(self, delay: Duration) -> Self {
-        self.run_at(SystemTime::now() + delay)
+        // A delay past what the clock can hold becomes a time `submit` refuses, never a panic.
+        let at = SystemTime::now().checked_add(delay).unwrap_or_else(|| {
+            let past_latest = protocol::schedule::LATEST.unsigned_abs() + 1;
+            SystemTime::UNIX_EPOCH + Duration::from_secs(past_latest)
+        });
+        self.run_at(at)
     }
 
     /// Adds a header passed through to the handler.
@@ -355,10 +360,12 @@ impl Client {
             // to `due.<level>` and the work stream sources it from there.
             subject = queue.delayed_subject(&job.id);
             headers.insert(protocol::JOB_ID, job.id.as_str());
-            headers.insert(
-                protocol::schedule::SCHEDULE,
-                protocol::schedule::at(at).as_str(),
-            );
+            let schedule =
+                protocol::schedule::at(at).map_err(|e| SubmitError::InvalidSchedule {
+                    id: job.id.clone(),
+                    detail: e.to_string(),
+                })?;
+            headers.insert(protocol::schedule::SCHEDULE, schedule.as_str());
             headers.insert(
                 protocol::schedule::TARGET,
                 queue.due_subject(job.priority).as_str(),
@@ -525,12 +532,10 @@ impl Client {
         let reply = schedule
             .headers
             .get(protocol::REPLY_TO)
-            .map(|v| v.as_str().trim().to_owned())
-            .filter(|r| !r.is_empty());
+            .and_then(|v| protocol::envelope::reply_subject(v.as_str()).ok())
+            .map(str::to_owned);
         if let Some(reply) = reply {
-            let mut headers = HeaderMap::new();
-            headers.insert(protocol::result::JOB_ID, id);
-            headers.insert(protocol::result::STATUS, protocol::result::CANCELLED);
+            let headers = protocol::Outcome::Cancelled.encode(id);
             let nats = self.jetstream.client();
             if let Err(error) = nats
                 .publish_with_headers(reply, headers, Bytes::new())
@@ -646,28 +651,32 @@ fn outcome(
     headers: Option<&HeaderMap>,
     payload: Bytes,
 ) -> Result<JobResult, WaitError> {
-    let header = |name: &str| {
-        headers
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    match header(protocol::result::STATUS).as_deref() {
-        Some(protocol::result::COMPLETED) => Ok(JobResult::Completed {
+    match protocol::Outcome::decode(headers) {
+        Ok((_, protocol::Outcome::Completed)) => Ok(JobResult::Completed {
             id,
             result: payload,
         }),
-        Some(protocol::result::DEAD_LETTERED) => Ok(JobResult::DeadLettered {
-            reason: header(protocol::dead_letter::REASON).unwrap_or_default(),
-            error: header(protocol::dead_letter::ERROR).unwrap_or_default(),
-            attempts: header(protocol::dead_letter::ATTEMPTS)
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_default(),
+        Ok((
+            _,
+            protocol::Outcome::DeadLettered {
+                reason,
+                error,
+                attempts,
+            },
+        )) => Ok(JobResult::DeadLettered {
+            reason,
+            error,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             id,
         }),
-        Some(protocol::result::CANCELLED) => Ok(JobResult::Cancelled { id }),
-        other => Err(WaitError::Malformed {
+        Ok((_, protocol::Outcome::Cancelled)) => Ok(JobResult::Cancelled { id }),
+        Ok((_, protocol::Outcome::Progress)) => Err(WaitError::Malformed {
             id,
-            problem: format!("{} is {other:?}", protocol::result::STATUS),
+            problem: "a progress report where the outcome was expected".into(),
+        }),
+        Err(error) => Err(WaitError::Malformed {
+            id,
+            problem: error.problem,
         }),
     }
 }

@@ -20,13 +20,18 @@ use crate::protocol::{self, dead_letter};
 
 /// `Conveyor-Reason` of a job the dispatcher dead-lettered because it reached the consumer's
 /// `max_deliver` without any handler report (its worker crashed or hung on every attempt).
-pub const REASON_MAX_DELIVERIES: &str = "max_deliveries";
+pub const REASON_MAX_DELIVERIES: &str = protocol::Reason::MaxDeliveries.as_str();
+/// `Conveyor-Reason` of a job that breaks the protocol (see `protocol::envelope`).
+pub const REASON_MALFORMED: &str = protocol::Reason::Malformed.as_str();
 
 /// Longest wait for the next header while scanning; the scan ends early rather than hang.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Dead-letter headers that describe the failure; a requeued job drops them.
-const FAILURE_HEADERS: [&str; 8] = [
+/// Dead-letter headers that describe the failure; a requeued job drops them (a malformed job's
+/// raw header copy too: it is for people to read, not to send again).
+const FAILURE_HEADERS: [&str; 10] = [
+    protocol::record::ORIGINAL_HEADERS,
+    protocol::record::ORIGINAL_HEADERS_TRUNCATED,
     dead_letter::JOB_ID,
     dead_letter::ERROR,
     dead_letter::ATTEMPTS,

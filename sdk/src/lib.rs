@@ -12,6 +12,7 @@ pub mod names;
 pub mod protocol;
 mod pull;
 pub mod rate;
+pub mod stored;
 pub mod worker;
 
 pub use client::{

@@ -2,6 +2,19 @@
 //! clear error for malformed values from foreign producers), the retry backoff rule, and the
 //! messages exchanged with handler processes. `docs/protocol.md` is the prose version of this
 //! module; keep them in step.
+//!
+//! Every message from the wire is hostile until decoded here: [`block`] reads raw header
+//! blocks without the NATS client's parser, [`envelope`] decodes a delivered job (id, options,
+//! reply subject), [`record`] encodes and decodes what Conveyor writes about a job (dead
+//! letters, outcomes). Decoding is total: any input gives a value or a typed error, and every
+//! duration and count is checked.
+
+pub mod block;
+pub mod envelope;
+pub mod record;
+
+pub use envelope::{JobEnvelope, Malformed};
+pub use record::{DeadLetter, Outcome, Reason};
 
 use std::time::{Duration, SystemTime};
 
@@ -37,13 +50,27 @@ pub mod schedule {
     /// even after a long outage of the server or a full queue.
     pub const DUE_TTL: &str = "24h";
 
-    /// The `Nats-Schedule` value for a job due at `at`.
-    pub fn at(at: std::time::SystemTime) -> String {
-        let at = jiff::Timestamp::try_from(at).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    /// Latest time a job may be delayed to, in seconds after the Unix epoch: the end of the
+    /// year 9999, the last one RFC 3339 can write.
+    pub const LATEST: i64 = 253_402_300_799;
+
+    /// A due time that cannot be scheduled.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    #[error("a job cannot be delayed to {0}: the latest due time is 9999-12-31T23:59:59Z")]
+    pub struct OutOfRange(pub String);
+
+    /// The `Nats-Schedule` value for a job due at `at`; a time past [`LATEST`] is an error
+    /// (never a silent fallback that would run the job at once).
+    pub fn at(at: std::time::SystemTime) -> Result<String, OutOfRange> {
+        let out_of_range = || OutOfRange(format!("{at:?}"));
+        let at = jiff::Timestamp::try_from(at).map_err(|_| out_of_range())?;
         // Whole seconds (rounded up, never early), `Z`: the plainest RFC 3339 form.
         let seconds = at.as_second() + i64::from(at.subsec_nanosecond() > 0);
-        let at = jiff::Timestamp::from_second(seconds).unwrap_or(at);
-        format!("@at {}", at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        if seconds > LATEST {
+            return Err(out_of_range());
+        }
+        let at = jiff::Timestamp::from_second(seconds).map_err(|_| out_of_range())?;
+        Ok(format!("@at {}", at.strftime("%Y-%m-%dT%H:%M:%SZ")))
     }
 }
 
@@ -123,10 +150,21 @@ pub const MAX_ID_LEN: usize = 256;
 pub struct HeaderError {
     /// Header name.
     pub header: &'static str,
-    /// The value as received.
+    /// The value as received (control characters escaped, cut to 128 characters).
     pub value: String,
     /// What is wrong with it.
     pub problem: &'static str,
+}
+
+impl HeaderError {
+    /// An error about `value` of `header`, showing the value safely.
+    pub fn new(header: &'static str, value: &str, problem: &'static str) -> Self {
+        Self {
+            header,
+            value: envelope::shown(value),
+            problem,
+        }
+    }
 }
 
 /// A job id that cannot be used.
@@ -189,22 +227,28 @@ impl JobOptions {
                 match value.parse::<u32>() {
                     Ok(n) if n >= 1 => Some(n),
                     _ => {
-                        return Err(HeaderError {
-                            header: MAX_ATTEMPTS,
-                            value: value.to_owned(),
-                            problem: "is not a whole number from 1 to 4294967295",
-                        });
+                        return Err(HeaderError::new(
+                            MAX_ATTEMPTS,
+                            value,
+                            "is not a whole number from 1 to 4294967295",
+                        ));
                     }
                 }
             }
         };
         let timeout = match headers.get(TIMEOUT) {
             None => None,
-            Some(value) => Some(parse_duration(value.as_str()).ok_or_else(|| HeaderError {
-                header: TIMEOUT,
-                value: value.as_str().to_owned(),
-                problem: "is not a positive duration like 30s, 1500ms, 5m or 1h",
-            })?),
+            Some(value) => Some(
+                parse_duration(value.as_str())
+                    .filter(|t| *t <= envelope::MAX_TIMEOUT)
+                    .ok_or_else(|| {
+                        HeaderError::new(
+                            TIMEOUT,
+                            value.as_str(),
+                            "is not a duration from 1ms to 168h like 30s, 1500ms, 5m or 1h",
+                        )
+                    })?,
+            ),
         };
         Ok(Self {
             max_attempts,
@@ -213,11 +257,15 @@ impl JobOptions {
     }
 }
 
-/// Parses `<digits><unit>` with unit `ms`, `s`, `m` or `h`; zero is refused.
+/// Parses `<digits><unit>` with unit `ms`, `s`, `m` or `h` (at most 12 digits); zero is
+/// refused. Total: any text gives a duration or `None`, never an overflow.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
     let (digits, unit) = text.split_at(split);
+    if digits.len() > 12 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     let duration = match unit {
         "ms" => Duration::from_millis(n),
@@ -274,7 +322,7 @@ impl Backoff {
 }
 
 /// A uniform draw in `[0, 1)` from the OS random source (via a v4 UUID).
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     let bits = uuid::Uuid::new_v4().as_u128() >> 75; // 53 random bits
     bits as f64 / (1u64 << 53) as f64
 }

@@ -1,0 +1,389 @@
+//! Jobs as stored in a queue's work stream, read without the NATS client's header parser, and
+//! dead-lettered from there.
+//!
+//! async-nats 0.51 panics in its connection task on a header value with a bare CR and drops
+//! the connection on a non-UTF-8 header block, so such a job can never be delivered to a
+//! worker. Whoever must deal with one reads it with the non-direct `$JS.API.STREAM.MSG.GET`
+//! (its JSON answer carries the header block base64-encoded) and decodes the block with
+//! [`crate::protocol::block`]:
+//! - the dispatcher, for every job that reached `max_deliver` without a handler report;
+//! - a worker runtime whose connection just died ([`sweep_unreadable`]): the job that killed it
+//!   is among the ones delivered to its consumers last, so it is dead-lettered at once instead
+//!   of taking down every worker it reaches, and the jobs delivered beside it, on each of its
+//!   deliveries.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::DeleteMessageErrorKind};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::names::QueueRef;
+use crate::protocol::block::{BadHeader, HeaderBlock};
+use crate::protocol::{self, DeadLetter, JobEnvelope, Outcome, Reason, envelope, record};
+
+/// JetStream's error code for a sequence that holds no message.
+const NO_MESSAGE_FOUND: u64 = 10037;
+
+/// A failed step of reading or dead-lettering a stored job; it can be tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum StoredError {
+    /// Reading the job failed.
+    #[error("reading job {sequence} of stream {stream}: {reason}")]
+    Get {
+        /// Stream name.
+        stream: String,
+        /// Sequence of the job.
+        sequence: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Publishing the dead letter failed.
+    #[error("publishing the dead letter of job {job}")]
+    Publish {
+        /// Job id.
+        job: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// Deleting the job from the work stream failed.
+    #[error("deleting job {sequence} from stream {stream}: {reason}")]
+    Delete {
+        /// Stream name.
+        stream: String,
+        /// Sequence of the job.
+        sequence: u64,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    /// The subject it was published to.
+    pub subject: String,
+    /// Its sequence in the stream.
+    pub sequence: u64,
+    /// Its header block as stored, if it has one.
+    pub raw_headers: Option<Vec<u8>>,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// The answer of `$JS.API.STREAM.MSG.GET`.
+#[derive(Debug, Deserialize)]
+struct MsgGetAnswer {
+    message: Option<MsgGetMessage>,
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MsgGetMessage {
+    subject: String,
+    hdrs: Option<String>,
+    data: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// The job at `sequence` of `stream`, or `None` when the sequence holds none (acked, deleted).
+pub async fn get(
+    client: &async_nats::Client,
+    stream: &str,
+    sequence: u64,
+) -> Result<Option<StoredJob>, StoredError> {
+    let failed = |reason: String| StoredError::Get {
+        stream: stream.to_owned(),
+        sequence,
+        reason,
+    };
+    let request = serde_json::json!({ "seq": sequence }).to_string();
+    let answer = client
+        .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request.into())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let answer: MsgGetAnswer =
+        serde_json::from_slice(&answer.payload).map_err(|e| failed(e.to_string()))?;
+    if let Some(error) = answer.error {
+        return if error.err_code == NO_MESSAGE_FOUND {
+            Ok(None)
+        } else {
+            Err(failed(format!(
+                "{} (error {})",
+                error.description, error.err_code
+            )))
+        };
+    }
+    let message = answer
+        .message
+        .ok_or_else(|| failed("the answer has neither message nor error".into()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw_headers = match message.hdrs {
+        Some(hdrs) => Some(b64.decode(hdrs).map_err(|e| failed(e.to_string()))?),
+        None => None,
+    };
+    let payload = match message.data {
+        Some(data) => b64.decode(data).map_err(|e| failed(e.to_string()))?,
+        None => Vec::new(),
+    };
+    Ok(Some(StoredJob {
+        subject: message.subject,
+        sequence,
+        raw_headers,
+        payload: payload.into(),
+    }))
+}
+
+/// What a stored job's bytes say, decoded by the protocol's rules.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    /// Its id (`<stream>:<sequence>` when none is readable).
+    pub id: String,
+    /// Its well-formed headers.
+    pub headers: HeaderMap,
+    /// Header lines the NATS client cannot carry (a worker can never receive the job).
+    pub unreadable: Vec<BadHeader>,
+    /// The first protocol rule it breaks, if any (unreadable lines included).
+    pub malformed: Option<String>,
+    /// A valid inbox to answer, if it named one.
+    pub reply_to: Option<String>,
+}
+
+impl StoredJob {
+    /// Decodes the job's header block and envelope; total over any bytes.
+    pub fn read(&self, stream: &str) -> Reading {
+        let block = match self.raw_headers.as_deref() {
+            None => Ok(HeaderBlock {
+                headers: Vec::new(),
+                bad: Vec::new(),
+            }),
+            Some(raw) => HeaderBlock::decode(raw),
+        };
+        let block = block.unwrap_or_else(|_| HeaderBlock {
+            headers: Vec::new(),
+            bad: vec![BadHeader {
+                name: String::new(),
+                problem: "the block does not start with NATS/1.0",
+            }],
+        });
+        let headers = block.header_map();
+        let unreadable_text = block.bad.first().map(|bad| match block.bad.len() - 1 {
+            0 => format!("unreadable header block: {bad}"),
+            more => format!("unreadable header block: {bad} (and {more} more)"),
+        });
+        let reply_to = headers
+            .get(protocol::REPLY_TO)
+            .and_then(|v| envelope::reply_subject(v.as_str()).ok())
+            .map(str::to_owned);
+        let (id, malformed) = match JobEnvelope::decode(Some(&headers), stream, self.sequence) {
+            Ok(envelope) => (envelope.id, unreadable_text),
+            Err(malformed) => (
+                malformed.id,
+                unreadable_text.or_else(|| Some(malformed.error.to_string())),
+            ),
+        };
+        Reading {
+            id,
+            headers,
+            unreadable: block.bad,
+            malformed,
+            reply_to,
+        }
+    }
+}
+
+/// Moves a stored job into the queue's dead-letter stream: publishes the copy (its original
+/// header block kept when the client could not read it, see [`record::Original`]), deletes
+/// the job from the work stream, stores the outcome and answers an awaiting producer. Every
+/// step can be repeated: the copy's `Nats-Msg-Id` is the same whoever writes it.
+pub async fn dead_letter(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    job: &StoredJob,
+    reading: &Reading,
+    failure: (Reason, String),
+    attempts: u64,
+    pod: &str,
+) -> Result<DeadLetter, StoredError> {
+    let (reason, error) = failure;
+    let letter = DeadLetter {
+        job_id: reading.id.clone(),
+        reason,
+        error,
+        attempts,
+        pod: pod.to_owned(),
+        original_subject: job.subject.clone(),
+        original_sequence: job.sequence,
+    };
+    let original = match &job.raw_headers {
+        Some(raw) if !reading.unreadable.is_empty() => record::Original::Block {
+            raw,
+            decoded: &reading.headers,
+        },
+        _ => record::Original::Headers(Some(&reading.headers)),
+    };
+    let headers = letter.encode(original, &protocol::now_rfc3339());
+    let published = match jetstream
+        .publish_with_headers(queue.dead_letter_subject(), headers, job.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    published.map_err(|source| StoredError::Publish {
+        job: letter.job_id.clone(),
+        source,
+    })?;
+    let deleted = match jetstream.get_stream(queue.stream()).await {
+        Ok(stream) => match stream.delete_message(job.sequence).await {
+            Ok(_) => Ok(()),
+            Err(error)
+                if matches!(error.kind(), DeleteMessageErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(error.to_string()),
+        },
+        Err(error) => Err(error.to_string()),
+    };
+    deleted.map_err(|reason| StoredError::Delete {
+        stream: queue.stream(),
+        sequence: job.sequence,
+        reason,
+    })?;
+    let result = Outcome::dead_lettered(&letter).encode(&letter.job_id);
+    // Kept in the results stream too (every queue has one; it expires by its retention),
+    // since no worker reported on this job.
+    let stored = match jetstream
+        .publish_with_headers(
+            queue.result_subject(&letter.job_id),
+            result.clone(),
+            Bytes::new(),
+        )
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = stored {
+        tracing::warn!(job = %letter.job_id, %error, "storing the dead-lettered outcome");
+    }
+    if let Some(reply) = &reading.reply_to {
+        let nats = jetstream.client();
+        if let Err(error) = nats
+            .publish_with_headers(reply.clone(), result, Bytes::new())
+            .await
+        {
+            tracing::warn!(job = %letter.job_id, %error, "answering the awaiting producer");
+        }
+    }
+    Ok(letter)
+}
+
+/// Most stored jobs one sweep reads.
+pub const SWEEP_LIMIT: u64 = 1024;
+
+/// After a worker's connection died: reads the jobs its queue's consumers delivered last and
+/// not yet acked (from each level's last delivered sequence down to its ack floor, at most
+/// [`SWEEP_LIMIT`] in all) and dead-letters, as `malformed`, every one whose header block the
+/// NATS client cannot read. Returns the ids dead-lettered.
+pub async fn sweep_unreadable(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    priorities: u8,
+    pod: &str,
+) -> Result<Vec<String>, StoredError> {
+    let stream = queue.stream();
+    let mut swept = Vec::new();
+    let mut budget = SWEEP_LIMIT;
+    for level in 0..priorities {
+        let info = match jetstream
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                queue.consumer(level),
+                &stream,
+            )
+            .await
+        {
+            Ok(mut consumer) => match consumer.info().await {
+                Ok(info) => info.clone(),
+                Err(_) => continue,
+            },
+            Err(_) => continue,
+        };
+        let top = info.delivered.stream_sequence;
+        let floor = info.ack_floor.stream_sequence;
+        let mut sequence = top;
+        while sequence > floor && budget > 0 {
+            budget -= 1;
+            if let Some(job) = get(&jetstream.client(), &stream, sequence).await?
+                && let reading = job.read(&stream)
+                && !reading.unreadable.is_empty()
+            {
+                let error = reading
+                    .malformed
+                    .clone()
+                    .unwrap_or_else(|| "unreadable header block".into());
+                let letter = dead_letter(
+                    jetstream,
+                    queue,
+                    &job,
+                    &reading,
+                    (Reason::Malformed, error),
+                    1,
+                    pod,
+                )
+                .await?;
+                swept.push(letter.job_id);
+            }
+            sequence -= 1;
+        }
+    }
+    Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(raw: Option<&[u8]>) -> StoredJob {
+        StoredJob {
+            subject: "conveyor.ns.q.jobs.0".into(),
+            sequence: 5,
+            raw_headers: raw.map(<[u8]>::to_vec),
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn readings_follow_the_protocol() {
+        let plain = stored(Some(b"NATS/1.0\r\nNats-Msg-Id: a\r\n\r\n")).read("s");
+        assert_eq!((plain.id.as_str(), plain.malformed), ("a", None));
+        let cr = stored(Some(b"NATS/1.0\r\nNats-Msg-Id: a\r\nX-Note: 1\r2\r\n\r\n")).read("s");
+        assert_eq!(cr.id, "a");
+        assert_eq!(cr.unreadable.len(), 1);
+        let error = cr.malformed.unwrap();
+        assert!(error.contains("X-Note: value contains a CR"), "{error}");
+        let bad_option = stored(Some(b"NATS/1.0\r\nConveyor-Timeout: soon\r\n\r\n")).read("s");
+        assert_eq!(bad_option.id, "s:5");
+        assert!(bad_option.unreadable.is_empty());
+        assert!(bad_option.malformed.is_some());
+        let none = stored(None).read("s");
+        assert_eq!((none.id.as_str(), none.malformed), ("s:5", None));
+        let garbage = stored(Some(b"HTTP/1.1 200\r\n\r\n")).read("s");
+        assert!(!garbage.unreadable.is_empty());
+        let hostile = stored(Some(
+            b"NATS/1.0\r\nConveyor-Reply-To: $JS.API.STREAM.PURGE.x\r\n\r\n",
+        ))
+        .read("s");
+        assert_eq!(hostile.reply_to, None);
+    }
+}
