@@ -18,12 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use conveyor::admin::{self, QueueSettings, Storage};
-use conveyor::dlq::REASON_MAX_DELIVERIES;
 use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
-use conveyor::protocol::{self, dead_letter};
+use conveyor::protocol::Reason;
+use conveyor::stored::{self, StoredError};
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -83,37 +82,9 @@ pub enum DispatchError {
         /// What went wrong.
         reason: String,
     },
-    /// Reading the job from the work stream failed.
-    #[error("reading job {sequence} of stream {stream}")]
-    Get {
-        /// Stream name.
-        stream: String,
-        /// Sequence of the job.
-        sequence: u64,
-        /// Cause.
-        #[source]
-        source: jetstream::stream::RawMessageError,
-    },
-    /// Publishing the dead letter failed.
-    #[error("publishing the dead letter of job {job}")]
-    Publish {
-        /// Job id.
-        job: String,
-        /// Cause.
-        #[source]
-        source: jetstream::context::PublishError,
-    },
-    /// Deleting the job from the work stream failed.
-    #[error("deleting job {sequence} from stream {stream}")]
-    Delete {
-        /// Stream name.
-        stream: String,
-        /// Sequence of the job.
-        sequence: u64,
-        /// Cause.
-        #[source]
-        source: jetstream::stream::DeleteMessageError,
-    },
+    /// Reading, copying or deleting the job failed.
+    #[error(transparent)]
+    Stored(#[from] StoredError),
 }
 
 /// The fields of a `io.nats.jetstream.advisory.v1.max_deliver` advisory that matter here.
@@ -286,7 +257,6 @@ impl Dispatcher {
                 stream: events_name.clone(),
                 source,
             })?;
-        let work = self.stream(&queue.stream()).await?;
         let pull_failed = |reason: String| DispatchError::Pull {
             stream: events_name.clone(),
             reason,
@@ -307,7 +277,7 @@ impl Dispatcher {
                 };
                 let Some(message) = next else { break };
                 let message = message.map_err(|e| pull_failed(e.to_string()))?;
-                self.handle(queue, &work, message).await?;
+                self.handle(queue, message).await?;
             }
         }
     }
@@ -316,7 +286,6 @@ impl Dispatcher {
     async fn handle(
         &self,
         queue: &QueueRef,
-        work: &stream::Stream,
         message: jetstream::Message,
     ) -> Result<(), DispatchError> {
         let advisory: MaxDeliveries = match serde_json::from_slice(&message.payload) {
@@ -332,123 +301,65 @@ impl Dispatcher {
             settle(&message, AckKind::Term).await;
             return Ok(());
         }
-        match self.dead_letter(queue, work, &advisory).await {
+        match self.dead_letter(queue, &advisory).await {
             Ok(handled) => {
                 debug!(queue = %queue.stream(), sequence = advisory.stream_seq, ?handled, "advisory handled");
                 settle(&message, AckKind::Ack).await;
                 Ok(())
             }
             Err(error) => {
-                settle(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                Err(error)
+                // One advisory that keeps failing must not hold up the others: it comes back
+                // later (1 s, doubling to a minute) while the next ones are handled.
+                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+                let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+                let delay = Duration::from_secs(2u64.saturating_pow(exponent.min(6)));
+                warn!(queue = %queue.stream(), sequence = advisory.stream_seq, error = %chain(&error),
+                      attempt = delivered, retry_in = ?delay, "cannot dead-letter a job yet");
+                settle(&message, AckKind::Nak(Some(delay))).await;
+                Ok(())
             }
         }
     }
 
     /// Copies the job the advisory names into the dead-letter stream and removes it from the
-    /// work stream; each step can be repeated without harm.
+    /// work stream ([`conveyor::stored`]); each step can be repeated without harm. The job is
+    /// read without the NATS client's header parser, so a job whose headers the client cannot
+    /// read (a bare CR, non-UTF-8) is still dead-lettered, as `malformed`, its original header
+    /// block kept.
     async fn dead_letter(
         &self,
         queue: &QueueRef,
-        work: &stream::Stream,
         advisory: &MaxDeliveries,
     ) -> Result<Handled, DispatchError> {
-        let sequence = advisory.stream_seq;
-        let job = match work.get_raw_message(sequence).await {
-            Ok(job) => job,
-            Err(error)
-                if error.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
-            {
-                return Ok(Handled::AlreadyGone);
-            }
-            Err(source) => {
-                return Err(DispatchError::Get {
-                    stream: queue.stream(),
-                    sequence,
-                    source,
-                });
-            }
+        let stream = queue.stream();
+        let client = self.jetstream.client();
+        let Some(job) = stored::get(&client, &stream, advisory.stream_seq).await? else {
+            return Ok(Handled::AlreadyGone);
         };
-        let id = job_id(&job.headers, queue, sequence);
-        let error = format!(
-            "no handler reported in {} deliveries: the worker crashed, was killed or hung past the timeout each time",
-            advisory.deliveries
-        );
-        let attempts = advisory.deliveries.to_string();
-        let mut headers = job.headers.clone();
-        headers.insert(protocol::MSG_ID, format!("{id}:{sequence}").as_str());
-        headers.insert(dead_letter::JOB_ID, id.as_str());
-        headers.insert(dead_letter::REASON, REASON_MAX_DELIVERIES);
-        headers.insert(dead_letter::ERROR, error.as_str());
-        headers.insert(dead_letter::ATTEMPTS, attempts.as_str());
-        headers.insert(dead_letter::POD, "unknown");
-        headers.insert(dead_letter::FAILED_AT, protocol::now_rfc3339().as_str());
-        headers.insert(dead_letter::SUBJECT, job.subject.as_str());
-        headers.insert(dead_letter::SEQUENCE, sequence.to_string().as_str());
-        let published = match self
-            .jetstream
-            .publish_with_headers(queue.dead_letter_subject(), headers, job.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
+        let reading = job.read(&stream);
+        let failure = match &reading.malformed {
+            Some(error) => (Reason::Malformed, error.clone()),
+            None => (
+                Reason::MaxDeliveries,
+                format!(
+                    "no handler reported in {} deliveries: the worker crashed, was killed or hung past the timeout each time",
+                    advisory.deliveries
+                ),
+            ),
         };
-        published.map_err(|source| DispatchError::Publish {
-            job: id.clone(),
-            source,
-        })?;
-        match work.delete_message(sequence).await {
-            Ok(_) => {}
-            Err(error)
-                if matches!(error.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(e)
-                    if e.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) => {}
-            Err(source) => {
-                return Err(DispatchError::Delete {
-                    stream: queue.stream(),
-                    sequence,
-                    source,
-                });
-            }
-        }
-        warn!(queue = %queue.stream(), job = %id, deliveries = advisory.deliveries,
+        let letter = stored::dead_letter(
+            &self.jetstream,
+            queue,
+            &job,
+            &reading,
+            failure,
+            advisory.deliveries,
+            "unknown",
+        )
+        .await?;
+        warn!(queue = %stream, job = %letter.job_id, reason = %letter.reason,
+              deliveries = advisory.deliveries, error = %letter.error,
               "job dead-lettered after its last delivery went unanswered");
-        let mut result = HeaderMap::new();
-        result.insert(protocol::result::JOB_ID, id.as_str());
-        result.insert(protocol::result::STATUS, protocol::result::DEAD_LETTERED);
-        result.insert(dead_letter::REASON, REASON_MAX_DELIVERIES);
-        result.insert(dead_letter::ERROR, error.as_str());
-        result.insert(dead_letter::ATTEMPTS, attempts.as_str());
-        // Kept in the results stream too (every queue has one; it expires by its retention),
-        // since no worker is left to store this outcome.
-        let stored = match self
-            .jetstream
-            .publish_with_headers(
-                queue.result_subject(&id),
-                result.clone(),
-                Default::default(),
-            )
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
-        };
-        if let Err(error) = stored {
-            warn!(job = %id, %error, "storing the dead-lettered outcome");
-        }
-        if let Some(reply) = job
-            .headers
-            .get(protocol::REPLY_TO)
-            .map(|v| v.as_str().trim().to_owned())
-            .filter(|r| !r.is_empty())
-        {
-            let nats = self.jetstream.client();
-            if let Err(error) = nats
-                .publish_with_headers(reply, result, Default::default())
-                .await
-            {
-                warn!(job = %id, %error, "answering the awaiting producer");
-            }
-        }
         Ok(Handled::DeadLettered)
     }
 
@@ -469,17 +380,6 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
     if let Err(error) = message.ack_with(kind).await {
         debug!(%error, "settling an advisory");
     }
-}
-
-/// The job id a worker would see: `Conveyor-Job-Id` (a requeued job), else `Nats-Msg-Id`,
-/// else `<stream>:<sequence>`.
-fn job_id(headers: &HeaderMap, queue: &QueueRef, sequence: u64) -> String {
-    headers
-        .get(dead_letter::JOB_ID)
-        .or_else(|| headers.get(protocol::MSG_ID))
-        .map(|v| v.as_str().to_owned())
-        .filter(|id| !id.is_empty())
-        .unwrap_or_else(|| format!("{}:{sequence}", queue.stream()))
 }
 
 /// The queue a stream is the work stream of: a work-queue stream whose subjects are
@@ -536,17 +436,6 @@ mod tests {
         let mut other = work.clone();
         other.name = "something_else".into();
         assert_eq!(queue_of(&other), None);
-    }
-
-    #[test]
-    fn job_ids_follow_the_worker_rule() {
-        let queue = QueueRef::new("ns", "q");
-        let mut headers = HeaderMap::new();
-        assert_eq!(job_id(&headers, &queue, 5), "conveyor_ns_q:5");
-        headers.insert(protocol::MSG_ID, "a");
-        assert_eq!(job_id(&headers, &queue, 5), "a");
-        headers.insert(dead_letter::JOB_ID, "b");
-        assert_eq!(job_id(&headers, &queue, 5), "b");
     }
 
     #[test]

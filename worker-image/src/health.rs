@@ -1,6 +1,7 @@
 //! Health and metrics over HTTP: `/healthz` (liveness: fails when a handler is past its
-//! deadline, i.e. could not be stopped, or when the worker stopped pulling although it has free
-//! slots), `/readyz` (consuming, and connected to NATS) and `/metrics`
+//! deadline, i.e. could not be stopped, when the worker stopped pulling although it has free
+//! slots, or while its NATS client is dead for good), `/readyz` (consuming, and connected to
+//! NATS) and `/metrics`
 //! (Prometheus text). [`Metrics`] is also the worker's observer that feeds them.
 
 use std::collections::HashMap;
@@ -52,6 +53,12 @@ pub struct Metrics {
     last_pull: Mutex<Instant>,
     /// Set by the first pull: the queue was found and the worker consumes.
     consuming: std::sync::atomic::AtomicBool,
+    /// The NATS client in use (replaced when the runtime reconnects).
+    nats: Mutex<Option<async_nats::Client>>,
+    /// Set while the client's connection task is gone for good, until a new client runs.
+    lost: std::sync::atomic::AtomicBool,
+    /// Times the runtime replaced a dead client.
+    reconnects: Counter,
 }
 
 impl Metrics {
@@ -79,6 +86,12 @@ impl Metrics {
             "Time a handler took per attempt",
             duration.clone(),
         );
+        let reconnects = Counter::default();
+        registry.register(
+            "nats_client_replaced",
+            "Times the runtime replaced a NATS client whose connection task was gone for good",
+            reconnects.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -90,7 +103,30 @@ impl Metrics {
             stall_after,
             last_pull: Mutex::new(Instant::now()),
             consuming: std::sync::atomic::AtomicBool::new(false),
+            nats: Mutex::new(None),
+            lost: std::sync::atomic::AtomicBool::new(false),
+            reconnects,
         }
+    }
+
+    /// The runtime runs on `client` from now on.
+    pub fn connected(&self, client: async_nats::Client) {
+        *self
+            .nats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(client);
+        self.lost.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The client's connection task is gone for good; liveness and readiness fail until
+    /// [`Metrics::connected`] is called with a new one.
+    pub fn connection_lost(&self) {
+        self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.reconnects.inc();
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Keeps the ids of the running jobs in `path` as JSON (`{"runningJobs":["a","b"]}`),
@@ -125,6 +161,9 @@ impl Metrics {
     /// `Err` with the reason when a handler is past its deadline by more than the grace, or
     /// when the worker has free slots but stopped pulling.
     pub fn liveness(&self) -> Result<(), String> {
+        if self.lost() {
+            return Err("the NATS client's connection is gone; reconnecting".into());
+        }
         let now = Instant::now();
         let running = self
             .running
@@ -308,20 +347,15 @@ impl Observer for Metrics {
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
-    nats: async_nats::Client,
 }
 
 /// Serves the health and metrics endpoints on `listener` until the process exits.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    nats: async_nats::Client,
-) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     let app = axum::Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { metrics, nats });
+        .with_state(AppState { metrics });
     if let Err(error) = axum::serve(listener, app).await {
         warn!(%error, "health server stopped");
     }
@@ -343,11 +377,26 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
         let reason = "not consuming yet (waiting for the queue's stream and consumers)\n";
         return (StatusCode::SERVICE_UNAVAILABLE, reason.into());
     }
-    match state.nats.connection_state() {
-        async_nats::connection::State::Connected => (StatusCode::OK, "ok\n".into()),
-        other => (
+    if state.metrics.lost() {
+        let reason = "the NATS client's connection is gone; reconnecting\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, reason.into());
+    }
+    let connection = state
+        .metrics
+        .nats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_ref()
+        .map(async_nats::Client::connection_state);
+    match connection {
+        Some(async_nats::connection::State::Connected) => (StatusCode::OK, "ok\n".into()),
+        Some(other) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("NATS connection is {other}\n"),
+        ),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected yet\n".into(),
         ),
     }
 }

@@ -10,7 +10,8 @@ pub mod settings;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tracing::info;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 pub use settings::{Cli, Command, RunArgs};
 
@@ -37,18 +38,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         args.handler_url.as_deref(),
     )
     .await?;
-    let mut connect =
-        async_nats::ConnectOptions::new().name(format!("conveyor-worker {}", args.pod_name));
-    if let Some(creds) = &args.nats_creds {
-        connect = connect
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    let nats = connect
-        .connect(&args.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats_url))?;
     // A pull returns at least every poll_wait while a slot is free; allow a few missed ones.
     let stall_after = args.poll_wait * 3 + std::time::Duration::from_secs(10);
     let concurrency = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
@@ -62,19 +51,128 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding the health server to {addr}"))?;
         info!(%addr, "serving /healthz, /readyz and /metrics");
-        tokio::spawn(health::serve(listener, metrics.clone(), nats.clone()));
+        tokio::spawn(health::serve(listener, metrics.clone()));
     }
+    let shutdown = CancellationToken::new();
+    let signalled = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signalled.cancel();
+    });
+    let handler = Arc::new(handler);
     let queue = conveyor::names::QueueRef::new(&args.namespace, &args.queue);
-    let worker = conveyor::Worker::new(async_nats::jetstream::new(nats), queue)
-        .options(args.worker_options());
-    let summary = worker
-        .handler(handler)
-        .observer(metrics)
-        .run(shutdown_signal())
+    let sweeper = Sweeper::start(&args, queue.clone());
+    let mut replaced = false;
+    loop {
+        let nats = connect(&args, &sweeper.disconnected).await?;
+        metrics.connected(nats.clone());
+        sweeper.client.send_replace(Some(nats.clone()));
+        if replaced {
+            // The job that killed the last client is among the last delivered: move it out of
+            // the way before taking jobs again.
+            sweeper.disconnected.notify_one();
+        }
+        replaced = true;
+        let result = conveyor::Worker::new(async_nats::jetstream::new(nats), queue.clone())
+            .options(args.worker_options())
+            .shared_handler(handler.clone())
+            .observer(metrics.clone())
+            .run(shutdown.clone().cancelled_owned())
+            .await;
+        match result {
+            // The client died (its connection task is gone): jobs running on it were stopped
+            // and come back after the ack wait; carry on with a new client.
+            Err(conveyor::worker::WorkerError::ConnectionLost) if !shutdown.is_cancelled() => {
+                metrics.connection_lost();
+                warn!("the NATS client is gone for good; connecting a new one");
+            }
+            result => {
+                let summary = result.context("running the worker")?;
+                info!(?summary, "exiting");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Dead-letters the jobs that no NATS client can read ([`conveyor::stored::sweep_unreadable`])
+/// after each disconnect: such a job drops the connection of every worker it is delivered to
+/// (async-nats 0.51 panics on a bare CR in a header and drops the connection on non-UTF-8), and
+/// the jobs delivered beside it are lost with the connection, on each of its deliveries.
+struct Sweeper {
+    /// Notified on every disconnect of the client in use (and after a client was replaced).
+    disconnected: Arc<tokio::sync::Notify>,
+    /// The client in use.
+    client: tokio::sync::watch::Sender<Option<async_nats::Client>>,
+}
+
+impl Sweeper {
+    fn start(args: &RunArgs, queue: conveyor::names::QueueRef) -> Self {
+        let disconnected = Arc::new(tokio::sync::Notify::new());
+        let (client, mut current) = tokio::sync::watch::channel(None::<async_nats::Client>);
+        let notified = disconnected.clone();
+        let priorities = args.worker_options().priorities;
+        let pod = args.pod_name.clone();
+        tokio::spawn(async move {
+            loop {
+                notified.notified().await;
+                // Sweep once a client is connected again (the one in use may be replaced).
+                let nats = loop {
+                    let nats = current.borrow_and_update().clone();
+                    if let Some(nats) = nats
+                        && nats.connection_state() == async_nats::connection::State::Connected
+                    {
+                        break nats;
+                    }
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        current.changed(),
+                    )
+                    .await;
+                };
+                let jetstream = async_nats::jetstream::new(nats);
+                match conveyor::stored::sweep_unreadable(&jetstream, &queue, priorities, &pod).await
+                {
+                    Ok(ids) if ids.is_empty() => {}
+                    Ok(ids) => warn!(jobs = ?ids, "dead-lettered jobs no NATS client can read"),
+                    Err(error) => warn!(%error, "looking for jobs no NATS client can read"),
+                }
+            }
+        });
+        Self {
+            disconnected,
+            client,
+        }
+    }
+}
+
+/// A NATS client with the runtime's name and credentials; `disconnected` is notified each time
+/// it loses its connection.
+async fn connect(
+    args: &RunArgs,
+    disconnected: &Arc<tokio::sync::Notify>,
+) -> anyhow::Result<async_nats::Client> {
+    let notify = disconnected.clone();
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(format!("conveyor-worker {}", args.pod_name))
+        .event_callback(move |event| {
+            let notify = notify.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    notify.notify_one();
+                }
+            }
+        });
+    if let Some(creds) = &args.nats_creds {
+        connect = connect
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
+    }
+    connect
+        .connect(&args.nats_url)
         .await
-        .context("running the worker")?;
-    info!(?summary, "exiting");
-    Ok(())
+        .with_context(|| format!("connecting to NATS at {}", args.nats_url))
 }
 
 /// Completes on SIGTERM (what Kubernetes sends) or SIGINT.

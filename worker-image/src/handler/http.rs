@@ -5,7 +5,6 @@
 //! `Conveyor-Progress-Url` header: a loopback-only endpoint of the runtime.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,15 +89,16 @@ impl HttpHandler {
 }
 
 /// Running attempts by progress token.
-type Attempts = Arc<Mutex<HashMap<u64, Progress>>>;
+type Attempts = Arc<Mutex<HashMap<String, Progress>>>;
 
 /// Where HTTP handlers post progress: `POST http://127.0.0.1:<port>/progress/<token>`, one
-/// token per running attempt. Loopback only: the handler runs in the same pod.
+/// token per running attempt. Loopback only: the handler runs in the same pod. Tokens are 122
+/// random bits (a v4 UUID from the OS source), so another process in the pod cannot guess the
+/// endpoint of an attempt it was not told about.
 #[derive(Debug, Clone)]
 struct ProgressEndpoint {
     base: String,
     attempts: Attempts,
-    next: Arc<AtomicU64>,
 }
 
 impl ProgressEndpoint {
@@ -114,20 +114,16 @@ impl ProgressEndpoint {
                 tracing::warn!(%error, "the progress endpoint stopped");
             }
         });
-        Ok(Self {
-            base,
-            attempts,
-            next: Arc::default(),
-        })
+        Ok(Self { base, attempts })
     }
 
     /// Opens the endpoint of one attempt until the returned guard is dropped.
     fn register(&self, progress: Progress) -> Registered<'_> {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let token = uuid::Uuid::new_v4().simple().to_string();
         self.attempts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(token, progress);
+            .insert(token.clone(), progress);
         Registered {
             endpoint: self,
             token,
@@ -138,7 +134,7 @@ impl ProgressEndpoint {
 /// One attempt's progress endpoint; closed on drop.
 struct Registered<'a> {
     endpoint: &'a ProgressEndpoint,
-    token: u64,
+    token: String,
 }
 
 impl Registered<'_> {
@@ -161,7 +157,7 @@ impl Drop for Registered<'_> {
 /// the attempt is over.
 async fn report(
     State(attempts): State<Attempts>,
-    Path(token): Path<u64>,
+    Path(token): Path<String>,
     update: Bytes,
 ) -> axum::http::StatusCode {
     let progress = attempts
