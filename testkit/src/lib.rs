@@ -13,6 +13,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod raw;
+
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
