@@ -8,6 +8,7 @@ use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::connect::NatsOptions;
 use crate::names::QueueRef;
 use crate::protocol::{self, InvalidId, JobOptions};
 
@@ -309,16 +310,7 @@ pub enum WaitError {
     },
 }
 
-/// Failure to connect to NATS.
-#[derive(Debug, thiserror::Error)]
-#[error("connecting to NATS at {url}")]
-pub struct ConnectError {
-    /// Server URL(s).
-    pub url: String,
-    /// Cause.
-    #[source]
-    pub source: async_nats::ConnectError,
-}
+pub use crate::connect::ConnectError;
 
 /// A producer connected to NATS.
 #[derive(Debug, Clone)]
@@ -328,14 +320,15 @@ pub struct Client {
 
 impl Client {
     /// Connects to NATS at `url` (comma-separated for several servers).
+    /// Userinfo in the URL is used as credentials ([`crate::connect::NatsOptions::new`]).
     pub async fn connect(url: &str) -> Result<Self, ConnectError> {
-        let nats = async_nats::connect(url)
-            .await
-            .map_err(|source| ConnectError {
-                url: url.to_owned(),
-                source,
-            })?;
-        Ok(Self::new(nats))
+        let options = NatsOptions::new(url).map_err(|e| ConnectError::options(url, &e))?;
+        Self::connect_with(&options).await
+    }
+
+    /// Connects with credentials and TLS settings.
+    pub async fn connect_with(options: &NatsOptions) -> Result<Self, ConnectError> {
+        Ok(Self::new(options.connect().await?))
     }
 
     /// A client over an existing NATS connection.

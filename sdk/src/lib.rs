@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod connect;
 pub mod dlq;
 pub mod names;
 pub mod protocol;
