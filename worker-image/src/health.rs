@@ -158,8 +158,9 @@ impl Metrics {
         text
     }
 
-    /// `Err` with the reason when a handler is past its deadline by more than the grace, or
-    /// when the worker has free slots but stopped pulling.
+    /// `Err` with the reason when a handler is past its deadline by more than the grace, when
+    /// the worker has free slots but stopped pulling while connected (a pull that fails is not
+    /// a pull), or while its NATS client is dead for good.
     pub fn liveness(&self) -> Result<(), String> {
         if self.lost() {
             return Err("the NATS client's connection is gone; reconnecting".into());
@@ -174,7 +175,15 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .elapsed();
-        if running.len() < self.concurrency && since_pull > self.stall_after {
+        // Disconnected, not pulling is NATS's outage (readiness says so); a restart would not
+        // help. Connected and still not pulling is this worker's fault.
+        let connected = self
+            .nats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected);
+        if connected && running.len() < self.concurrency && since_pull > self.stall_after {
             return Err(format!(
                 "no pull for {since_pull:?} although {} of {} slots are free",
                 self.concurrency - running.len(),
@@ -377,9 +386,9 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
         let reason = "not consuming yet (waiting for the queue's stream and consumers)\n";
         return (StatusCode::SERVICE_UNAVAILABLE, reason.into());
     }
-    if state.metrics.lost() {
-        let reason = "the NATS client's connection is gone; reconnecting\n";
-        return (StatusCode::SERVICE_UNAVAILABLE, reason.into());
+    if let Err(reason) = state.metrics.liveness() {
+        // Not alive is not ready either: no job should be routed to a stuck worker.
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"));
     }
     let connection = state
         .metrics

@@ -936,3 +936,31 @@ sleep 60 & wait"#;
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_worker_whose_pulls_fail_while_connected_fails_liveness_and_readiness()
+-> anyhow::Result<()> {
+    let s = setup(QueueSettings::default()).await?;
+    let health = format!("127.0.0.1:{}", free_port()?);
+    let mut worker = s.worker("exec", &[(env::HEALTH_ADDR, &health)], &["true"])?;
+    wait_for(WAIT, "the worker to be ready", || async {
+        http_get(&health, "/readyz")
+            .await
+            .is_ok_and(|t| t.starts_with("HTTP/1.0 200"))
+    })
+    .await?;
+    // Its consumer is gone: every pull fails although the connection is up. Failed pulls do
+    // not count as consuming, so the stall check (3 poll waits + 10 s) fails both probes.
+    let stream = s.client.jetstream().get_stream(s.queue.stream()).await?;
+    stream.delete_consumer(&s.queue.consumer(0)).await?;
+    wait_for(Duration::from_secs(60), "liveness to fail", || async {
+        http_get(&health, "/healthz")
+            .await
+            .is_ok_and(|t| t.starts_with("HTTP/1.0 503") && t.contains("no pull for"))
+    })
+    .await?;
+    let ready = http_get(&health, "/readyz").await?;
+    assert!(ready.starts_with("HTTP/1.0 503"), "{ready}");
+    worker.kill().await?;
+    Ok(())
+}

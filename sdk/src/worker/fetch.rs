@@ -103,7 +103,8 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
                 Ration::Retry => continue,
             };
             if let Err(error) = jobs.alongside(puller.request(permits)).await {
-                shared.observer.pulled();
+                // A failed request is no sign of consuming: a worker whose requests keep
+                // failing while connected fails its liveness probe.
                 jobs.alongside(pause_after_error(error, &mut error_delay, stop))
                     .await;
                 continue;
@@ -154,7 +155,6 @@ async fn pull_loop<'a, H: Handler, O: Observer>(
             Pulled::Unrequested(message) => jobs.alongside(give_back(shared, message)).await,
             Pulled::Released => shared.observer.pulled(),
             Pulled::Failed(error) => {
-                shared.observer.pulled();
                 jobs.alongside(pause_after_error(error, &mut error_delay, stop))
                     .await;
             }
@@ -223,6 +223,7 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
             levels.reverse();
         }
         let mut found = 0;
+        let mut answered = false;
         for level in levels {
             if permits.is_empty() {
                 break;
@@ -236,7 +237,10 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
                 )
                 .await;
             let mut batch = match batch {
-                Ok(batch) => batch,
+                Ok(batch) => {
+                    answered = true;
+                    batch
+                }
                 Err(error) => {
                     jobs.alongside(pause_after_error(error.to_string(), &mut error_delay, stop))
                         .await;
@@ -259,7 +263,9 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
                 }
             }
         }
-        shared.observer.pulled();
+        if answered {
+            shared.observer.pulled();
+        }
         if found > 0 {
             wake = None;
             continue;

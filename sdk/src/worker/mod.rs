@@ -181,8 +181,8 @@ pub trait Observer: Send + Sync + 'static {
     /// An attempt finished.
     fn finished(&self, _report: &JobReport) {}
     /// The worker found its consumers and starts pulling, a job was delivered, or a pull request
-    /// for free slots ended (filled, expired or failed): it is consuming. Happens at least every
-    /// `poll_wait` while a slot is free.
+    /// for free slots was answered (filled or expired; a failed request does not count): it is
+    /// consuming. Happens at least every `poll_wait` while a slot is free and NATS answers.
     fn pulled(&self) {}
 }
 
