@@ -152,9 +152,11 @@ async fn connect(
     args: &RunArgs,
     disconnected: &Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<async_nats::Client> {
+    let options = args.nats_options().context("NATS connection settings")?;
     let notify = disconnected.clone();
-    let mut connect = async_nats::ConnectOptions::new()
-        .name(format!("conveyor-worker {}", args.pod_name))
+    let connect = options
+        .connect_options()
+        .context("NATS connection settings")?
         .event_callback(move |event| {
             let notify = notify.clone();
             async move {
@@ -163,16 +165,8 @@ async fn connect(
                 }
             }
         });
-    if let Some(creds) = &args.nats_creds {
-        connect = connect
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", creds.display()))?;
-    }
-    connect
-        .connect(&args.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats_url))
+    // The error names the redacted URL and the server's reason (authorization, TLS …).
+    Ok(options.connect_with(connect).await?)
 }
 
 /// Completes on SIGTERM (what Kubernetes sends) or SIGINT.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use conveyor::connect::{NatsOptions, OptionsError, env as connect_env, read_secret_file};
 use conveyor::names::env;
 use conveyor::protocol::Backoff;
 use conveyor::worker::WorkerOptions;
@@ -57,9 +58,17 @@ pub struct RunArgs {
     /// NATS server URL(s), comma-separated.
     #[arg(long, env = env::NATS_URL, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// NATS credentials file.
+    /// NATS `.creds` file (user JWT + nkey seed).
     #[arg(long, env = env::NATS_CREDS)]
     pub nats_creds: Option<PathBuf>,
+    /// Directory of a mounted credentials Secret (keys `creds`, `nkey`, `token` or `user` +
+    /// `password`); the operator mounts the JobQueue's `spec.nats.credentialsSecret` here.
+    #[arg(long, env = connect_env::NATS_CREDENTIALS_DIR)]
+    pub nats_credentials_dir: Option<PathBuf>,
+    /// Directory of a mounted TLS Secret (keys `ca.crt`, `tls.crt`, `tls.key`); TLS is then
+    /// required. The operator mounts the JobQueue's `spec.nats.tlsSecret` here.
+    #[arg(long, env = connect_env::NATS_TLS_DIR)]
+    pub nats_tls_dir: Option<PathBuf>,
     /// Namespace of the JobQueue.
     #[arg(long, env = env::QUEUE_NAMESPACE, default_value = "default")]
     pub namespace: String,
@@ -133,6 +142,24 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// The NATS connection settings: the URL (userinfo in it becomes credentials), then the
+    /// mounted credentials and TLS Secrets, then a `.creds` file.
+    pub fn nats_options(&self) -> Result<NatsOptions, OptionsError> {
+        let mut options =
+            NatsOptions::new(&self.nats_url)?.name(format!("conveyor-worker {}", self.pod_name));
+        if let Some(dir) = &self.nats_credentials_dir {
+            options = options.credentials_dir(dir)?;
+        }
+        if let Some(dir) = &self.nats_tls_dir {
+            options = options.tls_dir(dir);
+        }
+        if let Some(path) = &self.nats_creds {
+            let creds = read_secret_file("credentials file", path)?;
+            options = options.auth(conveyor::connect::Auth::Creds(creds))?;
+        }
+        Ok(options)
+    }
+
     /// The worker engine's options from these settings.
     pub fn worker_options(&self) -> WorkerOptions {
         WorkerOptions {

@@ -8,8 +8,12 @@ mod dlq_requests;
 mod observe;
 mod status;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
+
+use conveyor::connect::{FailureKind, NatsOptions};
+use k8s_openapi::api::core::v1::Secret;
 
 use conveyor::names::QueueRef;
 use conveyor_crds::{DeletionPolicy, JobQueue, JobQueueStatus};
@@ -180,26 +184,35 @@ fn thresholds(jq: &JobQueue) -> Result<Thresholds, conveyor_crds::duration::Dura
 async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Action, Error> {
     let queue = queue_ref(jq);
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
-    let shown_url = url.unwrap_or(ctx.nats.default_url()).to_owned();
+    let shown_url = ctx.nats.shown_url(url);
     let limits = thresholds(jq);
     let desired = limits
         .as_ref()
         .map_err(ToString::to_string)
         .and_then(|_| assets::desired(&queue, &jq.spec).map_err(|e| e.to_string()));
     let mut request = None;
-    let (outcome, result) = match desired {
-        Err(err) => (Outcome::Invalid(err), Ok(Action::await_change())),
-        Ok(desired) => match ctx.nats.connected(url).await {
+    let retry = || {
+        Err(Error::NatsUnavailable {
+            url: shown_url.clone(),
+        })
+    };
+    let options = nats_options(jq, ctx).await;
+    let (outcome, result) = match (desired, options) {
+        (Err(err), _) => (Outcome::Invalid(err), Ok(Action::await_change())),
+        (Ok(_), Err(refused)) => (refused, retry()),
+        (Ok(desired), Ok(options)) => match ctx.nats.connected_with(url, options).await {
             Err(err) => (
                 Outcome::Invalid(err.to_string()),
                 Ok(Action::await_change()),
             ),
-            Ok(None) => (
-                Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
-                Err(Error::NatsUnavailable {
-                    url: shown_url.clone(),
-                }),
-            ),
+            Ok(None) => match ctx.nats.failure(url).await {
+                (FailureKind::Auth, message) => (Outcome::AuthFailed(message), retry()),
+                (FailureKind::Tls, message) => (Outcome::TlsFailed(message), retry()),
+                (FailureKind::Unreachable, _) => (
+                    Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
+                    retry(),
+                ),
+            },
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
                 Ok(figures) => {
                     request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
@@ -282,6 +295,60 @@ async fn write_status(
     .map(|_| ())
 }
 
+/// The queue's own connection options when `spec.nats` names Secrets (read through the API
+/// each reconcile, so an updated Secret rotates the operator's client); `None` for the plain
+/// URL. A missing or unusable Secret is the matching failure outcome.
+async fn nats_options(jq: &JobQueue, ctx: &Context) -> Result<Option<NatsOptions>, Outcome> {
+    let Some(nats) = jq.spec.nats.as_ref() else {
+        return Ok(None);
+    };
+    if nats.credentials_secret.is_none() && nats.tls_secret.is_none() {
+        return Ok(None);
+    }
+    let ns = jq.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let read = |name: Option<String>, tls: bool| {
+        let secrets = secrets.clone();
+        let ns = ns.clone();
+        async move {
+            let Some(name) = name else {
+                return Ok(None);
+            };
+            let refused = |m: String| {
+                if tls {
+                    Outcome::TlsFailed(m)
+                } else {
+                    Outcome::AuthFailed(m)
+                }
+            };
+            match secrets.get_opt(&name).await {
+                Ok(Some(secret)) => Ok(Some(
+                    secret
+                        .data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (k, v.0))
+                        .collect::<BTreeMap<_, _>>(),
+                )),
+                Ok(None) => Err(refused(format!("Secret {ns}/{name} does not exist"))),
+                Err(err) => Err(refused(format!("cannot read Secret {ns}/{name}: {err}"))),
+            }
+        }
+    };
+    let credentials = read(nats.credentials_secret.clone(), false).await?;
+    let tls = read(nats.tls_secret.clone(), true).await?;
+    crate::nats::queue_options(&nats.url, credentials.as_ref(), tls.as_ref())
+        .map(Some)
+        .map_err(|err| {
+            let message = conveyor::connect::redact_text(&err.to_string());
+            if credentials.is_some() {
+                Outcome::AuthFailed(message)
+            } else {
+                Outcome::TlsFailed(message)
+            }
+        })
+}
+
 /// Deletes the JetStream assets under `deletionPolicy: Delete`; keeps them (and needs no NATS)
 /// under `Retain`.
 async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
@@ -292,11 +359,12 @@ async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
-    let js = match ctx.nats.connected(url).await {
+    let options = nats_options(jq, ctx).await.ok().flatten();
+    let js = match ctx.nats.connected_with(url, options).await {
         // A URL that does not parse never had assets to delete.
         Err(_) => return Ok(Action::await_change()),
         Ok(None) => {
-            let url = url.unwrap_or(ctx.nats.default_url()).to_owned();
+            let url = ctx.nats.shown_url(url);
             ctx.event(
                 jq,
                 EventType::Warning,

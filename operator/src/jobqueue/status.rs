@@ -21,6 +21,11 @@ pub const RECENT_FAILURES: usize = 10;
 /// Longest error excerpt in `status.recentFailures`, in characters.
 pub const ERROR_EXCERPT: usize = 200;
 
+/// `Ready` reason: the NATS server refused the queue's credentials.
+pub const NATS_AUTH_FAILED: &str = "NatsAuthFailed";
+/// `Ready` reason: the TLS handshake with the queue's NATS server failed.
+pub const NATS_TLS_FAILED: &str = "NatsTlsFailed";
+
 /// What one reconcile of a queue found.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -30,6 +35,10 @@ pub enum Outcome {
     Invalid(String),
     /// NATS could not be reached; details.
     Unavailable(String),
+    /// NATS refused the credentials (or a credentials Secret is missing); the server's words.
+    AuthFailed(String),
+    /// The TLS handshake or setup failed (or a TLS Secret is missing); why.
+    TlsFailed(String),
     /// NATS refused a change; its answer.
     Failed(String),
 }
@@ -170,6 +179,8 @@ pub fn compute_status(
         }
         Outcome::Invalid(m) => (Status::False, reason::INVALID_SPEC, m.clone()),
         Outcome::Unavailable(m) => (Status::False, reason::NATS_UNAVAILABLE, m.clone()),
+        Outcome::AuthFailed(m) => (Status::False, NATS_AUTH_FAILED, m.clone()),
+        Outcome::TlsFailed(m) => (Status::False, NATS_TLS_FAILED, m.clone()),
         Outcome::Failed(m) => (Status::False, reason::STREAM_ERROR, m.clone()),
     };
     conditions::set(
@@ -397,6 +408,8 @@ fn reason_const(r: &str) -> &'static str {
         reason::STREAM_READY,
         reason::INVALID_SPEC,
         reason::NATS_UNAVAILABLE,
+        NATS_AUTH_FAILED,
+        NATS_TLS_FAILED,
         reason::STREAM_ERROR,
     ]
     .into_iter()

@@ -5,13 +5,14 @@
 
 use std::collections::BTreeMap;
 
+use conveyor::connect::{self, NatsOptions, env as connect_env};
 use conveyor::names::env;
 use conveyor_crds::{JobQueue, Worker};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, Probe, SeccompProfile, SecurityContext,
-    Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PodSecurityContext, Probe, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -29,6 +30,14 @@ pub const RUNTIME_IN_IMAGE: &str = "/usr/local/bin/conveyor-worker";
 pub const RUNTIME_INSTALLED: &str = "/conveyor/bin/conveyor-worker";
 /// Port of the runtime's health and metrics server.
 pub const HEALTH_PORT: i32 = 9090;
+/// Volume of the queue's NATS credentials Secret (`spec.nats.credentialsSecret`).
+pub const NATS_CREDENTIALS_VOLUME: &str = "conveyor-nats-credentials";
+/// Where the credentials Secret is mounted; the runtime reads it from there.
+pub const NATS_CREDENTIALS_MOUNT: &str = "/etc/conveyor/nats/credentials";
+/// Volume of the queue's NATS TLS Secret (`spec.nats.tlsSecret`).
+pub const NATS_TLS_VOLUME: &str = "conveyor-nats-tls";
+/// Where the TLS Secret is mounted.
+pub const NATS_TLS_MOUNT: &str = "/etc/conveyor/nats/tls";
 /// Env var holding the pod IP, referenced by the health address.
 const POD_IP: &str = "CONVEYOR_POD_IP";
 /// Kubernetes' default `terminationGracePeriodSeconds`.
@@ -114,6 +123,11 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
+    // Credentials and TLS reach the runtime as files of mounted Secrets, never as env values.
+    let secrets = nats_secret_volumes(inputs.queue);
+    pod.volumes
+        .get_or_insert_with(Vec::new)
+        .extend(secrets.iter().map(|(volume, _)| volume.clone()));
     let install = Container {
         name: INSTALL_CONTAINER.into(),
         image: Some(inputs.worker_image.to_owned()),
@@ -134,9 +148,9 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
     wrapped.extend(command);
     main.command = Some(wrapped);
     main.args = None;
-    main.volume_mounts
-        .get_or_insert_with(Vec::new)
-        .push(runtime_mount());
+    let mounts = main.volume_mounts.get_or_insert_with(Vec::new);
+    mounts.push(runtime_mount());
+    mounts.extend(secrets.into_iter().map(|(_, mount)| mount));
     inject(main, runtime_env);
 
     Ok(Deployment {
@@ -198,11 +212,8 @@ fn inject(container: &mut Container, mut runtime_env: Vec<EnvVar>) {
 fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<EnvVar> {
     let spec = &worker.spec;
     let queue = inputs.queue;
-    let nats_url = queue
-        .spec
-        .nats
-        .as_ref()
-        .map_or(inputs.default_nats_url, |n| n.url.as_str());
+    let nats = queue.spec.nats.as_ref();
+    let nats_url = shown_url(nats.map_or(inputs.default_nats_url, |n| n.url.as_str()));
     let value = |name: &str, value: String| EnvVar {
         name: name.into(),
         value: Some(value),
@@ -220,7 +231,7 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
         }),
     };
     let mut vars = vec![
-        value(env::NATS_URL, nats_url.to_owned()),
+        value(env::NATS_URL, nats_url),
         value(env::QUEUE_NAMESPACE, queue.namespace().unwrap_or_default()),
         value(env::QUEUE_NAME, queue.name_any()),
         value(env::PRIORITIES, queue.spec.priorities.to_string()),
@@ -236,6 +247,15 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
         ),
         value(env::HANDLER_MODE, spec.handler.mode.as_str().to_owned()),
     ];
+    if nats.is_some_and(|n| n.credentials_secret.is_some()) {
+        vars.push(value(
+            connect_env::NATS_CREDENTIALS_DIR,
+            NATS_CREDENTIALS_MOUNT.into(),
+        ));
+    }
+    if nats.is_some_and(|n| n.tls_secret.is_some()) {
+        vars.push(value(connect_env::NATS_TLS_DIR, NATS_TLS_MOUNT.into()));
+    }
     let backoff = &queue.spec.retry.backoff;
     vars.push(value(env::BACKOFF_INITIAL, backoff.initial.clone()));
     vars.push(value(env::BACKOFF_MAX, backoff.max.clone()));
@@ -264,6 +284,49 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
         format!("$({POD_IP}):{HEALTH_PORT}"),
     ));
     vars
+}
+
+/// The URL without userinfo (the CRD refuses userinfo in `spec.nats.url`; this keeps it out
+/// of the Deployment whatever the API server let through).
+fn shown_url(url: &str) -> String {
+    NatsOptions::new(url).map_or_else(|_| connect::redact(url), |o| o.url().to_owned())
+}
+
+/// The Secret volumes (and their read-only mounts) of the queue's `spec.nats`.
+fn nats_secret_volumes(queue: &JobQueue) -> Vec<(Volume, VolumeMount)> {
+    let Some(nats) = queue.spec.nats.as_ref() else {
+        return Vec::new();
+    };
+    [
+        (
+            nats.credentials_secret.as_deref(),
+            NATS_CREDENTIALS_VOLUME,
+            NATS_CREDENTIALS_MOUNT,
+        ),
+        (nats.tls_secret.as_deref(), NATS_TLS_VOLUME, NATS_TLS_MOUNT),
+    ]
+    .into_iter()
+    .filter_map(|(secret, volume, mount)| {
+        let secret = secret?;
+        Some((
+            Volume {
+                name: volume.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.to_owned()),
+                    default_mode: Some(0o444),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: volume.into(),
+                mount_path: mount.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ))
+    })
+    .collect()
 }
 
 /// Kubernetes' default `terminationMessagePath`.

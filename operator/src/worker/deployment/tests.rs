@@ -141,6 +141,7 @@ fn queue_nats_override_reaches_the_pods() {
     let mut q = queue();
     q.spec.nats = Some(conveyor_crds::NatsConnection {
         url: "nats://other:4222".into(),
+        ..Default::default()
     });
     let w = worker();
     let d = build(
@@ -358,4 +359,85 @@ fn a_pod_runs_no_more_jobs_than_the_concurrency_limit() {
     assert_eq!(concurrency(&q), "8", "a higher limit changes nothing");
     q.spec.concurrency_limit = Some(3);
     assert_eq!(concurrency(&q), "3");
+}
+
+#[test]
+fn queue_secrets_are_mounted_never_put_in_env() {
+    let mut q = queue();
+    q.spec.nats = Some(conveyor_crds::NatsConnection {
+        url: "tls://nats.messaging:4222".into(),
+        credentials_secret: Some("queue-creds".into()),
+        tls_secret: Some("queue-tls".into()),
+    });
+    let w = worker();
+    let d = build(
+        &w,
+        Inputs {
+            queue: &q,
+            worker_image: IMAGE,
+            default_nats_url: "nats://nats:4222",
+            replicas: 1,
+        },
+    )
+    .unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let volumes = pod.volumes.unwrap();
+    let secret_of = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone())
+    };
+    assert_eq!(
+        secret_of(NATS_CREDENTIALS_VOLUME).as_deref(),
+        Some("queue-creds")
+    );
+    assert_eq!(secret_of(NATS_TLS_VOLUME).as_deref(), Some("queue-tls"));
+    let main = &pod.containers[0];
+    let mounts = main.volume_mounts.as_ref().unwrap();
+    for (volume, path) in [
+        (NATS_CREDENTIALS_VOLUME, NATS_CREDENTIALS_MOUNT),
+        (NATS_TLS_VOLUME, NATS_TLS_MOUNT),
+    ] {
+        let mount = mounts.iter().find(|m| m.name == volume).unwrap();
+        assert_eq!(mount.mount_path, path);
+        assert_eq!(mount.read_only, Some(true));
+    }
+    let envs = main.env.as_ref().unwrap();
+    let get = |name: &str| {
+        envs.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        get(conveyor::connect::env::NATS_CREDENTIALS_DIR).as_deref(),
+        Some(NATS_CREDENTIALS_MOUNT)
+    );
+    assert_eq!(
+        get(conveyor::connect::env::NATS_TLS_DIR).as_deref(),
+        Some(NATS_TLS_MOUNT)
+    );
+    assert_eq!(
+        get(env::NATS_URL).as_deref(),
+        Some("tls://nats.messaging:4222")
+    );
+}
+
+#[test]
+fn userinfo_never_reaches_the_deployment() {
+    let w = worker();
+    let d = build(
+        &w,
+        Inputs {
+            queue: &queue(),
+            worker_image: IMAGE,
+            default_nats_url: "nats://alice:hunter2@nats:4222",
+            replicas: 1,
+        },
+    )
+    .unwrap();
+    let text = serde_json::to_string(&d).unwrap();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("nats://nats:4222"), "{text}");
 }
