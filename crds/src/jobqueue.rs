@@ -181,9 +181,32 @@ pub struct ResultsSpec {
 pub struct NatsConnection {
     /// NATS server URL(s), comma-separated, e.g. `nats://nats.messaging:4222`. Used by the
     /// operator and injected into the queue's worker pods. At most 4096 characters.
+    /// Credentials do not go into the URL (it is shown in status and injected into worker
+    /// pods): a URL with `user:password@` or `token@` is refused; name a
+    /// `credentialsSecret` instead. `tls://` URLs require TLS.
     #[schemars(length(max = 4096))]
     #[x_kube(validation = Rule::new("self.size() > 0").message("nats.url must not be empty"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|,) *([^,]*://)?[^,/@]*@')").message("nats.url must not carry credentials (user:password@ or token@): name a credentialsSecret instead"))]
     pub url: String,
+
+    /// Name of a Secret in the queue's namespace with the credentials the operator and the
+    /// queue's workers connect with, by key: `user` and `password`; or `token`; or `nkey` (an
+    /// nkey seed, `SU…`); or `creds` (a `.creds` file: user JWT and nkey seed). The first of
+    /// `creds`, `nkey`, `token`, `user` found is used. Worker pods mount it as a volume; the
+    /// operator reads it through the API. Updating the Secret rotates the credentials: the
+    /// operator reconnects at its next resync; running worker pods keep their connection and
+    /// use the new credentials once restarted (`kubectl rollout restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub credentials_secret: Option<String>,
+
+    /// Name of a Secret in the queue's namespace with TLS material, by key: `ca.crt` (CA
+    /// bundle the server's certificate is verified against; the system roots when absent),
+    /// `tls.crt` and `tls.key` (client certificate and key, for servers that verify clients;
+    /// a `kubernetes.io/tls` Secret fits). Naming it makes TLS required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret: Option<String>,
 }
 
 /// Limits of the work stream. When a limit is reached, new submissions are rejected with an
