@@ -75,6 +75,62 @@ pub struct QueueArgs {
         default_value = "default"
     )]
     pub namespace: String,
+    /// Credentials and TLS for the NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+}
+
+/// How the CLI authenticates to NATS and secures the connection. Secrets are read from files
+/// (never from the command line, where `ps` and shell history would show them); userinfo in
+/// `--nats-url` (`nats://user:password@host`, `nats://token@host`) works too.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NatsArgs {
+    /// NATS `.creds` file (user JWT and nkey seed).
+    #[arg(long, env = "CONVEYOR_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user name; the password comes from `--nats-password-file`.
+    #[arg(long, env = "CONVEYOR_NATS_USER", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS password of `--nats-user`.
+    #[arg(
+        long,
+        env = "CONVEYOR_NATS_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "nats_user"
+    )]
+    pub nats_password_file: Option<PathBuf>,
+    /// File holding a NATS authentication token.
+    #[arg(long, env = "CONVEYOR_NATS_TOKEN_FILE", value_name = "FILE")]
+    pub nats_token_file: Option<PathBuf>,
+    /// File holding an nkey seed (`SU…`).
+    #[arg(long, env = "CONVEYOR_NATS_NKEY_FILE", value_name = "FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// Directory of a credentials Secret's keys (`creds`, `nkey`, `token` or `user` +
+    /// `password`), e.g. a mounted Secret.
+    #[arg(long, env = "CONVEYOR_NATS_CREDENTIALS_DIR", value_name = "DIR")]
+    pub nats_credentials_dir: Option<PathBuf>,
+    /// CA bundle (PEM) to verify the NATS server's certificate against; implies TLS.
+    #[arg(long, env = "CONVEYOR_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify clients; needs `--tls-key`.
+    #[arg(
+        long,
+        env = "CONVEYOR_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(
+        long,
+        env = "CONVEYOR_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS even when the server does not ask for it (`tls://` URLs do too).
+    #[arg(long, env = "CONVEYOR_TLS_REQUIRED")]
+    pub tls_required: bool,
 }
 
 impl QueueArgs {

@@ -22,10 +22,7 @@ const WORKER_CONSUMER_PREFIX: &str = "workers-p";
 
 /// Runs `conveyor status`.
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let url = &crate::discover::nats_url(&args.queue_args, args.queue.as_deref()).await?;
-    let client = async_nats::connect(url.as_str())
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    let client = crate::discover::connect(&args.queue_args, args.queue.as_deref()).await?;
     let js = jetstream::new(client);
     let queues = match &args.queue {
         Some(name) => vec![args.queue_args.queue(name)],
