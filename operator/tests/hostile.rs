@@ -379,6 +379,18 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
             .await
             .unwrap();
     }
+    // A cancellation no client can read, published straight into the cancellations stream:
+    // every worker reads them all from the start, so it must not take each new client down.
+    let mut raw = RawPublisher::connect(nats.port()).await.unwrap();
+    let poisoned_cancel = raw
+        .publish(
+            &queue.cancel_subject("nobody"),
+            Some(b"NATS/1.0\r\nConveyor-Job-Id: nobody\r\nX-Note: a\rb\r\n\r\n"),
+            b"",
+        )
+        .await
+        .unwrap();
+    assert!(poisoned_cancel.sequence().is_some(), "{poisoned_cancel:?}");
     let answers = client
         .jetstream()
         .client()
@@ -410,7 +422,6 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
     }
     let cases = table(&other);
     assert!(cases.len() >= 40, "the table has {} rows", cases.len());
-    let mut raw = RawPublisher::connect(nats.port()).await.unwrap();
     let mut stored: BTreeMap<usize, u64> = BTreeMap::new();
     for (index, case) in cases.iter().enumerate() {
         let subject = match &case.subject {
@@ -544,6 +555,11 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
         messages(&js, &other.stream()).await,
         5,
         "the other queue kept every job"
+    );
+    assert_eq!(
+        messages(&js, &queue.cancel_stream()).await,
+        0,
+        "the unreadable cancellation was swept"
     );
 
     for worker in &mut workers {

@@ -291,6 +291,9 @@ pub async fn dead_letter(
 
 /// Most stored jobs one sweep reads.
 pub const SWEEP_LIMIT: u64 = 1024;
+/// Most cancellations one sweep reads (a worker reads them all from the start, so an
+/// unreadable one anywhere would take down every new client).
+pub const CANCEL_SWEEP_LIMIT: u64 = 4096;
 
 /// After a worker's connection died: reads the jobs its queue's consumers delivered last and
 /// not yet acked (from each level's last delivered sequence down to its ack floor, at most
@@ -347,7 +350,51 @@ pub async fn sweep_unreadable(
             sequence -= 1;
         }
     }
+    swept.extend(sweep_unreadable_cancels(jetstream, queue).await?);
     Ok(swept)
+}
+
+/// Deletes the cancellations no NATS client can read (oldest first, at most
+/// [`CANCEL_SWEEP_LIMIT`]); a worker follows every cancellation from the start, so one such
+/// message would take down each new client at once. Returns what their subjects name (the
+/// hex of a job id, or the subject).
+async fn sweep_unreadable_cancels(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+) -> Result<Vec<String>, StoredError> {
+    let name = queue.cancel_stream();
+    let Ok(mut stream) = jetstream.get_stream(&name).await else {
+        return Ok(Vec::new());
+    };
+    let Ok(info) = stream.info().await else {
+        return Ok(Vec::new());
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut deleted = Vec::new();
+    let client = jetstream.client();
+    for sequence in first..=last.min(first.saturating_add(CANCEL_SWEEP_LIMIT)) {
+        let Some(message) = get(&client, &name, sequence).await? else {
+            continue;
+        };
+        let unreadable = match message.raw_headers.as_deref() {
+            Some(raw) => HeaderBlock::decode(raw).map_or(true, |block| !block.bad.is_empty()),
+            None => false,
+        };
+        if unreadable {
+            stream
+                .delete_message(sequence)
+                .await
+                .map_err(|e| StoredError::Delete {
+                    stream: name.clone(),
+                    sequence,
+                    reason: e.to_string(),
+                })?;
+            tracing::warn!(stream = %name, sequence, subject = %message.subject,
+                           "deleted a cancellation no NATS client can read");
+            deleted.push(message.subject);
+        }
+    }
+    Ok(deleted)
 }
 
 #[cfg(test)]
