@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: demo dev test generate lint bench deps build
+.PHONY: demo dev test generate lint bench deps build fuzz
 
 ## deps: install what the tests and the demo need besides Rust (a real nats-server >= 2.12)
 deps:
@@ -40,3 +40,15 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	./target/release/conveyor bench
 	$(CARGO) bench -p conveyor-operator --bench scaling
+
+## fuzz: each fuzz target of the wire codecs for FUZZ_SECONDS (10 min) in turn, at low priority;
+## not part of test or CI (make test replays the saved corpus instead). See docs/development.md.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= header_block records duration jsonl
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for target in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 nice -n 19 $(CARGO) fuzz run -O $$target corpus/$$target regressions/$$target -- \
+			-dict=dict/conveyor.dict -max_len=8192 -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			|| exit 1; \
+	done

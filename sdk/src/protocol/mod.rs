@@ -50,13 +50,14 @@ pub mod schedule {
     /// even after a long outage of the server or a full queue.
     pub const DUE_TTL: &str = "24h";
 
-    /// Latest time a job may be delayed to, in seconds after the Unix epoch: the end of the
-    /// year 9999, the last one RFC 3339 can write.
-    pub const LATEST: i64 = 253_402_300_799;
+    /// Latest time a job may be delayed to, in seconds after the Unix epoch:
+    /// 9999-12-30T22:00:00Z, the latest time jiff holds (it keeps every instant writable as a
+    /// civil time of year 9999 or before in any offset), close to the last RFC 3339 can write.
+    pub const LATEST: i64 = 253_402_207_200;
 
     /// A due time that cannot be scheduled.
     #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-    #[error("a job cannot be delayed to {0}: the latest due time is 9999-12-31T23:59:59Z")]
+    #[error("a job cannot be delayed to {0}: the latest due time is 9999-12-30T22:00:00Z")]
     pub struct OutOfRange(pub String);
 
     /// The `Nats-Schedule` value for a job due at `at`; a time past [`LATEST`] is an error

@@ -170,10 +170,15 @@ impl DeadLetter {
     }
 }
 
-/// `headers` without the ones that break the grammar, or `None` when all follow it.
+/// `headers` without the ones that break the grammar, or `None` when all follow it. A
+/// producer's own [`ORIGINAL_HEADERS`] or [`ORIGINAL_HEADERS_TRUNCATED`] counts as breaking it:
+/// copied as a header it would pass for the dead letter's copy of the block (the block keeps it).
 fn well_formed(headers: &HeaderMap) -> Option<HeaderMap> {
     let ok = |name: &str, value: &str| {
-        block::check_name(name.as_bytes()).is_ok() && block::check_value(value).is_ok()
+        block::check_name(name.as_bytes()).is_ok()
+            && block::check_value(value).is_ok()
+            && name != ORIGINAL_HEADERS
+            && name != ORIGINAL_HEADERS_TRUNCATED
     };
     let all_ok = headers.iter().all(|(name, values)| {
         let name: &str = name.as_ref();
