@@ -12,7 +12,7 @@
 //! A job that is already gone (a worker dead-lettered it) only gets its advisory acked. Every
 //! step is repeatable, so a dispatcher killed at any point resumes where the durable consumer
 //! stands, and a NATS restart only delays it. The hot path (publish, pull, ack) never waits on
-//! it.
+//! it. [`run`] keeps one dispatcher per NATS server the operator uses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,13 +44,38 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Prefix of the subjects of a queue's events stream.
 const ADVISORY_PREFIX: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.";
 
-/// Runs the dispatcher on the operator's default NATS server until `stop` is cancelled.
-/// Queues with their own `spec.nats` server are not served yet.
+/// Runs a dispatcher on every NATS server the operator uses until `stop` is cancelled: the
+/// default server from the start, and each server a queue's `spec.nats` names as soon as the
+/// JobQueue controller connected to it (with that queue's credentials and TLS). A server whose
+/// options change (a rotated Secret) gets a new dispatcher on the new client.
 pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
-    match ctx.nats.client(None).await {
-        Ok(client) => Dispatcher::new(client).run(stop).await,
-        Err(error) => warn!(%error, "dispatcher not started"),
+    if let Err(error) = ctx.nats.client(None).await {
+        warn!(%error, "no client for the default NATS server yet");
     }
+    let tasks = TaskTracker::new();
+    let mut serving: HashMap<String, (conveyor::connect::NatsOptions, CancellationToken)> =
+        HashMap::new();
+    loop {
+        for (server, options, client) in ctx.nats.clients().await {
+            if serving
+                .get(&server)
+                .is_some_and(|(served, _)| *served == options)
+            {
+                continue;
+            }
+            let token = stop.child_token();
+            if let Some((_, old)) = serving.insert(server, (options, token.clone())) {
+                old.cancel();
+            }
+            tasks.spawn(Dispatcher::new(client).run(token));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(DISCOVERY_INTERVAL) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// A failed step of dead-lettering; the advisory stays unacked and is tried again.

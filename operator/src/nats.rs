@@ -178,6 +178,18 @@ impl NatsPool {
         Ok(client)
     }
 
+    /// Every client made so far with the options it was made with, by server URL: the
+    /// dispatcher serves each server the controllers connected to, a queue's own
+    /// `spec.nats` server included.
+    pub async fn clients(&self) -> Vec<(String, NatsOptions, async_nats::Client)> {
+        self.clients
+            .lock()
+            .await
+            .iter()
+            .map(|(key, entry)| (key.clone(), entry.options.clone(), entry.client.clone()))
+            .collect()
+    }
+
     /// A JetStream context for `url` if its client is connected right now, `Ok(None)` if it is
     /// not (NATS down or still connecting).
     pub async fn connected(
