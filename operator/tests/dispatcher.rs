@@ -346,3 +346,50 @@ async fn jobs_the_runtime_dead_lettered_itself_are_left_alone() {
     stop.cancel();
     running.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_job_that_cannot_be_dead_lettered_never_holds_up_the_others() {
+    let server = NatsServer::start().await.unwrap();
+    let client = connect(&server).await;
+    let js = jetstream::new(client.clone());
+    let queue = queue(&js, "stuck").await;
+    // The dead-letter stream refuses anything over 1 KiB: one job's copy can never be written.
+    let mut config = js
+        .get_stream(queue.dead_letter_stream())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_message_size = 1024;
+    js.update_stream(config).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(protocol::MSG_ID, "too-big");
+    js.publish_with_headers(queue.job_subject(0), headers, vec![b'x'; 4096].into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    submit(&js, &queue, ids("small", 0..5)).await;
+    let (stop, running) = dispatcher(client.clone());
+    let crasher = crashing_worker(js.clone(), &queue);
+
+    // The small ones are dead-lettered while the big one's advisory keeps failing, and the big
+    // one is never lost: it stays in the work stream.
+    wait_for(DEADLINE, "the small jobs dead-lettered", || async {
+        messages(&js, &queue.dead_letter_stream()).await == 5
+    })
+    .await
+    .unwrap();
+    exactly_once(&js, &queue, &ids("small", 0..5)).await;
+    assert_eq!(
+        messages(&js, &queue.stream()).await,
+        1,
+        "the big job is kept"
+    );
+    crasher.abort();
+    stop.cancel();
+    running.await.unwrap();
+}
