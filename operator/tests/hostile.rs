@@ -265,20 +265,9 @@ fn block(case: &Case, index: usize) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The built `conveyor-worker`, next to the test executable's `deps/` directory.
+/// The built `conveyor-worker`.
 fn runtime_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("conveyor-worker");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p conveyor-worker --bins` first",
-        path.display()
-    );
-    path
+    conveyor_testkit::workspace_binary("conveyor-worker")
 }
 
 fn runtime(nats: &NatsServer, queue: &QueueRef, name: &str, log: &Path) -> Child {

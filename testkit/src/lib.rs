@@ -27,6 +27,24 @@ use anyhow::{Context as _, bail};
 /// How long a fixture waits for `nats-server` to accept connections.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(15);
 
+/// A binary of the workspace built into the target directory beside the running test
+/// executable (`target/debug/<name>` for `target/debug/deps/<test>`); panics with the build
+/// command when it is missing.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test executable lives in target/<profile>/deps")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it again soon).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;

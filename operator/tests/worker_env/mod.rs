@@ -50,20 +50,9 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// The built `conveyor-worker`, next to the test executable's `deps/` directory.
+/// The built `conveyor-worker`.
 fn runtime_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("conveyor-worker");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build -p conveyor-worker --bins` first",
-        path.display()
-    );
-    path
+    conveyor_testkit::workspace_binary("conveyor-worker")
 }
 
 /// A running environment; `shutdown` stops everything and removes the state directory.

@@ -152,16 +152,20 @@ pub fn check_value(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A name or line for an error message: lossy UTF-8, control characters escaped, at most 64
-/// characters.
+/// A name or line for an error message: lossy UTF-8, shown as [`shown_text`] shows text.
 fn shown(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
+    shown_text(&String::from_utf8_lossy(bytes))
+}
+
+/// Text for an error message: control characters (and quotes, backslashes, non-ASCII) escaped,
+/// at most 128 characters, then `…`.
+pub(crate) fn shown_text(text: &str) -> String {
     let mut out: String = text
         .chars()
-        .take(64)
+        .take(128)
         .flat_map(char::escape_default)
         .collect();
-    if text.chars().count() > 64 {
+    if text.chars().count() > 128 {
         out.push('…');
     }
     out

@@ -195,17 +195,9 @@ fn single(headers: &HeaderMap, name: &'static str) -> Result<(), HeaderError> {
     Ok(())
 }
 
-/// A value for an error message: control characters escaped, at most 128 characters.
+/// A value for an error message (see [`block::shown_text`]).
 pub(crate) fn shown(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(128)
-        .flat_map(char::escape_default)
-        .collect();
-    if value.chars().count() > 128 {
-        out.push('…');
-    }
-    out
+    block::shown_text(value)
 }
 
 #[cfg(test)]
