@@ -53,6 +53,7 @@ impl ConnectError {
 
 #[derive(Debug)]
 struct Entry {
+    raw_url: String,
     options: NatsOptions,
     client: async_nats::Client,
 }
@@ -129,11 +130,20 @@ impl NatsPool {
     pub async fn client_with(
         &self,
         url: Option<&str>,
-        options: Option<NatsOptions>,
+        own: Option<(&str, NatsOptions)>,
     ) -> Result<async_nats::Client, ConnectError> {
-        let key = url.unwrap_or(&self.default_raw).to_owned();
-        let options = options.map(|o| o.name(self.name.clone()));
+        let raw = url.unwrap_or(&self.default_raw).to_owned();
+        let key = Self::key(url.unwrap_or(&self.default_raw), own.as_ref().map(|o| o.0));
+        let options = own.map(|(_, o)| o.name(self.name.clone()));
         let mut clients = self.clients.lock().await;
+        if options.is_none()
+            && !clients.contains_key(&key)
+            && let Some(entry) = clients.values().find(|e| e.raw_url == raw)
+        {
+            // Callers without a queue's Secrets (the scaler, the rate limiter) use a client
+            // some queue on this URL made with its own Secrets.
+            return Ok(entry.client.clone());
+        }
         let options = match (options, clients.get(&key)) {
             (None, Some(entry)) => return Ok(entry.client.clone()),
             (Some(options), Some(entry)) if entry.options == options => {
@@ -164,6 +174,7 @@ impl NatsPool {
         clients.insert(
             key,
             Entry {
+                raw_url: raw,
                 options,
                 client: client.clone(),
             },
@@ -203,15 +214,19 @@ impl NatsPool {
     pub async fn connected_with(
         &self,
         url: Option<&str>,
-        options: Option<NatsOptions>,
+        own: Option<(&str, NatsOptions)>,
     ) -> Result<Option<jetstream::Context>, ConnectError> {
-        let client = self.client_with(url, options).await?;
+        let identity = own.as_ref().map(|o| o.0.to_owned());
+        let client = self.client_with(url, own).await?;
         let up = client.connection_state() == State::Connected;
         self.note_state(&self.shown_url(url), up);
         if !up {
             return Ok(None);
         }
-        self.forget_probe(url.unwrap_or(&self.default_raw));
+        self.forget_probe(&Self::key(
+            url.unwrap_or(&self.default_raw),
+            identity.as_deref(),
+        ));
         let mut js = jetstream::new(client);
         js.set_timeout(REQUEST_TIMEOUT);
         Ok(Some(js))
@@ -220,8 +235,12 @@ impl NatsPool {
     /// Why the client for `url` is not connected: one connection attempt with its options
     /// (reused for a few seconds), sorted into refused credentials, a TLS failure or an
     /// unreachable server, with the server's own message (redacted).
-    pub async fn failure(&self, url: Option<&str>) -> (FailureKind, String) {
-        let key = url.unwrap_or(&self.default_raw).to_owned();
+    pub async fn failure(
+        &self,
+        url: Option<&str>,
+        identity: Option<&str>,
+    ) -> (FailureKind, String) {
+        let key = Self::key(url.unwrap_or(&self.default_raw), identity);
         if let Some((at, Some(found))) = self.lock_probes().get(&key).cloned()
             && at.elapsed() < PROBE_TTL
         {
@@ -255,6 +274,16 @@ impl NatsPool {
         self.lock_probes()
             .insert(key, (Instant::now(), Some(found.clone())));
         found
+    }
+
+    /// Clients are keyed by URL and, for a queue's own Secrets, by an identity naming them
+    /// (`namespace/credentials/tls`), so queues on one server with different Secrets do not
+    /// replace each other's client.
+    fn key(url: &str, identity: Option<&str>) -> String {
+        match identity {
+            Some(identity) => format!("{url}\n{identity}"),
+            None => url.to_owned(),
+        }
     }
 
     fn forget_probe(&self, key: &str) {

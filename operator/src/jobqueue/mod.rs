@@ -197,15 +197,26 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
         })
     };
     let options = nats_options(jq, ctx).await;
+    let identity = options
+        .as_ref()
+        .ok()
+        .and_then(|o| o.as_ref().map(|(id, _)| id.clone()));
     let (outcome, result) = match (desired, options) {
         (Err(err), _) => (Outcome::Invalid(err), Ok(Action::await_change())),
         (Ok(_), Err(refused)) => (refused, retry()),
-        (Ok(desired), Ok(options)) => match ctx.nats.connected_with(url, options).await {
+        (Ok(desired), Ok(options)) => match ctx
+            .nats
+            .connected_with(
+                url,
+                options.as_ref().map(|(id, o)| (id.as_str(), o.clone())),
+            )
+            .await
+        {
             Err(err) => (
                 Outcome::Invalid(err.to_string()),
                 Ok(Action::await_change()),
             ),
-            Ok(None) => match ctx.nats.failure(url).await {
+            Ok(None) => match ctx.nats.failure(url, identity.as_deref()).await {
                 (FailureKind::Auth, message) => (Outcome::AuthFailed(message), retry()),
                 (FailureKind::Tls, message) => (Outcome::TlsFailed(message), retry()),
                 (FailureKind::Unreachable, _) => (
@@ -298,7 +309,10 @@ async fn write_status(
 /// The queue's own connection options when `spec.nats` names Secrets (read through the API
 /// each reconcile, so an updated Secret rotates the operator's client); `None` for the plain
 /// URL. A missing or unusable Secret is the matching failure outcome.
-async fn nats_options(jq: &JobQueue, ctx: &Context) -> Result<Option<NatsOptions>, Outcome> {
+async fn nats_options(
+    jq: &JobQueue,
+    ctx: &Context,
+) -> Result<Option<(String, NatsOptions)>, Outcome> {
     let Some(nats) = jq.spec.nats.as_ref() else {
         return Ok(None);
     };
@@ -337,8 +351,13 @@ async fn nats_options(jq: &JobQueue, ctx: &Context) -> Result<Option<NatsOptions
     };
     let credentials = read(nats.credentials_secret.clone(), false).await?;
     let tls = read(nats.tls_secret.clone(), true).await?;
+    let identity = format!(
+        "{ns}/{}/{}",
+        nats.credentials_secret.as_deref().unwrap_or_default(),
+        nats.tls_secret.as_deref().unwrap_or_default()
+    );
     crate::nats::queue_options(&nats.url, credentials.as_ref(), tls.as_ref())
-        .map(Some)
+        .map(|options| Some((identity, options)))
         .map_err(|err| {
             let message = conveyor::connect::redact_text(&err.to_string());
             if credentials.is_some() {
@@ -360,7 +379,8 @@ async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
     }
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
     let options = nats_options(jq, ctx).await.ok().flatten();
-    let js = match ctx.nats.connected_with(url, options).await {
+    let own = options.as_ref().map(|(id, o)| (id.as_str(), o.clone()));
+    let js = match ctx.nats.connected_with(url, own).await {
         // A URL that does not parse never had assets to delete.
         Err(_) => return Ok(Action::await_change()),
         Ok(None) => {
