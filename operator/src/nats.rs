@@ -51,6 +51,9 @@ impl ConnectError {
     }
 }
 
+/// When a probe ran and what it found.
+type Probe = (Instant, (FailureKind, String));
+
 #[derive(Debug)]
 struct Entry {
     raw_url: String,
@@ -68,7 +71,7 @@ pub struct NatsPool {
     // Last state each URL was seen in, to log transitions once instead of on every reconcile.
     seen: Mutex<HashMap<String, bool>>,
     // Why each URL's client is not connected, as a probe found it, and when.
-    probes: Mutex<HashMap<String, (Instant, Option<(FailureKind, String)>)>>,
+    probes: Mutex<HashMap<String, Probe>>,
 }
 
 impl NatsPool {
@@ -241,7 +244,7 @@ impl NatsPool {
         identity: Option<&str>,
     ) -> (FailureKind, String) {
         let key = Self::key(url.unwrap_or(&self.default_raw), identity);
-        if let Some((at, Some(found))) = self.lock_probes().get(&key).cloned()
+        if let Some((at, found)) = self.lock_probes().get(&key).cloned()
             && at.elapsed() < PROBE_TTL
         {
             return found;
@@ -272,7 +275,7 @@ impl NatsPool {
             tracing::warn!(url = %shown, error = %found.1, "NATS refused the connection");
         }
         self.lock_probes()
-            .insert(key, (Instant::now(), Some(found.clone())));
+            .insert(key, (Instant::now(), found.clone()));
         found
     }
 
@@ -290,9 +293,7 @@ impl NatsPool {
         self.lock_probes().remove(key);
     }
 
-    fn lock_probes(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Option<(FailureKind, String)>)>> {
+    fn lock_probes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Probe>> {
         self.probes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
