@@ -82,7 +82,7 @@ use crate::duration::{self, DurationError};
         type_ = "string",
         priority = 1,
         json_path = ".status.oldestPendingAge",
-        description = "Age of the oldest job not yet finished"
+        description = "Age of the oldest job waiting for a worker"
     ),
     printcolumn(
         name = "Reason",
@@ -353,8 +353,8 @@ pub struct AlertsSpec {
     #[schemars(range(min = 0, max = bounds::MAX_JOBS))]
     pub max_pending: Option<i64>,
 
-    /// Longest a job may wait unfinished before the queue is `Backlogged`, 1s to 3650d; no
-    /// limit when absent. Format: `30s`, `5m`, `1h`.
+    /// Longest a job may wait for a worker (`status.oldestPendingAge`) before the queue is
+    /// `Backlogged`, 1s to 3650d; no limit when absent. Format: `30s`, `5m`, `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
     #[x_kube(validation = bounds::MAX_OLDEST_PENDING_AGE.rule("alerts.maxOldestPendingAge"))]
@@ -418,7 +418,8 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
 
-    /// Jobs scheduled for later (`run at` / `delay`) and not yet due.
+    /// Jobs scheduled for later (`run at` / `delay`) and not yet due; a job that fell due
+    /// counts as pending instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delayed: Option<u64>,
 
@@ -437,8 +438,9 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_lettered: Option<u64>,
 
-    /// Age of the oldest job not yet finished (waiting or running), e.g. `1m30s`; absent when
-    /// the queue is empty.
+    /// Age of the oldest job waiting for a worker (one of those `pending` counts), e.g.
+    /// `1m30s`; absent when none waits. Jobs running or waiting out a retry backoff are
+    /// `inFlight` and do not count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_pending_age: Option<String>,
 

@@ -52,10 +52,22 @@ use crate::duration::{self, DurationError};
         description = "Pods ready to take jobs"
     ),
     printcolumn(
+        name = "Busy",
+        type_ = "integer",
+        json_path = ".status.busy",
+        description = "Jobs the queue's workers hold now (running, or waiting out a retry backoff)"
+    ),
+    printcolumn(
+        name = "Slots",
+        type_ = "integer",
+        json_path = ".status.slots",
+        description = "Jobs the ready pods can run at once (ready pods x concurrency)"
+    ),
+    printcolumn(
         name = "Available",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Available")].status"#,
-        description = "Whether enough pods are available"
+        description = "Whether pods are ready to run the queue's jobs (False while jobs wait and no pod is ready)"
     ),
     printcolumn(
         name = "Reason",
@@ -240,6 +252,17 @@ pub struct WorkerStatus {
     #[serde(default)]
     pub ready_replicas: i32,
 
+    /// Jobs the queue's workers hold now: delivered and not yet finished (running, or waiting
+    /// out a retry backoff), from the JobQueue's `status.inFlight`. Counts every worker of the
+    /// queue, so Workers sharing a queue show the same figure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<u64>,
+
+    /// Jobs the ready pods can run at once: ready pods times the jobs one pod runs
+    /// (`concurrency`, at most the queue's `concurrencyLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<i64>,
+
     /// Pods the operator currently asks for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
@@ -260,9 +283,10 @@ pub struct WorkerStatus {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub recycled_pods: i64,
 
-    /// Current state of the pool. `Available` is `True` when at least the minimum number of
-    /// pods is ready; its reason says why not (`QueueNotFound`, `InvalidSpec`,
-    /// `MinimumReplicasUnavailable`). `Scaling` is `True` while the pool changes size
+    /// Current state of the pool. `Available` is `True` when a pod is ready, or when the pool
+    /// is scaled to zero and no job waits; its reason says why not (`QueueNotFound`,
+    /// `InvalidSpec`, `NoReadyPods` while jobs wait and no pod is ready, whatever size was
+    /// asked for, `MinimumReplicasUnavailable` when pods are asked for and none is ready). `Scaling` is `True` while the pool changes size
     /// (`ScalingUp`, `ScalingDown`) and `False` at the size asked for (`AtDesiredSize`, or
     /// `BacklogUnknown` while the scaler cannot read NATS and holds the size); its message
     /// gives the scaler's reason. `Degraded` is `True` when pods were OOM-killed recently,

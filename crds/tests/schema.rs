@@ -100,7 +100,16 @@ fn worker_names_columns_and_scale_subresource() {
     assert_eq!(crd["spec"]["names"]["categories"], json!(["conveyor"]));
     assert_eq!(
         columns(&crd),
-        ["Queue", "Desired", "Ready", "Available", "Reason", "Age"]
+        [
+            "Queue",
+            "Desired",
+            "Ready",
+            "Busy",
+            "Slots",
+            "Available",
+            "Reason",
+            "Age"
+        ]
     );
     assert_eq!(
         crd["spec"]["versions"][0]["subresources"]["scale"],

@@ -376,6 +376,14 @@ impl Request<'_> {
                 if let Some(rv) = desired.pointer("/metadata/resourceVersion") {
                     n["metadata"]["resourceVersion"] = rv.clone();
                 }
+                // A status apply records its manager's ownership (operation Apply), so that a
+                // field it stops applying is removed as on a real API server; without this it
+                // was recorded as an Update and such fields stayed forever.
+                if let Some(fields) = desired.pointer("/metadata/managedFields")
+                    && Some(fields) != cur.pointer("/metadata/managedFields")
+                {
+                    n["metadata"]["managedFields"] = fields.clone();
+                }
                 n
             }
             Sub::Main => {

@@ -1,7 +1,9 @@
 //! Reads what the status shows beyond the consumer figures, with a bounded number of JetStream
-//! requests whatever the queue's size: the work stream's info and one direct read of its first
-//! message (the oldest unfinished job), the delayed and dead-letter streams' infos, and the
-//! headers of at most [`TAIL`] of the dead-letter stream's newest messages.
+//! requests whatever the queue's size: the work stream's info, per priority level its
+//! consumer's info and one read of the first job that consumer has not delivered yet (the oldest
+//! pending job), the delayed stream's info with its per-subject counts of the `due.<level>`
+//! subjects only (at most 10), the dead-letter stream's info, and the headers of at most
+//! [`TAIL`] of the dead-letter stream's newest messages.
 
 use std::time::Duration;
 
@@ -33,6 +35,14 @@ pub enum ObserveError {
         /// The JetStream error.
         source: jetstream::context::GetStreamError,
     },
+    /// Counting the due copies in the delayed stream failed.
+    #[error("cannot count the due jobs of stream {stream}: {reason}")]
+    Delayed {
+        /// Stream name.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Reading the dead letters' headers failed.
     #[error("cannot read the dead letters of stream {stream}: {reason}")]
     Tail {
@@ -43,7 +53,7 @@ pub enum ObserveError {
     },
 }
 
-/// The oldest job's age, the dead-letter count and the newest dead letters.
+/// The oldest pending job's age, the delayed and dead-letter counts and the newest dead letters.
 pub async fn health(
     js: &jetstream::Context,
     queue: &QueueRef,
@@ -59,20 +69,12 @@ pub async fn health(
         submitted: state.last_sequence,
         stored: state.messages,
     };
-    let oldest_age = if state.messages == 0 {
-        None
-    } else {
-        // The first message at or after the first sequence: acks between the info and this
-        // read only move it on.
-        let first = work
-            .get_first_raw_message_by_subject(
-                format!("{}.jobs.*", queue.subject_prefix()),
-                state.first_sequence,
-            )
-            .await
-            .ok();
-        first.map(|m| age(now, m.time.unix_timestamp()))
-    };
+    let levels = u8::try_from(work.cached_info().config.subjects.len())
+        .unwrap_or(u8::MAX)
+        .clamp(1, conveyor::admin::MAX_PRIORITIES);
+    let oldest_age = oldest_pending(&work, queue, levels)
+        .await
+        .map(|seconds| age(now, seconds));
     let dlq_name = queue.dead_letter_stream();
     let dlq = js
         .get_stream(&dlq_name)
@@ -118,13 +120,7 @@ pub async fn health(
         tail.reverse();
     }
     let delayed_name = queue.delayed_stream();
-    let delayed = js
-        .get_stream(&delayed_name)
-        .await
-        .map_err(stream_error(delayed_name.clone()))?
-        .cached_info()
-        .state
-        .messages;
+    let delayed = delayed_jobs(js, queue, &delayed_name).await?;
     Ok(Health {
         delayed,
         counters,
@@ -134,6 +130,75 @@ pub async fn health(
         tail_complete: state.messages <= tail.len() as u64,
         tail,
     })
+}
+
+/// When the oldest job that waits for a worker was stored (Unix seconds), over every level;
+/// `None` when no level has one (or it could not be read). Each level's consumer delivers in
+/// stream order, so its first undelivered job is the first one on the level's subject after the
+/// last sequence it delivered; jobs delivered and not yet finished (running, or waiting out a
+/// retry backoff) are in flight, not pending, and do not count, so the age agrees with
+/// `pending`.
+async fn oldest_pending(
+    work: &jetstream::stream::Stream,
+    queue: &QueueRef,
+    levels: u8,
+) -> Option<i64> {
+    let mut oldest: Option<i64> = None;
+    for level in 0..levels {
+        let Ok(info) = work.consumer_info(queue.consumer(level)).await else {
+            continue;
+        };
+        if info.num_pending == 0 {
+            continue;
+        }
+        let from = info.delivered.stream_sequence.saturating_add(1);
+        if let Ok(first) = work
+            .get_first_raw_message_by_subject(queue.job_subject(level), from)
+            .await
+        {
+            let stored = first.time.unix_timestamp();
+            oldest = Some(oldest.map_or(stored, |o| o.min(stored)));
+        }
+    }
+    oldest
+}
+
+/// Jobs in the delayed stream that are not due yet: its messages minus the due copies on
+/// `<prefix>.due.<level>`, which stay there (for their `Nats-Schedule-TTL`) after the work
+/// stream sourced them and are no longer delayed.
+async fn delayed_jobs(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    name: &str,
+) -> Result<u64, ObserveError> {
+    let stream = js
+        .get_stream(name)
+        .await
+        .map_err(|source| ObserveError::Stream {
+            stream: name.to_owned(),
+            source,
+        })?;
+    if stream.cached_info().state.messages == 0 {
+        return Ok(0);
+    }
+    let mut due = 0u64;
+    let mut subjects = stream
+        .info_with_subjects(format!("{}.due.*", queue.subject_prefix()))
+        .await
+        .map_err(|e| ObserveError::Delayed {
+            stream: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+    // Counted in the same reading as the per-subject counts.
+    let messages = subjects.info.state.messages;
+    while let Some(entry) = subjects.next().await {
+        let (_, count) = entry.map_err(|e| ObserveError::Delayed {
+            stream: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        due += count as u64;
+    }
+    Ok(messages.saturating_sub(due))
 }
 
 fn age(now: Timestamp, unix_seconds: i64) -> Duration {

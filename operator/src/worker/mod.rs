@@ -27,7 +27,7 @@ use tracing::instrument;
 
 use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER};
-pub use status::{Problem, compute_status};
+pub use status::{Problem, QueueFigures, compute_status};
 
 const CONTROLLER: &str = "worker";
 
@@ -186,6 +186,12 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             source,
         })?;
     let replicas = desired_replicas(worker);
+    let figures = QueueFigures::of(
+        queue_name,
+        queue.as_ref().and_then(|q| q.status.as_ref()),
+        worker.spec.concurrency,
+        queue.as_ref().and_then(|q| q.spec.concurrency_limit),
+    );
     let (deployment, problem, action) = match queue {
         None => {
             let message = format!("JobQueue {queue_name} does not exist in namespace {ns}");
@@ -231,6 +237,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         replicas,
         scaled,
         problem.as_ref(),
+        &figures,
         now,
     );
     let mut crash_note = None;

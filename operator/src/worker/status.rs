@@ -1,11 +1,48 @@
-//! The status of a `Worker` as a pure function of its previous status and its Deployment.
+//! The status of a `Worker` as a pure function of its previous status, its Deployment and its
+//! queue's figures.
 
-use conveyor_crds::WorkerStatus;
+use conveyor_crds::{JobQueueStatus, WorkerStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 
 use super::deployment::selector_string;
 use crate::conditions::{self, Status, reason};
+
+/// `Available` reason: jobs wait in the queue and no pod is ready to run them, whatever size
+/// the pool was asked for (a pool scaled or paused to zero included).
+pub const NO_READY_PODS: &str = "NoReadyPods";
+
+/// What the Worker's `JobQueue` reports in its status (the operator's own reading of the
+/// queue's consumers).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueFigures {
+    /// The queue's name.
+    pub name: String,
+    /// Jobs waiting for a worker, when known.
+    pub pending: Option<u64>,
+    /// Jobs delivered and not yet finished, when known.
+    pub in_flight: Option<u64>,
+    /// Jobs one pod runs at once: `concurrency`, at most the queue's `concurrencyLimit`.
+    pub per_pod: i32,
+}
+
+impl QueueFigures {
+    /// The figures of queue `name` with `status`, for pods running `concurrency` jobs each
+    /// under the queue's `concurrency_limit`.
+    pub fn of(
+        name: &str,
+        status: Option<&JobQueueStatus>,
+        concurrency: i32,
+        concurrency_limit: Option<i32>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            pending: status.and_then(|s| s.pending),
+            in_flight: status.and_then(|s| s.in_flight),
+            per_pod: concurrency_limit.map_or(concurrency, |limit| concurrency.min(limit)),
+        }
+    }
+}
 
 /// Something that keeps the Worker from running, with a CamelCase reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +70,9 @@ impl Problem {
 }
 
 /// The new status: the previous one with the Deployment's figures, the selector, the desired
-/// size (only for pools without `scaling`; the scaler writes it otherwise) and `Available`.
+/// size (only for pools without `scaling`; the scaler writes it otherwise), the busy and total
+/// job slots, and `Available`, which is `False` ([`NO_READY_PODS`]) while jobs wait and no pod
+/// is ready, so a pool at 0 pods with a backlog never reads as healthy.
 #[allow(clippy::too_many_arguments)]
 pub fn compute_status(
     old: &WorkerStatus,
@@ -43,6 +82,7 @@ pub fn compute_status(
     desired: i32,
     scaled: bool,
     problem: Option<&Problem>,
+    queue: &QueueFigures,
     now: Timestamp,
 ) -> WorkerStatus {
     let mut status = old.clone();
@@ -57,8 +97,17 @@ pub fn compute_status(
         status.desired_replicas = Some(desired);
     }
     let ready = status.ready_replicas;
+    status.busy = queue.in_flight;
+    status.slots = Some(i64::from(ready.max(0)) * i64::from(queue.per_pod.max(0)));
+    let waiting = queue.pending.unwrap_or(0);
+    let want = status.desired_replicas.unwrap_or(desired);
     let (state, why, message) = match problem {
         Some(p) => (Status::False, p.reason, p.message.clone()),
+        None if ready < 1 && waiting > 0 => (
+            Status::False,
+            NO_READY_PODS,
+            no_ready_pods(waiting, &queue.name, status.replicas, want),
+        ),
         None if desired == 0 => (
             Status::True,
             reason::MINIMUM_REPLICAS_AVAILABLE,
@@ -95,6 +144,18 @@ pub fn compute_status(
         now,
     );
     status
+}
+
+/// "no pod is ready while 20 jobs wait in JobQueue q: …", saying why there is no pod.
+fn no_ready_pods(waiting: u64, queue: &str, pods: i32, want: i32) -> String {
+    let why = if want == 0 {
+        "the pool is asked for 0 pods (spec.replicas 0, scaling.maxReplicas 0, or the scaler has not grown it yet)".to_owned()
+    } else if pods == 0 {
+        format!("0 of {want} pods started")
+    } else {
+        format!("{pods} of {want} pods started, none ready yet")
+    };
+    format!("no pod is ready while {waiting} jobs wait in JobQueue {queue}: {why}")
 }
 
 /// The `Scaling` condition: the Deployment's pods against the size asked for, with the
@@ -173,6 +234,7 @@ mod tests {
             3,
             false,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         assert_eq!(
@@ -199,6 +261,7 @@ mod tests {
             1,
             false,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         assert_eq!(available(&s).0, "False");
@@ -210,6 +273,7 @@ mod tests {
             0,
             false,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         assert_eq!(available(&zero).0, "True");
@@ -229,6 +293,7 @@ mod tests {
             2,
             true,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         assert_eq!(s.desired_replicas, Some(7));
@@ -256,6 +321,7 @@ mod tests {
                 0,
                 true,
                 None,
+                &QueueFigures::default(),
                 at(1),
             ))
         };
@@ -297,6 +363,7 @@ mod tests {
             3,
             false,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         let (status, why, message) = scaling_condition(&s);
@@ -304,6 +371,90 @@ mod tests {
             (status.as_str(), why.as_str(), message.as_str()),
             ("True", reason::SCALING_UP, "1 of 3 pods running")
         );
+    }
+
+    fn queue(pending: u64, in_flight: u64) -> QueueFigures {
+        QueueFigures {
+            name: "thumbs".into(),
+            pending: Some(pending),
+            in_flight: Some(in_flight),
+            per_pod: 4,
+        }
+    }
+
+    #[test]
+    fn jobs_waiting_with_no_ready_pod_are_never_available() {
+        for (replicas, desired) in [(0, 0), (0, 2), (2, 2)] {
+            let s = compute_status(
+                &WorkerStatus::default(),
+                None,
+                "w",
+                Some(&deployment(replicas, 0)),
+                desired,
+                false,
+                None,
+                &queue(20, 0),
+                at(1),
+            );
+            assert_eq!(
+                available(&s),
+                ("False".into(), NO_READY_PODS.into()),
+                "{replicas} pods of {desired}"
+            );
+            let c = conditions::find(&s.conditions, conditions::AVAILABLE).unwrap();
+            assert!(
+                c.message
+                    .starts_with("no pod is ready while 20 jobs wait in JobQueue thumbs: "),
+                "{}",
+                c.message
+            );
+        }
+        let idle = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(0, 0)),
+            0,
+            false,
+            None,
+            &queue(0, 0),
+            at(1),
+        );
+        assert_eq!(
+            available(&idle),
+            ("True".into(), reason::MINIMUM_REPLICAS_AVAILABLE.into()),
+            "scaled to zero with nothing to do"
+        );
+        let running = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(1, 1)),
+            1,
+            false,
+            None,
+            &queue(20, 4),
+            at(1),
+        );
+        assert_eq!(available(&running).0, "True");
+    }
+
+    #[test]
+    fn busy_and_total_slots_come_from_the_queue_and_the_ready_pods() {
+        let s = compute_status(
+            &WorkerStatus::default(),
+            None,
+            "w",
+            Some(&deployment(3, 2)),
+            3,
+            false,
+            None,
+            &queue(9, 7),
+            at(1),
+        );
+        assert_eq!((s.busy, s.slots), (Some(7), Some(8)));
+        let capped = QueueFigures::of("q", None, 8, Some(3));
+        assert_eq!((capped.per_pod, capped.in_flight), (3, None));
     }
 
     #[test]
@@ -317,6 +468,7 @@ mod tests {
             1,
             false,
             Some(&problem),
+            &QueueFigures::default(),
             at(1),
         );
         assert_eq!(
@@ -335,6 +487,7 @@ mod tests {
             2,
             false,
             None,
+            &QueueFigures::default(),
             at(1),
         );
         let second = compute_status(
@@ -345,6 +498,7 @@ mod tests {
             2,
             false,
             None,
+            &QueueFigures::default(),
             at(9),
         );
         assert_eq!(first, second);
