@@ -346,6 +346,20 @@ async fn a_wrong_password_is_nats_auth_failed_an_unknown_ca_nats_tls_failed_and_
     let message = wait_ready(&env, "stranger", "False", Some("NatsTlsFailed")).await;
     assert!(message.to_lowercase().contains("certificate"), "{message}");
 
+    // Credentials in spec.nats.url would be shown in status and put into pods: refused.
+    let with_userinfo: JobQueue = serde_yaml::from_str(&format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: leaky}}\nspec:\n  nats: {{url: 'nats://conveyor:{PASSWORD}@127.0.0.1:{}'}}\n",
+        nats.port()
+    ))
+    .unwrap();
+    let api: Api<JobQueue> = Api::namespaced(env.cluster.client(), NS);
+    let refused = api
+        .create(&PostParams::default(), &with_userinfo)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("must not carry credentials"), "{refused}");
+
     // Rotation: the right password in the Secret makes the queue Ready.
     credentials_secret(&env, "bad-creds", PASSWORD).await;
     wait_ready(&env, "locked", "True", None).await;
