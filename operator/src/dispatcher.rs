@@ -53,18 +53,19 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
         warn!(%error, "no client for the default NATS server yet");
     }
     let tasks = TaskTracker::new();
-    let mut serving: HashMap<String, (conveyor::connect::NatsOptions, CancellationToken)> =
-        HashMap::new();
+    let mut serving: HashMap<String, (u64, CancellationToken)> = HashMap::new();
     loop {
-        for (server, options, client) in ctx.nats.clients().await {
+        // A client made anew (dead one replaced, rotated Secret) gets a new dispatcher.
+        let _ = ctx.nats.client(None).await;
+        for (server, generation, client) in ctx.nats.clients().await {
             if serving
                 .get(&server)
-                .is_some_and(|(served, _)| *served == options)
+                .is_some_and(|(served, _)| *served == generation)
             {
                 continue;
             }
             let token = stop.child_token();
-            if let Some((_, old)) = serving.insert(server, (options, token.clone())) {
+            if let Some((_, old)) = serving.insert(server, (generation, token.clone())) {
                 old.cancel();
             }
             tasks.spawn(Dispatcher::new(client).run(token));

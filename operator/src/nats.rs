@@ -12,12 +12,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::connection::State;
 use async_nats::jetstream;
 use conveyor::connect::{self, FailureKind, NatsOptions, OptionsError};
+use tokio_util::sync::CancellationToken;
 
 /// Longest pause between two reconnection attempts, so recovery after a NATS outage is quick.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
@@ -59,7 +61,23 @@ struct Entry {
     raw_url: String,
     options: NatsOptions,
     client: async_nats::Client,
+    /// Which client this is (a replaced one gets a new number), for the dispatcher.
+    generation: u64,
+    /// Set once the client's connection task is gone for good (async-nats 0.51 panics in it
+    /// on a message header with a bare CR): the entry is replaced by a new client on next use.
+    gone: Arc<AtomicBool>,
+    /// Stops the watch of `gone` when the entry is dropped.
+    watch: CancellationToken,
 }
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.watch.cancel();
+    }
+}
+
+/// Numbers the clients the pool makes.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// NATS clients keyed by URL, shared by every controller and the scaler.
 #[derive(Debug)]
@@ -139,6 +157,13 @@ impl NatsPool {
         let key = Self::key(url.unwrap_or(&self.default_raw), own.as_ref().map(|o| o.0));
         let options = own.map(|(_, o)| o.name(self.name.clone()));
         let mut clients = self.clients.lock().await;
+        clients.retain(|key, entry| {
+            let gone = entry.gone.load(Ordering::Relaxed);
+            if gone {
+                tracing::warn!(url = %connect::redact(key), "NATS client's connection task is gone; making a new client");
+            }
+            !gone
+        });
         if options.is_none()
             && !clients.contains_key(&key)
             && let Some(entry) = clients.values().find(|e| e.raw_url == raw)
@@ -174,12 +199,24 @@ impl NatsPool {
             tracing::info!(url = %shown, auth = options.auth.kind(), "NATS settings changed; new client");
         }
         self.forget_probe(&key);
+        let gone = Arc::new(AtomicBool::new(false));
+        let watch = CancellationToken::new();
+        let (watched, flag, stop) = (client.clone(), gone.clone(), watch.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = conveyor::worker::connection_gone(watched) => flag.store(true, Ordering::Relaxed),
+                () = stop.cancelled() => {}
+            }
+        });
         clients.insert(
             key,
             Entry {
                 raw_url: raw,
                 options,
                 client: client.clone(),
+                generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                gone,
+                watch,
             },
         );
         drop(clients);
@@ -192,15 +229,16 @@ impl NatsPool {
         Ok(client)
     }
 
-    /// Every client made so far with the options it was made with, by server URL: the
+    /// Every live client made so far, with the number that tells a replacement apart, by key: the
     /// dispatcher serves each server the controllers connected to, a queue's own
     /// `spec.nats` server included.
-    pub async fn clients(&self) -> Vec<(String, NatsOptions, async_nats::Client)> {
+    pub async fn clients(&self) -> Vec<(String, u64, async_nats::Client)> {
         self.clients
             .lock()
             .await
             .iter()
-            .map(|(key, entry)| (key.clone(), entry.options.clone(), entry.client.clone()))
+            .filter(|(_, entry)| !entry.gone.load(Ordering::Relaxed))
+            .map(|(key, entry)| (key.clone(), entry.generation, entry.client.clone()))
             .collect()
     }
 

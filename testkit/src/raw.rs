@@ -115,6 +115,41 @@ impl RawPublisher {
             .with_context(|| format!("no answer to the publish to {subject}"))?
     }
 
+    /// Sends `payload` with the header block `headers` to `subject` without asking for an
+    /// answer (a core NATS publish), and waits until the server has processed it.
+    pub async fn send(
+        &mut self,
+        subject: &str,
+        headers: Option<&[u8]>,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        let mut frame = Vec::with_capacity(payload.len() + 256);
+        match headers {
+            Some(block) => {
+                let total = block.len() + payload.len();
+                frame.extend_from_slice(
+                    format!("HPUB {subject} {} {total}\r\n", block.len()).as_bytes(),
+                );
+                frame.extend_from_slice(block);
+            }
+            None => {
+                frame.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes())
+            }
+        }
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(b"\r\nPING\r\n");
+        self.writer.write_all(&frame).await?;
+        loop {
+            let line = self.line().await?;
+            if line == "PONG" {
+                return Ok(());
+            }
+            if line.starts_with("-ERR") {
+                bail!("server refused the publish: {line}");
+            }
+        }
+    }
+
     /// Reads until the answer on `reply` arrives.
     async fn answer(&mut self, reply: &str) -> anyhow::Result<Answer> {
         loop {
