@@ -163,16 +163,30 @@ impl RecycleSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[x_kube(validation = Rule::new("!(self.mode in ['exec', 'jsonl']) || (has(self.command) && size(self.command) > 0)")
     .message("handler.command is required for the exec and jsonl modes"))]
+#[x_kube(validation = Rule::new("self.mode != 'http' || has(self.url)")
+    .message("handler.url is required for the http mode"))]
+#[x_kube(validation = Rule::new("self.mode != 'http' || !has(self.command)")
+    .message("handler.command is not used in the http mode: the container's own command starts the server"))]
 #[serde(rename_all = "camelCase")]
 pub struct HandlerSpec {
     /// `exec`: one process per job (payload on stdin, result on stdout, exit code decides:
     /// 0 done, 75 retry later, 65 permanent failure, anything else a failed attempt); `jsonl`:
-    /// one long-lived process speaking JSON lines on stdin/stdout.
+    /// one long-lived process speaking JSON lines on stdin/stdout; `http`: one `POST` per job
+    /// to `url`, a web server in the pod (the first container, started by its own command; the
+    /// runtime then runs in a container of its own beside it).
     pub mode: HandlerMode,
 
     /// The program (and its arguments) the runtime starts, from the user's image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+
+    /// Where the runtime posts each job in the `http` mode (`CONVEYOR_HANDLER_URL`), e.g.
+    /// `http://127.0.0.1:8000/jobs`: an `http://` or `https://` URL of at most 2048 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')")
+        .message("handler.url must start with http:// or https://"))]
+    pub url: Option<String>,
 }
 
 /// Handler protocol between the worker runtime and user code.
@@ -183,6 +197,8 @@ pub enum HandlerMode {
     Exec,
     /// A long-lived child process speaking JSON lines.
     Jsonl,
+    /// A web server in the pod, one `POST` per job.
+    Http,
 }
 
 impl HandlerMode {
@@ -191,6 +207,7 @@ impl HandlerMode {
         match self {
             Self::Exec => "exec",
             Self::Jsonl => "jsonl",
+            Self::Http => "http",
         }
     }
 }

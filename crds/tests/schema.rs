@@ -122,7 +122,7 @@ fn worker_names_columns_and_scale_subresource() {
     let spec = spec_schema(&crd);
     assert_eq!(
         spec["properties"]["handler"]["properties"]["mode"]["enum"],
-        json!(["exec", "jsonl"])
+        json!(["exec", "jsonl", "http"])
     );
     assert_eq!(spec["properties"]["concurrency"]["default"], 1);
     assert_eq!(spec["required"], json!(["handler", "queue", "template"]));

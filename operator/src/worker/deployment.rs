@@ -1,13 +1,15 @@
 //! The Deployment of a `Worker`, built by a pure function: the user's pod template with the
 //! Conveyor worker runtime injected as `docs/development.md` ("Runtime injection") describes:
 //! an init container copies the runtime into an `emptyDir`, and the user's first container runs
-//! `conveyor-worker run -- <handler.command>` with the settings the runtime reads.
+//! `conveyor-worker run -- <handler.command>` with the settings the runtime reads. In `http`
+//! mode the user's container is the web server and is left as it is; the runtime runs as a
+//! container of its own ([`RUNTIME_CONTAINER`]) from the runtime image, without a command.
 
 use std::collections::BTreeMap;
 
 use conveyor::connect::{self, NatsOptions, env as connect_env};
 use conveyor::names::env;
-use conveyor_crds::{JobQueue, Worker};
+use conveyor_crds::{HandlerMode, JobQueue, Worker};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
@@ -20,6 +22,8 @@ use kube::{Resource, ResourceExt};
 
 /// Name of the init container that copies the runtime into the pod.
 pub const INSTALL_CONTAINER: &str = "install-conveyor-runtime";
+/// Name of the container that runs the runtime beside the user's web server (`http` mode).
+pub const RUNTIME_CONTAINER: &str = "conveyor-worker";
 /// Name of the shared volume that holds the runtime binary.
 pub const RUNTIME_VOLUME: &str = "conveyor-runtime";
 /// Where the runtime volume is mounted.
@@ -59,6 +63,9 @@ pub enum BuildError {
     /// `exec`/`jsonl` without a command.
     #[error("handler.command is required for the {0} mode")]
     NoCommand(&'static str),
+    /// `http` without a URL.
+    #[error("handler.url is required for the http mode")]
+    NoUrl,
 }
 
 /// What the Deployment is built from besides the Worker itself.
@@ -108,50 +115,76 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
         return Err(BuildError::NoContainer);
     }
     pod.security_context.get_or_insert_with(restricted_pod);
-    let command = spec
-        .handler
-        .command
-        .clone()
-        .filter(|c| !c.is_empty())
-        .ok_or(BuildError::NoCommand(spec.handler.mode.as_str()))?;
     let grace = pod
         .termination_grace_period_seconds
         .unwrap_or(DEFAULT_GRACE_SECONDS);
-    let runtime_env = runtime_env(worker, inputs, grace);
-    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
-        name: RUNTIME_VOLUME.into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    });
+    let mut runtime_env = runtime_env(worker, inputs, grace);
     // Credentials and TLS reach the runtime as files of mounted Secrets, never as env values.
     let secrets = nats_secret_volumes(inputs.queue);
     pod.volumes
         .get_or_insert_with(Vec::new)
         .extend(secrets.iter().map(|(volume, _)| volume.clone()));
-    let install = Container {
-        name: INSTALL_CONTAINER.into(),
-        image: Some(inputs.worker_image.to_owned()),
-        command: Some(vec![
-            RUNTIME_IN_IMAGE.into(),
-            "install".into(),
-            format!("{RUNTIME_MOUNT}/bin"),
-        ]),
-        volume_mounts: Some(vec![runtime_mount()]),
-        security_context: Some(restricted_container()),
-        ..Default::default()
-    };
-    pod.init_containers
-        .get_or_insert_with(Vec::new)
-        .insert(0, install);
-    let main = &mut pod.containers[0];
-    let mut wrapped = vec![RUNTIME_INSTALLED.to_owned(), "run".into(), "--".into()];
-    wrapped.extend(command);
-    main.command = Some(wrapped);
-    main.args = None;
-    let mounts = main.volume_mounts.get_or_insert_with(Vec::new);
-    mounts.push(runtime_mount());
-    mounts.extend(secrets.into_iter().map(|(_, mount)| mount));
-    inject(main, runtime_env);
+    if spec.handler.mode == HandlerMode::Http {
+        // The handler is a web server: the user's container runs as its image says, and the
+        // runtime runs beside it from its own image (nothing to install into the user's image)
+        // and posts each job to the server over the pod's loopback.
+        let url = spec
+            .handler
+            .url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or(BuildError::NoUrl)?;
+        runtime_env.push(EnvVar {
+            name: env::HANDLER_URL.into(),
+            value: Some(url),
+            value_from: None,
+        });
+        let mut runtime = Container {
+            name: RUNTIME_CONTAINER.into(),
+            image: Some(inputs.worker_image.to_owned()),
+            command: Some(vec![RUNTIME_IN_IMAGE.into(), "run".into()]),
+            volume_mounts: Some(secrets.into_iter().map(|(_, mount)| mount).collect()),
+            ..Default::default()
+        };
+        inject(&mut runtime, runtime_env);
+        pod.containers.push(runtime);
+    } else {
+        let command = spec
+            .handler
+            .command
+            .clone()
+            .filter(|c| !c.is_empty())
+            .ok_or(BuildError::NoCommand(spec.handler.mode.as_str()))?;
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: RUNTIME_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        let install = Container {
+            name: INSTALL_CONTAINER.into(),
+            image: Some(inputs.worker_image.to_owned()),
+            command: Some(vec![
+                RUNTIME_IN_IMAGE.into(),
+                "install".into(),
+                format!("{RUNTIME_MOUNT}/bin"),
+            ]),
+            volume_mounts: Some(vec![runtime_mount()]),
+            security_context: Some(restricted_container()),
+            ..Default::default()
+        };
+        pod.init_containers
+            .get_or_insert_with(Vec::new)
+            .insert(0, install);
+        let main = &mut pod.containers[0];
+        let mut wrapped = vec![RUNTIME_INSTALLED.to_owned(), "run".into(), "--".into()];
+        wrapped.extend(command);
+        main.command = Some(wrapped);
+        main.args = None;
+        let mounts = main.volume_mounts.get_or_insert_with(Vec::new);
+        mounts.push(runtime_mount());
+        mounts.extend(secrets.into_iter().map(|(_, mount)| mount));
+        inject(main, runtime_env);
+    }
 
     Ok(Deployment {
         metadata: ObjectMeta {

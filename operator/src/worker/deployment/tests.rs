@@ -256,6 +256,7 @@ fn rejects_what_the_schema_should_have_caught() {
         HandlerSpec {
             mode: HandlerMode::Jsonl,
             command: Some(vec![]),
+            url: None,
         },
     );
     assert_eq!(
@@ -440,4 +441,53 @@ fn userinfo_never_reaches_the_deployment() {
     let text = serde_json::to_string(&d).unwrap();
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("nats://nats:4222"), "{text}");
+}
+
+#[test]
+fn http_mode_runs_the_runtime_beside_the_users_server() {
+    let server = with_handler(
+        worker(),
+        HandlerSpec {
+            mode: HandlerMode::Http,
+            command: None,
+            url: Some("http://127.0.0.1:8000/jobs".into()),
+        },
+    );
+    let original = server.spec.template.spec.clone().unwrap().containers[0].clone();
+    let pod = render(&server)
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!(pod.containers.len(), 2);
+    assert_eq!(
+        pod.containers[0], original,
+        "the user's server runs as its image and command say"
+    );
+    assert!(pod.init_containers.unwrap_or_default().is_empty());
+    let runtime = &pod.containers[1];
+    assert_eq!(runtime.name, RUNTIME_CONTAINER);
+    assert_eq!(runtime.image.as_deref(), Some(IMAGE));
+    assert_eq!(
+        runtime.command.as_deref(),
+        Some(&[RUNTIME_IN_IMAGE.to_owned(), "run".to_owned()][..])
+    );
+    let vars = env_of(runtime);
+    assert_eq!(vars[env::HANDLER_MODE].value.as_deref(), Some("http"));
+    assert_eq!(
+        vars[env::HANDLER_URL].value.as_deref(),
+        Some("http://127.0.0.1:8000/jobs")
+    );
+    assert!(runtime.readiness_probe.is_some());
+    let no_url = with_handler(
+        worker(),
+        HandlerSpec {
+            mode: HandlerMode::Http,
+            command: None,
+            url: None,
+        },
+    );
+    assert_eq!(render(&no_url).unwrap_err(), BuildError::NoUrl);
 }
