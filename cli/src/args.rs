@@ -183,6 +183,17 @@ pub struct SubmitArgs {
     #[arg(long, env = "CONVEYOR_DELAY",
           value_parser = |s: &str| bounds::duration(s, Duration::ZERO, bounds::MAX_DELAY))]
     pub delay: Option<Duration>,
+    /// Longest one attempt of each job may run before the runtime stops it and counts a
+    /// failed attempt (e.g. `1500ms`, `30s`, `2h`; `1ms` to `168h`); the Worker's default
+    /// (the queue's `timeout`) when absent.
+    #[arg(long, env = "CONVEYOR_JOB_TIMEOUT",
+          value_parser = |s: &str| bounds::duration(s, bounds::MILLISECOND, conveyor::protocol::envelope::MAX_TIMEOUT))]
+    pub timeout: Option<Duration>,
+    /// Most attempts of each job, first included (1 to 1000); it cannot raise the queue's
+    /// `retry.maxAttempts`, only lower it. The queue's when absent.
+    #[arg(long, env = "CONVEYOR_MAX_ATTEMPTS",
+          value_parser = |s: &str| bounds::number::<u32>(s, 1, bounds::MAX_ATTEMPTS))]
+    pub max_attempts: Option<u32>,
     /// Wait for every job's outcome and print one line per job: `<id> <completed|dead-lettered|
     /// cancelled> <result or error>`. Exits non-zero unless every job completed.
     #[arg(long, short = 'w', env = "CONVEYOR_WAIT")]
@@ -354,6 +365,10 @@ pub mod bounds {
     pub const MAX_BENCH_ROUNDS: u64 = 100;
     /// The shortest timeout a flag takes.
     pub const SECOND: Duration = Duration::from_secs(1);
+    /// `submit --timeout`: the shortest per-job timeout.
+    pub const MILLISECOND: Duration = Duration::from_millis(1);
+    /// `submit --max-attempts`: the most a queue's `retry.maxAttempts` allows.
+    pub const MAX_ATTEMPTS: u64 = 1000;
 
     /// A whole number from `min` to `max` (both allowed), as any integer type `max` fits in.
     pub fn number<T: TryFrom<u64>>(s: &str, min: u64, max: u64) -> Result<T, String> {
@@ -384,6 +399,9 @@ pub mod bounds {
 
     /// A bound as the user would type it: `365d`, `24h`, `1s`.
     fn show(d: Duration) -> String {
+        if d.subsec_nanos() != 0 {
+            return format!("{}ms", d.as_millis());
+        }
         let s = d.as_secs();
         match s {
             0 => "0s".to_owned(),
@@ -516,10 +534,43 @@ mod tests {
         assert_eq!(args.count, bounds::MAX_COUNT);
         assert_eq!(args.priority, 9);
         assert_eq!(args.delay, Some(MAX_DELAY));
+        assert_eq!((args.timeout, args.max_attempts), (None, None));
         // Defaults go through the same parsers.
         let Command::Bench(bench) = parse(&["bench"]).unwrap().command else {
             panic!("bench")
         };
         assert_eq!((bench.jobs, bench.rate, bench.rounds), (200_000, 5_000, 3));
+    }
+
+    #[test]
+    fn submit_takes_a_timeout_and_max_attempts_within_their_bounds() {
+        let submit = |extra: &[&str]| {
+            let mut all = vec!["conveyor", "submit", "q"];
+            all.extend_from_slice(extra);
+            all.push("x");
+            Cli::try_parse_from(all).map(|cli| match cli.command {
+                Command::Submit(args) => (args.timeout, args.max_attempts),
+                _ => panic!("submit"),
+            })
+        };
+        assert_eq!(
+            submit(&["--timeout", "1ms", "--max-attempts", "1"]).unwrap(),
+            (Some(Duration::from_millis(1)), Some(1))
+        );
+        assert_eq!(
+            submit(&["--timeout", "168h", "--max-attempts", "1000"]).unwrap(),
+            (Some(Duration::from_secs(168 * 3600)), Some(1000))
+        );
+        for bad in [
+            ["--timeout", "0s"],
+            ["--timeout", "169h"],
+            ["--max-attempts", "0"],
+            ["--max-attempts", "1001"],
+        ] {
+            let err = submit(&bad).unwrap_err().to_string();
+            assert!(err.contains("out of range; allowed:"), "{bad:?}: {err}");
+        }
+        let err = submit(&["--timeout", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("allowed: 1ms to 7d"), "{err}");
     }
 }

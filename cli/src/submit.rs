@@ -40,6 +40,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     let options = Options {
         priority: args.priority,
         delay: args.delay,
+        timeout: args.timeout,
+        max_attempts: args.max_attempts,
     };
     if args.wait {
         return submit_and_wait(&client, &queue, jobs, options, args.wait_timeout).await;
@@ -70,6 +72,10 @@ pub struct Options {
     pub priority: u8,
     /// Run no earlier than this long from now.
     pub delay: Option<Duration>,
+    /// Timeout of one attempt (the `Conveyor-Timeout` header).
+    pub timeout: Option<Duration>,
+    /// Most attempts (the `Conveyor-Max-Attempts` header).
+    pub max_attempts: Option<u32>,
 }
 
 impl Options {
@@ -79,6 +85,14 @@ impl Options {
             None => Job::with_random_id(input.payload),
         }
         .priority(self.priority);
+        let job = match self.timeout {
+            Some(timeout) => job.timeout(timeout),
+            None => job,
+        };
+        let job = match self.max_attempts {
+            Some(attempts) => job.max_attempts(attempts),
+            None => job,
+        };
         match self.delay {
             Some(delay) => job.delay(delay),
             None => job,
