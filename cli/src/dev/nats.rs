@@ -26,6 +26,19 @@ pub struct LocalNats {
 impl LocalNats {
     /// Starts `executable` with JetStream, storing under `dir`.
     pub async fn start(executable: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let executable = &locate(
+            executable,
+            std::env::var_os("PATH").as_deref(),
+            home.as_deref(),
+        )
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot find {} on PATH nor in ~/.local/bin: install it with `make deps` \
+                     (which puts it in ~/.local/bin), or pass --nats-server <path>",
+                executable.display()
+            )
+        })?;
         let ports_dir = dir.join("ports");
         // A reused state directory may hold the ports file of an earlier run.
         let _ = std::fs::remove_dir_all(&ports_dir);
@@ -110,6 +123,32 @@ impl LocalNats {
     }
 }
 
+/// Where `executable` is: a path with a directory as given; a bare name on `path_var`, else in
+/// `<home>/.local/bin`, where `make deps` installs nats-server (a fresh shell often lacks it on
+/// `PATH`). `None` when neither has it.
+fn locate(
+    executable: &Path,
+    path_var: Option<&std::ffi::OsStr>,
+    home: Option<&Path>,
+) -> Option<PathBuf> {
+    if executable.components().count() != 1 {
+        return Some(executable.to_owned());
+    }
+    let on_path = path_var
+        .into_iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(executable));
+    let local = home.map(|h| h.join(".local/bin").join(executable));
+    on_path
+        .chain(local)
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// The first client URL in a `*.ports` file nats-server wrote into `dir`.
 fn read_ports_file(dir: &Path) -> anyhow::Result<Option<String>> {
     #[derive(serde::Deserialize)]
@@ -127,4 +166,43 @@ fn read_ports_file(dir: &Path) -> anyhow::Result<Option<String>> {
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod locate_tests {
+    use super::*;
+
+    fn install(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let bin = dir.join("nats-server");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    }
+
+    #[test]
+    fn finds_the_server_make_deps_installed_when_path_lacks_it() {
+        let home = tempfile::tempdir().unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let name = Path::new("nats-server");
+        assert_eq!(
+            locate(name, Some(empty.path().as_os_str()), Some(home.path())),
+            None
+        );
+        let local = install(&home.path().join(".local/bin"));
+        assert_eq!(
+            locate(name, Some(empty.path().as_os_str()), Some(home.path())),
+            Some(local)
+        );
+        let on_path = install(&empty.path().join("bin"));
+        let path_var = std::env::join_paths([empty.path().join("bin")]).unwrap();
+        assert_eq!(
+            locate(name, Some(&path_var), Some(home.path())),
+            Some(on_path),
+            "PATH comes first"
+        );
+        let given = Path::new("/opt/nats/nats-server");
+        assert_eq!(locate(given, None, None), Some(given.to_owned()));
+    }
 }
