@@ -46,9 +46,11 @@ pub async fn nats_url(args: &QueueArgs, queue: Option<&str>) -> anyhow::Result<S
     let hint = "pass --nats-url (e.g. with `kubectl port-forward` to your NATS)";
     let jq = match queue {
         Some(name) => api
-            .get(name)
+            .get_opt(name)
             .await
-            .with_context(|| format!("looking up JobQueue {ns}/{name} to find its NATS; {hint}"))?,
+            .with_context(|| format!("looking up JobQueue {ns}/{name} to find its NATS; {hint}"))?
+            // A name that is not there is the user's typo, not a NATS question.
+            .ok_or_else(|| anyhow!("no JobQueue {name} in namespace {ns}"))?,
         None => api
             .list(&kube::api::ListParams::default().limit(1))
             .await

@@ -29,8 +29,12 @@ pub enum DlqCommand {
     /// Show one dead letter's headers and payload.
     Show(ShowArgs),
     /// Put dead letters back on their queue with fresh attempts (their job ids are kept).
+    // clap's own usage put the selector group before the queue (`<ID|--error|--all> <QUEUE>`),
+    // the reverse of the order the arguments are read in.
+    #[command(override_usage = "conveyor dlq requeue [OPTIONS] <QUEUE> <ID|--error <TEXT>|--all>")]
     Requeue(SelectArgs),
     /// Delete dead letters for good.
+    #[command(override_usage = "conveyor dlq purge [OPTIONS] <QUEUE> <ID|--error <TEXT>|--all>")]
     Purge(SelectArgs),
 }
 
