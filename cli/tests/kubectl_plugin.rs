@@ -165,7 +165,12 @@ async fn kubectl_conveyor_finds_each_queues_nats_from_its_jobqueue() {
     .await;
     assert!(!missing.status.success());
     let said = String::from_utf8_lossy(&missing.stderr);
-    assert!(said.contains("looking up JobQueue team/nowhere"), "{said}");
+    // A missing queue is named as such, not as a NATS question (#15).
+    assert_eq!(
+        said.trim(),
+        "error: no JobQueue nowhere in namespace team",
+        "{said}"
+    );
     let wrong_context = kubectl(
         &cluster,
         plugins.path(),
