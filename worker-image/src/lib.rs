@@ -5,6 +5,7 @@
 pub mod handler;
 pub mod health;
 pub mod install;
+pub mod joblog;
 pub mod settings;
 
 use std::sync::Arc;
@@ -76,7 +77,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let result = conveyor::Worker::new(async_nats::jetstream::new(nats), queue.clone())
             .options(args.worker_options())
             .shared_handler(handler.clone())
-            .observer(metrics.clone())
+            .observer(joblog::JobLog::new(metrics.clone()))
             .run(shutdown.clone().cancelled_owned())
             .await;
         match result {
