@@ -31,7 +31,7 @@ pub mod reason {
     pub const STREAM_ERROR: &str = "StreamError";
     /// `Backlogged`: more jobs wait than `alerts.maxPending` allows.
     pub const DEPTH_OVER_THRESHOLD: &str = "DepthOverThreshold";
-    /// `Backlogged`: the oldest unfinished job is older than `alerts.maxOldestPendingAge`.
+    /// `Backlogged`: the oldest job waiting for a worker is older than `alerts.maxOldestPendingAge`.
     pub const AGE_OVER_THRESHOLD: &str = "AgeOverThreshold";
     /// `Backlogged` is `False`: depth and age are within the thresholds (or none are set).
     pub const WITHIN_THRESHOLDS: &str = "WithinThresholds";

@@ -250,7 +250,7 @@ fn backlogged(
         && oldest > max
     {
         let message = format!(
-            "the oldest unfinished job is {age} old, more than alerts.maxOldestPendingAge {} ({pending} jobs pending)",
+            "the oldest job waiting for a worker is {age} old, more than alerts.maxOldestPendingAge {} ({pending} jobs pending)",
             format_age(max)
         );
         return (Status::True, reason::AGE_OVER_THRESHOLD, message);
