@@ -5,7 +5,6 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 
-use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::{ArgGroup, Args, Subcommand};
 use conveyor::dlq::{self, DeadLetter, Selector};
@@ -133,10 +132,8 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: &QueueArgs, queue: &str) -> anyhow::Result<jetstream::Context> {
-    let url = &crate::discover::nats_url(args, Some(queue)).await?;
-    let client = async_nats::connect(url.as_str())
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))?;
+    // Credentials and TLS from the flags; errors name the URL without its userinfo.
+    let client = crate::discover::connect(args, Some(queue)).await?;
     Ok(jetstream::new(client))
 }
 

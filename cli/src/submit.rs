@@ -34,8 +34,7 @@ type Inputs = Box<dyn Iterator<Item = anyhow::Result<JobInput>> + Send>;
 pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     let jobs = read_jobs(&args)?;
     let queue = args.queue_args.queue(&args.queue);
-    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
-    let client = Client::connect(&url).await?;
+    let client = Client::new(crate::discover::connect(&args.queue_args, Some(&args.queue)).await?);
     let started = Instant::now();
     let options = Options {
         priority: args.priority,
@@ -182,8 +181,7 @@ fn outcome_line(result: &JobResult) -> String {
 /// Runs `conveyor result`: one outcome line per stored result; fails when any id has none.
 pub async fn result(args: ResultArgs) -> anyhow::Result<()> {
     let queue = args.queue_args.queue(&args.queue);
-    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
-    let client = Client::connect(&url).await?;
+    let client = Client::new(crate::discover::connect(&args.queue_args, Some(&args.queue)).await?);
     let mut missing = Vec::new();
     for id in &args.ids {
         match client.result(&queue, id).await? {
@@ -209,8 +207,7 @@ fn one_line(text: &str) -> String {
 /// Runs `conveyor cancel`: prints each cancelled id; fails if any cancel was refused.
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let queue = args.queue_args.queue(&args.queue);
-    let url = crate::discover::nats_url(&args.queue_args, Some(&args.queue)).await?;
-    let client = Client::connect(&url).await?;
+    let client = Client::new(crate::discover::connect(&args.queue_args, Some(&args.queue)).await?);
     let mut refused = 0;
     for id in &args.ids {
         match client.cancel(&queue, id).await {
