@@ -13,7 +13,7 @@
 //!   deliveries.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, stream::DeleteMessageErrorKind};
+use async_nats::jetstream;
 use base64::Engine as _;
 use bytes::Bytes;
 use serde::Deserialize;
@@ -142,6 +142,47 @@ pub async fn get(
     }))
 }
 
+/// Deletes the message at `sequence` of `stream` (one API request, no stream lookup); a
+/// sequence that holds none any more counts as deleted.
+pub async fn delete(
+    client: &async_nats::Client,
+    stream: &str,
+    sequence: u64,
+) -> Result<(), StoredError> {
+    let failed = |reason: String| StoredError::Delete {
+        stream: stream.to_owned(),
+        sequence,
+        reason,
+    };
+    let request = serde_json::json!({ "seq": sequence, "no_erase": true }).to_string();
+    let answer = client
+        .request(
+            format!("$JS.API.STREAM.MSG.DELETE.{stream}"),
+            request.into(),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let answer: MsgDeleteAnswer =
+        serde_json::from_slice(&answer.payload).map_err(|e| failed(e.to_string()))?;
+    match answer.error {
+        None if answer.success => Ok(()),
+        None => Err(failed("the server did not confirm the delete".into())),
+        Some(error) if error.err_code == NO_MESSAGE_FOUND => Ok(()),
+        Some(error) => Err(failed(format!(
+            "{} (error {})",
+            error.description, error.err_code
+        ))),
+    }
+}
+
+/// The answer of `$JS.API.STREAM.MSG.DELETE`.
+#[derive(Debug, Deserialize)]
+struct MsgDeleteAnswer {
+    #[serde(default)]
+    success: bool,
+    error: Option<ApiError>,
+}
+
 /// What a stored job's bytes say, decoded by the protocol's rules.
 #[derive(Debug, Clone)]
 pub struct Reading {
@@ -242,24 +283,7 @@ pub async fn dead_letter(
         job: letter.job_id.clone(),
         source,
     })?;
-    let deleted = match jetstream.get_stream(queue.stream()).await {
-        Ok(stream) => match stream.delete_message(job.sequence).await {
-            Ok(_) => Ok(()),
-            Err(error)
-                if matches!(error.kind(), DeleteMessageErrorKind::JetStream(e)
-                    if e.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(error.to_string()),
-        },
-        Err(error) => Err(error.to_string()),
-    };
-    deleted.map_err(|reason| StoredError::Delete {
-        stream: queue.stream(),
-        sequence: job.sequence,
-        reason,
-    })?;
+    delete(&jetstream.client(), &queue.stream(), job.sequence).await?;
     let result = Outcome::dead_lettered(&letter).encode(&letter.job_id);
     // Kept in the results stream too (every queue has one; it expires by its retention),
     // since no worker reported on this job.
@@ -381,14 +405,7 @@ async fn sweep_unreadable_cancels(
             None => false,
         };
         if unreadable {
-            stream
-                .delete_message(sequence)
-                .await
-                .map_err(|e| StoredError::Delete {
-                    stream: name.clone(),
-                    sequence,
-                    reason: e.to_string(),
-                })?;
+            delete(&client, &name, sequence).await?;
             tracing::warn!(stream = %name, sequence, subject = %message.subject,
                            "deleted a cancellation no NATS client can read");
             deleted.push(message.subject);

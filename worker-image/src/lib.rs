@@ -40,7 +40,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     // A pull returns at least every poll_wait while a slot is free; allow a few missed ones.
-    let stall_after = args.poll_wait * 3 + std::time::Duration::from_secs(10);
+    let stall_after = args
+        .poll_wait
+        .saturating_mul(3)
+        .saturating_add(std::time::Duration::from_secs(10));
     let concurrency = usize::try_from(args.concurrency).unwrap_or(usize::MAX);
     let mut metrics = health::Metrics::new(concurrency, stall_after);
     if let Some(path) = &args.termination_message_path {

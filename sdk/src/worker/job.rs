@@ -34,8 +34,7 @@ pub(super) async fn process<H: Handler, O: Observer>(
     };
     let (message, acker) = message.split();
     let started = Instant::now();
-    let stream = shared.queue.stream();
-    let envelope = JobEnvelope::decode(message.headers.as_ref(), &stream, sequence);
+    let envelope = JobEnvelope::decode(message.headers.as_ref(), &shared.stream, sequence);
     let id = match &envelope {
         Ok(envelope) => envelope.id.clone(),
         Err(malformed) => malformed.id.clone(),

@@ -384,6 +384,8 @@ struct Shared<H, O> {
     observer: Arc<O>,
     jetstream: jetstream::Context,
     queue: QueueRef,
+    /// The queue's work stream name (kept: it names jobs without an id).
+    stream: String,
     options: WorkerOptions,
     /// Consumer `ack_wait`: heartbeats go out every third of it.
     ack_wait: Duration,
@@ -480,6 +482,7 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             observer: self.observer,
             jetstream: jetstream.clone(),
             queue: queue.clone(),
+            stream: queue.stream(),
             ack_wait: config.ack_wait,
             max_deliver: u32::try_from(config.max_deliver).ok().filter(|n| *n > 0),
             options,
