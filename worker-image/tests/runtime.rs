@@ -806,7 +806,9 @@ async fn idle_worker_exits_promptly_on_sigterm_even_with_a_long_poll_open() -> a
         "exited {:?} after SIGTERM with a 30 s long poll open",
         start.elapsed()
     );
-    assert!(start.elapsed() < Duration::from_secs(5));
+    // The behaviour: it does not wait out its 30 s long poll (a bound well below it, so a busy
+    // machine does not fail the test; it measured 5 s before and failed under load).
+    assert!(start.elapsed() < Duration::from_secs(20));
 
     // The dead worker's open pull must not swallow a job submitted now (the ack wait is 30 s).
     let submitted = Instant::now();
