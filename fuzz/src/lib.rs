@@ -66,6 +66,7 @@ fn read_stored(raw: Option<&[u8]>) {
         sequence: 7,
         raw_headers: raw.map(<[u8]>::to_vec),
         payload: bytes::Bytes::new(),
+        time: String::new(),
     };
     let reading = job.read(STREAM);
     if !reading.unreadable.is_empty() {

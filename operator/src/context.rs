@@ -10,7 +10,7 @@ use kube::runtime::events::EventType;
 
 use crate::config::Config;
 use crate::events::Recorder;
-use crate::jobqueue::Sample;
+use crate::jobqueue::{Sample, Tail};
 use crate::metrics::Metrics;
 use crate::nats::NatsPool;
 
@@ -35,6 +35,7 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     handled: Mutex<HashMap<String, String>>,
     samples: Mutex<HashMap<String, Sample>>,
+    tails: Mutex<HashMap<String, Tail>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -57,6 +58,7 @@ impl Context {
             failures: Mutex::default(),
             handled: Mutex::default(),
             samples: Mutex::default(),
+            tails: Mutex::default(),
         }
     }
 
@@ -136,9 +138,30 @@ impl Context {
         }
     }
 
-    /// Drops what is remembered of a queue that is being deleted: its rate samples (`key`) and
-    /// its handled one-off requests (keys starting with `<uid>/`).
+    /// The dead letters last read of a queue (taken: a reconcile gives it back with
+    /// [`Context::keep_tail`]; reconciles of one object never run at once).
+    pub fn take_tail(&self, key: &str) -> Option<Tail> {
+        self.tails
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key)
+    }
+
+    /// Keeps the dead letters just read of a queue for its next reconcile.
+    pub fn keep_tail(&self, key: String, tail: Tail) {
+        self.tails
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, tail);
+    }
+
+    /// Drops what is remembered of a queue that is being deleted: its rate samples and dead
+    /// letters read (`key`) and its handled one-off requests (keys starting with `<uid>/`).
     pub fn forget_queue(&self, key: &str, uid: &str) {
+        self.tails
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
         self.samples
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use crate::connect::NatsOptions;
 use crate::names::QueueRef;
 use crate::protocol::{self, InvalidId, JobOptions};
+use crate::stored;
 
 /// Publishes awaiting their ack at once in [`Client::submit_batch`].
 const BATCH_WINDOW: usize = 256;
@@ -445,21 +446,16 @@ impl Client {
             stream: queue.results_stream(),
             problem,
         };
-        let stream = self
-            .jetstream
-            .get_stream(queue.results_stream())
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        match stream
-            .get_last_raw_message_by_subject(&queue.result_subject(id))
-            .await
-        {
-            Ok(message) => {
-                outcome(id.to_owned(), Some(&message.headers), message.payload).map(Some)
+        // Read raw, its header block decoded by the protocol's rules: anything may have been
+        // published on a result subject, and the NATS client's parser is not total.
+        let client = self.jetstream.client();
+        let stream = queue.results_stream();
+        match stored::last(&client, &stream, &queue.result_subject(id)).await {
+            Ok(Some(message)) => {
+                let headers = message.block().header_map();
+                outcome(id.to_owned(), Some(&headers), message.payload).map(Some)
             }
-            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(None)
-            }
+            Ok(None) => Ok(None),
             Err(e) => Err(failed(e.to_string())),
         }
     }
@@ -495,6 +491,7 @@ impl Client {
             detail,
         };
         let subject = queue.delayed_subject(id);
+        let stream_name = queue.delayed_stream();
         let stream = match self.jetstream.get_stream(queue.delayed_stream()).await {
             Ok(stream) => stream,
             Err(error)
@@ -505,13 +502,9 @@ impl Client {
             }
             Err(error) => return Err(failed(error.to_string())),
         };
-        let schedule = match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(schedule) => schedule,
-            Err(error)
-                if error.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                return Ok(false);
-            }
+        let schedule = match stored::last(&self.jetstream.client(), &stream_name, &subject).await {
+            Ok(Some(schedule)) => schedule.block().header_map(),
+            Ok(None) => return Ok(false),
             Err(error) => return Err(failed(error.to_string())),
         };
         let purged = stream
@@ -523,7 +516,6 @@ impl Client {
             return Ok(false); // it came due meanwhile: the worker skips it
         }
         let reply = schedule
-            .headers
             .get(protocol::REPLY_TO)
             .and_then(|v| protocol::envelope::reply_subject(v.as_str()).ok())
             .map(str::to_owned);

@@ -1,8 +1,9 @@
 //! Dead-letter tools over a queue's dead-letter stream: list, show, requeue and purge.
 //!
-//! Listing reads headers only (an ordered consumer with `headers_only`), so a queue with
-//! millions of dead letters is scanned without moving their payloads; `show` and `requeue` fetch
-//! the full message of each chosen entry by sequence. Requeuing republishes the job to its
+//! Every dead letter is read by sequence with the non-direct `$JS.API.STREAM.MSG.GET` and its
+//! header block decoded by the protocol's rules, never by the NATS client (a message published
+//! straight into the dead-letter subject may carry headers the client cannot read); a listing
+//! reads one message per request, payload included, up to its limit. Requeuing republishes the job to its
 //! original priority level with fresh attempts and deletes the dead letter only after the work
 //! stream acknowledged the job: an interrupted requeue loses nothing (at worst, outside the
 //! deduplication window, a job runs twice). The rules are in `docs/protocol.md`, "Dead-letter
@@ -11,12 +12,12 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer, stream::Stream};
+use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
-use futures::StreamExt;
 
 use crate::names::QueueRef;
 use crate::protocol::{self, dead_letter};
+use crate::stored::{self, StoredJob};
 
 /// `Conveyor-Reason` of a job the dispatcher dead-lettered because it reached the consumer's
 /// `max_deliver` without any handler report (its worker crashed or hung on every attempt).
@@ -91,7 +92,24 @@ pub struct DeadLetter {
     pub size: Option<u64>,
 }
 
+impl DeadLetterJob {
+    fn new(entry: DeadLetter, job: StoredJob) -> Self {
+        Self {
+            entry,
+            headers: job.block().header_map(),
+            payload: job.payload,
+        }
+    }
+}
+
 impl DeadLetter {
+    /// Reads a stored dead letter (its header block decoded by the protocol's rules).
+    fn read(job: &StoredJob) -> Self {
+        let mut entry = Self::from_headers(job.sequence, &job.block().header_map());
+        entry.size = u64::try_from(job.payload.len()).ok();
+        entry
+    }
+
     /// Reads the dead-letter headers of the message at `sequence`.
     fn from_headers(sequence: u64, headers: &HeaderMap) -> Self {
         let get = |name: &str| {
@@ -111,14 +129,12 @@ impl DeadLetter {
             pod: get(dead_letter::POD),
             failed_at: get(dead_letter::FAILED_AT),
             subject: get(dead_letter::SUBJECT),
-            size: headers
-                .get("Nats-Msg-Size")
-                .and_then(|v| v.as_str().trim().parse().ok()),
+            size: None,
         }
     }
 }
 
-/// A dead letter with its payload and every header.
+/// A dead letter with its payload and every header the NATS client can carry.
 #[derive(Debug, Clone)]
 pub struct DeadLetterJob {
     /// What the listing shows.
@@ -159,15 +175,6 @@ pub enum DlqError {
     /// No dead letter has this job id.
     #[error("no dead letter with job id {0:?}")]
     NotFound(String),
-    /// Fetching one dead letter failed.
-    #[error("fetching dead letter {sequence}")]
-    Get {
-        /// Sequence in the dead-letter stream.
-        sequence: u64,
-        /// Cause.
-        #[source]
-        source: jetstream::stream::RawMessageError,
-    },
     /// Republishing a job to the work stream failed; its dead letter is kept.
     #[error("republishing job {job} to {subject}")]
     Publish {
@@ -207,7 +214,8 @@ pub async fn list(
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    scan(&stream, filter, limit).await
+    let found = scan(jetstream, &stream, filter, limit).await?;
+    Ok(found.into_iter().map(|(entry, _)| entry).collect())
 }
 
 /// The newest dead letter of job `id`, with its payload and headers.
@@ -217,11 +225,16 @@ pub async fn show(
     id: &str,
 ) -> Result<DeadLetterJob, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let entry = scan(&stream, &Selector::One(id.to_owned()), usize::MAX)
-        .await?
-        .pop()
-        .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
-    fetch(&stream, entry).await
+    let (entry, job) = scan(
+        jetstream,
+        &stream,
+        &Selector::One(id.to_owned()),
+        usize::MAX,
+    )
+    .await?
+    .pop()
+    .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
+    Ok(DeadLetterJob::new(entry, job))
 }
 
 /// Requeues the selected dead letters: each is republished to the subject it was submitted to
@@ -235,15 +248,15 @@ pub async fn requeue(
     selector: &Selector,
 ) -> Result<Moved, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let entries = scan(&stream, selector, usize::MAX).await?;
+    let entries = scan(jetstream, &stream, selector, usize::MAX).await?;
     if let Selector::One(id) = selector
         && entries.is_empty()
     {
         return Err(DlqError::NotFound(id.clone()));
     }
     let mut moved = Moved::default();
-    for entry in entries {
-        let job = fetch(&stream, entry).await?;
+    for (entry, stored) in entries {
+        let job = DeadLetterJob::new(entry, stored);
         let subject = requeue_subject(queue, &job.entry.subject);
         let headers = requeue_headers(&job);
         let published = match jetstream
@@ -271,7 +284,11 @@ pub async fn purge(
     selector: &Selector,
 ) -> Result<Moved, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let entries = scan(&stream, selector, usize::MAX).await?;
+    let entries: Vec<DeadLetter> = scan(jetstream, &stream, selector, usize::MAX)
+        .await?
+        .into_iter()
+        .map(|(entry, _)| entry)
+        .collect();
     if let Selector::One(id) = selector
         && entries.is_empty()
     {
@@ -308,80 +325,59 @@ async fn dead_letter_stream(
         })
 }
 
-/// Reads the headers of the dead letters present when the scan starts, oldest first, and keeps
-/// up to `limit` that `selector` chooses.
+/// Reads the dead letters present when the scan starts, oldest first, and keeps up to `limit`
+/// that `selector` chooses. Each is read with the non-direct `$JS.API.STREAM.MSG.GET` (one
+/// request per dead letter, deleted sequences skipped by the server) and its header block
+/// decoded by [`crate::protocol::block`], never by the NATS client: a message published
+/// straight into the dead-letter subject with headers the client cannot read (a bare CR,
+/// non-UTF-8) is listed like any other instead of taking the connection down.
 async fn scan(
+    jetstream: &jetstream::Context,
     stream: &Stream,
     selector: &Selector,
     limit: usize,
-) -> Result<Vec<DeadLetter>, DlqError> {
-    let name = stream.cached_info().config.name.clone();
-    let failed = |reason: String| DlqError::Scan {
-        stream: name.clone(),
-        reason,
-    };
-    let state = &stream.cached_info().state;
-    let last = state.last_sequence;
+) -> Result<Vec<(DeadLetter, StoredJob)>, DlqError> {
+    let info = stream.cached_info();
+    let name = info.config.name.clone();
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut found = Vec::new();
-    if state.messages == 0 || limit == 0 {
+    if info.state.messages == 0 || limit == 0 {
         return Ok(found);
     }
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            headers_only: true,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| failed(e.to_string()))?;
-    loop {
-        let message = match tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-            // Everything up to `last` was deleted meanwhile, or the server went quiet.
-            Err(_) | Ok(None) => break,
-            Ok(Some(message)) => message.map_err(|e| failed(e.to_string()))?,
+    let client = jetstream.client();
+    let mut from = first;
+    while from <= last {
+        let read = stored::next(&client, &name, ">", from);
+        let job = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(DlqError::Scan {
+                    stream: name,
+                    reason: format!("no answer for sequence {from} in {READ_TIMEOUT:?}"),
+                });
+            }
+            Ok(Err(error)) => {
+                return Err(DlqError::Scan {
+                    stream: name,
+                    reason: error.to_string(),
+                });
+            }
+            // Everything up to `last` was deleted meanwhile.
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(job))) => job,
         };
-        let info = message.info().map_err(|e| failed(e.to_string()))?;
-        let (sequence, pending) = (info.stream_sequence, info.pending);
-        if sequence > last {
+        if job.sequence > last {
             break;
         }
-        let entry = DeadLetter::from_headers(
-            sequence,
-            message.headers.as_ref().unwrap_or(&HeaderMap::new()),
-        );
+        from = job.sequence.saturating_add(1);
+        let entry = DeadLetter::read(&job);
         if selector.matches(&entry) {
-            found.push(entry);
+            found.push((entry, job));
             if found.len() >= limit {
                 break;
             }
         }
-        if pending == 0 || sequence >= last {
-            break;
-        }
     }
     Ok(found)
-}
-
-/// The full message of a listed dead letter.
-async fn fetch(stream: &Stream, entry: DeadLetter) -> Result<DeadLetterJob, DlqError> {
-    let message = stream
-        .get_raw_message(entry.sequence)
-        .await
-        .map_err(|source| DlqError::Get {
-            sequence: entry.sequence,
-            source,
-        })?;
-    let mut entry = entry;
-    entry.size = u64::try_from(message.payload.len()).ok();
-    Ok(DeadLetterJob {
-        entry,
-        headers: message.headers,
-        payload: message.payload,
-    })
 }
 
 /// Deletes one dead letter; one that is already gone counts as deleted.

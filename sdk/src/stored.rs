@@ -70,6 +70,8 @@ pub struct StoredJob {
     pub raw_headers: Option<Vec<u8>>,
     /// Its payload.
     pub payload: Bytes,
+    /// When the server stored it (RFC 3339, as the server wrote it).
+    pub time: String,
 }
 
 /// The answer of `$JS.API.STREAM.MSG.GET`.
@@ -82,6 +84,9 @@ struct MsgGetAnswer {
 #[derive(Debug, Deserialize)]
 struct MsgGetMessage {
     subject: String,
+    seq: u64,
+    #[serde(default)]
+    time: String,
     hdrs: Option<String>,
     data: Option<String>,
 }
@@ -100,14 +105,54 @@ pub async fn get(
     stream: &str,
     sequence: u64,
 ) -> Result<Option<StoredJob>, StoredError> {
+    message_get(
+        client,
+        stream,
+        sequence,
+        serde_json::json!({ "seq": sequence }),
+    )
+    .await
+}
+
+/// The first message of `stream` on `subject` (wildcards allowed) at or after sequence `from`,
+/// or `None` when there is none: one request per message, however many were deleted between.
+pub async fn next(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+) -> Result<Option<StoredJob>, StoredError> {
+    let request = serde_json::json!({ "seq": from, "next_by_subj": subject });
+    message_get(client, stream, from, request).await
+}
+
+/// The newest message of `stream` on `subject`, or `None` when there is none.
+pub async fn last(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<StoredJob>, StoredError> {
+    let request = serde_json::json!({ "last_by_subj": subject });
+    message_get(client, stream, 0, request).await
+}
+
+/// One `$JS.API.STREAM.MSG.GET` request; `sequence` names the message in errors.
+async fn message_get(
+    client: &async_nats::Client,
+    stream: &str,
+    sequence: u64,
+    request: serde_json::Value,
+) -> Result<Option<StoredJob>, StoredError> {
     let failed = |reason: String| StoredError::Get {
         stream: stream.to_owned(),
         sequence,
         reason,
     };
-    let request = serde_json::json!({ "seq": sequence }).to_string();
     let answer = client
-        .request(format!("$JS.API.STREAM.MSG.GET.{stream}"), request.into())
+        .request(
+            format!("$JS.API.STREAM.MSG.GET.{stream}"),
+            request.to_string().into(),
+        )
         .await
         .map_err(|e| failed(e.to_string()))?;
     let answer: MsgGetAnswer =
@@ -136,9 +181,10 @@ pub async fn get(
     };
     Ok(Some(StoredJob {
         subject: message.subject,
-        sequence,
+        sequence: message.seq,
         raw_headers,
         payload: payload.into(),
+        time: message.time,
     }))
 }
 
@@ -199,8 +245,9 @@ pub struct Reading {
 }
 
 impl StoredJob {
-    /// Decodes the job's header block and envelope; total over any bytes.
-    pub fn read(&self, stream: &str) -> Reading {
+    /// Its header block decoded by the protocol's rules (total over any bytes): the lines the
+    /// NATS client can carry, and the ones it cannot.
+    pub fn block(&self) -> HeaderBlock {
         let block = match self.raw_headers.as_deref() {
             None => Ok(HeaderBlock {
                 headers: Vec::new(),
@@ -208,13 +255,18 @@ impl StoredJob {
             }),
             Some(raw) => HeaderBlock::decode(raw),
         };
-        let block = block.unwrap_or_else(|_| HeaderBlock {
+        block.unwrap_or_else(|_| HeaderBlock {
             headers: Vec::new(),
             bad: vec![BadHeader {
                 name: String::new(),
                 problem: "the block does not start with NATS/1.0",
             }],
-        });
+        })
+    }
+
+    /// Decodes the job's header block and envelope; total over any bytes.
+    pub fn read(&self, stream: &str) -> Reading {
+        let block = self.block();
         let headers = block.header_map();
         let unreadable_text = block.bad.first().map(|bad| match block.bad.len() - 1 {
             0 => format!("unreadable header block: {bad}"),
@@ -424,6 +476,7 @@ mod tests {
             sequence: 5,
             raw_headers: raw.map(<[u8]>::to_vec),
             payload: Bytes::new(),
+            time: String::new(),
         }
     }
 

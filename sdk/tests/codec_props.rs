@@ -150,6 +150,7 @@ proptest! {
             sequence: 9,
             raw_headers: Some(block_bytes(&all)),
             payload: Default::default(),
+            time: String::new(),
         };
         let reading = job.read("conveyor_ns_q");
         prop_assert_eq!(reading.id, id);

@@ -173,3 +173,57 @@ async fn list_show_requeue_and_purge_dead_letters() -> anyhow::Result<()> {
     running.await??;
     Ok(())
 }
+
+/// Anyone who may publish on a queue's dead-letter or result subject can store headers there
+/// that the NATS client cannot read (a bare CR panics async-nats 0.51's connection task). The
+/// dead-letter tools and result lookups read them raw: the hostile entry is listed, shown and
+/// purged like any other, a good one beside it is untouched, and the client stays connected.
+#[tokio::test]
+async fn unreadable_headers_in_the_dead_letter_and_result_streams_are_read_raw()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let js = client.jetstream().clone();
+    let queue = QueueRef::new("test", "dlq-hostile");
+    ensure_queue(&js, &queue, &QueueSettings::default()).await?;
+
+    let mut raw = conveyor_testkit::raw::RawPublisher::connect(nats.port()).await?;
+    let good = b"NATS/1.0\r\nConveyor-Job-Id: good-1\r\nConveyor-Reason: permanent\r\nConveyor-Error: boom\r\n\r\n";
+    let bad = b"NATS/1.0\r\nConveyor-Job-Id: bad-1\r\nConveyor-Reason: permanent\r\nX-Note: line1\rline2\r\n\r\n";
+    for block in [&good[..], &bad[..]] {
+        let answer = raw
+            .publish(&queue.dead_letter_subject(), Some(block), b"payload")
+            .await?;
+        assert!(answer.sequence().is_some(), "{answer:?}");
+    }
+    let result =
+        b"NATS/1.0\r\nConveyor-Job-Id: r-1\r\nConveyor-Outcome: done\r\nX-Note: a\rb\r\n\r\n";
+    let answer = raw
+        .publish(&queue.result_subject("r-1"), Some(result), b"result")
+        .await?;
+    assert!(answer.sequence().is_some(), "{answer:?}");
+
+    let listed = dlq::list(&js, &queue, &Selector::All, 10).await?;
+    let ids: Vec<&str> = listed.iter().map(|e| e.job_id.as_str()).collect();
+    assert_eq!(ids, ["good-1", "bad-1"]);
+    assert_eq!(listed[1].size, Some(7));
+    let shown = dlq::show(&js, &queue, "bad-1").await?;
+    assert_eq!(&shown.payload[..], b"payload");
+    assert!(
+        shown.headers.get("X-Note").is_none(),
+        "the unreadable line is left out"
+    );
+    // The stored result is read as well (whatever it says), without a panic.
+    let _ = client.result(&queue, "r-1").await;
+    assert_eq!(
+        js.client().connection_state(),
+        async_nats::connection::State::Connected,
+        "the client survived every read"
+    );
+    let purged = dlq::purge(&js, &queue, &Selector::One("bad-1".into())).await?;
+    assert_eq!(purged.jobs, ["bad-1"]);
+    let left = dlq::list(&js, &queue, &Selector::All, 10).await?;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].job_id, "good-1");
+    Ok(())
+}

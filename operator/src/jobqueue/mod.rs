@@ -29,6 +29,7 @@ use tracing::instrument;
 use crate::assets::{self, AssetsError};
 use crate::conditions::reason;
 use crate::context::{Context, FIELD_MANAGER};
+pub use observe::Tail;
 pub use status::{
     Health, Observed, Outcome, STATUS_THROTTLE, Sample, Thresholds, compute_status, notices,
 };
@@ -227,8 +228,10 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
                 Ok(figures) => {
                     request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
-                    let health = match observe::health(&js, &queue, now()).await {
-                        Ok(mut health) => {
+                    let previous = ctx.take_tail(&key(jq));
+                    let health = match observe::health(&js, &queue, now(), previous).await {
+                        Ok((mut health, tail)) => {
+                            ctx.keep_tail(key(jq), tail);
                             let sample = status::Sample {
                                 at: std::time::Instant::now(),
                                 counters: health.counters,
@@ -236,6 +239,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
                             health.rates = ctx
                                 .previous_sample(key(jq), sample)
                                 .and_then(|previous| status::rates(previous, sample));
+                            ctx.metrics.observe_queue(&queue, &health);
                             Some(health)
                         }
                         Err(err) => {

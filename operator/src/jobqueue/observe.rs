@@ -2,13 +2,13 @@
 //! requests whatever the queue's size: the work stream's info, per priority level its
 //! consumer's info and one read of the first job that consumer has not delivered yet (the oldest
 //! pending job), the delayed stream's info with its per-subject counts of the `due.<level>`
-//! subjects only (at most 10), the dead-letter stream's info, and the headers of at most
-//! [`TAIL`] of the dead-letter stream's newest messages.
+//! subjects only (at most 10), the dead-letter stream's info, and at most [`TAIL`] of the
+//! dead-letter stream's newest messages, read once each ([`Tail`]).
 
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use conveyor::names::QueueRef;
 use conveyor::protocol::{self, dead_letter};
 use conveyor_crds::RecentFailure;
@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::status::{Counters, Health, excerpt};
+use crate::metrics::Level;
 
 /// Most dead letters read per reconcile (newest first); also bounds the count shown in
 /// `JobsFailing` ("at least N" beyond it).
@@ -53,12 +54,14 @@ pub enum ObserveError {
     },
 }
 
-/// The oldest pending job's age, the delayed and dead-letter counts and the newest dead letters.
+/// The oldest pending job's age, the delayed and dead-letter counts and the newest dead letters
+/// (with the [`Tail`] read, to pass back as `previous` next time).
 pub async fn health(
     js: &jetstream::Context,
     queue: &QueueRef,
     now: Timestamp,
-) -> Result<Health, ObserveError> {
+    previous: Option<Tail>,
+) -> Result<(Health, Tail), ObserveError> {
     let stream_error = |stream: String| move |source| ObserveError::Stream { stream, source };
     let work = js
         .get_stream(queue.stream())
@@ -72,64 +75,109 @@ pub async fn health(
     let levels = u8::try_from(work.cached_info().config.subjects.len())
         .unwrap_or(u8::MAX)
         .clamp(1, conveyor::admin::MAX_PRIORITIES);
-    let oldest_age = oldest_pending(&work, queue, levels)
-        .await
-        .map(|seconds| age(now, seconds));
+    let (oldest, level_figures) = oldest_pending(&work, queue, levels).await;
+    let oldest_age = oldest.map(|seconds| age(now, seconds));
     let dlq_name = queue.dead_letter_stream();
     let dlq = js
         .get_stream(&dlq_name)
         .await
         .map_err(stream_error(dlq_name.clone()))?;
     let state = dlq.cached_info().state.clone();
-    let mut tail = Vec::new();
-    if state.messages > 0 {
-        let start = state
-            .first_sequence
-            .max(state.last_sequence.saturating_sub(TAIL - 1));
-        let failed = |reason: String| ObserveError::Tail {
+    let tail = read_tail(&js.client(), &dlq_name, &state, previous)
+        .await
+        .map_err(|reason| ObserveError::Tail {
             stream: dlq_name.clone(),
             reason,
-        };
-        let consumer = dlq
-            .create_consumer(consumer::pull::OrderedConfig {
-                headers_only: true,
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        while let Ok(Some(message)) = tokio::time::timeout(READ_TIMEOUT, messages.next()).await {
-            let message = message.map_err(|e| failed(e.to_string()))?;
-            let info = message.info().map_err(|e| failed(e.to_string()))?;
-            let (sequence, pending) = (info.stream_sequence, info.pending);
-            let stored = Timestamp::from_second(info.published.unix_timestamp()).ok();
-            tail.push(recent_failure(
-                message.headers.as_ref().unwrap_or(&HeaderMap::new()),
-                stored,
-            ));
-            if pending == 0 || sequence >= state.last_sequence {
-                break;
-            }
-        }
-        tail.reverse();
-    }
+        })?;
     let delayed_name = queue.delayed_stream();
     let delayed = delayed_jobs(js, queue, &delayed_name).await?;
-    Ok(Health {
-        delayed,
-        counters,
-        rates: None,
-        dead_lettered: state.messages,
-        oldest_age,
-        tail_complete: state.messages <= tail.len() as u64,
+    Ok((
+        Health {
+            delayed,
+            counters,
+            rates: None,
+            dead_lettered: state.messages,
+            oldest_age,
+            tail_complete: state.messages <= tail.entries.len() as u64,
+            tail: tail.newest_first(),
+            levels: level_figures,
+            dead_letters_ever: state.last_sequence,
+        },
         tail,
-    })
+    ))
+}
+
+/// The newest dead letters as last read, and the stream state they were read at, so the next
+/// reconcile reads only what was added since (none when nothing changed).
+#[derive(Debug, Clone, Default)]
+pub struct Tail {
+    last: u64,
+    messages: u64,
+    /// Oldest first, with their sequences.
+    entries: Vec<(u64, RecentFailure)>,
+}
+
+impl Tail {
+    fn newest_first(&self) -> Vec<RecentFailure> {
+        self.entries.iter().rev().map(|(_, f)| f.clone()).collect()
+    }
+}
+
+/// Reads the newest [`TAIL`] dead letters, one non-direct `$JS.API.STREAM.MSG.GET` each (their
+/// header blocks decoded by the protocol's rules, never by the NATS client: anyone who may
+/// publish on the dead-letter subject could have put headers there that the client cannot
+/// read). What `previous` read is kept while the stream only grew (or lost its oldest
+/// messages with no gap left), so a quiet queue costs no request at all.
+async fn read_tail(
+    client: &async_nats::Client,
+    stream: &str,
+    state: &jetstream::stream::State,
+    previous: Option<Tail>,
+) -> Result<Tail, String> {
+    let mut tail = Tail {
+        last: state.last_sequence,
+        messages: state.messages,
+        entries: Vec::new(),
+    };
+    if state.messages == 0 {
+        return Ok(tail);
+    }
+    let start = state
+        .first_sequence
+        .max(state.last_sequence.saturating_sub(TAIL - 1));
+    let mut from = start;
+    if let Some(previous) = previous.filter(|p| p.last <= state.last_sequence) {
+        let appended = state.last_sequence - previous.last;
+        let only_appended = state.messages == previous.messages.saturating_add(appended);
+        let no_gaps = state.last_sequence - state.first_sequence + 1 == state.messages;
+        if only_appended || no_gaps {
+            from = from.max(previous.last + 1);
+            tail.entries = previous
+                .entries
+                .into_iter()
+                .filter(|(sequence, _)| *sequence >= start)
+                .collect();
+        }
+    }
+    while from <= state.last_sequence {
+        let read = conveyor::stored::next(client, stream, ">", from);
+        let job = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Err(_) => return Err(format!("no answer for sequence {from} in {READ_TIMEOUT:?}")),
+            Ok(Err(error)) => return Err(error.to_string()),
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(job))) => job,
+        };
+        if job.sequence > state.last_sequence {
+            break;
+        }
+        from = job.sequence.saturating_add(1);
+        let stored = job.time.parse::<Timestamp>().ok();
+        let failure = recent_failure(&job.block().header_map(), stored);
+        tail.entries.push((job.sequence, failure));
+    }
+    let excess = tail.entries.len().saturating_sub(TAIL as usize);
+    tail.entries.drain(..excess);
+    Ok(tail)
 }
 
 /// When the oldest job that waits for a worker was stored (Unix seconds), over every level;
@@ -137,17 +185,24 @@ pub async fn health(
 /// stream order, so its first undelivered job is the first one on the level's subject after the
 /// last sequence it delivered; jobs delivered and not yet finished (running, or waiting out a
 /// retry backoff) are in flight, not pending, and do not count, so the age agrees with
-/// `pending`.
+/// `pending`. Also each level's consumer figures, read on the way, for the metrics.
 async fn oldest_pending(
     work: &jetstream::stream::Stream,
     queue: &QueueRef,
     levels: u8,
-) -> Option<i64> {
+) -> (Option<i64>, Vec<Option<Level>>) {
     let mut oldest: Option<i64> = None;
+    let mut figures = Vec::with_capacity(usize::from(levels));
     for level in 0..levels {
         let Ok(info) = work.consumer_info(queue.consumer(level)).await else {
+            figures.push(None);
             continue;
         };
+        figures.push(Some(Level {
+            pending: info.num_pending,
+            in_flight: u64::try_from(info.num_ack_pending).unwrap_or(0),
+            deliveries: info.delivered.consumer_sequence,
+        }));
         if info.num_pending == 0 {
             continue;
         }
@@ -160,7 +215,7 @@ async fn oldest_pending(
             oldest = Some(oldest.map_or(stored, |o| o.min(stored)));
         }
     }
-    oldest
+    (oldest, figures)
 }
 
 /// Jobs in the delayed stream that are not due yet: its messages minus the due copies on
