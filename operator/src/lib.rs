@@ -167,6 +167,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
     let limited_queues = queues.store();
     let workers = worker::controller(&ctx);
     let worker_store = workers.store();
+    let pruned = (queues.store(), workers.store());
     let on = |token: &CancellationToken| {
         let token = token.clone();
         async move { token.cancelled().await }
@@ -178,6 +179,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
             scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
             dispatcher::run(ctx.clone(), stop.clone()),
             ratelimit::run(ctx.clone(), limited_queues, stop.clone()),
+            metrics::prune(ctx.metrics.clone(), pruned.0, pruned.1, stop.clone()),
         )
     };
     // A controller's graceful shutdown waits for its running reconciles, and for a store that

@@ -71,6 +71,11 @@ pub struct Health {
     /// Jobs submitted and finished per second since the previous reading ([`rates`]), when
     /// known.
     pub rates: Option<(String, String)>,
+    /// Each priority level's consumer figures, for the metrics; `None` for a level whose
+    /// consumer could not be read.
+    pub levels: Vec<Option<crate::metrics::Level>>,
+    /// Dead letters ever stored (the dead-letter stream's last sequence), for the metrics.
+    pub dead_letters_ever: u64,
 }
 
 /// The work stream's counters at one reading.
@@ -500,6 +505,8 @@ mod tests {
             delayed: 0,
             counters: Counters::default(),
             rates: None,
+            levels: Vec::new(),
+            dead_letters_ever: 0,
         }
     }
 

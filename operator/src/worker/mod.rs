@@ -241,6 +241,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         now,
     );
     let mut crash_note = None;
+    let mut listed_pods = None;
     if deployment.is_some() {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         let selector = ListParams::default().labels(&deployment::selector_string(&name));
@@ -257,7 +258,10 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             now,
         );
         crash_note = Some(health.note);
+        listed_pods = Some(listed.items);
     }
+    ctx.metrics
+        .observe_worker(&ns, &name, queue_name, &new, listed_pods.as_deref(), now);
     announce(worker, &old, &new, ctx).await;
     announce_crashes(worker, &old, &new, crash_note, ctx).await;
     if new != old {
