@@ -22,6 +22,10 @@ pub const BACKOFF: Bounds = Bounds::new("1ms", "24h");
 pub const MAX_OLDEST_PENDING_AGE: Bounds = Bounds::new("1s", "3650d");
 /// `JobQueue` `alerts.failureWindow`.
 pub const FAILURE_WINDOW: Bounds = Bounds::new("1s", "30d");
+/// `JobQueue` `deduplicationWindow` (the work stream's `duplicate_window`): JetStream takes
+/// 100ms up to the stream's `maxAge`; at least a second, at most ten years here. The server
+/// keeps every job id of the window in memory, so a long window costs memory per job.
+pub const DEDUPLICATION_WINDOW: Bounds = Bounds::new("1s", "3650d");
 /// `Worker` `recycle.maxAge`.
 pub const RECYCLE_MAX_AGE: Bounds = Bounds::new("1s", "365d");
 /// `Worker` `scaling.scaleDownDelay`: 0 shrinks as soon as the backlog allows.
@@ -56,10 +60,11 @@ pub const MAX_TARGET_BACKLOG: i32 = 1_000_000;
 pub const MAX_RECYCLE_JOBS: i64 = 1_000_000_000;
 
 /// Every duration bound with its field, for tests and docs.
-pub const DURATIONS: [(&str, Bounds); 9] = [
+pub const DURATIONS: [(&str, Bounds); 10] = [
     ("spec.timeout", TIMEOUT),
     ("spec.stream.maxAge", STREAM_MAX_AGE),
     ("spec.results.retention", RESULT_RETENTION),
+    ("spec.deduplicationWindow", DEDUPLICATION_WINDOW),
     ("spec.retry.backoff.initial", BACKOFF),
     ("spec.retry.backoff.max", BACKOFF),
     ("spec.alerts.maxOldestPendingAge", MAX_OLDEST_PENDING_AGE),

@@ -148,6 +148,16 @@ pub struct JobQueueSpec {
     #[schemars(range(min = 1, max = bounds::MAX_RATE_LIMIT))]
     pub rate_limit: Option<i32>,
 
+    /// How long a job id is remembered after a submission: a second submission with the same
+    /// id within this window is a duplicate and is not queued again (`conveyor submit` says
+    /// "already submitted"), e.g. `24h` for jobs unique for a day. 1s to 3650d; at most
+    /// `stream.maxAge` when that is set (JetStream refuses a longer window). JetStream keeps
+    /// every id of the window in memory. Default `2m`. Format: `90s`, `24h`, `7d`.
+    #[serde(default = "default_deduplication_window")]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = bounds::DEDUPLICATION_WINDOW.rule("deduplicationWindow"))]
+    pub deduplication_window: String,
+
     /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
     /// `Client::result`) instead of having to wait for it. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -438,6 +448,14 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_lettered: Option<u64>,
 
+    /// Jobs that exhausted their attempts without a handler report and are not in the
+    /// dead-letter stream yet. They stay in the work stream (nothing is lost) until the
+    /// dispatcher writes their dead letter; a count that stays above 0 means it cannot (the
+    /// `JobsFailing` condition names them with reason `DeadLetterFailed`, and the
+    /// `DeadLetterFailed` Events say why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_dead_letter: Option<u64>,
+
     /// Age of the oldest job waiting for a worker (one of those `pending` counts), e.g.
     /// `1m30s`; absent when none waits. Jobs running or waiting out a retry backoff are
     /// `inFlight` and do not count.
@@ -531,6 +549,9 @@ fn default_priorities() -> u8 {
 fn default_timeout() -> String {
     "30s".into()
 }
+fn default_deduplication_window() -> String {
+    "2m".into()
+}
 fn default_failure_window() -> String {
     "5m".into()
 }
@@ -606,6 +627,15 @@ impl JobQueueSpec {
                 )
             })
             .transpose()
+    }
+
+    /// The `deduplicationWindow` as a duration.
+    pub fn deduplication_window(&self) -> Result<Duration, DurationError> {
+        duration::parse(
+            "spec.deduplicationWindow",
+            &self.deduplication_window,
+            bounds::DEDUPLICATION_WINDOW,
+        )
     }
 
     /// The stream's maximum job age, if any.

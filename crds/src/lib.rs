@@ -1,4 +1,5 @@
-//! Custom resource types of Conveyor (`conveyor.dev/v1alpha1`): [`JobQueue`] and [`Worker`].
+//! Custom resource types of Conveyor (`conveyor.dev/v1alpha1`): [`JobQueue`], [`Worker`] and
+//! [`JobSchedule`].
 //!
 //! The types are the single source of the CRD schemas: `crdgen` prints them as YAML into
 //! `crds/` and the Helm chart, and a test fails when the committed YAML drifts. Every field
@@ -8,6 +9,7 @@
 pub mod bounds;
 pub mod duration;
 pub mod jobqueue;
+pub mod schedule;
 mod schema;
 pub mod worker;
 
@@ -16,6 +18,7 @@ pub use jobqueue::{
     JobQueueStatus, NatsConnection, RecentFailure, ResultsSpec, RetrySpec, StorageType, StreamSpec,
     StreamStatus,
 };
+pub use schedule::{JobSchedule, JobScheduleSpec, JobScheduleStatus, JobTemplate, ScheduleRun};
 pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};
 
 use kube::CustomResourceExt;
@@ -35,6 +38,7 @@ pub fn all_crds() -> Vec<(
     vec![
         ("jobqueues.yaml", JobQueue::crd()),
         ("workers.yaml", Worker::crd()),
+        ("jobschedules.yaml", JobSchedule::crd()),
     ]
 }
 
