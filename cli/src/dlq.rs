@@ -1,6 +1,7 @@
 //! `conveyor dlq`: the dead-letter queue of a queue — list what failed and why, show one job,
 //! requeue one, a filtered set or all with fresh attempts, or purge them. A thin shell over
-//! `conveyor::dlq`, which reads headers only when listing.
+//! `conveyor::dlq`. `list` also names the jobs that exhausted their attempts but are not
+//! dead-lettered yet (their dead letter cannot be written), so no job is out of sight.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -167,7 +168,37 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
         Output::Table if entries.is_empty() => eprintln!("no dead letters in {}", args.queue),
         Output::Table => print!("{}", table(&entries)),
     }
+    // Jobs that exhausted their attempts but whose dead letter is not written yet (normally
+    // for milliseconds; for good when it cannot be): said on stderr, so `-o json` stays a list.
+    let exhausted = dlq::exhausted(&js, &queue, EXHAUSTED_NAMED).await?;
+    if exhausted.count > 0 {
+        eprint!("{}", awaiting(&args.queue, &exhausted));
+    }
     Ok(())
+}
+
+/// Most jobs waiting for their dead letter that `dlq list` names.
+const EXHAUSTED_NAMED: usize = 20;
+
+fn awaiting(queue: &str, exhausted: &dlq::Exhausted) -> String {
+    let mut out = format!(
+        "{} job(s) exhausted their attempts and are not in the dead-letter stream yet; they stay in the work stream (if this lasts, `kubectl describe jobqueue {queue}` says why):\n",
+        exhausted.count
+    );
+    for job in &exhausted.oldest {
+        let _ = writeln!(
+            out,
+            "  {}   work sequence {}   {} deliveries   since {}",
+            job.job_id, job.sequence, job.deliveries, job.since
+        );
+    }
+    let more = exhausted
+        .count
+        .saturating_sub(exhausted.oldest.len() as u64);
+    if more > 0 {
+        let _ = writeln!(out, "  … and {more} more");
+    }
+    out
 }
 
 fn row(entry: &DeadLetter) -> Row<'_> {
@@ -291,6 +322,32 @@ mod tests {
             parse(&["requeue", "q", "job-1", "--all"]).is_err(),
             "two selectors"
         );
+    }
+
+    #[test]
+    fn jobs_awaiting_their_dead_letter_are_named() {
+        let job = |id: &str| dlq::ExhaustedJob {
+            job_id: id.into(),
+            sequence: 9,
+            deliveries: 3,
+            since: "2026-12-01T00:00:00Z".into(),
+        };
+        let text = awaiting(
+            "mail",
+            &dlq::Exhausted {
+                count: 3,
+                oldest: vec![job("big-1"), job("big-2")],
+            },
+        );
+        assert!(text.starts_with("3 job(s) exhausted"), "{text}");
+        assert!(text.contains("kubectl describe jobqueue mail"), "{text}");
+        assert!(
+            text.contains(
+                "  big-1   work sequence 9   3 deliveries   since 2026-12-01T00:00:00Z\n"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("  … and 1 more\n"), "{text}");
     }
 
     #[test]

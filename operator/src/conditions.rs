@@ -38,6 +38,11 @@ pub mod reason {
     /// `JobsFailing`: too many jobs were dead-lettered within the window; the message names
     /// the last one. Also the Event raised when the condition turns `True`.
     pub const JOBS_DEAD_LETTERED: &str = "JobsDeadLettered";
+    /// `JobsFailing`: jobs exhausted their attempts over a minute ago and are still not in the
+    /// dead-letter stream (their dead letter cannot be written; they stay in the work stream);
+    /// the message names them. Also the Warning Event the dispatcher raises, with the error,
+    /// each time such a job fails again.
+    pub const DEAD_LETTER_FAILED: &str = "DeadLetterFailed";
     /// `JobsFailing` is `False`: no more dead letters within the window than allowed.
     pub const NO_RECENT_FAILURES: &str = "NoRecentFailures";
     /// Event: a queue's `JobsFailing` condition turned `True` (one Event per transition, not

@@ -3,8 +3,8 @@
 //!
 //! JetStream announces such a job only with a fire-and-forget `MAX_DELIVERIES` advisory, so each
 //! queue has an events stream (`conveyor::admin::events_stream_config`) that captures those
-//! advisories while no dispatcher runs. For every queue it finds on the server, the dispatcher
-//! makes sure the events stream exists and reads it through a durable consumer. Per advisory:
+//! advisories while no dispatcher runs. For every queue of the JobQueue store, the dispatcher of
+//! the queue's server reads its events stream through a durable consumer. Per advisory:
 //! fetch the job from the work stream by sequence, publish it to the dead-letter subject with the
 //! dead-letter headers and the `Nats-Msg-Id` `<job id>:<work sequence>` (the id a worker would
 //! use, so neither a replayed advisory nor a worker racing the dispatcher stores it twice),
@@ -19,19 +19,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
-use conveyor::admin::{self, QueueSettings, Storage};
+use conveyor::dlq::Advisory;
 use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
 use conveyor::protocol::Reason;
 use conveyor::stored::{self, StoredError};
-use futures::{StreamExt, TryStreamExt};
-use serde::Deserialize;
+use conveyor_crds::JobQueue;
+use futures::StreamExt;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::conditions::reason;
 use crate::context::Context;
 
-/// How often the dispatcher looks for new and removed queues by default.
+/// How often the dispatcher asks for new and removed queues by default.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Longest wait of one pull for advisories.
 const POLL_WAIT: Duration = Duration::from_secs(5);
@@ -41,18 +45,37 @@ const ADVISORY_ACK_WAIT: Duration = Duration::from_secs(10);
 const BATCH: usize = 16;
 /// Longest pause after an error before the dispatcher tries again.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// Prefix of the subjects of a queue's events stream.
-const ADVISORY_PREFIX: &str = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.";
 
 /// Runs a dispatcher on every NATS server the operator uses until `stop` is cancelled: the
 /// default server from the start, and each server a queue's `spec.nats` names as soon as the
-/// JobQueue controller connected to it (with that queue's credentials and TLS). A server whose
-/// options change (a rotated Secret) gets a new dispatcher on the new client.
-pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
+/// JobQueue controller connected to it (with that queue's credentials and TLS). Each serves the
+/// JobQueues of the store that the controller connected through its client
+/// ([`crate::nats::NatsPool::assigned`]). A server whose options change (a rotated Secret) gets a
+/// new dispatcher on the new client. A job whose dead letter keeps failing to be written gets a
+/// `DeadLetterFailed` Warning Event on its JobQueue, with the error.
+pub async fn run(ctx: Arc<Context>, store: Store<JobQueue>, stop: CancellationToken) {
     if let Err(error) = ctx.nats.client(None).await {
         warn!(%error, "no client for the default NATS server yet");
     }
     let tasks = TaskTracker::new();
+    let (failures, mut failed) = mpsc::channel::<Failure>(64);
+    {
+        let (ctx, store) = (ctx.clone(), store.clone());
+        tasks.spawn(async move {
+            while let Some(failure) = failed.recv().await {
+                let key = ObjectRef::new(&failure.queue.name).within(&failure.queue.namespace);
+                if let Some(jq) = store.get(&key) {
+                    ctx.event(
+                        &*jq,
+                        EventType::Warning,
+                        reason::DEAD_LETTER_FAILED,
+                        failure.note(),
+                    )
+                    .await;
+                }
+            }
+        });
+    }
     let mut serving: HashMap<String, (u64, CancellationToken)> = HashMap::new();
     loop {
         // A client made anew (dead one replaced, rotated Secret) gets a new dispatcher.
@@ -65,19 +88,61 @@ pub async fn run(ctx: Arc<Context>, stop: CancellationToken) {
                 continue;
             }
             let token = stop.child_token();
-            if let Some((_, old)) = serving.insert(server, (generation, token.clone())) {
+            if let Some((_, old)) = serving.insert(server.clone(), (generation, token.clone())) {
                 old.cancel();
             }
-            tasks.spawn(Dispatcher::new(client).run(token));
+            let (ctx, store) = (ctx.clone(), store.clone());
+            let queues: Queues = Arc::new(move || {
+                ctx.nats
+                    .assigned(&server)
+                    .into_iter()
+                    .filter(|queue| {
+                        let key = ObjectRef::new(&queue.name).within(&queue.namespace);
+                        store
+                            .get(&key)
+                            .is_some_and(|jq| jq.metadata.deletion_timestamp.is_none())
+                    })
+                    .collect()
+            });
+            let dispatcher = Dispatcher::new(client, queues).report(failures.clone());
+            tasks.spawn(dispatcher.run(token));
         }
         tokio::select! {
             () = tokio::time::sleep(DISCOVERY_INTERVAL) => {}
             () = stop.cancelled() => break,
         }
     }
+    drop(failures);
     tasks.close();
     tasks.wait().await;
 }
+
+/// The queues a dispatcher serves, asked anew every interval.
+pub type Queues = Arc<dyn Fn() -> Vec<QueueRef> + Send + Sync>;
+
+/// A job whose dead letter could not be written, several times in a row.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// Its queue.
+    pub queue: QueueRef,
+    /// Its sequence in the work stream.
+    pub sequence: u64,
+    /// Why (the step that failed and its causes).
+    pub error: String,
+}
+
+impl Failure {
+    fn note(&self) -> String {
+        format!(
+            "the job at sequence {} of the work stream exhausted its attempts, but its dead letter cannot be written: {}; it stays in the work stream (counted in status.awaitingDeadLetter) and is tried again",
+            self.sequence, self.error
+        )
+    }
+}
+
+/// Failed attempts in a row after which a job's dead-letter failure is reported (fewer are a
+/// passing outage).
+const REPORT_AFTER: i64 = 3;
 
 /// A failed step of dead-lettering; the advisory stays unacked and is tried again.
 #[derive(Debug, thiserror::Error)]
@@ -113,14 +178,6 @@ pub enum DispatchError {
     Stored(#[from] StoredError),
 }
 
-/// The fields of a `io.nats.jetstream.advisory.v1.max_deliver` advisory that matter here.
-#[derive(Debug, Deserialize)]
-struct MaxDeliveries {
-    stream: String,
-    stream_seq: u64,
-    deliveries: u64,
-}
-
 /// What became of one advisory's job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Handled {
@@ -130,21 +187,42 @@ enum Handled {
     AlreadyGone,
 }
 
-/// Finds the queues on one NATS server and dead-letters their exhausted jobs.
-#[derive(Debug, Clone)]
+/// Dead-letters the exhausted jobs of the queues it is given, on one NATS server.
+#[derive(Clone)]
 pub struct Dispatcher {
     jetstream: jetstream::Context,
     interval: Duration,
+    queues: Queues,
+    report: Option<mpsc::Sender<Failure>>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dispatcher {
-    /// A dispatcher over the queues of the server `client` is connected to. The client
-    /// should reconnect by itself (the operator's clients do); the dispatcher retries meanwhile.
-    pub fn new(client: async_nats::Client) -> Self {
+    /// A dispatcher over `queues` (asked anew every interval; their streams, events stream
+    /// included, are made by whoever made the queue: `conveyor::admin::ensure_queue`) on the
+    /// server `client` is connected to. The client should reconnect by itself (the
+    /// operator's clients do); the dispatcher retries meanwhile.
+    pub fn new(client: async_nats::Client, queues: Queues) -> Self {
         Self {
             jetstream: jetstream::new(client),
             interval: DISCOVERY_INTERVAL,
+            queues,
+            report: None,
         }
+    }
+
+    /// Where to report jobs whose dead letter keeps failing (a full channel drops the report;
+    /// the next failure sends it again).
+    pub fn report(mut self, failures: mpsc::Sender<Failure>) -> Self {
+        self.report = Some(failures);
+        self
     }
 
     /// How often to look for new and removed queues (default 5 s).
@@ -159,26 +237,22 @@ impl Dispatcher {
         let tasks = TaskTracker::new();
         let mut serving: HashMap<String, CancellationToken> = HashMap::new();
         loop {
-            match self.discover().await {
-                Ok(queues) => {
-                    serving.retain(|stream, token| {
-                        let keep = queues.iter().any(|q| q.stream() == *stream);
-                        if !keep {
-                            token.cancel();
-                        }
-                        keep
-                    });
-                    for queue in queues {
-                        if serving.contains_key(&queue.stream()) {
-                            continue;
-                        }
-                        let token = stop.child_token();
-                        serving.insert(queue.stream(), token.clone());
-                        let this = self.clone();
-                        tasks.spawn(async move { this.serve(queue, token).await });
-                    }
+            let queues = (self.queues)();
+            serving.retain(|stream, token| {
+                let keep = queues.iter().any(|q| q.stream() == *stream);
+                if !keep {
+                    token.cancel();
                 }
-                Err(error) => warn!(%error, "dispatcher cannot list the queues"),
+                keep
+            });
+            for queue in queues {
+                if serving.contains_key(&queue.stream()) {
+                    continue;
+                }
+                let token = stop.child_token();
+                serving.insert(queue.stream(), token.clone());
+                let this = self.clone();
+                tasks.spawn(async move { this.serve(queue, token).await });
             }
             tokio::select! {
                 () = tokio::time::sleep(self.interval) => {}
@@ -188,54 +262,6 @@ impl Dispatcher {
         tasks.close();
         tasks.wait().await;
         info!("dispatcher stopped");
-    }
-
-    /// The queues on the server (found by their work streams), after making sure each has its
-    /// events stream; events streams whose work stream is gone are deleted.
-    async fn discover(&self) -> Result<Vec<QueueRef>, jetstream::context::StreamsError> {
-        let infos: Vec<stream::Info> = self.jetstream.streams().try_collect().await?;
-        let mut queues = Vec::new();
-        let mut events = Vec::new();
-        for info in &infos {
-            if let Some(queue) = queue_of(&info.config) {
-                let settings = QueueSettings {
-                    storage: match info.config.storage {
-                        stream::StorageType::Memory => Storage::Memory,
-                        stream::StorageType::File => Storage::File,
-                    },
-                    replicas: info.config.num_replicas.max(1),
-                    ..QueueSettings::default()
-                };
-                let config = admin::events_stream_config(&queue, &settings);
-                if !infos.iter().any(|i| i.config.name == config.name) {
-                    match self.jetstream.get_or_create_stream(config).await {
-                        Ok(_) => info!(queue = %queue.stream(), "created the events stream"),
-                        Err(error) => {
-                            warn!(queue = %queue.stream(), %error, "cannot create the events stream");
-                            continue;
-                        }
-                    }
-                }
-                queues.push(queue);
-            } else if info
-                .config
-                .subjects
-                .iter()
-                .any(|s| s.starts_with(ADVISORY_PREFIX))
-                && info.config.name.starts_with("conveyor_")
-            {
-                events.push(info.config.name.clone());
-            }
-        }
-        for name in events {
-            if !queues.iter().any(|q| q.events_stream() == name) {
-                match self.jetstream.delete_stream(&name).await {
-                    Ok(_) => info!(stream = %name, "deleted the events stream of a removed queue"),
-                    Err(error) => warn!(stream = %name, %error, "cannot delete an events stream"),
-                }
-            }
-        }
-        Ok(queues)
     }
 
     /// Reads one queue's advisories until `stop`, starting over after errors (NATS restarts).
@@ -314,7 +340,7 @@ impl Dispatcher {
         queue: &QueueRef,
         message: jetstream::Message,
     ) -> Result<(), DispatchError> {
-        let advisory: MaxDeliveries = match serde_json::from_slice(&message.payload) {
+        let advisory: Advisory = match serde_json::from_slice(&message.payload) {
             Ok(advisory) => advisory,
             Err(error) => {
                 warn!(queue = %queue.stream(), %error, "dropping an advisory that does not parse");
@@ -339,8 +365,18 @@ impl Dispatcher {
                 let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 let exponent = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
                 let delay = Duration::from_secs(2u64.saturating_pow(exponent.min(6)));
-                warn!(queue = %queue.stream(), sequence = advisory.stream_seq, error = %chain(&error),
+                let error = chain(&error);
+                warn!(queue = %queue.stream(), sequence = advisory.stream_seq, %error,
                       attempt = delivered, retry_in = ?delay, "cannot dead-letter a job yet");
+                if delivered >= REPORT_AFTER
+                    && let Some(report) = &self.report
+                {
+                    let _ = report.try_send(Failure {
+                        queue: queue.clone(),
+                        sequence: advisory.stream_seq,
+                        error,
+                    });
+                }
                 settle(&message, AckKind::Nak(Some(delay))).await;
                 Ok(())
             }
@@ -355,7 +391,7 @@ impl Dispatcher {
     async fn dead_letter(
         &self,
         queue: &QueueRef,
-        advisory: &MaxDeliveries,
+        advisory: &Advisory,
     ) -> Result<Handled, DispatchError> {
         let stream = queue.stream();
         let client = self.jetstream.client();
@@ -408,24 +444,6 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// The queue a stream is the work stream of: a work-queue stream whose subjects are
-/// `conveyor.<namespace>.<queue>.jobs.<level>` and whose name matches them.
-fn queue_of(config: &stream::Config) -> Option<QueueRef> {
-    if config.retention != stream::RetentionPolicy::WorkQueue {
-        return None;
-    }
-    let subject = config.subjects.first()?;
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let [prefix, namespace, name, jobs, _level] = tokens.as_slice() else {
-        return None;
-    };
-    if *prefix != "conveyor" || *jobs != "jobs" {
-        return None;
-    }
-    let queue = QueueRef::new(*namespace, name.replace('_', "."));
-    (queue.stream() == config.name).then_some(queue)
-}
-
 /// An error with its causes, for logs.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -443,31 +461,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_streams_name_their_queue() {
-        let queue = QueueRef::new("team-a", "mail.out");
-        let settings = QueueSettings {
-            priorities: 2,
-            ..Default::default()
-        };
-        let work = admin::stream_config(&queue, &settings);
-        assert_eq!(queue_of(&work), Some(queue.clone()));
-        assert_eq!(
-            queue_of(&admin::dead_letter_stream_config(&queue, &settings)),
-            None
-        );
-        assert_eq!(
-            queue_of(&admin::events_stream_config(&queue, &settings)),
-            None
-        );
-        let mut other = work.clone();
-        other.name = "something_else".into();
-        assert_eq!(queue_of(&other), None);
-    }
-
-    #[test]
     fn advisories_parse() {
         let json = r#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x","timestamp":"2026-01-01T00:00:00Z","stream":"conveyor_ns_q","consumer":"workers-p0","stream_seq":42,"deliveries":3}"#;
-        let advisory: MaxDeliveries = serde_json::from_str(json).unwrap();
+        let advisory: Advisory = serde_json::from_str(json).unwrap();
         assert_eq!(advisory.stream, "conveyor_ns_q");
         assert_eq!(advisory.stream_seq, 42);
         assert_eq!(advisory.deliveries, 3);

@@ -165,6 +165,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
     let queues = jobqueue::controller(&ctx);
     let queue_store = queues.store();
     let limited_queues = queues.store();
+    let dispatched_queues = queues.store();
     let workers = worker::controller(&ctx);
     let worker_store = workers.store();
     let pruned = (queues.store(), workers.store());
@@ -177,7 +178,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
             jobqueue::run(queues, ctx.clone(), on(&stop)),
             worker::run(workers, ctx.clone(), on(&stop)),
             scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
-            dispatcher::run(ctx.clone(), stop.clone()),
+            dispatcher::run(ctx.clone(), dispatched_queues, stop.clone()),
             ratelimit::run(ctx.clone(), limited_queues, stop.clone()),
             metrics::prune(ctx.metrics.clone(), pruned.0, pruned.1, stop.clone()),
         )

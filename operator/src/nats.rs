@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use async_nats::connection::State;
 use async_nats::jetstream;
 use conveyor::connect::{self, FailureKind, NatsOptions, OptionsError};
+use conveyor::names::QueueRef;
 use tokio_util::sync::CancellationToken;
 
 /// Longest pause between two reconnection attempts, so recovery after a NATS outage is quick.
@@ -90,6 +91,8 @@ pub struct NatsPool {
     seen: Mutex<HashMap<String, bool>>,
     // Why each URL's client is not connected, as a probe found it, and when.
     probes: Mutex<HashMap<String, Probe>>,
+    // The client key each queue is served through, for the dispatchers.
+    assigned: Mutex<HashMap<QueueRef, String>>,
 }
 
 impl NatsPool {
@@ -110,6 +113,7 @@ impl NatsPool {
             name,
             seen: Mutex::default(),
             probes: Mutex::default(),
+            assigned: Mutex::default(),
         }
     }
 
@@ -325,6 +329,33 @@ impl NatsPool {
             Some(identity) => format!("{url}\n{identity}"),
             None => url.to_owned(),
         }
+    }
+
+    /// Records that `queue` is served through the client of `url` (the default when `None`)
+    /// made with the Secrets `identity` names, for the dispatcher of that client.
+    pub fn assign(&self, queue: &QueueRef, url: Option<&str>, identity: Option<&str>) {
+        let key = Self::key(url.unwrap_or(&self.default_raw), identity);
+        self.lock_assigned().insert(queue.clone(), key);
+    }
+
+    /// Forgets a queue that is being deleted.
+    pub fn unassign(&self, queue: &QueueRef) {
+        self.lock_assigned().remove(queue);
+    }
+
+    /// The queues assigned to the client with this key (as [`NatsPool::clients`] lists it).
+    pub fn assigned(&self, key: &str) -> Vec<QueueRef> {
+        self.lock_assigned()
+            .iter()
+            .filter(|(_, k)| k.as_str() == key)
+            .map(|(queue, _)| queue.clone())
+            .collect()
+    }
+
+    fn lock_assigned(&self) -> std::sync::MutexGuard<'_, HashMap<QueueRef, String>> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn forget_probe(&self, key: &str) {

@@ -4,6 +4,7 @@
 //! NATS restart.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
@@ -11,9 +12,10 @@ use conveyor::admin::{self, QueueSettings};
 use conveyor::dlq::{self, REASON_MAX_DELIVERIES, Selector};
 use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
 use conveyor::protocol;
-use conveyor_operator::dispatcher::Dispatcher;
+use conveyor_operator::dispatcher::{Dispatcher, Failure};
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -91,12 +93,25 @@ fn crashing_worker(js: jetstream::Context, queue: &QueueRef) -> JoinHandle<()> {
     })
 }
 
-fn dispatcher(client: async_nats::Client) -> (CancellationToken, JoinHandle<()>) {
+/// A dispatcher serving `queue` (as the operator's serves the JobQueues of its store).
+fn dispatcher(client: async_nats::Client, queue: &QueueRef) -> (CancellationToken, JoinHandle<()>) {
+    let (stop, run, _) = reporting_dispatcher(client, queue);
+    (stop, run)
+}
+
+/// A dispatcher serving `queue`, and the failures it reports.
+fn reporting_dispatcher(
+    client: async_nats::Client,
+    queue: &QueueRef,
+) -> (CancellationToken, JoinHandle<()>, mpsc::Receiver<Failure>) {
     let stop = CancellationToken::new();
-    let run = Dispatcher::new(client)
+    let served = queue.clone();
+    let (report, failures) = mpsc::channel(16);
+    let run = Dispatcher::new(client, Arc::new(move || vec![served.clone()]))
         .interval(Duration::from_millis(200))
+        .report(report)
         .run(stop.clone());
-    (stop, tokio::spawn(run))
+    (stop, tokio::spawn(run), failures)
 }
 
 async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
@@ -158,7 +173,7 @@ async fn a_job_whose_worker_dies_on_every_delivery_is_dead_lettered_once() {
     let client = connect(&server).await;
     let js = jetstream::new(client.clone());
     let queue = queue(&js, "crash").await;
-    let (stop, running) = dispatcher(client.clone());
+    let (stop, running) = dispatcher(client.clone(), &queue);
     let crasher = crashing_worker(js.clone(), &queue);
 
     let mut headers = async_nats::HeaderMap::new();
@@ -225,7 +240,7 @@ async fn jobs_exhausted_while_no_dispatcher_runs_are_dead_lettered_when_it_start
     crasher.abort();
     assert_eq!(messages(&js, &queue.dead_letter_stream()).await, 0);
 
-    let (stop, running) = dispatcher(connect(&server).await);
+    let (stop, running) = dispatcher(connect(&server).await, &queue);
     settled(&js, &queue, 20).await;
     exactly_once(&js, &queue, &jobs).await;
     stop.cancel();
@@ -244,7 +259,7 @@ async fn a_dispatcher_killed_mid_run_and_restarted_dead_letters_each_job_once() 
     // A dispatcher with its own connection, killed (task aborted, connection dropped) while
     // it is moving jobs.
     let first = connect(&server).await;
-    let (_stop, running) = dispatcher(first.clone());
+    let (_stop, running) = dispatcher(first.clone(), &queue);
     submit(&js, &queue, jobs.clone()).await;
     wait_for(DEADLINE, "the first dead letters", || async {
         messages(&js, &queue.dead_letter_stream()).await >= 3
@@ -260,7 +275,7 @@ async fn a_dispatcher_killed_mid_run_and_restarted_dead_letters_each_job_once() 
     submit(&js, &queue, more.clone()).await;
     jobs.extend(more);
 
-    let (stop, running) = dispatcher(connect(&server).await);
+    let (stop, running) = dispatcher(connect(&server).await, &queue);
     settled(&js, &queue, 40).await;
     exactly_once(&js, &queue, &jobs).await;
     crasher.abort();
@@ -274,7 +289,7 @@ async fn the_dispatcher_keeps_working_across_a_nats_restart() {
     let client = connect(&server).await;
     let js = jetstream::new(client.clone());
     let queue = queue(&js, "nats-restart").await;
-    let (stop, running) = dispatcher(connect(&server).await);
+    let (stop, running) = dispatcher(connect(&server).await, &queue);
     let mut jobs = ids("before", 0..10);
     submit(&js, &queue, jobs.clone()).await;
     let crasher = crashing_worker(js.clone(), &queue);
@@ -305,7 +320,7 @@ async fn jobs_the_runtime_dead_lettered_itself_are_left_alone() {
     let client = connect(&server).await;
     let js = jetstream::new(client.clone());
     let queue = queue(&js, "reported").await;
-    let (stop, running) = dispatcher(client.clone());
+    let (stop, running) = dispatcher(client.clone(), &queue);
     let worker_stop = CancellationToken::new();
     let worker = conveyor::Worker::new(js.clone(), queue.clone())
         .options(conveyor::worker::WorkerOptions {
@@ -373,7 +388,7 @@ async fn a_job_that_cannot_be_dead_lettered_never_holds_up_the_others() {
         .await
         .unwrap();
     submit(&js, &queue, ids("small", 0..5)).await;
-    let (stop, running) = dispatcher(client.clone());
+    let (stop, running, mut failures) = reporting_dispatcher(client.clone(), &queue);
     let crasher = crashing_worker(js.clone(), &queue);
 
     // The small ones are dead-lettered while the big one's advisory keeps failing, and the big
@@ -389,6 +404,21 @@ async fn a_job_that_cannot_be_dead_lettered_never_holds_up_the_others() {
         1,
         "the big job is kept"
     );
+    // It stays counted and named (what `conveyor dlq list` and the status show) ...
+    let exhausted = dlq::exhausted(&js, &queue, 10).await.unwrap();
+    assert_eq!(exhausted.count, 1, "{exhausted:?}");
+    assert_eq!(exhausted.oldest.len(), 1);
+    assert_eq!(exhausted.oldest[0].job_id, "too-big");
+    assert!(!exhausted.oldest[0].since.is_empty());
+    // ... and reported with the server's reason once it failed a few times in a row (the
+    // operator turns that into a DeadLetterFailed Event).
+    let failure = tokio::time::timeout(DEADLINE, failures.recv())
+        .await
+        .expect("a report in time")
+        .expect("the dispatcher is running");
+    assert_eq!(failure.queue, queue);
+    assert_eq!(failure.sequence, exhausted.oldest[0].sequence);
+    assert!(failure.error.contains("maximum"), "{}", failure.error);
     crasher.abort();
     stop.cancel();
     running.await.unwrap();

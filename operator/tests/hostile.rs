@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -395,9 +396,12 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
     let stop = CancellationToken::new();
     let dispatcher_client = async_nats::connect(nats.url()).await.unwrap();
     let dispatcher = tokio::spawn(
-        Dispatcher::new(dispatcher_client)
-            .interval(Duration::from_millis(200))
-            .run(stop.clone()),
+        Dispatcher::new(dispatcher_client, {
+            let served = vec![queue.clone(), other.clone()];
+            Arc::new(move || served.clone())
+        })
+        .interval(Duration::from_millis(200))
+        .run(stop.clone()),
     );
 
     // Good jobs before, between and after the hostile ones.

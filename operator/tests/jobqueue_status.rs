@@ -119,6 +119,14 @@ struct Fixture {
 
 impl Fixture {
     async fn start(crds: &[&str], tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with(crds, NatsServer::builder(), tune).await
+    }
+
+    async fn start_with(
+        crds: &[&str],
+        nats: conveyor_testkit::NatsServerBuilder,
+        tune: impl FnOnce(&mut Config),
+    ) -> Self {
         let cluster = DevCluster::start(Options::api_only()).await.unwrap();
         for crd in crds {
             kubectl(
@@ -129,7 +137,7 @@ impl Fixture {
             .await;
         }
         kubectl(&cluster, &["create", "namespace", NS], None).await;
-        let nats = NatsServer::start().await.unwrap();
+        let nats = nats.start().await.unwrap();
         let mut config = Config::with_nats_url(nats.url());
         config.http_addr = "127.0.0.1:0".parse().unwrap();
         tune(&mut config);
@@ -321,6 +329,11 @@ spec:
 
 /// Reasons and notes of the Events regarding the `thumbs` queue.
 async fn queue_events(cluster: &DevCluster) -> Vec<(String, String)> {
+    events_of(cluster, "thumbs").await
+}
+
+/// Reasons and notes of the Events regarding the queue `name`.
+async fn events_of(cluster: &DevCluster, name: &str) -> Vec<(String, String)> {
     let events: Api<Event> = Api::namespaced(cluster.client(), NS);
     events
         .list(&ListParams::default())
@@ -328,7 +341,7 @@ async fn queue_events(cluster: &DevCluster) -> Vec<(String, String)> {
         .unwrap()
         .items
         .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("thumbs"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
         .collect()
 }
@@ -342,6 +355,74 @@ async fn messages(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
         .unwrap()
         .state
         .messages
+}
+
+/// A job whose dead letter can never be written (the job fits the server's `max_payload`, its
+/// copy with the dead-letter headers does not) after its worker crashed on its only attempt:
+/// it stays in the work stream, the status counts it in `awaitingDeadLetter`, and a
+/// `DeadLetterFailed` Warning Event on the queue gives the server's reason.
+#[tokio::test]
+async fn a_job_whose_dead_letter_cannot_be_written_is_counted_and_reported() {
+    const MAX_PAYLOAD: usize = 64 * 1024;
+    let nats = NatsServer::builder().max_payload(MAX_PAYLOAD);
+    let fx = Fixture::start_with(BOTH_CRDS, nats, |c| c.resync = Duration::from_secs(1)).await;
+    let (cluster, nats) = (&fx.cluster, &fx.nats);
+    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: huge}\nspec: {retry: {maxAttempts: 1}, timeout: 1s}\n";
+    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+    wait_ready(&api, "huge").await;
+
+    let queue = conveyor::names::QueueRef::new(NS, "huge");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(conveyor::protocol::MSG_ID, "huge-1");
+    js.publish_with_headers(
+        queue.job_subject(0),
+        headers,
+        vec![b'x'; MAX_PAYLOAD - 200].into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // A worker that takes the job and dies with it (never acks): its one attempt runs out.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(queue.consumer(0), queue.stream())
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    use futures::StreamExt as _;
+    let taken = batch.next().await.expect("the job is delivered").unwrap();
+    drop(taken);
+
+    wait_for(DEADLINE, "the DeadLetterFailed Event", || async {
+        events_of(cluster, "huge")
+            .await
+            .iter()
+            .any(|(reason, _)| reason == "DeadLetterFailed")
+    })
+    .await
+    .unwrap();
+    let events = events_of(cluster, "huge").await;
+    let (_, note) = events
+        .iter()
+        .find(|(r, _)| r == "DeadLetterFailed")
+        .unwrap();
+    assert!(note.contains("stays in the work stream"), "{note}");
+    wait_for(DEADLINE, "status.awaitingDeadLetter = 1", || async {
+        api.get("huge")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.awaiting_dead_letter)
+            == Some(1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(messages(&js, &queue.stream()).await, 1, "the job is kept");
+    assert_eq!(messages(&js, &queue.dead_letter_stream()).await, 0);
+    fx.shutdown().await;
 }
 
 #[tokio::test]

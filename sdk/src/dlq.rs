@@ -206,6 +206,102 @@ pub enum DlqError {
     },
 }
 
+/// A JetStream `MAX_DELIVERIES` advisory (`io.nats.jetstream.advisory.v1.max_deliver`): a job
+/// of `stream` at `stream_seq` reached its consumer's `max_deliver` after `deliveries`
+/// deliveries without any handler report. The queue's events stream keeps each one until the
+/// dispatcher has dead-lettered its job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Advisory {
+    /// The work stream.
+    pub stream: String,
+    /// The job's sequence in it.
+    pub stream_seq: u64,
+    /// Deliveries made.
+    pub deliveries: u64,
+}
+
+/// Jobs that exhausted their deliveries without a handler report and are not in the
+/// dead-letter stream yet: the dispatcher has not reached them, or their dead letter cannot be
+/// written (they stay in the work stream, counted here, until someone acts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exhausted {
+    /// Advisories waiting in the queue's events stream (each names one job).
+    pub count: u64,
+    /// The oldest of them, oldest first (at most the `limit` asked for).
+    pub oldest: Vec<ExhaustedJob>,
+}
+
+/// One job waiting to be dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExhaustedJob {
+    /// Its id (by the protocol's one rule; `<stream>:<sequence>` when it has none).
+    pub job_id: String,
+    /// Its sequence in the work stream.
+    pub sequence: u64,
+    /// Deliveries made.
+    pub deliveries: u64,
+    /// When its advisory was stored (RFC 3339, as the server wrote it): since when it waits.
+    pub since: String,
+}
+
+/// The jobs of `queue` waiting to be dead-lettered ([`Exhausted`]), naming at most `limit` of
+/// the oldest: one stream lookup, and when any wait, two message reads per job named.
+pub async fn exhausted(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    limit: usize,
+) -> Result<Exhausted, DlqError> {
+    let name = queue.events_stream();
+    let events = jetstream
+        .get_stream(&name)
+        .await
+        .map_err(|source| DlqError::Stream {
+            stream: name.clone(),
+            source,
+        })?;
+    let state = &events.cached_info().state;
+    let mut found = Exhausted {
+        count: state.messages,
+        oldest: Vec::new(),
+    };
+    let client = jetstream.client();
+    let failed = |stream: &str, reason: String| DlqError::Scan {
+        stream: stream.to_owned(),
+        reason,
+    };
+    let mut from = state.first_sequence;
+    while state.messages > 0 && found.oldest.len() < limit && from <= state.last_sequence {
+        let Some(message) = stored::next(&client, &name, ">", from)
+            .await
+            .map_err(|e| failed(&name, e.to_string()))?
+        else {
+            break;
+        };
+        from = message.sequence.saturating_add(1);
+        let Ok(advisory) = serde_json::from_slice::<Advisory>(&message.payload) else {
+            continue;
+        };
+        let work = queue.stream();
+        if advisory.stream != work {
+            continue;
+        }
+        // Gone from the work stream: dead-lettered or finished, its advisory about to go.
+        let Some(job) = stored::get(&client, &work, advisory.stream_seq)
+            .await
+            .map_err(|e| failed(&work, e.to_string()))?
+        else {
+            continue;
+        };
+        found.oldest.push(ExhaustedJob {
+            job_id: job.read(&work).id,
+            sequence: advisory.stream_seq,
+            deliveries: advisory.deliveries,
+            since: message.time,
+        });
+    }
+    Ok(found)
+}
+
 /// Lists up to `limit` dead letters chosen by `filter`, oldest first, without their payloads.
 pub async fn list(
     jetstream: &jetstream::Context,

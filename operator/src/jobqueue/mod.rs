@@ -227,6 +227,7 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
             },
             Ok(Some(js)) => match assets::ensure(&js, &desired).await {
                 Ok(figures) => {
+                    ctx.nats.assign(&queue, url, identity.as_deref());
                     request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
                     let previous = ctx.take_tail(&key(jq));
                     let health = match observe::health(&js, &queue, now(), previous).await {
@@ -313,7 +314,7 @@ async fn write_status(
 /// The queue's own connection options when `spec.nats` names Secrets (read through the API
 /// each reconcile, so an updated Secret rotates the operator's client); `None` for the plain
 /// URL. A missing or unusable Secret is the matching failure outcome.
-async fn nats_options(
+pub(crate) async fn nats_options(
     jq: &JobQueue,
     ctx: &Context,
 ) -> Result<Option<(String, NatsOptions)>, Outcome> {
@@ -377,6 +378,7 @@ async fn nats_options(
 async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
     let queue = queue_ref(jq);
     ctx.forget_queue(&key(jq), &jq.uid().unwrap_or_default());
+    ctx.nats.unassign(&queue_ref(jq));
     if jq.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(stream = %queue.stream(), "queue deleted, streams retained");
         return Ok(Action::await_change());

@@ -22,6 +22,8 @@ use crate::metrics::Level;
 /// Most dead letters read per reconcile (newest first); also bounds the count shown in
 /// `JobsFailing` ("at least N" beyond it).
 pub const TAIL: u64 = 100;
+/// Most jobs waiting to be dead-lettered named per reconcile (the oldest).
+const EXHAUSTED_NAMED: usize = 3;
 /// Longest wait for the next dead-letter header; the read ends early rather than hang.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,6 +91,12 @@ pub async fn health(
             stream: dlq_name.clone(),
             reason,
         })?;
+    let exhausted = conveyor::dlq::exhausted(js, queue, EXHAUSTED_NAMED)
+        .await
+        .map_err(|e| ObserveError::Tail {
+            stream: queue.events_stream(),
+            reason: e.to_string(),
+        })?;
     let delayed_name = queue.delayed_stream();
     let delayed = delayed_jobs(js, queue, &delayed_name).await?;
     Ok((
@@ -100,6 +108,7 @@ pub async fn health(
             oldest_age,
             tail_complete: state.messages <= tail.entries.len() as u64,
             tail: tail.newest_first(),
+            exhausted,
             levels: level_figures,
             dead_letters_ever: state.last_sequence,
         },

@@ -66,6 +66,8 @@ pub struct Health {
     pub tail_complete: bool,
     /// Jobs in the delayed stream (scheduled, not yet due).
     pub delayed: u64,
+    /// Jobs that exhausted their attempts and are not dead-lettered yet.
+    pub exhausted: conveyor::dlq::Exhausted,
     /// The work stream's counters, for rates.
     pub counters: Counters,
     /// Jobs submitted and finished per second since the previous reading ([`rates`]), when
@@ -209,6 +211,7 @@ fn apply_health(
     now: Timestamp,
 ) {
     status.dead_lettered = Some(health.dead_lettered);
+    status.awaiting_dead_letter = Some(health.exhausted.count);
     status.delayed = Some(health.delayed);
     if let Some((submitted, finished)) = &health.rates {
         status.submitted_per_second = Some(submitted.clone());
@@ -272,8 +275,16 @@ fn backlogged(
     (Status::False, reason::WITHIN_THRESHOLDS, message)
 }
 
-/// `JobsFailing`: dead letters within the window, counted from the tail that was read.
+/// How long a job may wait for its dead letter before `JobsFailing` says it cannot be written
+/// (the dispatcher normally writes it within milliseconds; an outage is retried for longer).
+pub const DEAD_LETTER_GRACE: Duration = Duration::from_secs(60);
+
+/// `JobsFailing`: jobs whose dead letter cannot be written first, then dead letters within the
+/// window, counted from the tail that was read.
 fn failing(health: &Health, t: &Thresholds, now: Timestamp) -> (Status, &'static str, String) {
+    if let Some(message) = stuck(&health.exhausted, now) {
+        return (Status::True, reason::DEAD_LETTER_FAILED, message);
+    }
     let since = now
         .checked_sub(jiff_span(t.window))
         .unwrap_or(Timestamp::MIN);
@@ -305,6 +316,47 @@ fn failing(health: &Health, t: &Thresholds, now: Timestamp) -> (Status, &'static
         t.max_failures
     );
     (Status::False, reason::NO_RECENT_FAILURES, message)
+}
+
+/// Names the jobs that have waited longer than [`DEAD_LETTER_GRACE`] for their dead letter.
+fn stuck(exhausted: &conveyor::dlq::Exhausted, now: Timestamp) -> Option<String> {
+    let grace = jiff_span(DEAD_LETTER_GRACE);
+    let old: Vec<String> = exhausted
+        .oldest
+        .iter()
+        .filter_map(|job| {
+            let since = job.since.parse::<Timestamp>().ok()?;
+            (now.duration_since(since) > grace).then(|| {
+                format!(
+                    "{} (work stream sequence {}, {} deliveries, since {})",
+                    job.job_id,
+                    job.sequence,
+                    job.deliveries,
+                    since
+                        .round(k8s_openapi::jiff::Unit::Second)
+                        .unwrap_or(since)
+                )
+            })
+        })
+        .collect();
+    if old.is_empty() {
+        return None;
+    }
+    let more = exhausted.count.saturating_sub(old.len() as u64);
+    let others = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "{} exhausted their attempts but their dead letter cannot be written; they stay in the work stream: {}{others} (the DeadLetterFailed Events say why)",
+        if exhausted.count == 1 {
+            "1 job".to_owned()
+        } else {
+            format!("{} jobs", exhausted.count)
+        },
+        old.join(", ")
+    ))
 }
 
 /// "job X (reason after N attempts) on pod P: error".
@@ -507,7 +559,36 @@ mod tests {
             rates: None,
             levels: Vec::new(),
             dead_letters_ever: 0,
+            exhausted: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_job_whose_dead_letter_cannot_be_written_is_named_after_a_minute() {
+        let t = Thresholds::default();
+        let job = |id: &str, since: i64| conveyor::dlq::ExhaustedJob {
+            job_id: id.into(),
+            sequence: 7,
+            deliveries: 3,
+            since: at(since).to_string(),
+        };
+        let mut h = health(Vec::new(), None);
+        h.exhausted = conveyor::dlq::Exhausted {
+            count: 4,
+            oldest: vec![job("big-1", 100), job("big-2", 150)],
+        };
+        // 30 s after the first: still within the grace, nothing to say yet.
+        let (state, why, _) = failing(&h, &t, at(130));
+        assert_eq!((state, why), (Status::False, reason::NO_RECENT_FAILURES));
+        let (state, why, message) = failing(&h, &t, at(200));
+        assert_eq!((state, why), (Status::True, reason::DEAD_LETTER_FAILED));
+        assert!(message.starts_with("4 jobs exhausted"), "{message}");
+        assert!(
+            message.contains("big-1 (work stream sequence 7, 3 deliveries"),
+            "{message}"
+        );
+        assert!(!message.contains("big-2"), "{message}");
+        assert!(message.contains("and 3 more"), "{message}");
     }
 
     #[test]
