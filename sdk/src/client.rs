@@ -159,6 +159,18 @@ pub enum SubmitError {
         /// Requested priority level.
         priority: u8,
     },
+    /// The queue's stream exists but could not take the job now: it has no leader (a NATS
+    /// server of its cluster went down and a new leader is being elected) or could not be
+    /// asked. Nothing was stored; retry.
+    #[error("job {id}: queue {queue} is unavailable ({detail}); retry later")]
+    Unavailable {
+        /// Job id.
+        id: String,
+        /// Stream of the queue.
+        queue: String,
+        /// What was seen.
+        detail: String,
+    },
     /// The job carries a message schedule the server refuses: a malformed `Nats-Schedule`
     /// (only `@at <RFC 3339 time>` is a delayed job), or one sent to the work stream itself.
     #[error("job {id} refused: invalid schedule ({detail})")]
@@ -190,7 +202,10 @@ impl SubmitError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::QueueFull { .. } | Self::TimedOut { .. } | Self::Publish { .. }
+            Self::QueueFull { .. }
+                | Self::Unavailable { .. }
+                | Self::TimedOut { .. }
+                | Self::Publish { .. }
         )
     }
 }
@@ -366,18 +381,65 @@ impl Client {
             );
             headers.insert(protocol::schedule::TTL, protocol::schedule::DUE_TTL);
         }
-        let ack = self
-            .jetstream
-            .publish_with_headers(subject, headers, job.payload.clone())
-            .await
-            .map_err(|e| classify(e, queue, &job))?
-            .await
-            .map_err(|e| classify(e, queue, &job))?;
+        let stored = async {
+            self.jetstream
+                .publish_with_headers(subject.clone(), headers, job.payload.clone())
+                .await?
+                .await
+        };
+        let ack = match stored.await {
+            Ok(ack) => ack,
+            Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
+                return Err(self.no_responders(queue, &job, &subject).await);
+            }
+            Err(error) => return Err(classify(error, queue, &job)),
+        };
         Ok(SubmitAck {
             id: job.id,
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+
+    /// Why no stream answered the publish of `job` on `subject` (async-nats reports the
+    /// server's "no responders" as `StreamNotFound`): no stream takes the subject, or the
+    /// stream that takes it has no leader at the moment (an election in a cluster), which
+    /// STREAM.INFO tells apart.
+    async fn no_responders(&self, queue: &QueueRef, job: &Job, subject: &str) -> SubmitError {
+        // A delayed job goes to `delayed.<id>`, which the delayed stream always takes (a
+        // missing level is refused as an invalid schedule target instead).
+        let delayed = subject != queue.job_subject(job.priority);
+        let stream = if delayed {
+            queue.delayed_stream()
+        } else {
+            queue.stream()
+        };
+        let no_such_queue = || SubmitError::NoSuchQueue {
+            id: job.id.clone(),
+            queue: queue.stream(),
+            priority: job.priority,
+        };
+        let unavailable = |detail: String| SubmitError::Unavailable {
+            id: job.id.clone(),
+            queue: queue.stream(),
+            detail,
+        };
+        match self.jetstream.get_stream(&stream).await {
+            Ok(mut found) => match found.info().await {
+                Ok(info) if delayed || info.config.subjects.iter().any(|s| s == subject) => {
+                    unavailable(format!("stream {stream} had no leader to store the job"))
+                }
+                Ok(_) => no_such_queue(),
+                Err(error) => unavailable(format!("stream {stream}: {error}")),
+            },
+            Err(error)
+                if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                no_such_queue()
+            }
+            Err(error) => unavailable(format!("stream {stream}: {error}")),
+        }
     }
 
     /// Submits a job and waits up to `timeout` for its final outcome: the handler's result, or
@@ -551,7 +613,8 @@ impl Client {
     }
 }
 
-/// Maps a publish error to what the producer needs to know, by its kind and JetStream code.
+/// Maps a publish error to what the producer needs to know, by its kind and JetStream code
+/// ("no responders" is told apart by [`Client::no_responders`] first).
 fn classify(error: jetstream::context::PublishError, queue: &QueueRef, job: &Job) -> SubmitError {
     let id = job.id.clone();
     match error.kind() {
@@ -559,11 +622,6 @@ fn classify(error: jetstream::context::PublishError, queue: &QueueRef, job: &Job
             id,
             size: job.payload.len(),
             detail: error.to_string(),
-        },
-        PublishErrorKind::StreamNotFound => SubmitError::NoSuchQueue {
-            id,
-            queue: queue.stream(),
-            priority: job.priority,
         },
         PublishErrorKind::TimedOut => SubmitError::TimedOut { id },
         _ => match jetstream_error(&error) {

@@ -13,8 +13,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod raw;
 pub mod tls;
+
+pub use cluster::NatsCluster;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
