@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Conveyor's tests, lint and demo need besides the Rust toolchain: a nats-server with
-# JetStream (2.12 or newer), cargo-nextest, and the Python modules of the chart check. Idempotent:
-# installs only what is missing.
+# JetStream (2.12 or newer), cargo-nextest, the Python modules of the chart check, and promtool for
+# the alert rules' tests. Idempotent: installs only what is missing.
 set -euo pipefail
 need_major=2 need_minor=12
 have_ok() {
@@ -28,4 +28,12 @@ if ! python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
   echo "installing the chart check's Python modules (jsonschema, pyyaml)…" >&2
   python3 -m pip install --quiet --user jsonschema pyyaml 2>/dev/null \
     || python3 -m pip install --quiet jsonschema pyyaml
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing promtool (Debian's prometheus package, for the alert rules' tests)…" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # The package starts a Prometheus server; the tests need only promtool.
+  $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
