@@ -18,6 +18,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Logging (`--log-format`, the same in every Conveyor binary).
+    #[command(flatten)]
+    pub log: conveyor_logging::LogArgs,
 }
 
 /// The subcommands.

@@ -11,12 +11,10 @@ mod input;
 mod status;
 mod submit;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use clap::error::ErrorKind;
-use tracing_subscriber::EnvFilter;
 
 use crate::args::{Cli, Command};
 
@@ -26,13 +24,7 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return refuse(e),
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(cli.command.default_log_filter()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    conveyor_logging::init(cli.log.log_format, cli.command.default_log_filter());
     let result = match cli.command {
         Command::Submit(args) => submit::run(args).await,
         Command::Cancel(args) => submit::cancel(args).await,

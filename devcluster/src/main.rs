@@ -19,15 +19,14 @@ struct Args {
     /// An image the kubelet can run, as `NAME=DIRECTORY` (the directory acts as the image root).
     #[arg(long = "image", value_name = "NAME=DIR")]
     images: Vec<String>,
+    #[command(flatten)]
+    log: conveyor_logging::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    conveyor_logging::init(args.log.log_format, "warn");
     let mut images = BTreeMap::new();
     for spec in &args.images {
         let (name, dir) = spec

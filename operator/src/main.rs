@@ -3,17 +3,30 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use conveyor_logging::LogArgs;
 use conveyor_operator::Config;
+
+/// What is logged when `RUST_LOG` is unset.
+const DEFAULT_LOG_FILTER: &str = "info,kube=warn,async_nats=warn";
+
+/// The operator's settings and the logging flag every Conveyor binary shares.
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor-operator",
+    version,
+    about = "Kubernetes operator for Conveyor job queues"
+)]
+struct Args {
+    #[command(flatten)]
+    config: Config,
+    #[command(flatten)]
+    log: LogArgs,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,async_nats=warn".into()),
-        )
-        .init();
-    let config = Config::parse();
+    let Args { config, log } = Args::parse();
+    conveyor_logging::init(log.log_format, DEFAULT_LOG_FILTER);
     conveyor_operator::run(config, shutdown_signal())
         .await
         .context("conveyor-operator failed")

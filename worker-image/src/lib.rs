@@ -25,7 +25,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            settings::init_logging(args.log_format);
+            conveyor_logging::init(args.log.log_format, "info");
             run(*args).await
         }
     }

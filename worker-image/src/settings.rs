@@ -43,15 +43,6 @@ pub enum HandlerMode {
     Http,
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// Settings of `conveyor-worker run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -125,9 +116,9 @@ pub struct RunArgs {
     /// OOM-kill, and the operator names the job in the Worker's `Degraded` condition.
     #[arg(long, env = env::TERMINATION_MESSAGE_PATH)]
     pub termination_message_path: Option<PathBuf>,
-    /// Log format.
-    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
+    /// Logging (`--log-format`, the same in every Conveyor binary).
+    #[command(flatten)]
+    pub log: conveyor_logging::LogArgs,
     /// Keep each finished job's outcome in the queue's results stream (set by the operator
     /// for queues with `results.retention`).
     #[arg(long, env = env::STORE_RESULTS)]
@@ -180,22 +171,6 @@ impl RunArgs {
             store_results: self.store_results,
             rate_limited: self.rate_limited,
         }
-    }
-}
-
-/// Installs the log subscriber; `RUST_LOG` filters (default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    // Colours only on a terminal: container logs stay plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
