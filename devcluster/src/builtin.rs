@@ -76,7 +76,12 @@ pub fn apply_defaults(
             if creating {
                 let qos = qos_class(obj.get("spec").unwrap_or(&Value::Null));
                 obj["status"] = json!({"phase": "Pending", "qosClass": qos});
-                if schedule {
+                let unfit = obj.get("spec").and_then(does_not_fit);
+                if let (true, Some(message)) = (schedule, &unfit) {
+                    obj["status"]["conditions"] = json!([{"type": "PodScheduled", "status": "False",
+                        "reason": "Unschedulable", "message": message,
+                        "lastProbeTime": null, "lastTransitionTime": crate::store::now()}]);
+                } else if schedule {
                     set_default(obj, "/spec/nodeName", json!(NODE_NAME));
                 }
                 if obj
@@ -136,6 +141,77 @@ pub fn apply_defaults(
 /// The pod's QoS class, computed as the API server does at creation: Guaranteed when every
 /// container limits and requests (equal) CPU and memory, BestEffort when none sets any, else
 /// Burstable.
+/// What the devcluster node offers pods (`status.allocatable`).
+pub const NODE_ALLOCATABLE: [(&str, &str); 3] = [("cpu", "2"), ("memory", "4Gi"), ("pods", "250")];
+
+/// Why a pod with `spec` fits on no node, in the scheduler's words; `None` when it fits the
+/// empty devcluster node. The pod's request of a resource is the larger of its containers' sum
+/// and its largest init container (a request defaults to the limit), plus the overhead; CPU,
+/// memory and extended resources (`vendor/name`, of which the node has none) are checked. The
+/// requests of the pods already on the node are not counted (docs/testing.md).
+pub fn does_not_fit(spec: &Value) -> Option<String> {
+    let list = |name: &str| -> Vec<&Value> {
+        spec.get(name)
+            .and_then(Value::as_array)
+            .map(|l| l.iter().collect())
+            .unwrap_or_default()
+    };
+    let request = |c: &Value, r: &str| -> f64 {
+        ["requests", "limits"]
+            .iter()
+            .find_map(|kind| c.pointer(&format!("/resources/{kind}"))?.get(r)?.as_str())
+            .and_then(crate::kubelet::parse_quantity)
+            .unwrap_or(0.0)
+    };
+    let mut names: Vec<String> = Vec::new();
+    for c in list("containers").into_iter().chain(list("initContainers")) {
+        for kind in ["requests", "limits"] {
+            let Some(res) = c
+                .pointer(&format!("/resources/{kind}"))
+                .and_then(Value::as_object)
+            else {
+                continue;
+            };
+            names.extend(
+                res.keys()
+                    .filter(|r| *r == "cpu" || *r == "memory" || r.contains('/'))
+                    .cloned(),
+            );
+        }
+    }
+    names.sort();
+    names.dedup();
+    let mut insufficient = Vec::new();
+    for name in &names {
+        let sum: f64 = list("containers").iter().map(|c| request(c, name)).sum();
+        let init = list("initContainers")
+            .iter()
+            .map(|c| request(c, name))
+            .fold(0.0, f64::max);
+        let overhead = spec
+            .pointer("/overhead")
+            .and_then(|o| o.get(name))
+            .and_then(Value::as_str)
+            .and_then(crate::kubelet::parse_quantity)
+            .unwrap_or(0.0);
+        let wanted = sum.max(init) + overhead;
+        let offered = NODE_ALLOCATABLE
+            .iter()
+            .find(|(r, _)| r == name)
+            .and_then(|(_, q)| crate::kubelet::parse_quantity(q))
+            .unwrap_or(0.0);
+        if wanted > offered {
+            insufficient.push(format!("1 Insufficient {name}"));
+        }
+    }
+    (!insufficient.is_empty()).then(|| {
+        format!(
+            "0/1 nodes are available: {}. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
+            insufficient.join(", ")
+        )
+    })
+}
+
 fn qos_class(spec: &Value) -> &'static str {
     let containers: Vec<&Value> = ["containers", "initContainers"]
         .iter()
@@ -536,6 +612,44 @@ mod tests {
         misnamed["metadata"]["name"] = json!("other.x.dev");
         misnamed["spec"]["versions"][0]["schema"] = json!({"openAPIV3Schema": {"type": "object"}});
         assert_eq!(validate_crd(&misnamed)[0].field, "metadata.name");
+    }
+
+    #[test]
+    fn a_pod_larger_than_the_node_is_unschedulable() {
+        let pod = |resources: Value| {
+            let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c", "image": "i", "resources": resources}]}});
+            apply_defaults("", "pods", &mut pod, true, true);
+            pod
+        };
+        let big = pod(
+            json!({"requests": {"cpu": "3", "memory": "64Mi"}, "limits": {"memory": "8Gi", "example.com/gpu": "1"}}),
+        );
+        assert!(big.pointer("/spec/nodeName").is_none());
+        assert_eq!(big["status"]["phase"], "Pending");
+        let cond = &big["status"]["conditions"][0];
+        assert_eq!(
+            (&cond["type"], &cond["status"], &cond["reason"]),
+            (
+                &json!("PodScheduled"),
+                &json!("False"),
+                &json!("Unschedulable")
+            )
+        );
+        assert_eq!(
+            cond["message"],
+            "0/1 nodes are available: 1 Insufficient cpu, 1 Insufficient example.com/gpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod."
+        );
+        // Limits stand in for missing requests; a pod that fits is bound.
+        let memory = pod(json!({"limits": {"memory": "5Gi"}}));
+        assert!(
+            memory["status"]["conditions"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1 Insufficient memory.")
+        );
+        let fits = pod(json!({"requests": {"cpu": "1500m", "memory": "4Gi"}}));
+        assert_eq!(fits["spec"]["nodeName"], NODE_NAME);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! # let _ = pods; Ok(()) }
 //! ```
 
+pub mod audit;
 pub mod builtin;
 pub mod cel;
 pub mod controllers;
@@ -258,6 +259,21 @@ impl DevCluster {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// A kube client for this cluster acting as `user` (it sends `Impersonate-User`, as
+    /// `kubectl --as` does), whose requests [`DevCluster::access`] records apart.
+    pub fn client_as(&self, user: &str) -> Result<kube::Client, Error> {
+        let mut config = kube::Config::new(self.url.parse().expect("a valid URL"));
+        config.default_namespace = "default".into();
+        config.auth_info.impersonate = Some(user.to_owned());
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// The permissions (API group, resource or `resource/subresource`, RBAC verb) that the
+    /// requests of `user` needed so far; `""` is every request made without impersonation.
+    pub fn access(&self, user: &str) -> std::collections::BTreeSet<audit::Access> {
+        self.state.access.of(user)
     }
 
     /// The newest resourceVersion of the store (for tests of watch semantics).

@@ -5,13 +5,67 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-/// Applies an RFC 6902 JSON patch.
+/// Applies an RFC 6902 JSON patch, all or nothing, with `test` as kube-apiserver's JSON patch
+/// library (evanphx/json-patch v4) has it: see [`test`].
 pub fn json_patch(cur: &Value, body: &[u8]) -> Result<Value, ApiError> {
-    let patch: json_patch::Patch = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+    let invalid =
+        |e: &dyn std::fmt::Display| ApiError::bad_request(format!("invalid JSON patch: {e}"));
+    let ops: Vec<Value> = serde_json::from_slice(body).map_err(|e| invalid(&e))?;
     let mut doc = cur.clone();
-    json_patch::patch(&mut doc, &patch.0).map_err(|e| ApiError::invalid_patch(e.to_string()))?;
+    for op in ops {
+        if op.get("op").and_then(Value::as_str) == Some("test") {
+            test(&doc, &op)?;
+            continue;
+        }
+        let one: json_patch::Patch =
+            serde_json::from_value(Value::Array(vec![op])).map_err(|e| invalid(&e))?;
+        json_patch::patch(&mut doc, &one.0).map_err(|e| ApiError::invalid_patch(e.to_string()))?;
+    }
     Ok(doc)
+}
+
+/// A `test` operation: a member that is absent tests equal to `null` (so `{"op": "test",
+/// "path": "/metadata/x", "value": null}` asserts that `x` is not set, and a missing `value` is
+/// `null`), while a missing parent fails, with the library's messages.
+fn test(doc: &Value, op: &Value) -> Result<(), ApiError> {
+    let path = op.get("path").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::bad_request("invalid JSON patch: test operation failed to decode path")
+    })?;
+    let expected = op.get("value").unwrap_or(&Value::Null);
+    let failed = || ApiError::invalid_patch(format!("testing value {path} failed: test failed"));
+    let missing = || {
+        ApiError::invalid_patch(format!(
+            "test operation does not apply: is missing path: {path}: missing value"
+        ))
+    };
+    if path.is_empty() {
+        return if doc == expected {
+            Ok(())
+        } else {
+            Err(failed())
+        };
+    }
+    let (parent, key) = path.rsplit_once('/').ok_or_else(missing)?;
+    let key = key.replace("~1", "/").replace("~0", "~");
+    let actual = match doc.pointer(parent).ok_or_else(missing)? {
+        Value::Object(members) => members.get(&key),
+        Value::Array(items) => Some(
+            key.parse::<usize>()
+                .ok()
+                .and_then(|i| items.get(i))
+                .ok_or_else(|| {
+                    ApiError::invalid_patch(format!(
+                        "error in test for path: '{path}': invalid index referenced"
+                    ))
+                })?,
+        ),
+        _ => return Err(missing()),
+    };
+    match actual {
+        None if expected.is_null() => Ok(()),
+        Some(value) if value == expected => Ok(()),
+        _ => Err(failed()),
+    }
 }
 
 /// Applies an RFC 7386 JSON merge patch.
@@ -189,5 +243,53 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, json!({"a": 2}));
+    }
+
+    #[test]
+    fn json_patch_test_treats_an_absent_member_as_null() {
+        let cur = json!({"metadata": {"labels": {"a": "1"}}, "list": [1]});
+        let patch = |ops: Value| json_patch(&cur, ops.to_string().as_bytes());
+        // Absent and expected null (or no value): passes, and the next op applies.
+        let out = patch(json!([
+            {"op": "test", "path": "/metadata/annotations", "value": null},
+            {"op": "test", "path": "/metadata/labels/b"},
+            {"op": "add", "path": "/metadata/labels/b", "value": "2"}
+        ]))
+        .unwrap();
+        assert_eq!(out["metadata"]["labels"]["b"], "2");
+        // Present and equal, escaped keys included.
+        let cur2 = json!({"m": {"a/b": 1}});
+        json_patch(&cur2, br#"[{"op":"test","path":"/m/a~1b","value":1}]"#).unwrap();
+        // Absent but a value expected; present but different; a missing parent; a bad index.
+        for (ops, says) in [
+            (
+                json!([{"op": "test", "path": "/metadata/x", "value": "v"}]),
+                "testing value /metadata/x failed",
+            ),
+            (
+                json!([{"op": "test", "path": "/metadata/labels/a", "value": null}]),
+                "testing value /metadata/labels/a failed",
+            ),
+            (
+                json!([{"op": "test", "path": "/spec/x", "value": null}]),
+                "test operation does not apply: is missing path: /spec/x",
+            ),
+            (
+                json!([{"op": "test", "path": "/list/3", "value": null}]),
+                "error in test for path: '/list/3'",
+            ),
+        ] {
+            let err = patch(ops).unwrap_err();
+            assert_eq!(err.code, 422);
+            assert!(err.message.contains(says), "{}", err.message);
+        }
+        // A failed test leaves everything unapplied.
+        assert!(
+            patch(json!([
+                {"op": "add", "path": "/metadata/labels/c", "value": "3"},
+                {"op": "test", "path": "/metadata/x", "value": "v"}
+            ]))
+            .is_err()
+        );
     }
 }

@@ -211,6 +211,16 @@ fn normalize(v: &mut Value, schema: &Value, path: &str, unknown: &mut Vec<String
     }
 }
 
+/// How a failed rule shows the value it judged, as kube-apiserver since 1.35: a string quoted,
+/// a number, boolean or null as it is, each followed by `: `; an object or array not at all
+/// (`spec.scaling: Invalid value: maxReplicas must …`).
+fn shown_value(v: &Value) -> String {
+    match v {
+        Value::Object(_) | Value::Array(_) => String::new(),
+        simple => format!("{simple}: "),
+    }
+}
+
 fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -458,6 +468,7 @@ fn rules(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: &mu
             None => path.to_owned(),
         };
         let ty = json!(type_name(v));
+        let shown = shown_value(v);
         match evaluate(rule, v, old) {
             Verdict::Pass => {}
             Verdict::Fail(msg) => {
@@ -469,7 +480,7 @@ fn rules(v: &Value, schema: &Value, path: &str, old: Option<&Value>, causes: &mu
                     "FieldValueForbidden" => format!("Forbidden: {msg}"),
                     "FieldValueRequired" => format!("Required value: {msg}"),
                     "FieldValueDuplicate" => format!("Duplicate value: {msg}"),
-                    _ => format!("Invalid value: {ty}: {msg}"),
+                    _ => format!("Invalid value: {shown}{msg}"),
                 };
                 causes.push(cause(reason, &field, message));
             }
@@ -501,7 +512,9 @@ mod tests {
                         "mode": {"type": "string", "enum": ["a", "b"]},
                         "port": {"x-kubernetes-int-or-string": true},
                         "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-                        "name": {"type": "string", "pattern": "^[a-z]+$"}
+                        "name": {"type": "string", "pattern": "^[a-z]+$"},
+                        "tag": {"type": "string", "x-kubernetes-validations": [{"rule": "self != 'latest'", "message": "tag must be pinned"}]},
+                        "count": {"type": "integer", "x-kubernetes-validations": [{"rule": "self % 2 == 0", "message": "count must be even"}]}
                     }}}}}}]}}))
         .unwrap()
     }
@@ -542,7 +555,21 @@ mod tests {
             "a pattern violation does not block rules"
         );
         assert!(
-            err.message.contains("size must not exceed max"),
+            err.message
+                .contains("spec: Invalid value: size must not exceed max"),
+            "an object's value is not shown: {}",
+            err.message
+        );
+        // A simple value is shown (a string quoted), its type never.
+        let obj =
+            json!({"metadata": {"name": "t"}, "spec": {"size": 1, "tag": "latest", "count": 3}});
+        let err = admit(&info(), "v1", obj, None, false).unwrap_err();
+        assert!(
+            err.message
+                .contains(r#"spec.tag: Invalid value: "latest": tag must be pinned"#)
+                && err
+                    .message
+                    .contains("spec.count: Invalid value: 3: count must be even"),
             "{}",
             err.message
         );

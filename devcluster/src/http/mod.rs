@@ -40,6 +40,8 @@ pub struct ApiState {
     /// Requests served, by HTTP method (a watch counts once), for tests that measure the load
     /// a client puts on the API server.
     pub requests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// The permissions the served resource requests needed, by identity.
+    pub access: crate::audit::AccessLog,
 }
 
 impl ApiState {
@@ -58,6 +60,7 @@ impl ApiState {
             shutdown,
             address,
             requests: std::sync::Mutex::default(),
+            access: crate::audit::AccessLog::default(),
         };
         let ns_rules = Rules {
             namespaced: false,
@@ -122,6 +125,10 @@ impl ApiState {
 }
 
 fn node() -> Value {
+    let allocatable: serde_json::Map<String, Value> = crate::builtin::NODE_ALLOCATABLE
+        .iter()
+        .map(|(r, q)| ((*r).to_owned(), json!(q)))
+        .collect();
     json!({
         "apiVersion": "v1",
         "kind": "Node",
@@ -130,8 +137,8 @@ fn node() -> Value {
             "node-role.kubernetes.io/control-plane": ""}},
         "spec": {},
         "status": {
-            "capacity": {"cpu": "2", "memory": "4Gi", "pods": "250"},
-            "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "250"},
+            "capacity": allocatable,
+            "allocatable": allocatable,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": "devcluster"}],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "message": "process kubelet is posting ready status",
@@ -256,6 +263,23 @@ async fn dispatch(
         [r, n, s] => (*r, Some((*n).to_owned()), Some((*s).to_owned())),
         _ => return Err(ApiError::no_route(path)),
     };
+    let identity = crate::audit::identity(headers);
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let rbac_resource = match &sub {
+        Some(s) => format!("{resource}/{s}"),
+        None => resource.to_owned(),
+    };
+    st.access.record(
+        &identity,
+        crate::audit::Access::new(
+            group,
+            &rbac_resource,
+            crate::audit::verb(method, name.is_some(), watch),
+        ),
+    );
+    if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        st.access.record_owner_blocks(&identity, &reg, &body);
+    }
     let info = reg
         .find(group, version, resource)
         .cloned()

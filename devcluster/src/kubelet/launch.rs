@@ -434,6 +434,13 @@ pub async fn container_env(
 
 /// A memory quantity (`64Mi`, `1G`, `500000`, `1e9`) in bytes.
 pub fn parse_bytes(quantity: &str) -> Option<u64> {
+    // Quantities are whole bytes once scaled; the cast saturates and rounds up like Kubernetes.
+    parse_quantity(quantity).map(|value| value.ceil().max(0.0) as u64)
+}
+
+/// A resource quantity (`500m`, `2`, `64Mi`, `1G`, `1e9`) as a number of its unit (cores for
+/// CPU, bytes for memory).
+pub(crate) fn parse_quantity(quantity: &str) -> Option<f64> {
     const SUFFIXES: &[(&str, f64)] = &[
         ("Ki", 1024.0),
         ("Mi", 1_048_576.0),
@@ -455,9 +462,7 @@ pub fn parse_bytes(quantity: &str) -> Option<u64> {
         .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
         .unwrap_or((q, 1.0));
     let value: f64 = number.parse().ok()?;
-    // Quantities are whole bytes once scaled; the cast saturates and rounds up like Kubernetes.
-    let bytes = (value * factor).ceil().max(0.0) as u64;
-    Some(bytes)
+    Some(value * factor)
 }
 
 #[cfg(test)]

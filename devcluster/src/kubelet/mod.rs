@@ -9,6 +9,8 @@ mod probe;
 mod process;
 mod status;
 
+pub(crate) use launch::parse_quantity;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
