@@ -83,6 +83,18 @@ impl Default for QueueSettings {
     }
 }
 
+/// Shortest deduplication window JetStream accepts.
+pub const MIN_DEDUPLICATION_WINDOW: Duration = Duration::from_millis(100);
+
+/// A duration as whole seconds (`90s`) or milliseconds (`250ms`), for error messages.
+fn humantime_like(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 /// Failure to create or update a queue's JetStream assets.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -138,6 +150,18 @@ impl QueueSettings {
         if self.timeout < Duration::from_secs(1) {
             return Err(AdminError::Invalid("timeout must be at least 1s".into()));
         }
+        if self.deduplication_window < MIN_DEDUPLICATION_WINDOW {
+            return Err(AdminError::Invalid(
+                "deduplicationWindow must be at least 100ms".into(),
+            ));
+        }
+        if let Some(max_age) = self.max_age.filter(|age| *age < self.deduplication_window) {
+            return Err(AdminError::Invalid(format!(
+                "deduplicationWindow ({}) is longer than stream.maxAge ({}): JetStream cannot remember a job id longer than it keeps jobs",
+                humantime_like(self.deduplication_window),
+                humantime_like(max_age)
+            )));
+        }
         Ok(())
     }
 }
@@ -166,10 +190,17 @@ pub fn stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Conf
         duplicate_window: settings.deduplication_window,
         sources: Some(vec![stream::Source {
             name: queue.delayed_stream(),
-            subject_transforms: vec![stream::SubjectTransform {
-                source: format!("{}.due.*", queue.subject_prefix()),
-                destination: format!("{}.jobs.{{{{wildcard(1)}}}}", queue.subject_prefix()),
-            }],
+            subject_transforms: vec![
+                stream::SubjectTransform {
+                    source: format!("{}.due.*", queue.subject_prefix()),
+                    destination: format!("{}.jobs.{{{{wildcard(1)}}}}", queue.subject_prefix()),
+                },
+                // Runs of JobSchedules (`crate::schedule`): `<prefix>.tick.<level>.<name>`.
+                stream::SubjectTransform {
+                    source: crate::schedule::ticks_wildcard(queue),
+                    destination: format!("{}.jobs.{{{{wildcard(1)}}}}", queue.subject_prefix()),
+                },
+            ],
             ..Default::default()
         }]),
         ..Default::default()
@@ -181,10 +212,13 @@ pub fn stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Conf
 /// due the server writes the job there, and the work stream sources it from there as
 /// `<prefix>.jobs.<level>` (see [`stream_config`]). Schedules are refused on a `discard: new`
 /// stream, which is why they live here and not in the work stream. Limits retention: the
-/// server removes a fired schedule; a due copy expires after its `Nats-Schedule-TTL`.
+/// server removes a fired schedule; a due copy expires after its `Nats-Schedule-TTL`. The
+/// recurring schedules of JobSchedules live here too (`crate::schedule`), with their ticks.
 pub fn delayed_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
     let mut subjects = vec![format!("{}.delayed.*", queue.subject_prefix())];
     subjects.extend((0..settings.priorities).map(|level| queue.due_subject(level)));
+    subjects.push(crate::schedule::schedules_wildcard(queue));
+    subjects.push(crate::schedule::ticks_wildcard(queue));
     stream::Config {
         name: queue.delayed_stream(),
         description: Some(format!(
@@ -431,7 +465,9 @@ mod tests {
             [
                 "conveyor.ns.q.delayed.*",
                 "conveyor.ns.q.due.0",
-                "conveyor.ns.q.due.1"
+                "conveyor.ns.q.due.1",
+                "conveyor.ns.q.schedule.*",
+                "conveyor.ns.q.tick.*.*"
             ]
         );
         assert!(delayed.allow_message_schedules);
@@ -496,5 +532,29 @@ mod tests {
             .is_err()
         );
         assert!(QueueSettings::default().validate().is_ok());
+    }
+
+    #[test]
+    fn deduplication_window_fits_within_max_age() {
+        let day = Duration::from_secs(86_400);
+        let settings = QueueSettings {
+            deduplication_window: day,
+            ..Default::default()
+        };
+        assert!(settings.validate().is_ok());
+        assert_eq!(
+            stream_config(&QueueRef::new("ns", "q"), &settings).duplicate_window,
+            day
+        );
+        let err = QueueSettings {
+            max_age: Some(Duration::from_secs(3600)),
+            ..settings
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid queue settings: deduplicationWindow (86400s) is longer than stream.maxAge (3600s): JetStream cannot remember a job id longer than it keeps jobs"
+        );
     }
 }

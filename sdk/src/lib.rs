@@ -13,6 +13,7 @@ pub mod names;
 pub mod protocol;
 mod pull;
 pub mod rate;
+pub mod schedule;
 pub mod stored;
 pub mod worker;
 

@@ -98,7 +98,8 @@ impl JobEnvelope {
 }
 
 /// The id of a job: `Conveyor-Job-Id` (a requeued dead letter, a due delayed job), else
-/// `Nats-Msg-Id`, else `<stream>:<sequence>`. An empty header counts as absent; a present id
+/// `Nats-Msg-Id`, else the slot id of a schedule's run (`crate::schedule::tick_id`), else
+/// `<stream>:<sequence>`. An empty header counts as absent; a present id
 /// that [`validate_id`] refuses is an error.
 pub fn job_id(headers: &HeaderMap, stream: &str, sequence: u64) -> Result<String, HeaderError> {
     for name in [JOB_ID, MSG_ID] {
@@ -120,6 +121,10 @@ pub fn job_id(headers: &HeaderMap, stream: &str, sequence: u64) -> Result<String
             })?;
             return Ok(value.to_owned());
         }
+    }
+    // A run of a JobSchedule written by the server: `<schedule>@<slot>`.
+    if let Some(id) = crate::schedule::tick_id(headers).filter(|id| validate_id(id).is_ok()) {
+        return Ok(id);
     }
     Ok(fallback_id(stream, sequence))
 }
