@@ -69,6 +69,7 @@ pub fn settings(spec: &JobQueueSpec) -> Result<QueueSettings, SpecError> {
         max_bytes: spec.stream.max_bytes,
         max_job_size: spec.stream.max_job_size,
         max_age: spec.max_age()?,
+        deduplication_window: spec.deduplication_window()?,
         concurrency_limit: spec.concurrency_limit.map(i64::from),
         result_retention: spec.result_retention()?,
         rate_limit: spec.rate_limit.and_then(|r| u32::try_from(r).ok()),

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod nats;
 pub mod ratelimit;
 pub mod scaler;
+pub mod schedule;
 pub mod worker;
 
 use std::future::Future;
@@ -177,6 +178,7 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
         tokio::join!(
             jobqueue::run(queues, ctx.clone(), on(&stop)),
             worker::run(workers, ctx.clone(), on(&stop)),
+            schedule::run(ctx.clone(), on(&stop)),
             scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
             dispatcher::run(ctx.clone(), dispatched_queues, stop.clone()),
             ratelimit::run(ctx.clone(), limited_queues, stop.clone()),

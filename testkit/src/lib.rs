@@ -14,6 +14,7 @@
 //! ```
 
 pub mod cluster;
+pub mod proxy;
 pub mod raw;
 pub mod tls;
 

@@ -68,7 +68,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let sweeper = Sweeper::start(&args, queue.clone());
     let mut replaced = false;
     loop {
-        let nats = connect(&args, &sweeper.disconnected).await?;
+        let nats = if replaced {
+            // Still lost (liveness fails) until a new client is connected: a runtime that cannot
+            // get one is restarted by its probe.
+            match reconnect(&args, &sweeper.disconnected, &shutdown).await {
+                Some(nats) => nats,
+                None => return Ok(()),
+            }
+        } else {
+            connect(&args, &sweeper.disconnected).await?
+        };
         metrics.connected(nats.clone());
         sweeper.client.send_replace(Some(nats.clone()));
         if replaced {
@@ -171,6 +180,35 @@ async fn connect(
         });
     // The error names the redacted URL and the server's reason (authorization, TLS …).
     Ok(options.connect_with(connect).await?)
+}
+
+/// Pause between two attempts to replace a client whose connection task is gone.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connects a new client after the last one's connection task died, trying again every
+/// [`RECONNECT_PAUSE`] until it works; `None` when shut down first.
+async fn reconnect(
+    args: &RunArgs,
+    disconnected: &Arc<tokio::sync::Notify>,
+    shutdown: &CancellationToken,
+) -> Option<async_nats::Client> {
+    let mut failures = 0u32;
+    loop {
+        match connect(args, disconnected).await {
+            Ok(nats) => return Some(nats),
+            Err(error) => {
+                // The first failure and then one in 30, not one line a second.
+                if failures % 30 == 0 {
+                    warn!(error = %format!("{error:#}"), failures, "cannot connect a new NATS client yet; /healthz fails until one connects");
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            () = shutdown.cancelled() => return None,
+        }
+    }
 }
 
 /// Completes on SIGTERM (what Kubernetes sends) or SIGINT.

@@ -1,0 +1,521 @@
+//! JobSchedules and `JobQueue.spec.deduplicationWindow` against the Kubernetes test double and
+//! a real `nats-server` (2.14+), driven with the real `kubectl`. The runs are read straight
+//! from the queue's work stream, with the job ids workers would see.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor::names::QueueRef;
+use conveyor::protocol::JobEnvelope;
+use conveyor::{Client, Job};
+use conveyor_crds::JobSchedule;
+use conveyor_devcluster::{DevCluster, Options};
+use conveyor_operator::Config;
+use conveyor_testkit::{NatsServer, wait_for};
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+const DEADLINE: Duration = Duration::from_secs(30);
+const NS: &str = "team";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// What `kubectl` answered.
+struct Output {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    Output {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A cluster with the CRDs and the namespace `team`, a NATS server, and the operator.
+struct Env {
+    cluster: DevCluster,
+    nats: NatsServer,
+    stop: CancellationToken,
+    operator: Option<tokio::task::JoinHandle<Result<(), conveyor_operator::Error>>>,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+        for crd in ["crds/jobqueues.yaml", "crds/jobschedules.yaml"] {
+            let path = repo(crd);
+            let out = kubectl(&cluster, &["apply", "-f", path.to_str().unwrap()], None).await;
+            assert!(out.ok, "{}", out.stderr);
+        }
+        assert!(
+            kubectl(&cluster, &["create", "namespace", NS], None)
+                .await
+                .ok
+        );
+        let nats = NatsServer::start().await.unwrap();
+        let mut env = Self {
+            cluster,
+            nats,
+            stop: CancellationToken::new(),
+            operator: None,
+        };
+        env.start_operator();
+        env
+    }
+
+    fn start_operator(&mut self) {
+        let mut config = Config::with_nats_url(self.nats.url());
+        config.http_addr = "127.0.0.1:0".parse().unwrap();
+        config.resync = Duration::from_secs(1);
+        config.worker_image = "ghcr.io/conveyor-dev/conveyor-worker:test".into();
+        self.stop = CancellationToken::new();
+        let stop = self.stop.clone();
+        self.operator = Some(tokio::spawn(conveyor_operator::run_with_client(
+            config,
+            self.cluster.client(),
+            async move { stop.cancelled().await },
+        )));
+    }
+
+    async fn stop_operator(&mut self) {
+        self.stop.cancel();
+        if let Some(operator) = self.operator.take() {
+            let result = tokio::time::timeout(DEADLINE, operator)
+                .await
+                .expect("operator stops");
+            result.unwrap().expect("operator exits cleanly");
+        }
+    }
+
+    async fn apply(&self, yaml: &str) -> Output {
+        kubectl(&self.cluster, &["apply", "-n", NS, "-f", "-"], Some(yaml)).await
+    }
+
+    async fn apply_ok(&self, yaml: &str) {
+        let out = self.apply(yaml).await;
+        assert!(out.ok, "kubectl apply failed: {}", out.stderr);
+    }
+
+    fn schedules(&self) -> Api<JobSchedule> {
+        Api::namespaced(self.cluster.client(), NS)
+    }
+
+    /// The schedule's `Ready` condition, if it has one.
+    async fn ready(&self, name: &str) -> Option<(String, String, String)> {
+        self.schedules()
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.status)
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+            .map(|c| (c.status, c.reason, c.message))
+    }
+
+    /// Waits until the schedule's `Ready` condition has `status` and `reason`; its message.
+    async fn wait_ready(&self, name: &str, status: &str, reason: &str) -> String {
+        let what = format!("JobSchedule {name} Ready={status} {reason}");
+        wait_for(DEADLINE, &what, || async {
+            self.ready(name)
+                .await
+                .is_some_and(|(s, r, _)| s == status && r == reason)
+        })
+        .await
+        .unwrap();
+        self.ready(name)
+            .await
+            .map(|(_, _, m)| m)
+            .unwrap_or_default()
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.nats.url()).await.unwrap()
+    }
+
+    /// The ids of the jobs in the work stream of `queue`, in order.
+    async fn job_ids(&self, queue: &str) -> Vec<String> {
+        let nats = self.nats.client().await.unwrap();
+        let queue = QueueRef::new(NS, queue);
+        let stream = queue.stream();
+        let mut ids = Vec::new();
+        let mut from = 1;
+        while let Ok(Some(job)) =
+            conveyor::stored::next(&nats, &stream, &queue.jobs_wildcard(), from).await
+        {
+            let headers = job.block().header_map();
+            let envelope = JobEnvelope::decode(Some(&headers), &stream, job.sequence).unwrap();
+            ids.push(envelope.id);
+            from = job.sequence + 1;
+        }
+        ids
+    }
+
+    /// Waits until the work stream of `queue` holds at least `n` jobs; their ids.
+    async fn wait_jobs(&self, queue: &str, n: usize) -> Vec<String> {
+        let what = format!("{n} jobs in queue {queue}");
+        wait_for(DEADLINE, &what, || async {
+            self.job_ids(queue).await.len() >= n
+        })
+        .await
+        .unwrap();
+        self.job_ids(queue).await
+    }
+
+    async fn shutdown(mut self) {
+        self.stop_operator().await;
+        self.cluster.shutdown().await;
+    }
+}
+
+fn queue_yaml(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: {name}}}\nspec: {{{extra}}}\n"
+    )
+}
+
+fn schedule_yaml(name: &str, queue: &str, schedule: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobSchedule\nmetadata: {{name: {name}}}\nspec:\n  schedule: '{schedule}'\n  job: {{queue: {queue}, payload: hello}}\n{extra}"
+    )
+}
+
+/// The slot time of a run id `<name>@<time>`.
+fn slot(id: &str) -> k8s_openapi::jiff::Timestamp {
+    id.rsplit_once('@')
+        .and_then(|(_, t)| t.parse().ok())
+        .unwrap_or_else(|| panic!("{id} names no slot"))
+}
+
+/// Asserts the ids are distinct runs of `name`, one per second, without a gap.
+fn assert_consecutive_seconds(name: &str, ids: &[String]) {
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a slot ran twice: {ids:?}");
+    for pair in ids.windows(2) {
+        assert!(pair[0].starts_with(&format!("{name}@")), "{ids:?}");
+        let gap = slot(&pair[1]).as_second() - slot(&pair[0]).as_second();
+        assert_eq!(gap, 1, "runs one second apart: {ids:?}");
+    }
+}
+
+#[tokio::test]
+async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
+    let env = Env::new().await;
+    env.apply_ok(&queue_yaml("ticks", "")).await;
+    env.apply_ok(&schedule_yaml("tick", "ticks", "@every 1s", ""))
+        .await;
+    let message = env.wait_ready("tick", "True", "Scheduled").await;
+    assert!(
+        message.contains("conveyor.team.ticks.schedule."),
+        "{message}"
+    );
+
+    let ids = env.wait_jobs("ticks", 3).await;
+    assert_consecutive_seconds("tick", &ids);
+    let api = env.schedules();
+    wait_for(DEADLINE, "status.lastRun and nextRun", || async {
+        let status = api.get("tick").await.unwrap().status.unwrap_or_default();
+        status.last_run.is_some() && status.next_run.is_some()
+    })
+    .await
+    .unwrap();
+    let table = kubectl(&env.cluster, &["get", "jobschedules", "-n", NS], None).await;
+    for column in ["SCHEDULE", "SUSPEND", "LAST", "NEXT", "@every 1s"] {
+        assert!(table.stdout.contains(column), "{}", table.stdout);
+    }
+
+    // Suspend: the server holds no schedule, so nothing more is submitted.
+    let patch = r#"{"spec":{"suspend":true}}"#;
+    let out = kubectl(
+        &env.cluster,
+        &[
+            "patch",
+            "jobschedule",
+            "tick",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            patch,
+        ],
+        None,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    env.wait_ready("tick", "True", "Suspended").await;
+    let nats = env.nats.client().await.unwrap();
+    let queue = QueueRef::new(NS, "ticks");
+    let subject = conveyor::schedule::schedule_subject(&queue, "tick");
+    let held = conveyor::stored::last(&nats, &queue.delayed_stream(), &subject)
+        .await
+        .unwrap();
+    assert!(
+        held.is_none(),
+        "a suspended schedule is removed from the server"
+    );
+    let suspended = env.job_ids("ticks").await;
+    let suspended_at = k8s_openapi::jiff::Timestamp::now();
+    // Two slots go by without a run (a run due before the removal may still land).
+    wait_for(DEADLINE, "two seconds of suspension", || async {
+        k8s_openapi::jiff::Timestamp::now().as_second() >= suspended_at.as_second() + 3
+    })
+    .await
+    .unwrap();
+    let after = env.job_ids("ticks").await;
+    assert!(
+        after.len() <= suspended.len() + 1,
+        "{suspended:?} then {after:?}"
+    );
+
+    // Resume: runs start again from now, without catching up on the skipped slots.
+    let patch = r#"{"spec":{"suspend":false}}"#;
+    let out = kubectl(
+        &env.cluster,
+        &[
+            "patch",
+            "jobschedule",
+            "tick",
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            patch,
+        ],
+        None,
+    )
+    .await;
+    assert!(out.ok, "{}", out.stderr);
+    env.wait_ready("tick", "True", "Scheduled").await;
+    let resumed = env.wait_jobs("ticks", after.len() + 3).await;
+    let new_runs = &resumed[after.len()..];
+    assert_consecutive_seconds("tick", new_runs);
+    assert!(
+        slot(&new_runs[0]).as_second() >= suspended_at.as_second() + 3,
+        "no run for a slot skipped while suspended: {new_runs:?}"
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_server_keeps_running_a_schedule_while_the_operator_is_down_and_after_a_nats_restart() {
+    let mut env = Env::new().await;
+    env.apply_ok(&queue_yaml("ticks", "")).await;
+    env.apply_ok(&schedule_yaml("tick", "ticks", "@every 1s", ""))
+        .await;
+    env.wait_ready("tick", "True", "Scheduled").await;
+    env.wait_jobs("ticks", 1).await;
+
+    env.stop_operator().await;
+    let before = env.job_ids("ticks").await.len();
+    // Five more runs with no operator running.
+    let ids = env.wait_jobs("ticks", before + 5).await;
+    assert_consecutive_seconds("tick", &ids);
+
+    // The operator comes back: it leaves the schedule alone (republishing would restart the
+    // interval) and no slot runs twice.
+    env.start_operator();
+    env.wait_ready("tick", "True", "Scheduled").await;
+    let ids = env.wait_jobs("ticks", ids.len() + 2).await;
+    assert_consecutive_seconds("tick", &ids);
+
+    // NATS restarts: the schedule is stored in the file-backed delayed stream and resumes.
+    env.nats.restart().await.unwrap();
+    let restarted = env.job_ids("ticks").await.len();
+    let ids = env.wait_jobs("ticks", restarted + 2).await;
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a slot ran twice: {ids:?}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_schedules_are_refused_or_reported() {
+    let env = Env::new().await;
+    // The API server refuses what CEL can judge.
+    let out = env
+        .apply(&schedule_yaml("bad", "q", "every minute", ""))
+        .await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("schedule must be five cron fields"),
+        "{}",
+        out.stderr
+    );
+    let out = env
+        .apply(&schedule_yaml(
+            "bad",
+            "q",
+            "@every 1s",
+            "  timeZone: Europe/Berlin\n",
+        ))
+        .await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr.contains("timeZone applies to cron"),
+        "{}",
+        out.stderr
+    );
+
+    // The rest gets Ready=False with the parser's or the operator's message.
+    env.apply_ok(&schedule_yaml("orphan", "nosuch", "@hourly", ""))
+        .await;
+    let message = env.wait_ready("orphan", "False", "QueueNotFound").await;
+    assert!(message.contains("nosuch"), "{message}");
+
+    env.apply_ok(&queue_yaml("small", "stream: {maxJobSize: 200}"))
+        .await;
+    env.apply_ok(&schedule_yaml(
+        "zone",
+        "small",
+        "0 9 * * *",
+        "  timeZone: Mars/Olympus\n",
+    ))
+    .await;
+    let message = env.wait_ready("zone", "False", "InvalidTimeZone").await;
+    assert!(message.contains("Mars/Olympus"), "{message}");
+
+    env.apply_ok(&schedule_yaml("minute", "small", "61 * * * *", ""))
+        .await;
+    let message = env.wait_ready("minute", "False", "InvalidSchedule").await;
+    assert!(message.contains("61 * * * *"), "{message}");
+
+    let big = format!(
+        "apiVersion: conveyor.dev/v1alpha1\nkind: JobSchedule\nmetadata: {{name: big}}\nspec:\n  schedule: '@hourly'\n  job: {{queue: small, payload: '{}'}}\n",
+        "x".repeat(300)
+    );
+    env.apply_ok(&big).await;
+    let message = env.wait_ready("big", "False", "JobTooLarge").await;
+    assert!(message.contains("maxJobSize of 200"), "{message}");
+
+    // The queue's stream exists, but none of the refused schedules reached it.
+    let nats = env.nats.client().await.unwrap();
+    let queue = QueueRef::new(NS, "small");
+    for name in ["zone", "minute", "big"] {
+        let subject = conveyor::schedule::schedule_subject(&queue, name);
+        let held = conveyor::stored::last(&nats, &queue.delayed_stream(), &subject).await;
+        assert!(matches!(held, Ok(None)), "{name}: {held:?}");
+    }
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn deduplication_window_refuses_a_duplicate_within_it_and_forgets_after() {
+    let env = Env::new().await;
+    env.apply_ok(&queue_yaml("daily", "deduplicationWindow: 1d"))
+        .await;
+    env.apply_ok(&queue_yaml("brief", "deduplicationWindow: 2s"))
+        .await;
+    let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
+    let window = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            let stream = QueueRef::new(NS, name).stream();
+            match js.get_stream(stream).await {
+                Ok(mut s) => s.info().await.ok().map(|i| i.config.duplicate_window),
+                Err(_) => None,
+            }
+        }
+    };
+    wait_for(
+        DEADLINE,
+        "the daily queue's stream with a 1-day window",
+        || async { window("daily").await == Some(Duration::from_secs(86_400)) },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        DEADLINE,
+        "the brief queue's stream with a 2s window",
+        || async { window("brief").await == Some(Duration::from_secs(2)) },
+    )
+    .await
+    .unwrap();
+
+    let client = env.client().await;
+    let daily = QueueRef::new(NS, "daily");
+    let first = client
+        .submit(&daily, Job::new("report-1", "a"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    let again = client
+        .submit(&daily, Job::new("report-1", "a"))
+        .await
+        .unwrap();
+    assert!(
+        again.duplicate,
+        "a second submission within the day is a duplicate"
+    );
+    assert_eq!(again.sequence, first.sequence);
+
+    // The short window: the same id is a new job once the window has passed.
+    let brief = QueueRef::new(NS, "brief");
+    let first = client.submit(&brief, Job::new("ping", "a")).await.unwrap();
+    assert!(
+        client
+            .submit(&brief, Job::new("ping", "a"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    wait_for(
+        DEADLINE,
+        "the id to be accepted again after the window",
+        || async {
+            let ack = client.submit(&brief, Job::new("ping", "a")).await.unwrap();
+            !ack.duplicate && ack.sequence > first.sequence
+        },
+    )
+    .await
+    .unwrap();
+
+    // A window longer than the queue keeps jobs is refused with the reason.
+    env.apply_ok(&queue_yaml(
+        "odd",
+        "deduplicationWindow: 2d, stream: {maxAge: 1d}",
+    ))
+    .await;
+    let queues: Api<conveyor_crds::JobQueue> = Api::namespaced(env.cluster.client(), NS);
+    wait_for(DEADLINE, "JobQueue odd Ready=False InvalidSpec", || async {
+        queues
+            .get_opt("odd")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|q| q.status)
+            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| {
+                c.reason == "InvalidSpec" && c.message.contains("longer than stream.maxAge")
+            })
+    })
+    .await
+    .unwrap();
+    env.shutdown().await;
+}
