@@ -152,6 +152,10 @@ impl QueueRef {
 /// Durable consumer of the events stream through which the operator's dispatcher reads the
 /// advisories.
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";
+/// Queue group of the wake-up subscriptions of idle multi-level workers on a queue's job
+/// subjects: each published job wakes one idle worker, not all of them (and a message the NATS
+/// client cannot read reaches one of them, not every idle one).
+pub const WAKE_GROUP: &str = "conveyor-wake";
 
 /// Environment variables the operator sets in worker pods and the runtime reads.
 pub mod env {

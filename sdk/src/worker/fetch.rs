@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Handler, Observer, Shared, job::process};
+use crate::names::WAKE_GROUP;
 use crate::pull::{Pulled, Puller};
 
 const STARVATION_GUARD_ROUNDS: u64 = 10;
@@ -275,7 +276,9 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
         // come back after a nak delay or ack wait publish nothing, so re-check every poll_wait.
         match &mut wake {
             None => match jobs
-                .alongside(nats.subscribe(shared.queue.jobs_wildcard()))
+                .alongside(
+                    nats.queue_subscribe(shared.queue.jobs_wildcard(), WAKE_GROUP.to_owned()),
+                )
                 .await
             {
                 Ok(subscriber) => {
