@@ -38,6 +38,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Inspect, requeue and purge a queue's dead letters.
     Dlq(crate::dlq::DlqArgs),
+    /// List, show, trigger, suspend and resume JobSchedules (recurring jobs).
+    Schedule(crate::schedule::ScheduleArgs),
     /// Measure Conveyor against raw JetStream on the same server in the same run.
     Bench(BenchArgs),
 }
@@ -50,6 +52,7 @@ impl Command {
             Command::Submit(_)
             | Command::Status(_)
             | Command::Dlq(_)
+            | Command::Schedule(_)
             | Command::Cancel(_)
             | Command::Result(_) => "warn",
             // kube-client traces every failed request at ERROR, which at a clean shutdown are

@@ -8,6 +8,7 @@ mod dev;
 mod discover;
 mod dlq;
 mod input;
+mod schedule;
 mod status;
 mod submit;
 
@@ -32,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Result(args) => submit::result(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Schedule(args) => schedule::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     };
     match result {

@@ -22,7 +22,11 @@ const FIELD_MANAGER: &str = "conveyor-dev";
 pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    for crd in [conveyor_crds::JobQueue::crd(), conveyor_crds::Worker::crd()] {
+    for crd in [
+        conveyor_crds::JobQueue::crd(),
+        conveyor_crds::Worker::crd(),
+        conveyor_crds::JobSchedule::crd(),
+    ] {
         let name = crd.name_any();
         crds.patch(&name, &params, &Patch::Apply(&crd))
             .await

@@ -1,0 +1,246 @@
+//! `conveyor schedule`: the JobSchedules of a namespace — list them with their last and next
+//! run, show one, pause and resume one (`spec.suspend`, through the Kubernetes API), or submit
+//! one run now (`trigger`: the job the NATS server holds for the schedule, with the id
+//! `<name>@<now>`, so a second trigger within the same second is a duplicate).
+
+use anyhow::{Context as _, anyhow};
+use clap::{Args, Subcommand};
+use conveyor_crds::JobSchedule;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::config::KubeConfigOptions;
+use kube::{Api, ResourceExt};
+
+use crate::args::QueueArgs;
+
+/// Arguments of `conveyor schedule`.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ScheduleCommand,
+}
+
+/// The `schedule` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// List the namespace's JobSchedules: queue, schedule, suspended, last and next run.
+    List(ListArgs),
+    /// Show one JobSchedule: its job, its state and its last run.
+    Show(NameArgs),
+    /// Submit one run now, with the job id `<name>@<now>`.
+    Trigger(NameArgs),
+    /// Pause a schedule (`spec.suspend: true`): the NATS server stops submitting runs.
+    Suspend(NameArgs),
+    /// Resume a paused schedule; it starts afresh, without catching up on skipped runs.
+    Resume(NameArgs),
+}
+
+/// Arguments of `conveyor schedule list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+}
+
+/// Arguments of the `schedule` subcommands that name one JobSchedule.
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// Connection and namespace.
+    #[command(flatten)]
+    pub queue_args: QueueArgs,
+    /// Name of the JobSchedule.
+    pub name: String,
+}
+
+/// Runs `conveyor schedule …`.
+pub async fn run(args: ScheduleArgs) -> anyhow::Result<()> {
+    match args.command {
+        ScheduleCommand::List(args) => list(&args.queue_args).await,
+        ScheduleCommand::Show(args) => show(&args).await,
+        ScheduleCommand::Trigger(args) => trigger(&args).await,
+        ScheduleCommand::Suspend(args) => set_suspend(&args, true).await,
+        ScheduleCommand::Resume(args) => set_suspend(&args, false).await,
+    }
+}
+
+async fn api(args: &QueueArgs) -> anyhow::Result<Api<JobSchedule>> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..KubeConfigOptions::default()
+    };
+    let config = kube::Config::from_kubeconfig(&options)
+        .await
+        .context("reading the kubeconfig (JobSchedules live in Kubernetes)")?;
+    let client = kube::Client::try_from(config).context("building a Kubernetes client")?;
+    Ok(Api::namespaced(client, &args.namespace))
+}
+
+async fn get(args: &NameArgs) -> anyhow::Result<(Api<JobSchedule>, JobSchedule)> {
+    let api = api(&args.queue_args).await?;
+    let ns = &args.queue_args.namespace;
+    let schedule = api
+        .get_opt(&args.name)
+        .await
+        .with_context(|| format!("looking up JobSchedule {ns}/{}", args.name))?
+        .ok_or_else(|| anyhow!("no JobSchedule {} in namespace {ns}", args.name))?;
+    Ok((api, schedule))
+}
+
+/// One row of `schedule list`.
+fn row(s: &JobSchedule) -> [String; 7] {
+    let status = s.status.clone().unwrap_or_default();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| format!("{} ({})", c.status, c.reason))
+        .unwrap_or_else(|| "-".into());
+    [
+        s.name_any(),
+        s.spec.job.queue.clone(),
+        s.spec.schedule.clone(),
+        s.spec.suspend.to_string(),
+        status
+            .last_run
+            .map(|r| r.job_id)
+            .unwrap_or_else(|| "-".into()),
+        status
+            .next_run
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(|| "-".into()),
+        ready,
+    ]
+}
+
+/// An aligned table with a header row.
+fn table(header: [&str; 7], rows: &[[String; 7]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("   ").trim_end().to_owned()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+async fn list(args: &QueueArgs) -> anyhow::Result<()> {
+    let api = api(args).await?;
+    let schedules = api
+        .list(&ListParams::default())
+        .await
+        .with_context(|| format!("listing the JobSchedules of {}", args.namespace))?;
+    if schedules.items.is_empty() {
+        println!("no JobSchedules in namespace {}", args.namespace);
+        return Ok(());
+    }
+    let rows: Vec<_> = schedules.items.iter().map(row).collect();
+    let header = [
+        "NAME", "QUEUE", "SCHEDULE", "SUSPEND", "LAST RUN", "NEXT", "READY",
+    ];
+    println!("{}", table(header, &rows));
+    Ok(())
+}
+
+async fn show(args: &NameArgs) -> anyhow::Result<()> {
+    let (_, s) = get(args).await?;
+    let status = s.status.clone().unwrap_or_default();
+    println!("name:      {}", s.name_any());
+    println!("queue:     {}", s.spec.job.queue);
+    println!("schedule:  {}", s.spec.schedule);
+    println!(
+        "time zone: {}",
+        s.spec.time_zone.as_deref().unwrap_or("UTC")
+    );
+    println!("suspend:   {}", s.spec.suspend);
+    if let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready") {
+        println!(
+            "ready:     {} ({}): {}",
+            ready.status, ready.reason, ready.message
+        );
+    }
+    match &status.last_run {
+        Some(run) => println!("last run:  {} (job {})", run.time.0, run.job_id),
+        None => println!("last run:  -"),
+    }
+    match &status.next_run {
+        Some(next) => println!("next run:  {}", next.0),
+        None => println!("next run:  -"),
+    }
+    if let Some(subject) = &status.subject {
+        println!("subject:   {subject}");
+    }
+    Ok(())
+}
+
+async fn trigger(args: &NameArgs) -> anyhow::Result<()> {
+    let (_, s) = get(args).await?;
+    let queue_name = &s.spec.job.queue;
+    let nats = crate::discover::connect(&args.queue_args, Some(queue_name)).await?;
+    let js = async_nats::jetstream::new(nats);
+    let queue = args.queue_args.queue(queue_name);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    match conveyor::schedule::trigger(&js, &queue, &args.name, now).await? {
+        Some(id) => {
+            println!("{id}");
+            Ok(())
+        }
+        None => Err(anyhow!(
+            "the NATS server holds no schedule {} (suspended, or not Ready: see `conveyor schedule show {}`)",
+            args.name,
+            args.name
+        )),
+    }
+}
+
+async fn set_suspend(args: &NameArgs, suspend: bool) -> anyhow::Result<()> {
+    let (api, _) = get(args).await?;
+    let patch = serde_json::json!({"spec": {"suspend": suspend}});
+    api.patch(&args.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .with_context(|| format!("updating JobSchedule {}", args.name))?;
+    let done = if suspend { "suspended" } else { "resumed" };
+    println!("jobschedule {} {done}", args.name);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_aligns_its_columns() {
+        let rows = [[
+            "nightly".to_owned(),
+            "reports".to_owned(),
+            "30 2 * * *".to_owned(),
+            "false".to_owned(),
+            "nightly@2026-12-02T01:30:00Z".to_owned(),
+            "2026-12-03T01:30:00Z".to_owned(),
+            "True (Scheduled)".to_owned(),
+        ]];
+        let out = table(
+            [
+                "NAME", "QUEUE", "SCHEDULE", "SUSPEND", "LAST RUN", "NEXT", "READY",
+            ],
+            &rows,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].find("QUEUE"), lines[1].find("reports"), "{out}");
+        assert_eq!(lines[0].find("READY"), lines[1].find("True"), "{out}");
+    }
+}
