@@ -201,6 +201,9 @@ impl Default for Metrics {
             "Worker pool size changes made by the scaler",
             scalings.clone(),
         );
+        for direction in ["up", "down"] {
+            let _ = scalings.get_or_create(&ScaleLabels { direction });
+        }
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -529,6 +532,10 @@ impl Metrics {
             queue: labels.queue.clone(),
             reason,
         };
+        // Every reason from the start, so `increase()` sees a Worker's first crash.
+        for r in CRASH_REASONS {
+            let _ = w.crashes.get_or_create(&reason(r));
+        }
         let mut troubled: HashMap<&'static str, i64> = HashMap::new();
         let mut seen = Restarts::new();
         for pod in listed {
@@ -805,7 +812,12 @@ mod tests {
             )),
             "{text}"
         );
-        assert!(!text.contains(r#"reason="Error"} "#), "{text}");
+        assert!(
+            text.contains(&format!(
+                r#"conveyor_worker_crashes_total{{{labels},reason="Error"}} 0"#
+            )),
+            "{text}"
+        );
         let text = observe(&[
             pod("old", before, 6, "Error"),
             pod("new", after, 3, "SIGSEGV"),
