@@ -5,7 +5,10 @@
 //! jobs with distinct ids add no series; deleting the queue and the Worker removes theirs; and
 //! every metric the chart's Grafana dashboard and alert rules query is one that the operator or
 //! the worker runtime exports. Kubernetes test double (API server only), a real `nats-server`,
-//! the operator in-process.
+//! the operator in-process. And with the test double's kubelet running real worker pods: an
+//! OOM-killed pod counts as a crash by reason and as a troubled pod.
+
+mod worker_env;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -456,4 +459,83 @@ spec:
         .unwrap()
         .expect("operator exits cleanly");
     cluster.shutdown().await;
+}
+
+// The handler writes 300 MiB (touched, so resident) under a 64 MiB limit.
+const HEAVY: &str = r#"apiVersion: conveyor.dev/v1alpha1
+kind: JobQueue
+metadata: {name: heavy}
+spec:
+  timeout: 30s
+  retry: {maxAttempts: 2}
+---
+apiVersion: conveyor.dev/v1alpha1
+kind: Worker
+metadata: {name: heavy}
+spec:
+  queue: heavy
+  replicas: 1
+  handler:
+    mode: exec
+    command: ["python3", "-c", "import time; x = b'x' * (300 << 20); time.sleep(30)"]
+  template:
+    spec:
+      containers:
+        - name: handler
+          image: ghcr.io/conveyor-dev/handler
+          resources: {limits: {memory: 64Mi}}
+"#;
+
+#[tokio::test]
+async fn an_oom_killed_worker_pod_counts_as_a_crash_by_reason() {
+    let port = conveyor_testkit::free_port().unwrap();
+    let env = worker_env::Env::start_with(|c| {
+        c.http_addr = format!("127.0.0.1:{port}").parse().unwrap();
+    })
+    .await;
+    env.apply(HEAVY).await;
+    let queue = QueueRef::new(worker_env::NS, "heavy");
+    env.wait_stream(&queue.stream()).await;
+    let w = r#"{namespace="team",worker="heavy",queue="heavy""#;
+    let ready = format!("conveyor_worker_ready_replicas{w}}}");
+    let oom = format!(r#"conveyor_worker_crashes_total{w},reason="OOMKilled"}}"#);
+    wait_for(
+        DEADLINE,
+        "a ready pod and no crash in /metrics",
+        move || {
+            let (ready, oom) = (ready.clone(), oom.clone());
+            async move {
+                let text = scrape(port).await;
+                value(&text, &ready) == Some(1.0) && value(&text, &oom) == Some(0.0)
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    let client = conveyor::Client::connect(&env.nats.url()).await.unwrap();
+    client
+        .submit(&queue, conveyor::Job::new("resize-huge-image", "boom"))
+        .await
+        .unwrap();
+    let oom = format!(r#"conveyor_worker_crashes_total{w},reason="OOMKilled"}}"#);
+    let troubled = format!(r#"conveyor_worker_troubled_pods{w},reason="OOMKilled"}}"#);
+    let last = std::sync::Mutex::new(String::new());
+    let seen = &last;
+    let counted = wait_for(DEADLINE, "the OOM kill counted in /metrics", move || {
+        let (oom, troubled) = (oom.clone(), troubled.clone());
+        async move {
+            let text = scrape(port).await;
+            let ok = value(&text, &oom).is_some_and(|n| n >= 1.0)
+                && value(&text, &troubled) == Some(1.0);
+            *seen.lock().unwrap() = text;
+            ok
+        }
+    })
+    .await;
+    let text = last.lock().unwrap().clone();
+    assert!(counted.is_ok(), "{counted:?}\n{text}");
+    // The job id stays out of the labels even though the pod's last words name it.
+    assert!(!text.contains("resize-huge-image"), "{text}");
+    env.shutdown().await;
 }
