@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::bounds;
 
 /// CEL rule of `spec.schedule`: a preset, `@every <h/m/s duration>`, or five cron fields of
-/// digits, names and `*,/-`.
-/// The CEL rule on the field says which forms are accepted; the operator and the NATS server
-/// then judge the values.
+/// digits, names and `*,/-`. It judges the form only; the operator's cron parser and the NATS
+/// server judge the values (`Ready=False`, `InvalidSchedule`).
 pub const CRON_RULE: &str = "self.matches('^@(yearly|annually|monthly|weekly|daily|midnight|hourly)$') || (self.matches('^@every ([0-9]{1,5}h)?([0-9]{1,6}m)?([0-9]{1,8}s)?$') && self != '@every ') || self.matches('^[0-9A-Za-z*,/-]+( +[0-9A-Za-z*,/-]+){4}$')";
 
 /// A job submitted on a schedule (cron with a time zone, a preset, or a fixed interval).

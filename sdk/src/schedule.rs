@@ -432,10 +432,10 @@ pub async fn ensure(
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     if let Some(current) = current {
         let headers = current.block().header_map();
-        if message.matches(&headers, &current.payload) {
-            if let Ok(written) = current.time.parse::<Timestamp>() {
-                return Ok(written);
-            }
+        if message.matches(&headers, &current.payload)
+            && let Ok(written) = current.time.parse::<Timestamp>()
+        {
+            return Ok(written);
         }
     }
     let published = Timestamp::now();
