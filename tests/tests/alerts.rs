@@ -3,7 +3,7 @@
 //! keeps the series' own `namespace`, a PodMonitor of the worker pods, the Grafana dashboard
 //! ConfigMap with the sidecar's label, and a PrometheusRule whose rules `promtool check rules`
 //! accepts and whose alerts fire as `charts/conveyor/tests/alerts.test.yaml` expects
-//! (`promtool test rules`, synthetic series).
+//! (`promtool test rules`, synthetic series). Bad monitoring values are refused by the schema.
 
 use std::path::Path;
 use std::process::Command;
@@ -134,4 +134,24 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         &["test", "rules", "alerts.test.yaml"],
     );
     assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+#[test]
+fn the_schema_refuses_bad_monitoring_values() {
+    let script = repo("scripts/render-chart.py");
+    for bad in [
+        r#"{"metrics": {"prometheusRule": {"failureRatio": 2}}}"#,
+        r#"{"metrics": {"prometheusRule": {"backlogFor": "soon"}}}"#,
+        r#"{"metrics": {"serviceMonitor": {"enabled": "yes"}}}"#,
+        r#"{"metrics": {"grafanaDashboard": {"label": {"x": "1"}}}}"#,
+    ] {
+        let out = Command::new("python3")
+            .args([script.to_str().unwrap(), "--set-json", bad])
+            .current_dir(repo(""))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("metrics"), "{bad}: {stderr}");
+    }
 }
