@@ -95,6 +95,11 @@ impl QueueRef {
         format!("{}.due.{priority}", self.subject_prefix())
     }
 
+    /// Every delayed job's schedule subject: `<prefix>.delayed.*`.
+    pub fn delayed_wildcard(&self) -> String {
+        format!("{}.delayed.*", self.subject_prefix())
+    }
+
     /// The results stream: `conveyor_<namespace>_<queue>_results`. It keeps each finished
     /// job's outcome (one per job id) for the queue's `results.retention`.
     pub fn results_stream(&self) -> String {

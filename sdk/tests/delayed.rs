@@ -222,3 +222,92 @@ async fn due_job_waits_while_the_queue_is_full() -> anyhow::Result<()> {
     stop.cancel();
     Ok(())
 }
+
+/// A multi-level worker waits between sweeps for a publish on the job subjects; jobs that become
+/// ready without a publish must not wait out its `poll_wait` (30 s here): a delayed job's due
+/// copy wakes it, and so does the due time of a job it retried with a backoff itself.
+#[tokio::test]
+async fn due_and_retried_jobs_on_a_multi_level_queue_do_not_wait_for_the_poll() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start().await?;
+    let (client, queue) = queue_with(&nats, 2).await?;
+    let ran: Arc<Mutex<Vec<(String, u32, std::time::Instant)>>> = Arc::default();
+    let stop = CancellationToken::new();
+    let options = WorkerOptions {
+        concurrency: 2,
+        priorities: 2,
+        poll_wait: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(5),
+        pod_name: "test-pod".into(),
+        ..Default::default()
+    };
+    let worker = {
+        let ran = ran.clone();
+        Worker::new(client.jetstream().clone(), queue.clone())
+            .options(options)
+            .handler(move |job: ReceivedJob| {
+                let ran = ran.clone();
+                async move {
+                    let first = job.attempt == 1 && job.id.starts_with("retry");
+                    ran.lock().unwrap().push((
+                        job.id.clone(),
+                        job.attempt,
+                        std::time::Instant::now(),
+                    ));
+                    if first {
+                        Outcome::Retry {
+                            after: Some(Duration::from_secs(1)),
+                        }
+                    } else {
+                        Outcome::Done(job.payload)
+                    }
+                }
+            })
+            .run(stop.clone().cancelled_owned())
+    };
+    let worker = tokio::spawn(worker);
+    let submitted = std::time::Instant::now();
+    client
+        .submit(
+            &queue,
+            Job::new("later-1", "x").delay(Duration::from_secs(1)),
+        )
+        .await?;
+    client.submit(&queue, Job::new("retry-1", "x")).await?;
+    let done = |id: &'static str, attempt: u32| {
+        let ran = ran.clone();
+        move || {
+            let ran = ran.clone();
+            async move {
+                ran.lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(i, a, _)| i == id && *a == attempt)
+            }
+        }
+    };
+    // Far sooner than the 30 s poll, with room for a busy machine.
+    const SOONER: Duration = Duration::from_secs(15);
+    wait_for(SOONER, "the delayed job ran", done("later-1", 1)).await?;
+    client.submit(&queue, Job::new("retry-1", "x")).await?;
+    wait_for(SOONER, "the retried job ran again", done("retry-1", 2)).await?;
+    let at = |id: &str, attempt: u32| {
+        ran.lock()
+            .unwrap()
+            .iter()
+            .find(|(i, a, _)| i == id && *a == attempt)
+            .map(|(_, _, t)| *t)
+            .unwrap()
+    };
+    assert!(
+        at("later-1", 1) >= submitted + Duration::from_millis(900),
+        "not before its time"
+    );
+    assert!(
+        at("retry-1", 2) >= at("retry-1", 1) + Duration::from_millis(900),
+        "not before its backoff"
+    );
+    stop.cancel();
+    worker.await??;
+    Ok(())
+}

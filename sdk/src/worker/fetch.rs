@@ -172,7 +172,7 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
 ) {
     let slots = Arc::new(Semaphore::new(shared.options.concurrency));
     let nats = shared.jetstream.client();
-    let mut wake: Option<async_nats::Subscriber> = None;
+    let mut wake: Option<Wake> = None;
     let mut round: u64 = 0;
     let mut error_delay = Duration::from_millis(100);
     let tokens = if shared.options.rate_limited {
@@ -275,28 +275,24 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
         // Nothing ready. Listen for new jobs before sweeping again, so none is missed; jobs that
         // come back after a nak delay or ack wait publish nothing, so re-check every poll_wait.
         match &mut wake {
-            None => match jobs
-                .alongside(
-                    nats.queue_subscribe(shared.queue.jobs_wildcard(), WAKE_GROUP.to_owned()),
-                )
-                .await
-            {
-                Ok(subscriber) => {
+            None => match jobs.alongside(Wake::subscribe(&nats, &shared.queue)).await {
+                Ok(subscribed) => {
                     if let Err(error) = jobs.alongside(nats.flush()).await {
-                        debug!(%error, "flushing wake-up subscription");
+                        debug!(%error, "flushing wake-up subscriptions");
                     }
-                    wake = Some(subscriber);
+                    wake = Some(subscribed);
                 }
                 Err(error) => {
                     jobs.alongside(pause_after_error(error.to_string(), &mut error_delay, stop))
                         .await
                 }
             },
-            Some(subscriber) => {
+            Some(subscribed) => {
+                let until = shared.next_due(shared.options.poll_wait);
                 jobs.alongside(async {
                     tokio::select! {
-                        _ = subscriber.next() => {}
-                        () = tokio::time::sleep(shared.options.poll_wait) => {}
+                        () = subscribed.next(shared) => {}
+                        () = tokio::time::sleep(until) => {}
                         () = stop.cancelled() => {}
                     }
                 })
@@ -304,6 +300,58 @@ pub(super) async fn fetch_loop<'a, H: Handler, O: Observer>(
             }
         }
     }
+}
+
+/// What wakes an idle multi-level worker before its `poll_wait`: a job published on one of
+/// the queue's job subjects, and the due time of a job that becomes ready without a publish
+/// (the server's scheduler writes a delayed job's due copy without one): a delayed job seen
+/// submitted on `delayed.*`, or a job this worker retried with a backoff
+/// ([`Shared::next_due`]). In the queue group [`WAKE_GROUP`], so one idle worker hears of each
+/// job.
+struct Wake {
+    jobs: async_nats::Subscriber,
+    delayed: async_nats::Subscriber,
+}
+
+impl Wake {
+    async fn subscribe(
+        nats: &async_nats::Client,
+        queue: &crate::names::QueueRef,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let group = || WAKE_GROUP.to_owned();
+        Ok(Self {
+            jobs: nats.queue_subscribe(queue.jobs_wildcard(), group()).await?,
+            delayed: nats
+                .queue_subscribe(queue.delayed_wildcard(), group())
+                .await?,
+        })
+    }
+
+    /// Until a job is published, or a delayed one (whose due time is then remembered).
+    async fn next<H, O>(&mut self, shared: &Shared<H, O>) {
+        tokio::select! {
+            _ = self.jobs.next() => {}
+            Some(message) = self.delayed.next() => {
+                if let Some(at) = due_time(&message) {
+                    shared.due_at(at);
+                }
+            }
+        }
+    }
+}
+
+/// When a delayed job's schedule (`Nats-Schedule: @at <RFC 3339>`) makes it due, as an
+/// instant of this process; `None` for anything else.
+fn due_time(message: &async_nats::Message) -> Option<std::time::Instant> {
+    let value = message
+        .headers
+        .as_ref()?
+        .get(crate::protocol::schedule::SCHEDULE)?;
+    let at: jiff::Timestamp = value.as_str().strip_prefix("@at ")?.trim().parse().ok()?;
+    let now = jiff::Timestamp::now();
+    let wait = now.duration_until(at);
+    let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
+    std::time::Instant::now().checked_add(wait)
 }
 
 /// What a worker may ask for with its free slots.

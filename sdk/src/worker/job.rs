@@ -231,6 +231,7 @@ async fn retry<H, O>(
         warn!(job = %id, %error, "nak failed; the job comes back after the ack wait");
     }
     shared.retried.fetch_add(1, Ordering::Relaxed);
+    shared.due_at(std::time::Instant::now() + delay);
     Disposition::Retried { delay }
 }
 

@@ -395,6 +395,10 @@ struct Shared<H, O> {
     give_back: CancellationToken,
     /// Cancelled job ids and the jobs running here.
     cancels: Arc<Mutex<cancels::Cancels>>,
+    /// When jobs that publish nothing on becoming ready (those this worker retried with a
+    /// backoff, delayed jobs it saw submitted) are due, earliest first: an idle multi-level
+    /// worker wakes then instead of after its `poll_wait`. At most [`DUE_TIMES_REMEMBERED`].
+    due_times: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<std::time::Instant>>>,
     /// Jobs handed to the handler so far (for `max_jobs`).
     started: AtomicU64,
     acked: AtomicU64,
@@ -403,6 +407,53 @@ struct Shared<H, O> {
     given_back: AtomicU64,
     cancelled: AtomicU64,
 }
+
+impl<H, O> Shared<H, O> {
+    /// Remembers that a job becomes ready at `at` without any publish announcing it: an idle
+    /// worker pulls a little after `at` and, in case the server made it deliverable later
+    /// than that (its scheduler fires on whole seconds, then the work stream sources the
+    /// copy), a few more times within the next seconds ([`DUE_FOLLOW_UPS`]).
+    fn due_at(&self, at: std::time::Instant) {
+        let mut due = self
+            .due_times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for after in DUE_FOLLOW_UPS {
+            if due.len() < DUE_TIMES_REMEMBERED {
+                due.push(std::cmp::Reverse(at + after));
+            }
+        }
+    }
+
+    /// How long an idle worker may wait, at most `longest`: until the earliest remembered pull
+    /// time ([`Shared::due_at`]). Times that have passed are forgotten (the pull after them
+    /// found the job, or another worker took it).
+    fn next_due(&self, longest: Duration) -> Duration {
+        let mut due = self
+            .due_times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        while let Some(std::cmp::Reverse(first)) = due.peek() {
+            if *first > now {
+                return first.saturating_duration_since(now).min(longest);
+            }
+            due.pop();
+        }
+        longest
+    }
+}
+
+/// Most due times a worker remembers (beyond, those jobs wait for `poll_wait`).
+const DUE_TIMES_REMEMBERED: usize = 4096;
+
+/// When an idle worker pulls after a remembered job is due.
+const DUE_FOLLOW_UPS: [Duration; 4] = [
+    Duration::from_millis(20),
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 impl<H: Handler, O: Observer> Runner<H, O> {
     /// Sets hooks for metrics and liveness.
@@ -488,6 +539,7 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             options,
             give_back: CancellationToken::new(),
             cancels,
+            due_times: Mutex::default(),
             started: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             retried: AtomicU64::new(0),
