@@ -42,6 +42,8 @@ pub enum Command {
     Schedule(crate::schedule::ScheduleArgs),
     /// Measure Conveyor against raw JetStream on the same server in the same run.
     Bench(BenchArgs),
+    /// A refreshing view of a namespace's queues and workers (figures, rates, conditions).
+    Top(crate::top::TopArgs),
 }
 
 impl Command {
@@ -54,7 +56,8 @@ impl Command {
             | Command::Dlq(_)
             | Command::Schedule(_)
             | Command::Cancel(_)
-            | Command::Result(_) => "warn",
+            | Command::Result(_)
+            | Command::Top(_) => "warn",
             // kube-client traces every failed request at ERROR, which at a clean shutdown are
             // the operator's watches cut off as the test double stops; the operator reports
             // each failure it acts on itself ("reconcile failed, retrying").

@@ -11,6 +11,7 @@ mod input;
 mod schedule;
 mod status;
 mod submit;
+mod top;
 
 use std::process::ExitCode;
 
@@ -35,6 +36,7 @@ async fn main() -> ExitCode {
         Command::Dlq(args) => dlq::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Top(args) => top::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
