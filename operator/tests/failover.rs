@@ -1,0 +1,366 @@
+//! R3 queues on a real 3-node JetStream cluster (`conveyor_testkit::NatsCluster`): the assets a
+//! `JobQueue` with `stream.replicas: 3` asks for, figures that are the stream and consumer
+//! leaders' (never a follower's stale view, kedacore/keda#3860) from whichever node a client is
+//! attached to, and 50,000 jobs worked by SDK worker loops while the stream leader's server is
+//! SIGKILLed and restarted twice: none lost, duplicates counted.
+//!
+//! The failover run is SDK-level (the operator's figures code and the SDK's `Worker` and
+//! `Client`, no Kubernetes test double): the worker pods of an operator-level run would add
+//! nothing to what rides through the failover but minutes of process start-up.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use conveyor::names::QueueRef;
+use conveyor::worker::{Outcome, ReceivedJob, Summary, WorkerError, WorkerOptions};
+use conveyor::{Client, Job, Worker};
+use conveyor_crds::JobQueueSpec;
+use conveyor_operator::assets::{self, Figures, QueueAssets};
+use conveyor_testkit::cluster::NODES;
+use conveyor_testkit::{NatsCluster, wait_for};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// Jobs of the failover run.
+const JOBS: usize = 50_000;
+
+/// Deadline of the failover run's waits: the whole run on a busy 2-core machine, debug build.
+const RUN_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Deadline of shorter waits (a leader election, figures settling).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn spec(yaml: &str) -> JobQueueSpec {
+    serde_yaml::from_str(yaml).expect("a JobQueue spec")
+}
+
+/// The JetStream assets of an R3 queue, created on `cluster`.
+async fn r3_queue(js: &jetstream::Context, name: &str, yaml: &str) -> QueueAssets {
+    let queue = QueueRef::new("team", name);
+    let desired = assets::desired(&queue, &spec(yaml)).expect("valid assets");
+    assets::ensure(js, &desired).await.expect("R3 assets");
+    desired
+}
+
+/// A JetStream context on a client attached to node `i` only.
+async fn on_node(cluster: &NatsCluster, i: usize) -> jetstream::Context {
+    jetstream::new(
+        async_nats::connect(cluster.node_url(i))
+            .await
+            .expect("connect to one node"),
+    )
+}
+
+/// Waits until the figures read through `js` are `expected`; the last reading otherwise.
+async fn figures_become(
+    js: &jetstream::Context,
+    assets: &QueueAssets,
+    expected: Figures,
+) -> Result<(), Option<Figures>> {
+    let start = Instant::now();
+    loop {
+        let last = assets::figures(js, assets).await.ok();
+        if last == Some(expected) {
+            return Ok(());
+        }
+        if start.elapsed() > DEADLINE {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn r3_figures_are_the_leaders_from_every_node_and_after_a_leader_change() {
+    let mut cluster = NatsCluster::start().await.expect("a 3-node cluster");
+    let js = jetstream::new(cluster.client().await.unwrap());
+    let assets = r3_queue(&js, "figures", "stream: {replicas: 3}").await;
+    let queue = assets.queue.clone();
+
+    let mut stream = js.get_stream(queue.stream()).await.unwrap();
+    let info = stream.info().await.unwrap().clone();
+    assert_eq!(info.config.num_replicas, 3);
+    let placement = info.cluster.expect("a clustered stream has placement");
+    assert_eq!(
+        placement.replicas.len(),
+        NODES - 1,
+        "the leader and two followers"
+    );
+    let consumer_name = queue.consumer(0);
+    let consumer_info = stream.consumer_info(&consumer_name).await.unwrap();
+    let consumer_placement = consumer_info.cluster.expect("a clustered consumer");
+    assert_eq!(
+        consumer_placement.replicas.len(),
+        NODES - 1,
+        "the consumer is replicated like its stream"
+    );
+
+    // 300 jobs; 100 taken and acked (each ack confirmed by the consumer leader), 20 taken and
+    // held: 180 pending, 20 in flight.
+    let client = Client::new(cluster.client().await.unwrap());
+    for i in 0..300 {
+        client
+            .submit(&queue, Job::new(format!("job-{i}"), "x"))
+            .await
+            .expect("submit");
+    }
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer(&consumer_name).await.unwrap();
+    let mut taken = Vec::new();
+    let start = Instant::now();
+    while taken.len() < 120 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "120 jobs delivered, got {}",
+            taken.len()
+        );
+        let mut batch = consumer
+            .batch()
+            .max_messages(120 - taken.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        while let Some(message) = batch.next().await {
+            taken.push(message.expect("a job"));
+        }
+    }
+    for message in taken.drain(..100) {
+        message.double_ack().await.expect("ack confirmed");
+    }
+    let expected = Figures {
+        pending: 180,
+        in_flight: 20,
+    };
+
+    // A client on a follower reads the leader's figures at once: JetStream API requests are
+    // answered by the leaders, whichever node the client is attached to.
+    for i in 0..NODES {
+        let figures = assets::figures(&on_node(&cluster, i).await, &assets)
+            .await
+            .unwrap();
+        assert_eq!(
+            figures,
+            expected,
+            "figures read through node {}",
+            cluster.server_name(i)
+        );
+    }
+
+    // The consumer leader's server crashes: a new leader takes over with the same state.
+    let old_leader = cluster
+        .consumer_leader(&js, &queue.stream(), &consumer_name)
+        .await
+        .unwrap();
+    cluster.kill(old_leader).unwrap();
+    let new_leader = cluster
+        .consumer_leader(&js, &queue.stream(), &consumer_name)
+        .await
+        .unwrap();
+    assert_ne!(new_leader, old_leader);
+    for i in (0..NODES).filter(|&i| i != old_leader) {
+        let node = on_node(&cluster, i).await;
+        if let Err(last) = figures_become(&node, &assets, expected).await {
+            panic!(
+                "figures through node {} after the leader change: {last:?}, expected \
+                 {expected:?}",
+                cluster.server_name(i)
+            );
+        }
+    }
+
+    // The crashed node comes back as a follower, behind on nothing once healthy: a client
+    // attached to it reads the leader's figures, not its own.
+    cluster.restart(old_leader).await.unwrap();
+    let figures = assets::figures(&on_node(&cluster, old_leader).await, &assets)
+        .await
+        .unwrap();
+    assert_eq!(figures, expected, "figures through the restarted node");
+}
+
+/// Times each job was handled, by id, and the total.
+#[derive(Default)]
+struct Handled {
+    by_id: Mutex<HashMap<String, u32>>,
+    total: AtomicU64,
+}
+
+impl Handled {
+    fn record(&self, id: &str) {
+        *self.by_id.lock().unwrap().entry(id.to_owned()).or_default() += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn unique(&self) -> usize {
+        self.by_id.lock().unwrap().len()
+    }
+
+    fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// An SDK worker loop on its own connection to the cluster.
+async fn spawn_worker(
+    cluster: &NatsCluster,
+    queue: &QueueRef,
+    handled: &Arc<Handled>,
+    pod: &str,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<Summary, WorkerError>> {
+    let js = jetstream::new(cluster.client().await.expect("worker connects"));
+    let handled = handled.clone();
+    let worker = Worker::new(js, queue.clone())
+        .options(WorkerOptions {
+            concurrency: 64,
+            poll_wait: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(5),
+            pod_name: pod.into(),
+            ..Default::default()
+        })
+        .handler(move |job: ReceivedJob| {
+            handled.record(&job.id);
+            async { Outcome::Done(Default::default()) }
+        });
+    let stop = stop.clone();
+    tokio::spawn(async move { worker.run(async move { stop.cancelled().await }).await })
+}
+
+/// Submits job-0 … job-{JOBS-1} in batches, resubmitting (same id, so deduplicated) every job
+/// whose submission failed with a retryable error; returns how many submissions failed.
+async fn produce(client: Client, queue: QueueRef) -> usize {
+    let mut failed = 0;
+    let mut waiting: Vec<usize> = (0..JOBS).collect();
+    let start = Instant::now();
+    while !waiting.is_empty() {
+        assert!(
+            start.elapsed() < RUN_DEADLINE,
+            "{} jobs still not accepted after {RUN_DEADLINE:?}",
+            waiting.len()
+        );
+        let mut retry = Vec::new();
+        for chunk in waiting.chunks(1000) {
+            let jobs: Vec<Job> = chunk
+                .iter()
+                .map(|i| Job::new(format!("job-{i}"), "x"))
+                .collect();
+            for (i, result) in chunk.iter().zip(client.submit_batch(&queue, jobs).await) {
+                match result {
+                    Ok(_) => {}
+                    Err(error) if error.is_retryable() => {
+                        failed += 1;
+                        retry.push(*i);
+                    }
+                    Err(error) => panic!("job-{i} refused for good: {error}"),
+                }
+            }
+        }
+        waiting = retry;
+    }
+    failed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
+    let mut cluster = NatsCluster::start().await.expect("a 3-node cluster");
+    let js = jetstream::new(cluster.client().await.unwrap());
+    // A short timeout, so a job whose ack died with a server comes back soon; attempts to
+    // spare, so no job is dead-lettered by the failovers.
+    let assets = r3_queue(
+        &js,
+        "failover",
+        "stream: {replicas: 3}\ntimeout: 5s\nretry: {maxAttempts: 20}",
+    )
+    .await;
+    let queue = assets.queue.clone();
+
+    let handled = Arc::new(Handled::default());
+    let stop = CancellationToken::new();
+    let workers = [
+        spawn_worker(&cluster, &queue, &handled, "worker-a", &stop).await,
+        spawn_worker(&cluster, &queue, &handled, "worker-b", &stop).await,
+    ];
+    let producer = tokio::spawn(produce(
+        Client::new(cluster.client().await.unwrap()),
+        queue.clone(),
+    ));
+
+    for round in 1..=2 {
+        let mark = round * JOBS / 3;
+        wait_for(
+            RUN_DEADLINE,
+            &format!("{mark} jobs handled before kill {round}"),
+            || async { handled.unique() >= mark },
+        )
+        .await
+        .unwrap();
+        let leader = cluster.stream_leader(&js, &queue.stream()).await.unwrap();
+        let before = handled.total();
+        cluster.kill(leader).unwrap();
+        let killed = Instant::now();
+        wait_for(
+            RUN_DEADLINE,
+            &format!("work to flow again after kill {round}"),
+            || async { handled.total() >= before + 1000 },
+        )
+        .await
+        .unwrap();
+        let flowing = killed.elapsed();
+        let new_leader = cluster.stream_leader(&js, &queue.stream()).await.unwrap();
+        assert_ne!(new_leader, leader, "a survivor leads the stream");
+        cluster.restart(leader).await.unwrap();
+        println!(
+            "kill {round}: stream leader {} SIGKILLed at {before} jobs handled; 1,000 more \
+             handled {flowing:.2?} later (new leader {}); back and healthy {:.2?} after the kill",
+            cluster.server_name(leader),
+            cluster.server_name(new_leader),
+            killed.elapsed()
+        );
+    }
+
+    let failed_submissions = producer.await.expect("the producer finished");
+    wait_for(RUN_DEADLINE, "every job handled", || async {
+        handled.unique() >= JOBS
+    })
+    .await
+    .unwrap();
+    if let Err(last) = figures_become(&js, &assets, Figures::default()).await {
+        panic!("figures after the run: {last:?}, expected an empty queue");
+    }
+    stop.cancel();
+    for worker in workers {
+        worker
+            .await
+            .expect("worker task")
+            .expect("worker stops cleanly");
+    }
+
+    let by_id = handled.by_id.lock().unwrap();
+    let lost: Vec<String> = (0..JOBS)
+        .map(|i| format!("job-{i}"))
+        .filter(|id| !by_id.contains_key(id))
+        .collect();
+    let duplicates = handled.total() - by_id.len() as u64;
+    println!(
+        "{JOBS} jobs: {} handled once or more, {duplicates} duplicate deliveries handled, {} \
+         jobs handled more than once, {failed_submissions} submissions failed and were resubmitted",
+        by_id.len(),
+        by_id.values().filter(|&&n| n > 1).count()
+    );
+    assert!(
+        lost.is_empty(),
+        "{} jobs lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(by_id.len(), JOBS, "only submitted jobs were handled");
+    let mut dead_letters = js.get_stream(queue.dead_letter_stream()).await.unwrap();
+    assert_eq!(
+        dead_letters.info().await.unwrap().state.messages,
+        0,
+        "no job was dead-lettered by the failovers"
+    );
+}
