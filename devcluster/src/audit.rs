@@ -7,7 +7,9 @@
 //! are recorded under the empty identity. The verb is derived as kube-apiserver's
 //! `RequestInfoFactory` does: `get`/`list`/`watch` for reads (`watch=true` makes a watch),
 //! `create` for POST, `update` for PUT, `patch` for PATCH (server-side apply included),
-//! `delete`/`deletecollection` for DELETE; a subresource is named `resource/subresource`.
+//! `delete`/`deletecollection` for DELETE; a subresource is named `resource/subresource`. A
+//! server-side apply that creates the object needs `create` as well as `patch`, as on a real
+//! server.
 //! As the `OwnerReferencesPermissionEnforcement` admission plugin does, a write that sets an
 //! owner reference with `blockOwnerDeletion: true` also needs `update` on the owner's
 //! `finalizers` subresource, which is recorded too.

@@ -133,7 +133,25 @@ pub fn apply_defaults(
                 obj["status"] = json!({"phase": "Active"});
             }
         }
-        ("", "secrets") => set_default(obj, "/type", json!("Opaque")),
+        ("", "secrets") => {
+            set_default(obj, "/type", json!("Opaque"));
+            // `stringData` is write-only: merged into `data` (base64), winning over it.
+            if let Some(Value::Object(plain)) =
+                obj.as_object_mut().and_then(|o| o.remove("stringData"))
+            {
+                use base64::Engine as _;
+                let data = obj
+                    .as_object_mut()
+                    .map(|o| o.entry("data").or_insert_with(|| json!({})));
+                if let Some(Value::Object(data)) = data {
+                    for (key, value) in plain {
+                        let text = value.as_str().unwrap_or_default();
+                        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+                        data.insert(key, json!(encoded));
+                    }
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -612,6 +630,19 @@ mod tests {
         misnamed["metadata"]["name"] = json!("other.x.dev");
         misnamed["spec"]["versions"][0]["schema"] = json!({"openAPIV3Schema": {"type": "object"}});
         assert_eq!(validate_crd(&misnamed)[0].field, "metadata.name");
+    }
+
+    #[test]
+    fn secret_string_data_is_merged_into_data() {
+        let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+            "data": {"a": "b2xk", "keep": "eA=="}, "stringData": {"a": "new", "b": "two"}});
+        apply_defaults("", "secrets", &mut secret, true, false);
+        assert!(secret.get("stringData").is_none());
+        assert_eq!(
+            secret["data"],
+            json!({"a": "bmV3", "b": "dHdv", "keep": "eA=="})
+        );
+        assert_eq!(secret["type"], "Opaque");
     }
 
     #[test]

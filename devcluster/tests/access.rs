@@ -1,8 +1,8 @@
 //! The permissions the served requests needed, per identity (`DevCluster::access`): the verbs
 //! follow the API server's (get, list, watch, create, update, patch, delete, deletecollection),
 //! subresources are `resource/subresource`, an owner reference with `blockOwnerDeletion`
-//! needs `update` on the owner's `finalizers`, and an impersonated client is recorded apart
-//! from the others.
+//! needs `update` on the owner's `finalizers`, a server-side apply that creates needs `create`,
+//! and an impersonated client is recorded apart from the others.
 
 mod common;
 
@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use common::*;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchParams};
 use serde_json::json;
 
@@ -84,6 +84,28 @@ async fn each_identity_is_recorded_with_the_verbs_it_used() {
     .map(str::to_owned)
     .collect();
     assert_eq!(used, expected);
+
+    // A server-side apply that creates the object needs create too; one that changes it, patch.
+    let apply_as = |user: &str| {
+        let secrets: Api<Secret> = Api::default_namespaced(cluster.client_as(user).unwrap());
+        async move {
+            secrets
+                .patch(
+                    "made",
+                    &PatchParams::apply("test"),
+                    &Patch::Apply(json!({"apiVersion": "v1", "kind": "Secret"})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    apply_as("bob").await;
+    apply_as("carol").await;
+    let shown = |user: &str| -> Vec<String> {
+        cluster.access(user).iter().map(Access::to_string).collect()
+    };
+    assert_eq!(shown("bob"), ["create core/secrets", "patch core/secrets"]);
+    assert_eq!(shown("carol"), ["patch core/secrets"]);
     assert!(
         cluster.access("").is_empty(),
         "nothing else ran: {:?}",

@@ -535,6 +535,11 @@ impl Request<'_> {
         match res {
             Ok(out) => Ok(json_response(200, &self.present(&out))),
             Err(e) if e.code == 404 && !status_sub => {
+                // An apply that creates is authorized as a create too.
+                self.st.access.record(
+                    &crate::audit::identity(self.headers),
+                    crate::audit::Access::new(&self.info.group, &self.info.resource, "create"),
+                );
                 let mut obj =
                     crate::ssa::apply(None, &applied, &manager, force, &api_version, false)?;
                 obj["metadata"]["name"] = json!(name);
