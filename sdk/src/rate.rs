@@ -2,8 +2,11 @@
 //! jobs per second has a tokens stream (work-queue retention, at most R tokens stored) that one
 //! issuer (the operator) fills at R tokens per second; a worker takes one token per job it
 //! starts, from the shared durable consumer `rate`. The server hands each token to one worker
-//! only, so no more than R jobs start per second (plus a burst of at most R saved while the
-//! queue was idle), however many workers there are.
+//! only, so however many workers there are, the jobs started in any one-second window are at
+//! most the R tokens the stream may hold at its start (saved while the queue was idle) plus the
+//! tokens issued during it, at most R × 1.15 + 1 ([`tokens_due`]): 2.15 R + 1 after an idle
+//! spell, 1.15 R + 1 under steady load, R on average over longer spans. A loaded issuer
+//! issues fewer tokens, never more.
 
 use std::time::Duration;
 
@@ -17,14 +20,20 @@ use crate::names::QueueRef;
 /// How often the issuer adds tokens.
 pub const ISSUE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Tokens due after `elapsed` at `per_second`, with `carry` the fraction left from before;
-/// returns the whole tokens to add now and the new carry.
+/// Most time one issue accounts for: a tick that comes late (a loaded operator) adds at most
+/// this much worth of tokens, never a catch-up burst.
+pub const MAX_ACCRUAL: Duration = Duration::from_millis(150);
+
+/// Tokens due after `elapsed` (counted up to [`MAX_ACCRUAL`]) at `per_second`, with `carry` the
+/// fraction left from before; returns the whole tokens to add now and the new carry. So the
+/// tokens issued in any window of length `w` are at most `per_second × (w + MAX_ACCRUAL)` plus
+/// one for the carry, however late the ticks come.
 pub fn tokens_due(per_second: u32, elapsed: Duration, carry: f64) -> (u64, f64) {
+    let elapsed = elapsed.min(MAX_ACCRUAL);
     let due = f64::from(per_second) * elapsed.as_secs_f64() + carry;
     let whole = due.floor();
-    // Bounded by one second's worth (the stream keeps no more); `whole` is non-negative.
-    let capped = whole.min(f64::from(per_second.max(1)));
-    (capped as u64, due - whole)
+    // `whole` is non-negative and at most per_second × 0.15 + 1.
+    (whole as u64, due - whole)
 }
 
 /// Adds tokens to `queue`'s tokens stream at `per_second` until `stop` is cancelled.
@@ -143,7 +152,8 @@ mod tests {
         let (n, carry) = tokens_due(5, tick, 0.0);
         assert_eq!((n, carry), (0, 0.5));
         assert_eq!(tokens_due(5, tick, carry), (1, 0.0));
-        // A long pause adds at most one second's worth.
-        assert_eq!(tokens_due(100, Duration::from_secs(10), 0.0).0, 100);
+        // A late tick adds at most 150 ms worth: no catch-up burst after a pause.
+        assert_eq!(tokens_due(100, Duration::from_secs(10), 0.0).0, 15);
+        assert_eq!(tokens_due(100, Duration::from_millis(120), 0.0).0, 12);
     }
 }
