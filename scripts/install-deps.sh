@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Conveyor's tests, lint and demo need besides the Rust toolchain: a nats-server with
-# JetStream (2.12 or newer), cargo-nextest, the Python modules of the chart check, and promtool for
-# the alert rules' tests. Idempotent: installs only what is missing.
+# JetStream (2.12 or newer), cargo-nextest, the Python modules of the chart check, Helm's template
+# engine (helm-python-sdk, with which scripts/render-chart.py renders the chart for the RBAC and
+# alert tests) and promtool for the alert rules' tests. Idempotent: installs only what is missing.
 set -euo pipefail
 need_major=2 need_minor=12
 have_ok() {
@@ -28,6 +29,11 @@ if ! python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
   echo "installing the chart check's Python modules (jsonschema, pyyaml)…" >&2
   python3 -m pip install --quiet --user jsonschema pyyaml 2>/dev/null \
     || python3 -m pip install --quiet jsonschema pyyaml
+fi
+if ! python3 -c 'import helm_python' >/dev/null 2>&1; then
+  echo "installing helm-python-sdk (Helm's template engine, for scripts/render-chart.py)…" >&2
+  python3 -m pip install --quiet --user helm-python-sdk 2>/dev/null \
+    || python3 -m pip install --quiet helm-python-sdk
 fi
 if ! command -v promtool >/dev/null 2>&1; then
   echo "installing promtool (Debian's prometheus package, for the alert rules' tests)…" >&2

@@ -72,6 +72,12 @@ impl Env {
     /// [`Env::start`] with the operator's settings changed by `tune` after the fixture's own
     /// (`--resync 1s`, `--scaler-interval 200ms`).
     pub async fn start_with(tune: impl FnOnce(&mut Config)) -> Self {
+        Self::start_as(None, tune).await
+    }
+
+    /// [`Env::start_with`] with the operator acting as `user` (impersonated, so the test
+    /// double records its requests apart: `DevCluster::access`) when one is given.
+    pub async fn start_as(user: Option<&str>, tune: impl FnOnce(&mut Config)) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -117,9 +123,13 @@ impl Env {
         tune(&mut config);
         let stop = CancellationToken::new();
         let on_stop = stop.clone();
+        let client = match user {
+            Some(user) => cluster.client_as(user).unwrap(),
+            None => cluster.client(),
+        };
         let operator = tokio::spawn(conveyor_operator::run_with_client(
             config,
-            cluster.client(),
+            client,
             async move { on_stop.cancelled().await },
         ));
         Self {
