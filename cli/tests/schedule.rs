@@ -114,7 +114,7 @@ async fn schedules_are_listed_shown_triggered_suspended_and_resumed() {
         payload: "hi".into(),
         ..Template::default()
     };
-    let message = ScheduleMessage::new(&queue, "nightly", &pattern, &template);
+    let message = ScheduleMessage::new(&queue, "nightly", &pattern, &template, false);
     conveyor::schedule::ensure(&js, &queue, &message)
         .await
         .unwrap();

@@ -18,7 +18,9 @@ pub use jobqueue::{
     JobQueueStatus, NatsConnection, RecentFailure, ResultsSpec, RetrySpec, StorageType, StreamSpec,
     StreamStatus,
 };
-pub use schedule::{JobSchedule, JobScheduleSpec, JobScheduleStatus, JobTemplate, ScheduleRun};
+pub use schedule::{
+    ConcurrencyPolicy, JobSchedule, JobScheduleSpec, JobScheduleStatus, JobTemplate, ScheduleRun,
+};
 pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};
 
 use kube::CustomResourceExt;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::bounds;
@@ -105,11 +106,34 @@ pub struct JobScheduleSpec {
     /// The job each run submits.
     pub job: JobTemplate,
 
+    /// What a run does when the previous one is still queued or running: `Allow` (the
+    /// default) submits it anyway, and the NATS server submits every run on its own, also
+    /// while the operator is down; `Forbid` skips it (counted in `status.missedRuns`);
+    /// `Replace` cancels the previous run and submits the new one. With `Forbid` and
+    /// `Replace` the server still keeps time, but the operator submits each run (at most once
+    /// per slot, as the job id names the slot), so runs wait while no operator runs; only the
+    /// newest is submitted once it is back.
+    #[serde(default)]
+    pub concurrency_policy: ConcurrencyPolicy,
+
     /// Pauses the schedule: while `true` the NATS server holds no schedule and submits
     /// nothing. Setting it back to `false` starts afresh from that moment, without catching
     /// up on the runs skipped meanwhile.
     #[serde(default)]
     pub suspend: bool,
+}
+
+/// Whether runs of a schedule may overlap.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConcurrencyPolicy {
+    /// Every run is submitted, by the NATS server, whatever the previous one is doing.
+    #[default]
+    Allow,
+    /// A run is skipped while the previous one is still queued or running.
+    Forbid,
+    /// The previous run is cancelled if it is still queued or running, then the new one is
+    /// submitted.
+    Replace,
 }
 
 /// What each run of a schedule submits.
@@ -175,6 +199,17 @@ pub struct JobScheduleStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<ScheduleRun>,
 
+    /// Runs skipped under `concurrencyPolicy: Forbid` because the previous one was still
+    /// queued or running.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub missed_runs: u64,
+
+    /// The job id of the last slot the operator handled (submitted, skipped or replaced the
+    /// previous run for) under `Forbid` or `Replace`, so a restarted operator never handles a
+    /// slot twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled: Option<String>,
+
     /// When the next run is due; absent while suspended or not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_run: Option<Time>,
@@ -193,4 +228,12 @@ pub struct ScheduleRun {
     /// The job id of the run: `<schedule name>@<slot time>`, e.g.
     /// `nightly@2026-03-29T01:30:00Z`.
     pub job_id: String,
+    /// Its sequence in the queue's work stream, when the operator submitted it (`Forbid`,
+    /// `Replace`): while the stream still holds it, the run is queued or running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

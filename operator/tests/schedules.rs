@@ -519,3 +519,114 @@ async fn deduplication_window_refuses_a_duplicate_within_it_and_forgets_after() 
     .unwrap();
     env.shutdown().await;
 }
+
+/// The schedule's status, once it has one.
+async fn schedule_status(env: &Env, name: &str) -> conveyor_crds::JobScheduleStatus {
+    env.schedules()
+        .get(name)
+        .await
+        .unwrap()
+        .status
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_it() {
+    let env = Env::new().await;
+    env.apply_ok(&queue_yaml("single", "")).await;
+    env.apply_ok(&schedule_yaml(
+        "lonely",
+        "single",
+        "@every 1s",
+        "  concurrencyPolicy: Forbid\n",
+    ))
+    .await;
+    env.wait_ready("lonely", "True", "Scheduled").await;
+    // No worker takes the first run, so it stays queued and every later slot is skipped.
+    wait_for(DEADLINE, "three skipped runs", || async {
+        schedule_status(&env, "lonely").await.missed_runs >= 3
+    })
+    .await
+    .unwrap();
+    let ids = env.job_ids("single").await;
+    assert_eq!(ids.len(), 1, "no run overlaps the queued one: {ids:?}");
+    let status = schedule_status(&env, "lonely").await;
+    let last = status.last_run.expect("the first run is recorded");
+    assert_eq!(last.job_id, ids[0]);
+    assert!(last.sequence.is_some());
+
+    // The run finishes (a worker takes and acknowledges it): the next slot runs.
+    let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
+    let queue = QueueRef::new(NS, "single");
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(queue.stream())
+        .await
+        .unwrap()
+        .get_consumer(&queue.consumer(0))
+        .await
+        .unwrap();
+    use futures::StreamExt;
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let job = batch.next().await.expect("the queued run").unwrap();
+    job.double_ack().await.unwrap();
+    let next = wait_for(
+        DEADLINE,
+        "the next run after the first finished",
+        || async {
+            env.job_ids("single")
+                .await
+                .first()
+                .is_some_and(|id| *id != ids[0])
+        },
+    )
+    .await;
+    next.unwrap();
+    let later = env.job_ids("single").await;
+    assert_eq!(later.len(), 1, "{later:?}");
+    assert!(slot(&later[0]) > slot(&ids[0]), "{ids:?} then {later:?}");
+
+    // Replace: each new run cancels the one still queued.
+    env.apply_ok(&schedule_yaml(
+        "fresh",
+        "single",
+        "@every 1s",
+        "  concurrencyPolicy: Replace\n",
+    ))
+    .await;
+    env.wait_ready("fresh", "True", "Scheduled").await;
+    let nats = env.nats.client().await.unwrap();
+    let cancelled = |id: String| {
+        let nats = nats.clone();
+        let queue = queue.clone();
+        async move {
+            conveyor::stored::last(&nats, &queue.cancel_stream(), &queue.cancel_subject(&id))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        }
+    };
+    let replaced = || async {
+        let fresh: Vec<String> = env
+            .job_ids("single")
+            .await
+            .into_iter()
+            .filter(|id| id.starts_with("fresh@"))
+            .collect();
+        let mut n = 0;
+        for id in &fresh[..fresh.len().saturating_sub(1)] {
+            if cancelled(id.clone()).await {
+                n += 1;
+            }
+        }
+        n
+    };
+    wait_for(
+        DEADLINE,
+        "two runs of fresh replaced by later ones",
+        || async { replaced().await >= 2 },
+    )
+    .await
+    .unwrap();
+    env.shutdown().await;
+}

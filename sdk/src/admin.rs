@@ -219,6 +219,7 @@ pub fn delayed_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stre
     subjects.extend((0..settings.priorities).map(|level| queue.due_subject(level)));
     subjects.push(crate::schedule::schedules_wildcard(queue));
     subjects.push(crate::schedule::ticks_wildcard(queue));
+    subjects.push(crate::schedule::holds_wildcard(queue));
     stream::Config {
         name: queue.delayed_stream(),
         description: Some(format!(
@@ -467,7 +468,8 @@ mod tests {
                 "conveyor.ns.q.due.0",
                 "conveyor.ns.q.due.1",
                 "conveyor.ns.q.schedule.*",
-                "conveyor.ns.q.tick.*.*"
+                "conveyor.ns.q.tick.*.*",
+                "conveyor.ns.q.hold.*.*"
             ]
         );
         assert!(delayed.allow_message_schedules);

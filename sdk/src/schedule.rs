@@ -305,6 +305,22 @@ pub fn ticks_wildcard(queue: &QueueRef) -> String {
     format!("{}.tick.*.*", queue.subject_prefix())
 }
 
+/// Subject the ticks of a `Forbid` or `Replace` schedule are written to:
+/// `<prefix>.hold.<level>.<hex name>`. The work stream does not source it: the operator
+/// reads the newest tick and submits the run itself ([`submit_tick`]) when the policy allows.
+pub fn hold_subject(queue: &QueueRef, level: u8, name: &str) -> String {
+    format!(
+        "{}.hold.{level}.{}",
+        queue.subject_prefix(),
+        hex_token(name)
+    )
+}
+
+/// Subjects of a queue's held ticks in its delayed stream.
+pub fn holds_wildcard(queue: &QueueRef) -> String {
+    format!("{}.hold.*.*", queue.subject_prefix())
+}
+
 /// What a run submits.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Template {
@@ -332,17 +348,26 @@ pub struct ScheduleMessage {
 }
 
 impl ScheduleMessage {
-    /// The schedule message of `name` on `queue` with `pattern` and `job`.
-    pub fn new(queue: &QueueRef, name: &str, pattern: &Pattern, job: &Template) -> Self {
+    /// The schedule message of `name` on `queue` with `pattern` and `job`; `held` writes the
+    /// ticks to [`hold_subject`] for the operator instead of straight to the queue.
+    pub fn new(
+        queue: &QueueRef,
+        name: &str,
+        pattern: &Pattern,
+        job: &Template,
+        held: bool,
+    ) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
             protocol::schedule::SCHEDULE,
             pattern.server_pattern().as_str(),
         );
-        headers.insert(
-            protocol::schedule::TARGET,
-            tick_subject(queue, job.priority, name).as_str(),
-        );
+        let target = if held {
+            hold_subject(queue, job.priority, name)
+        } else {
+            tick_subject(queue, job.priority, name)
+        };
+        headers.insert(protocol::schedule::TARGET, target.as_str());
         // A tick waits in the delayed stream until the work stream sourced it; the rollup
         // keeps one per schedule, so missed slots of a full queue collapse into one run.
         headers.insert(protocol::schedule::TTL, protocol::schedule::DUE_TTL);
@@ -488,15 +513,31 @@ pub struct LastRun {
     pub next: Option<Timestamp>,
 }
 
+/// The newest tick of a schedule: its run and the job it carries.
+#[derive(Debug, Clone)]
+pub struct Tick {
+    /// Job id, slot and next slot.
+    pub run: LastRun,
+    /// The tick's headers.
+    pub headers: HeaderMap,
+    /// The job's payload.
+    pub payload: Bytes,
+}
+
 /// Reads the last tick of schedule `name` at `level` (kept after it was sourced, until the
-/// next replaces it or it expires).
-pub async fn last_run(
+/// next replaces it or it expires), from [`hold_subject`] when `held`.
+pub async fn last_tick(
     js: &jetstream::Context,
     queue: &QueueRef,
     level: u8,
     name: &str,
-) -> Result<Option<LastRun>, StoreError> {
-    let subject = tick_subject(queue, level, name);
+    held: bool,
+) -> Result<Option<Tick>, StoreError> {
+    let subject = if held {
+        hold_subject(queue, level, name)
+    } else {
+        tick_subject(queue, level, name)
+    };
     let tick = crate::stored::last(&js.client(), &queue.delayed_stream(), &subject)
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -513,7 +554,71 @@ pub async fn last_run(
     let slot = job_id
         .rsplit_once('@')
         .and_then(|(_, t)| t.parse::<Timestamp>().ok());
-    Ok(slot.map(|slot| LastRun { job_id, slot, next }))
+    Ok(slot.map(|slot| Tick {
+        run: LastRun { job_id, slot, next },
+        headers,
+        payload: tick.payload,
+    }))
+}
+
+/// The headers of a run submitted to the work stream: the stored ones without the server's
+/// (`Nats-*`), with `Nats-Msg-Id` = `id`.
+fn run_headers(stored: &HeaderMap, id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (key, values) in stored.iter() {
+        let key: &str = key.as_ref();
+        if key.starts_with("Nats-") {
+            continue;
+        }
+        for value in values {
+            headers.append(key, value.as_str());
+        }
+    }
+    headers.insert(protocol::MSG_ID, id);
+    headers
+}
+
+/// Publishes a job to the work stream at `level`; its sequence there (the original's for a
+/// duplicate id).
+async fn publish_run(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    level: u8,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Result<u64, StoreError> {
+    let ack = js
+        .publish_with_headers(queue.job_subject(level), headers, payload)
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let ack = ack.await.map_err(|e| StoreError::Refused(e.to_string()))?;
+    Ok(ack.sequence)
+}
+
+/// Submits the run of a held tick to the work stream, with the tick's slot id as
+/// `Nats-Msg-Id` (so a second submission of the slot within the deduplication window is a
+/// duplicate); its sequence in the work stream.
+pub async fn submit_tick(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    level: u8,
+    tick: &Tick,
+) -> Result<u64, StoreError> {
+    let headers = run_headers(&tick.headers, &tick.run.job_id);
+    publish_run(js, queue, level, headers, tick.payload.clone()).await
+}
+
+/// Whether the work stream still holds the job at `sequence` (it is queued or running: an
+/// acknowledged or dead-lettered job is deleted from the work stream).
+pub async fn still_queued(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    sequence: u64,
+) -> Result<bool, StoreError> {
+    crate::stored::get(&js.client(), &queue.stream(), sequence)
+        .await
+        .map(|job| job.is_some())
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 /// The run a `conveyor schedule trigger` submits now: the job of the stored schedule message
@@ -538,22 +643,8 @@ pub async fn trigger(
         .and_then(|p| p.as_str().parse::<u8>().ok())
         .unwrap_or(0);
     let id = job_id(name, now);
-    let mut headers = HeaderMap::new();
-    for (key, values) in stored_headers.iter() {
-        let key: &str = key.as_ref();
-        if key.starts_with("Nats-") {
-            continue;
-        }
-        for value in values {
-            headers.append(key, value.as_str());
-        }
-    }
-    headers.insert(protocol::MSG_ID, id.as_str());
-    let ack = js
-        .publish_with_headers(queue.job_subject(level), headers, stored.payload)
-        .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    ack.await.map_err(|e| StoreError::Refused(e.to_string()))?;
+    let headers = run_headers(&stored_headers, &id);
+    publish_run(js, queue, level, headers, stored.payload).await?;
     Ok(Some(id))
 }
 
@@ -679,7 +770,15 @@ mod tests {
             max_attempts: Some(3),
             timeout: Some("30s".into()),
         };
-        let m = ScheduleMessage::new(&queue, "nightly", &pattern, &job);
+        let m = ScheduleMessage::new(&queue, "nightly", &pattern, &job, false);
+        let held = ScheduleMessage::new(&queue, "nightly", &pattern, &job, true);
+        assert_eq!(
+            held.headers
+                .get(protocol::schedule::TARGET)
+                .unwrap()
+                .as_str(),
+            "conveyor.ns.q.hold.1.6e696768746c79"
+        );
         assert_eq!(m.subject, "conveyor.ns.q.schedule.6e696768746c79");
         assert_eq!(
             m.headers.get(protocol::schedule::TARGET).unwrap().as_str(),

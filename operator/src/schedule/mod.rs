@@ -2,8 +2,11 @@
 //! delayed stream (`conveyor::schedule`), so the NATS server submits the runs, also while the
 //! operator is down; removes it while `suspend` is set and when the resource is deleted
 //! (finalizer [`FINALIZER`]); and reports `Ready`, the last run the server wrote and the next
-//! one in the status. The operator never submits a run itself, so a restart of the operator
-//! cannot double one: each slot runs once, with the job id `<name>@<slot>`.
+//! one in the status. Under `concurrencyPolicy: Allow` the operator never submits a run
+//! itself; under `Forbid` and `Replace` the server writes each slot where only the operator
+//! reads it, and the operator submits the run (or skips it, or cancels the previous one) once
+//! per slot (`status.lastHandled`), with the job id `<name>@<slot>` as `Nats-Msg-Id`, so a
+//! restart of the operator cannot double a run.
 
 mod status;
 
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use conveyor::names::QueueRef;
 use conveyor::schedule::{self, Pattern, ScheduleMessage, Template};
-use conveyor_crds::{JobQueue, JobSchedule, JobScheduleStatus};
+use conveyor_crds::{ConcurrencyPolicy, JobQueue, JobSchedule, JobScheduleStatus};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -264,7 +267,8 @@ async fn run_on(
     now: k8s_openapi::jiff::Timestamp,
 ) -> (Result<Found, Problem>, Result<Action, Error>) {
     let queue_ref = QueueRef::new(s.namespace().unwrap_or_default(), queue.name_any());
-    let message = ScheduleMessage::new(&queue_ref, name, pattern, template);
+    let held = s.spec.concurrency_policy != ConcurrencyPolicy::Allow;
+    let message = ScheduleMessage::new(&queue_ref, name, pattern, template, held);
     if let Err(problem) = status::fits(&queue.spec, template, &message) {
         return (Err(problem), Ok(Action::await_change()));
     }
@@ -291,19 +295,34 @@ async fn run_on(
             );
         }
     };
-    let last = match schedule::last_run(js, &queue_ref, template.priority, name).await {
-        Ok(last) => last,
+    let level = template.priority;
+    let tick = match schedule::last_tick(js, &queue_ref, level, name, held).await {
+        Ok(tick) => tick,
         Err(err) => {
             tracing::warn!(%err, "cannot read the schedule's last run");
             None
         }
     };
-    let found = Found {
+    let next = since
+        .and_then(|since| status::next_run(pattern, tick.as_ref().map(|t| &t.run), since, now));
+    let mut found = Found {
         subject: message.subject.clone(),
         suspended: s.spec.suspend,
-        next: since.and_then(|since| status::next_run(pattern, last.as_ref(), since, now)),
-        last,
+        next,
+        last: None,
+        skipped: false,
+        handled: None,
     };
+    match tick {
+        Some(tick) if held && !s.spec.suspend => {
+            if let Err(err) = handle(s, ctx, js, &queue_ref, level, tick, &mut found).await {
+                let problem = Problem::new(reason::SCHEDULE_ERROR, err.to_string());
+                return (Err(problem), Err(err.into()));
+            }
+        }
+        Some(tick) if !held => found.last = Some((tick.run, None)),
+        _ => {}
+    }
     // Come back around the next run, to report it.
     let wait = found
         .next
@@ -312,6 +331,65 @@ async fn run_on(
             (d + Duration::from_millis(500)).min(ctx.config.resync.max(Duration::from_secs(1)))
         });
     (Ok(found), Ok(Action::requeue(wait)))
+}
+
+/// Under `Forbid` or `Replace`: acts once on the newest held tick, if it is a slot not handled
+/// yet. The previous run counts as active while the work stream still holds it.
+async fn handle(
+    s: &JobSchedule,
+    ctx: &Context,
+    js: &async_nats::jetstream::Context,
+    queue: &QueueRef,
+    level: u8,
+    tick: schedule::Tick,
+    found: &mut Found,
+) -> Result<(), schedule::StoreError> {
+    // Read afresh: the cached object may predate this operator's last status write, and a
+    // stale last run would let a run overlap the one just submitted.
+    let api: Api<JobSchedule> =
+        Api::namespaced(ctx.client.clone(), &s.namespace().unwrap_or_default());
+    let status = match api.get(&s.name_any()).await {
+        Ok(fresh) => fresh.status.unwrap_or_default(),
+        Err(err) => {
+            return Err(schedule::StoreError::Unavailable(format!(
+                "cannot read the JobSchedule's status: {err}"
+            )));
+        }
+    };
+    if status.last_handled.as_deref() == Some(tick.run.job_id.as_str()) {
+        return Ok(());
+    }
+    let previous = status
+        .last_run
+        .as_ref()
+        .and_then(|run| run.sequence.map(|seq| (run.job_id.clone(), seq)));
+    let active = match &previous {
+        Some((_, seq)) => schedule::still_queued(js, queue, *seq).await?,
+        None => false,
+    };
+    found.handled = Some(tick.run.job_id.clone());
+    if active {
+        let (previous_id, _) = previous.unwrap_or_default();
+        match s.spec.concurrency_policy {
+            ConcurrencyPolicy::Forbid => {
+                tracing::info!(run = %tick.run.job_id, previous = %previous_id, "skipped: the previous run is still queued or running");
+                found.skipped = true;
+                return Ok(());
+            }
+            _ => {
+                let client = conveyor::Client::new(js.client());
+                if let Err(err) = client.cancel(queue, &previous_id).await {
+                    return Err(schedule::StoreError::Refused(format!(
+                        "cannot cancel the previous run {previous_id}: {err}"
+                    )));
+                }
+                tracing::info!(run = %tick.run.job_id, previous = %previous_id, "cancelled the previous run to replace it");
+            }
+        }
+    }
+    let sequence = schedule::submit_tick(js, queue, level, &tick).await?;
+    found.last = Some((tick.run, Some(sequence)));
+    Ok(())
 }
 
 async fn write_status(

@@ -60,8 +60,13 @@ pub struct Found {
     pub subject: String,
     /// Whether the schedule is suspended (and so not on the server).
     pub suspended: bool,
-    /// The last run the server wrote.
-    pub last: Option<LastRun>,
+    /// The last run: the one the server wrote (`Allow`), or the one the operator submitted in
+    /// this reconcile with its work-stream sequence (`Forbid`, `Replace`).
+    pub last: Option<(LastRun, Option<u64>)>,
+    /// Whether this reconcile skipped a slot (`Forbid`).
+    pub skipped: bool,
+    /// The slot this reconcile handled (`Forbid`, `Replace`).
+    pub handled: Option<String>,
     /// When the next run is due.
     pub next: Option<Timestamp>,
 }
@@ -214,11 +219,18 @@ pub fn compute_status(
                 generation,
                 now,
             );
-            if let Some(last) = &found.last {
+            if let Some((last, sequence)) = &found.last {
                 status.last_run = Some(ScheduleRun {
                     time: Time(last.slot),
                     job_id: last.job_id.clone(),
+                    sequence: *sequence,
                 });
+            }
+            if found.skipped {
+                status.missed_runs += 1;
+            }
+            if found.handled.is_some() {
+                status.last_handled.clone_from(&found.handled);
             }
             status.next_run = if found.suspended {
                 None
@@ -259,6 +271,7 @@ mod tests {
                 ..Default::default()
             },
             suspend: false,
+            concurrency_policy: Default::default(),
         }
     }
 
@@ -289,7 +302,8 @@ mod tests {
     #[test]
     fn a_job_over_max_job_size_or_a_missing_level_does_not_fit() {
         let (pattern, template) = desired("s", &spec("@every 1s", None)).unwrap();
-        let message = ScheduleMessage::new(&QueueRef::new("ns", "q"), "s", &pattern, &template);
+        let message =
+            ScheduleMessage::new(&QueueRef::new("ns", "q"), "s", &pattern, &template, false);
         let mut queue: JobQueueSpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert!(fits(&queue, &template, &message).is_ok());
         queue.stream.max_job_size = Some(64);
@@ -338,12 +352,17 @@ mod tests {
         let found = Ok(Found {
             subject: "conveyor.ns.q.schedule.73".into(),
             suspended: false,
-            last: Some(LastRun {
-                job_id: "s@2026-12-01T23:06:12Z".into(),
-                slot: ts("2026-12-01T23:06:12Z"),
-                next: None,
-            }),
+            last: Some((
+                LastRun {
+                    job_id: "s@2026-12-01T23:06:12Z".into(),
+                    slot: ts("2026-12-01T23:06:12Z"),
+                    next: None,
+                },
+                None,
+            )),
             next: Some(ts("2026-12-01T23:06:19Z")),
+            skipped: false,
+            handled: None,
         });
         let now = ts("2026-12-01T23:06:13Z");
         let ready = compute_status(None, Some(1), &found, now);
