@@ -135,8 +135,9 @@ pub struct RecycleSpec {
     #[x_kube(validation = bounds::RECYCLE_MAX_AGE.rule("recycle.maxAge"))]
     pub max_age: Option<String>,
 
-    /// The runtime exits cleanly after taking this many jobs, and its container is restarted
-    /// (`CONVEYOR_MAX_JOBS`); 1 to 10^9. Off when absent.
+    /// After taking this many jobs (and finishing them) the runtime starts over as a fresh
+    /// process in place of itself (`CONVEYOR_MAX_JOBS`): same container, no restart, no
+    /// back-off; a jsonl handler process is restarted with it. 1 to 10^9. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = bounds::MAX_RECYCLE_JOBS))]
     pub max_jobs: Option<i64>,

@@ -201,7 +201,7 @@ pub mod env {
     pub const BACKOFF_MULTIPLIER: &str = "CONVEYOR_BACKOFF_MULTIPLIER";
     /// Relative jitter of the delay, 0 to 1 (`0.2`).
     pub const BACKOFF_JITTER: &str = "CONVEYOR_BACKOFF_JITTER";
-    /// The runtime exits (0) after taking this many jobs, to be replaced by a fresh process.
+    /// After taking this many jobs the runtime starts over as a fresh process in place.
     pub const MAX_JOBS: &str = "CONVEYOR_MAX_JOBS";
     /// Log format of the runtime: `text` or `json`.
     pub const LOG_FORMAT: &str = "CONVEYOR_LOG_FORMAT";

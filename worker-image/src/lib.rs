@@ -101,8 +101,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             result => {
                 let summary = result.context("running the worker")?;
-                info!(?summary, "exiting");
-                return Ok(());
+                if shutdown.is_cancelled() || args.max_jobs.is_none() {
+                    info!(?summary, "exiting");
+                    return Ok(());
+                }
+                // max_jobs taken and every job finished: start over as a fresh process in place
+                // of this one. The container never exits, so the kubelet neither restarts it
+                // (no restart count, no CrashLoopBackOff back-off) nor reports a crash.
+                let recycled = std::env::var(RECYCLED)
+                    .ok()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                info!(
+                    ?summary,
+                    recycled, "took max_jobs jobs; recycling into a fresh process"
+                );
+                drop(handler);
+                return Err(reexec(recycled));
             }
         }
     }
@@ -180,6 +196,24 @@ async fn connect(
         });
     // The error names the redacted URL and the server's reason (authorization, TLS …).
     Ok(options.connect_with(connect).await?)
+}
+
+/// Times this runtime has recycled itself in place (set for the fresh process).
+pub const RECYCLED: &str = "CONVEYOR_RECYCLED";
+
+/// Replaces this process with a fresh run of the same binary, arguments and environment (plus
+/// [`RECYCLED`]); the PID, and so the container, stays. Returns only if that failed.
+fn reexec(recycled: u64) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(error) => return anyhow::Error::new(error).context("finding the runtime's binary"),
+    };
+    let error = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(RECYCLED, recycled.to_string())
+        .exec();
+    anyhow::Error::new(error).context(format!("recycling: exec {}", exe.display()))
 }
 
 /// Pause between two attempts to replace a client whose connection task is gone.

@@ -831,14 +831,18 @@ async fn idle_worker_exits_promptly_on_sigterm_even_with_a_long_poll_open() -> a
     Ok(())
 }
 
+/// `CONVEYOR_MAX_JOBS`: after that many jobs the runtime starts over as a fresh process in
+/// place (same PID: the container never exits, so a kubelet neither restarts it nor backs off),
+/// and goes on taking jobs; SIGTERM still drains and exits 0.
 #[tokio::test]
-async fn worker_exits_after_max_jobs_to_be_replaced() -> anyhow::Result<()> {
+async fn worker_recycles_itself_in_place_after_max_jobs() -> anyhow::Result<()> {
     let s = setup(QueueSettings::default()).await?;
     let mut worker = s.worker(
         "exec",
         &[(env::CONCURRENCY, "2"), (env::MAX_JOBS, "3")],
-        &["sh", "-c", r#"touch "$OUT/done-$CONVEYOR_JOB_ID""#],
+        &["sh", "-c", r#"echo "$PPID" > "$OUT/done-$CONVEYOR_JOB_ID""#],
     )?;
+    let pid = worker.id().expect("running");
     let jobs = (0..10).map(|i| Job::new(format!("j{i}"), "x"));
     assert!(
         s.client
@@ -847,13 +851,32 @@ async fn worker_exits_after_max_jobs_to_be_replaced() -> anyhow::Result<()> {
             .iter()
             .all(Result::is_ok)
     );
-    let status = tokio::time::timeout(WAIT, worker.wait()).await??;
-    assert!(status.success(), "{status}");
-    assert_eq!(s.files("done-").len(), 3, "exactly max_jobs jobs taken");
-    wait_for(WAIT, "the other 7 jobs still queued", || async {
-        s.stream_len(&s.queue.stream()).await == 7
+    wait_for(WAIT, "all 10 jobs done across recycles", || async {
+        s.files("done-").len() == 10
     })
     .await?;
+    assert!(worker.try_wait()?.is_none(), "the runtime never exited");
+    let parents: std::collections::BTreeSet<String> = s
+        .files("done-")
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(s.out.path().join(format!("done-{f}")))
+                .unwrap()
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        parents.into_iter().collect::<Vec<_>>(),
+        [pid.to_string()],
+        "every job ran under the same PID"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, worker.wait()).await??;
+    assert!(status.success(), "{status}");
     Ok(())
 }
 
