@@ -378,13 +378,20 @@ impl NatsOptions {
         self.connect_with(options).await
     }
 
-    /// Connects with `options` (from [`NatsOptions::connect_options`], extended by the caller).
+    /// Connects with `options` (from [`NatsOptions::connect_options`], extended by the caller),
+    /// to any of the comma-separated servers of the URL (async-nats parses a `&str` as one).
     pub async fn connect_with(
         &self,
         options: async_nats::ConnectOptions,
     ) -> Result<async_nats::Client, ConnectError> {
+        let servers: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|server| !server.is_empty())
+            .collect();
         options
-            .connect(self.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| ConnectError::from_nats(&self.url, &e))
     }

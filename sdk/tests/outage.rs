@@ -61,7 +61,10 @@ fn kind(error: &SubmitError) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_never_reports_a_job_the_stream_does_not_have() {
     let mut cluster = NatsCluster::start().await.expect("a 3-node cluster");
-    let client = Client::new(cluster.client().await.unwrap());
+    // The comma-separated URL of every node, as users configure a cluster.
+    let client = Client::connect(&cluster.url())
+        .await
+        .expect("connect to the cluster");
     let js = client.jetstream().clone();
     let queue = QueueRef::new("team", "outage");
     let settings = QueueSettings {
