@@ -338,7 +338,7 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
             .expect("worker stops cleanly");
     }
 
-    let by_id = handled.by_id.lock().unwrap();
+    let by_id = handled.by_id.lock().unwrap().clone();
     let lost: Vec<String> = (0..JOBS)
         .map(|i| format!("job-{i}"))
         .filter(|id| !by_id.contains_key(id))
