@@ -68,6 +68,32 @@ pub struct Config {
     /// How often the scaler reads the backlog of autoscaled workers.
     #[arg(long, env = "CONVEYOR_SCALER_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub scaler_interval: Duration,
+
+    /// Address of the web dashboard (e.g. `127.0.0.1:8090`); no dashboard when absent.
+    #[arg(long, env = "CONVEYOR_DASHBOARD_ADDR")]
+    pub dashboard_addr: Option<SocketAddr>,
+
+    /// Bearer token the dashboard's writes (requeue, purge) need; read-only when absent.
+    #[arg(long, env = "CONVEYOR_DASHBOARD_TOKEN", hide_env_values = true)]
+    pub dashboard_token: Option<Token>,
+}
+
+/// A secret given on the command line or in the environment; `Debug` does not show it, so a
+/// logged configuration keeps it out of the logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
 }
 
 impl Config {
@@ -93,8 +119,19 @@ mod tests {
             "--resync=1s",
             "--scaler-interval=250ms",
             "--http-addr=127.0.0.1:0",
+            "--dashboard-addr=127.0.0.1:8090",
         ])
         .unwrap();
+        assert_eq!(
+            config.dashboard_addr,
+            Some("127.0.0.1:8090".parse().unwrap())
+        );
+        assert_eq!(config.dashboard_token, None);
+        let with_token =
+            Config::try_parse_from(["conveyor-operator", "--dashboard-token=s3cret"]).unwrap();
+        let token = with_token.dashboard_token.unwrap();
+        assert_eq!(token.0, "s3cret");
+        assert!(!format!("{token:?}").contains("s3cret"));
         assert_eq!(config.nats_url, "nats://n:4222");
         assert!(config.leader_election);
         assert_eq!(config.resync, Duration::from_secs(1));

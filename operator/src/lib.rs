@@ -1,12 +1,14 @@
 //! The Conveyor operator: a `JobQueue` controller that keeps each queue's JetStream assets in
 //! line with its spec, a `Worker` controller that renders worker Deployments with the runtime
-//! injected, a backlog-driven scaler, leader election on a Lease, and an HTTP server for
-//! health and metrics. The `conveyor-operator` binary is a thin `main` over [`run`].
+//! injected, a backlog-driven scaler, leader election on a Lease, an HTTP server for
+//! health and metrics, and an optional web dashboard on a port of its own. The
+//! `conveyor-operator` binary is a thin `main` over [`run`].
 
 pub mod assets;
 pub mod conditions;
 pub mod config;
 pub mod context;
+pub mod dashboard;
 pub mod dispatcher;
 pub mod events;
 pub mod http;
@@ -94,18 +96,36 @@ pub async fn run_with_client(
         config.clone(),
         metrics.clone(),
     ));
+    let stores = dashboard::StoreSlot::default();
+    let dashboard = match config.dashboard_addr {
+        None => None,
+        Some(addr) => {
+            let state = dashboard::DashboardState {
+                ctx: ctx.clone(),
+                stores: stores.clone(),
+                token: config.dashboard_token.clone().map(|t| t.0),
+            };
+            let (bound, serve) = dashboard::bind(addr, state, stop.clone())
+                .await
+                .map_err(|source| Error::Listen { addr, source })?;
+            tracing::info!(url = %format!("http://{bound}/"), writable = config.dashboard_token.is_some(), "serving the dashboard");
+            Some(tokio::spawn(serve))
+        }
+    };
     let result = if config.leader_election {
-        lead_then_run(&config, client, ctx, &ready, &stop).await
+        lead_then_run(&config, client, ctx, &stores, &ready, &stop).await
     } else {
         ready.store(true, Ordering::Relaxed);
-        controllers(ctx, stop.clone()).await;
+        controllers(ctx, stores, stop.clone()).await;
         Ok(())
     };
     stop.cancel();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => return Err(Error::Http(err)),
-        Err(err) => tracing::warn!(%err, "HTTP server task failed"),
+    for task in std::iter::once(server).chain(dashboard) {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(Error::Http(err)),
+            Err(err) => tracing::warn!(%err, "HTTP server task failed"),
+        }
     }
     result
 }
@@ -115,6 +135,7 @@ async fn lead_then_run(
     config: &Config,
     client: kube::Client,
     ctx: Arc<Context>,
+    stores: &dashboard::StoreSlot,
     ready: &AtomicBool,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
@@ -140,7 +161,11 @@ async fn lead_then_run(
         tracing::info!(%identity, "leading");
         ctx.metrics.set_leader(true);
         let controllers_stop = stop.child_token();
-        let running = tokio::spawn(controllers(ctx.clone(), controllers_stop.clone()));
+        let running = tokio::spawn(controllers(
+            ctx.clone(),
+            stores.clone(),
+            controllers_stop.clone(),
+        ));
         tokio::select! {
             () = stop.cancelled() => {}
             _ = leading.wait_for(|l| !*l) => {
@@ -161,8 +186,9 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// Runs both controllers and the scaler until `stop` is cancelled.
-async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
+/// Runs both controllers and the scaler until `stop` is cancelled; their stores are in
+/// `stores` for the dashboard meanwhile.
+async fn controllers(ctx: Arc<Context>, stores: dashboard::StoreSlot, stop: CancellationToken) {
     let queues = jobqueue::controller(&ctx);
     let queue_store = queues.store();
     let limited_queues = queues.store();
@@ -170,6 +196,13 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
     let workers = worker::controller(&ctx);
     let worker_store = workers.store();
     let pruned = (queues.store(), workers.store());
+    let shown = dashboard::Stores {
+        queues: queues.store(),
+        workers: workers.store(),
+    };
+    *stores
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(shown);
     let on = |token: &CancellationToken| {
         let token = token.clone();
         async move { token.cancelled().await }
@@ -195,6 +228,9 @@ async fn controllers(ctx: Arc<Context>, stop: CancellationToken) {
         _ = all => {}
         () = grace => tracing::warn!(?SHUTDOWN_GRACE, "controllers did not stop in time; leaving them"),
     }
+    *stores
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
 }
 
 /// How long the controllers get to finish their reconciles after a shutdown request.

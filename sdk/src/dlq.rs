@@ -314,6 +314,23 @@ pub async fn list(
     Ok(found.into_iter().map(|(entry, _)| entry).collect())
 }
 
+/// One page of a browse: up to `limit` dead letters from sequence `from` on (the next page
+/// starts after the last sequence returned), oldest first, with payloads and headers. Reads at
+/// most `limit` messages (deleted sequences are skipped by the server), however long the stream.
+pub async fn page(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetterJob>, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    let found = scan_from(jetstream, &stream, from, &Selector::All, limit).await?;
+    Ok(found
+        .into_iter()
+        .map(|(entry, job)| DeadLetterJob::new(entry, job))
+        .collect())
+}
+
 /// The newest dead letter of job `id`, with its payload and headers.
 pub async fn show(
     jetstream: &jetstream::Context,
@@ -433,6 +450,17 @@ async fn scan(
     selector: &Selector,
     limit: usize,
 ) -> Result<Vec<(DeadLetter, StoredJob)>, DlqError> {
+    scan_from(jetstream, stream, 0, selector, limit).await
+}
+
+/// [`scan`] from sequence `start` on.
+async fn scan_from(
+    jetstream: &jetstream::Context,
+    stream: &Stream,
+    start: u64,
+    selector: &Selector,
+    limit: usize,
+) -> Result<Vec<(DeadLetter, StoredJob)>, DlqError> {
     let info = stream.cached_info();
     let name = info.config.name.clone();
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
@@ -441,7 +469,7 @@ async fn scan(
         return Ok(found);
     }
     let client = jetstream.client();
-    let mut from = first;
+    let mut from = first.max(start);
     while from <= last {
         let read = stored::next(&client, &name, ">", from);
         let job = match tokio::time::timeout(READ_TIMEOUT, read).await {
