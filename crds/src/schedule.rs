@@ -232,6 +232,12 @@ pub struct ScheduleRun {
     /// `Replace`): while the stream still holds it, the run is queued or running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
+    /// What became of it, when known: `Pending` (still queued or running; known under
+    /// `Forbid` and `Replace`), `Completed`, `DeadLettered` or `Cancelled` (from the queue's
+    /// stored results, so only with `results.retention` on the queue), or `Finished` (no longer
+    /// queued, outcome not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -554,6 +554,7 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
     let last = status.last_run.expect("the first run is recorded");
     assert_eq!(last.job_id, ids[0]);
     assert!(last.sequence.is_some());
+    assert_eq!(last.outcome.as_deref(), Some("Pending"), "nobody took it");
 
     // The run finishes (a worker takes and acknowledges it): the next slot runs.
     let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
@@ -626,6 +627,49 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
         "two runs of fresh replaced by later ones",
         || async { replaced().await >= 2 },
     )
+    .await
+    .unwrap();
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_last_runs_outcome_comes_from_the_queues_stored_results() {
+    let env = Env::new().await;
+    env.apply_ok(&queue_yaml("kept", "results: {retention: 1h}"))
+        .await;
+    env.apply_ok(&schedule_yaml("report", "kept", "@every 1s", ""))
+        .await;
+    env.wait_ready("report", "True", "Scheduled").await;
+    let what = "a last run in the status";
+    wait_for(DEADLINE, what, || async {
+        schedule_status(&env, "report").await.last_run.is_some()
+    })
+    .await
+    .unwrap();
+    // What a worker with stored results writes once a run succeeded, for every run so far.
+    let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
+    let queue = QueueRef::new(NS, "kept");
+    let store = |id: String| {
+        let js = js.clone();
+        let queue = queue.clone();
+        async move {
+            let headers = conveyor::protocol::Outcome::Completed.encode(&id);
+            js.publish_with_headers(queue.result_subject(&id), headers, "ok".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    wait_for(DEADLINE, "lastRun.outcome Completed", || async {
+        for id in env.job_ids("kept").await {
+            store(id).await;
+        }
+        let status = schedule_status(&env, "report").await;
+        status
+            .last_run
+            .is_some_and(|run| run.outcome.as_deref() == Some("Completed"))
+    })
     .await
     .unwrap();
     env.shutdown().await;

@@ -312,6 +312,7 @@ async fn run_on(
         last: None,
         skipped: false,
         handled: None,
+        outcome: None,
     };
     match tick {
         Some(tick) if held && !s.spec.suspend => {
@@ -322,6 +323,18 @@ async fn run_on(
         }
         Some(tick) if !held => found.last = Some((tick.run, None)),
         _ => {}
+    }
+    let run = match &found.last {
+        Some((run, sequence)) => Some((run.job_id.clone(), *sequence)),
+        None => s
+            .status
+            .as_ref()
+            .and_then(|st| st.last_run.as_ref())
+            .map(|run| (run.job_id.clone(), run.sequence)),
+    };
+    if let Some((id, sequence)) = run {
+        let results = queue.spec.results.is_some();
+        found.outcome = outcome(js, &queue_ref, &id, sequence, results).await;
     }
     // Come back around the next run, to report it.
     let wait = found
@@ -390,6 +403,35 @@ async fn handle(
     let sequence = schedule::submit_tick(js, queue, level, &tick).await?;
     found.last = Some((tick.run, Some(sequence)));
     Ok(())
+}
+
+/// What became of the run `id`: `Pending` while the work stream holds it (known by its
+/// `sequence`), else its stored outcome (queues with `results.retention`), else `Finished`
+/// when it is known to have left the work stream. Unknown (`None`) when NATS cannot tell.
+async fn outcome(
+    js: &async_nats::jetstream::Context,
+    queue: &QueueRef,
+    id: &str,
+    sequence: Option<u64>,
+    results: bool,
+) -> Option<String> {
+    if let Some(seq) = sequence
+        && schedule::still_queued(js, queue, seq).await.ok()?
+    {
+        return Some("Pending".into());
+    }
+    if results {
+        let client = conveyor::Client::new(js.client());
+        if let Ok(Some(result)) = client.result(queue, id).await {
+            let outcome = match result {
+                conveyor::JobResult::Completed { .. } => "Completed",
+                conveyor::JobResult::DeadLettered { .. } => "DeadLettered",
+                conveyor::JobResult::Cancelled { .. } => "Cancelled",
+            };
+            return Some(outcome.into());
+        }
+    }
+    sequence.map(|_| "Finished".into())
 }
 
 async fn write_status(

@@ -67,6 +67,8 @@ pub struct Found {
     pub skipped: bool,
     /// The slot this reconcile handled (`Forbid`, `Replace`).
     pub handled: Option<String>,
+    /// What became of the last run, when known.
+    pub outcome: Option<String>,
     /// When the next run is due.
     pub next: Option<Timestamp>,
 }
@@ -224,7 +226,11 @@ pub fn compute_status(
                     time: Time(last.slot),
                     job_id: last.job_id.clone(),
                     sequence: *sequence,
+                    outcome: None,
                 });
+            }
+            if let Some(run) = status.last_run.as_mut() {
+                run.outcome.clone_from(&found.outcome);
             }
             if found.skipped {
                 status.missed_runs += 1;
@@ -363,6 +369,7 @@ mod tests {
             next: Some(ts("2026-12-01T23:06:19Z")),
             skipped: false,
             handled: None,
+            outcome: None,
         });
         let now = ts("2026-12-01T23:06:13Z");
         let ready = compute_status(None, Some(1), &found, now);
