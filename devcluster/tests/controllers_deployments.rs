@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{kubectl_ok, wait_for};
 use conveyor_devcluster::{DevCluster, Options};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod};
 use kube::Api;
 use kube::api::ListParams;
 
@@ -225,6 +225,41 @@ async fn scaling_down_honours_pod_deletion_cost_and_scaling_up_adds_pods() {
         .await
         .unwrap();
     assert_eq!(rs.items.len(), 1, "scaling makes no new ReplicaSet");
+
+    // Each scaling is an Event of its own that says what happened (core/v1, as the
+    // controller-manager writes them), not a count on the first one.
+    let rs_name = rs.items[0].metadata.name.clone().unwrap();
+    let events: Api<CoreEvent> = Api::default_namespaced(cluster.client());
+    let expected: Vec<String> = [
+        format!("Scaled up replica set {rs_name} from 0 to 3"),
+        format!("Scaled down replica set {rs_name} from 3 to 2"),
+        format!("Scaled down replica set {rs_name} from 2 to 1"),
+        format!("Scaled up replica set {rs_name} from 1 to 3"),
+    ]
+    .into();
+    let scalings = || async {
+        let list = events
+            .list(&ListParams::default().fields("involvedObject.name=pool"))
+            .await
+            .ok()?;
+        let mut found: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("ScalingReplicaSet"))
+            .collect();
+        found.sort_by_key(|e| e.metadata.name.clone());
+        (found.len() == expected.len()).then_some(found)
+    };
+    let found = wait_for("four scaling Events", Duration::from_secs(20), scalings).await;
+    let said: Vec<String> = found.iter().filter_map(|e| e.message.clone()).collect();
+    assert_eq!(said, expected);
+    for e in &found {
+        assert_eq!(e.count, Some(1));
+        assert_eq!(
+            e.source.as_ref().and_then(|s| s.component.as_deref()),
+            Some("deployment-controller")
+        );
+    }
 }
 
 #[tokio::test]

@@ -118,3 +118,37 @@ async fn an_events_v1_update_counts_the_series_but_keeps_the_note() {
     assert!(shown.contains("scaled down from 3 to 2"), "{shown}");
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_controllers_recorder_counts_a_repeated_message_and_writes_a_new_one_apart() {
+    use conveyor_devcluster::controllers::events::Recorder;
+    let cluster = api_cluster().await;
+    let recorder = Recorder::new(cluster.client(), "deployment-controller");
+    let object: k8s_openapi::api::core::v1::ObjectReference = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+        "namespace": "default", "uid": "u-1"}))
+    .unwrap();
+    for message in ["Scaled up to 2", "Scaled up to 2", "Scaled down to 1"] {
+        recorder
+            .record(&object, "ScalingReplicaSet", message)
+            .await
+            .unwrap();
+    }
+    let events: Api<CoreEvent> = Api::default_namespaced(cluster.client());
+    let mut seen: Vec<(String, i32)> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| (e.message.unwrap_or_default(), e.count.unwrap_or(0)))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("Scaled down to 1".to_owned(), 1),
+            ("Scaled up to 2".to_owned(), 2)
+        ]
+    );
+}

@@ -10,6 +10,7 @@
 //! have seen them, so a stale cache never creates or deletes pods twice.
 
 pub mod deployment;
+pub mod events;
 pub mod replicaset;
 
 use std::collections::{BTreeSet, HashMap};
@@ -24,10 +25,11 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
+
+use self::events::Recorder;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::Notify;
@@ -109,28 +111,12 @@ struct Manager {
 /// Records a Normal event about `reference`, without waiting for it to be written.
 fn record(recorder: &Recorder, reference: ObjectReference, reason: &str, note: String) {
     let recorder = recorder.clone();
-    let event = Event {
-        type_: EventType::Normal,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
+    let reason = reason.to_owned();
     tokio::spawn(async move {
-        if let Err(err) = recorder.publish(&event, &reference).await {
+        if let Err(err) = recorder.record(&reference, &reason, &note).await {
             tracing::debug!(%err, "cannot record an event");
         }
     });
-}
-
-fn recorder(client: &Client, controller: &str) -> Recorder {
-    Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: controller.into(),
-            instance: None,
-        },
-    )
 }
 
 fn spawn_reflector<K>(
@@ -171,8 +157,8 @@ pub async fn run(client: Client, shutdown: CancellationToken) {
         deployments: spawn_reflector(&client, changed.clone(), &shutdown),
         replica_sets: spawn_reflector(&client, changed.clone(), &shutdown),
         pods: spawn_reflector(&client, changed.clone(), &shutdown),
-        deployment_events: recorder(&client, "deployment-controller"),
-        replica_set_events: recorder(&client, "replicaset-controller"),
+        deployment_events: Recorder::new(client.clone(), "deployment-controller"),
+        replica_set_events: Recorder::new(client.clone(), "replicaset-controller"),
         client,
         expectations: HashMap::new(),
     };

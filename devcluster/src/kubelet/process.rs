@@ -248,8 +248,16 @@ mod tests {
         let procs = spawner.processes(pid);
         let scope = procs.scope;
         let count = || members(scope, pid).count();
+        // `python3` may be a shim (pyenv) that runs a few shells before Python: wait until the
+        // child is Python, leading its own process group, and the only other process.
+        let child_leads_a_group = || {
+            members(Scope::Group, pid).count() == 1
+                && members(scope, pid).any(|m| m != pid && members(Scope::Group, m).count() == 1)
+        };
         until("the main process and its child", || {
-            count() == 2 && !std::fs::read_to_string(&log).unwrap_or_default().is_empty()
+            count() == 2
+                && child_leads_a_group()
+                && !std::fs::read_to_string(&log).unwrap_or_default().is_empty()
         })
         .await;
         assert!(procs.rss() > 0);
