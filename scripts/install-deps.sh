@@ -43,3 +43,22 @@ if ! command -v promtool >/dev/null 2>&1; then
   # The package starts a Prometheus server; the tests need only promtool.
   $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
+# The dashboard's browser test (operator/tests/dashboard.rs runs tests/browser/dashboard.mjs):
+# Debian's chromium, driven headless by npm's playwright-core in tests/browser/node_modules.
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium (Debian's package, for the dashboard's browser test)…" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing Node.js and npm (Debian's packages, for playwright-core)…" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+browser_dir="$(dirname "$0")/../tests/browser"
+if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
+  echo "installing playwright-core into tests/browser/node_modules…" >&2
+  (cd "$browser_dir" && npm ci --no-audit --no-fund --silent)
+fi

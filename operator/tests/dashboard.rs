@@ -465,3 +465,63 @@ async fn the_dashboard_shows_queues_workers_dead_letters_and_jobs_and_guards_its
 
     fx.shutdown().await;
 }
+
+/// Where the browser test saves its screenshots (one per page; docs/dashboard/ has copies).
+const SCREENSHOTS: &str = "target/dashboard-screenshots";
+
+#[tokio::test]
+async fn a_browser_sees_the_figures_opens_and_requeues_a_dead_letter_and_finds_a_job() {
+    // CI installs both (`make deps`); a missing one is a failure, not a skip.
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "no chromium at {chromium}: run `make deps` (scripts/install-deps.sh installs Debian's chromium)"
+    );
+    assert!(
+        repo("tests/browser/node_modules/playwright-core").is_dir(),
+        "no playwright-core in tests/browser/node_modules: run `make deps`"
+    );
+    let fx = Seeded::start().await;
+    // The page's requeue of bad-1 then completes.
+    fx.fixed.store(true, Ordering::Relaxed);
+    let url = format!("http://127.0.0.1:{}/", fx.port);
+    let run = tokio::process::Command::new("node")
+        .arg(repo("tests/browser/dashboard.mjs"))
+        .arg(&url)
+        .arg(TOKEN)
+        .arg(repo(SCREENSHOTS))
+        .env("CHROMIUM", &chromium)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the browser test ends within 2 minutes")
+        .expect("node runs: install Node.js (`make deps` needs it for playwright-core)");
+    assert!(
+        out.status.success(),
+        "tests/browser/dashboard.mjs failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jobs = format!("/api/queues/{NS}/emails/jobs");
+    let port = fx.port;
+    wait_for(
+        DEADLINE,
+        "bad-1 completing after the page's requeue",
+        || async { get(port, &format!("{jobs}/bad-1")).await.json()["state"] == "completed" },
+    )
+    .await
+    .unwrap();
+    for page in [
+        "queues",
+        "workers",
+        "queue",
+        "dead-letters",
+        "dead-letter",
+        "job",
+    ] {
+        let shot = repo(SCREENSHOTS).join(format!("{page}.png"));
+        assert!(shot.is_file(), "a screenshot of {page}: {}", shot.display());
+    }
+    fx.shutdown().await;
+}

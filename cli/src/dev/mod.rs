@@ -140,6 +140,8 @@ pub struct DevEnv {
     pub client: ::kube::Client,
     /// Kubeconfig of the test double.
     pub kubeconfig: PathBuf,
+    /// Where the operator serves its web dashboard.
+    pub dashboard: SocketAddr,
 }
 
 impl DevEnv {
@@ -192,6 +194,11 @@ impl DevEnv {
         config.http_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         config.namespace = None;
         config.leader_election = false;
+        // A port free now on loopback (the operator binds it a moment later), printed below.
+        let dashboard = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .context("cannot find a free port for the dashboard")?;
+        config.dashboard_addr = Some(dashboard);
         let stopping = CancellationToken::new();
         let operator = tokio::spawn({
             let client = client.clone();
@@ -199,7 +206,7 @@ impl DevEnv {
             async move { Ok(conveyor_operator::run_with_client(config, client, shutdown).await?) }
         });
         eprintln!(
-            "operator running ({:.1?} to start everything)",
+            "operator running ({:.1?} to start everything); dashboard on http://{dashboard}/",
             started.elapsed()
         );
         Ok(Self {
@@ -209,6 +216,7 @@ impl DevEnv {
             stopping,
             client,
             kubeconfig,
+            dashboard,
         })
     }
 
@@ -243,7 +251,9 @@ impl DevEnv {
              \x20 conveyor submit hello --count 1000 '{{\"name\": \"load\"}}'\n\
              \x20 conveyor status\n\
              \x20 kubectl describe jobqueue hello\n\n\
+             Dashboard (read-only): http://{dashboard}/\n\n\
              Ctrl-C stops everything.",
+            dashboard = self.dashboard,
             kubeconfig = self.kubeconfig.display(),
             nats = self.nats.url(),
         );

@@ -71,6 +71,8 @@ pub fn router(state: DashboardState) -> Router {
             "/assets/style.css",
             get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
         )
+        // Browsers ask for it; no icon, and no 404 in their console.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/api/info", get(api::info))
         .route("/api/queues", get(api::queues))
         .route("/api/workers", get(api::workers))

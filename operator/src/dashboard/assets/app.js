@@ -11,7 +11,7 @@ function el(tag, attrs, ...children) {
     if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -47,8 +47,13 @@ function conditions(list) {
   });
 }
 
+// Replaces the children of `node`; arrays are flattened and absent parts left out.
+function fill(node, ...children) {
+  node.replaceChildren(...children.flat(Infinity).filter((c) => c !== undefined && c !== null));
+}
+
 function render(...nodes) {
-  view().replaceChildren(...nodes);
+  fill(view(), ...nodes);
 }
 
 function queueLink(q) {
@@ -163,9 +168,9 @@ async function deadLetterView(namespace, name, sequence) {
     try {
       const done = await api(`/api/queues/${part(namespace)}/${part(name)}/dead-letters/${part(sequence)}/${action}`,
         { method: "POST", headers });
-      outcome.replaceChildren(notice(`${done.action === "requeue" ? "Requeued" : "Purged"}: ${done.jobs.join(", ")}`));
+      fill(outcome, notice(`${done.action === "requeue" ? "Requeued" : "Purged"}: ${done.jobs.join(", ")}`));
     } catch (error) {
-      outcome.replaceChildren(notice(error.message, true));
+      fill(outcome, notice(error.message, true));
     }
   };
   const fields = [["Job", d.jobId], ["Reason", d.reason], ["Attempts", d.attempts], ["Error", d.error],
@@ -208,7 +213,7 @@ async function jobView(params) {
       delayed: "delayed",
       notFound: "not found in the places looked",
     }[found.state];
-    answer.replaceChildren(
+    fill(answer,
       el("p", { id: "job-state", "data-state": found.state }, `Job ${found.id}: ${says}`),
       found.delayedUntil ? el("p", {}, `Scheduled: ${found.delayedUntil}`) : null,
       found.error !== undefined ? el("p", { class: "error" }, `${found.reason} after ${found.attempts} attempts: ${found.error}`) : null,
@@ -217,7 +222,7 @@ async function jobView(params) {
       el("ul", {}, found.checked.map((c) => el("li", {}, c))),
       el("p", { class: "muted" }, `Not looked at: ${found.notChecked}`));
   } catch (error) {
-    answer.replaceChildren(notice(error.message, true));
+    fill(answer, notice(error.message, true));
   }
 }
 
