@@ -105,9 +105,14 @@ pub async fn run_with_client(
                 stores: stores.clone(),
                 token: config.dashboard_token.clone().map(|t| t.0),
             };
-            let (bound, serve) = dashboard::bind(addr, state, stop.clone())
-                .await
-                .map_err(|source| Error::Listen { addr, source })?;
+            let (bound, serve) = match dashboard::bind(addr, state, stop.clone()).await {
+                Ok(bound) => bound,
+                Err(source) => {
+                    // The HTTP server is already running: stop it too.
+                    stop.cancel();
+                    return Err(Error::Listen { addr, source });
+                }
+            };
             tracing::info!(url = %format!("http://{bound}/"), writable = config.dashboard_token.is_some(), "serving the dashboard");
             Some(tokio::spawn(serve))
         }
