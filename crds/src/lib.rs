@@ -21,7 +21,9 @@ pub use jobqueue::{
 pub use schedule::{
     ConcurrencyPolicy, JobSchedule, JobScheduleSpec, JobScheduleStatus, JobTemplate, ScheduleRun,
 };
-pub use worker::{HandlerMode, HandlerSpec, ScalingSpec, Worker, WorkerSpec, WorkerStatus};
+pub use worker::{
+    HandlerMode, HandlerSpec, ScaleBasis, ScalingSpec, Worker, WorkerSpec, WorkerStatus,
+};
 
 use kube::CustomResourceExt;
 

@@ -190,6 +190,15 @@ pub struct HandlerSpec {
     pub url: Option<String>,
 }
 
+/// What a scaling decision rested on (`status.scaleBasis`).
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleBasis {
+    /// The queue's backlog, read from NATS.
+    Backlog,
+    /// Nothing: NATS was unreachable, so the pool kept its size.
+    Held,
+}
+
 /// Handler protocol between the worker runtime and user code.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -296,6 +305,11 @@ pub struct WorkerStatus {
     /// Why the pool has its current size, e.g. `backlog 37, target 10 per replica`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+
+    /// What the scaler's last decision rested on: `Backlog` (it read the queue's figures) or
+    /// `Held` (NATS was unreachable, so it kept the size it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_basis: Option<ScaleBasis>,
 
     /// Pods deleted because they reached `recycle.maxAge`, since the Worker was created.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -48,6 +48,10 @@ pub mod reason {
     /// Event: a queue's `JobsFailing` condition turned `True` (one Event per transition, not
     /// per job).
     pub const JOB_DEAD_LETTERED: &str = "JobDeadLettered";
+    /// Event: the scaler grew a Worker's pool.
+    pub const SCALED_UP: &str = "ScaledUp";
+    /// Event: the scaler shrank a Worker's pool.
+    pub const SCALED_DOWN: &str = "ScaledDown";
     /// Event: a queue's `Backlogged` condition turned `True`.
     pub const BACKLOGGED: &str = "Backlogged";
     /// Event: a queue's `Backlogged` or `JobsFailing` condition turned back to `False`.

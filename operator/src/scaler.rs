@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conveyor::names::QueueRef;
-use conveyor_crds::{JobQueue, ScalingSpec, Worker};
+use conveyor_crds::{JobQueue, ScaleBasis, ScalingSpec, Worker};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 
 use crate::assets;
+use crate::conditions::reason;
 use crate::context::Context;
 
 /// What the scaler knows about one pool at one tick.
@@ -36,14 +37,13 @@ pub struct Input {
     pub target: i32,
 }
 
-/// How a decision taken without the backlog begins; the `Scaling` condition reads it.
-pub const HOLDING: &str = "NATS unreachable";
-
 /// The scaler's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     /// Replicas to ask for.
     pub replicas: i32,
+    /// What it rests on (`status.scaleBasis`; the `Scaling` condition reads it).
+    pub basis: ScaleBasis,
     /// Why, for `status.lastScaleReason` and Events.
     pub reason: String,
 }
@@ -66,7 +66,8 @@ pub fn decide(input: Input, window: Duration, history: &mut History, now: Instan
     let Some(backlog) = input.backlog else {
         return Decision {
             replicas: input.current,
-            reason: format!("{HOLDING}: holding {} replicas", input.current),
+            basis: ScaleBasis::Held,
+            reason: format!("NATS unreachable: holding {} replicas", input.current),
         };
     };
     let recommended = recommend(backlog, input.min, input.max, input.target);
@@ -82,6 +83,7 @@ pub fn decide(input: Input, window: Duration, history: &mut History, now: Instan
     if recommended >= input.current {
         return Decision {
             replicas: recommended,
+            basis: ScaleBasis::Backlog,
             reason: why,
         };
     }
@@ -100,7 +102,11 @@ pub fn decide(input: Input, window: Duration, history: &mut History, now: Instan
     } else {
         why
     };
-    Decision { replicas, reason }
+    Decision {
+        replicas,
+        basis: ScaleBasis::Backlog,
+        reason,
+    }
 }
 
 /// Field manager of the scaler's status writes.
@@ -159,12 +165,8 @@ pub async fn run(
             let written = worker.status.as_ref().and_then(|s| s.desired_replicas);
             // Going blind (NATS unreachable) or seeing again is recorded too, so the status
             // says why the size is held.
-            let was_blind = worker
-                .status
-                .as_ref()
-                .and_then(|s| s.last_scale_reason.as_deref())
-                .is_some_and(|r| r.starts_with(HOLDING));
-            let blindness_changed = was_blind != backlog.is_none();
+            let basis = worker.status.as_ref().and_then(|s| s.scale_basis);
+            let blindness_changed = basis != Some(decision.basis);
             if decision.replicas != *current || written.is_none() || blindness_changed {
                 if decision.replicas < *current {
                     // Idle pods first, so the ReplicaSet does not stop a busy worker mid-job.
@@ -240,12 +242,13 @@ async fn record(
         }
     };
     let patch = serde_json::json!({
-        "apiVersion": "conveyor.dev/v1alpha1",
-        "kind": "Worker",
+        "apiVersion": Worker::api_version(&()),
+        "kind": Worker::kind(&()),
         "status": {
             "desiredReplicas": decision.replicas,
             "lastScaleTime": scale_time,
             "lastScaleReason": decision.reason,
+            "scaleBasis": decision.basis,
         }
     });
     let params = PatchParams::apply(SCALER_MANAGER).force();
@@ -257,9 +260,9 @@ async fn record(
     let up = decision.replicas > current;
     ctx.metrics.scaled(up);
     let (reason, verb) = if up {
-        ("ScaledUp", "up")
+        (reason::SCALED_UP, "up")
     } else {
-        ("ScaledDown", "down")
+        (reason::SCALED_DOWN, "down")
     };
     let note = format!(
         "scaled {verb} from {current} to {}: {}",

@@ -1,7 +1,7 @@
 //! The status of a `Worker` as a pure function of its previous status, its Deployment and its
 //! queue's figures.
 
-use conveyor_crds::{JobQueueStatus, WorkerStatus};
+use conveyor_crds::{JobQueueStatus, ScaleBasis, WorkerStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 
@@ -180,11 +180,7 @@ fn scaling(status: &WorkerStatus, desired: i32) -> (Status, &'static str, String
             reason::SCALING_DOWN,
             format!("{have} pods running, {want} asked for{why}"),
         )
-    } else if status
-        .last_scale_reason
-        .as_deref()
-        .is_some_and(|r| r.starts_with(crate::scaler::HOLDING))
-    {
+    } else if status.scale_basis == Some(ScaleBasis::Held) {
         (
             Status::False,
             reason::BACKLOG_UNKNOWN,
@@ -307,9 +303,15 @@ mod tests {
     #[test]
     fn scaling_compares_the_pods_with_the_size_asked_for() {
         let scaled = |replicas: i32, desired: i32, why: &str| {
+            let held = why.starts_with("NATS unreachable");
             let old = WorkerStatus {
                 desired_replicas: Some(desired),
                 last_scale_reason: Some(why.into()),
+                scale_basis: Some(if held {
+                    ScaleBasis::Held
+                } else {
+                    ScaleBasis::Backlog
+                }),
                 ..Default::default()
             };
             let d = deployment(replicas, replicas);
@@ -345,8 +347,7 @@ mod tests {
             ("False", reason::AT_DESIRED_SIZE)
         );
         assert_eq!(message, "2 pods: backlog 20");
-        let held = format!("{}: holding 3 replicas", crate::scaler::HOLDING);
-        let (status, why, _) = scaled(3, 3, &held);
+        let (status, why, _) = scaled(3, 3, "NATS unreachable: holding 3 replicas");
         assert_eq!(
             (status.as_str(), why.as_str()),
             ("False", reason::BACKLOG_UNKNOWN)
