@@ -232,7 +232,7 @@ async fn reconnect(
             Ok(nats) => return Some(nats),
             Err(error) => {
                 // The first failure and then one in 30, not one line a second.
-                if failures % 30 == 0 {
+                if failures.is_multiple_of(30) {
                     warn!(error = %format!("{error:#}"), failures, "cannot connect a new NATS client yet; /healthz fails until one connects");
                 }
                 failures = failures.saturating_add(1);
