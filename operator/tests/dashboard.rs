@@ -77,9 +77,14 @@ async fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) 
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("the dashboard listens");
-    let mut text = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n"
-    );
+    let mut text =
+        format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        text.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -300,6 +305,9 @@ async fn the_dashboard_shows_queues_workers_dead_letters_and_jobs_and_guards_its
         assert_eq!(asset.status, 200, "{path}");
         assert!(asset.content_type.starts_with(kind), "{path}: {asset:?}");
     }
+    // A name that resolves to the dashboard (DNS rebinding) is not answered.
+    let rebound = request(port, "GET", "/api/queues", &[("Host", "evil.example:80")]).await;
+    assert_eq!(rebound.status, 403, "{rebound:?}");
     let info = get(port, "/api/info").await.json();
     assert_eq!(info["writable"], true);
     assert_eq!(info["running"], true);

@@ -90,7 +90,45 @@ pub fn router(state: DashboardState) -> Router {
             post(api::dead_letter_action),
         )
         .route("/api/queues/{namespace}/{name}/jobs/{id}", get(api::job))
+        .layer(axum::middleware::from_fn(addressed_by_ip))
         .with_state(state)
+}
+
+/// Answers only requests whose `Host` is an IP address or `localhost`: a page of another site
+/// whose name was made to resolve to the dashboard's address (DNS rebinding) sends its own
+/// name, and is refused before it can read anything.
+async fn addressed_by_ip(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if host_is_ip_or_localhost(host) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::FORBIDDEN,
+            format!("the dashboard answers requests to an IP address or localhost, not {host:?}"),
+        )
+            .into_response()
+    }
+}
+
+/// Whether `host` (a `Host` header: a name or address, maybe with a port) is an IP address or
+/// `localhost`.
+fn host_is_ip_or_localhost(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split_once(']')
+                .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -224,6 +262,28 @@ mod tests {
             ("authorization", "Bearer s3cret"),
         ];
         assert!(refuse_write(Some("s3cret"), &headers(&cross_site)).is_some());
+    }
+
+    #[test]
+    fn only_hosts_that_are_addresses_or_localhost_are_answered() {
+        for host in [
+            "127.0.0.1:8090",
+            "10.0.0.7",
+            "localhost:8090",
+            "LOCALHOST",
+            "[::1]:8090",
+        ] {
+            assert!(host_is_ip_or_localhost(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8090",
+            "127.0.0.1.nip.io:80",
+            "[evil]:1",
+            "",
+        ] {
+            assert!(!host_is_ip_or_localhost(host), "{host}");
+        }
     }
 
     #[test]
