@@ -142,6 +142,8 @@ pub struct DevEnv {
     pub kubeconfig: PathBuf,
     /// Where the operator serves its web dashboard.
     pub dashboard: SocketAddr,
+    /// The dashboard's write token, new each run.
+    dashboard_token: String,
 }
 
 impl DevEnv {
@@ -199,6 +201,8 @@ impl DevEnv {
             .and_then(|l| l.local_addr())
             .context("cannot find a free port for the dashboard")?;
         config.dashboard_addr = Some(dashboard);
+        let dashboard_token = uuid::Uuid::new_v4().simple().to_string();
+        config.dashboard_token = Some(conveyor_operator::config::Token(dashboard_token.clone()));
         let stopping = CancellationToken::new();
         let operator = tokio::spawn({
             let client = client.clone();
@@ -217,6 +221,7 @@ impl DevEnv {
             client,
             kubeconfig,
             dashboard,
+            dashboard_token,
         })
     }
 
@@ -251,9 +256,10 @@ impl DevEnv {
              \x20 conveyor submit hello --count 1000 '{{\"name\": \"load\"}}'\n\
              \x20 conveyor status\n\
              \x20 kubectl describe jobqueue hello\n\n\
-             Dashboard (read-only): http://{dashboard}/\n\n\
+             Dashboard: http://{dashboard}/ (write token for requeue and purge: {token})\n\n\
              Ctrl-C stops everything.",
             dashboard = self.dashboard,
+            token = self.dashboard_token,
             kubeconfig = self.kubeconfig.display(),
             nats = self.nats.url(),
         );
