@@ -128,7 +128,8 @@ pub struct WorkerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct RecycleSpec {
     /// Pods older than this (plus up to 10 % jitter, so pods born together are not replaced
-    /// together) are deleted gracefully and replaced; 1s to 365d. Format: `30m`, `12h`, `7d`.
+    /// together) are replaced: a new pod is started first and the old one is deleted gracefully
+    /// (its runtime drains) once the new one is Ready; 1s to 365d. Format: `30m`, `12h`, `7d`.
     /// Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
@@ -142,9 +143,9 @@ pub struct RecycleSpec {
     #[schemars(range(min = 1, max = bounds::MAX_RECYCLE_JOBS))]
     pub max_jobs: Option<i64>,
 
-    /// Most pods that may be unavailable while old ones are replaced (default 1); pods that
-    /// are already not ready count against it, so recycling never drops the pool further below
-    /// its desired size. 1 to 1000.
+    /// Most old pods replaced at a time (default 1), each by one extra pod that must be Ready
+    /// before the old one goes; pods already not ready or terminating count against it. 1 to
+    /// 1000.
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1, max = bounds::MAX_PODS))]
     pub max_unavailable: i32,
@@ -311,7 +312,7 @@ pub struct WorkerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_basis: Option<ScaleBasis>,
 
-    /// Pods deleted because they reached `recycle.maxAge`, since the Worker was created.
+    /// Pods replaced because they reached `recycle.maxAge`, since the Worker was created.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub recycled_pods: i64,
 

@@ -1,6 +1,7 @@
 //! Recycling under load: with `recycle.maxAge` of a few seconds, every original pod is deleted
 //! gracefully and replaced while jobs flow, and every job is still acked; the test prints the
-//! redeliveries (duplicates) it saw.
+//! redeliveries (duplicates) it saw. Capacity never dips: whenever an old pod is going, as many
+//! other pods are Ready as the pool wants (each replacement is Ready first, a surge pod).
 
 mod worker_env;
 
@@ -64,6 +65,41 @@ async fn every_pod_is_recycled_and_no_job_is_lost() {
         .map(ResourceExt::name_any)
         .collect();
 
+    wait_for(Duration::from_secs(60), "two ready pods", || async {
+        pods.list(&selector)
+            .await
+            .is_ok_and(|l| l.items.iter().filter(|p| ready(p)).count() == 2)
+    })
+    .await
+    .unwrap();
+    // Samples, while recycling runs, the Ready pods that are not terminating whenever some pod
+    // is terminating.
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (pods, selector, stop) = (pods.clone(), selector.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut fewest = usize::MAX;
+            while !stop.is_cancelled() {
+                if let Ok(list) = pods.list(&selector).await {
+                    let going = list
+                        .items
+                        .iter()
+                        .any(|p| p.metadata.deletion_timestamp.is_some());
+                    let serving = list
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none() && ready(p))
+                        .count();
+                    if going {
+                        fewest = fewest.min(serving);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            fewest
+        })
+    };
+
     let js = env.jetstream().await;
     for _ in 0..JOBS {
         js.publish(queue.job_subject(0), "0.3".into())
@@ -104,6 +140,12 @@ async fn every_pod_is_recycled_and_no_job_is_lost() {
     })
     .await
     .unwrap();
+    sampling.cancel();
+    let fewest = sampler.await.unwrap();
+    assert!(
+        fewest >= 2,
+        "while an old pod went, only {fewest} other pods were Ready (the pool wants 2)"
+    );
     let info = consumer_info(&js, &queue).await.unwrap();
     println!(
         "recycled {recycled} pods; {JOBS} jobs acked, {} redelivered",
@@ -112,6 +154,13 @@ async fn every_pod_is_recycled_and_no_job_is_lost() {
     let described = env.kubectl(&["describe", "worker", "steady"]).await;
     assert!(described.contains("Recycled"), "{described}");
     env.shutdown().await;
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 async fn consumer_info(

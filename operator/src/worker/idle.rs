@@ -65,7 +65,8 @@ pub async fn mark(ctx: &Context, worker: &Worker) {
     };
     let mut judged = Vec::new();
     for pod in &pods {
-        if pod.metadata.deletion_timestamp.is_some() {
+        // A pod being recycled keeps the lowest cost: it is the first to go.
+        if pod.metadata.deletion_timestamp.is_some() || super::recycle::marked(pod).is_some() {
             continue;
         }
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());

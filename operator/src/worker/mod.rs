@@ -17,7 +17,7 @@ use conveyor_crds::{JobQueue, Worker, WorkerStatus};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -186,6 +186,14 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             source,
         })?;
     let replicas = desired_replicas(worker);
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = ListParams::default().labels(&deployment::selector_string(&name));
+    let listed = pod_api
+        .list(&selector)
+        .await
+        .map_err(Error::ListPods)?
+        .items;
+    let recycling = recycle_old_pods(worker, &listed, replicas, &pod_api, ctx).await;
     let figures = QueueFigures::of(
         queue_name,
         queue.as_ref().and_then(|q| q.status.as_ref()),
@@ -206,7 +214,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
                 queue: &queue,
                 worker_image: &ctx.config.worker_image,
                 default_nats_url: ctx.nats.default_url(),
-                replicas,
+                replicas: replicas.saturating_add(recycling.surge),
             };
             match deployment::build(worker, inputs) {
                 Err(err) => (
@@ -235,6 +243,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         &name,
         deployment.as_ref(),
         replicas,
+        recycling.surge,
         scaled,
         problem.as_ref(),
         &figures,
@@ -243,11 +252,8 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
     let mut crash_note = None;
     let mut listed_pods = None;
     if deployment.is_some() {
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-        let selector = ListParams::default().labels(&deployment::selector_string(&name));
-        let listed = api.list(&selector).await.map_err(Error::ListPods)?;
-        let health = pods::health(&listed.items, now);
-        new.recycled_pods += recycle_old_pods(worker, &listed.items, replicas, &api, ctx).await;
+        let health = pods::health(&listed, now);
+        new.recycled_pods += recycling.recycled;
         conditions::set(
             &mut new.conditions,
             pods::DEGRADED,
@@ -258,7 +264,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             now,
         );
         crash_note = Some(health.note);
-        listed_pods = Some(listed.items);
+        listed_pods = Some(listed);
     }
     ctx.metrics
         .observe_worker(&ns, &name, queue_name, &new, listed_pods.as_deref(), now);
@@ -290,51 +296,114 @@ async fn announce(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: 
         .await;
 }
 
-/// Deletes (gracefully) the pods that `recycle.maxAge` says are due, announces them with a
-/// `Recycled` Event and returns how many went. Failures are logged and retried next time.
+/// What recycling asks of this reconcile.
+#[derive(Debug, Clone, Copy, Default)]
+struct Recycling {
+    /// Pods to run beyond the desired size while old ones wait for their replacements.
+    surge: i32,
+    /// Old pods that went (or are going) this time.
+    recycled: i64,
+}
+
+/// Recycles the pods `recycle.maxAge` says are due without dipping capacity: each is marked
+/// ([`recycle::MARK`], the lowest deletion cost) and the Deployment runs one more pod per
+/// marked one; once as many unmarked pods are Ready as the pool wants, the Deployment goes back
+/// to its size and the ReplicaSet removes the marked pods first, each deleted gracefully so
+/// its runtime drains. The operator never deletes a pod itself. Each recycle is announced with
+/// a `Recycled` Event. Failures are logged and retried next time.
 async fn recycle_old_pods(
     worker: &Worker,
     listed: &[Pod],
     desired: i32,
     api: &Api<Pod>,
     ctx: &Context,
-) -> i64 {
+) -> Recycling {
     let Some(spec) = &worker.spec.recycle else {
-        return 0;
+        return Recycling::default();
     };
     let Ok(Some(max_age)) = spec.max_age() else {
-        return 0;
+        return Recycling::default();
     };
-    let live: Vec<_> = listed.iter().filter_map(recycle::PodAge::of).collect();
+    let max_age_text = spec.max_age.as_deref().unwrap_or_default();
+    let live: Vec<&Pod> = listed
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let waiting: Vec<String> = live
+        .iter()
+        .filter(|p| recycle::marked(p) == Some(recycle::WAITING))
+        .map(|p| p.name_any())
+        .collect();
+    if !waiting.is_empty() {
+        let fresh_ready = live
+            .iter()
+            .filter(|p| recycle::marked(p).is_none() && recycle::ready(p))
+            .count();
+        if fresh_ready < usize::try_from(desired).unwrap_or(0) {
+            return Recycling {
+                surge: i32::try_from(waiting.len()).unwrap_or(i32::MAX),
+                recycled: 0,
+            };
+        }
+        // The replacements are Ready: release the old pods to the ReplicaSet's scale-down.
+        for name in &waiting {
+            set_mark(api, name, recycle::RELEASED).await;
+        }
+        let note = format!(
+            "replaced {} older than maxAge {max_age_text} once the replacements were ready: {}",
+            if waiting.len() == 1 { "a pod" } else { "pods" },
+            crate::events::names(&waiting, crate::events::NOTE_LIMIT - 120)
+        );
+        ctx.event(worker, EventType::Normal, recycle::RECYCLED, note)
+            .await;
+        return Recycling {
+            surge: 0,
+            recycled: i64::try_from(waiting.len()).unwrap_or(i64::MAX),
+        };
+    }
+    let ages: Vec<_> = live
+        .iter()
+        .filter(|p| recycle::marked(p).is_none())
+        .filter_map(|p| recycle::PodAge::of(p))
+        .collect();
     let terminating = listed.len() - live.len();
     let now = k8s_openapi::jiff::Timestamp::now();
     let due = recycle::due(
-        &live,
+        &ages,
         max_age,
         spec.max_unavailable,
         desired,
         terminating,
         now,
     );
-    let mut gone = Vec::new();
+    let mut surge = 0i32;
     for name in due {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => gone.push(name),
-            Err(err) => tracing::warn!(%err, pod = name, "cannot recycle pod"),
+        if set_mark(api, &name, recycle::WAITING).await {
+            surge = surge.saturating_add(1);
         }
     }
-    if gone.is_empty() {
-        return 0;
+    Recycling { surge, recycled: 0 }
+}
+
+/// Marks a pod for recycling (`state`), with the lowest deletion cost so a scale-down of its
+/// ReplicaSet takes it first; false when the patch failed (logged).
+async fn set_mark(api: &Api<Pod>, name: &str, state: &str) -> bool {
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {
+            recycle::MARK: state,
+            idle::DELETION_COST: i32::MIN.to_string(),
+        }}
+    });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::warn!(%err, pod = name, "cannot mark a pod for recycling");
+            false
+        }
     }
-    let note = format!(
-        "replacing {} older than maxAge {}: {}",
-        if gone.len() == 1 { "a pod" } else { "pods" },
-        spec.max_age.as_deref().unwrap_or_default(),
-        crate::events::names(&gone, crate::events::NOTE_LIMIT - 100)
-    );
-    ctx.event(worker, EventType::Normal, recycle::RECYCLED, note)
-        .await;
-    i64::try_from(gone.len()).unwrap_or(i64::MAX)
 }
 
 /// Publishes a `WorkerCrashed` Warning when `Degraded` becomes true or names other pods or

@@ -2,8 +2,9 @@
 //! A pure decision: each pod's limit is `maxAge` plus a jitter of up to 10 % derived from its
 //! name (stable across reconciles, different between pods born together); the oldest go first,
 //! and only as many ready pods as `maxUnavailable` allows once the pods already missing from
-//! the desired ready count are subtracted. The Worker controller deletes them gracefully, so
-//! the runtime drains, and the ReplicaSet replaces them.
+//! the desired ready count are subtracted. The Worker controller replaces a Ready one with a
+//! surge (a new pod Ready before the old one goes, see `recycle_old_pods`); the old pod is
+//! deleted gracefully, so its runtime drains.
 
 use std::time::Duration;
 
@@ -13,6 +14,26 @@ use kube::ResourceExt;
 
 /// Event reason of a recycled pod.
 pub const RECYCLED: &str = "Recycled";
+/// Annotation on a pod being recycled: [`WAITING`] while its replacement starts (the
+/// Deployment runs one more pod), then [`RELEASED`] (the ReplicaSet's scale-down removes it).
+pub const MARK: &str = "conveyor.dev/recycle";
+/// [`MARK`]: waiting for a replacement to be Ready.
+pub const WAITING: &str = "waiting";
+/// [`MARK`]: handed to the ReplicaSet's scale-down.
+pub const RELEASED: &str = "released";
+
+/// The recycling mark of a pod, if any.
+pub fn marked(pod: &Pod) -> Option<&str> {
+    pod.annotations().get(MARK).map(String::as_str)
+}
+
+/// Whether the pod's `Ready` condition is `True`.
+pub fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
 
 /// What the decision needs to know about one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,15 +52,10 @@ impl PodAge {
         if pod.metadata.deletion_timestamp.is_some() {
             return None;
         }
-        let ready = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         Some(Self {
             name: pod.name_any(),
             created: pod.metadata.creation_timestamp.as_ref()?.0,
-            ready,
+            ready: ready(pod),
         })
     }
 }

@@ -80,6 +80,7 @@ pub fn compute_status(
     name: &str,
     deployment: Option<&Deployment>,
     desired: i32,
+    surge: i32,
     scaled: bool,
     problem: Option<&Problem>,
     queue: &QueueFigures,
@@ -133,7 +134,7 @@ pub fn compute_status(
         generation,
         now,
     );
-    let (state, why, message) = scaling(&status, desired);
+    let (state, why, message) = scaling(&status, desired, surge);
     conditions::set(
         &mut status.conditions,
         conditions::SCALING,
@@ -160,9 +161,13 @@ fn no_ready_pods(waiting: u64, queue: &str, pods: i32, want: i32) -> String {
 
 /// The `Scaling` condition: the Deployment's pods against the size asked for, with the
 /// scaler's last reason.
-fn scaling(status: &WorkerStatus, desired: i32) -> (Status, &'static str, String) {
+fn scaling(status: &WorkerStatus, desired: i32, surge: i32) -> (Status, &'static str, String) {
     let want = status.desired_replicas.unwrap_or(desired);
-    let have = status.replicas;
+    // Pods run beyond the size while old ones are recycled are not a scale-down.
+    let have = status
+        .replicas
+        .saturating_sub(surge.max(0))
+        .max(want.min(status.replicas));
     let why = status
         .last_scale_reason
         .as_deref()
@@ -228,6 +233,7 @@ mod tests {
             "hello",
             Some(&deployment(3, 2)),
             3,
+            0,
             false,
             None,
             &QueueFigures::default(),
@@ -255,6 +261,7 @@ mod tests {
             "w",
             Some(&deployment(1, 0)),
             1,
+            0,
             false,
             None,
             &QueueFigures::default(),
@@ -266,6 +273,7 @@ mod tests {
             None,
             "w",
             Some(&deployment(0, 0)),
+            0,
             0,
             false,
             None,
@@ -287,6 +295,7 @@ mod tests {
             "w",
             Some(&deployment(7, 7)),
             2,
+            0,
             true,
             None,
             &QueueFigures::default(),
@@ -298,6 +307,33 @@ mod tests {
     fn scaling_condition(s: &WorkerStatus) -> (String, String, String) {
         let c = conditions::find(&s.conditions, conditions::SCALING).unwrap();
         (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn a_surge_pod_of_recycling_is_no_scale_down() {
+        let status = |pods: i32, surge: i32| {
+            scaling_condition(&compute_status(
+                &WorkerStatus::default(),
+                None,
+                "w",
+                Some(&deployment(pods, pods)),
+                2,
+                surge,
+                false,
+                None,
+                &QueueFigures::default(),
+                at(1),
+            ))
+        };
+        // Two pods asked for, a third one started to replace an old pod.
+        assert_eq!(status(3, 1).1, reason::AT_DESIRED_SIZE);
+        assert_eq!(
+            status(2, 1).1,
+            reason::AT_DESIRED_SIZE,
+            "before the surge pod exists"
+        );
+        assert_eq!(status(3, 0).1, reason::SCALING_DOWN);
+        assert_eq!(status(1, 1).1, reason::SCALING_UP);
     }
 
     #[test]
@@ -320,6 +356,7 @@ mod tests {
                 None,
                 "w",
                 Some(&d),
+                0,
                 0,
                 true,
                 None,
@@ -362,6 +399,7 @@ mod tests {
             "w",
             Some(&deployment(1, 1)),
             3,
+            0,
             false,
             None,
             &QueueFigures::default(),
@@ -392,6 +430,7 @@ mod tests {
                 "w",
                 Some(&deployment(replicas, 0)),
                 desired,
+                0,
                 false,
                 None,
                 &queue(20, 0),
@@ -416,6 +455,7 @@ mod tests {
             "w",
             Some(&deployment(0, 0)),
             0,
+            0,
             false,
             None,
             &queue(0, 0),
@@ -432,6 +472,7 @@ mod tests {
             "w",
             Some(&deployment(1, 1)),
             1,
+            0,
             false,
             None,
             &queue(20, 4),
@@ -448,6 +489,7 @@ mod tests {
             "w",
             Some(&deployment(3, 2)),
             3,
+            0,
             false,
             None,
             &queue(9, 7),
@@ -467,6 +509,7 @@ mod tests {
             "w",
             None,
             1,
+            0,
             false,
             Some(&problem),
             &QueueFigures::default(),
@@ -486,6 +529,7 @@ mod tests {
             "w",
             Some(&deployment(2, 2)),
             2,
+            0,
             false,
             None,
             &QueueFigures::default(),
@@ -497,6 +541,7 @@ mod tests {
             "w",
             Some(&deployment(2, 2)),
             2,
+            0,
             false,
             None,
             &QueueFigures::default(),
