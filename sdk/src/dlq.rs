@@ -93,23 +93,20 @@ pub struct DeadLetter {
 }
 
 impl DeadLetterJob {
-    fn new(entry: DeadLetter, job: StoredJob) -> Self {
+    /// A stored dead letter, its header block decoded (once) by the protocol's rules.
+    fn read(job: StoredJob) -> Self {
+        let headers = job.block().header_map();
+        let mut entry = DeadLetter::from_headers(job.sequence, &headers);
+        entry.size = u64::try_from(job.payload.len()).ok();
         Self {
             entry,
-            headers: job.block().header_map(),
+            headers,
             payload: job.payload,
         }
     }
 }
 
 impl DeadLetter {
-    /// Reads a stored dead letter (its header block decoded by the protocol's rules).
-    fn read(job: &StoredJob) -> Self {
-        let mut entry = Self::from_headers(job.sequence, &job.block().header_map());
-        entry.size = u64::try_from(job.payload.len()).ok();
-        entry
-    }
-
     /// Reads the dead-letter headers of the message at `sequence`.
     fn from_headers(sequence: u64, headers: &HeaderMap) -> Self {
         let get = |name: &str| {
@@ -187,14 +184,8 @@ pub enum DlqError {
         source: jetstream::context::PublishError,
     },
     /// Deleting a dead letter failed.
-    #[error("deleting dead letter {sequence}")]
-    Delete {
-        /// Sequence in the dead-letter stream.
-        sequence: u64,
-        /// Cause.
-        #[source]
-        source: jetstream::stream::DeleteMessageError,
-    },
+    #[error(transparent)]
+    Delete(stored::StoredError),
     /// Purging the dead-letter stream failed.
     #[error("purging stream {stream}")]
     Purge {
@@ -310,8 +301,7 @@ pub async fn list(
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let found = scan(jetstream, &stream, filter, limit).await?;
-    Ok(found.into_iter().map(|(entry, _)| entry).collect())
+    scan(jetstream, &stream, 0, filter, limit, |job| job.entry).await
 }
 
 /// One page of a browse: up to `limit` dead letters from sequence `from` on (the next page
@@ -324,11 +314,7 @@ pub async fn page(
     limit: usize,
 ) -> Result<Vec<DeadLetterJob>, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let found = scan_from(jetstream, &stream, from, &Selector::All, limit).await?;
-    Ok(found
-        .into_iter()
-        .map(|(entry, job)| DeadLetterJob::new(entry, job))
-        .collect())
+    scan(jetstream, &stream, from, &Selector::All, limit, |job| job).await
 }
 
 /// The newest dead letter of job `id`, with its payload and headers.
@@ -338,16 +324,11 @@ pub async fn show(
     id: &str,
 ) -> Result<DeadLetterJob, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let (entry, job) = scan(
-        jetstream,
-        &stream,
-        &Selector::One(id.to_owned()),
-        usize::MAX,
-    )
-    .await?
-    .pop()
-    .ok_or_else(|| DlqError::NotFound(id.to_owned()))?;
-    Ok(DeadLetterJob::new(entry, job))
+    let selector = Selector::One(id.to_owned());
+    scan(jetstream, &stream, 0, &selector, usize::MAX, |job| job)
+        .await?
+        .pop()
+        .ok_or_else(|| DlqError::NotFound(id.to_owned()))
 }
 
 /// Requeues the selected dead letters: each is republished to the subject it was submitted to
@@ -361,34 +342,43 @@ pub async fn requeue(
     selector: &Selector,
 ) -> Result<Moved, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let entries = scan(jetstream, &stream, selector, usize::MAX).await?;
+    let mut moved = Moved::default();
+    // In batches, so payloads are held for one batch at a time however many are chosen; every
+    // batch stops at the last sequence the stream had when the requeue started.
+    let mut from = 0;
+    loop {
+        let batch = scan(jetstream, &stream, from, selector, REQUEUE_BATCH, |job| job).await?;
+        let Some(last) = batch.last() else { break };
+        from = last.entry.sequence.saturating_add(1);
+        for job in batch {
+            let subject = requeue_subject(queue, &job.entry.subject);
+            let headers = requeue_headers(&job);
+            let published = match jetstream
+                .publish_with_headers(subject.clone(), headers, job.payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(error) => Err(error),
+            };
+            published.map_err(|source| DlqError::Publish {
+                job: job.entry.job_id.clone(),
+                subject,
+                source,
+            })?;
+            delete(jetstream, &stream, job.entry.sequence).await?;
+            moved.jobs.push(job.entry.job_id);
+        }
+    }
     if let Selector::One(id) = selector
-        && entries.is_empty()
+        && moved.jobs.is_empty()
     {
         return Err(DlqError::NotFound(id.clone()));
     }
-    let mut moved = Moved::default();
-    for (entry, stored) in entries {
-        let job = DeadLetterJob::new(entry, stored);
-        let subject = requeue_subject(queue, &job.entry.subject);
-        let headers = requeue_headers(&job);
-        let published = match jetstream
-            .publish_with_headers(subject.clone(), headers, job.payload.clone())
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
-        };
-        published.map_err(|source| DlqError::Publish {
-            job: job.entry.job_id.clone(),
-            subject,
-            source,
-        })?;
-        delete(&stream, job.entry.sequence).await?;
-        moved.jobs.push(job.entry.job_id);
-    }
     Ok(moved)
 }
+
+/// Dead letters a requeue holds (with their payloads) at a time.
+const REQUEUE_BATCH: usize = 100;
 
 /// Deletes the selected dead letters for good.
 pub async fn purge(
@@ -397,11 +387,7 @@ pub async fn purge(
     selector: &Selector,
 ) -> Result<Moved, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    let entries: Vec<DeadLetter> = scan(jetstream, &stream, selector, usize::MAX)
-        .await?
-        .into_iter()
-        .map(|(entry, _)| entry)
-        .collect();
+    let entries = scan(jetstream, &stream, 0, selector, usize::MAX, |job| job.entry).await?;
     if let Selector::One(id) = selector
         && entries.is_empty()
     {
@@ -419,7 +405,7 @@ pub async fn purge(
         return Ok(moved);
     }
     for entry in entries {
-        delete(&stream, entry.sequence).await?;
+        delete(jetstream, &stream, entry.sequence).await?;
         moved.jobs.push(entry.job_id);
     }
     Ok(moved)
@@ -438,29 +424,22 @@ async fn dead_letter_stream(
         })
 }
 
-/// Reads the dead letters present when the scan starts, oldest first, and keeps up to `limit`
-/// that `selector` chooses. Each is read with the non-direct `$JS.API.STREAM.MSG.GET` (one
-/// request per dead letter, deleted sequences skipped by the server) and its header block
-/// decoded by [`crate::protocol::block`], never by the NATS client: a message published
-/// straight into the dead-letter subject with headers the client cannot read (a bare CR,
-/// non-UTF-8) is listed like any other instead of taking the connection down.
-async fn scan(
-    jetstream: &jetstream::Context,
-    stream: &Stream,
-    selector: &Selector,
-    limit: usize,
-) -> Result<Vec<(DeadLetter, StoredJob)>, DlqError> {
-    scan_from(jetstream, stream, 0, selector, limit).await
-}
-
-/// [`scan`] from sequence `start` on.
-async fn scan_from(
+/// Reads the dead letters present when the stream was looked up, oldest first from sequence
+/// `start`, and keeps `keep(dead letter)` of up to `limit` that `selector` chooses (a listing
+/// keeps the entries only, so payloads are not held). Each is read with the non-direct
+/// `$JS.API.STREAM.MSG.GET` (one request per dead letter, deleted sequences skipped by the
+/// server) and its header block decoded by [`crate::protocol::block`], never by the NATS
+/// client: a message published straight into the dead-letter subject with headers the client
+/// cannot read (a bare CR, non-UTF-8) is listed like any other instead of taking the connection
+/// down.
+async fn scan<T>(
     jetstream: &jetstream::Context,
     stream: &Stream,
     start: u64,
     selector: &Selector,
     limit: usize,
-) -> Result<Vec<(DeadLetter, StoredJob)>, DlqError> {
+    keep: impl Fn(DeadLetterJob) -> T,
+) -> Result<Vec<T>, DlqError> {
     let info = stream.cached_info();
     let name = info.config.name.clone();
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
@@ -493,9 +472,9 @@ async fn scan_from(
             break;
         }
         from = job.sequence.saturating_add(1);
-        let entry = DeadLetter::read(&job);
-        if selector.matches(&entry) {
-            found.push((entry, job));
+        let job = DeadLetterJob::read(job);
+        if selector.matches(&job.entry) {
+            found.push(keep(job));
             if found.len() >= limit {
                 break;
             }
@@ -505,17 +484,15 @@ async fn scan_from(
 }
 
 /// Deletes one dead letter; one that is already gone counts as deleted.
-async fn delete(stream: &Stream, sequence: u64) -> Result<(), DlqError> {
-    match stream.delete_message(sequence).await {
-        Ok(_) => Ok(()),
-        Err(error)
-            if matches!(error.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(e)
-                if e.error_code() == jetstream::ErrorCode::SEQUENCE_NOT_FOUND) =>
-        {
-            Ok(())
-        }
-        Err(source) => Err(DlqError::Delete { sequence, source }),
-    }
+async fn delete(
+    jetstream: &jetstream::Context,
+    stream: &Stream,
+    sequence: u64,
+) -> Result<(), DlqError> {
+    let name = &stream.cached_info().config.name;
+    stored::delete(&jetstream.client(), name, sequence)
+        .await
+        .map_err(DlqError::Delete)
 }
 
 /// The subject a requeued job goes to: the one it was submitted to when that is one of this
