@@ -246,8 +246,13 @@ async fn apply(s: &JobSchedule, api: &Api<JobSchedule>, ctx: &Context) -> Result
             Ok((queue, js)) => run_on(s, &name, &queue, &js, &pattern, &template, ctx, now).await,
         },
     };
-    let new = compute_status(s.status.as_ref(), s.meta().generation, &found, now);
-    if s.status.as_ref() != Some(&new) {
+    // The freshly read status when there is one (a skipped slot keeps the last run it saw).
+    let old = match &found {
+        Ok(f) => f.fresh.as_ref().or(s.status.as_ref()),
+        Err(_) => s.status.as_ref(),
+    };
+    let new = compute_status(old, s.meta().generation, &found, now);
+    if old != Some(&new) {
         write_status(api, s, &new).await.map_err(Error::Status)?;
     }
     result
@@ -313,6 +318,7 @@ async fn run_on(
         skipped: false,
         handled: None,
         outcome: None,
+        fresh: None,
     };
     match tick {
         Some(tick) if held && !s.spec.suspend => {
@@ -326,9 +332,10 @@ async fn run_on(
     }
     let run = match &found.last {
         Some((run, sequence)) => Some((run.job_id.clone(), *sequence)),
-        None => s
-            .status
+        None => found
+            .fresh
             .as_ref()
+            .or(s.status.as_ref())
             .and_then(|st| st.last_run.as_ref())
             .map(|run| (run.job_id.clone(), run.sequence)),
     };
@@ -369,6 +376,7 @@ async fn handle(
             )));
         }
     };
+    found.fresh = Some(status.clone());
     if status.last_handled.as_deref() == Some(tick.run.job_id.as_str()) {
         return Ok(());
     }

@@ -2,7 +2,7 @@
 //! runs, checking it against its queue, the next run, and the status.
 
 use bytes::Bytes;
-use conveyor::protocol;
+use conveyor::protocol::{self, block};
 use conveyor::schedule::{self, LastRun, Pattern, ScheduleMessage, Template};
 use conveyor_crds::{JobQueueSpec, JobScheduleSpec, JobScheduleStatus, ScheduleRun};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -71,6 +71,9 @@ pub struct Found {
     pub outcome: Option<String>,
     /// When the next run is due.
     pub next: Option<Timestamp>,
+    /// The status as read afresh from the API server this reconcile (`Forbid`, `Replace`): the
+    /// new status builds on it, not on the cached object, which may predate the last write.
+    pub fresh: Option<JobScheduleStatus>,
 }
 
 /// The pattern and job a spec stands for, or the first problem with it.
@@ -95,15 +98,15 @@ pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<(Pattern, Template)
     let job = &spec.job;
     let invalid = |m: String| Problem::new(reason::INVALID_SPEC, m);
     for (key, value) in &job.headers {
-        let visible = |c: char| c.is_ascii_graphic() && c != ':';
-        if key.is_empty() || key.len() > 128 || !key.chars().all(visible) {
+        // The protocol's own header rules, with this resource's tighter lengths.
+        if key.len() > 128 || block::check_name(key.as_bytes()).is_err() {
             return Err(invalid(format!(
                 "job.headers name {key:?} must be 1 to 128 visible ASCII characters without ':'"
             )));
         }
-        if value.len() > 4096 || value.contains(['\r', '\n']) {
+        if value.len() > 4096 || block::check_value(value).is_err() {
             return Err(invalid(format!(
-                "job.headers value of {key} must be one line of at most 4096 bytes"
+                "job.headers value of {key} must be one line of at most 4096 bytes, without CR, LF or NUL"
             )));
         }
     }
@@ -233,16 +236,13 @@ pub fn compute_status(
                 run.outcome.clone_from(&found.outcome);
             }
             if found.skipped {
-                status.missed_runs += 1;
+                status.missed_runs = status.missed_runs.saturating_add(1);
             }
             if found.handled.is_some() {
                 status.last_handled.clone_from(&found.handled);
             }
-            status.next_run = if found.suspended {
-                None
-            } else {
-                found.next.map(Time)
-            };
+            // None while suspended: no schedule is on the server.
+            status.next_run = found.next.map(Time);
             status.subject = Some(found.subject.clone());
         }
         Err(problem) => {
@@ -370,6 +370,7 @@ mod tests {
             skipped: false,
             handled: None,
             outcome: None,
+            fresh: None,
         });
         let now = ts("2026-12-01T23:06:13Z");
         let ready = compute_status(None, Some(1), &found, now);
