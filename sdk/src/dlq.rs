@@ -351,21 +351,7 @@ pub async fn requeue(
         let Some(last) = batch.last() else { break };
         from = last.entry.sequence.saturating_add(1);
         for job in batch {
-            let subject = requeue_subject(queue, &job.entry.subject);
-            let headers = requeue_headers(&job);
-            let published = match jetstream
-                .publish_with_headers(subject.clone(), headers, job.payload.clone())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(error) => Err(error),
-            };
-            published.map_err(|source| DlqError::Publish {
-                job: job.entry.job_id.clone(),
-                subject,
-                source,
-            })?;
-            delete(jetstream, &stream, job.entry.sequence).await?;
+            republish(jetstream, &stream, queue, &job).await?;
             moved.jobs.push(job.entry.job_id);
         }
     }
@@ -375,6 +361,51 @@ pub async fn requeue(
         return Err(DlqError::NotFound(id.clone()));
     }
     Ok(moved)
+}
+
+/// Requeues one dead letter (as [`page`] or [`show`] returned it) the way [`requeue`] does:
+/// republished, then deleted once the work stream acknowledged it.
+pub async fn requeue_one(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    job: &DeadLetterJob,
+) -> Result<(), DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    republish(jetstream, &stream, queue, job).await
+}
+
+/// Republishes a dead letter to its level with fresh attempts, then deletes it.
+async fn republish(
+    jetstream: &jetstream::Context,
+    stream: &Stream,
+    queue: &QueueRef,
+    job: &DeadLetterJob,
+) -> Result<(), DlqError> {
+    let subject = requeue_subject(queue, &job.entry.subject);
+    let headers = requeue_headers(job);
+    let published = match jetstream
+        .publish_with_headers(subject.clone(), headers, job.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    published.map_err(|source| DlqError::Publish {
+        job: job.entry.job_id.clone(),
+        subject,
+        source,
+    })?;
+    delete(jetstream, stream, job.entry.sequence).await
+}
+
+/// Deletes the dead letter at `sequence` for good (one that is already gone counts).
+pub async fn purge_one(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    sequence: u64,
+) -> Result<(), DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    delete(jetstream, &stream, sequence).await
 }
 
 /// Dead letters a requeue holds (with their payloads) at a time.

@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use conveyor::dlq::{self, DlqError, Selector};
+use conveyor::dlq::{self, DlqError};
 use conveyor::names::QueueRef;
 use conveyor::{JobResult, stored};
 use conveyor_crds::{JobQueue, Worker};
@@ -524,17 +524,17 @@ pub async fn dead_letter_action(
         }
     };
     let (queue, js) = queue_nats(&state, &namespace, &name).await?;
+    // This one dead letter, read and moved by sequence: one page, never a scan.
     let job = read_dead_letter(&js, &queue, sequence).await?;
-    let selector = Selector::One(job.entry.job_id.clone());
-    let moved = match action {
-        "requeue" => dlq::requeue(&js, &queue, &selector).await,
-        _ => dlq::purge(&js, &queue, &selector).await,
+    match action {
+        "requeue" => dlq::requeue_one(&js, &queue, &job).await,
+        _ => dlq::purge_one(&js, &queue, sequence).await,
     }
     .map_err(dlq_failure)?;
-    tracing::info!(queue = %queue.stream(), sequence, action, jobs = moved.jobs.len(), "dashboard write");
+    tracing::info!(queue = %queue.stream(), sequence, action, "dashboard write");
     Ok(Json(Done {
         action,
-        jobs: moved.jobs.iter().map(|id| cut(id)).collect(),
+        jobs: vec![cut(&job.entry.job_id)],
     }))
 }
 
