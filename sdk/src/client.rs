@@ -425,13 +425,15 @@ impl Client {
             detail,
         };
         match self.jetstream.get_stream(&stream).await {
-            Ok(mut found) => match found.info().await {
-                Ok(info) if delayed || info.config.subjects.iter().any(|s| s == subject) => {
+            // The lookup's own STREAM.INFO answer: no second request.
+            Ok(found) => {
+                let config = &found.cached_info().config;
+                if delayed || config.subjects.iter().any(|s| s == subject) {
                     unavailable(format!("stream {stream} had no leader to store the job"))
+                } else {
+                    no_such_queue()
                 }
-                Ok(_) => no_such_queue(),
-                Err(error) => unavailable(format!("stream {stream}: {error}")),
-            },
+            }
             Err(error)
                 if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
                     if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
