@@ -156,9 +156,6 @@ pub fn apply_defaults(
     }
 }
 
-/// The pod's QoS class, computed as the API server does at creation: Guaranteed when every
-/// container limits and requests (equal) CPU and memory, BestEffort when none sets any, else
-/// Burstable.
 /// What the devcluster node offers pods (`status.allocatable`).
 pub const NODE_ALLOCATABLE: [(&str, &str); 3] = [("cpu", "2"), ("memory", "4Gi"), ("pods", "250")];
 
@@ -230,6 +227,9 @@ pub fn does_not_fit(spec: &Value) -> Option<String> {
     })
 }
 
+/// The pod's QoS class, computed as the API server does at creation: Guaranteed when every
+/// container limits and requests (equal) CPU and memory, BestEffort when none sets any, else
+/// Burstable.
 fn qos_class(spec: &Value) -> &'static str {
     let containers: Vec<&Value> = ["containers", "initContainers"]
         .iter()

@@ -212,12 +212,10 @@ async fn a_pool_without_ready_pods_is_unavailable_while_jobs_wait_and_shows_busy
             .map(|_| ())
     })
     .await;
-    let (status, _, _) = env
-        .wait_worker("thumbs", DEADLINE, "Available again", |w| {
-            available(w).filter(|c| c.0 == "True")
-        })
-        .await;
-    assert_eq!(status, "True");
+    env.wait_worker("thumbs", DEADLINE, "Available again", |w| {
+        available(w).filter(|c| c.0 == "True")
+    })
+    .await;
     let table = env.kubectl(&["get", "workers"]).await;
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();

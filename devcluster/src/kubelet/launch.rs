@@ -461,7 +461,11 @@ pub(crate) fn parse_quantity(quantity: &str) -> Option<f64> {
         .iter()
         .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
         .unwrap_or((q, 1.0));
-    let value: f64 = number.parse().ok()?;
+    // Rust's float parser takes NaN, inf and negatives; a quantity is none of them.
+    let value: f64 = number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v >= 0.0)?;
     Some(value * factor)
 }
 
@@ -469,6 +473,15 @@ pub(crate) fn parse_quantity(quantity: &str) -> Option<f64> {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::VolumeMount;
+
+    #[test]
+    fn quantities_that_are_no_numbers_are_refused() {
+        assert_eq!(parse_quantity("2Gi"), Some(2_147_483_648.0));
+        assert_eq!(parse_quantity("500m"), Some(0.5));
+        for bad in ["NaN", "inf", "-1", "-1Gi", "NaNGi", "x"] {
+            assert_eq!(parse_quantity(bad), None, "{bad}");
+        }
+    }
 
     fn mounted() -> Vec<Mount> {
         let volumes = BTreeMap::from([("rt".to_owned(), PathBuf::from("/tmp/pod/volumes/rt"))]);
