@@ -41,6 +41,8 @@ expect(False, {"replicaCount": 0}, "zero replicas")
 expect(False, {"resyncInterval": "soon"}, "a malformed duration")
 expect(False, {"unknownKey": 1}, "an unknown top-level key")
 expect(False, {"image": {"pullPolicy": "Sometimes"}}, "a bad pull policy")
+expect(True, {"logFormat": "json"}, "JSON logs")
+expect(False, {"logFormat": "yaml"}, "an unknown log format")
 
 
 def has_path(tree, path):

@@ -216,3 +216,25 @@ fn monitoring_and_authentication_follow_their_values() {
     );
     assert_eq!(operator_credentials(&external), None);
 }
+
+/// The operator container's value of environment variable `name`.
+fn operator_env(objects: &[Value], name: &str) -> Option<String> {
+    let deployment = object(objects, "Deployment", "conveyor").expect("the operator Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn the_operator_log_format_follows_its_value() {
+    assert_eq!(
+        operator_env(&render(json!({})), "CONVEYOR_LOG_FORMAT").as_deref(),
+        Some("text")
+    );
+    assert_eq!(
+        operator_env(&render(json!({"logFormat": "json"})), "CONVEYOR_LOG_FORMAT").as_deref(),
+        Some("json")
+    );
+}

@@ -15,9 +15,9 @@ use tokio::io::AsyncReadExt;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Runs the operator with `args` until it logged that it serves, stops it with SIGTERM and
-/// returns everything it wrote on stdout and stderr.
-async fn operator_output(args: &[&str]) -> String {
+/// Runs the operator with `args` and the extra environment `env` until it logged that it
+/// serves, stops it with SIGTERM and returns everything it wrote on stdout and stderr.
+async fn operator_output(args: &[&str], env: &[(&str, &str)]) -> String {
     let cluster = DevCluster::start(Options::api_only()).await.unwrap();
     let mut child =
         tokio::process::Command::new(conveyor_testkit::workspace_binary("conveyor-operator"))
@@ -31,6 +31,8 @@ async fn operator_output(args: &[&str]) -> String {
             .env("RUST_LOG", "debug")
             .env("TERM", "xterm-256color")
             .env_remove("NO_COLOR")
+            .env_remove("CONVEYOR_LOG_FORMAT")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -85,7 +87,7 @@ async fn operator_output(args: &[&str]) -> String {
 
 #[tokio::test]
 async fn text_logs_carry_no_escape_sequences_when_not_on_a_terminal() {
-    let log = operator_output(&[]).await;
+    let log = operator_output(&[], &[]).await;
     assert!(log.contains("INFO"), "{log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(
@@ -97,7 +99,18 @@ async fn text_logs_carry_no_escape_sequences_when_not_on_a_terminal() {
 
 #[tokio::test]
 async fn json_logs_are_one_object_per_line() {
-    let log = operator_output(&["--log-format", "json"]).await;
+    let log = operator_output(&["--log-format", "json"], &[]).await;
+    assert_json_lines(&log);
+}
+
+/// The chart sets the format through the environment (`logFormat` → `CONVEYOR_LOG_FORMAT`).
+#[tokio::test]
+async fn the_log_format_can_come_from_the_environment() {
+    let log = operator_output(&[], &[("CONVEYOR_LOG_FORMAT", "json")]).await;
+    assert_json_lines(&log);
+}
+
+fn assert_json_lines(log: &str) {
     let lines: Vec<&str> = log.lines().collect();
     assert!(lines.len() > 2, "{log}");
     for line in &lines {
