@@ -19,58 +19,22 @@ pub const AVAILABLE: &str = "Available";
 /// for (`False`).
 pub const SCALING: &str = "Scaling";
 
-/// Reasons (CamelCase) used in conditions and Events.
+/// The reasons several resources or modules share. Each resource lists all of its reasons in
+/// one place (`jobqueue::reasons`, `worker::reasons`, `schedule::status::reason`), re-exporting
+/// these.
 pub mod reason {
-    /// The streams and consumers exist and match the spec.
-    pub const STREAM_READY: &str = "StreamReady";
-    /// The operator cannot reach the queue's NATS server.
+    /// The operator cannot reach the NATS server of a queue (`JobQueue` and `JobSchedule`).
     pub const NATS_UNAVAILABLE: &str = "NatsUnavailable";
-    /// The spec holds a value the operator cannot use; the message says which.
+    /// The spec holds a value the operator cannot use; the message says which (every
+    /// resource).
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// NATS refused to create or update an asset; the message has NATS's answer.
-    pub const STREAM_ERROR: &str = "StreamError";
-    /// `Backlogged`: more jobs wait than `alerts.maxPending` allows.
-    pub const DEPTH_OVER_THRESHOLD: &str = "DepthOverThreshold";
-    /// `Backlogged`: the oldest job waiting for a worker is older than `alerts.maxOldestPendingAge`.
-    pub const AGE_OVER_THRESHOLD: &str = "AgeOverThreshold";
-    /// `Backlogged` is `False`: depth and age are within the thresholds (or none are set).
-    pub const WITHIN_THRESHOLDS: &str = "WithinThresholds";
-    /// `JobsFailing`: too many jobs were dead-lettered within the window; the message names
-    /// the last one. Also the Event raised when the condition turns `True`.
-    pub const JOBS_DEAD_LETTERED: &str = "JobsDeadLettered";
-    /// `JobsFailing`: jobs exhausted their attempts over a minute ago and are still not in the
-    /// dead-letter stream (their dead letter cannot be written; they stay in the work stream);
-    /// the message names them. Also the Warning Event the dispatcher raises, with the error,
-    /// each time such a job fails again.
-    pub const DEAD_LETTER_FAILED: &str = "DeadLetterFailed";
-    /// `JobsFailing` is `False`: no more dead letters within the window than allowed.
-    pub const NO_RECENT_FAILURES: &str = "NoRecentFailures";
-    /// Event: a queue's `JobsFailing` condition turned `True` (one Event per transition, not
-    /// per job).
-    pub const JOB_DEAD_LETTERED: &str = "JobDeadLettered";
-    /// Event: the scaler grew a Worker's pool.
-    pub const SCALED_UP: &str = "ScaledUp";
-    /// Event: the scaler shrank a Worker's pool.
-    pub const SCALED_DOWN: &str = "ScaledDown";
-    /// Event: a queue's `Backlogged` condition turned `True`.
-    pub const BACKLOGGED: &str = "Backlogged";
-    /// Event: a queue's `Backlogged` or `JobsFailing` condition turned back to `False`.
-    pub const RECOVERED: &str = "Recovered";
-    /// The `JobQueue` a `Worker` names does not exist.
+    /// The `JobQueue` a `Worker` or a `JobSchedule` names does not exist.
     pub const QUEUE_NOT_FOUND: &str = "QueueNotFound";
-    /// The Deployment has at least the minimum number of ready pods.
-    pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
-    /// The Deployment has fewer ready pods than the minimum.
-    pub const MINIMUM_REPLICAS_UNAVAILABLE: &str = "MinimumReplicasUnavailable";
-    /// `Scaling`: fewer pods run than are asked for; more are starting.
-    pub const SCALING_UP: &str = "ScalingUp";
-    /// `Scaling`: more pods run than are asked for; the extra ones are draining.
-    pub const SCALING_DOWN: &str = "ScalingDown";
-    /// `Scaling` is `False`: the pool has the size asked for.
-    pub const AT_DESIRED_SIZE: &str = "AtDesiredSize";
-    /// `Scaling` is `False`: the scaler cannot read the backlog from NATS and holds the
-    /// current size until it can.
-    pub const BACKLOG_UNKNOWN: &str = "BacklogUnknown";
+    /// `JobsFailing` of a `JobQueue`: jobs exhausted their attempts over a minute ago and are
+    /// still not in the dead-letter stream (their dead letter cannot be written; they stay in
+    /// the work stream); the message names them. Also the Warning Event the dispatcher raises,
+    /// with the error, each time such a job fails again.
+    pub const DEAD_LETTER_FAILED: &str = "DeadLetterFailed";
 }
 
 /// Status of a condition.
@@ -85,13 +49,34 @@ pub enum Status {
 }
 
 impl Status {
-    fn as_str(self) -> &'static str {
+    /// The text of the status in a condition.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::True => "True",
             Self::False => "False",
             Self::Unknown => "Unknown",
         }
     }
+
+    /// The status a condition's `status` text says (anything but `True` or `False` reads as
+    /// `Unknown`); also for the conditions of built-in kinds (a pod's `Ready`).
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "True" => Self::True,
+            "False" => Self::False,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The status of `condition`.
+    pub fn of(condition: &Condition) -> Self {
+        Self::parse(&condition.status)
+    }
+}
+
+/// Whether `condition` has status `True`.
+pub fn is_true(condition: &Condition) -> bool {
+    Status::of(condition) == Status::True
 }
 
 /// Inserts or replaces the condition `type_` in `conditions`, keeping its
@@ -134,6 +119,9 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 mod tests {
     use super::*;
 
+    const STREAM_READY: &str = "StreamReady";
+    const STREAM_ERROR: &str = "StreamError";
+
     fn at(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
     }
@@ -154,14 +142,14 @@ mod tests {
             &mut conditions,
             READY,
             Status::False,
-            reason::STREAM_ERROR,
+            STREAM_ERROR,
             "refused",
             Some(2),
             at(20),
         );
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].last_transition_time, Time(at(10)));
-        assert_eq!(conditions[0].reason, reason::STREAM_ERROR);
+        assert_eq!(conditions[0].reason, STREAM_ERROR);
         assert_eq!(conditions[0].observed_generation, Some(2));
     }
 
@@ -181,13 +169,14 @@ mod tests {
             &mut conditions,
             READY,
             Status::True,
-            reason::STREAM_READY,
+            STREAM_READY,
             "ok",
             None,
             at(30),
         );
         assert_eq!(conditions[0].last_transition_time, Time(at(30)));
         assert_eq!(conditions[0].status, "True");
+        assert!(is_true(&conditions[0]));
     }
 
     #[test]
@@ -197,7 +186,7 @@ mod tests {
             &mut a,
             READY,
             Status::True,
-            reason::STREAM_READY,
+            STREAM_READY,
             "ok",
             Some(1),
             at(10),
@@ -207,7 +196,7 @@ mod tests {
             &mut b,
             READY,
             Status::True,
-            reason::STREAM_READY,
+            STREAM_READY,
             "ok",
             Some(1),
             at(99),
@@ -223,7 +212,7 @@ mod tests {
             &mut conditions,
             READY,
             Status::False,
-            reason::STREAM_ERROR,
+            STREAM_ERROR,
             huge,
             None,
             at(1),
@@ -233,13 +222,33 @@ mod tests {
     }
 
     #[test]
+    fn statuses_read_back_as_typed_values() {
+        let mut conditions = Vec::new();
+        for status in [Status::True, Status::False, Status::Unknown] {
+            set(
+                &mut conditions,
+                READY,
+                status,
+                STREAM_READY,
+                "",
+                None,
+                at(1),
+            );
+            assert_eq!(Status::of(&conditions[0]), status);
+        }
+        conditions[0].status = "true".into();
+        assert_eq!(Status::of(&conditions[0]), Status::Unknown, "case matters");
+        assert!(!is_true(&conditions[0]));
+    }
+
+    #[test]
     fn types_are_independent() {
         let mut conditions = Vec::new();
         set(
             &mut conditions,
             READY,
             Status::True,
-            reason::STREAM_READY,
+            STREAM_READY,
             "",
             None,
             at(1),
@@ -255,5 +264,6 @@ mod tests {
         );
         assert_eq!(conditions.len(), 2);
         assert_eq!(find(&conditions, READY).unwrap().status, "True");
+        assert_eq!(Status::of(&conditions[1]), Status::False);
     }
 }

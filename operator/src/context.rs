@@ -1,5 +1,6 @@
 //! State shared by the controllers and the scaler: the Kubernetes client, NATS connections,
-//! the Event recorder, metrics and the per-object error backoff.
+//! the Event recorder and metrics. What a controller keeps per object lives in its own
+//! [`States`](crate::states::States), not here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,15 +11,11 @@ use kube::runtime::events::EventType;
 
 use crate::config::Config;
 use crate::events::Recorder;
-use crate::jobqueue::{Sample, Tail};
 use crate::metrics::Metrics;
 use crate::nats::NatsPool;
 
 /// Field manager of every server-side apply the operator does (children and status).
 pub const FIELD_MANAGER: &str = "conveyor-operator";
-
-/// First retry delay after a transient error; doubles per consecutive failure up to `--resync`.
-const MIN_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Shared by every reconcile.
 pub struct Context {
@@ -32,10 +29,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Operator settings.
     pub config: Config,
+    /// Consecutive failures per `JobSchedule` (the schedule controller's backoff; the JobQueue
+    /// and Worker controllers keep theirs in their own states).
     failures: Mutex<HashMap<String, u32>>,
-    handled: Mutex<HashMap<String, String>>,
-    samples: Mutex<HashMap<String, Sample>>,
-    tails: Mutex<HashMap<String, Tail>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -56,9 +52,6 @@ impl Context {
             metrics,
             config,
             failures: Mutex::default(),
-            handled: Mutex::default(),
-            samples: Mutex::default(),
-            tails: Mutex::default(),
         }
     }
 
@@ -90,9 +83,9 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = failures.entry(key).or_insert(0);
-        let delay = MIN_BACKOFF.saturating_mul(1 << (*n).min(10));
+        let delay = crate::states::backoff_delay(*n, self.config.resync);
         *n = n.saturating_add(1);
-        delay.min(self.config.resync.max(MIN_BACKOFF))
+        delay
     }
 
     /// Forgets the failures of an object after it reconciled cleanly.
@@ -102,79 +95,4 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
     }
-
-    /// Whether the one-off `request` on the object `uid` was already carried out at `version`
-    /// (the object's `resourceVersion`). A reconcile can see an object from the cache that
-    /// predates the operator's own removal of the request; this keeps such a request from
-    /// running twice.
-    pub fn handled(&self, uid: &str, request: &str, version: &str) -> bool {
-        self.handled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&request_key(uid, request))
-            .is_some_and(|v| v == version)
-    }
-
-    /// Records that `request` on the object `uid` was carried out at `version`.
-    pub fn mark_handled(&self, uid: &str, request: &str, version: String) {
-        self.handled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(request_key(uid, request), version);
-    }
-
-    /// Keeps `sample` of a queue's counters as its latest and returns the one it replaces, for
-    /// rates. A sample younger than a second is not replaced (too short an interval).
-    pub fn previous_sample(&self, key: String, sample: Sample) -> Option<Sample> {
-        let mut samples = self
-            .samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match samples.get(&key) {
-            Some(previous) if sample.at.duration_since(previous.at) < Duration::from_secs(1) => {
-                Some(*previous)
-            }
-            _ => samples.insert(key, sample),
-        }
-    }
-
-    /// The dead letters last read of a queue (taken: a reconcile gives it back with
-    /// [`Context::keep_tail`]; reconciles of one object never run at once).
-    pub fn take_tail(&self, key: &str) -> Option<Tail> {
-        self.tails
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key)
-    }
-
-    /// Keeps the dead letters just read of a queue for its next reconcile.
-    pub fn keep_tail(&self, key: String, tail: Tail) {
-        self.tails
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, tail);
-    }
-
-    /// Drops what is remembered of a queue that is being deleted: its rate samples and dead
-    /// letters read (`key`) and its handled one-off requests (keys starting with `<uid>/`).
-    pub fn forget_queue(&self, key: &str, uid: &str) {
-        self.tails
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
-        self.samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
-        let prefix = request_key(uid, "");
-        self.handled
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|k, _| !k.starts_with(&prefix));
-    }
-}
-
-/// Key of a one-off request on an object: `<uid>/<request>`.
-fn request_key(uid: &str, request: &str) -> String {
-    format!("{uid}/{request}")
 }

@@ -19,6 +19,7 @@ pub mod nats;
 pub mod ratelimit;
 pub mod scaler;
 pub mod schedule;
+pub mod states;
 pub mod worker;
 
 use std::future::Future;

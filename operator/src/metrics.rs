@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::jobqueue::Health;
-use crate::worker::pods;
+use crate::worker::{pods, reasons};
 
 /// Labels of the per-controller metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,11 +113,11 @@ pub const CRASH_REASONS: [&str; 5] = ["OOMKilled", "Error", "Completed", "StartE
 
 /// Reasons of `conveyor_worker_troubled_pods`: the `Degraded` condition's reasons.
 pub const TROUBLE_REASONS: [&str; 5] = [
-    pods::reason::OOM_KILLED,
-    pods::reason::CRASH_LOOP_BACK_OFF,
-    pods::reason::IMAGE_PULL_BACK_OFF,
-    pods::reason::CREATE_CONTAINER_CONFIG_ERROR,
-    pods::reason::UNSCHEDULABLE,
+    reasons::OOM_KILLED,
+    reasons::CRASH_LOOP_BACK_OFF,
+    reasons::IMAGE_PULL_BACK_OFF,
+    reasons::CREATE_CONTAINER_CONFIG_ERROR,
+    reasons::UNSCHEDULABLE,
 ];
 
 /// How often the series of deleted queues and Workers are dropped.

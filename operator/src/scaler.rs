@@ -19,8 +19,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
 
 use crate::assets;
-use crate::conditions::reason;
 use crate::context::Context;
+use crate::worker::reasons;
 
 /// What the scaler knows about one pool at one tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,9 +260,9 @@ async fn record(
     let up = decision.replicas > current;
     ctx.metrics.scaled(up);
     let (reason, verb) = if up {
-        (reason::SCALED_UP, "up")
+        (reasons::SCALED_UP, "up")
     } else {
-        (reason::SCALED_DOWN, "down")
+        (reasons::SCALED_DOWN, "down")
     };
     let note = format!(
         "scaled {verb} from {current} to {}: {}",

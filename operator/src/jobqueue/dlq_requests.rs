@@ -12,6 +12,8 @@
 //! dead letter; a request that fails for a transient reason (NATS unreachable) keeps its
 //! annotation and is tried again.
 
+use std::collections::HashMap;
+
 use async_nats::jetstream;
 use conveyor::dlq::{self, Selector};
 use conveyor::names::QueueRef;
@@ -21,6 +23,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
+use super::reasons;
 use crate::context::Context;
 
 /// Requeue dead letters: `all`, `id=<job id>` or `error=<text>`.
@@ -28,19 +31,11 @@ pub const REQUEUE_ANNOTATION: &str = "conveyor.dev/dlq-requeue";
 /// Purge dead letters: `all`, `id=<job id>` or `error=<text>`.
 pub const PURGE_ANNOTATION: &str = "conveyor.dev/dlq-purge";
 
-/// Event reasons of this module.
-pub mod reason {
-    /// Dead letters were requeued with fresh attempts.
-    pub const REQUEUED: &str = "DeadLettersRequeued";
-    /// Dead letters were purged.
-    pub const PURGED: &str = "DeadLettersPurged";
-    /// The annotation's value could not be read; nothing was changed.
-    pub const INVALID: &str = "InvalidDeadLetterRequest";
-    /// No dead letter has the job id asked for; nothing was changed.
-    pub const NOT_FOUND: &str = "DeadLetterNotFound";
-    /// The request failed; the annotation stays and the request is retried.
-    pub const FAILED: &str = "DeadLetterRequestFailed";
-}
+/// The requests already carried out, per annotation: the queue's `resourceVersion` they were
+/// carried out at. A reconcile can see an object from the cache that predates the operator's
+/// own removal of the annotation; this keeps such a request from running twice. Part of the
+/// queue's state, forgotten with it.
+pub type Handled = HashMap<&'static str, String>;
 
 /// Job ids named in an Event at most.
 const IDS_SHOWN: usize = 5;
@@ -84,7 +79,8 @@ pub const INVALID: &str = "Invalid";
 pub const NOT_FOUND: &str = "NotFound";
 
 /// Carries out the requests annotated on `jq`, if any, and returns the record of the last one
-/// handled (for `status.lastDeadLetterRequest`).
+/// handled (for `status.lastDeadLetterRequest`). Each request carried out or refused gets an
+/// Event of its own and its annotation removed; `handled` remembers it meanwhile.
 pub async fn handle(
     jq: &JobQueue,
     api: &Api<JobQueue>,
@@ -92,15 +88,15 @@ pub async fn handle(
     js: &jetstream::Context,
     queue: &QueueRef,
     now: k8s_openapi::jiff::Timestamp,
+    handled: &mut Handled,
 ) -> Option<DeadLetterRequest> {
     let mut last = None;
     for annotation in [REQUEUE_ANNOTATION, PURGE_ANNOTATION] {
         let Some(value) = jq.annotations().get(annotation) else {
             continue;
         };
-        let uid = jq.uid().unwrap_or_default();
         let version = jq.resource_version().unwrap_or_default();
-        if ctx.handled(&uid, annotation, &version) {
+        if handled.get(annotation) == Some(&version) {
             continue;
         }
         let record = |outcome: &str, jobs: usize, message: String| DeadLetterRequest {
@@ -114,17 +110,22 @@ pub async fn handle(
         let done = match parse(value) {
             Err(err) => {
                 let note = format!("{annotation}: {err}; nothing was changed");
-                ctx.event(jq, EventType::Warning, reason::INVALID, note.clone())
-                    .await;
+                ctx.event(
+                    jq,
+                    EventType::Warning,
+                    reasons::INVALID_DEAD_LETTER_REQUEST,
+                    note.clone(),
+                )
+                .await;
                 record(INVALID, 0, note)
             }
             Ok(selector) => {
                 let (moved, verb, done_reason) = if annotation == REQUEUE_ANNOTATION {
                     let moved = dlq::requeue(js, queue, &selector).await;
-                    (moved, "requeued", reason::REQUEUED)
+                    (moved, "requeued", reasons::DEAD_LETTERS_REQUEUED)
                 } else {
                     let moved = dlq::purge(js, queue, &selector).await;
-                    (moved, "purged", reason::PURGED)
+                    (moved, "purged", reasons::DEAD_LETTERS_PURGED)
                 };
                 match moved {
                     Ok(moved) => {
@@ -137,20 +138,30 @@ pub async fn handle(
                         let note = format!(
                             "{annotation}={value}: no dead letter with job id {id:?}; nothing was changed"
                         );
-                        ctx.event(jq, EventType::Warning, reason::NOT_FOUND, note.clone())
-                            .await;
+                        ctx.event(
+                            jq,
+                            EventType::Warning,
+                            reasons::DEAD_LETTER_NOT_FOUND,
+                            note.clone(),
+                        )
+                        .await;
                         record(NOT_FOUND, 0, note)
                     }
                     Err(err) => {
                         let note = format!("{annotation}={value} failed, will retry: {err}");
-                        ctx.event(jq, EventType::Warning, reason::FAILED, note)
-                            .await;
+                        ctx.event(
+                            jq,
+                            EventType::Warning,
+                            reasons::DEAD_LETTER_REQUEST_FAILED,
+                            note,
+                        )
+                        .await;
                         continue;
                     }
                 }
             }
         };
-        ctx.mark_handled(&uid, annotation, version);
+        handled.insert(annotation, version);
         let patch = serde_json::json!({ "metadata": { "annotations": { annotation: null } } });
         if let Err(err) = api
             .patch(

@@ -3,21 +3,32 @@
 //! status (refreshed every few seconds, written at most every [`STATUS_THROTTLE`] unless a
 //! condition flips), raises Events on condition transitions only, and deletes or keeps the
 //! assets when the resource goes away (finalizer [`FINALIZER`], `spec.deletionPolicy`).
+//!
+//! A reconcile is a pipeline, each step a function with its own error:
+//! [`validate`] (pure: the spec as thresholds and assets) → [`connect`] (the queue's NATS
+//! server) → [`converge`] (ensure the assets, only when the spec or the server changed since
+//! they were last ensured) → [`dlq_requests::handle`] (the one side effect asked for with an
+//! annotation, with its own Events) → [`observe`] (the queue's figures) → [`settle`] and
+//! [`desired_status`] (pure: the outcome and the new status) → [`report`] (Events on
+//! transitions, the status write). What one reconcile leaves for the next of the same queue
+//! is its [`QueueState`], kept in the controller's own
+//! [`States`](crate::states::States).
 
 mod dlq_requests;
 mod observe;
+pub mod reasons;
 mod status;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use conveyor::connect::{FailureKind, NatsOptions};
-use k8s_openapi::api::core::v1::Secret;
-
 use conveyor::names::QueueRef;
-use conveyor_crds::{DeletionPolicy, JobQueue, JobQueueStatus};
+use conveyor_crds::{DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueStatus};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -26,9 +37,9 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use crate::assets::{self, AssetsError};
-use crate::conditions::reason;
+use crate::assets::{self, AssetsError, QueueAssets};
 use crate::context::{Context, FIELD_MANAGER};
+use crate::states::Shared;
 pub use observe::Tail;
 pub use status::{
     Health, Observed, Outcome, STATUS_THROTTLE, Sample, Thresholds, compute_status, notices,
@@ -37,6 +48,97 @@ pub use status::{
 /// Finalizer that guards the JetStream assets of a queue.
 pub const FINALIZER: &str = "conveyor.dev/jetstream";
 const CONTROLLER: &str = "jobqueue";
+
+/// What the controller's reconciles share: the operator's context and each queue's state.
+pub type Queues = Shared<JobQueue, QueueState>;
+
+/// What the JobQueue controller remembers of one queue from one reconcile to the next.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    /// The latest sample of the work stream's counters, for rates.
+    sample: Option<Sample>,
+    /// The dead letters last read.
+    tail: Option<Tail>,
+    /// The dead-letter requests carried out.
+    handled: dlq_requests::Handled,
+    /// What the assets were last ensured for.
+    ensured: Option<Ensured>,
+    /// The last reconcile that found the queue ready.
+    last_ready: Option<Seen>,
+}
+
+/// What the assets of a queue were last ensured for: the spec's generation on that server
+/// with those credentials. Another generation or server ensures them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ensured {
+    generation: Option<i64>,
+    url: Option<String>,
+    identity: Option<String>,
+}
+
+/// What a reconcile acts on: the spec's generation and the dead-letter requests annotated.
+/// Anything else that changes the object (the operator's own status writes, the finalizer)
+/// leaves the queue as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Trigger {
+    generation: Option<i64>,
+    requests: Vec<Option<String>>,
+}
+
+impl Trigger {
+    fn of(jq: &JobQueue) -> Self {
+        Self {
+            generation: jq.meta().generation,
+            requests: [
+                dlq_requests::REQUEUE_ANNOTATION,
+                dlq_requests::PURGE_ANNOTATION,
+            ]
+            .iter()
+            .map(|a| jq.annotations().get(*a).cloned())
+            .collect(),
+        }
+    }
+}
+
+/// A reconcile that found the queue ready: on what, and when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    trigger: Trigger,
+    at: Instant,
+}
+
+/// How close to the next refresh a reconcile does the refresh at once.
+const REFRESH_SLACK: Duration = Duration::from_millis(100);
+
+/// The wait until the figures are due when a reconcile is triggered by nothing it acts on (the
+/// operator's own status write, the finalizer) within `refresh` of the last ready one: the
+/// generation predicate, kept inside the reconciler so annotations still act at once.
+/// `None`: reconcile now.
+fn unchanged(
+    last: Option<&Seen>,
+    trigger: &Trigger,
+    refresh: Duration,
+    now: Instant,
+) -> Option<Duration> {
+    let last = last.filter(|l| l.trigger == *trigger)?;
+    let left = refresh.checked_sub(now.saturating_duration_since(last.at))?;
+    (left > REFRESH_SLACK).then_some(left)
+}
+
+impl QueueState {
+    /// Keeps `sample` of a queue's counters as the latest and returns the rates since the one
+    /// it replaces. A sample younger than a second after the previous one replaces nothing
+    /// (too short an interval).
+    fn rates(&mut self, sample: Sample) -> Option<(String, String)> {
+        let previous = match self.sample {
+            Some(previous) if sample.at.duration_since(previous.at) < Duration::from_secs(1) => {
+                Some(previous)
+            }
+            _ => self.sample.replace(sample),
+        };
+        previous.and_then(|previous| status::rates(previous, sample))
+    }
+}
 
 /// Why a `JobQueue` reconcile failed; all of these are retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +173,37 @@ impl Error {
     }
 }
 
+/// The spec holds a value the operator cannot use ([`validate`]); waits for a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(String);
+
+/// Why the queue's NATS server cannot be used ([`connect`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// `spec.nats.url` cannot be used; waits for a change.
+    #[error("{0}")]
+    InvalidUrl(String),
+    /// NATS refused the credentials, or a credentials Secret is missing.
+    #[error("{0}")]
+    Auth(String),
+    /// The TLS handshake or setup failed, or a TLS Secret is missing.
+    #[error("{0}")]
+    Tls(String),
+    /// The server does not answer.
+    #[error("cannot reach NATS")]
+    Unreachable,
+}
+
+/// Where a reconcile stopped short of a ready queue.
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Assets(#[from] AssetsError),
+}
+
 /// The JobQueue controller (its cache also feeds the scaler).
 pub fn controller(ctx: &Context) -> Controller<JobQueue> {
     let api: Api<JobQueue> = match &ctx.config.namespace {
@@ -80,34 +213,32 @@ pub fn controller(ctx: &Context) -> Controller<JobQueue> {
     Controller::new(api, watcher::Config::default())
 }
 
-/// Runs `controller` until `shutdown` resolves.
+/// Runs `controller` until `shutdown` resolves, with states of its own.
 pub async fn run(
     controller: Controller<JobQueue>,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let queues = Arc::new(Queues::new(ctx));
+    let store = controller.store();
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+        .run(reconcile, error_policy, queues.clone())
+        .for_each(|result| {
             if let Err(err) = result {
                 tracing::debug!(%err, "jobqueue reconcile ended with an error");
             }
+            // Queues deleted without a cleanup seen here (a finalizer removed by hand).
+            queues.states.prune(&store);
+            std::future::ready(())
         })
         .await;
 }
 
-fn key(jq: &JobQueue) -> String {
-    format!(
-        "jobqueue/{}/{}",
-        jq.namespace().unwrap_or_default(),
-        jq.name_any()
-    )
-}
-
 /// Reconciles one `JobQueue` (through the finalizer, so deletion runs [`cleanup`]).
-#[instrument(skip(jq, ctx), fields(namespace = jq.namespace(), name = jq.name_any()))]
-pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, Error> {
+#[instrument(skip(jq, queues), fields(namespace = jq.namespace(), name = jq.name_any()))]
+pub async fn reconcile(jq: Arc<JobQueue>, queues: Arc<Queues>) -> Result<Action, Error> {
+    let ctx = &queues.ctx;
     let started = Instant::now();
     let ns = jq.namespace().unwrap_or_default();
     let api: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
@@ -119,8 +250,8 @@ pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, E
     }
     let result = finalizer::finalizer(&api, FINALIZER, jq.clone(), |event| async {
         match event {
-            Finalizer::Apply(jq) => apply(&jq, &api, &ctx).await,
-            Finalizer::Cleanup(jq) => cleanup(&jq, &ctx).await,
+            Finalizer::Apply(jq) => apply(&jq, &api, &queues).await,
+            Finalizer::Cleanup(jq) => cleanup(&jq, &queues).await,
         }
     })
     .await
@@ -129,8 +260,8 @@ pub async fn reconcile(jq: Arc<JobQueue>, ctx: Arc<Context>) -> Result<Action, E
         other => Error::Finalizer(Box::new(other)),
     });
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
-    if result.is_ok() {
-        ctx.succeeded(&key(&jq));
+    if result.is_ok() && jq.meta().deletion_timestamp.is_none() {
+        queues.states.succeeded(&jq);
     }
     result
 }
@@ -156,9 +287,9 @@ async fn add_finalizer(api: &Api<JobQueue>, jq: &JobQueue) -> Result<(), Error> 
 }
 
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(jq: Arc<JobQueue>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = ctx.backoff(key(&jq));
+pub fn error_policy(jq: Arc<JobQueue>, err: &Error, queues: Arc<Queues>) -> Action {
+    queues.ctx.metrics.failed(CONTROLLER, err.label());
+    let delay = queues.states.backoff(&jq, queues.ctx.config.resync);
     tracing::warn!(%err, ?delay, name = jq.name_any(), "jobqueue reconcile failed, retrying");
     Action::requeue(delay)
 }
@@ -168,7 +299,7 @@ fn queue_ref(jq: &JobQueue) -> QueueRef {
 }
 
 /// How often a ready queue's figures are refreshed at most (the resync when shorter).
-const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+const STATUS_REFRESH: Duration = Duration::from_secs(5);
 
 /// `spec.alerts` as thresholds.
 fn thresholds(jq: &JobQueue) -> Result<Thresholds, conveyor_crds::duration::DurationError> {
@@ -182,99 +313,225 @@ fn thresholds(jq: &JobQueue) -> Result<Thresholds, conveyor_crds::duration::Dura
     })
 }
 
-async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Action, Error> {
-    let queue = queue_ref(jq);
+/// Step 1 (pure): the spec as the queue's JetStream assets, or why it cannot be used.
+pub fn validate(jq: &JobQueue) -> Result<QueueAssets, InvalidSpec> {
+    thresholds(jq).map_err(|e| InvalidSpec(e.to_string()))?;
+    assets::desired(&queue_ref(jq), &jq.spec).map_err(|e| InvalidSpec(e.to_string()))
+}
+
+/// The queue's NATS server, connected with the queue's own options.
+pub struct Connection {
+    /// JetStream on the server.
+    pub js: jetstream::Context,
+    /// The identity of the queue's own credentials, if it has any.
+    pub identity: Option<String>,
+}
+
+/// Step 2: connects to the queue's NATS server (its own Secrets read afresh, so a rotated one
+/// is used at once).
+pub async fn connect(jq: &JobQueue, ctx: &Context) -> Result<Connection, ConnectError> {
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
-    let shown_url = ctx.nats.shown_url(url);
-    let limits = thresholds(jq);
-    let desired = limits
-        .as_ref()
-        .map_err(ToString::to_string)
-        .and_then(|_| assets::desired(&queue, &jq.spec).map_err(|e| e.to_string()));
-    let mut request = None;
+    let options = secret_options(jq, ctx).await?;
+    let identity = options.as_ref().map(|(id, _)| id.clone());
+    let own = options.as_ref().map(|(id, o)| (id.as_str(), o.clone()));
+    match ctx.nats.connected_with(url, own).await {
+        Err(err) => Err(ConnectError::InvalidUrl(err.to_string())),
+        Ok(Some(js)) => Ok(Connection { js, identity }),
+        Ok(None) => match ctx.nats.failure(url, identity.as_deref()).await {
+            (FailureKind::Auth, message) => Err(ConnectError::Auth(message)),
+            (FailureKind::Tls, message) => Err(ConnectError::Tls(message)),
+            (FailureKind::Unreachable, _) => Err(ConnectError::Unreachable),
+        },
+    }
+}
+
+/// Step 3: the assets as `desired` says, and the queue's figures. Ensures them (creating or
+/// updating every stream and consumer) only when the spec's generation or the server changed
+/// since they were last ensured, or when one of them went missing; else only reads.
+async fn converge(
+    jq: &JobQueue,
+    connection: &Connection,
+    desired: &QueueAssets,
+    state: &mut QueueState,
+) -> Result<assets::Figures, AssetsError> {
+    let wanted = Ensured {
+        generation: jq.meta().generation,
+        url: jq.spec.nats.as_ref().map(|n| n.url.clone()),
+        identity: connection.identity.clone(),
+    };
+    if state.ensured.as_ref() == Some(&wanted) {
+        match observe::existing_figures(&connection.js, desired).await {
+            Ok(Some(figures)) => return Ok(figures),
+            Ok(None) => {
+                tracing::info!(stream = %desired.queue.stream(), "assets went missing; ensuring them again")
+            }
+            Err(err) => tracing::debug!(%err, "cannot read the assets; ensuring them"),
+        }
+    }
+    state.ensured = None;
+    let figures = assets::ensure(&connection.js, desired).await?;
+    state.ensured = Some(wanted);
+    Ok(figures)
+}
+
+/// Step 5: what the queue's streams say beyond the consumer figures (rates against the last
+/// sample in `state`), also into the metrics; `None` when they cannot be read this time.
+async fn observe(
+    js: &jetstream::Context,
+    queue: &QueueRef,
+    state: &mut QueueState,
+    ctx: &Context,
+) -> Option<Health> {
+    match observe::health(js, queue, now(), state.tail.take()).await {
+        Ok((mut health, tail)) => {
+            state.tail = Some(tail);
+            health.rates = state.rates(Sample {
+                at: Instant::now(),
+                counters: health.counters,
+            });
+            ctx.metrics.observe_queue(queue, &health);
+            Some(health)
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the queue's health figures");
+            None
+        }
+    }
+}
+
+/// Step 6 (pure): what a reconcile that stopped short means for the status, and what the
+/// controller does next: an unusable URL waits for a change (`Ok`), everything else is
+/// retried.
+fn settle(stopped: Stopped, shown_url: &str) -> (Outcome, Result<(), Error>) {
     let retry = || {
         Err(Error::NatsUnavailable {
-            url: shown_url.clone(),
+            url: shown_url.to_owned(),
         })
     };
-    let options = nats_options(jq, ctx).await;
-    let identity = options
-        .as_ref()
-        .ok()
-        .and_then(|o| o.as_ref().map(|(id, _)| id.clone()));
-    let (outcome, result) = match (desired, options) {
-        (Err(err), _) => (Outcome::Invalid(err), Ok(Action::await_change())),
-        (Ok(_), Err(refused)) => (refused, retry()),
-        (Ok(desired), Ok(options)) => match ctx
-            .nats
-            .connected_with(
-                url,
-                options.as_ref().map(|(id, o)| (id.as_str(), o.clone())),
-            )
-            .await
-        {
-            Err(err) => (
-                Outcome::Invalid(err.to_string()),
-                Ok(Action::await_change()),
-            ),
-            Ok(None) => match ctx.nats.failure(url, identity.as_deref()).await {
-                (FailureKind::Auth, message) => (Outcome::AuthFailed(message), retry()),
-                (FailureKind::Tls, message) => (Outcome::TlsFailed(message), retry()),
-                (FailureKind::Unreachable, _) => (
-                    Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
-                    retry(),
-                ),
-            },
-            Ok(Some(js)) => match assets::ensure(&js, &desired).await {
-                Ok(figures) => {
-                    ctx.nats.assign(&queue, url, identity.as_deref());
-                    request = dlq_requests::handle(jq, api, ctx, &js, &queue, now()).await;
-                    let previous = ctx.take_tail(&key(jq));
-                    let health = match observe::health(&js, &queue, now(), previous).await {
-                        Ok((mut health, tail)) => {
-                            ctx.keep_tail(key(jq), tail);
-                            let sample = status::Sample {
-                                at: std::time::Instant::now(),
-                                counters: health.counters,
-                            };
-                            health.rates = ctx
-                                .previous_sample(key(jq), sample)
-                                .and_then(|previous| status::rates(previous, sample));
-                            ctx.metrics.observe_queue(&queue, &health);
-                            Some(health)
-                        }
-                        Err(err) => {
-                            tracing::warn!(%err, "cannot read the queue's health figures");
-                            None
-                        }
-                    };
-                    (
-                        Outcome::Ready(Observed { figures, health }),
-                        Ok(Action::requeue(ctx.config.resync.min(STATUS_REFRESH))),
-                    )
-                }
-                Err(err) if err.is_unavailable() => {
-                    (Outcome::Unavailable(err.to_string()), Err(err.into()))
-                }
-                Err(err) => (Outcome::Failed(err.to_string()), Err(err.into())),
-            },
-        },
-    };
-    let levels = jq.spec.priorities;
-    let now = now();
+    match stopped {
+        Stopped::Connect(ConnectError::InvalidUrl(m)) => (Outcome::Invalid(m), Ok(())),
+        Stopped::Connect(ConnectError::Auth(m)) => (Outcome::AuthFailed(m), retry()),
+        Stopped::Connect(ConnectError::Tls(m)) => (Outcome::TlsFailed(m), retry()),
+        Stopped::Connect(ConnectError::Unreachable) => (
+            Outcome::Unavailable(format!("cannot reach NATS at {shown_url}; retrying")),
+            retry(),
+        ),
+        Stopped::Assets(err) if err.is_unavailable() => {
+            (Outcome::Unavailable(err.to_string()), Err(err.into()))
+        }
+        Stopped::Assets(err) => (Outcome::Failed(err.to_string()), Err(err.into())),
+    }
+}
+
+/// Step 6 (pure): the status for `outcome`, with the dead-letter request handled this time.
+fn desired_status(
+    jq: &JobQueue,
+    outcome: &Outcome,
+    request: Option<DeadLetterRequest>,
+    shown_url: String,
+    now: k8s_openapi::jiff::Timestamp,
+) -> JobQueueStatus {
     let mut new = compute_status(
         jq.status.as_ref(),
         jq.meta().generation,
-        &queue,
-        levels,
-        &limits.unwrap_or_default(),
-        &outcome,
+        &queue_ref(jq),
+        jq.spec.priorities,
+        &thresholds(jq).unwrap_or_default(),
+        outcome,
         now,
     );
     if request.is_some() {
         new.last_dead_letter_request = request;
     }
     new.nats_url = Some(shown_url);
+    new
+}
+
+async fn apply(jq: &JobQueue, api: &Api<JobQueue>, queues: &Queues) -> Result<Action, Error> {
+    let ctx = &queues.ctx;
+    let refresh = ctx.config.resync.min(STATUS_REFRESH);
+    let trigger = Trigger::of(jq);
+    let started = Instant::now();
+    let mut state = queues.states.with(jq, std::mem::take);
+    if let Some(wait) = unchanged(state.last_ready.as_ref(), &trigger, refresh, started) {
+        queues.states.with(jq, |s| *s = state);
+        return Ok(Action::requeue(wait));
+    }
+    let result = pipeline(jq, api, ctx, &mut state).await;
+    state.last_ready = match &result {
+        Ok(true) => Some(Seen {
+            trigger,
+            at: started,
+        }),
+        _ => None,
+    };
+    queues.states.with(jq, |s| *s = state);
+    result.map(|ready| {
+        if ready {
+            Action::requeue(refresh)
+        } else {
+            Action::await_change()
+        }
+    })
+}
+
+/// Steps 1 to 7 of one reconcile; whether the queue is ready (`false`: waits for a change).
+async fn pipeline(
+    jq: &JobQueue,
+    api: &Api<JobQueue>,
+    ctx: &Context,
+    state: &mut QueueState,
+) -> Result<bool, Error> {
+    let queue = queue_ref(jq);
+    let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
+    let shown_url = ctx.nats.shown_url(url);
+    let mut request = None;
+    let (outcome, ready) = match validate(jq) {
+        Err(InvalidSpec(message)) => (Outcome::Invalid(message), Ok(false)),
+        Ok(desired) => {
+            let ready = async {
+                let connection = connect(jq, ctx).await?;
+                let figures = converge(jq, &connection, &desired, state).await?;
+                ctx.nats.assign(&queue, url, connection.identity.as_deref());
+                // Step 4: the dead-letter requests annotated, each with its own Event.
+                request = dlq_requests::handle(
+                    jq,
+                    api,
+                    ctx,
+                    &connection.js,
+                    &queue,
+                    now(),
+                    &mut state.handled,
+                )
+                .await;
+                let health = observe(&connection.js, &queue, state, ctx).await;
+                Ok::<_, Stopped>(Observed { figures, health })
+            };
+            match ready.await {
+                Ok(observed) => (Outcome::Ready(observed), Ok(true)),
+                Err(stopped) => {
+                    let (outcome, next) = settle(stopped, &shown_url);
+                    (outcome, next.map(|()| false))
+                }
+            }
+        }
+    };
+    let now = now();
+    let new = desired_status(jq, &outcome, request, shown_url, now);
+    let fresh = matches!(outcome, Outcome::Ready(_));
+    report(jq, api, ctx, new, fresh, now).await?;
+    ready
+}
+
+/// Step 7: the Events the status change deserves, then the status write (when worth one).
+async fn report(
+    jq: &JobQueue,
+    api: &Api<JobQueue>,
+    ctx: &Context,
+    new: JobQueueStatus,
+    fresh: bool,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Result<(), Error> {
     for notice in notices(jq.status.as_ref(), &new) {
         let type_ = if notice.normal {
             EventType::Normal
@@ -283,13 +540,12 @@ async fn apply(jq: &JobQueue, api: &Api<JobQueue>, ctx: &Context) -> Result<Acti
         };
         ctx.event(jq, type_, notice.reason, notice.note).await;
     }
-    let fresh = matches!(outcome, Outcome::Ready(_));
     if let Some(status) = status::to_write(jq.status.as_ref(), new, fresh, now) {
         write_status(api, jq, &status)
             .await
             .map_err(Error::Status)?;
     }
-    result
+    Ok(())
 }
 
 async fn write_status(
@@ -311,13 +567,25 @@ async fn write_status(
     .map(|_| ())
 }
 
-/// The queue's own connection options when `spec.nats` names Secrets (read through the API
-/// each reconcile, so an updated Secret rotates the operator's client); `None` for the plain
-/// URL. A missing or unusable Secret is the matching failure outcome.
+/// [`secret_options`] with a refusal as the matching failure outcome (for the schedule
+/// controller, which connects to its queue's server the same way).
 pub(crate) async fn nats_options(
     jq: &JobQueue,
     ctx: &Context,
 ) -> Result<Option<(String, NatsOptions)>, Outcome> {
+    secret_options(jq, ctx).await.map_err(|err| match err {
+        ConnectError::Tls(m) => Outcome::TlsFailed(m),
+        other => Outcome::AuthFailed(other.to_string()),
+    })
+}
+
+/// The queue's own connection options when `spec.nats` names Secrets (read through the API
+/// each reconcile, so an updated Secret rotates the operator's client); `None` for the plain
+/// URL. A missing or unusable Secret is an [`ConnectError::Auth`] or [`ConnectError::Tls`].
+async fn secret_options(
+    jq: &JobQueue,
+    ctx: &Context,
+) -> Result<Option<(String, NatsOptions)>, ConnectError> {
     let Some(nats) = jq.spec.nats.as_ref() else {
         return Ok(None);
     };
@@ -335,9 +603,9 @@ pub(crate) async fn nats_options(
             };
             let refused = |m: String| {
                 if tls {
-                    Outcome::TlsFailed(m)
+                    ConnectError::Tls(m)
                 } else {
-                    Outcome::AuthFailed(m)
+                    ConnectError::Auth(m)
                 }
             };
             match secrets.get_opt(&name).await {
@@ -366,25 +634,26 @@ pub(crate) async fn nats_options(
         .map_err(|err| {
             let message = conveyor::connect::redact_text(&err.to_string());
             if credentials.is_some() {
-                Outcome::AuthFailed(message)
+                ConnectError::Auth(message)
             } else {
-                Outcome::TlsFailed(message)
+                ConnectError::Tls(message)
             }
         })
 }
 
 /// Deletes the JetStream assets under `deletionPolicy: Delete`; keeps them (and needs no NATS)
-/// under `Retain`.
-async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
+/// under `Retain`. Forgets the queue's state first.
+async fn cleanup(jq: &JobQueue, queues: &Queues) -> Result<Action, Error> {
+    let ctx = &queues.ctx;
     let queue = queue_ref(jq);
-    ctx.forget_queue(&key(jq), &jq.uid().unwrap_or_default());
-    ctx.nats.unassign(&queue_ref(jq));
+    queues.states.forget(jq);
+    ctx.nats.unassign(&queue);
     if jq.spec.deletion_policy == DeletionPolicy::Retain {
         tracing::info!(stream = %queue.stream(), "queue deleted, streams retained");
         return Ok(Action::await_change());
     }
     let url = jq.spec.nats.as_ref().map(|n| n.url.as_str());
-    let options = nats_options(jq, ctx).await.ok().flatten();
+    let options = secret_options(jq, ctx).await.ok().flatten();
     let own = options.as_ref().map(|(id, o)| (id.as_str(), o.clone()));
     let js = match ctx.nats.connected_with(url, own).await {
         // A URL that does not parse never had assets to delete.
@@ -394,7 +663,7 @@ async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
             ctx.event(
                 jq,
                 EventType::Warning,
-                reason::NATS_UNAVAILABLE,
+                reasons::NATS_UNAVAILABLE,
                 format!("cannot delete streams: NATS at {url} is unreachable; retrying"),
             )
             .await;
@@ -408,4 +677,113 @@ async fn cleanup(jq: &JobQueue, ctx: &Context) -> Result<Action, Error> {
 
 fn now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(spec: &str) -> JobQueue {
+        let mut q = JobQueue::new("hello", serde_yaml::from_str(spec).unwrap());
+        q.metadata.namespace = Some("team".into());
+        q.metadata.generation = Some(1);
+        q
+    }
+
+    const SPEC: &str = "{priorities: 2, timeout: 30s}";
+
+    #[test]
+    fn validation_turns_the_spec_into_assets_or_says_what_is_wrong() {
+        let assets = validate(&queue(SPEC)).unwrap();
+        assert_eq!(assets.stream.name, QueueRef::new("team", "hello").stream());
+        assert_eq!(assets.consumers.len(), 2);
+        let bad_window = validate(&queue("{alerts: {failureWindow: soon}}")).unwrap_err();
+        assert!(bad_window.0.contains("soon"), "{bad_window}");
+        let bad_timeout = validate(&queue("{timeout: forever}")).unwrap_err();
+        assert!(bad_timeout.0.contains("forever"), "{bad_timeout}");
+    }
+
+    #[test]
+    fn stopping_short_maps_to_an_outcome_and_what_comes_next() {
+        let url = "nats://nats:4222";
+        let (outcome, next) = settle(ConnectError::InvalidUrl("bad".into()).into(), url);
+        assert_eq!(outcome, Outcome::Invalid("bad".into()));
+        assert!(next.is_ok(), "an unusable URL waits for a change");
+        let (outcome, next) = settle(ConnectError::Auth("denied".into()).into(), url);
+        assert_eq!(outcome, Outcome::AuthFailed("denied".into()));
+        assert!(matches!(next, Err(Error::NatsUnavailable { .. })));
+        let (outcome, _) = settle(ConnectError::Tls("handshake".into()).into(), url);
+        assert_eq!(outcome, Outcome::TlsFailed("handshake".into()));
+        let (outcome, next) = settle(ConnectError::Unreachable.into(), url);
+        assert_eq!(
+            outcome,
+            Outcome::Unavailable(format!("cannot reach NATS at {url}; retrying"))
+        );
+        assert!(matches!(next, Err(Error::NatsUnavailable { url: u }) if u == url));
+    }
+
+    #[test]
+    fn only_a_spec_change_or_a_request_acts_before_the_figures_are_due() {
+        let refresh = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let q = queue(SPEC);
+        let seen = Seen {
+            trigger: Trigger::of(&q),
+            at: t0,
+        };
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The operator's own status write, a second later: nothing to do until the figures are due.
+        assert_eq!(
+            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(1_000)),
+            Some(Duration::from_secs(4))
+        );
+        assert_eq!(
+            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(4_950)),
+            None,
+            "due now"
+        );
+        assert_eq!(
+            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(6_000)),
+            None
+        );
+        assert_eq!(unchanged(None, &Trigger::of(&q), refresh, at(1)), None);
+        let mut changed = q.clone();
+        changed.metadata.generation = Some(2);
+        assert_eq!(
+            unchanged(Some(&seen), &Trigger::of(&changed), refresh, at(1)),
+            None,
+            "a spec change acts at once"
+        );
+        let mut asked = q.clone();
+        asked
+            .annotations_mut()
+            .insert(dlq_requests::REQUEUE_ANNOTATION.into(), "all".into());
+        assert_eq!(
+            unchanged(Some(&seen), &Trigger::of(&asked), refresh, at(1)),
+            None,
+            "a dead-letter request acts at once"
+        );
+    }
+
+    #[test]
+    fn rates_need_a_second_between_samples() {
+        let t0 = Instant::now();
+        let sample = |ms: u64, submitted: u64| Sample {
+            at: t0 + Duration::from_millis(ms),
+            counters: status::Counters {
+                submitted,
+                stored: 0,
+            },
+        };
+        let mut state = QueueState::default();
+        assert_eq!(state.rates(sample(0, 0)), None, "nothing to compare with");
+        assert_eq!(
+            state.rates(sample(500, 10)),
+            None,
+            "half a second is too short"
+        );
+        assert_eq!(state.sample, Some(sample(0, 0)), "the older sample is kept");
+        assert!(state.rates(sample(2_000, 40)).is_some());
+        assert_eq!(state.sample, Some(sample(2_000, 40)));
+    }
 }

@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::status::{Counters, Health, excerpt};
+use crate::assets::{Figures, QueueAssets};
 use crate::metrics::Level;
 
 /// Most dead letters read per reconcile (newest first); also bounds the count shown in
@@ -38,6 +39,14 @@ pub enum ObserveError {
         /// The JetStream error.
         source: jetstream::context::GetStreamError,
     },
+    /// A consumer's info could not be read.
+    #[error("cannot look up consumer {consumer}: {reason}")]
+    Consumer {
+        /// Consumer name.
+        consumer: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Counting the due copies in the delayed stream failed.
     #[error("cannot count the due jobs of stream {stream}: {reason}")]
     Delayed {
@@ -54,6 +63,60 @@ pub enum ObserveError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// The figures of a queue whose assets were ensured before, read without changing anything
+/// (one info request per stream and per consumer, where ensuring them would be one update
+/// each): `Ok(None)` when a stream or consumer of `assets` is missing (deleted behind the
+/// operator's back, or a server that lost its store), so the caller ensures them again.
+pub async fn existing_figures(
+    js: &jetstream::Context,
+    assets: &QueueAssets,
+) -> Result<Option<Figures>, ObserveError> {
+    let stream_missing = |err: &jetstream::context::GetStreamError| {
+        matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+    };
+    for config in assets.companions.iter().chain([&assets.stream]) {
+        match js.get_stream(&config.name).await {
+            Ok(_) => {}
+            Err(err) if stream_missing(&err) => return Ok(None),
+            Err(source) => {
+                return Err(ObserveError::Stream {
+                    stream: config.name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let mut figures = Figures::default();
+    for config in &assets.consumers {
+        let name = config.durable_name.clone().unwrap_or_default();
+        let found: Result<jetstream::consumer::PullConsumer, _> = js
+            .get_consumer_from_stream(&name, &assets.stream.name)
+            .await;
+        match found {
+            Ok(consumer) => {
+                let info = consumer.cached_info();
+                figures.pending += info.num_pending;
+                figures.in_flight += info.num_ack_pending as u64;
+            }
+            Err(err)
+                if matches!(err.kind(), jetstream::stream::ConsumerErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                        || e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(None);
+            }
+            Err(err) => {
+                return Err(ObserveError::Consumer {
+                    consumer: name,
+                    reason: err.to_string(),
+                });
+            }
+        }
+    }
+    Ok(Some(figures))
 }
 
 /// The oldest pending job's age, the delayed and dead-letter counts and the newest dead letters

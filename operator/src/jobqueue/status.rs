@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use conveyor::names::QueueRef;
 use conveyor_crds::{JobQueueStatus, RecentFailure, StreamStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
+use super::reasons as reason;
 use crate::assets::Figures;
-use crate::conditions::{self, Status, reason};
+use crate::conditions::{self, Status};
 
 /// At most one status write per queue within this long, unless a condition changes status or
 /// reason (figures alone wait).
@@ -20,11 +21,6 @@ pub const STATUS_THROTTLE: Duration = Duration::from_secs(5);
 pub const RECENT_FAILURES: usize = 10;
 /// Longest error excerpt in `status.recentFailures`, in characters.
 pub const ERROR_EXCERPT: usize = 200;
-
-/// `Ready` reason: the NATS server refused the queue's credentials.
-pub const NATS_AUTH_FAILED: &str = "NatsAuthFailed";
-/// `Ready` reason: the TLS handshake with the queue's NATS server failed.
-pub const NATS_TLS_FAILED: &str = "NatsTlsFailed";
 
 /// What one reconcile of a queue found.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,8 +182,8 @@ pub fn compute_status(
         }
         Outcome::Invalid(m) => (Status::False, reason::INVALID_SPEC, m.clone()),
         Outcome::Unavailable(m) => (Status::False, reason::NATS_UNAVAILABLE, m.clone()),
-        Outcome::AuthFailed(m) => (Status::False, NATS_AUTH_FAILED, m.clone()),
-        Outcome::TlsFailed(m) => (Status::False, NATS_TLS_FAILED, m.clone()),
+        Outcome::AuthFailed(m) => (Status::False, reason::NATS_AUTH_FAILED, m.clone()),
+        Outcome::TlsFailed(m) => (Status::False, reason::NATS_TLS_FAILED, m.clone()),
         Outcome::Failed(m) => (Status::False, reason::STREAM_ERROR, m.clone()),
     };
     conditions::set(
@@ -425,7 +421,7 @@ pub fn notices(old: Option<&JobQueueStatus>, new: &JobQueueStatus) -> Vec<Notice
             .is_some_and(|o| o.status == ready.status && o.reason == ready.reason)
     {
         out.push(Notice {
-            normal: ready.status == "True",
+            normal: conditions::is_true(ready),
             reason: reason_const(&ready.reason),
             note: ready.message.clone(),
         });
@@ -437,14 +433,14 @@ pub fn notices(old: Option<&JobQueueStatus>, new: &JobQueueStatus) -> Vec<Notice
         let Some(cond) = conditions::find(&new.conditions, type_) else {
             continue;
         };
-        let was_true = before(type_).is_some_and(is_true);
-        if is_true(cond) && !was_true {
+        let was_true = before(type_).is_some_and(conditions::is_true);
+        if conditions::is_true(cond) && !was_true {
             out.push(Notice {
                 normal: false,
                 reason: raised,
                 note: cond.message.clone(),
             });
-        } else if !is_true(cond) && was_true {
+        } else if !conditions::is_true(cond) && was_true {
             out.push(Notice {
                 normal: true,
                 reason: reason::RECOVERED,
@@ -455,23 +451,12 @@ pub fn notices(old: Option<&JobQueueStatus>, new: &JobQueueStatus) -> Vec<Notice
     out
 }
 
-fn is_true(c: &Condition) -> bool {
-    c.status == "True"
-}
-
 /// The `'static` constant for a `Ready` reason the status module set.
 fn reason_const(r: &str) -> &'static str {
-    [
-        reason::STREAM_READY,
-        reason::INVALID_SPEC,
-        reason::NATS_UNAVAILABLE,
-        NATS_AUTH_FAILED,
-        NATS_TLS_FAILED,
-        reason::STREAM_ERROR,
-    ]
-    .into_iter()
-    .find(|c| *c == r)
-    .unwrap_or(reason::STREAM_ERROR)
+    reason::READY
+        .into_iter()
+        .find(|c| *c == r)
+        .unwrap_or(reason::STREAM_ERROR)
 }
 
 /// The status to write now, or `None`: nothing changed, or only figures and messages changed

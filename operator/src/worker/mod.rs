@@ -3,10 +3,19 @@
 //! condition, and judges its pods into a `Degraded` condition (with a `WorkerCrashed` Event
 //! when that changes). Pool size comes from `spec.replicas`, or from the scaler when `scaling`
 //! is set.
+//!
+//! A reconcile is a pipeline, each step a function with its own error: [`fetch`] (the queue
+//! and the pods) → [`recycle::plan`] (pure: which old pods to mark or release) → [`recycle`]
+//! (the one side effect on pods, announced with a `Recycled` Event) → [`desired`] (pure: the
+//! Deployment, or why there is none) → [`apply_deployment`] → [`compute_status`] and
+//! [`pods::health`] (pure) → [`report`] (Events on transitions, the status write). The
+//! controller's per-Worker state (its backoff) lives in its own
+//! [`States`](crate::states::States).
 
 pub mod deployment;
 pub mod idle;
 pub mod pods;
+pub mod reasons;
 pub mod recycle;
 mod status;
 
@@ -25,11 +34,16 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use crate::conditions;
+use crate::conditions::{self, Status};
 use crate::context::{Context, FIELD_MANAGER};
+use crate::states::Shared;
 pub use status::{Problem, QueueFigures, compute_status};
 
 const CONTROLLER: &str = "worker";
+
+/// What the controller's reconciles share: the operator's context and each Worker's state
+/// (nothing beyond its backoff so far).
+pub type Workers = Shared<Worker, ()>;
 
 /// Why a `Worker` reconcile failed; retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -112,29 +126,27 @@ fn workers_of(store: &Store<Worker>, queue: &JobQueue) -> Vec<ObjectRef<Worker>>
         .collect()
 }
 
-/// Runs `controller` until `shutdown` resolves.
+/// Runs `controller` until `shutdown` resolves, with states of its own.
 pub async fn run(
     controller: Controller<Worker>,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let workers = Arc::new(Workers::new(ctx));
+    let store = controller.store();
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
+        .run(reconcile, error_policy, workers.clone())
+        .for_each(|result| {
             if let Err(err) = result {
                 tracing::debug!(%err, "worker reconcile ended with an error");
             }
+            // Workers have no finalizer: the state of a deleted one goes once the cache
+            // forgets it.
+            workers.states.prune(&store);
+            std::future::ready(())
         })
         .await;
-}
-
-fn key(worker: &Worker) -> String {
-    format!(
-        "worker/{}/{}",
-        worker.namespace().unwrap_or_default(),
-        worker.name_any()
-    )
 }
 
 /// The number of pods the Deployment should have.
@@ -154,28 +166,37 @@ pub fn desired_replicas(worker: &Worker) -> i32 {
 }
 
 /// Reconciles one `Worker`.
-#[instrument(skip(worker, ctx), fields(namespace = worker.namespace(), name = worker.name_any()))]
-pub async fn reconcile(worker: Arc<Worker>, ctx: Arc<Context>) -> Result<Action, Error> {
+#[instrument(skip(worker, workers), fields(namespace = worker.namespace(), name = worker.name_any()))]
+pub async fn reconcile(worker: Arc<Worker>, workers: Arc<Workers>) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = apply(&worker, &ctx).await;
-    ctx.metrics.reconciled(CONTROLLER, started.elapsed());
+    let result = apply(&worker, &workers.ctx).await;
+    workers
+        .ctx
+        .metrics
+        .reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
-        ctx.succeeded(&key(&worker));
+        workers.states.succeeded(&worker);
     }
     result
 }
 
 /// Retries with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(worker: Arc<Worker>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = ctx.backoff(key(&worker));
+pub fn error_policy(worker: Arc<Worker>, err: &Error, workers: Arc<Workers>) -> Action {
+    workers.ctx.metrics.failed(CONTROLLER, err.label());
+    let delay = workers.states.backoff(&worker, workers.ctx.config.resync);
     tracing::warn!(%err, ?delay, name = worker.name_any(), "worker reconcile failed, retrying");
     Action::requeue(delay)
 }
 
-async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
+/// What a reconcile reads: the Worker's queue (`None` when it does not exist) and its pods.
+struct Fetched {
+    queue: Option<JobQueue>,
+    pods: Vec<Pod>,
+}
+
+/// Step 1: reads the Worker's queue and its pods.
+async fn fetch(worker: &Worker, ctx: &Context) -> Result<Fetched, Error> {
     let ns = worker.namespace().unwrap_or_default();
-    let name = worker.name_any();
     let queues: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
     let queue_name = &worker.spec.queue;
     let queue = queues
@@ -185,58 +206,127 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             name: queue_name.clone(),
             source,
         })?;
-    let replicas = desired_replicas(worker);
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let selector = ListParams::default().labels(&deployment::selector_string(&name));
-    let listed = pod_api
+    let selector = ListParams::default().labels(&deployment::selector_string(&worker.name_any()));
+    let pods = pod_api
         .list(&selector)
         .await
         .map_err(Error::ListPods)?
         .items;
-    let recycling = recycle_old_pods(worker, &listed, replicas, &pod_api, ctx).await;
+    Ok(Fetched { queue, pods })
+}
+
+/// Why a Worker has no Deployment ([`desired`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Unbuildable {
+    /// The queue it names does not exist (looked for again every resync).
+    #[error("JobQueue {queue} does not exist in namespace {namespace}")]
+    QueueNotFound {
+        /// The queue's name.
+        queue: String,
+        /// The Worker's namespace.
+        namespace: String,
+    },
+    /// The spec cannot be rendered (waits for a change).
+    #[error(transparent)]
+    Invalid(#[from] deployment::BuildError),
+}
+
+impl Unbuildable {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::QueueNotFound { .. } => Problem::queue_not_found(self.to_string()),
+            Self::Invalid(_) => Problem::invalid(self.to_string()),
+        }
+    }
+
+    fn next(&self, resync: std::time::Duration) -> Action {
+        match self {
+            Self::QueueNotFound { .. } => Action::requeue(resync),
+            Self::Invalid(_) => Action::await_change(),
+        }
+    }
+}
+
+/// Step 3 (pure): the Deployment the Worker wants with `replicas` pods (the runtime image and
+/// the default NATS URL from the operator's settings), or why it cannot have one.
+fn desired(
+    worker: &Worker,
+    queue: Option<&JobQueue>,
+    replicas: i32,
+    worker_image: &str,
+    default_nats_url: &str,
+) -> Result<Deployment, Unbuildable> {
+    let queue = queue.ok_or_else(|| Unbuildable::QueueNotFound {
+        queue: worker.spec.queue.clone(),
+        namespace: worker.namespace().unwrap_or_default(),
+    })?;
+    let inputs = deployment::Inputs {
+        queue,
+        worker_image,
+        default_nats_url,
+        replicas,
+    };
+    Ok(deployment::build(worker, inputs)?)
+}
+
+/// Step 4: server-side applies the Deployment.
+async fn apply_deployment(
+    worker: &Worker,
+    desired: &Deployment,
+    ctx: &Context,
+) -> Result<Deployment, Error> {
+    let api: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &worker.namespace().unwrap_or_default());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&worker.name_any(), &params, &Patch::Apply(desired))
+        .await
+        .map_err(Error::Apply)
+}
+
+async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
+    let ns = worker.namespace().unwrap_or_default();
+    let name = worker.name_any();
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let Fetched { queue, pods } = fetch(worker, ctx).await?;
+    let replicas = desired_replicas(worker);
+    let recycling = match worker.spec.recycle.as_ref() {
+        Some(spec) => match spec.max_age() {
+            Ok(Some(max_age)) => {
+                let plan = recycle::plan(&pods, max_age, spec.max_unavailable, replicas, now);
+                recycle(worker, plan, ctx).await
+            }
+            _ => Recycling::default(),
+        },
+        None => Recycling::default(),
+    };
     let figures = QueueFigures::of(
-        queue_name,
+        &worker.spec.queue,
         queue.as_ref().and_then(|q| q.status.as_ref()),
         worker.spec.concurrency,
         queue.as_ref().and_then(|q| q.spec.concurrency_limit),
     );
-    let (deployment, problem, action) = match queue {
-        None => {
-            let message = format!("JobQueue {queue_name} does not exist in namespace {ns}");
-            (
-                None,
-                Some(Problem::queue_not_found(message)),
-                Action::requeue(ctx.config.resync),
-            )
-        }
-        Some(queue) => {
-            let inputs = deployment::Inputs {
-                queue: &queue,
-                worker_image: &ctx.config.worker_image,
-                default_nats_url: ctx.nats.default_url(),
-                replicas: replicas.saturating_add(recycling.surge),
-            };
-            match deployment::build(worker, inputs) {
-                Err(err) => (
-                    None,
-                    Some(Problem::invalid(err.to_string())),
-                    Action::await_change(),
-                ),
-                Ok(desired) => {
-                    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-                    let params = PatchParams::apply(FIELD_MANAGER).force();
-                    let applied = api
-                        .patch(&name, &params, &Patch::Apply(&desired))
-                        .await
-                        .map_err(Error::Apply)?;
-                    (Some(applied), None, Action::requeue(ctx.config.resync))
-                }
-            }
+    let surged = replicas.saturating_add(recycling.surge);
+    let wanted = desired(
+        worker,
+        queue.as_ref(),
+        surged,
+        &ctx.config.worker_image,
+        ctx.nats.default_url(),
+    );
+    let (deployment, problem, action) = match wanted {
+        Err(unbuildable) => (
+            None,
+            Some(unbuildable.problem()),
+            unbuildable.next(ctx.config.resync),
+        ),
+        Ok(desired) => {
+            let applied = apply_deployment(worker, &desired, ctx).await?;
+            (Some(applied), None, Action::requeue(ctx.config.resync))
         }
     };
     let scaled = worker.spec.scaling.is_some();
     let old = worker.status.clone().unwrap_or_default();
-    let now = k8s_openapi::jiff::Timestamp::now();
     let mut new = compute_status(
         &old,
         worker.meta().generation,
@@ -252,7 +342,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
     let mut crash_note = None;
     let mut listed_pods = None;
     if deployment.is_some() {
-        let health = pods::health(&listed, now);
+        let health = pods::health(&pods, now);
         new.recycled_pods += recycling.recycled;
         conditions::set(
             &mut new.conditions,
@@ -264,18 +354,36 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
             now,
         );
         crash_note = Some(health.note);
-        listed_pods = Some(listed);
+        listed_pods = Some(pods);
     }
-    ctx.metrics
-        .observe_worker(&ns, &name, queue_name, &new, listed_pods.as_deref(), now);
-    announce(worker, &old, &new, ctx).await;
-    announce_crashes(worker, &old, &new, crash_note, ctx).await;
+    ctx.metrics.observe_worker(
+        &ns,
+        &name,
+        &worker.spec.queue,
+        &new,
+        listed_pods.as_deref(),
+        now,
+    );
+    report(worker, &old, &new, crash_note, ctx).await?;
+    Ok(action)
+}
+
+/// Step 6: the Events the status change deserves, then the status write (when it changed).
+async fn report(
+    worker: &Worker,
+    old: &WorkerStatus,
+    new: &WorkerStatus,
+    crash_note: Option<String>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    announce(worker, old, new, ctx).await;
+    announce_crashes(worker, old, new, crash_note, ctx).await;
     if new != old {
-        write_status(worker, &new, scaled, ctx)
+        write_status(worker, new, worker.spec.scaling.is_some(), ctx)
             .await
             .map_err(Error::Status)?;
     }
-    Ok(action)
+    Ok(())
 }
 
 /// Publishes an Event when `Available` changes status or reason.
@@ -284,10 +392,10 @@ async fn announce(worker: &Worker, old: &WorkerStatus, new: &WorkerStatus, ctx: 
     let Some(now) = conditions::find(&new.conditions, conditions::AVAILABLE) else {
         return;
     };
-    if before.is_some_and(|b| b.status == now.status && b.reason == now.reason) {
+    if before.is_some_and(|b| Status::of(b) == Status::of(now) && b.reason == now.reason) {
         return;
     }
-    let type_ = if now.status == "True" {
+    let type_ = if conditions::is_true(now) {
         EventType::Normal
     } else {
         EventType::Warning
@@ -305,84 +413,51 @@ struct Recycling {
     recycled: i64,
 }
 
-/// Recycles the pods `recycle.maxAge` says are due without dipping capacity: each is marked
+/// Step 2: carries out the recycling `plan` without dipping capacity: each pod due is marked
 /// ([`recycle::MARK`], the lowest deletion cost) and the Deployment runs one more pod per
-/// marked one; once as many unmarked pods are Ready as the pool wants, the Deployment goes back
-/// to its size and the ReplicaSet removes the marked pods first, each deleted gracefully so
-/// its runtime drains. The operator never deletes a pod itself. Each recycle is announced with
-/// a `Recycled` Event. Failures are logged and retried next time.
-async fn recycle_old_pods(
-    worker: &Worker,
-    listed: &[Pod],
-    desired: i32,
-    api: &Api<Pod>,
-    ctx: &Context,
-) -> Recycling {
-    let Some(spec) = &worker.spec.recycle else {
-        return Recycling::default();
-    };
-    let Ok(Some(max_age)) = spec.max_age() else {
-        return Recycling::default();
-    };
-    let max_age_text = spec.max_age.as_deref().unwrap_or_default();
-    let live: Vec<&Pod> = listed
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    let waiting: Vec<String> = live
-        .iter()
-        .filter(|p| recycle::marked(p) == Some(recycle::WAITING))
-        .map(|p| p.name_any())
-        .collect();
-    if !waiting.is_empty() {
-        let fresh_ready = live
-            .iter()
-            .filter(|p| recycle::marked(p).is_none() && recycle::ready(p))
-            .count();
-        if fresh_ready < usize::try_from(desired).unwrap_or(0) {
-            return Recycling {
-                surge: i32::try_from(waiting.len()).unwrap_or(i32::MAX),
-                recycled: 0,
-            };
+/// marked one; once as many unmarked pods are Ready as the pool wants, the marked pods are
+/// released and the Deployment goes back to its size, so the ReplicaSet removes them first,
+/// each deleted gracefully so its runtime drains. The operator never deletes a pod itself.
+/// Each release is announced with a `Recycled` Event. Failed patches are logged and retried
+/// next time.
+async fn recycle(worker: &Worker, plan: recycle::Plan, ctx: &Context) -> Recycling {
+    let api: Api<Pod> =
+        Api::namespaced(ctx.client.clone(), &worker.namespace().unwrap_or_default());
+    match plan {
+        recycle::Plan::Nothing => Recycling::default(),
+        recycle::Plan::Wait { surge } => Recycling { surge, recycled: 0 },
+        recycle::Plan::Release(waiting) => {
+            for name in &waiting {
+                set_mark(&api, name, recycle::RELEASED).await;
+            }
+            let max_age = worker
+                .spec
+                .recycle
+                .as_ref()
+                .and_then(|r| r.max_age.as_deref())
+                .unwrap_or_default();
+            let note = format!(
+                "replaced {} older than maxAge {max_age} once the replacements were ready: {}",
+                if waiting.len() == 1 { "a pod" } else { "pods" },
+                crate::events::names(&waiting, crate::events::NOTE_LIMIT - 120)
+            );
+            ctx.event(worker, EventType::Normal, reasons::RECYCLED, note)
+                .await;
+            Recycling {
+                surge: 0,
+                recycled: i64::try_from(waiting.len()).unwrap_or(i64::MAX),
+            }
         }
-        // The replacements are Ready: release the old pods to the ReplicaSet's scale-down.
-        for name in &waiting {
-            set_mark(api, name, recycle::RELEASED).await;
-        }
-        let note = format!(
-            "replaced {} older than maxAge {max_age_text} once the replacements were ready: {}",
-            if waiting.len() == 1 { "a pod" } else { "pods" },
-            crate::events::names(&waiting, crate::events::NOTE_LIMIT - 120)
-        );
-        ctx.event(worker, EventType::Normal, recycle::RECYCLED, note)
-            .await;
-        return Recycling {
-            surge: 0,
-            recycled: i64::try_from(waiting.len()).unwrap_or(i64::MAX),
-        };
-    }
-    let ages: Vec<_> = live
-        .iter()
-        .filter(|p| recycle::marked(p).is_none())
-        .filter_map(|p| recycle::PodAge::of(p))
-        .collect();
-    let terminating = listed.len() - live.len();
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let due = recycle::due(
-        &ages,
-        max_age,
-        spec.max_unavailable,
-        desired,
-        terminating,
-        now,
-    );
-    let mut surge = 0i32;
-    for name in due {
-        if set_mark(api, &name, recycle::WAITING).await {
-            surge = surge.saturating_add(1);
+        recycle::Plan::Mark(due) => {
+            let mut surge = 0i32;
+            for name in due {
+                if set_mark(&api, &name, recycle::WAITING).await {
+                    surge = surge.saturating_add(1);
+                }
+            }
+            Recycling { surge, recycled: 0 }
         }
     }
-    Recycling { surge, recycled: 0 }
 }
 
 /// Marks a pod for recycling (`state`), with the lowest deletion cost so a scale-down of its
@@ -419,17 +494,17 @@ async fn announce_crashes(
     let Some(now) = conditions::find(&new.conditions, pods::DEGRADED) else {
         return;
     };
-    if now.status != "True" {
+    if !conditions::is_true(now) {
         return;
     }
     let before = conditions::find(&old.conditions, pods::DEGRADED);
-    if before.is_some_and(|b| b.status == now.status && b.message == now.message) {
+    if before.is_some_and(|b| Status::of(b) == Status::of(now) && b.message == now.message) {
         return;
     }
     ctx.event(
         worker,
         EventType::Warning,
-        pods::reason::WORKER_CRASHED,
+        reasons::WORKER_CRASHED,
         note.unwrap_or_else(|| now.message.clone()),
     )
     .await;
@@ -463,4 +538,72 @@ async fn write_status(
     )
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(yaml: &str) -> Worker {
+        let mut w: Worker = serde_yaml::from_str(yaml).unwrap();
+        w.metadata.namespace = Some("team".into());
+        w
+    }
+
+    fn queue() -> JobQueue {
+        let mut q: JobQueue =
+            serde_yaml::from_str(include_str!("../../../examples/hello/queue.yaml")).unwrap();
+        q.metadata.namespace = Some("team".into());
+        q
+    }
+
+    const HELLO: &str = include_str!("../../../examples/hello/worker.yaml");
+
+    #[test]
+    fn the_desired_deployment_needs_the_queue_and_a_renderable_spec() {
+        let w = worker(HELLO);
+        let missing = desired(&w, None, 2, "img", "nats://n:4222").unwrap_err();
+        assert_eq!(
+            missing.problem(),
+            Problem::queue_not_found(format!(
+                "JobQueue {} does not exist in namespace team",
+                w.spec.queue
+            ))
+        );
+        assert_eq!(
+            missing.next(std::time::Duration::from_secs(7)),
+            Action::requeue(std::time::Duration::from_secs(7)),
+            "a missing queue is looked for again"
+        );
+        let q = queue();
+        let built = desired(&w, Some(&q), 3, "img", "nats://n:4222").unwrap();
+        assert_eq!(built.spec.and_then(|s| s.replicas), Some(3));
+        let mut broken = w.clone();
+        broken
+            .spec
+            .template
+            .spec
+            .get_or_insert_with(Default::default)
+            .containers
+            .clear();
+        let invalid = desired(&broken, Some(&q), 3, "img", "nats://n:4222").unwrap_err();
+        assert_eq!(
+            invalid.next(std::time::Duration::from_secs(7)),
+            Action::await_change()
+        );
+        assert_eq!(
+            invalid.problem(),
+            Problem::invalid(deployment::BuildError::NoContainer.to_string())
+        );
+    }
+
+    #[test]
+    fn pools_without_scaling_take_their_replicas() {
+        let mut w = worker(HELLO);
+        w.spec.scaling = None;
+        w.spec.replicas = Some(4);
+        assert_eq!(desired_replicas(&w), 4);
+        w.spec.replicas = Some(-1);
+        assert_eq!(desired_replicas(&w), 0);
+    }
 }

@@ -7,29 +7,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, ContainerStatus, Pod};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use super::reasons as reason;
 use crate::conditions::Status;
 use crate::events::{NOTE_LIMIT, bound, names};
 
 /// Condition type of a `Worker`: some of its pods crash, were OOM-killed or cannot start.
 pub const DEGRADED: &str = "Degraded";
-
-/// CamelCase reasons of the `Degraded` condition and the `WorkerCrashed` Event.
-pub mod reason {
-    /// No worker pod is crash-looping, OOM-killed, failing to pull or unschedulable.
-    pub const PODS_HEALTHY: &str = "PodsHealthy";
-    /// A worker pod's container was killed for exceeding its memory limit.
-    pub const OOM_KILLED: &str = "OOMKilled";
-    /// A worker pod's container keeps exiting.
-    pub const CRASH_LOOP_BACK_OFF: &str = "CrashLoopBackOff";
-    /// A worker pod's image cannot be pulled.
-    pub const IMAGE_PULL_BACK_OFF: &str = "ImagePullBackOff";
-    /// A worker pod's container cannot be configured (missing Secret or ConfigMap).
-    pub const CREATE_CONTAINER_CONFIG_ERROR: &str = "CreateContainerConfigError";
-    /// No node can take a worker pod.
-    pub const UNSCHEDULABLE: &str = "Unschedulable";
-    /// Event reason: worker pods started crashing or their troubles changed.
-    pub const WORKER_CRASHED: &str = "WorkerCrashed";
-}
 
 /// How long an OOM kill keeps a pod listed after its container restarted: long enough to be
 /// seen, short enough that a pod that recovered stops being reported.
@@ -110,7 +93,7 @@ pub fn trouble(pod: &Pod, now: Timestamp) -> Option<(Trouble, String)> {
             .conditions
             .iter()
             .flatten()
-            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            .find(|c| c.type_ == "PodScheduled" && Status::parse(&c.status) == Status::False)
         && condition.reason.as_deref() == Some("Unschedulable")
     {
         let detail = condition.message.clone().unwrap_or_default();

@@ -12,8 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-/// Event reason of a recycled pod.
-pub const RECYCLED: &str = "Recycled";
+use crate::conditions::Status;
 /// Annotation on a pod being recycled: [`WAITING`] while its replacement starts (the
 /// Deployment runs one more pod), then [`RELEASED`] (the ReplicaSet's scale-down removes it).
 pub const MARK: &str = "conveyor.dev/recycle";
@@ -32,7 +31,10 @@ pub fn ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Ready" && Status::parse(&c.status) == Status::True)
+        })
 }
 
 /// What the decision needs to know about one pod.
@@ -109,6 +111,65 @@ pub fn due(
     chosen
 }
 
+/// What recycling asks of one reconcile, decided from the pods alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// No pod is due.
+    Nothing,
+    /// Marked pods wait for their replacements: run this many pods beyond the pool's size.
+    Wait {
+        /// Pods beyond the pool's size.
+        surge: i32,
+    },
+    /// The replacements are Ready: release these marked pods to the ReplicaSet's scale-down.
+    Release(Vec<String>),
+    /// These pods reached `maxAge`: mark them, each with one more pod to replace it.
+    Mark(Vec<String>),
+}
+
+/// The recycling step for `pods` (all of the Worker's, terminating ones included) of a pool
+/// of `desired` pods: while marked pods wait, hold the surge until as many unmarked pods are
+/// Ready as the pool wants, then release them; otherwise mark the pods [`due`] now.
+pub fn plan(
+    pods: &[Pod],
+    max_age: Duration,
+    max_unavailable: i32,
+    desired: i32,
+    now: Timestamp,
+) -> Plan {
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let waiting: Vec<String> = live
+        .iter()
+        .filter(|p| marked(p) == Some(WAITING))
+        .map(|p| p.name_any())
+        .collect();
+    if !waiting.is_empty() {
+        let fresh_ready = live
+            .iter()
+            .filter(|p| marked(p).is_none() && ready(p))
+            .count();
+        if fresh_ready < usize::try_from(desired).unwrap_or(0) {
+            return Plan::Wait {
+                surge: i32::try_from(waiting.len()).unwrap_or(i32::MAX),
+            };
+        }
+        return Plan::Release(waiting);
+    }
+    let ages: Vec<_> = live
+        .iter()
+        .filter(|p| marked(p).is_none())
+        .filter_map(|p| PodAge::of(p))
+        .collect();
+    let terminating = pods.len() - live.len();
+    match due(&ages, max_age, max_unavailable, desired, terminating, now) {
+        chosen if chosen.is_empty() => Plan::Nothing,
+        chosen => Plan::Mark(chosen),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +228,60 @@ mod tests {
     fn old_pods_that_are_not_ready_go_regardless() {
         let pods = [pod("a", 0, false), pod("b", 0, true)];
         assert_eq!(due(&pods, HOUR, 1, 2, 0, at(10_000)), vec!["a"]);
+    }
+
+    fn listed(name: &str, created: i64, ready: bool, mark: Option<&str>) -> Pod {
+        use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                creation_timestamp: Some(Time(at(created))),
+                annotations: mark.map(|m| [(MARK.to_owned(), m.to_owned())].into()),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_plan_marks_waits_for_replacements_then_releases() {
+        let now = at(10_000);
+        let young = |name| listed(name, 9_000, true, None);
+        assert_eq!(
+            plan(&[young("a"), young("b")], HOUR, 1, 2, now),
+            Plan::Nothing
+        );
+        let old = listed("a", 0, true, None);
+        assert_eq!(
+            plan(&[old, young("b")], HOUR, 1, 2, now),
+            Plan::Mark(vec!["a".into()])
+        );
+        let waiting = listed("a", 0, true, Some(WAITING));
+        let starting = listed("c", 9_990, false, None);
+        assert_eq!(
+            plan(&[waiting.clone(), young("b"), starting], HOUR, 1, 2, now),
+            Plan::Wait { surge: 1 },
+            "the replacement is not Ready yet"
+        );
+        assert_eq!(
+            plan(&[waiting, young("b"), young("c")], HOUR, 1, 2, now),
+            Plan::Release(vec!["a".into()])
+        );
+        let released = listed("a", 0, true, Some(RELEASED));
+        assert_eq!(
+            plan(&[released, young("b"), young("c")], HOUR, 1, 2, now),
+            Plan::Nothing,
+            "a released pod is the ReplicaSet's to remove"
+        );
     }
 
     #[test]

@@ -6,11 +6,8 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 
 use super::deployment::selector_string;
-use crate::conditions::{self, Status, reason};
-
-/// `Available` reason: jobs wait in the queue and no pod is ready to run them, whatever size
-/// the pool was asked for (a pool scaled or paused to zero included).
-pub const NO_READY_PODS: &str = "NoReadyPods";
+use super::reasons as reason;
+use crate::conditions::{self, Status};
 
 /// What the Worker's `JobQueue` reports in its status (the operator's own reading of the
 /// queue's consumers).
@@ -71,7 +68,7 @@ impl Problem {
 
 /// The new status: the previous one with the Deployment's figures, the selector, the desired
 /// size (only for pools without `scaling`; the scaler writes it otherwise), the busy and total
-/// job slots, and `Available`, which is `False` ([`NO_READY_PODS`]) while jobs wait and no pod
+/// job slots, and `Available`, which is `False` ([`reason::NO_READY_PODS`]) while jobs wait and no pod
 /// is ready, so a pool at 0 pods with a backlog never reads as healthy.
 #[allow(clippy::too_many_arguments)]
 pub fn compute_status(
@@ -106,7 +103,7 @@ pub fn compute_status(
         Some(p) => (Status::False, p.reason, p.message.clone()),
         None if ready < 1 && waiting > 0 => (
             Status::False,
-            NO_READY_PODS,
+            reason::NO_READY_PODS,
             no_ready_pods(waiting, &queue.name, status.replicas, want),
         ),
         None if desired == 0 => (
@@ -338,16 +335,11 @@ mod tests {
 
     #[test]
     fn scaling_compares_the_pods_with_the_size_asked_for() {
-        let scaled = |replicas: i32, desired: i32, why: &str| {
-            let held = why.starts_with("NATS unreachable");
+        let scaled = |replicas: i32, desired: i32, why: &str, basis: ScaleBasis| {
             let old = WorkerStatus {
                 desired_replicas: Some(desired),
                 last_scale_reason: Some(why.into()),
-                scale_basis: Some(if held {
-                    ScaleBasis::Held
-                } else {
-                    ScaleBasis::Backlog
-                }),
+                scale_basis: Some(basis),
                 ..Default::default()
             };
             let d = deployment(replicas, replicas);
@@ -364,7 +356,12 @@ mod tests {
                 at(1),
             ))
         };
-        let (status, why, message) = scaled(1, 4, "backlog 40, target 10 per replica");
+        let (status, why, message) = scaled(
+            1,
+            4,
+            "backlog 40, target 10 per replica",
+            ScaleBasis::Backlog,
+        );
         assert_eq!(
             (status.as_str(), why.as_str()),
             ("True", reason::SCALING_UP)
@@ -373,18 +370,23 @@ mod tests {
             message,
             "1 of 4 pods running: backlog 40, target 10 per replica"
         );
-        let (status, why, _) = scaled(4, 0, "backlog 0");
+        let (status, why, _) = scaled(4, 0, "backlog 0", ScaleBasis::Backlog);
         assert_eq!(
             (status.as_str(), why.as_str()),
             ("True", reason::SCALING_DOWN)
         );
-        let (status, why, message) = scaled(2, 2, "backlog 20");
+        let (status, why, message) = scaled(2, 2, "backlog 20", ScaleBasis::Backlog);
         assert_eq!(
             (status.as_str(), why.as_str()),
             ("False", reason::AT_DESIRED_SIZE)
         );
         assert_eq!(message, "2 pods: backlog 20");
-        let (status, why, _) = scaled(3, 3, "NATS unreachable: holding 3 replicas");
+        let (status, why, _) = scaled(
+            3,
+            3,
+            "NATS unreachable: holding 3 replicas",
+            ScaleBasis::Held,
+        );
         assert_eq!(
             (status.as_str(), why.as_str()),
             ("False", reason::BACKLOG_UNKNOWN)
@@ -438,7 +440,7 @@ mod tests {
             );
             assert_eq!(
                 available(&s),
-                ("False".into(), NO_READY_PODS.into()),
+                ("False".into(), reason::NO_READY_PODS.into()),
                 "{replicas} pods of {desired}"
             );
             let c = conditions::find(&s.conditions, conditions::AVAILABLE).unwrap();
