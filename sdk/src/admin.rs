@@ -59,6 +59,10 @@ pub struct QueueSettings {
     /// Most jobs started per second across all workers: the queue gets a tokens stream
     /// ([`tokens_stream_config`]) that holds at most one second of tokens.
     pub rate_limit: Option<u32>,
+    /// Longest time a job may wait for its dependencies or children before it is
+    /// dead-lettered (`dependency_timeout`); [`DEFAULT_WAIT_TIMEOUT`] when `None`, at most
+    /// [`MAX_WAIT_TIMEOUT`].
+    pub wait_timeout: Option<Duration>,
 }
 
 impl Default for QueueSettings {
@@ -79,6 +83,7 @@ impl Default for QueueSettings {
             dead_letter_max_bytes: None,
             result_retention: None,
             rate_limit: None,
+            wait_timeout: None,
         }
     }
 }
@@ -162,7 +167,82 @@ impl QueueSettings {
                 humantime_like(max_age)
             )));
         }
+        if let Some(wait) = self.wait_timeout
+            && (wait < Duration::from_secs(1) || wait > MAX_WAIT_TIMEOUT)
+        {
+            return Err(AdminError::Invalid(format!(
+                "waitTimeout is {}, must be 1s to {}",
+                humantime_like(wait),
+                humantime_like(MAX_WAIT_TIMEOUT)
+            )));
+        }
         Ok(())
+    }
+
+    /// The wait timeout that applies: the setting or [`DEFAULT_WAIT_TIMEOUT`].
+    pub fn wait_timeout(&self) -> Duration {
+        self.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT)
+    }
+}
+
+/// How long a job may wait for its dependencies or children when the queue sets nothing.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `waitTimeout` a queue may set.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How much longer than the wait timeout the flow stream keeps edges and child records.
+pub const FLOW_RETENTION_MARGIN: Duration = Duration::from_secs(24 * 3600);
+
+/// The waiting stream: jobs waiting for dependencies (`<prefix>.waiting.<hex id>`) or for a
+/// parent's children (`<prefix>.cont.<hex parent id>`), one per subject. Limits retention and
+/// no `max_age`: nothing vanishes silently, the releaser dead-letters what waited past its
+/// wait timeout. Its message count is the queue's `waiting` figure.
+pub fn waiting_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    stream::Config {
+        name: queue.waiting_stream(),
+        description: Some(format!(
+            "Conveyor waiting jobs of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![
+            format!("{}.waiting.*", queue.subject_prefix()),
+            format!("{}.cont.*", queue.subject_prefix()),
+        ],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_messages_per_subject: 1,
+        max_message_size: settings.max_job_size.unwrap_or(-1),
+        duplicate_window: settings.deduplication_window,
+        ..Default::default()
+    }
+}
+
+/// The flow stream: edges (`<prefix>.edge.<hex id>`, one message per dependent), child
+/// records (`<prefix>.child.<hex parent>.<hex child>`, written create-only) and child counts
+/// (`<prefix>.count.<hex parent>`, rolled up so one message per parent is kept), for the wait
+/// timeout plus [`FLOW_RETENTION_MARGIN`].
+pub fn flow_stream_config(queue: &QueueRef, settings: &QueueSettings) -> stream::Config {
+    let prefix = queue.subject_prefix();
+    stream::Config {
+        name: queue.flow_stream(),
+        description: Some(format!(
+            "Conveyor dependency edges and child records of {}/{}",
+            queue.namespace, queue.name
+        )),
+        subjects: vec![
+            format!("{prefix}.edge.*"),
+            format!("{prefix}.child.*.*"),
+            format!("{prefix}.count.*"),
+        ],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        storage: storage_type(settings.storage),
+        num_replicas: settings.replicas,
+        max_age: settings.wait_timeout() + FLOW_RETENTION_MARGIN,
+        allow_rollup: true,
+        duplicate_window: settings.deduplication_window,
+        ..Default::default()
     }
 }
 
@@ -385,6 +465,8 @@ pub async fn ensure_queue(
         dead_letter_stream_config(queue, settings),
         events_stream_config(queue, settings),
         results_stream_config(queue, settings),
+        waiting_stream_config(queue, settings),
+        flow_stream_config(queue, settings),
     ]
     .into_iter()
     .chain(tokens_stream_config(queue, settings))

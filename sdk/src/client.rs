@@ -9,7 +9,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::connect::NatsOptions;
+use crate::flow::{self, Dependency, JobRef};
 use crate::names::QueueRef;
+use crate::protocol::flow::{self as flow_headers, BadAfter};
 use crate::protocol::{self, InvalidId, JobOptions};
 use crate::stored;
 
@@ -17,7 +19,7 @@ use crate::stored;
 const BATCH_WINDOW: usize = 256;
 
 /// A job to submit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     /// Job id, unique per queue; a resubmission with the same id inside the deduplication
     /// window is reported as a duplicate and not queued again.
@@ -32,6 +34,9 @@ pub struct Job {
     pub headers: HeaderMap,
     /// Not before this time: a delayed job, kept in the queue's delayed stream until due.
     pub not_before: Option<SystemTime>,
+    /// The jobs this one waits for: it waits in the queue's waiting stream until each has an
+    /// outcome (see [`crate::flow`]).
+    pub after: Vec<Dependency>,
 }
 
 impl Job {
@@ -44,6 +49,7 @@ impl Job {
             options: JobOptions::default(),
             headers: HeaderMap::new(),
             not_before: None,
+            after: Vec::new(),
         }
     }
 
@@ -87,6 +93,22 @@ impl Job {
         self.run_at(at)
     }
 
+    /// Waits for `dependency` before running (any number of calls, up to
+    /// [`flow_headers::MAX_DEPENDENCIES`]).
+    pub fn after(mut self, dependency: Dependency) -> Self {
+        self.after.push(dependency);
+        self
+    }
+
+    /// Waits at most `timeout` for its dependencies (or, for a continuation, its children),
+    /// when that is shorter than the queue's `waitTimeout`.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
+        let value = format!("{}s", timeout.as_secs().max(1));
+        self.headers
+            .insert(flow_headers::WAIT_TIMEOUT, value.as_str());
+        self
+    }
+
     /// Adds a header passed through to the handler.
     pub fn header(mut self, name: &'static str, value: &str) -> Self {
         self.headers.insert(name, value);
@@ -127,6 +149,23 @@ pub enum SubmitError {
     /// The job id cannot be used.
     #[error("job refused: {0}")]
     InvalidId(#[from] InvalidId),
+    /// The dependency list cannot be used (malformed, too long, on itself, or combined with
+    /// a delay).
+    #[error("job {id} refused: {problem}")]
+    BadDependencies {
+        /// Job id.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A dependency's queue does not exist on this server (no flow stream takes its edge).
+    #[error("job {id} refused: dependency {dependency} is in a queue that does not exist")]
+    NoSuchDependencyQueue {
+        /// Job id.
+        id: String,
+        /// The dependency.
+        dependency: String,
+    },
     /// The job (payload plus headers) is larger than the queue or the server accepts.
     #[error(
         "job {id} refused: {size} bytes of payload is larger than the queue accepts ({detail})"
@@ -245,6 +284,9 @@ pub struct CancelAck {
     pub id: String,
     /// True when the job was still a delayed job: its schedule was removed, so it never runs.
     pub schedule_removed: bool,
+    /// True when the job (or, for a parent, its continuation) was waiting: it was removed
+    /// from the waiting stream and recorded as cancelled.
+    pub waiting_removed: bool,
 }
 
 /// Why a cancellation was not recorded.
@@ -362,6 +404,9 @@ impl Client {
     /// Submits one job and waits for the queue to store it.
     pub async fn submit(&self, queue: &QueueRef, job: Job) -> Result<SubmitAck, SubmitError> {
         protocol::validate_id(&job.id)?;
+        if !job.after.is_empty() {
+            return self.submit_waiting(queue, job).await;
+        }
         let mut subject = queue.job_subject(job.priority);
         let mut headers = job.wire_headers();
         if let Some(at) = job.not_before.filter(|at| *at > SystemTime::now()) {
@@ -399,6 +444,98 @@ impl Client {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
+    }
+
+    /// Submits a job with dependencies: first one edge per dependency into the dependency's
+    /// queue, then the job into its queue's waiting stream (this order is what makes either
+    /// order of completion and submission safe; see `docs/protocol.md`).
+    async fn submit_waiting(&self, queue: &QueueRef, job: Job) -> Result<SubmitAck, SubmitError> {
+        let bad = |problem: String| SubmitError::BadDependencies {
+            id: job.id.clone(),
+            problem,
+        };
+        let me = JobRef::new(&queue.namespace, &queue.name, &job.id);
+        if job.not_before.is_some() {
+            return Err(bad(
+                "a job cannot both be delayed and wait for dependencies".into(),
+            ));
+        }
+        if job.id.contains([',', ';']) {
+            return Err(bad(BadAfter::Ref(flow_headers::BadRef::Separator(
+                job.id.clone(),
+            ))
+            .to_string()));
+        }
+        flow_headers::check_after(&me, &job.after).map_err(|e| bad(e.to_string()))?;
+        if let Err((dependency, error)) = flow::write_edges(&self.jetstream, &me, &job.after).await
+        {
+            return Err(if error.kind() == PublishErrorKind::StreamNotFound {
+                SubmitError::NoSuchDependencyQueue {
+                    id: job.id.clone(),
+                    dependency: dependency.to_string(),
+                }
+            } else {
+                classify(error, queue, &job)
+            });
+        }
+        let mut headers = job.wire_headers();
+        headers.insert(protocol::JOB_ID, job.id.as_str());
+        headers.insert(
+            flow_headers::AFTER,
+            flow_headers::encode_after(&job.after).as_str(),
+        );
+        let subject = queue.waiting_subject(&job.id);
+        let stored = async {
+            self.jetstream
+                .publish_with_headers(subject.clone(), headers, job.payload.clone())
+                .await?
+                .await
+        };
+        match stored.await {
+            Ok(ack) => Ok(SubmitAck {
+                id: job.id,
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Err(error) if error.kind() == PublishErrorKind::StreamNotFound => {
+                Err(SubmitError::NoSuchQueue {
+                    id: job.id.clone(),
+                    queue: queue.stream(),
+                    priority: job.priority,
+                })
+            }
+            Err(error) => Err(classify(error, queue, &job)),
+        }
+    }
+
+    /// Skips job `job`: cancels it (if it was submitted at all) and records it as cancelled,
+    /// so a job that waits for it as an optional dependency runs without it (a non-optional
+    /// one counts it as failed).
+    pub async fn skip(&self, job: &JobRef) -> Result<CancelAck, CancelError> {
+        let queue = job.queue_ref();
+        let ack = self.cancel(&queue, &job.id).await?;
+        let headers = protocol::Outcome::Cancelled.encode(&job.id);
+        let stored = async {
+            self.jetstream
+                .publish_with_headers(queue.result_subject(&job.id), headers, Bytes::new())
+                .await?
+                .await
+        };
+        stored
+            .await
+            .map_err(|source| cancel_error(source, &queue, &job.id))?;
+        Ok(ack)
+    }
+
+    /// The `waiting` figure of a queue: how many of its jobs wait for dependencies or
+    /// children (the waiting stream's message count, one STREAM.INFO request).
+    pub async fn waiting(
+        &self,
+        queue: &QueueRef,
+    ) -> Result<u64, jetstream::context::GetStreamError> {
+        // `get_stream` is one STREAM.INFO request; its answer holds the count.
+        let stream = self.jetstream.get_stream(queue.waiting_stream()).await?;
+        Ok(stream.cached_info().state.messages)
     }
 
     /// Why no stream answered the publish of `job` on `subject` (async-nats reports the
@@ -540,10 +677,65 @@ impl Client {
             .await
             .map_err(|source| cancel_error(source, queue, id))?;
         let schedule_removed = self.remove_schedule(queue, id).await?;
+        let mut waiting_removed = false;
+        for subject in [queue.waiting_subject(id), queue.continuation_subject(id)] {
+            waiting_removed |= self.remove_waiting(queue, id, &subject).await?;
+        }
         Ok(CancelAck {
             id: id.to_owned(),
             schedule_removed,
+            waiting_removed,
         })
+    }
+
+    /// Removes the job waiting on `subject` of the queue's waiting stream, if any: deletes it,
+    /// records it (and the parent it continues) as cancelled and answers an awaiting producer.
+    async fn remove_waiting(
+        &self,
+        queue: &QueueRef,
+        id: &str,
+        subject: &str,
+    ) -> Result<bool, CancelError> {
+        let failed = |detail: String| CancelError::Schedule {
+            id: id.to_owned(),
+            stream: queue.waiting_stream(),
+            detail,
+        };
+        let client = self.jetstream.client();
+        let stream = queue.waiting_stream();
+        let waiting = match stored::last_if_stream(&client, &stream, subject).await {
+            Ok(Some(waiting)) => waiting,
+            Ok(None) => return Ok(false),
+            Err(error) => return Err(failed(error.to_string())),
+        };
+        stored::delete(&client, &stream, waiting.sequence)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let reading = waiting.read(&stream);
+        let home = (queue.namespace.as_str(), queue.name.as_str());
+        let flow_of = flow_headers::FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
+        let outcome = protocol::Outcome::Cancelled;
+        flow::record_outcome(
+            &self.jetstream,
+            queue,
+            &reading.id,
+            &flow_of,
+            &outcome,
+            &Bytes::new(),
+            true,
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        if let Some(reply) = reading.reply_to {
+            let answered = flow_of.continues.as_ref().map_or(id, |c| c.id.as_str());
+            if let Err(error) = client
+                .publish_with_headers(reply, outcome.encode(answered), Bytes::new())
+                .await
+            {
+                tracing::warn!(job = %id, %error, "answering the client awaiting a cancelled waiting job");
+            }
+        }
+        Ok(true)
     }
 
     /// Removes a delayed job's schedule, answering a client that awaits it. False when there

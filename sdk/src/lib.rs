@@ -9,6 +9,7 @@ pub mod admin;
 pub mod client;
 pub mod connect;
 pub mod dlq;
+pub mod flow;
 pub mod names;
 pub mod protocol;
 mod pull;

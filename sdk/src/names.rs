@@ -17,7 +17,7 @@ fn token(s: &str) -> String {
 }
 
 /// A job id as one subject token: its bytes in lowercase hex (ids may contain `.`, `*`, `>`).
-fn hex_token(job_id: &str) -> String {
+pub(crate) fn hex_token(job_id: &str) -> String {
     job_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -116,6 +116,60 @@ impl QueueRef {
         format!("{}.results.*", self.subject_prefix())
     }
 
+    /// The waiting stream: `conveyor_<namespace>_<queue>_waiting`. It holds the jobs of the
+    /// queue that wait for other jobs (dependencies, or a continuation's children), one per
+    /// subject, until the releaser moves them to the work stream or dead-letters them. Its
+    /// message count is the queue's `waiting` figure.
+    pub fn waiting_stream(&self) -> String {
+        format!("{}_waiting", self.stream())
+    }
+
+    /// Subject of a job waiting for dependencies: `<prefix>.waiting.<hex of the job id>`.
+    pub fn waiting_subject(&self, job_id: &str) -> String {
+        format!("{}.waiting.{}", self.subject_prefix(), hex_token(job_id))
+    }
+
+    /// Subject of the continuation of job `parent_id`, waiting for the parent's children:
+    /// `<prefix>.cont.<hex of the parent id>`.
+    pub fn continuation_subject(&self, parent_id: &str) -> String {
+        format!("{}.cont.{}", self.subject_prefix(), hex_token(parent_id))
+    }
+
+    /// The flow stream: `conveyor_<namespace>_<queue>_flow`. It keeps the edges to the jobs
+    /// waiting for a job of this queue, the records of finished children of this queue's
+    /// jobs, and one child count per parent.
+    pub fn flow_stream(&self) -> String {
+        format!("{}_flow", self.stream())
+    }
+
+    /// Subject of the edges of job `job_id` (one message per dependent, payload its full
+    /// reference): `<prefix>.edge.<hex of the job id>`.
+    pub fn edge_subject(&self, job_id: &str) -> String {
+        format!("{}.edge.{}", self.subject_prefix(), hex_token(job_id))
+    }
+
+    /// Subject of the record of finished child `child` (`<namespace>/<queue>/<id>`) of job
+    /// `parent_id`: `<prefix>.child.<hex of the parent id>.<hex of the child reference>`.
+    pub fn child_subject(&self, parent_id: &str, child: &str) -> String {
+        format!(
+            "{}.child.{}.{}",
+            self.subject_prefix(),
+            hex_token(parent_id),
+            hex_token(child)
+        )
+    }
+
+    /// Every child record of job `parent_id`: `<prefix>.child.<hex of the parent id>.*`.
+    pub fn children_wildcard(&self, parent_id: &str) -> String {
+        format!("{}.child.{}.*", self.subject_prefix(), hex_token(parent_id))
+    }
+
+    /// Subject of the child count of job `parent_id` (the last message only is kept):
+    /// `<prefix>.count.<hex of the parent id>`.
+    pub fn count_subject(&self, parent_id: &str) -> String {
+        format!("{}.count.{}", self.subject_prefix(), hex_token(parent_id))
+    }
+
     /// The rate-limit tokens stream: `conveyor_<namespace>_<queue>_tokens`, for queues with a
     /// `rateLimit`. The operator adds tokens at the rate; a worker takes one per job it starts.
     pub fn tokens_stream(&self) -> String {
@@ -157,6 +211,9 @@ impl QueueRef {
 /// Durable consumer of the events stream through which the operator's dispatcher reads the
 /// advisories.
 pub const DISPATCHER_CONSUMER: &str = "dispatcher";
+/// Durable consumers of the releaser (`conveyor::flow`) on the waiting, results and flow
+/// streams of a queue.
+pub const RELEASER_CONSUMER: &str = "releaser";
 /// Queue group of the wake-up subscriptions of idle multi-level workers on a queue's job
 /// subjects: each published job wakes one idle worker, not all of them (and a message the NATS
 /// client cannot read reaches one of them, not every idle one).

@@ -24,6 +24,8 @@ use crate::protocol::{self, DeadLetter, JobEnvelope, Outcome, Reason, envelope, 
 
 /// JetStream's error code for a sequence that holds no message.
 const NO_MESSAGE_FOUND: u64 = 10037;
+/// JetStream's error code for a stream that does not exist.
+const STREAM_NOT_FOUND: u64 = 10059;
 
 /// A failed step of reading or dead-lettering a stored job; it can be tried again.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum StoredError {
         sequence: u64,
         /// What went wrong.
         reason: String,
+        /// The JetStream error code, when the server answered with one.
+        code: Option<u64>,
     },
     /// Publishing the dead letter failed.
     #[error("publishing the dead letter of job {job}")]
@@ -136,6 +140,19 @@ pub async fn last(
     message_get(client, stream, 0, request).await
 }
 
+/// [`last`], with a stream that does not exist read as empty (a job of a queue that was never
+/// made, or was deleted, has no stored outcome).
+pub async fn last_if_stream(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<StoredJob>, StoredError> {
+    match last(client, stream, subject).await {
+        Err(StoredError::Get { code, .. }) if code == Some(STREAM_NOT_FOUND) => Ok(None),
+        other => other,
+    }
+}
+
 /// One `$JS.API.STREAM.MSG.GET` request; `sequence` names the message in errors.
 async fn message_get(
     client: &async_nats::Client,
@@ -147,6 +164,7 @@ async fn message_get(
         stream: stream.to_owned(),
         sequence,
         reason,
+        code: None,
     };
     let answer = client
         .request(
@@ -161,10 +179,12 @@ async fn message_get(
         return if error.err_code == NO_MESSAGE_FOUND {
             Ok(None)
         } else {
-            Err(failed(format!(
-                "{} (error {})",
-                error.description, error.err_code
-            )))
+            Err(StoredError::Get {
+                stream: stream.to_owned(),
+                sequence,
+                reason: format!("{} (error {})", error.description, error.err_code),
+                code: Some(error.err_code),
+            })
         };
     }
     let message = answer

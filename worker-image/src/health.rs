@@ -339,6 +339,7 @@ impl Observer for Metrics {
             Disposition::DeadLettered { .. } => "dead_lettered",
             Disposition::GivenBack => "given_back",
             Disposition::Cancelled => "cancelled",
+            Disposition::Continued => "continued",
         };
         self.jobs.get_or_create(&OutcomeLabel { outcome }).inc();
     }

@@ -22,7 +22,7 @@ impl<O: Observer> JobLog<O> {
 }
 
 /// The outcome word of a log line: `done`, `retry in 2s`, `dead-lettered (exhausted)`,
-/// `given back`, `cancelled`.
+/// `given back`, `cancelled`, `continued (waits for its children)`.
 pub fn outcome(disposition: &Disposition) -> String {
     match disposition {
         Disposition::Acked => "done".to_owned(),
@@ -32,6 +32,7 @@ pub fn outcome(disposition: &Disposition) -> String {
         Disposition::DeadLettered { reason } => format!("dead-lettered ({reason})"),
         Disposition::GivenBack => "given back".to_owned(),
         Disposition::Cancelled => "cancelled".to_owned(),
+        Disposition::Continued => "continued (waits for its children)".to_owned(),
     }
 }
 

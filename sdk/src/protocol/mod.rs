@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod envelope;
+pub mod flow;
 pub mod record;
 
 pub use envelope::{JobEnvelope, Malformed};

@@ -31,6 +31,10 @@ pub enum Reason {
     Malformed,
     /// Every delivery went unanswered (the worker crashed, was killed or hung).
     MaxDeliveries,
+    /// A waiting job's dependency failed and its policy is `if-failed=fail`.
+    DependencyFailed,
+    /// A waiting job waited longer than its wait timeout.
+    DependencyTimeout,
 }
 
 impl Reason {
@@ -41,6 +45,8 @@ impl Reason {
             Reason::Exhausted => "exhausted",
             Reason::Malformed => "malformed",
             Reason::MaxDeliveries => "max_deliveries",
+            Reason::DependencyFailed => "dependency_failed",
+            Reason::DependencyTimeout => "dependency_timeout",
         }
     }
 
@@ -51,6 +57,8 @@ impl Reason {
             Reason::Exhausted,
             Reason::Malformed,
             Reason::MaxDeliveries,
+            Reason::DependencyFailed,
+            Reason::DependencyTimeout,
         ]
         .into_iter()
         .find(|r| r.as_str() == value)
@@ -349,6 +357,8 @@ mod tests {
             Reason::Exhausted,
             Reason::Malformed,
             Reason::MaxDeliveries,
+            Reason::DependencyFailed,
+            Reason::DependencyTimeout,
         ] {
             assert_eq!(Reason::parse(reason.as_str()), Some(reason));
         }

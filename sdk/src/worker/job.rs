@@ -15,6 +15,8 @@ use tracing::{debug, info, warn};
 use super::cancels::Running;
 use super::settle::{self, Plan};
 use super::{Disposition, Handler, JobReport, Observer, Outcome, Progress, ReceivedJob, Shared};
+use crate::flow::{self, JobRef, Recorded};
+use crate::protocol::flow::{self as flow_headers, FlowHeaders};
 use crate::protocol::{self, DeadLetter, JobEnvelope, Reason, record};
 
 /// Runs one attempt of one job and settles it.
@@ -49,13 +51,14 @@ pub(super) async fn process<H: Handler, O: Observer>(
         };
         shared.observer.finished(&report);
     };
-    let settled = Settled {
+    let mut settled = Settled {
         shared,
         message: &message,
         acker: &acker,
         id: &id,
         sequence,
         attempt,
+        flow: FlowHeaders::default(),
     };
     let envelope = match envelope {
         Ok(envelope) => envelope,
@@ -66,6 +69,21 @@ pub(super) async fn process<H: Handler, O: Observer>(
             return;
         }
     };
+    let home = (shared.queue.namespace.as_str(), shared.queue.name.as_str());
+    let headers = message.headers.clone().unwrap_or_default();
+    match FlowHeaders::parse(&headers, home) {
+        Ok(flow) => settled.flow = flow,
+        Err(error) => {
+            warn!(job = %id, %error, "job has a malformed flow header; dead-lettering it");
+            let letter = settled.letter(Reason::Malformed, error.to_string());
+            finish(
+                settled
+                    .dead_letter(letter, envelope.reply_to.as_deref())
+                    .await,
+            );
+            return;
+        }
+    }
     if let Some(refused) = &envelope.refused_reply_to {
         warn!(job = %id, error = %refused, "not answering to a reply subject outside the inbox prefix");
     }
@@ -95,7 +113,13 @@ pub(super) async fn process<H: Handler, O: Observer>(
     let job = ReceivedJob {
         id: id.clone(),
         payload: message.payload.clone(),
-        headers: message.headers.clone().unwrap_or_default(),
+        flow: super::JobFlow::new(
+            shared.jetstream.clone(),
+            JobRef::new(home.0, home.1, &id),
+            settled.flow.clone(),
+            &headers,
+        ),
+        headers,
         attempt,
         max_attempts,
         priority,
@@ -106,6 +130,7 @@ pub(super) async fn process<H: Handler, O: Observer>(
             .unwrap_or_default(),
     };
 
+    let job_flow = job.flow.clone();
     // A panicking handler fails its attempt (retried or dead-lettered like any failure); it must
     // not take down the worker and the other jobs running beside it.
     let handler = std::panic::AssertUnwindSafe(async { shared.handler.handle(job).await })
@@ -147,19 +172,51 @@ pub(super) async fn process<H: Handler, O: Observer>(
         protocol::random_unit(),
     );
     let disposition = match plan {
-        Plan::Ack(result) => match acker.ack().await {
-            Ok(()) => {
-                shared.acked.fetch_add(1, Ordering::Relaxed);
-                settled
-                    .tell(reply, &protocol::Outcome::Completed, result)
-                    .await;
-                Disposition::Acked
-            }
-            Err(error) => {
-                warn!(job = %id, %error, "ack failed; the job will be redelivered");
+        Plan::Ack(result) => {
+            // Recorded before the ack: a child's record, or the outcome its dependents wait
+            // for, is never lost to a crash between the two (a rerun finds it recorded).
+            if let Err(error) = settled.record(&protocol::Outcome::Completed, &result).await {
+                warn!(job = %id, %error, "recording the outcome failed; retrying the job");
+                let delay = shared.options.backoff.delay(attempt);
+                finish(retry(shared, &acker, &id, delay).await);
                 return;
             }
-        },
+            match acker.ack().await {
+                Ok(()) => {
+                    shared.acked.fetch_add(1, Ordering::Relaxed);
+                    settled
+                        .reply(reply, &protocol::Outcome::Completed, result)
+                        .await;
+                    Disposition::Acked
+                }
+                Err(error) => {
+                    warn!(job = %id, %error, "ack failed; the job will be redelivered");
+                    return;
+                }
+            }
+        }
+        Plan::Continue(continuation) => {
+            match settled
+                .store_continuation(*continuation, reply, &job_flow)
+                .await
+            {
+                Ok(()) => match acker.ack().await {
+                    Ok(()) => {
+                        shared.acked.fetch_add(1, Ordering::Relaxed);
+                        Disposition::Continued
+                    }
+                    Err(error) => {
+                        warn!(job = %id, %error, "ack failed; the job will be redelivered");
+                        return;
+                    }
+                },
+                Err(error) => {
+                    warn!(job = %id, %error, "storing the continuation failed; retrying the job");
+                    let delay = shared.options.backoff.delay(attempt);
+                    retry(shared, &acker, &id, delay).await
+                }
+            }
+        }
         Plan::Retry(delay) => {
             debug!(job = %id, attempt, ?delay, "attempt failed; retrying later");
             retry(shared, &acker, &id, delay).await
@@ -243,9 +300,77 @@ struct Settled<'a, H, O> {
     id: &'a str,
     sequence: u64,
     attempt: u32,
+    /// The job's flow headers (default until decoded).
+    flow: FlowHeaders,
 }
 
 impl<H, O> Settled<'_, H, O> {
+    /// Records the job's final outcome: its results subject (with `store_results`, or when it
+    /// continues a job), the job it continues, and its parent's child record.
+    async fn record(
+        &self,
+        outcome: &protocol::Outcome,
+        result: &Bytes,
+    ) -> Result<(), flow::FlowError> {
+        let own = self.shared.options.store_results || self.flow.continues.is_some();
+        if !own && self.flow.parent.is_none() {
+            return Ok(());
+        }
+        let recorded = flow::record_outcome(
+            &self.shared.jetstream,
+            &self.shared.queue,
+            self.id,
+            &self.flow,
+            outcome,
+            result,
+            own,
+        )
+        .await?;
+        if recorded == Recorded::Duplicate {
+            info!(job = %self.id, "a second completion of this child; its parent counts it once");
+        }
+        Ok(())
+    }
+
+    /// Stores the continuation `job` of this job in the queue's waiting stream, to run once
+    /// the children this attempt spawned have finished: it continues the job this one
+    /// continues (or this one), as a child of this job's parent, answering this job's waiter.
+    async fn store_continuation(
+        &self,
+        job: crate::client::Job,
+        reply: Option<&str>,
+        job_flow: &super::JobFlow,
+    ) -> Result<(), crate::client::SubmitError> {
+        let shared = self.shared;
+        protocol::validate_id(&job.id)?;
+        let queue = &shared.queue;
+        let me = JobRef::new(&queue.namespace, &queue.name, self.id);
+        let mut headers = job.wire_headers();
+        headers.insert(protocol::JOB_ID, job.id.as_str());
+        headers.insert(
+            flow_headers::CHILDREN,
+            flow_headers::encode_children(&me, job_flow.spawned()).as_str(),
+        );
+        let continues = self.flow.continues.clone().unwrap_or(me);
+        headers.insert(flow_headers::CONTINUES, continues.to_string().as_str());
+        if let Some(parent) = &self.flow.parent {
+            headers.insert(flow_headers::PARENT, parent.to_string().as_str());
+        }
+        if let Some(reply) = reply {
+            headers.insert(protocol::REPLY_TO, reply);
+        }
+        let subject = queue.continuation_subject(self.id);
+        let stored = match shared
+            .jetstream
+            .publish_with_headers(subject, headers, job.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        stored.map_err(|source| crate::client::SubmitError::Publish { id: job.id, source })
+    }
+
     /// The dead-letter record of this delivery.
     fn letter(&self, reason: Reason, error: String) -> DeadLetter {
         DeadLetter {
@@ -305,29 +430,25 @@ impl<H, O> Settled<'_, H, O> {
         Disposition::Cancelled
     }
 
-    /// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
-    /// receives it) and, with `store_results`, keeps it in the queue's results stream (JetStream
-    /// publish, acknowledged; one per job id).
+    /// Records a job's final outcome ([`Settled::record`]) and sends it to the awaiting
+    /// producer.
     async fn tell(&self, reply: Option<&str>, outcome: &protocol::Outcome, payload: Bytes) {
+        if let Err(error) = self.record(outcome, &payload).await {
+            warn!(job = %self.id, %error, "recording a job outcome");
+        }
+        self.reply(reply, outcome, payload).await;
+    }
+
+    /// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
+    /// receives it), in the name of the job it continues if it is a continuation.
+    async fn reply(&self, reply: Option<&str>, outcome: &protocol::Outcome, payload: Bytes) {
         let shared = self.shared;
-        if !shared.options.store_results && reply.is_none() {
-            return;
-        }
-        let headers: HeaderMap = outcome.encode(self.id);
-        if shared.options.store_results {
-            let subject = shared.queue.result_subject(self.id);
-            let stored = match shared
-                .jetstream
-                .publish_with_headers(subject, headers.clone(), payload.clone())
-                .await
-            {
-                Ok(ack) => ack.await.map(|_| ()),
-                Err(error) => Err(error),
-            };
-            if let Err(error) = stored {
-                warn!(job = %self.id, %error, "storing a job result");
-            }
-        }
+        let answered = self
+            .flow
+            .continues
+            .as_ref()
+            .map_or(self.id, |c| c.id.as_str());
+        let headers: HeaderMap = outcome.encode(answered);
         if let Some(reply) = reply {
             let nats = shared.jetstream.client();
             if let Err(error) = nats

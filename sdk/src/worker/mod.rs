@@ -36,8 +36,11 @@ use crate::protocol::{self, Backoff};
 
 mod cancels;
 mod fetch;
+mod flow;
 mod job;
 mod settle;
+
+pub use flow::JobFlow;
 
 /// How a handler finished one attempt of a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +56,11 @@ pub enum Outcome {
     Failed(String),
     /// The job can never succeed: dead-lettered at once.
     Permanent(String),
+    /// The job goes on as job `K` once every child it spawned ([`JobFlow::spawn`]) has
+    /// finished: `K` is stored in the queue's waiting stream and this job is acked at once (its
+    /// slot freed). `K` reads its children's results ([`JobFlow::children_page`]); its
+    /// outcome is this job's outcome for whoever awaits or depends on it.
+    Continue(Box<crate::client::Job>),
 }
 
 /// A job delivered to a handler.
@@ -78,6 +86,8 @@ pub struct ReceivedJob {
     pub cancel: CancellationToken,
     /// Reports progress to a producer awaiting the job ([`Progress::report`]).
     pub progress: Progress,
+    /// Dependencies, children and continuations of the job ([`JobFlow`]).
+    pub flow: JobFlow,
 }
 
 /// Where a running job reports progress: the awaiting producer's inbox, if there is one.
@@ -157,6 +167,8 @@ pub enum Disposition {
     GivenBack,
     /// Cancelled (before it ran, or while running); acked without a retry.
     Cancelled,
+    /// Handed on to a continuation waiting for the job's children; acked.
+    Continued,
 }
 
 /// Report of one finished attempt, for metrics and logs.
@@ -214,8 +226,10 @@ pub struct WorkerOptions {
     /// How long a handler may take to wind down after its job was cancelled before it is
     /// stopped (its future dropped, its process killed).
     pub cancel_grace: Duration,
-    /// Store each finished job's outcome in the queue's results stream (for queues with
-    /// `results.retention`), so producers can fetch it later (`Client::result`).
+    /// Store each finished job's outcome in the queue's results stream, so producers can fetch
+    /// it later (`Client::result`) and jobs can depend on it (on by default: a job of a queue
+    /// whose workers turn it off can only be depended on by its children's parent). Children
+    /// and continuations are recorded whatever this says.
     pub store_results: bool,
     /// Take a token from the queue's rate-limit tokens stream for every job started (queues
     /// with a `rateLimit`; see [`crate::rate`]).
@@ -234,7 +248,7 @@ impl Default for WorkerOptions {
             pod_name: std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".into()),
             max_jobs: None,
             cancel_grace: Duration::from_secs(5),
-            store_results: false,
+            store_results: true,
             rate_limited: false,
         }
     }

@@ -13,6 +13,8 @@ use crate::protocol::{Backoff, Reason};
 pub(super) enum Plan {
     /// Ack; the bytes are the job's result.
     Ack(Bytes),
+    /// Store the continuation, then ack.
+    Continue(Box<crate::client::Job>),
     /// Nak for another attempt after the delay.
     Retry(Duration),
     /// Copy to the dead-letter stream, then terminate.
@@ -36,6 +38,7 @@ pub(super) fn decide(
     let last = attempt >= max_attempts;
     match outcome {
         Outcome::Done(result) => Plan::Ack(result),
+        Outcome::Continue(job) => Plan::Continue(job),
         Outcome::Permanent(error) => Plan::DeadLetter {
             reason: Reason::Permanent,
             error,

@@ -1,0 +1,1195 @@
+//! Jobs that wait for jobs: the release logic of dependencies and continuations, all state in
+//! JetStream (see `docs/protocol.md`, "Dependencies and children").
+//!
+//! - A job with dependencies waits in its queue's waiting stream (`<prefix>.waiting.<hex id>`);
+//!   the producer first writes one edge per dependency (`<dep prefix>.edge.<hex dep id>`, payload
+//!   the dependent's reference) into the dependency queue's flow stream, then the job.
+//! - A job's outcome is recorded in its queue's results stream; a child's outcome is also
+//!   recorded, create-only, in its parent queue's flow stream (`child.<hex parent>.<hex child>`).
+//! - A parent that continues stores its continuation in the waiting stream
+//!   (`<prefix>.cont.<hex parent id>`) with the number of children it spawned.
+//!
+//! The [`Releaser`] moves waiting jobs to the work stream exactly once, or dead-letters them
+//! (`dependency_failed`, `dependency_timeout`). It is triggered by arrivals (a durable consumer
+//! on the waiting stream), completions (a durable consumer on the results stream, which reads
+//! the completed job's edges), child records (an ordered consumer on the flow stream, applied
+//! in stream order to one count per parent written with compare-and-set) and a periodic scan
+//! for timeouts. The operator's dispatcher runs it for every queue it serves.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, ErrorCode, consumer};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::admin::{DEFAULT_WAIT_TIMEOUT, FLOW_RETENTION_MARGIN};
+use crate::names::{QueueRef, RELEASER_CONSUMER};
+use crate::protocol::flow::{self as headers, FlowHeaders};
+use crate::protocol::{self, DeadLetter, Outcome, Reason, record};
+use crate::stored::{self, StoredError, StoredJob};
+
+pub use crate::protocol::flow::{Dependency, IfFailed, JobRef};
+
+/// A failed step of the flow logic; it is tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// Reading or deleting a stored message failed.
+    #[error(transparent)]
+    Stored(#[from] StoredError),
+    /// Publishing failed.
+    #[error("publishing {what}")]
+    Publish {
+        /// What was published.
+        what: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+    /// A stream could not be looked up.
+    #[error("looking up stream {stream}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// Cause.
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
+    /// A consumer could not be made or read.
+    #[error("consumer on stream {stream}: {reason}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Another releaser updated a child count at the same time; the batch is applied again.
+    #[error("child count of job {0} changed meanwhile")]
+    Conflict(String),
+}
+
+/// What a dependency's stored outcome says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DependencyState {
+    /// No outcome recorded (yet).
+    Missing,
+    /// Completed.
+    Completed,
+    /// Dead-lettered: reason and error.
+    Failed(String),
+    /// Cancelled or skipped.
+    Cancelled,
+}
+
+/// What to do with a waiting job, given its dependencies' states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Some dependency has no outcome yet.
+    Wait,
+    /// Release it; these `if-failed=run` dependencies failed, these optional ones were skipped.
+    Release {
+        /// Failed dependencies the job runs in spite of.
+        failed: Vec<JobRef>,
+        /// Skipped optional dependencies.
+        skipped: Vec<JobRef>,
+    },
+    /// Dead-letter it (`dependency_failed`).
+    Fail {
+        /// The dependency that failed.
+        dependency: JobRef,
+        /// Its error.
+        error: String,
+    },
+}
+
+/// The rule: a failed (or cancelled, when not optional) dependency with `if-failed=fail`
+/// fails the dependent at once; otherwise the dependent waits until every dependency has an
+/// outcome and is then released.
+pub fn decide(dependencies: &[Dependency], states: &[DependencyState]) -> Verdict {
+    let mut waiting = false;
+    let (mut failed, mut skipped) = (Vec::new(), Vec::new());
+    for (dependency, state) in dependencies.iter().zip(states) {
+        let failure = match state {
+            DependencyState::Missing => {
+                waiting = true;
+                continue;
+            }
+            DependencyState::Completed => continue,
+            DependencyState::Cancelled if dependency.optional => {
+                skipped.push(dependency.job.clone());
+                continue;
+            }
+            DependencyState::Cancelled => "it was cancelled".to_owned(),
+            DependencyState::Failed(error) => error.clone(),
+        };
+        match dependency.if_failed {
+            IfFailed::Fail => {
+                return Verdict::Fail {
+                    dependency: dependency.job.clone(),
+                    error: failure,
+                };
+            }
+            IfFailed::Run => failed.push(dependency.job.clone()),
+        }
+    }
+    if waiting || states.len() < dependencies.len() {
+        Verdict::Wait
+    } else {
+        Verdict::Release { failed, skipped }
+    }
+}
+
+/// The stored outcome of `job`: its state and, when completed, its result bytes.
+pub async fn state_of(
+    client: &async_nats::Client,
+    job: &JobRef,
+) -> Result<(DependencyState, Bytes), FlowError> {
+    let queue = job.queue_ref();
+    let stored = stored::last_if_stream(
+        client,
+        &queue.results_stream(),
+        &queue.result_subject(&job.id),
+    )
+    .await?;
+    let Some(stored) = stored else {
+        return Ok((DependencyState::Missing, Bytes::new()));
+    };
+    let headers = stored.block().header_map();
+    Ok(match Outcome::decode(Some(&headers)) {
+        Ok((_, Outcome::Completed)) => (DependencyState::Completed, stored.payload),
+        Ok((_, Outcome::Cancelled)) => (DependencyState::Cancelled, Bytes::new()),
+        Ok((_, Outcome::DeadLettered { reason, error, .. })) => (
+            DependencyState::Failed(format!("{reason}: {error}")),
+            Bytes::new(),
+        ),
+        Ok((_, Outcome::Progress)) => (DependencyState::Missing, Bytes::new()),
+        Err(error) => (
+            DependencyState::Failed(format!("its stored outcome is malformed: {error}")),
+            Bytes::new(),
+        ),
+    })
+}
+
+/// One dependency's outcome as a released job's handler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DependencyResult {
+    /// The dependency.
+    pub job: JobRef,
+    /// Its state (never `Missing` for a released job, unless its record expired).
+    pub state: DependencyState,
+    /// Its result when completed, up to [`headers::MAX_INLINE_RESULT`] bytes.
+    pub result: Bytes,
+    /// Where the whole result is kept when it is larger: its results stream and subject.
+    pub result_ref: Option<(String, String)>,
+}
+
+/// The outcomes of `dependencies`, read from their results streams.
+pub async fn dependency_results(
+    client: &async_nats::Client,
+    dependencies: &[Dependency],
+) -> Result<Vec<DependencyResult>, FlowError> {
+    let mut results = Vec::with_capacity(dependencies.len());
+    for dependency in dependencies {
+        let (state, result) = state_of(client, &dependency.job).await?;
+        let queue = dependency.job.queue_ref();
+        let (result, result_ref) = if result.len() > headers::MAX_INLINE_RESULT {
+            (
+                Bytes::new(),
+                Some((
+                    queue.results_stream(),
+                    queue.result_subject(&dependency.job.id),
+                )),
+            )
+        } else {
+            (result, None)
+        };
+        results.push(DependencyResult {
+            job: dependency.job.clone(),
+            state,
+            result,
+            result_ref,
+        });
+    }
+    Ok(results)
+}
+
+/// One finished child of a parent, from its record in the parent queue's flow stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildResult {
+    /// The child.
+    pub job: JobRef,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Its result, when completed and at most [`headers::MAX_INLINE_RESULT`] bytes.
+    pub result: Bytes,
+    /// Its results subject when the result was larger (read it with [`stored::last`]).
+    pub result_ref: Option<String>,
+    /// Sequence of the record in the flow stream (page on after it).
+    pub sequence: u64,
+}
+
+/// Up to `limit` records of the finished children of `parent`, after flow-stream sequence
+/// `after` (0 for the first page), in the order they finished. An empty page is the end.
+pub async fn children_page(
+    client: &async_nats::Client,
+    parent: &JobRef,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<ChildResult>, FlowError> {
+    let queue = parent.queue_ref();
+    let stream = queue.flow_stream();
+    let subject = queue.children_wildcard(&parent.id);
+    let mut page = Vec::new();
+    let mut from = after.saturating_add(1);
+    while page.len() < limit {
+        let Some(record) = stored::next(client, &stream, &subject, from).await? else {
+            break;
+        };
+        from = record.sequence.saturating_add(1);
+        let headers = record.block().header_map();
+        let home = (parent.namespace.as_str(), parent.queue.as_str());
+        let Some(job) = headers
+            .get(headers::CHILD)
+            .and_then(|v| JobRef::parse(v.as_str(), home).ok())
+        else {
+            warn!(stream = %stream, sequence = record.sequence, "skipping a child record without a valid Conveyor-Child");
+            continue;
+        };
+        let outcome = Outcome::decode(Some(&headers))
+            .map(|(_, outcome)| outcome)
+            .unwrap_or_else(|error| Outcome::DeadLettered {
+                reason: "malformed".into(),
+                error: error.to_string(),
+                attempts: 0,
+            });
+        page.push(ChildResult {
+            job,
+            outcome,
+            result: record.payload,
+            result_ref: headers
+                .get(headers::RESULT_REF)
+                .map(|v| v.as_str().to_owned()),
+            sequence: record.sequence,
+        });
+    }
+    Ok(page)
+}
+
+/// A parent's child count, the one message kept on `<prefix>.count.<hex parent id>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildCount {
+    /// Distinct children finished.
+    pub count: u64,
+    /// Flow-stream sequence of the last child record counted (records at or below it are
+    /// already in `count`).
+    pub applied: u64,
+    /// The continuation was released.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// The child count of job `parent_id` of `queue` and the sequence of its message (0: none).
+pub async fn child_count(
+    client: &async_nats::Client,
+    queue: &QueueRef,
+    parent_id: &str,
+) -> Result<(ChildCount, u64), FlowError> {
+    let stored = stored::last(
+        client,
+        &queue.flow_stream(),
+        &queue.count_subject(parent_id),
+    )
+    .await?;
+    Ok(match stored {
+        None => (ChildCount::default(), 0),
+        Some(message) => (
+            serde_json::from_slice(&message.payload).unwrap_or_default(),
+            message.sequence,
+        ),
+    })
+}
+
+/// Writes a count (or cursor) message: rolled up (only the last is kept) and compare-and-set
+/// on the sequence of the one it replaces.
+async fn write_rolled_up(
+    jetstream: &jetstream::Context,
+    subject: String,
+    expected: u64,
+    payload: Vec<u8>,
+) -> Result<(), FlowError> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        expected.to_string().as_str(),
+    );
+    let published = match jetstream
+        .publish_with_headers(subject.clone(), headers, payload.into())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match published {
+        Ok(()) => Ok(()),
+        Err(error) if is_wrong_last_sequence(&error) => Err(FlowError::Conflict(subject)),
+        Err(source) => Err(FlowError::Publish {
+            what: subject,
+            source,
+        }),
+    }
+}
+
+fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|e| e.downcast_ref::<jetstream::Error>())
+        .is_some_and(|js| js.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
+}
+
+async fn publish(
+    jetstream: &jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Result<(), FlowError> {
+    let published = match jetstream
+        .publish_with_headers(subject.clone(), headers, payload)
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    published.map_err(|source| FlowError::Publish {
+        what: subject,
+        source,
+    })
+}
+
+/// How recording a child's outcome went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Recorded now.
+    New,
+    /// Already recorded by an earlier completion (a redelivered child): not counted again.
+    Duplicate,
+    /// The job is nobody's child.
+    NotAChild,
+}
+
+/// Records the final outcome of job `id` of `queue` wherever it is needed: its own results
+/// subject (when `own` is true: what dependents read), the results subject of the job it
+/// continues (`Conveyor-Continues`), and, when that job (or it) is a child, a create-only
+/// record in the parent queue's flow stream. Every step can be repeated.
+pub async fn record_outcome(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    id: &str,
+    flow: &FlowHeaders,
+    outcome: &Outcome,
+    result: &Bytes,
+    own: bool,
+) -> Result<Recorded, FlowError> {
+    if own {
+        publish(
+            jetstream,
+            queue.result_subject(id),
+            outcome.encode(id),
+            result.clone(),
+        )
+        .await?;
+    }
+    let me = JobRef::new(&queue.namespace, &queue.name, id);
+    let finished = match &flow.continues {
+        Some(continued) => {
+            let continued_queue = continued.queue_ref();
+            publish(
+                jetstream,
+                continued_queue.result_subject(&continued.id),
+                outcome.encode(&continued.id),
+                result.clone(),
+            )
+            .await?;
+            continued.clone()
+        }
+        None => me,
+    };
+    let Some(parent) = &flow.parent else {
+        return Ok(Recorded::NotAChild);
+    };
+    let parent_queue = parent.queue_ref();
+    let mut record = outcome.encode(&finished.id);
+    record.insert(headers::CHILD, finished.to_string().as_str());
+    record.insert(headers::PARENT, parent.to_string().as_str());
+    record.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    let payload = if result.len() > headers::MAX_INLINE_RESULT {
+        record.insert(
+            headers::RESULT_REF,
+            finished.queue_ref().result_subject(&finished.id).as_str(),
+        );
+        Bytes::new()
+    } else {
+        result.clone()
+    };
+    let subject = parent_queue.child_subject(&parent.id, &finished.to_string());
+    let published = match jetstream
+        .publish_with_headers(subject.clone(), record, payload)
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()),
+        Err(error) => Err(error),
+    };
+    match published {
+        Ok(()) => Ok(Recorded::New),
+        Err(error) if is_wrong_last_sequence(&error) => {
+            debug!(child = %finished, parent = %parent, "child already recorded; not counted again");
+            Ok(Recorded::Duplicate)
+        }
+        Err(source) => Err(FlowError::Publish {
+            what: subject,
+            source,
+        }),
+    }
+}
+
+/// Writes the edges of dependent `dependent` into each dependency's flow stream (before the
+/// dependent itself is stored: see the release argument in `docs/protocol.md`).
+pub async fn write_edges(
+    jetstream: &jetstream::Context,
+    dependent: &JobRef,
+    dependencies: &[Dependency],
+) -> Result<(), (JobRef, jetstream::context::PublishError)> {
+    for dependency in dependencies {
+        let queue = dependency.job.queue_ref();
+        let published = match jetstream
+            .publish(
+                queue.edge_subject(&dependency.job.id),
+                dependent.to_string().into(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        published.map_err(|error| (dependency.job.clone(), error))?;
+    }
+    Ok(())
+}
+
+/// How often the releaser scans the waiting stream for jobs past their wait timeout.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(10);
+/// Most waiting jobs one scan reads (the next scan goes on from there).
+pub const SCAN_BUDGET: usize = 10_000;
+/// A trigger taken but not acked (releaser killed mid-way) comes back after this long.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// Child records applied per step.
+const CHILD_BATCH: usize = 512;
+/// Subject of the child-records cursor of a queue: `<prefix>.count.cursor` (not hex: no job's
+/// count subject can take it).
+fn cursor_subject(queue: &QueueRef) -> String {
+    format!("{}.count.cursor", queue.subject_prefix())
+}
+
+/// Releases waiting jobs of queues (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Releaser {
+    jetstream: jetstream::Context,
+    scan_interval: Duration,
+}
+
+impl Releaser {
+    /// A releaser on the server `jetstream` is connected to.
+    pub fn new(jetstream: jetstream::Context) -> Self {
+        Self {
+            jetstream,
+            scan_interval: SCAN_INTERVAL,
+        }
+    }
+
+    /// How often to scan for timed-out waiting jobs (default [`SCAN_INTERVAL`]).
+    pub fn scan_interval(mut self, interval: Duration) -> Self {
+        self.scan_interval = interval;
+        self
+    }
+
+    /// Serves one queue until `stop`: returns `Ok` when stopped, an error when a stream or
+    /// consumer failed (call again after a pause; every step resumes where it stood).
+    pub async fn serve(&self, queue: &QueueRef, stop: &CancellationToken) -> Result<(), FlowError> {
+        let wait_timeout = self.wait_timeout(queue).await?;
+        // Completions first, from now on; then arrivals, all of them: every arrival is checked
+        // after the completion trigger exists, so no completion falls between the two.
+        let results = self
+            .durable(
+                &queue.results_stream(),
+                consumer::DeliverPolicy::New,
+                "Conveyor releaser: completions",
+            )
+            .await?;
+        let waiting = self
+            .durable(
+                &queue.waiting_stream(),
+                consumer::DeliverPolicy::All,
+                "Conveyor releaser: arrivals",
+            )
+            .await?;
+        tokio::select! {
+            result = self.on_completions(results, queue) => result,
+            result = self.on_arrivals(waiting, queue) => result,
+            result = self.on_children(queue) => result,
+            result = self.scan_timeouts(queue, wait_timeout) => result,
+            () = stop.cancelled() => Ok(()),
+        }
+    }
+
+    /// The queue's wait timeout, from its flow stream's `max_age`.
+    async fn wait_timeout(&self, queue: &QueueRef) -> Result<Duration, FlowError> {
+        let name = queue.flow_stream();
+        let mut stream =
+            self.jetstream
+                .get_stream(&name)
+                .await
+                .map_err(|source| FlowError::Stream {
+                    stream: name.clone(),
+                    source,
+                })?;
+        let info = stream.info().await.map_err(|e| FlowError::Consumer {
+            stream: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let max_age = info.config.max_age;
+        Ok(if max_age > FLOW_RETENTION_MARGIN {
+            max_age - FLOW_RETENTION_MARGIN
+        } else {
+            DEFAULT_WAIT_TIMEOUT
+        })
+    }
+
+    async fn durable(
+        &self,
+        stream_name: &str,
+        deliver_policy: consumer::DeliverPolicy,
+        description: &str,
+    ) -> Result<consumer::PullConsumer, FlowError> {
+        let stream = self
+            .jetstream
+            .get_stream(stream_name)
+            .await
+            .map_err(|source| FlowError::Stream {
+                stream: stream_name.to_owned(),
+                source,
+            })?;
+        stream
+            .get_or_create_consumer(
+                RELEASER_CONSUMER,
+                consumer::pull::Config {
+                    durable_name: Some(RELEASER_CONSUMER.to_owned()),
+                    description: Some(description.to_owned()),
+                    deliver_policy,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| FlowError::Consumer {
+                stream: stream_name.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn on_completions(
+        &self,
+        consumer: consumer::PullConsumer,
+        queue: &QueueRef,
+    ) -> Result<(), FlowError> {
+        let stream = queue.results_stream();
+        let failed = |e: String| FlowError::Consumer {
+            stream: stream.clone(),
+            reason: e,
+        };
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| failed(e.to_string()))?;
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::result::JOB_ID))
+                .map(|v| v.as_str().to_owned());
+            let handled = match id {
+                Some(id) => self.completed(queue, &id).await,
+                None => Ok(()),
+            };
+            settle(&message, handled).await;
+        }
+        Err(failed("the consumer's message stream ended".into()))
+    }
+
+    /// Job `id` of `queue` has an outcome: re-checks every job that waits for it.
+    async fn completed(&self, queue: &QueueRef, id: &str) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let stream = queue.flow_stream();
+        let subject = queue.edge_subject(id);
+        let mut from = 1;
+        while let Some(edge) = stored::next(&client, &stream, &subject, from).await? {
+            from = edge.sequence + 1;
+            let text = String::from_utf8_lossy(&edge.payload);
+            match JobRef::parse(&text, (&queue.namespace, &queue.name)) {
+                Ok(dependent) => {
+                    let home = dependent.queue_ref();
+                    self.check_waiting(&home, &home.waiting_subject(&dependent.id))
+                        .await?;
+                }
+                Err(error) => {
+                    warn!(stream = %stream, sequence = edge.sequence, %error, "skipping a malformed edge")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_arrivals(
+        &self,
+        consumer: consumer::PullConsumer,
+        queue: &QueueRef,
+    ) -> Result<(), FlowError> {
+        let stream = queue.waiting_stream();
+        let failed = |e: String| FlowError::Consumer {
+            stream: stream.clone(),
+            reason: e,
+        };
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let continuations = format!("{}.cont.", queue.subject_prefix());
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|e| failed(e.to_string()))?;
+            let subject = message.subject.to_string();
+            let handled = match subject.strip_prefix(&continuations) {
+                Some(hex) => match unhex(hex) {
+                    Some(parent) => self.check_continuation(queue, &parent, None).await,
+                    None => Ok(()),
+                },
+                None => self.check_waiting(queue, &subject).await,
+            };
+            settle(&message, handled).await;
+        }
+        Err(failed("the consumer's message stream ended".into()))
+    }
+
+    /// Checks the job waiting on `subject` of `queue`'s waiting stream against its
+    /// dependencies: releases it, dead-letters it, or leaves it waiting.
+    async fn check_waiting(&self, queue: &QueueRef, subject: &str) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let stream = queue.waiting_stream();
+        let Some(waiting) = stored::last_if_stream(&client, &stream, subject).await? else {
+            return Ok(()); // released, failed or cancelled already
+        };
+        let reading = waiting.read(&stream);
+        let home = (queue.namespace.as_str(), queue.name.as_str());
+        let flow = match FlowHeaders::parse(&reading.headers, home) {
+            Ok(flow) => flow,
+            Err(error) => {
+                return self
+                    .fail(queue, &waiting, Reason::Malformed, error.to_string())
+                    .await;
+            }
+        };
+        let mut states = Vec::with_capacity(flow.after.len());
+        for dependency in &flow.after {
+            states.push(state_of(&client, &dependency.job).await?.0);
+            // A failure that fails the job needs no further reads.
+            if let Verdict::Fail { .. } = decide(&flow.after[..states.len()], &states) {
+                break;
+            }
+        }
+        match decide(&flow.after, &states) {
+            Verdict::Wait => Ok(()),
+            Verdict::Release { failed, skipped } => {
+                let mut extra = Vec::new();
+                if !failed.is_empty() {
+                    extra.push((headers::FAILED_DEPENDENCIES, join(&failed)));
+                }
+                if !skipped.is_empty() {
+                    extra.push((headers::SKIPPED_DEPENDENCIES, join(&skipped)));
+                }
+                self.release(queue, &waiting, &reading.headers, &extra)
+                    .await
+            }
+            Verdict::Fail { dependency, error } => {
+                let error = format!("dependency {dependency} failed: {error}");
+                self.fail(queue, &waiting, Reason::DependencyFailed, error)
+                    .await
+            }
+        }
+    }
+
+    /// Releases the continuation of `parent_id` when its children are all done. `known` is
+    /// the count just written, if the caller has it.
+    async fn check_continuation(
+        &self,
+        queue: &QueueRef,
+        parent_id: &str,
+        known: Option<(ChildCount, u64)>,
+    ) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let stream = queue.waiting_stream();
+        let subject = queue.continuation_subject(parent_id);
+        let Some(waiting) = stored::last(&client, &stream, &subject).await? else {
+            return Ok(());
+        };
+        let reading = waiting.read(&stream);
+        let home = (queue.namespace.as_str(), queue.name.as_str());
+        let flow = match FlowHeaders::parse(&reading.headers, home) {
+            Ok(flow) => flow,
+            Err(error) => {
+                return self
+                    .fail(queue, &waiting, Reason::Malformed, error.to_string())
+                    .await;
+            }
+        };
+        let (count, sequence) = match known {
+            Some(known) => known,
+            None => child_count(&client, queue, parent_id).await?,
+        };
+        if count.released {
+            // A parent that ran again after its continuation was released stored it anew.
+            debug!(queue = %queue.stream(), parent = %parent_id, "continuation already released; dropping the copy");
+            stored::delete(&client, &stream, waiting.sequence).await?;
+            return Ok(());
+        }
+        if count.count < flow.children.as_ref().map_or(0, |c| c.1) {
+            return Ok(());
+        }
+        self.publish_released(queue, &waiting, &reading.headers, &[])
+            .await?;
+        let released = ChildCount {
+            released: true,
+            ..count
+        };
+        let payload = serde_json::to_vec(&released).unwrap_or_default();
+        match write_rolled_up(
+            &self.jetstream,
+            queue.count_subject(parent_id),
+            sequence,
+            payload,
+        )
+        .await
+        {
+            // Another releaser moved the count on: the release itself is deduplicated.
+            Ok(()) | Err(FlowError::Conflict(_)) => {}
+            Err(error) => return Err(error),
+        }
+        stored::delete(&client, &stream, waiting.sequence).await?;
+        Ok(())
+    }
+
+    /// Release: publish to the work stream with the job's id as `Nats-Msg-Id` (a second
+    /// release within the duplicate window is absorbed), then delete the waiting message.
+    async fn release(
+        &self,
+        queue: &QueueRef,
+        waiting: &StoredJob,
+        job_headers: &HeaderMap,
+        extra: &[(&'static str, String)],
+    ) -> Result<(), FlowError> {
+        self.publish_released(queue, waiting, job_headers, extra)
+            .await?;
+        stored::delete(
+            &self.jetstream.client(),
+            &queue.waiting_stream(),
+            waiting.sequence,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn publish_released(
+        &self,
+        queue: &QueueRef,
+        waiting: &StoredJob,
+        job_headers: &HeaderMap,
+        extra: &[(&'static str, String)],
+    ) -> Result<(), FlowError> {
+        let reading = waiting.read(&queue.waiting_stream());
+        let level = job_headers
+            .get(protocol::PRIORITY)
+            .and_then(|v| v.as_str().trim().parse::<u8>().ok())
+            .unwrap_or(0);
+        let mut headers = job_headers.clone();
+        headers.insert(protocol::MSG_ID, reading.id.as_str());
+        for (name, value) in extra {
+            headers.insert(*name, value.as_str());
+        }
+        let subject = queue.job_subject(level);
+        let published = match self
+            .jetstream
+            .publish_with_headers(subject.clone(), headers, waiting.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()),
+            Err(error) => Err(error),
+        };
+        match published {
+            Ok(()) => {
+                debug!(queue = %queue.stream(), job = %reading.id, "released");
+                Ok(())
+            }
+            Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                Err(FlowError::Consumer {
+                    stream: queue.stream(),
+                    reason: format!("no stream takes {subject} (no priority level {level}?)"),
+                })
+            }
+            Err(source) => Err(FlowError::Publish {
+                what: subject,
+                source,
+            }),
+        }
+    }
+
+    /// Dead-letters a waiting job: its copy to the dead-letter stream (`Nats-Msg-Id` the same
+    /// whoever writes it), its outcome recorded (so its own dependents and parent learn it),
+    /// an awaiting producer answered, then the waiting message deleted.
+    async fn fail(
+        &self,
+        queue: &QueueRef,
+        waiting: &StoredJob,
+        reason: Reason,
+        error: String,
+    ) -> Result<(), FlowError> {
+        let stream = queue.waiting_stream();
+        let reading = waiting.read(&stream);
+        let letter = DeadLetter {
+            job_id: reading.id.clone(),
+            reason,
+            error,
+            attempts: 0,
+            pod: "releaser".into(),
+            original_subject: waiting.subject.clone(),
+            original_sequence: waiting.sequence,
+        };
+        let original = match &waiting.raw_headers {
+            Some(raw) if !reading.unreadable.is_empty() => record::Original::Block {
+                raw,
+                decoded: &reading.headers,
+            },
+            _ => record::Original::Headers(Some(&reading.headers)),
+        };
+        let dead = letter.encode(original, &protocol::now_rfc3339());
+        publish(
+            &self.jetstream,
+            queue.dead_letter_subject(),
+            dead,
+            waiting.payload.clone(),
+        )
+        .await?;
+        warn!(queue = %queue.stream(), job = %letter.job_id, reason = %letter.reason,
+              error = %letter.error, "waiting job dead-lettered");
+        let outcome = Outcome::dead_lettered(&letter);
+        let home = (queue.namespace.as_str(), queue.name.as_str());
+        let flow = FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
+        record_outcome(
+            &self.jetstream,
+            queue,
+            &letter.job_id,
+            &flow,
+            &outcome,
+            &Bytes::new(),
+            true,
+        )
+        .await?;
+        if let Some(reply) = &reading.reply_to {
+            let id = flow
+                .continues
+                .as_ref()
+                .map_or(letter.job_id.as_str(), |c| c.id.as_str());
+            if let Err(error) = self
+                .jetstream
+                .client()
+                .publish_with_headers(reply.clone(), outcome.encode(id), Bytes::new())
+                .await
+            {
+                debug!(%error, "answering the producer awaiting a dead-lettered waiting job");
+            }
+        }
+        stored::delete(&self.jetstream.client(), &stream, waiting.sequence).await?;
+        Ok(())
+    }
+
+    /// Applies child records in flow-stream order from the queue's cursor: per parent, the
+    /// records after its count's `applied` sequence are added with compare-and-set, then its
+    /// continuation is checked; the cursor moves on after the batch.
+    async fn on_children(&self, queue: &QueueRef) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let stream_name = queue.flow_stream();
+        let failed = |e: String| FlowError::Consumer {
+            stream: stream_name.clone(),
+            reason: e,
+        };
+        let cursor_subject = cursor_subject(queue);
+        let (mut cursor, mut cursor_sequence) =
+            match stored::last(&client, &stream_name, &cursor_subject).await? {
+                Some(message) => (
+                    String::from_utf8_lossy(&message.payload)
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap_or(0),
+                    message.sequence,
+                ),
+                None => (0, 0),
+            };
+        let stream = self
+            .jetstream
+            .get_stream(&stream_name)
+            .await
+            .map_err(|source| FlowError::Stream {
+                stream: stream_name.clone(),
+                source,
+            })?;
+        let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: cursor + 1,
+        };
+        let ordered = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.child.*.*", queue.subject_prefix()),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let messages = ordered
+            .messages()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut chunks = messages.ready_chunks(CHILD_BATCH);
+        let children = format!("{}.child.", queue.subject_prefix());
+        while let Some(chunk) = chunks.next().await {
+            // Per parent, the sequences of its records in this chunk, in order.
+            let mut parents: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            let mut last = cursor;
+            for message in chunk {
+                let message = message.map_err(|e| failed(e.to_string()))?;
+                let sequence = message
+                    .info()
+                    .map_err(|e| failed(e.to_string()))?
+                    .stream_sequence;
+                last = last.max(sequence);
+                let parent = message
+                    .subject
+                    .strip_prefix(&children)
+                    .and_then(|rest| rest.split('.').next())
+                    .and_then(unhex);
+                if let Some(parent) = parent {
+                    parents.entry(parent).or_default().push(sequence);
+                }
+            }
+            for (parent, sequences) in parents {
+                self.count_children(queue, &parent, &sequences).await?;
+            }
+            write_rolled_up(
+                &self.jetstream,
+                cursor_subject.clone(),
+                cursor_sequence,
+                last.to_string().into_bytes(),
+            )
+            .await?;
+            cursor = last;
+            cursor_sequence = stored::last(&client, &stream_name, &cursor_subject)
+                .await?
+                .map_or(0, |m| m.sequence);
+        }
+        Err(failed("the ordered consumer's stream ended".into()))
+    }
+
+    async fn count_children(
+        &self,
+        queue: &QueueRef,
+        parent: &str,
+        sequences: &[u64],
+    ) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let (count, sequence) = child_count(&client, queue, parent).await?;
+        let new: Vec<u64> = sequences
+            .iter()
+            .copied()
+            .filter(|s| *s > count.applied)
+            .collect();
+        let Some(&applied) = new.iter().max() else {
+            return Ok(()); // applied before (a releaser restarted behind its cursor)
+        };
+        let updated = ChildCount {
+            count: count.count + new.len() as u64,
+            applied,
+            released: count.released,
+        };
+        let payload = serde_json::to_vec(&updated).unwrap_or_default();
+        write_rolled_up(
+            &self.jetstream,
+            queue.count_subject(parent),
+            sequence,
+            payload,
+        )
+        .await?;
+        let written = stored::last(&client, &queue.flow_stream(), &queue.count_subject(parent))
+            .await?
+            .map_or(0, |m| m.sequence);
+        self.check_continuation(queue, parent, Some((updated, written)))
+            .await
+    }
+
+    /// Dead-letters every waiting job older than its wait timeout, scanning from the oldest
+    /// (at most [`SCAN_BUDGET`] per scan), every scan interval.
+    async fn scan_timeouts(
+        &self,
+        queue: &QueueRef,
+        wait_timeout: Duration,
+    ) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let stream = queue.waiting_stream();
+        let all = format!("{}.*.*", queue.subject_prefix());
+        let mut from = 1;
+        loop {
+            let mut read = 0;
+            while read < SCAN_BUDGET {
+                let Some(waiting) = stored::next(&client, &stream, &all, from).await? else {
+                    from = 1;
+                    break;
+                };
+                read += 1;
+                from = waiting.sequence + 1;
+                let reading = waiting.read(&stream);
+                let home = (queue.namespace.as_str(), queue.name.as_str());
+                let own = FlowHeaders::parse(&reading.headers, home)
+                    .ok()
+                    .and_then(|flow| flow.wait_timeout);
+                let timeout = own.map_or(wait_timeout, |own| own.min(wait_timeout));
+                let Ok(stored_at) = waiting.time.parse::<jiff::Timestamp>() else {
+                    continue;
+                };
+                let age = jiff::Timestamp::now().duration_since(stored_at);
+                let expired = age.is_positive() && age.unsigned_abs() > timeout;
+                if expired {
+                    let error = format!(
+                        "waited longer than its wait timeout of {}s for its dependencies or children",
+                        timeout.as_secs()
+                    );
+                    self.fail(queue, &waiting, Reason::DependencyTimeout, error)
+                        .await?;
+                }
+            }
+            tokio::time::sleep(self.scan_interval).await;
+        }
+    }
+}
+
+/// Acks a handled trigger; naks a failed one for another try after a pause.
+async fn settle(message: &jetstream::Message, handled: Result<(), FlowError>) {
+    let kind = match handled {
+        Ok(()) => AckKind::Ack,
+        Err(error) => {
+            warn!(subject = %message.subject, error = %error, "flow step failed; trying again");
+            AckKind::Nak(Some(Duration::from_secs(1)))
+        }
+    };
+    if let Err(error) = message.ack_with(kind).await {
+        debug!(%error, "settling a flow trigger");
+    }
+}
+
+fn join(jobs: &[JobRef]) -> String {
+    jobs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The text a hex subject token stands for, if it is one.
+fn unhex(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dep(id: &str) -> Dependency {
+        Dependency::on(JobRef::new("ns", "q", id))
+    }
+
+    #[test]
+    fn dependents_wait_until_every_dependency_has_an_outcome() {
+        use DependencyState::*;
+        let deps = [dep("a"), dep("b")];
+        assert_eq!(decide(&deps, &[Completed, Missing]), Verdict::Wait);
+        assert_eq!(
+            decide(&deps, &[Completed, Completed]),
+            Verdict::Release {
+                failed: vec![],
+                skipped: vec![]
+            }
+        );
+        assert_eq!(
+            decide(&deps, &[Completed]),
+            Verdict::Wait,
+            "states not all read"
+        );
+    }
+
+    #[test]
+    fn failures_follow_each_dependency_policy() {
+        use DependencyState::*;
+        let deps = [dep("a").run_if_failed(), dep("b")];
+        assert_eq!(
+            decide(&deps, &[Failed("x".into()), Completed]),
+            Verdict::Release {
+                failed: vec![JobRef::new("ns", "q", "a")],
+                skipped: vec![]
+            }
+        );
+        assert_eq!(
+            decide(&deps, &[Missing, Failed("boom".into())]),
+            Verdict::Fail {
+                dependency: JobRef::new("ns", "q", "b"),
+                error: "boom".into()
+            },
+            "a failure fails at once, without waiting for the rest"
+        );
+        let optional = [dep("t").optional(), dep("f")];
+        assert_eq!(
+            decide(&optional, &[Cancelled, Completed]),
+            Verdict::Release {
+                failed: vec![],
+                skipped: vec![JobRef::new("ns", "q", "t")]
+            }
+        );
+        assert!(matches!(
+            decide(&[dep("c")], &[Cancelled]),
+            Verdict::Fail { .. }
+        ));
+    }
+
+    #[test]
+    fn hex_tokens_decode() {
+        assert_eq!(
+            unhex(&crate::names::hex_token("a.b/c")),
+            Some("a.b/c".into())
+        );
+        assert_eq!(unhex("6"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+}

@@ -1,0 +1,537 @@
+//! Jobs that wait for jobs, against a real nats-server: dependencies (either order, failure
+//! policies, optional and skipped), children with continuations (fan-out, recursion, a parent
+//! that holds no slot), timeouts and bad input. The releaser runs as the dispatcher runs it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::flow::{Dependency, DependencyState, JobRef, Releaser};
+use conveyor::names::QueueRef;
+use conveyor::protocol::Outcome as Recorded;
+use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
+use conveyor::{Client, Job, JobResult, SubmitError, Worker};
+use conveyor_testkit::{NatsServer, wait_for};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const NS: &str = "test";
+
+/// Stops everything it started when dropped.
+struct Stop(CancellationToken);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn queues(
+    client: &Client,
+    names: &[&str],
+    settings: &QueueSettings,
+) -> anyhow::Result<Vec<QueueRef>> {
+    let mut made = Vec::new();
+    for name in names {
+        let queue = QueueRef::new(NS, *name);
+        ensure_queue(client.jetstream(), &queue, settings).await?;
+        made.push(queue);
+    }
+    Ok(made)
+}
+
+/// Runs a releaser for each queue until `stop`, restarting it after errors.
+fn releasers(client: &Client, queues: &[QueueRef], stop: &CancellationToken) {
+    for queue in queues {
+        let releaser =
+            Releaser::new(client.jetstream().clone()).scan_interval(Duration::from_millis(200));
+        let (queue, stop) = (queue.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Err(error) = releaser.serve(&queue, &stop).await {
+                    eprintln!("releaser of {}: {error}", queue.stream());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+}
+
+fn options(concurrency: usize) -> WorkerOptions {
+    WorkerOptions {
+        concurrency,
+        poll_wait: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(2),
+        pod_name: "test-pod".into(),
+        ..Default::default()
+    }
+}
+
+fn worker<F, Fut>(
+    client: &Client,
+    queue: &QueueRef,
+    concurrency: usize,
+    stop: &CancellationToken,
+    handler: F,
+) where
+    F: Fn(ReceivedJob) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    let runner = Worker::new(client.jetstream().clone(), queue.clone())
+        .options(options(concurrency))
+        .handler(handler);
+    let stop = stop.clone();
+    tokio::spawn(async move { runner.run(async move { stop.cancelled().await }).await });
+}
+
+fn text(bytes: &Bytes) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A fetch handler: payload `fail` fails for good, anything else is the result.
+async fn fetch(job: ReceivedJob) -> Outcome {
+    if job.payload.as_ref() == b"fail" {
+        Outcome::Permanent("the token was revoked".into())
+    } else {
+        Outcome::Done(job.payload)
+    }
+}
+
+/// The aggregate handler: the completed dependencies' results joined with `+`, then what
+/// failed and was skipped.
+async fn aggregate(job: ReceivedJob) -> Outcome {
+    let dependencies = match job.flow.dependencies().await {
+        Ok(dependencies) => dependencies,
+        Err(error) => return Outcome::Failed(error.to_string()),
+    };
+    let done: Vec<String> = dependencies
+        .iter()
+        .filter(|d| d.state == DependencyState::Completed)
+        .map(|d| text(&d.result))
+        .collect();
+    Outcome::Done(
+        format!(
+            "{} failed=[{}] skipped=[{}]",
+            done.join("+"),
+            job.flow.failed_dependencies().join(","),
+            job.flow.skipped_dependencies().join(",")
+        )
+        .into(),
+    )
+}
+
+fn completed(result: &JobResult) -> String {
+    match result {
+        JobResult::Completed { result, .. } => text(result),
+        other => panic!("expected a completed job, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn aggregate_waits_for_twitter_and_facebook_with_skip_and_both_failure_policies()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(
+        &client,
+        &["twitter", "facebook", "aggregate"],
+        &QueueSettings::default(),
+    )
+    .await?;
+    let (twitter, facebook, agg) = (&made[0], &made[1], &made[2]);
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    worker(&client, twitter, 2, &stop, fetch);
+    worker(&client, facebook, 2, &stop, fetch);
+    worker(&client, agg, 2, &stop, aggregate);
+    let tw = |id: &str| JobRef::new(NS, "twitter", id);
+    let fb = |id: &str| JobRef::new(NS, "facebook", id);
+
+    // Both linked.
+    client.submit(twitter, Job::new("t1", "tweets")).await?;
+    client.submit(facebook, Job::new("f1", "posts")).await?;
+    let job = Job::new("a1", "")
+        .after(Dependency::on(tw("t1")).optional())
+        .after(Dependency::on(fb("f1")));
+    let result = client.submit_and_wait(agg, job, WAIT).await?;
+    assert_eq!(completed(&result), "tweets+posts failed=[] skipped=[]");
+
+    // Twitter not linked: its fetch is skipped, never submitted; the aggregate runs without it.
+    let job = Job::new("a2", "")
+        .after(Dependency::on(tw("t2")).optional())
+        .after(Dependency::on(fb("f2")));
+    let waiting = client.submit(agg, job).await?;
+    assert!(!waiting.duplicate);
+    client.submit(facebook, Job::new("f2", "posts")).await?;
+    client.skip(&tw("t2")).await?;
+    let result = wait_result(&client, agg, "a2").await?;
+    assert_eq!(
+        completed(&result),
+        "posts failed=[] skipped=[test/twitter/t2]"
+    );
+
+    // The Twitter fetch dead-letters. Policy fail: the aggregate is dead-lettered too.
+    client.submit(twitter, Job::new("t3", "fail")).await?;
+    client.submit(facebook, Job::new("f3", "posts")).await?;
+    let job = Job::new("a3", "")
+        .after(Dependency::on(tw("t3")))
+        .after(Dependency::on(fb("f3")));
+    match client.submit_and_wait(agg, job, WAIT).await? {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert_eq!(reason, "dependency_failed");
+            assert!(error.contains("test/twitter/t3"), "{error}");
+            assert!(error.contains("the token was revoked"), "{error}");
+        }
+        other => panic!("expected dependency_failed, got {other:?}"),
+    }
+    // Policy run: the aggregate runs and is told which dependency failed.
+    client.submit(twitter, Job::new("t4", "fail")).await?;
+    client.submit(facebook, Job::new("f4", "posts")).await?;
+    let job = Job::new("a4", "")
+        .after(Dependency::on(tw("t4")).run_if_failed())
+        .after(Dependency::on(fb("f4")));
+    let result = client.submit_and_wait(agg, job, WAIT).await?;
+    assert_eq!(
+        completed(&result),
+        "posts failed=[test/twitter/t4] skipped=[]"
+    );
+    Ok(())
+}
+
+async fn wait_result(client: &Client, queue: &QueueRef, id: &str) -> anyhow::Result<JobResult> {
+    conveyor_testkit::wait_for_some(WAIT, &format!("the outcome of {id}"), || async {
+        client.result(queue, id).await.ok().flatten()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dependent_runs_whether_submitted_before_between_or_after_its_dependencies()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["steps"], &QueueSettings::default()).await?;
+    let q = &made[0];
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let runs = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let seen = runs.clone();
+    worker(&client, q, 4, &stop, move |job: ReceivedJob| {
+        let seen = seen.clone();
+        async move {
+            *seen.lock().unwrap().entry(job.id.clone()).or_default() += 1;
+            Outcome::Done(Bytes::from(job.id))
+        }
+    });
+    let on = |id: &str| Dependency::on(JobRef::new(NS, "steps", id));
+    // Before: the dependent first, then both dependencies.
+    client
+        .submit(q, Job::new("before", "").after(on("b1")).after(on("b2")))
+        .await?;
+    assert_eq!(
+        client.waiting(q).await?,
+        1,
+        "the dependent is waiting, not queued"
+    );
+    client.submit(q, Job::new("b1", "")).await?;
+    client.submit(q, Job::new("b2", "")).await?;
+    // Between: one dependency done, then the dependent, then the other.
+    client.submit(q, Job::new("m1", "")).await?;
+    wait_result(&client, q, "m1").await?;
+    client
+        .submit(q, Job::new("between", "").after(on("m1")).after(on("m2")))
+        .await?;
+    client.submit(q, Job::new("m2", "")).await?;
+    // After: both done before the dependent is submitted.
+    client.submit(q, Job::new("a1", "")).await?;
+    client.submit(q, Job::new("a2", "")).await?;
+    wait_result(&client, q, "a1").await?;
+    wait_result(&client, q, "a2").await?;
+    client
+        .submit(q, Job::new("after", "").after(on("a1")).after(on("a2")))
+        .await?;
+    for id in ["before", "between", "after"] {
+        assert_eq!(completed(&wait_result(&client, q, id).await?), id);
+    }
+    wait_for(WAIT, "the waiting figure back at 0", || async {
+        client.waiting(q).await.ok() == Some(0)
+    })
+    .await?;
+    let runs = runs.lock().unwrap();
+    for id in ["before", "between", "after"] {
+        assert_eq!(runs.get(id), Some(&1), "{id} ran exactly once");
+    }
+    Ok(())
+}
+
+/// A parent that spawns `children` children in `kids` and continues with a job that pages
+/// through their results; the continuation's result is `<children seen>:<sum of results>`.
+async fn parent_with_children(job: ReceivedJob, kids: QueueRef, children: u64) -> Outcome {
+    if job.flow.children_expected().is_some() {
+        // The continuation.
+        let (mut seen, mut sum, mut after) = (0u64, 0u64, 0u64);
+        loop {
+            let page = match job.flow.children_page(after, 500).await {
+                Ok(page) => page,
+                Err(error) => return Outcome::Failed(error.to_string()),
+            };
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            for child in &page {
+                assert_eq!(child.outcome, Recorded::Completed);
+                seen += 1;
+                sum += text(&child.result).parse::<u64>().unwrap_or(0);
+            }
+        }
+        return Outcome::Done(format!("{seen}:{sum}").into());
+    }
+    let jobs = (0..children).map(|i| Job::new(format!("{}.c{i}", job.id), i.to_string()));
+    for result in job.flow.spawn_batch(&kids, jobs).await {
+        if let Err(error) = result {
+            return Outcome::Failed(error.to_string());
+        }
+    }
+    Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
+}
+
+#[tokio::test]
+async fn a_fan_out_of_2000_children_continues_exactly_once_with_every_result() -> anyhow::Result<()>
+{
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["parents", "kids"], &QueueSettings::default()).await?;
+    let (parents, kids) = (made[0].clone(), made[1].clone());
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let continuations = Arc::new(AtomicU64::new(0));
+    let counted = continuations.clone();
+    let kids_queue = kids.clone();
+    worker(&client, &parents, 2, &stop, move |job: ReceivedJob| {
+        let (kids, counted) = (kids_queue.clone(), counted.clone());
+        async move {
+            if job.flow.children_expected().is_some() {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            parent_with_children(job, kids, 2000).await
+        }
+    });
+    worker(&client, &kids, 16, &stop, |job: ReceivedJob| async move {
+        Outcome::Done(job.payload)
+    });
+    let result = client
+        .submit_and_wait(&parents, Job::new("fan", ""), Duration::from_secs(120))
+        .await?;
+    assert_eq!(
+        completed(&result),
+        format!("2000:{}", (0..2000u64).sum::<u64>())
+    );
+    assert_eq!(
+        continuations.load(Ordering::SeqCst),
+        1,
+        "the continuation ran exactly once"
+    );
+    // The parent's stored outcome is its continuation's.
+    assert_eq!(
+        completed(&wait_result(&client, &parents, "fan").await?),
+        completed(&result)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_parent_never_holds_a_slot() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["one"], &QueueSettings::default()).await?;
+    let queue = made[0].clone();
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let own = queue.clone();
+    // One worker, one slot, parent and children in the same queue: the parent's children can
+    // only run once the parent gave its slot up.
+    worker(&client, &queue, 1, &stop, move |job: ReceivedJob| {
+        let own = own.clone();
+        async move {
+            if job.id.contains(".c") {
+                return Outcome::Done(Bytes::from_static(b"1"));
+            }
+            parent_with_children(job, own, 100).await
+        }
+    });
+    let result = client
+        .submit_and_wait(&queue, Job::new("p", ""), Duration::from_secs(60))
+        .await?;
+    assert_eq!(completed(&result), "100:100");
+    Ok(())
+}
+
+/// A node of a tree: at depth below `depth` it spawns `fan` children of its own kind and
+/// continues with the sum of their results plus one; a leaf is 1. The root's result is the
+/// number of nodes, and each continuation checks it saw exactly its own children.
+async fn tree_node(job: ReceivedJob, queue: QueueRef, depth: u32, fan: u32) -> Outcome {
+    if let Some(expected) = job.flow.children_expected() {
+        let mut sum = 1u64;
+        let mut seen = 0;
+        let mut after = 0;
+        loop {
+            let page = match job.flow.children_page(after, 100).await {
+                Ok(page) => page,
+                Err(error) => return Outcome::Failed(error.to_string()),
+            };
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            for child in page {
+                let parent = job.id.trim_end_matches(".k");
+                if !child.job.id.starts_with(&format!("{parent}.")) {
+                    return Outcome::Permanent(format!("{} is not a child of {parent}", child.job));
+                }
+                seen += 1;
+                sum += text(&child.result).parse::<u64>().unwrap_or(0);
+            }
+        }
+        if seen != expected {
+            return Outcome::Permanent(format!("saw {seen} children, expected {expected}"));
+        }
+        return Outcome::Done(sum.to_string().into());
+    }
+    let level = job.id.matches('.').count() as u32;
+    if level >= depth {
+        return Outcome::Done(Bytes::from_static(b"1"));
+    }
+    let children = (0..fan).map(|i| Job::new(format!("{}.{i}", job.id), ""));
+    for result in job.flow.spawn_batch(&queue, children).await {
+        if let Err(error) = result {
+            return Outcome::Failed(error.to_string());
+        }
+    }
+    Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
+}
+
+#[tokio::test]
+async fn a_recursive_tree_aggregates_to_the_root() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["tree"], &QueueSettings::default()).await?;
+    let queue = made[0].clone();
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let own = queue.clone();
+    worker(&client, &queue, 8, &stop, move |job: ReceivedJob| {
+        let own = own.clone();
+        async move { tree_node(job, own, 4, 3).await }
+    });
+    // 1 + 3 + 9 + 27 + 81 nodes.
+    let result = client
+        .submit_and_wait(&queue, Job::new("r", ""), Duration::from_secs(120))
+        .await?;
+    assert_eq!(completed(&result), "121");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_dependencies_are_refused_and_a_cycle_times_out() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let settings = QueueSettings {
+        wait_timeout: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let made = queues(&client, &["bad"], &settings).await?;
+    let q = &made[0];
+    let on = |text: &str| JobRef::parse(text, (NS, "bad")).map(Dependency::on);
+    assert!(on("a;b").is_err(), "',' and ';' separate dependencies");
+    assert!(on("Q/a").is_err(), "no Kubernetes name");
+    assert!(on("ns//a").is_err());
+    let mut many = Job::new("many", "");
+    for i in 0..65 {
+        many = many.after(on(&format!("d{i}"))?);
+    }
+    let err = client.submit(q, many).await.unwrap_err();
+    assert!(
+        matches!(err, SubmitError::BadDependencies { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("at most 64"), "{err}");
+    let err = client
+        .submit(q, Job::new("me", "").after(on("me")?))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot depend on itself"), "{err}");
+    let err = client
+        .submit(q, Job::new("x", "").after(on("nowhere/a")?))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::NoSuchDependencyQueue { .. }),
+        "{err:?}"
+    );
+    assert_eq!(client.waiting(q).await?, 0, "nothing refused was stored");
+
+    // A cycle: A after B, B after A. Neither can run: the older one expires into the DLQ
+    // (dependency_timeout) and the other fails for it (dependency_failed naming it).
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    client.submit(q, Job::new("A", "").after(on("B")?)).await?;
+    client.submit(q, Job::new("B", "").after(on("A")?)).await?;
+    assert_eq!(client.waiting(q).await?, 2);
+    match wait_result(&client, q, "A").await? {
+        JobResult::DeadLettered { reason, .. } => assert_eq!(reason, "dependency_timeout"),
+        other => panic!("expected dependency_timeout, got {other:?}"),
+    }
+    match wait_result(&client, q, "B").await? {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert!(
+                reason == "dependency_failed" && error.contains("test/bad/A")
+                    || reason == "dependency_timeout",
+                "{reason}: {error}"
+            );
+        }
+        other => panic!("expected B dead-lettered, got {other:?}"),
+    }
+    assert_eq!(client.waiting(q).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancelling_a_waiting_job_removes_it_and_answers_its_dependents() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["cq"], &QueueSettings::default()).await?;
+    let q = &made[0];
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let on = |id: &str| Dependency::on(JobRef::new(NS, "cq", id));
+    client
+        .submit(q, Job::new("w", "").after(on("never")))
+        .await?;
+    client
+        .submit(q, Job::new("after-w", "").after(on("w")))
+        .await?;
+    assert_eq!(client.waiting(q).await?, 2);
+    let ack = client.cancel(q, "w").await?;
+    assert!(ack.waiting_removed);
+    assert_eq!(
+        wait_result(&client, q, "w").await?,
+        JobResult::Cancelled { id: "w".into() }
+    );
+    // Its dependent fails for it (a cancelled non-optional dependency is a failure).
+    match wait_result(&client, q, "after-w").await? {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert_eq!(reason, "dependency_failed");
+            assert!(error.contains("cancelled"), "{error}");
+        }
+        other => panic!("expected dependency_failed, got {other:?}"),
+    }
+    assert_eq!(client.waiting(q).await?, 0);
+    Ok(())
+}
