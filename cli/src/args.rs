@@ -35,12 +35,14 @@ pub enum Command {
     /// Print the stored outcome of finished jobs (queues with `results.retention`).
     Result(ResultArgs),
     /// Run NATS, the Kubernetes test double and the operator locally, no cluster needed.
+    #[cfg(feature = "dev")]
     Dev(DevArgs),
     /// Inspect, requeue and purge a queue's dead letters.
     Dlq(crate::dlq::DlqArgs),
     /// List, show, trigger, suspend and resume JobSchedules (recurring jobs).
     Schedule(crate::schedule::ScheduleArgs),
     /// Measure Conveyor against raw JetStream on the same server in the same run.
+    #[cfg(feature = "dev")]
     Bench(BenchArgs),
     /// A refreshing view of a namespace's queues and workers (figures, rates, conditions).
     Top(crate::top::TopArgs),
@@ -61,7 +63,9 @@ impl Command {
             // kube-client traces every failed request at ERROR, which at a clean shutdown are
             // the operator's watches cut off as the test double stops; the operator reports
             // each failure it acts on itself ("reconcile failed, retrying").
+            #[cfg(feature = "dev")]
             Command::Dev(_) => "warn,conveyor_operator=info,kube_client::client::builder=off",
+            #[cfg(feature = "dev")]
             Command::Bench(_) => "warn",
         }
     }
@@ -266,6 +270,7 @@ pub struct StatusArgs {
 }
 
 /// Arguments of `conveyor dev`.
+#[cfg(feature = "dev")]
 #[derive(Debug, Args)]
 pub struct DevArgs {
     /// Run the demo: apply examples/hello/, submit jobs, wait until all are processed, print a
@@ -297,6 +302,7 @@ pub struct DevArgs {
 }
 
 /// Arguments of `conveyor bench`.
+#[cfg(feature = "dev")]
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// NATS server to measure against; without it the bench starts its own `nats-server -js`
@@ -360,20 +366,28 @@ pub mod bounds {
     /// `submit --wait-timeout`: a week.
     pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(7 * 86_400);
     /// `dev --demo-jobs`.
+    #[cfg(feature = "dev")]
     pub const MAX_DEMO_JOBS: u64 = 100_000;
     /// `dev --timeout`: a day.
+    #[cfg(feature = "dev")]
     pub const MAX_DEV_TIMEOUT: Duration = Duration::from_secs(86_400);
     /// `bench --jobs`: the bench keeps one result per job.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_JOBS: u64 = 2_000_000;
     /// `bench --payload`: the default `max_payload` of a NATS server.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_PAYLOAD: u64 = 1 << 20;
     /// `bench --concurrency`.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_CONCURRENCY: u64 = 4096;
     /// `bench --rate`: with `MAX_BENCH_LATENCY_SECONDS`, at most 12 million latency samples.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_RATE: u64 = 100_000;
     /// `bench --latency-seconds`: the bench gives each measurement 300 s to finish.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_LATENCY_SECONDS: u64 = 120;
     /// `bench --rounds`.
+    #[cfg(feature = "dev")]
     pub const MAX_BENCH_ROUNDS: u64 = 100;
     /// The shortest timeout a flag takes.
     pub const SECOND: Duration = Duration::from_secs(1);
@@ -483,6 +497,25 @@ mod tests {
         assert_eq!(err, "out of range; allowed: 1s to 7d");
     }
 
+    /// Out-of-range flags of `dev` and `bench`, with the flag each refusal must name.
+    #[cfg(feature = "dev")]
+    const DEV_REFUSALS: &[(&[&str], &str)] = &[
+        (&["dev", "--demo-jobs", "0"], "--demo-jobs"),
+        (&["dev", "--timeout", "100y"], "--timeout"),
+        (&["bench", "--payload", "99999999999"], "--payload"),
+        (&["bench", "--rate", "0"], "--rate"),
+        (
+            &["bench", "--latency-seconds", "18446744073709551615"],
+            "--latency-seconds",
+        ),
+        (&["bench", "--rounds", "0"], "--rounds"),
+        (&["bench", "--jobs", "0"], "--jobs"),
+        (&["bench", "--concurrency", "0"], "--concurrency"),
+        (&["bench", "--priorities", "11"], "--priorities"),
+    ];
+    #[cfg(not(feature = "dev"))]
+    const DEV_REFUSALS: &[(&[&str], &str)] = &[];
+
     #[test]
     fn refusals_name_the_flag_on_their_first_line() {
         let said = refusal(&["submit", "q", "--delay", "10000y", "x"]);
@@ -502,19 +535,10 @@ mod tests {
                 &["submit", "q", "--wait-timeout", "0s", "x"],
                 "--wait-timeout",
             ),
-            (&["dev", "--demo-jobs", "0"], "--demo-jobs"),
-            (&["dev", "--timeout", "100y"], "--timeout"),
-            (&["bench", "--payload", "99999999999"], "--payload"),
-            (&["bench", "--rate", "0"], "--rate"),
-            (
-                &["bench", "--latency-seconds", "18446744073709551615"],
-                "--latency-seconds",
-            ),
-            (&["bench", "--rounds", "0"], "--rounds"),
-            (&["bench", "--jobs", "0"], "--jobs"),
-            (&["bench", "--concurrency", "0"], "--concurrency"),
-            (&["bench", "--priorities", "11"], "--priorities"),
-        ] {
+        ]
+        .into_iter()
+        .chain(DEV_REFUSALS.iter().copied())
+        {
             let said = refusal(args);
             let first = said.lines().next().unwrap();
             assert!(
@@ -547,7 +571,11 @@ mod tests {
         assert_eq!(args.priority, 9);
         assert_eq!(args.delay, Some(MAX_DELAY));
         assert_eq!((args.timeout, args.max_attempts), (None, None));
-        // Defaults go through the same parsers.
+    }
+
+    #[cfg(feature = "dev")]
+    #[test]
+    fn bench_defaults_go_through_the_same_parsers() {
         let Command::Bench(bench) = parse(&["bench"]).unwrap().command else {
             panic!("bench")
         };

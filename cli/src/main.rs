@@ -1,9 +1,15 @@
 //! `conveyor`: the command-line tool of Conveyor — submit jobs, read queue figures, and run the
 //! whole system locally on the Kubernetes test double (`conveyor dev`). Also usable as
 //! `kubectl conveyor` when installed on `PATH` as `kubectl-conveyor`.
+//!
+//! `dev` and `bench` link the operator, the test double and the worker runtime; they come with
+//! the cargo feature `dev` (on by default). Built with `--no-default-features`, the binary is the
+//! plain client.
 
 mod args;
+#[cfg(feature = "dev")]
 mod bench;
+#[cfg(feature = "dev")]
 mod dev;
 mod discover;
 mod dlq;
@@ -32,9 +38,11 @@ async fn main() -> ExitCode {
         Command::Cancel(args) => submit::cancel(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Result(args) => submit::result(args).await,
+        #[cfg(feature = "dev")]
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
+        #[cfg(feature = "dev")]
         Command::Bench(args) => bench::run(args).await,
         Command::Top(args) => top::run(args).await,
     };

@@ -486,34 +486,36 @@ async fn out_of_range_flag_values_are_refused_in_one_line_before_anything_is_sen
         !out.status.success() && said.contains("'--delay <DELAY>'") && said.contains("365d"),
         "{said}"
     );
-    // Other subcommands' numbers and durations.
-    for (args, flag) in [
-        (&["dev", "--demo", "--demo-jobs", "0"][..], "--demo-jobs"),
-        (&["dev", "--demo", "--timeout", "100y"], "--timeout"),
-        (&["bench", "--nats-url", &url, "--rate", "0"], "--rate"),
-        (
-            &["bench", "--nats-url", &url, "--payload", "99999999999"],
-            "--payload",
-        ),
-        (
-            &[
-                "bench",
-                "--nats-url",
-                &url,
+    // Other subcommands' numbers and durations (`dev` and `bench` come with the feature `dev`).
+    if cfg!(feature = "dev") {
+        for (args, flag) in [
+            (&["dev", "--demo", "--demo-jobs", "0"][..], "--demo-jobs"),
+            (&["dev", "--demo", "--timeout", "100y"], "--timeout"),
+            (&["bench", "--nats-url", &url, "--rate", "0"], "--rate"),
+            (
+                &["bench", "--nats-url", &url, "--payload", "99999999999"],
+                "--payload",
+            ),
+            (
+                &[
+                    "bench",
+                    "--nats-url",
+                    &url,
+                    "--latency-seconds",
+                    "18446744073709551615",
+                ],
                 "--latency-seconds",
-                "18446744073709551615",
-            ],
-            "--latency-seconds",
-        ),
-        (&["bench", "--nats-url", &url, "--rounds", "0"], "--rounds"),
-    ] {
-        let out = conveyor(&url, args, b"").await;
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
-        assert!(
-            said.lines().count() == 1 && said.contains(&format!("'{flag} <")),
-            "{args:?}: {said}"
-        );
+            ),
+            (&["bench", "--nats-url", &url, "--rounds", "0"], "--rounds"),
+        ] {
+            let out = conveyor(&url, args, b"").await;
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {said}");
+            assert!(
+                said.lines().count() == 1 && said.contains(&format!("'{flag} <")),
+                "{args:?}: {said}"
+            );
+        }
     }
     // Nothing reached the queue, neither at once nor as a delayed job.
     assert_eq!(stored(&js, &queue).await, (0, 0));
