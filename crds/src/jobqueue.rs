@@ -71,6 +71,13 @@ use crate::duration::{self, DurationError};
         description = "Jobs scheduled for later, not yet due"
     ),
     printcolumn(
+        name = "Waiting",
+        type_ = "integer",
+        priority = 1,
+        json_path = ".status.waiting",
+        description = "Jobs waiting for their dependencies or children"
+    ),
+    printcolumn(
         name = "Done/s",
         type_ = "string",
         priority = 1,
@@ -157,6 +164,15 @@ pub struct JobQueueSpec {
     #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
     #[x_kube(validation = bounds::DEDUPLICATION_WINDOW.rule("deduplicationWindow"))]
     pub deduplication_window: String,
+
+    /// Longest time a job may wait for its dependencies (or a continuation for its children)
+    /// before it is dead-lettered with reason `dependency_timeout`. A job's
+    /// `Conveyor-Wait-Timeout` header may shorten it. 1s to 30d; default `7d`. Format: `90s`,
+    /// `24h`, `7d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
+    #[x_kube(validation = WAIT_TIMEOUT.rule("waitTimeout"))]
+    pub wait_timeout: Option<String>,
 
     /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
     /// `Client::result`) instead of having to wait for it. Off when absent.
@@ -428,6 +444,11 @@ pub struct JobQueueStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u64>,
 
+    /// Jobs waiting for their dependencies or, as continuations, for their parent's children
+    /// (not pending, not in flight, not counted as backlog for scaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<u64>,
+
     /// Jobs scheduled for later (`run at` / `delay`) and not yet due; a job that fell due
     /// counts as pending instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -549,6 +570,9 @@ fn default_priorities() -> u8 {
 fn default_timeout() -> String {
     "30s".into()
 }
+/// `JobQueue` `waitTimeout`: at most 30 days, the longest a job may wait for others.
+pub const WAIT_TIMEOUT: crate::duration::Bounds = crate::duration::Bounds::new("1s", "30d");
+
 fn default_deduplication_window() -> String {
     "2m".into()
 }
@@ -626,6 +650,14 @@ impl JobQueueSpec {
                     bounds::RESULT_RETENTION,
                 )
             })
+            .transpose()
+    }
+
+    /// `waitTimeout` as a duration, when set.
+    pub fn wait_timeout(&self) -> Result<Option<Duration>, DurationError> {
+        self.wait_timeout
+            .as_deref()
+            .map(|v| duration::parse("spec.waitTimeout", v, WAIT_TIMEOUT))
             .transpose()
     }
 

@@ -73,6 +73,7 @@ pub fn settings(spec: &JobQueueSpec) -> Result<QueueSettings, SpecError> {
         concurrency_limit: spec.concurrency_limit.map(i64::from),
         result_retention: spec.result_retention()?,
         rate_limit: spec.rate_limit.and_then(|r| u32::try_from(r).ok()),
+        wait_timeout: spec.wait_timeout()?,
         ..QueueSettings::default()
     };
     settings.validate()?;
@@ -91,6 +92,8 @@ pub fn desired(queue: &QueueRef, spec: &JobQueueSpec) -> Result<QueueAssets, Spe
             admin::dead_letter_stream_config(queue, &settings),
             admin::events_stream_config(queue, &settings),
             admin::results_stream_config(queue, &settings),
+            admin::waiting_stream_config(queue, &settings),
+            admin::flow_stream_config(queue, &settings),
         ]
         .into_iter()
         .chain(admin::tokens_stream_config(queue, &settings))
@@ -306,6 +309,8 @@ pub async fn delete(js: &jetstream::Context, queue: &QueueRef) -> Result<(), Ass
         queue.events_stream(),
         queue.results_stream(),
         queue.tokens_stream(),
+        queue.waiting_stream(),
+        queue.flow_stream(),
     ] {
         delete_stream(js, name).await?;
     }

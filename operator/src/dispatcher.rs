@@ -13,6 +13,10 @@
 //! step is repeatable, so a dispatcher killed at any point resumes where the durable consumer
 //! stands, and a NATS restart only delays it. The hot path (publish, pull, ack) never waits on
 //! it. [`run`] keeps one dispatcher per NATS server the operator uses.
+//!
+//! The dispatcher also runs, for every queue it serves, the releaser of jobs that wait for
+//! jobs ([`conveyor::flow::Releaser`]): it moves a waiting job to the work stream once its
+//! dependencies (or a continuation's children) are done, exactly once, or dead-letters it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use conveyor::dlq::Advisory;
+use conveyor::flow::Releaser;
 use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
 use conveyor::protocol::Reason;
 use conveyor::stored::{self, StoredError};
@@ -252,7 +257,10 @@ impl Dispatcher {
                 let token = stop.child_token();
                 serving.insert(queue.stream(), token.clone());
                 let this = self.clone();
+                let (releasing, release_token) = (queue.clone(), token.clone());
                 tasks.spawn(async move { this.serve(queue, token).await });
+                let releaser = Releaser::new(self.jetstream.clone());
+                tasks.spawn(async move { release(releaser, releasing, release_token).await });
             }
             tokio::select! {
                 () = tokio::time::sleep(self.interval) => {}
@@ -433,6 +441,27 @@ impl Dispatcher {
                 stream: name.to_owned(),
                 source,
             })
+    }
+}
+
+/// Runs the releaser of jobs that wait for jobs ([`conveyor::flow::Releaser`]) for one queue
+/// until `stop`, starting over after errors (its durable consumers and cursor resume where
+/// they stood, so a restart or a NATS outage only delays releases).
+async fn release(releaser: Releaser, queue: QueueRef, stop: CancellationToken) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match releaser.serve(&queue, &stop).await {
+            Ok(()) => return,
+            Err(error) => {
+                warn!(queue = %queue.stream(), error = %chain(&error), retry_in = ?delay,
+                      "releaser paused");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return,
+                }
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
     }
 }
 
