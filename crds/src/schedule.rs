@@ -10,11 +10,20 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::bounds;
+use crate::duration::{self, Bounds};
 
 /// CEL rule of `spec.schedule`: a preset, `@every <h/m/s duration>`, or five cron fields of
 /// digits, names and `*,/-`. It judges the form only; the operator's cron parser and the NATS
 /// server judge the values (`Ready=False`, `InvalidSchedule`).
 pub const CRON_RULE: &str = "self.matches('^@(yearly|annually|monthly|weekly|daily|midnight|hourly)$') || (self.matches('^@every ([0-9]{1,5}h)?([0-9]{1,6}m)?([0-9]{1,8}s)?$') && self != '@every ') || self.matches('^[0-9A-Za-z*,/-]+( +[0-9A-Za-z*,/-]+){4}$')";
+
+/// CEL rule of `spec.schedule`: an `@every` interval of at most 8760h (365 days,
+/// `conveyor::schedule::MAX_INTERVAL`). It judges only what [`CRON_RULE`] admits as an
+/// interval, whose digits keep it inside Go's duration range, so `duration()` never fails.
+pub const EVERY_RULE: &str = "!self.matches('^@every ([0-9]{1,5}h)?([0-9]{1,6}m)?([0-9]{1,8}s)?$') || self == '@every ' || duration(self.substring(7)).getMilliseconds() <= 31536000000";
+
+/// Range of `spec.startingDeadline`.
+pub const STARTING_DEADLINE: Bounds = Bounds::new("1s", "3650d");
 
 /// A job submitted on a schedule (cron with a time zone, a preset, or a fixed interval).
 // Each `printcolumn(...)` repeats `type_ = ...`, which the lint mistakes for duplicates.
@@ -89,10 +98,11 @@ pub struct JobScheduleSpec {
     /// e.g. `30 4 * * mon-fri`; names, lists, ranges and steps as in crontab(5)), a preset
     /// (`@yearly`/`@annually`, `@monthly`, `@weekly`, `@daily`/`@midnight`, `@hourly`), or a
     /// fixed interval `@every <duration>` with units h, m, s in that order (e.g. `@every 90s`,
-    /// `@every 1h30m`; at least 1s). An `@every` interval counts from when the schedule was
+    /// `@every 1h30m`; 1s to 8760h). An `@every` interval counts from when the schedule was
     /// (re)created. At most 128 characters.
     #[schemars(length(min = 1, max = 128))]
     #[x_kube(validation = Rule::new(CRON_RULE).message("schedule must be five cron fields (minute hour day-of-month month day-of-week), a preset (@yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly) or @every <duration> with units h, m, s (e.g. @every 90s)"))]
+    #[x_kube(validation = Rule::new(EVERY_RULE).message("an @every interval must be at most 8760h (365 days); use a cron expression such as @yearly for rarer runs"))]
     pub schedule: String,
 
     /// IANA time zone the cron expression or preset is read in, e.g. `Europe/Berlin`;
@@ -115,6 +125,18 @@ pub struct JobScheduleSpec {
     /// newest is submitted once it is back.
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
+
+    /// How late a run may still be submitted, 1s to 3650d (`30s`, `5m`, `1h`, `2d`). When
+    /// set, the operator submits each run (as under `Forbid` and `Replace`, the NATS server
+    /// keeps time) so that it can judge lateness: a run not submitted at its slot because no
+    /// operator was running is submitted once when the operator is back, the newest missed
+    /// slot only, if that slot is at most this long ago; otherwise it is skipped. Skipped
+    /// slots count in `status.missedRuns`, raise a `MissedRuns` Event and are named in the
+    /// `Ready` message. Without it the newest missed slot always runs once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(duration::PATTERN), length(min = duration::MIN_LENGTH, max = duration::MAX_LENGTH))]
+    #[x_kube(validation = STARTING_DEADLINE.rule("startingDeadline"))]
+    pub starting_deadline: Option<String>,
 
     /// Pauses the schedule: while `true` the NATS server holds no schedule and submits
     /// nothing. Setting it back to `false` starts afresh from that moment, without catching
@@ -199,10 +221,17 @@ pub struct JobScheduleStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<ScheduleRun>,
 
-    /// Runs skipped under `concurrencyPolicy: Forbid` because the previous one was still
-    /// queued or running.
+    /// Slots that got no run: skipped under `concurrencyPolicy: Forbid` because the previous
+    /// run was still queued or running, and, where the operator submits the runs (`Forbid`,
+    /// `Replace`, or a `startingDeadline`), slots that went by while no operator was running
+    /// (only the newest is run, if within `startingDeadline`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub missed_runs: u64,
+
+    /// The last slot that got no run and why, e.g. `nightly@2026-12-02T01:30:00Z: 95s late,
+    /// past startingDeadline 1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_missed: Option<String>,
 
     /// The job id of the last slot the operator handled (submitted, skipped or replaced the
     /// previous run for) under `Forbid` or `Replace`, so a restarted operator never handles a

@@ -13,7 +13,10 @@ use conveyor_crds::JobSchedule;
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_testkit::{NatsServer, wait_for};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
+use kube::api::ListParams;
 use tokio_util::sync::CancellationToken;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -188,6 +191,44 @@ impl Env {
         .await
         .unwrap();
         self.job_ids(queue).await
+    }
+
+    /// The (reason, note) of the Events on the object named `name`.
+    async fn events_of(&self, name: &str) -> Vec<(String, String)> {
+        let events: Api<Event> = Api::namespaced(self.cluster.client(), NS);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits until the object `name` has an Event with `reason`; its note.
+    async fn wait_event(&self, name: &str, reason: &str) -> String {
+        let what = format!("an Event {reason} on {name}");
+        wait_for(DEADLINE, &what, || async {
+            self.events_of(name).await.iter().any(|(r, _)| r == reason)
+        })
+        .await
+        .unwrap();
+        let events = self.events_of(name).await;
+        let found = events.into_iter().find(|(r, _)| r == reason);
+        found.map(|(_, note)| note).unwrap_or_default()
+    }
+
+    /// The slot of the newest tick the server wrote for the held schedule `name` of `queue`.
+    async fn held_slot(&self, queue: &str, name: &str) -> Option<Timestamp> {
+        let js = async_nats::jetstream::new(self.nats.client().await.ok()?);
+        let queue = QueueRef::new(NS, queue);
+        conveyor::schedule::last_tick(&js, &queue, 0, name, true)
+            .await
+            .ok()
+            .flatten()
+            .map(|tick| tick.run.slot)
     }
 
     async fn shutdown(mut self) {
@@ -405,6 +446,30 @@ async fn bad_schedules_are_refused_or_reported() {
         .await;
     let message = env.wait_ready("minute", "False", "InvalidSchedule").await;
     assert!(message.contains("61 * * * *"), "{message}");
+    let note = env.wait_event("minute", "InvalidSchedule").await;
+    assert!(note.contains("61 * * * *"), "the Event says why: {note}");
+
+    // An interval over a year, and a starting deadline out of range, are refused by CEL.
+    let out = env
+        .apply(&schedule_yaml("rare", "small", "@every 8761h", ""))
+        .await;
+    assert!(!out.ok);
+    assert!(out.stderr.contains("at most 8760h"), "{}", out.stderr);
+    let out = env
+        .apply(&schedule_yaml(
+            "early",
+            "small",
+            "@hourly",
+            "  startingDeadline: 0s\n",
+        ))
+        .await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("startingDeadline must be a duration from 1s"),
+        "{}",
+        out.stderr
+    );
 
     let big = format!(
         "apiVersion: conveyor.dev/v1alpha1\nkind: JobSchedule\nmetadata: {{name: big}}\nspec:\n  schedule: '@hourly'\n  job: {{queue: small, payload: '{}'}}\n",
@@ -672,5 +737,193 @@ async fn the_last_runs_outcome_comes_from_the_queues_stored_results() {
     })
     .await
     .unwrap();
+    env.shutdown().await;
+}
+
+/// Acknowledges every job of `queue` as it comes, like a worker with instant jobs; the job ids
+/// it took, in order.
+fn ack_everything(
+    env: &Env,
+    queue: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<Vec<String>>,
+) {
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let url = env.nats.url();
+    let queue = QueueRef::new(NS, queue);
+    let task = tokio::spawn(async move {
+        use futures::StreamExt;
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream(queue.stream())
+            .await
+            .unwrap()
+            .get_consumer(&queue.consumer(0))
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        while let Some(Ok(job)) = messages.next().await {
+            let id = job
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(conveyor::protocol::MSG_ID))
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            job.double_ack().await.unwrap();
+            tx.send_modify(|ids| ids.push(id));
+        }
+    });
+    (task, rx)
+}
+
+#[tokio::test]
+async fn forbid_after_an_operator_restart_runs_each_slot_at_most_once_and_counts_the_missed_ones() {
+    let mut env = Env::new().await;
+    env.apply_ok(&queue_yaml("held", "")).await;
+    env.apply_ok(&schedule_yaml(
+        "beat",
+        "held",
+        "@every 1s",
+        "  concurrencyPolicy: Forbid\n  startingDeadline: 30s\n",
+    ))
+    .await;
+    env.wait_ready("beat", "True", "Scheduled").await;
+    wait_for(DEADLINE, "the queue's consumer", || async {
+        let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
+        let queue = QueueRef::new(NS, "held");
+        match js.get_stream(queue.stream()).await {
+            Ok(stream) => stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&queue.consumer(0))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+    let (worker, taken) = ack_everything(&env, "held");
+    let runs = |n: usize| {
+        let mut taken = taken.clone();
+        async move {
+            tokio::time::timeout(DEADLINE, taken.wait_for(|ids| ids.len() >= n))
+                .await
+                .unwrap_or_else(|_| panic!("{n} runs taken"))
+                .unwrap()
+                .clone()
+        }
+    };
+    runs(2).await;
+
+    env.stop_operator().await;
+    let stopped = Timestamp::now();
+    let at_stop = schedule_status(&env, "beat").await;
+    // Three slots or more go by with no operator: the server writes them where only the
+    // operator reads them, keeping the newest.
+    wait_for(
+        DEADLINE,
+        "the server to hold a slot 3s after the stop",
+        || async {
+            env.held_slot("held", "beat")
+                .await
+                .is_some_and(|slot| slot.as_second() >= stopped.as_second() + 3)
+        },
+    )
+    .await
+    .unwrap();
+    let before = taken.borrow().len();
+    env.start_operator();
+    let restarted = Timestamp::now();
+    let ids = runs(before + 3).await;
+    worker.abort();
+
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a slot ran twice: {ids:?}");
+    for id in &ids {
+        assert!(id.starts_with("beat@"), "{ids:?}");
+    }
+    // Of the slots that went by while it was down, the operator ran the newest only.
+    let during: Vec<_> = ids
+        .iter()
+        .filter(|id| {
+            let at = slot(id).as_second();
+            at >= stopped.as_second() + 2 && at < restarted.as_second() - 1
+        })
+        .collect();
+    assert!(
+        during.len() <= 1,
+        "missed slots were run: {during:?} of {ids:?}"
+    );
+    let status = schedule_status(&env, "beat").await;
+    assert!(
+        status.missed_runs >= at_stop.missed_runs + 2,
+        "the slots gone by are counted: {} then {}",
+        at_stop.missed_runs,
+        status.missed_runs
+    );
+    let note = env.wait_event("beat", "MissedRuns").await;
+    assert!(note.contains("status.missedRuns"), "{note}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slot_missed_for_longer_than_the_starting_deadline_is_skipped_and_said_so() {
+    let mut env = Env::new().await;
+    env.apply_ok(&queue_yaml("late", "")).await;
+    // Allow with a deadline: the operator submits each run, to judge how late it is.
+    env.apply_ok(&schedule_yaml(
+        "sparse",
+        "late",
+        "@every 8s",
+        "  startingDeadline: 2s\n",
+    ))
+    .await;
+    env.wait_ready("sparse", "True", "Scheduled").await;
+    let first = env.wait_jobs("late", 1).await;
+    let submitted = slot(&first[0]);
+
+    env.stop_operator().await;
+    // A slot goes by with no operator, and then its deadline.
+    let missed = std::cell::Cell::new(None);
+    wait_for(
+        Duration::from_secs(45),
+        "a slot held 3s past with no operator",
+        || async {
+            let held = env
+                .held_slot("late", "sparse")
+                .await
+                .filter(|slot| *slot > submitted);
+            missed.set(held);
+            held.is_some_and(|slot| Timestamp::now().as_second() >= slot.as_second() + 3)
+        },
+    )
+    .await
+    .unwrap();
+    let missed = conveyor::schedule::job_id("sparse", missed.get().unwrap());
+    env.start_operator();
+    let what = format!("status.lastMissed naming {missed}");
+    wait_for(DEADLINE, &what, || async {
+        schedule_status(&env, "sparse")
+            .await
+            .last_missed
+            .is_some_and(|m| m.starts_with(&missed))
+    })
+    .await
+    .unwrap();
+    let status = schedule_status(&env, "sparse").await;
+    assert!(status.missed_runs >= 1);
+    env.wait_event("sparse", "MissedRuns").await;
+    // Runs go on after it, and the missed slot never runs.
+    let what = "a run after the missed slot";
+    wait_for(Duration::from_secs(45), what, || async {
+        env.job_ids("late")
+            .await
+            .iter()
+            .any(|id| slot(id) > slot(&missed))
+    })
+    .await
+    .unwrap();
+    let ids = env.job_ids("late").await;
+    assert!(!ids.contains(&missed), "{missed} ran: {ids:?}");
     env.shutdown().await;
 }

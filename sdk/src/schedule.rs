@@ -48,6 +48,17 @@ pub const MAX_NAME: usize = 200;
 /// Shortest `@every` interval: the server fires on whole seconds.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Longest `@every` interval: 8760h (365 days). An interval counts from when the schedule was
+/// (re)written, so a longer one would restart at every change of the resource before it ever
+/// fired; a yearly or rarer run is a cron expression's job (`@yearly`, `0 0 1 1 *`). The bound
+/// also keeps the interval far inside the server's own duration range (Go's, ~292 years).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(8760 * 3600);
+
+/// Most slots [`Pattern::slots_between`] counts one by one (a cron pattern), so that a long
+/// outage costs a bounded reconcile; past it the count is given as this many ("at least").
+/// A week of minutes is 10,080.
+pub const MAX_COUNTED_SLOTS: u64 = 10_000;
+
 /// A schedule that cannot be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
@@ -184,6 +195,35 @@ impl Pattern {
         }
     }
 
+    /// How many slots fall strictly between `after` and `before` (the runs skipped between two
+    /// slots): for an interval, counted from `after` in steps of the interval; for cron, one by
+    /// one, at most [`MAX_COUNTED_SLOTS`].
+    pub fn slots_between(&self, after: Timestamp, before: Timestamp) -> u64 {
+        if before <= after {
+            return 0;
+        }
+        match self {
+            Self::Every(every) => {
+                let span = before.duration_since(after).as_secs();
+                let step = i64::try_from(every.as_secs().max(1)).unwrap_or(i64::MAX);
+                // Slots at after + k·step for k ≥ 1, strictly before `before`.
+                u64::try_from((span - 1).max(0) / step).unwrap_or(0)
+            }
+            Self::Cron { .. } => {
+                let mut n = 0;
+                let mut at = after;
+                while let Some(next) = self.next_after(at) {
+                    if next >= before || n >= MAX_COUNTED_SLOTS {
+                        break;
+                    }
+                    n += 1;
+                    at = next;
+                }
+                n
+            }
+        }
+    }
+
     /// The zone's IANA name, for cron patterns with an explicit zone.
     pub fn zone_name(&self) -> Option<&str> {
         match self {
@@ -223,6 +263,11 @@ fn interval_of(value: &str) -> Result<Duration, &'static str> {
     }
     if total < MIN_INTERVAL.as_secs() {
         return Err("the interval must be at least 1s");
+    }
+    if total > MAX_INTERVAL.as_secs() {
+        return Err(
+            "the interval must be at most 8760h (365 days); use a cron expression such as @yearly for rarer runs",
+        );
     }
     Ok(Duration::from_secs(total))
 }
@@ -681,6 +726,8 @@ mod tests {
             "@every 0s",
             "@every 1d",
             "@every 5",
+            "@every 8761h",
+            "@every 525601m",
         ] {
             let err = Pattern::parse(bad, None).unwrap_err();
             assert!(matches!(err, ScheduleError::Invalid { .. }), "{bad}: {err}");
@@ -732,6 +779,45 @@ mod tests {
         assert_eq!(sunday, ts("2026-10-25T08:00:00Z"));
         // The slot a tick ran for is the one before its announced next run.
         assert_eq!(nine.slot_before(sunday), Some(saturday));
+    }
+
+    #[test]
+    fn intervals_are_bounded_by_a_year() {
+        assert_eq!(
+            Pattern::parse("@every 8760h", None)
+                .unwrap()
+                .server_pattern(),
+            "@every 31536000s"
+        );
+        let err = Pattern::parse("@every 99999h", None).unwrap_err();
+        assert!(err.to_string().contains("at most 8760h"), "{err}");
+    }
+
+    #[test]
+    fn the_slots_between_two_runs_are_counted() {
+        let every = Pattern::parse("@every 10s", None).unwrap();
+        let a = ts("2026-12-01T10:00:00Z");
+        assert_eq!(every.slots_between(a, ts("2026-12-01T10:00:10Z")), 0);
+        assert_eq!(every.slots_between(a, ts("2026-12-01T10:00:40Z")), 3);
+        assert_eq!(every.slots_between(a, ts("2026-12-01T10:00:41Z")), 4);
+        assert_eq!(every.slots_between(a, a), 0);
+        assert_eq!(every.slots_between(ts("2026-12-01T10:00:40Z"), a), 0);
+        let hourly = Pattern::parse("0 * * * *", Some("Europe/Berlin")).unwrap();
+        assert_eq!(
+            hourly.slots_between(a, ts("2026-12-01T13:00:00Z")),
+            2,
+            "11:00 and 12:00"
+        );
+        // A day of minutes, and the cap for a span longer than counting allows.
+        let minutely = Pattern::parse("* * * * *", None).unwrap();
+        assert_eq!(
+            minutely.slots_between(a, ts("2026-12-02T10:00:00Z")),
+            24 * 60 - 1
+        );
+        assert_eq!(
+            minutely.slots_between(a, ts("2026-12-09T10:00:00Z")),
+            MAX_COUNTED_SLOTS
+        );
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //! delayed stream (`conveyor::schedule`), so the NATS server submits the runs, also while the
 //! operator is down; removes it while `suspend` is set and when the resource is deleted
 //! (finalizer [`FINALIZER`]); and reports `Ready`, the last run the server wrote and the next
-//! one in the status. Under `concurrencyPolicy: Allow` the operator never submits a run
-//! itself; under `Forbid` and `Replace` the server writes each slot where only the operator
-//! reads it, and the operator submits the run (or skips it, or cancels the previous one) once
-//! per slot (`status.lastHandled`), with the job id `<name>@<slot>` as `Nats-Msg-Id`, so a
-//! restart of the operator cannot double a run.
+//! one in the status, with Events for `Ready` transitions and runs. Under `concurrencyPolicy:
+//! Allow` without a `startingDeadline` the operator never submits a run itself; otherwise the
+//! server writes each slot where only the operator reads it, and the operator submits the run
+//! (or skips it, or cancels the previous one) once per slot (`status.lastHandled`), with the
+//! job id `<name>@<slot>` as `Nats-Msg-Id`, so a restart of the operator cannot double a run;
+//! slots that went by while it was down are counted in `status.missedRuns`, and the newest
+//! runs only if it is within `startingDeadline`.
 
 mod status;
 
@@ -14,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conveyor::names::QueueRef;
-use conveyor::schedule::{self, Pattern, ScheduleMessage, Template};
+use conveyor::schedule::{self, ScheduleMessage};
 use conveyor_crds::{ConcurrencyPolicy, JobQueue, JobSchedule, JobScheduleStatus};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -26,7 +29,7 @@ use tracing::instrument;
 
 use crate::context::{Context, FIELD_MANAGER};
 use crate::jobqueue::Outcome as QueueOutcome;
-pub use status::{Found, Problem, compute_status, reason};
+pub use status::{Desired, Found, Notice, Problem, compute_status, event, reason};
 
 /// Finalizer that guards the schedule message in the queue's delayed stream.
 pub const FINALIZER: &str = "conveyor.dev/schedule";
@@ -234,16 +237,17 @@ async fn connect(
 async fn apply(s: &JobSchedule, api: &Api<JobSchedule>, ctx: &Context) -> Result<Action, Error> {
     let name = s.name_any();
     let now = now();
-    let (found, result) = match status::desired(&name, &s.spec) {
-        Err(problem) => (Err(problem), Ok(Action::await_change())),
-        Ok((pattern, template)) => match connect(s, ctx).await {
+    let desired = status::desired(&name, &s.spec);
+    let (found, result) = match &desired {
+        Err(problem) => (Err(problem.clone()), Ok(Action::await_change())),
+        Ok(desired) => match connect(s, ctx).await {
             Err(Err(err)) => return Err(err),
             Err(Ok(problem)) => {
                 // Polled at the resync period: a reconcile that ends well resets the backoff.
                 let retry = Action::requeue(ctx.config.resync);
                 (Err(problem), Ok(retry))
             }
-            Ok((queue, js)) => run_on(s, &name, &queue, &js, &pattern, &template, ctx, now).await,
+            Ok((queue, js)) => run_on(s, &name, &queue, &js, desired, ctx, now).await,
         },
     };
     // The freshly read status when there is one (a skipped slot keeps the last run it saw).
@@ -255,7 +259,44 @@ async fn apply(s: &JobSchedule, api: &Api<JobSchedule>, ctx: &Context) -> Result
     if old != Some(&new) {
         write_status(api, s, &new).await.map_err(Error::Status)?;
     }
+    // Published once the status that records them is written: a failed write retries the
+    // reconcile, which would tell them again.
+    let mut notices = status::transitions(old, &new);
+    if let Ok(found) = &found {
+        notices.extend(found.notices.iter().cloned());
+    }
+    let by_server = desired
+        .as_ref()
+        .is_ok_and(|d| !held(s, d) && status::runs_have_events(&d.pattern));
+    let last_id = |st: Option<&JobScheduleStatus>| {
+        st.and_then(|st| st.last_run.as_ref())
+            .map(|run| run.job_id.clone())
+    };
+    if by_server
+        && let Some(id) = last_id(Some(&new))
+        && last_id(old) != Some(id.clone())
+    {
+        notices.push(Notice::normal(
+            event::RUN_SUBMITTED,
+            format!("the NATS server submitted run {id}"),
+        ));
+    }
+    for notice in notices {
+        let type_ = if notice.normal {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(s, type_, notice.reason, notice.note).await;
+    }
     result
+}
+
+/// Whether the operator submits the runs (the server writes each slot to the hold subject):
+/// under `Forbid` and `Replace`, which must see the previous run, and with a
+/// `startingDeadline`, which must see how late a run is.
+fn held(s: &JobSchedule, desired: &Desired) -> bool {
+    s.spec.concurrency_policy != ConcurrencyPolicy::Allow || desired.deadline.is_some()
 }
 
 /// Puts the schedule on the queue's server (or removes it while suspended) and reads its last
@@ -266,13 +307,13 @@ async fn run_on(
     name: &str,
     queue: &JobQueue,
     js: &async_nats::jetstream::Context,
-    pattern: &Pattern,
-    template: &Template,
+    desired: &Desired,
     ctx: &Context,
     now: k8s_openapi::jiff::Timestamp,
 ) -> (Result<Found, Problem>, Result<Action, Error>) {
     let queue_ref = QueueRef::new(s.namespace().unwrap_or_default(), queue.name_any());
-    let held = s.spec.concurrency_policy != ConcurrencyPolicy::Allow;
+    let (pattern, template) = (&desired.pattern, &desired.template);
+    let held = held(s, desired);
     let message = ScheduleMessage::new(&queue_ref, name, pattern, template, held);
     if let Err(problem) = status::fits(&queue.spec, template, &message) {
         return (Err(problem), Ok(Action::await_change()));
@@ -315,14 +356,22 @@ async fn run_on(
         suspended: s.spec.suspend,
         next,
         last: None,
-        skipped: false,
+        missed: 0,
+        last_missed: None,
+        notices: Vec::new(),
         handled: None,
         outcome: None,
         fresh: None,
     };
     match tick {
         Some(tick) if held && !s.spec.suspend => {
-            if let Err(err) = handle(s, ctx, js, &queue_ref, level, tick, &mut found).await {
+            let slot = Slot {
+                queue: &queue_ref,
+                level,
+                since,
+                now,
+            };
+            if let Err(err) = handle(s, ctx, js, desired, &slot, tick, &mut found).await {
                 let problem = Problem::new(reason::SCHEDULE_ERROR, err.to_string());
                 return (Err(problem), Err(err.into()));
             }
@@ -353,14 +402,26 @@ async fn run_on(
     (Ok(found), Ok(Action::requeue(wait)))
 }
 
-/// Under `Forbid` or `Replace`: acts once on the newest held tick, if it is a slot not handled
-/// yet. The previous run counts as active while the work stream still holds it.
+/// Where and when [`handle`] acts.
+struct Slot<'a> {
+    queue: &'a QueueRef,
+    level: u8,
+    /// When the stored schedule was written (`@every` slots count from then).
+    since: Option<k8s_openapi::jiff::Timestamp>,
+    now: k8s_openapi::jiff::Timestamp,
+}
+
+/// Where the operator submits the runs: acts once on the newest held tick, if it is a slot not
+/// handled yet. Counts the slots that went by since the last one handled (the server keeps
+/// only the newest), skips the slot if it is older than `startingDeadline`, and under `Forbid`
+/// or `Replace` looks at the previous run, which counts as active while the work stream still
+/// holds it.
 async fn handle(
     s: &JobSchedule,
     ctx: &Context,
     js: &async_nats::jetstream::Context,
-    queue: &QueueRef,
-    level: u8,
+    desired: &Desired,
+    at: &Slot<'_>,
     tick: schedule::Tick,
     found: &mut Found,
 ) -> Result<(), schedule::StoreError> {
@@ -377,38 +438,130 @@ async fn handle(
         }
     };
     found.fresh = Some(status.clone());
-    if status.last_handled.as_deref() == Some(tick.run.job_id.as_str()) {
+    let id = tick.run.job_id.clone();
+    if status.last_handled.as_deref() == Some(id.as_str()) {
         return Ok(());
     }
+    found.handled = Some(id.clone());
+    let name = s.name_any();
+    let named = status::runs_have_events(&desired.pattern);
+
+    let gone = at.since.map_or(0, |since| {
+        status::gone_by(
+            &desired.pattern,
+            status.last_handled.as_deref(),
+            tick.run.slot,
+            since,
+        )
+    });
+    if gone > 0 {
+        let handled = status.last_handled.as_deref().unwrap_or_default();
+        let at_least = if gone >= schedule::MAX_COUNTED_SLOTS {
+            "at least "
+        } else {
+            ""
+        };
+        let newest = desired
+            .pattern
+            .slot_before(tick.run.slot)
+            .map_or_else(|| id.clone(), |slot| schedule::job_id(&name, slot));
+        found.missed = found.missed.saturating_add(gone);
+        found.last_missed = Some(format!(
+            "{newest}: {at_least}{gone} slot(s) after {handled} went by before the operator could submit them"
+        ));
+        // A fast schedule whose operator falls behind would say something new each second.
+        let note = if named {
+            format!(
+                "{at_least}{gone} run(s) between {handled} and {id} were not submitted: the operator was not running (or fell behind), and the NATS server keeps only the newest slot"
+            )
+        } else {
+            "slots went by before the operator could submit them (it was not running or fell behind); status.missedRuns counts them".to_owned()
+        };
+        found
+            .notices
+            .push(Notice::warning(event::MISSED_RUNS, note));
+        tracing::info!(run = %id, gone, "slots went by before the operator could submit them");
+    }
+
+    if let Some(deadline) = desired.deadline {
+        let late = at.now.duration_since(tick.run.slot);
+        if late > k8s_openapi::jiff::SignedDuration::try_from(deadline).unwrap_or_default() {
+            let why = format!(
+                "{}s late, past startingDeadline {}",
+                late.as_secs(),
+                s.spec.starting_deadline.as_deref().unwrap_or_default()
+            );
+            found.missed = found.missed.saturating_add(1);
+            found.last_missed = Some(format!("{id}: {why}"));
+            let note = if named {
+                format!("run {id} not submitted: {why}")
+            } else {
+                format!(
+                    "a run was not submitted: past startingDeadline {}; status.lastMissed names the latest",
+                    s.spec.starting_deadline.as_deref().unwrap_or_default()
+                )
+            };
+            found
+                .notices
+                .push(Notice::warning(event::MISSED_RUNS, note));
+            tracing::info!(run = %id, %why, "skipped: past the starting deadline");
+            return Ok(());
+        }
+    }
+
     let previous = status
         .last_run
         .as_ref()
         .and_then(|run| run.sequence.map(|seq| (run.job_id.clone(), seq)));
-    let active = match &previous {
-        Some((_, seq)) => schedule::still_queued(js, queue, *seq).await?,
-        None => false,
+    let active = match (&previous, s.spec.concurrency_policy) {
+        (_, ConcurrencyPolicy::Allow) | (None, _) => false,
+        (Some((_, seq)), _) => schedule::still_queued(js, at.queue, *seq).await?,
     };
-    found.handled = Some(tick.run.job_id.clone());
     if active {
         let (previous_id, _) = previous.unwrap_or_default();
         match s.spec.concurrency_policy {
             ConcurrencyPolicy::Forbid => {
-                tracing::info!(run = %tick.run.job_id, previous = %previous_id, "skipped: the previous run is still queued or running");
-                found.skipped = true;
+                tracing::info!(run = %id, previous = %previous_id, "skipped: the previous run is still queued or running");
+                found.missed = found.missed.saturating_add(1);
+                found.last_missed = Some(format!(
+                    "{id}: the previous run {previous_id} was still queued or running"
+                ));
+                if named {
+                    found.notices.push(Notice::normal(
+                        event::RUN_SKIPPED,
+                        format!(
+                            "skipped run {id}: the previous run {previous_id} is still queued or running"
+                        ),
+                    ));
+                }
                 return Ok(());
             }
             _ => {
                 let client = conveyor::Client::new(js.client());
-                if let Err(err) = client.cancel(queue, &previous_id).await {
+                if let Err(err) = client.cancel(at.queue, &previous_id).await {
                     return Err(schedule::StoreError::Refused(format!(
                         "cannot cancel the previous run {previous_id}: {err}"
                     )));
                 }
-                tracing::info!(run = %tick.run.job_id, previous = %previous_id, "cancelled the previous run to replace it");
+                tracing::info!(run = %id, previous = %previous_id, "cancelled the previous run to replace it");
+                if named {
+                    found.notices.push(Notice::normal(
+                        event::RUN_REPLACED,
+                        format!(
+                            "cancelled run {previous_id} (still queued or running) to submit run {id}"
+                        ),
+                    ));
+                }
             }
         }
     }
-    let sequence = schedule::submit_tick(js, queue, level, &tick).await?;
+    let sequence = schedule::submit_tick(js, at.queue, at.level, &tick).await?;
+    if named {
+        found.notices.push(Notice::normal(
+            event::RUN_SUBMITTED,
+            format!("submitted run {id}"),
+        ));
+    }
     found.last = Some((tick.run, Some(sequence)));
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! The pure half of the JobSchedule controller: reading the spec into the schedule the server
 //! runs, checking it against its queue, the next run, and the status.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use conveyor::protocol::{self, block};
 use conveyor::schedule::{self, LastRun, Pattern, ScheduleMessage, Template};
+use conveyor_crds::schedule::STARTING_DEADLINE;
 use conveyor_crds::{JobQueueSpec, JobScheduleSpec, JobScheduleStatus, ScheduleRun};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -32,6 +35,65 @@ pub mod reason {
     pub const NATS_UNAVAILABLE: &str = crate::conditions::reason::NATS_UNAVAILABLE;
     /// The server refused the schedule; the message has its answer.
     pub const SCHEDULE_ERROR: &str = "ScheduleError";
+
+    /// Every reason above.
+    pub const ALL: [&str; 10] = [
+        SCHEDULED,
+        SUSPENDED,
+        INVALID_SCHEDULE,
+        INVALID_TIME_ZONE,
+        INVALID_SPEC,
+        QUEUE_NOT_FOUND,
+        JOB_TOO_LARGE,
+        UNSUPPORTED_SERVER,
+        NATS_UNAVAILABLE,
+        SCHEDULE_ERROR,
+    ];
+}
+
+/// Reasons (CamelCase) of the Events a JobSchedule gets, besides its `Ready` transitions (whose
+/// Events carry the condition's reason).
+pub mod event {
+    /// A run was submitted: by the operator, or seen submitted by the NATS server (`Allow`).
+    pub const RUN_SUBMITTED: &str = "RunSubmitted";
+    /// `Forbid` skipped a slot: the previous run was still queued or running.
+    pub const RUN_SKIPPED: &str = "RunSkipped";
+    /// `Replace` cancelled the previous run, still queued or running, for a new one.
+    pub const RUN_REPLACED: &str = "RunReplaced";
+    /// Slots went by without a run while no operator could submit them, or a run was too late
+    /// for `startingDeadline`.
+    pub const MISSED_RUNS: &str = "MissedRuns";
+}
+
+/// An Event to publish on the schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    /// `Normal` (else `Warning`).
+    pub normal: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What happened, for `kubectl describe`.
+    pub note: String,
+}
+
+impl Notice {
+    /// A `Normal` Event.
+    pub fn normal(reason: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            normal: true,
+            reason,
+            note: note.into(),
+        }
+    }
+
+    /// A `Warning` Event.
+    pub fn warning(reason: &'static str, note: impl Into<String>) -> Self {
+        Self {
+            normal: false,
+            reason,
+            note: note.into(),
+        }
+    }
 }
 
 /// Why a schedule is not running: a `Ready` reason and message.
@@ -63,8 +125,13 @@ pub struct Found {
     /// The last run: the one the server wrote (`Allow`), or the one the operator submitted in
     /// this reconcile with its work-stream sequence (`Forbid`, `Replace`).
     pub last: Option<(LastRun, Option<u64>)>,
-    /// Whether this reconcile skipped a slot (`Forbid`).
-    pub skipped: bool,
+    /// Slots this reconcile found without a run (skipped by `Forbid`, gone by while no
+    /// operator ran, or past `startingDeadline`).
+    pub missed: u64,
+    /// The newest of them and why (`<job id>: <why>`).
+    pub last_missed: Option<String>,
+    /// What this reconcile did, as Events.
+    pub notices: Vec<Notice>,
     /// The slot this reconcile handled (`Forbid`, `Replace`).
     pub handled: Option<String>,
     /// What became of the last run, when known.
@@ -76,8 +143,19 @@ pub struct Found {
     pub fresh: Option<JobScheduleStatus>,
 }
 
-/// The pattern and job a spec stands for, or the first problem with it.
-pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<(Pattern, Template), Problem> {
+/// What a spec stands for: when, what, and how late a run may still be submitted.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// When runs are due.
+    pub pattern: Pattern,
+    /// What each run submits.
+    pub template: Template,
+    /// `spec.startingDeadline`.
+    pub deadline: Option<Duration>,
+}
+
+/// What a spec stands for, or the first problem with it.
+pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<Desired, Problem> {
     if name.len() > schedule::MAX_NAME {
         return Err(Problem::new(
             reason::INVALID_SPEC,
@@ -123,6 +201,13 @@ pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<(Pattern, Template)
             Some(text.to_owned())
         }
     };
+    let deadline = match spec.starting_deadline.as_deref() {
+        None => None,
+        Some(text) => Some(
+            conveyor_crds::duration::parse("spec.startingDeadline", text, STARTING_DEADLINE)
+                .map_err(|err| invalid(err.to_string()))?,
+        ),
+    };
     let template = Template {
         priority: job.priority.unwrap_or(0),
         payload: Bytes::from(job.payload.clone().unwrap_or_default()),
@@ -134,7 +219,93 @@ pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<(Pattern, Template)
         max_attempts: job.max_attempts.and_then(|n| u32::try_from(n).ok()),
         timeout,
     };
-    Ok((pattern, template))
+    Ok(Desired {
+        pattern,
+        template,
+        deadline,
+    })
+}
+
+/// Whether Events may name each run: slots at least a minute apart (every cron expression and
+/// preset, `@every` of 60s or more). A faster schedule would publish an Event a second, each
+/// a new one; its runs show in the status only.
+pub fn runs_have_events(pattern: &Pattern) -> bool {
+    match pattern {
+        Pattern::Cron { .. } => true,
+        Pattern::Every(every) => *every >= Duration::from_secs(60),
+    }
+}
+
+/// The slot a job id `<name>@<time>` (or a `lastMissed` text starting with one) names.
+pub fn slot_of(id: &str) -> Option<Timestamp> {
+    let id = id.split_once(": ").map_or(id, |(id, _)| id);
+    id.rsplit_once('@')?.1.parse().ok()
+}
+
+/// The slots without a run between the last slot handled and the one at hand: the server
+/// keeps only the newest held slot, so those that went by while no operator ran were rolled
+/// up. Only slots of the stored schedule count: an `@every` interval restarts when the
+/// schedule is written again (`since`, then the first slot is the next whole second after
+/// `since` + the interval), and a changed expression has no earlier slots.
+pub fn gone_by(
+    pattern: &Pattern,
+    last_handled: Option<&str>,
+    slot: Timestamp,
+    since: Timestamp,
+) -> u64 {
+    let Some(handled) = last_handled.and_then(slot_of) else {
+        return 0;
+    };
+    let start = match pattern {
+        // The first slot of the stored schedule, less one interval: slots after it count.
+        Pattern::Every(every) => next_run(pattern, None, since, since)
+            .and_then(|first| {
+                first
+                    .checked_sub(SignedDuration::try_from(*every).ok()?)
+                    .ok()
+            })
+            .unwrap_or(since),
+        Pattern::Cron { .. } => since,
+    };
+    pattern.slots_between(handled.max(start), slot)
+}
+
+/// The `Ready` message of a running schedule, naming the last slot without a run while no run
+/// came after it.
+fn scheduled_message(status: &JobScheduleStatus, subject: &str) -> String {
+    let base = format!("the NATS server runs the schedule {subject}");
+    let last_run = status.last_run.as_ref().map(|r| r.time.0);
+    match &status.last_missed {
+        Some(missed) if slot_of(missed) > last_run => format!("{base}; no run for {missed}"),
+        _ => base,
+    }
+}
+
+/// The Events of a reconcile's status change: each `Ready` transition (a new reason), with the
+/// condition's reason and message.
+pub fn transitions(old: Option<&JobScheduleStatus>, new: &JobScheduleStatus) -> Vec<Notice> {
+    let ready = |s: &JobScheduleStatus| {
+        conditions::find(&s.conditions, conditions::READY)
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let before = old.and_then(ready);
+    let Some((status, reason, message)) = ready(new) else {
+        return Vec::new();
+    };
+    if before
+        .as_ref()
+        .is_some_and(|(s, r, _)| *s == status && *r == reason)
+    {
+        return Vec::new();
+    }
+    let Some(reason) = reason::ALL.iter().copied().find(|r| *r == reason) else {
+        return Vec::new();
+    };
+    if status == "True" {
+        vec![Notice::normal(reason, message)]
+    } else {
+        vec![Notice::warning(reason, message)]
+    }
 }
 
 /// Checks the job against its queue: a priority level the queue has, a size it accepts.
@@ -204,26 +375,6 @@ pub fn compute_status(
     status.observed_generation = generation;
     match found {
         Ok(found) => {
-            let (reason, message) = if found.suspended {
-                (
-                    reason::SUSPENDED,
-                    "suspended: the NATS server holds no schedule".to_owned(),
-                )
-            } else {
-                (
-                    reason::SCHEDULED,
-                    format!("the NATS server runs the schedule {}", found.subject),
-                )
-            };
-            conditions::set(
-                &mut status.conditions,
-                conditions::READY,
-                Status::True,
-                reason,
-                message,
-                generation,
-                now,
-            );
             if let Some((last, sequence)) = &found.last {
                 status.last_run = Some(ScheduleRun {
                     time: Time(last.slot),
@@ -235,12 +386,33 @@ pub fn compute_status(
             if let Some(run) = status.last_run.as_mut() {
                 run.outcome.clone_from(&found.outcome);
             }
-            if found.skipped {
-                status.missed_runs = status.missed_runs.saturating_add(1);
+            status.missed_runs = status.missed_runs.saturating_add(found.missed);
+            if found.last_missed.is_some() {
+                status.last_missed.clone_from(&found.last_missed);
             }
             if found.handled.is_some() {
                 status.last_handled.clone_from(&found.handled);
             }
+            let (reason, message) = if found.suspended {
+                (
+                    reason::SUSPENDED,
+                    "suspended: the NATS server holds no schedule".to_owned(),
+                )
+            } else {
+                (
+                    reason::SCHEDULED,
+                    scheduled_message(&status, &found.subject),
+                )
+            };
+            conditions::set(
+                &mut status.conditions,
+                conditions::READY,
+                Status::True,
+                reason,
+                message,
+                generation,
+                now,
+            );
             // None while suspended: no schedule is on the server.
             status.next_run = found.next.map(Time);
             status.subject = Some(found.subject.clone());
@@ -278,6 +450,7 @@ mod tests {
             },
             suspend: false,
             concurrency_policy: Default::default(),
+            starting_deadline: None,
         }
     }
 
@@ -307,7 +480,9 @@ mod tests {
 
     #[test]
     fn a_job_over_max_job_size_or_a_missing_level_does_not_fit() {
-        let (pattern, template) = desired("s", &spec("@every 1s", None)).unwrap();
+        let Desired {
+            pattern, template, ..
+        } = desired("s", &spec("@every 1s", None)).unwrap();
         let message =
             ScheduleMessage::new(&QueueRef::new("ns", "q"), "s", &pattern, &template, false);
         let mut queue: JobQueueSpec = serde_json::from_value(serde_json::json!({})).unwrap();
@@ -367,7 +542,9 @@ mod tests {
                 None,
             )),
             next: Some(ts("2026-12-01T23:06:19Z")),
-            skipped: false,
+            missed: 0,
+            last_missed: None,
+            notices: Vec::new(),
             handled: None,
             outcome: None,
             fresh: None,
@@ -393,5 +570,113 @@ mod tests {
             ready,
             "stable"
         );
+    }
+
+    #[test]
+    fn a_starting_deadline_is_read_with_its_bounds() {
+        let mut late = spec("@hourly", None);
+        late.starting_deadline = Some("90s".into());
+        assert_eq!(
+            desired("s", &late).unwrap().deadline,
+            Some(Duration::from_secs(90))
+        );
+        late.starting_deadline = Some("0s".into());
+        let err = desired("s", &late).unwrap_err();
+        assert_eq!(err.reason, reason::INVALID_SPEC);
+        assert!(err.message.contains("startingDeadline"), "{}", err.message);
+    }
+
+    #[test]
+    fn slots_gone_by_count_from_the_last_handled_one_within_the_stored_schedule() {
+        let every = Pattern::parse("@every 1s", None).unwrap();
+        let since = ts("2026-12-01T10:00:00.4Z");
+        let slot = ts("2026-12-01T10:00:10Z");
+        // Handled 10:00:03, now at 10:00:10: 10:00:04 to 10:00:09 went by.
+        assert_eq!(
+            gone_by(&every, Some("s@2026-12-01T10:00:03Z"), slot, since),
+            6
+        );
+        assert_eq!(gone_by(&every, None, slot, since), 0, "a first run");
+        // Written again at 10:00:07.5: its first slot is 10:00:09, so only that one counts.
+        let again = ts("2026-12-01T10:00:07.5Z");
+        assert_eq!(
+            gone_by(&every, Some("s@2026-12-01T10:00:03Z"), slot, again),
+            1
+        );
+        let hourly = Pattern::parse("@hourly", None).unwrap();
+        assert_eq!(
+            gone_by(
+                &hourly,
+                Some("s@2026-12-01T07:00:00Z"),
+                ts("2026-12-01T10:00:00Z"),
+                ts("2026-11-30T00:00:00Z")
+            ),
+            2
+        );
+    }
+
+    #[test]
+    fn the_ready_message_names_a_missed_slot_until_a_run_follows() {
+        let subject = "conveyor.ns.q.schedule.73";
+        let mut status = JobScheduleStatus {
+            last_missed: Some("s@2026-12-01T10:00:10Z: 12s late, past startingDeadline 3s".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            scheduled_message(&status, subject),
+            "the NATS server runs the schedule conveyor.ns.q.schedule.73; no run for s@2026-12-01T10:00:10Z: 12s late, past startingDeadline 3s"
+        );
+        status.last_run = Some(ScheduleRun {
+            time: Time(ts("2026-12-01T10:00:20Z")),
+            job_id: "s@2026-12-01T10:00:20Z".into(),
+            sequence: Some(4),
+            outcome: None,
+        });
+        assert_eq!(
+            scheduled_message(&status, subject),
+            "the NATS server runs the schedule conveyor.ns.q.schedule.73"
+        );
+    }
+
+    #[test]
+    fn ready_transitions_are_events_and_a_steady_state_is_not() {
+        let now = ts("2026-12-01T10:00:00Z");
+        let bad = compute_status(
+            None,
+            Some(1),
+            &Err(Problem::new(
+                reason::INVALID_SCHEDULE,
+                "invalid schedule \"61 * * * *\"",
+            )),
+            now,
+        );
+        let notices = transitions(None, &bad);
+        assert_eq!(
+            notices,
+            vec![Notice::warning(
+                reason::INVALID_SCHEDULE,
+                "invalid schedule \"61 * * * *\""
+            )]
+        );
+        assert!(transitions(Some(&bad), &bad).is_empty());
+        let found = Ok(Found {
+            subject: "conveyor.ns.q.schedule.73".into(),
+            suspended: false,
+            last: None,
+            next: None,
+            missed: 0,
+            last_missed: None,
+            notices: Vec::new(),
+            handled: None,
+            outcome: None,
+            fresh: None,
+        });
+        let good = compute_status(Some(&bad), Some(2), &found, now);
+        let notices = transitions(Some(&bad), &good);
+        assert_eq!(notices.len(), 1);
+        assert!(notices[0].normal);
+        assert_eq!(notices[0].reason, reason::SCHEDULED);
+        let every = |s: &str| runs_have_events(&Pattern::parse(s, None).unwrap());
+        assert!(every("@every 1m") && every("* * * * *") && !every("@every 59s"));
     }
 }
