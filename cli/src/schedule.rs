@@ -9,8 +9,9 @@ use conveyor_crds::JobSchedule;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::config::KubeConfigOptions;
 use kube::{Api, ResourceExt};
+use serde::Serialize;
 
-use crate::args::QueueArgs;
+use crate::args::{Output, QueueArgs};
 
 /// Arguments of `conveyor schedule`.
 #[derive(Debug, Args)]
@@ -41,6 +42,9 @@ pub struct ListArgs {
     /// Connection and namespace.
     #[command(flatten)]
     pub queue_args: QueueArgs,
+    /// Output format: `table`, or `json` (an array of one object per schedule, for scripts).
+    #[arg(long, short = 'o', env = "CONVEYOR_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 /// Arguments of the `schedule` subcommands that name one JobSchedule.
@@ -56,7 +60,7 @@ pub struct NameArgs {
 /// Runs `conveyor schedule …`.
 pub async fn run(args: ScheduleArgs) -> anyhow::Result<()> {
     match args.command {
-        ScheduleCommand::List(args) => list(&args.queue_args).await,
+        ScheduleCommand::List(args) => list(&args.queue_args, args.output).await,
         ScheduleCommand::Show(args) => show(&args).await,
         ScheduleCommand::Trigger(args) => trigger(&args).await,
         ScheduleCommand::Suspend(args) => set_suspend(&args, true).await,
@@ -113,6 +117,73 @@ fn row(s: &JobSchedule) -> [String; 7] {
     ]
 }
 
+/// The `Ready` condition of `schedule list -o json`.
+#[derive(Debug, Serialize, PartialEq)]
+struct Ready {
+    status: String,
+    reason: String,
+    message: String,
+}
+
+/// The last run of `schedule list -o json`.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct LastRun {
+    time: String,
+    job_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<String>,
+}
+
+/// One object of `schedule list -o json`: the table's columns and the rest of the state, with
+/// absent values as `null`.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct JsonRow {
+    name: String,
+    queue: String,
+    schedule: String,
+    time_zone: Option<String>,
+    suspend: bool,
+    concurrency_policy: conveyor_crds::ConcurrencyPolicy,
+    starting_deadline: Option<String>,
+    last_run: Option<LastRun>,
+    next_run: Option<String>,
+    missed_runs: u64,
+    last_missed: Option<String>,
+    ready: Option<Ready>,
+}
+
+fn json_row(s: &JobSchedule) -> JsonRow {
+    let status = s.status.clone().unwrap_or_default();
+    JsonRow {
+        name: s.name_any(),
+        queue: s.spec.job.queue.clone(),
+        schedule: s.spec.schedule.clone(),
+        time_zone: s.spec.time_zone.clone(),
+        suspend: s.spec.suspend,
+        concurrency_policy: s.spec.concurrency_policy,
+        starting_deadline: s.spec.starting_deadline.clone(),
+        last_run: status.last_run.map(|run| LastRun {
+            time: run.time.0.to_string(),
+            job_id: run.job_id,
+            outcome: run.outcome,
+        }),
+        next_run: status.next_run.map(|t| t.0.to_string()),
+        missed_runs: status.missed_runs,
+        last_missed: status.last_missed,
+        ready: status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| Ready {
+                status: c.status,
+                reason: c.reason,
+                message: c.message,
+            }),
+    }
+}
+
 /// An aligned table with a header row.
 fn table(header: [&str; 7], rows: &[[String; 7]]) -> String {
     let mut widths = header.map(str::len);
@@ -137,12 +208,17 @@ fn table(header: [&str; 7], rows: &[[String; 7]]) -> String {
     out
 }
 
-async fn list(args: &QueueArgs) -> anyhow::Result<()> {
+async fn list(args: &QueueArgs, output: Output) -> anyhow::Result<()> {
     let api = api(args).await?;
     let schedules = api
         .list(&ListParams::default())
         .await
         .with_context(|| format!("listing the JobSchedules of {}", args.namespace))?;
+    if output == Output::Json {
+        let rows: Vec<JsonRow> = schedules.items.iter().map(json_row).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
     if schedules.items.is_empty() {
         println!("no JobSchedules in namespace {}", args.namespace);
         return Ok(());
@@ -166,6 +242,10 @@ async fn show(args: &NameArgs) -> anyhow::Result<()> {
         s.spec.time_zone.as_deref().unwrap_or("UTC")
     );
     println!("suspend:   {}", s.spec.suspend);
+    println!("policy:    {:?}", s.spec.concurrency_policy);
+    if let Some(deadline) = &s.spec.starting_deadline {
+        println!("deadline:  {deadline} (startingDeadline)");
+    }
     if let Some(ready) = status.conditions.iter().find(|c| c.type_ == "Ready") {
         println!(
             "ready:     {} ({}): {}",
@@ -179,6 +259,12 @@ async fn show(args: &NameArgs) -> anyhow::Result<()> {
     match &status.next_run {
         Some(next) => println!("next run:  {}", next.0),
         None => println!("next run:  -"),
+    }
+    if status.missed_runs > 0 {
+        println!("missed:    {} run(s)", status.missed_runs);
+    }
+    if let Some(missed) = &status.last_missed {
+        println!("no run:    {missed}");
     }
     if let Some(subject) = &status.subject {
         println!("subject:   {subject}");

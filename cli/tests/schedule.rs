@@ -99,6 +99,48 @@ async fn schedules_are_listed_shown_triggered_suspended_and_resumed() {
     for cell in ["reports", "30 2 * * *", "false"] {
         assert!(row.contains(cell), "{list}");
     }
+    // As JSON: the same schedule, and the state the operator wrote in its status.
+    let api: Api<JobSchedule> = Api::namespaced(cluster.client(), NS);
+    let status = serde_json::json!({"status": {
+        "lastRun": {"time": "2026-12-02T01:30:00Z", "jobId": "nightly@2026-12-02T01:30:00Z", "outcome": "Completed"},
+        "nextRun": "2026-12-03T01:30:00Z",
+        "missedRuns": 2,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "Scheduled", "message": "the NATS server runs the schedule",
+                        "lastTransitionTime": "2026-12-01T00:00:00Z"}],
+    }});
+    api.patch_status(
+        "nightly",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+    let json = ok(&conveyor(&cluster, &["schedule", "list", "-n", NS, "-o", "json"]).await);
+    let rows: serde_json::Value = serde_json::from_str(&json).expect(&json);
+    assert_eq!(
+        rows,
+        serde_json::json!([{
+            "name": "nightly",
+            "queue": "reports",
+            "schedule": "30 2 * * *",
+            "timeZone": "Europe/Berlin",
+            "suspend": false,
+            "concurrencyPolicy": "Allow",
+            "startingDeadline": null,
+            "lastRun": {"time": "2026-12-02T01:30:00Z", "jobId": "nightly@2026-12-02T01:30:00Z", "outcome": "Completed"},
+            "nextRun": "2026-12-03T01:30:00Z",
+            "missedRuns": 2,
+            "lastMissed": null,
+            "ready": {"status": "True", "reason": "Scheduled", "message": "the NATS server runs the schedule"},
+        }])
+    );
+    let empty = ok(&conveyor(
+        &cluster,
+        &["schedule", "list", "-n", "default", "-o", "json"],
+    )
+    .await);
+    assert_eq!(empty.trim(), "[]");
+
     let show = ok(&conveyor(&cluster, &["schedule", "show", "nightly", "-n", NS]).await);
     assert!(show.contains("time zone: Europe/Berlin"), "{show}");
 
@@ -131,7 +173,6 @@ async fn schedules_are_listed_shown_triggered_suspended_and_resumed() {
     assert_eq!(envelope.id, id);
     assert_eq!(job.payload.as_ref(), b"hi");
 
-    let api: Api<JobSchedule> = Api::namespaced(cluster.client(), NS);
     let said = ok(&conveyor(&cluster, &["schedule", "suspend", "nightly", "-n", NS]).await);
     assert_eq!(said.trim(), "jobschedule nightly suspended");
     assert!(api.get("nightly").await.unwrap().spec.suspend);
