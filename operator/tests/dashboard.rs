@@ -129,7 +129,7 @@ async fn get(port: u16, path: &str) -> Answer {
 /// with a token. `bad-*` jobs complete once `fixed` is set.
 struct Seeded {
     cluster: DevCluster,
-    _nats: NatsServer,
+    nats: NatsServer,
     port: u16,
     fixed: Arc<AtomicBool>,
     stop: CancellationToken,
@@ -244,7 +244,7 @@ impl Seeded {
 
         let seeded = Self {
             cluster,
-            _nats: nats,
+            nats,
             port,
             fixed,
             stop,
@@ -531,5 +531,95 @@ async fn a_browser_sees_the_figures_opens_and_requeues_a_dead_letter_and_finds_a
         let shot = repo(SCREENSHOTS).join(format!("{page}.png"));
         assert!(shot.is_file(), "a screenshot of {page}: {}", shot.display());
     }
+    fx.shutdown().await;
+}
+
+/// Pending jobs are peeked a page at a time per priority level (and say whether a worker took
+/// them), delayed jobs show when they run, and dead letters are requeued or purged by what
+/// their error says, one bounded page per request.
+#[tokio::test]
+async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error() {
+    let fx = Seeded::start().await;
+    let port = fx.port;
+    let client = conveyor::Client::connect(&fx.nats.url()).await.unwrap();
+    // `reports` has no worker: what is submitted stays pending.
+    let reports = QueueRef::new(NS, "reports");
+    for n in 0..5 {
+        let job = conveyor::Job::new(format!("r-{n}"), "{}");
+        client.submit(&reports, job).await.unwrap();
+    }
+    let pending = format!("/api/queues/{NS}/reports/pending");
+    let mut seen = Vec::new();
+    let mut path = format!("{pending}?limit=2");
+    let mut pages = 0;
+    loop {
+        let page = get(port, &path).await;
+        assert_eq!(page.status, 200, "{page:?}");
+        let page = page.json();
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 2, "a page holds at most its limit: {page}");
+        for item in items {
+            assert_eq!(item["delivered"], false, "no worker took {item}");
+            seen.push(item["jobId"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        match page["next"].as_u64() {
+            Some(next) => path = format!("{pending}?limit=2&from={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["r-0", "r-1", "r-2", "r-3", "r-4"],
+        "oldest first, each once"
+    );
+    assert_eq!(pages, 3);
+    let no_level = get(port, &format!("{pending}?level=1")).await;
+    assert_eq!(no_level.status, 400, "{no_level:?}");
+    assert!(
+        no_level.body.contains("priority levels 0 to 0"),
+        "{no_level:?}"
+    );
+
+    let delayed = get(port, &format!("/api/queues/{NS}/emails/delayed"))
+        .await
+        .json();
+    let items = delayed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{delayed}");
+    assert_eq!(items[0]["jobId"], "later-1");
+    assert!(
+        items[0]["runAt"].as_str().unwrap().starts_with("@at "),
+        "{delayed}"
+    );
+
+    // Bulk writes: refused without the token; with it, one page per request.
+    let bulk = format!("/api/queues/{NS}/emails/dead-letters/all");
+    let refused = request(port, "POST", &format!("{bulk}/purge"), &[]).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let purged = request(port, "POST", &format!("{bulk}/purge?match=BAD-2"), &auth).await;
+    assert_eq!(purged.status, 200, "{purged:?}");
+    let purged = purged.json();
+    assert_eq!(purged["jobs"], serde_json::json!(["bad-2"]), "{purged}");
+    assert_eq!(purged["scanned"], 3);
+    assert!(purged["next"].is_null(), "one page held them all: {purged}");
+    fx.fixed.store(true, Ordering::Relaxed);
+    let requeued = request(port, "POST", &format!("{bulk}/requeue"), &auth).await;
+    assert_eq!(requeued.status, 200, "{requeued:?}");
+    assert_eq!(
+        requeued.json()["jobs"],
+        serde_json::json!(["bad-1", "bad-3"])
+    );
+    let jobs = format!("/api/queues/{NS}/emails/jobs");
+    for id in ["bad-1", "bad-3"] {
+        wait_for(DEADLINE, "the requeued job completing", || async {
+            get(port, &format!("{jobs}/{id}")).await.json()["state"] == "completed"
+        })
+        .await
+        .unwrap();
+    }
+    fx.wait_queue("emails", "no dead letter left", |q| q["deadLettered"] == 0)
+        .await;
     fx.shutdown().await;
 }

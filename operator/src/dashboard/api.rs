@@ -30,7 +30,7 @@ const SHOWN_TEXT: usize = 1024;
 const SHOWN_HEADERS: usize = 64;
 
 /// An answer that is not a success: its status and a message for people.
-pub struct Failure(StatusCode, String);
+pub struct Failure(pub(super) StatusCode, pub(super) String);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -65,11 +65,11 @@ pub struct PageQuery {
     from: Option<u64>,
 }
 
-fn limit(asked: Option<usize>, (default, max): (usize, usize)) -> usize {
+pub(super) fn limit(asked: Option<usize>, (default, max): (usize, usize)) -> usize {
     asked.unwrap_or(default).clamp(1, max)
 }
 
-fn cut(text: &str) -> String {
+pub(super) fn cut(text: &str) -> String {
     match text.char_indices().nth(SHOWN_TEXT) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_owned(),
@@ -316,11 +316,12 @@ pub async fn workers(
 }
 
 /// The queue (it must be one the operator knows) and a JetStream context of its server.
-async fn queue_nats(
+/// The queue's names, a JetStream context on its NATS server and its number of priority levels.
+pub(super) async fn queue_nats(
     state: &DashboardState,
     namespace: &str,
     name: &str,
-) -> Result<(QueueRef, jetstream::Context), Failure> {
+) -> Result<(QueueRef, jetstream::Context, u8), Failure> {
     let stores = state.stores().ok_or_else(not_running)?;
     let queue = find_queue(&stores, namespace, name)?;
     let url = queue.spec.nats.as_ref().map(|n| n.url.as_str());
@@ -337,10 +338,10 @@ async fn queue_nats(
                 state.ctx.nats.shown_url(url)
             ))
         })?;
-    Ok((QueueRef::new(namespace, name), js))
+    Ok((QueueRef::new(namespace, name), js, queue.spec.priorities))
 }
 
-fn dlq_failure(error: DlqError) -> Failure {
+pub(super) fn dlq_failure(error: DlqError) -> Failure {
     let status = match error {
         DlqError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_GATEWAY,
@@ -397,7 +398,7 @@ pub async fn dead_letters(
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<PageQuery>,
 ) -> Answer<DeadLetterPage> {
-    let (queue, js) = queue_nats(&state, &namespace, &name).await?;
+    let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     let limit = limit(query.limit, DEAD_LETTER_LIMIT);
     // One more than shown tells whether a next page exists.
     let found = dlq::page(&js, &queue, query.from.unwrap_or(0), limit + 1)
@@ -478,7 +479,7 @@ pub async fn dead_letter(
     State(state): State<DashboardState>,
     Path((namespace, name, sequence)): Path<(String, String, u64)>,
 ) -> Answer<DeadLetterDetail> {
-    let (queue, js) = queue_nats(&state, &namespace, &name).await?;
+    let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     let job = read_dead_letter(&js, &queue, sequence).await?;
     let headers = job
         .headers
@@ -523,7 +524,7 @@ pub async fn dead_letter_action(
             ));
         }
     };
-    let (queue, js) = queue_nats(&state, &namespace, &name).await?;
+    let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     // This one dead letter, read and moved by sequence: one page, never a scan.
     let job = read_dead_letter(&js, &queue, sequence).await?;
     match action {
@@ -572,7 +573,7 @@ pub async fn job(
 ) -> Answer<JobLookup> {
     conveyor::protocol::validate_id(&id)
         .map_err(|e| Failure(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let (queue, js) = queue_nats(&state, &namespace, &name).await?;
+    let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     let mut lookup = JobLookup {
         id: cut(&id),
         state: "notFound",

@@ -1,11 +1,13 @@
 //! The web dashboard: a JSON API and a page (hand-written HTML, CSS and JS compiled into the
 //! binary) served on its own port when `--dashboard-addr` is set. It shows queues and workers
 //! from the status the controllers keep in their reflector stores (no NATS request), and reads
-//! NATS only for one page of dead letters, one dead letter, or one job's lookup, each bounded.
-//! Writes (requeue or purge one dead letter) need `--dashboard-token` as a bearer token and a
-//! same-origin request; without a token the dashboard is read-only. See `docs/dashboard.md`.
+//! NATS only for one page of dead letters, pending or delayed jobs, one dead letter, or one
+//! job's lookup, each bounded. Writes (requeue or purge one dead letter, or a page of the
+//! matching ones) need `--dashboard-token` as a bearer token and a same-origin request; without
+//! a token the dashboard is read-only. See `docs/dashboard.md`.
 
 mod api;
+mod peek;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -89,7 +91,13 @@ pub fn router(state: DashboardState) -> Router {
             "/api/queues/{namespace}/{name}/dead-letters/{sequence}/{action}",
             post(api::dead_letter_action),
         )
+        .route(
+            "/api/queues/{namespace}/{name}/dead-letters/all/{action}",
+            post(peek::bulk),
+        )
         .route("/api/queues/{namespace}/{name}/jobs/{id}", get(api::job))
+        .route("/api/queues/{namespace}/{name}/pending", get(peek::pending))
+        .route("/api/queues/{namespace}/{name}/delayed", get(peek::delayed))
         .layer(axum::middleware::from_fn(addressed_by_ip))
         .with_state(state)
 }

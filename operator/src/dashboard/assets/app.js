@@ -97,6 +97,8 @@ async function queueView(namespace, name) {
     el("p", {}, conditions(q.conditions)),
     el("p", {},
       el("a", { href: `#/dead-letters/${part(namespace)}/${part(name)}` }, "Browse dead letters"), " · ",
+      el("a", { href: `#/pending/${part(namespace)}/${part(name)}` }, "Peek pending jobs"), " · ",
+      el("a", { href: `#/delayed/${part(namespace)}/${part(name)}` }, "Delayed jobs"), " · ",
       el("a", { href: `#/job?queue=${part(namespace + "/" + name)}` }, "Find a job")),
     el("h2", {}, "Recent failures"),
     q.recentFailures.length === 0 ? el("p", { class: "muted" }, "None.") :
@@ -139,8 +141,15 @@ async function deadLettersView(namespace, name, params) {
         el("a", { href: `#/dead-letter/${part(namespace)}/${part(name)}/${d.sequence}` }, d.sequence)),
       el("td", {}, d.jobId), el("td", {}, d.reason), el("td", { class: "num" }, shown(d.attempts)),
       el("td", {}, d.error), el("td", {}, d.pod), el("td", {}, d.failedAt)));
+  const outcome = el("div", { id: "bulk-outcome" });
+  const match = el("input", { id: "bulk-match", placeholder: "error or reason contains … (empty: all)" });
+  const bulk = (action) => () => bulkAction(namespace, name, action, match.value.trim(), outcome);
   render(
     el("h1", {}, `Dead letters of ${namespace}/${name}`),
+    el("p", { class: "find" }, match,
+      el("button", { id: "bulk-requeue", onclick: bulk("requeue") }, "Requeue matching"),
+      el("button", { id: "bulk-purge", onclick: bulk("purge") }, "Purge matching")),
+    outcome,
     el("table", { id: "dead-letters" },
       el("thead", {}, el("tr", {}, ["Seq", "Job", "Reason", "Attempts", "Error", "Pod", "Failed at"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)),
@@ -148,6 +157,78 @@ async function deadLettersView(namespace, name, params) {
     page.next ? el("p", {}, el("a", {
       href: `#/dead-letters/${part(namespace)}/${part(name)}?from=${page.next}`,
     }, "Next page")) : null);
+}
+
+function writeHeaders() {
+  const token = document.getElementById("token").value;
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+// Requeues or purges the dead letters that match, one bounded page per request, following
+// `next` until the end and showing the running count.
+async function bulkAction(namespace, name, action, match, outcome) {
+  let from = 0;
+  let acted = 0;
+  let scanned = 0;
+  const base = `/api/queues/${part(namespace)}/${part(name)}/dead-letters/all/${action}`;
+  try {
+    for (;;) {
+      const done = await api(`${base}?from=${from}${match ? "&match=" + part(match) : ""}`,
+        { method: "POST", headers: writeHeaders() });
+      acted += done.jobs.length;
+      scanned += done.scanned;
+      fill(outcome, notice(`${action === "requeue" ? "Requeued" : "Purged"} ${acted} of ${scanned} read${done.next ? " …" : "."}`));
+      if (!done.next) return;
+      from = done.next;
+    }
+  } catch (error) {
+    fill(outcome, notice(`${acted} done, then: ${error.message}`, true));
+  }
+}
+
+function peekTable(id, headings, rows) {
+  return el("table", { id },
+    el("thead", {}, el("tr", {}, headings.map((h) => el("th", {}, h)))),
+    el("tbody", {}, rows));
+}
+
+async function pendingView(namespace, name, params) {
+  const q = await api(`/api/queues/${part(namespace)}/${part(name)}`);
+  const level = Number(params.get("level") || 0);
+  const from = params.get("from");
+  const page = await api(`/api/queues/${part(namespace)}/${part(name)}/pending?level=${level}` +
+    (from ? `&from=${part(from)}` : ""));
+  const here = `#/pending/${part(namespace)}/${part(name)}`;
+  const levels = [];
+  for (let l = q.priorities - 1; l >= 0; l--) {
+    levels.push(l === level ? el("strong", {}, `level ${l}`) : el("a", { href: `${here}?level=${l}` }, `level ${l}`), " ");
+  }
+  const rows = page.items.map((j) =>
+    el("tr", { "data-job": j.jobId },
+      el("td", { class: "num" }, j.sequence), el("td", {}, j.jobId), el("td", { class: "num" }, j.size),
+      el("td", {}, j.storedAt),
+      el("td", { "data-field": "state" }, j.delivered ? "delivered (running or retrying)" : "waiting for a worker"),
+      el("td", { class: j.malformed ? "error" : "muted" }, j.malformed || "–")));
+  render(
+    el("h1", {}, `Pending jobs of ${namespace}/${name}`),
+    el("p", {}, "Priority: ", levels, el("span", { class: "muted" }, ` (${shown(q.pending)} pending in all levels)`)),
+    peekTable("pending", ["Seq", "Job", "Bytes", "Stored at", "State", "Malformed"], rows),
+    page.items.length === 0 ? notice("No pending job at this level" + (from ? " from here on." : ".")) : null,
+    page.next ? el("p", {}, el("a", { href: `${here}?level=${level}&from=${page.next}` }, "Next page")) : null);
+}
+
+async function delayedView(namespace, name, params) {
+  const from = params.get("from");
+  const page = await api(`/api/queues/${part(namespace)}/${part(name)}/delayed` + (from ? `?from=${part(from)}` : ""));
+  const rows = page.items.map((j) =>
+    el("tr", { "data-job": j.jobId },
+      el("td", { class: "num" }, j.sequence), el("td", {}, j.jobId), el("td", { "data-field": "runAt" }, shown(j.runAt)),
+      el("td", { class: "num" }, j.size), el("td", {}, j.storedAt)));
+  render(
+    el("h1", {}, `Delayed jobs of ${namespace}/${name}`),
+    peekTable("delayed", ["Seq", "Job", "Runs at", "Bytes", "Submitted at"], rows),
+    page.items.length === 0 ? notice("No delayed job" + (from ? " from here on." : ".")) : null,
+    page.next ? el("p", {}, el("a", { href: `#/delayed/${part(namespace)}/${part(name)}?from=${page.next}` }, "Next page")) : null);
 }
 
 function payload(bytes) {
@@ -163,11 +244,9 @@ async function deadLetterView(namespace, name, sequence) {
   const info = await api("/api/info");
   const outcome = el("div", { id: "outcome" });
   const act = (action) => async () => {
-    const token = document.getElementById("token").value;
-    const headers = token ? { Authorization: `Bearer ${token}` } : {};
     try {
       const done = await api(`/api/queues/${part(namespace)}/${part(name)}/dead-letters/${part(sequence)}/${action}`,
-        { method: "POST", headers });
+        { method: "POST", headers: writeHeaders() });
       fill(outcome, notice(`${done.action === "requeue" ? "Requeued" : "Purged"}: ${done.jobs.join(", ")}`));
     } catch (error) {
       fill(outcome, notice(error.message, true));
@@ -239,6 +318,8 @@ async function route() {
       case "queue": return await queueView(parts[1], parts[2]);
       case "dead-letters": return await deadLettersView(parts[1], parts[2], params);
       case "dead-letter": return await deadLetterView(parts[1], parts[2], parts[3]);
+      case "pending": return await pendingView(parts[1], parts[2], params);
+      case "delayed": return await delayedView(parts[1], parts[2], params);
       case "job": return await jobView(params);
       default: return await queuesView(params);
     }
