@@ -276,6 +276,32 @@ impl DevCluster {
         self.state.access.of(user)
     }
 
+    /// Stores `obj` (which names its `apiVersion` and `kind`) as it is, without the admission
+    /// a create through the API does (schema validation, defaulting, pruning): how an object
+    /// written before a schema change, or straight into etcd, can look. For tests of clients
+    /// that must cope with a stored object that does not fit their types. The store still
+    /// fills the name-independent metadata (uid, resourceVersion, generation) and refuses a
+    /// name that exists.
+    pub fn store_unchecked(
+        &self,
+        obj: serde_json::Value,
+    ) -> Result<serde_json::Value, error::ApiError> {
+        let field = |name: &str| obj.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+        let (api_version, kind) = (field("apiVersion"), field("kind"));
+        let registry = self.state.registry();
+        let info = registry
+            .by_kind(api_version, kind)
+            .ok_or_else(|| error::ApiError::not_found("", kind, api_version))?;
+        let namespace = obj
+            .pointer("/metadata/namespace")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default")
+            .to_owned();
+        self.state
+            .store
+            .create(&info.storage, &namespace, obj.clone(), info.rules(), false)
+    }
+
     /// The newest resourceVersion of the store (for tests of watch semantics).
     pub fn resource_version(&self) -> u64 {
         self.state.store.current_rv()

@@ -195,15 +195,14 @@ fn default_identity() -> String {
 /// Runs both controllers and the scaler until `stop` is cancelled; their stores are in
 /// `stores` for the dashboard meanwhile.
 async fn controllers(ctx: Arc<Context>, stores: dashboard::StoreSlot, stop: CancellationToken) {
-    let queues = jobqueue::controller(&ctx);
-    let queue_store = queues.store();
-    let limited_queues = queues.store();
-    let dispatched_queues = queues.store();
+    let (queues, queue_store) = jobqueue::controller(&ctx);
+    let limited_queues = queue_store.clone();
+    let dispatched_queues = queue_store.clone();
     let workers = worker::controller(&ctx);
     let worker_store = workers.store();
-    let pruned = (queues.store(), workers.store());
+    let pruned = (queue_store.clone(), workers.store());
     let shown = dashboard::Stores {
-        queues: queues.store(),
+        queues: queue_store.clone(),
         workers: workers.store(),
     };
     *stores

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use crate::context::Context;
@@ -97,10 +97,10 @@ where
         self.lock().remove(&ObjectRef::from_obj(obj));
     }
 
-    /// Forgets the objects that are no longer in `store` (deleted without a cleanup this
-    /// process saw).
-    pub fn prune(&self, store: &Store<K>) {
-        self.lock().retain(|key, _| store.get(key).is_some());
+    /// Forgets the objects `present` says are gone (deleted without a cleanup this process
+    /// saw), e.g. against the controller's cache.
+    pub fn prune(&self, present: impl Fn(&ObjectRef<K>) -> bool) {
+        self.lock().retain(|key, _| present(key));
     }
 
     /// How many objects have state.

@@ -27,13 +27,16 @@ use async_nats::jetstream;
 use conveyor::connect::{FailureKind, NatsOptions};
 use conveyor::names::QueueRef;
 use conveyor_crds::{DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueStatus};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as Finalizer};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
@@ -204,18 +207,65 @@ enum Stopped {
     Assets(#[from] AssetsError),
 }
 
-/// The JobQueue controller (its cache also feeds the scaler).
-pub fn controller(ctx: &Context) -> Controller<JobQueue> {
-    let api: Api<JobQueue> = match &ctx.config.namespace {
+/// A `JobQueue` as stored: one whose JSON does not fit [`JobQueue`] (written before a schema
+/// change, or past validation) is an `Err` with its metadata, so it does not fail the whole
+/// list and stall the watch for the others.
+pub type Stored = DeserializeGuard<JobQueue>;
+
+/// The JobQueue controller, and a cache of the well-formed queues for the scaler, the
+/// dispatcher, the rate limiter and the dashboard. Both come from one watch.
+pub fn controller(ctx: &Context) -> (Controller<Stored>, Store<JobQueue>) {
+    let api: Api<Stored> = match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    Controller::new(api, watcher::Config::default())
+    let (stored, stored_writer) = reflector::store::<Stored>();
+    let (queues, mut queues_writer) = reflector::store::<JobQueue>();
+    let known = queues.clone();
+    let events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map_ok(move |event| {
+            if let Some(typed) = well_formed(&event, &known) {
+                queues_writer.apply_watcher_event(&typed);
+            }
+            event
+        })
+        .reflect(stored_writer)
+        .applied_objects();
+    (Controller::for_stream(events, stored), queues)
+}
+
+/// The watch event `event` as the cache of well-formed queues sees it: a malformed queue is
+/// not in it (one that was well-formed until now leaves it, as if deleted).
+fn well_formed(
+    event: &watcher::Event<Stored>,
+    known: &Store<JobQueue>,
+) -> Option<watcher::Event<JobQueue>> {
+    use watcher::Event;
+    let valid = |stored: &Stored| stored.0.as_ref().ok().cloned();
+    let cached = |stored: &Stored| {
+        let key = ObjectRef::new(&stored.name_any());
+        let key = match stored.namespace() {
+            Some(ns) => key.within(&ns),
+            None => key,
+        };
+        known.get(&key).map(|q| (*q).clone())
+    };
+    match event {
+        Event::Init => Some(Event::Init),
+        Event::InitDone => Some(Event::InitDone),
+        Event::InitApply(stored) => valid(stored).map(Event::InitApply),
+        Event::Apply(stored) => match valid(stored) {
+            Some(queue) => Some(Event::Apply(queue)),
+            None => cached(stored).map(Event::Delete),
+        },
+        Event::Delete(stored) => valid(stored).or_else(|| cached(stored)).map(Event::Delete),
+    }
 }
 
 /// Runs `controller` until `shutdown` resolves, with states of its own.
 pub async fn run(
-    controller: Controller<JobQueue>,
+    controller: Controller<Stored>,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -229,16 +279,31 @@ pub async fn run(
                 tracing::debug!(%err, "jobqueue reconcile ended with an error");
             }
             // Queues deleted without a cleanup seen here (a finalizer removed by hand).
-            queues.states.prune(&store);
+            queues.states.prune(|key| {
+                let stored = ObjectRef::<Stored>::new(&key.name);
+                let stored = match &key.namespace {
+                    Some(ns) => stored.within(ns),
+                    None => stored,
+                };
+                store.get(&stored).is_some()
+            });
             std::future::ready(())
         })
         .await;
 }
 
-/// Reconciles one `JobQueue` (through the finalizer, so deletion runs [`cleanup`]).
-#[instrument(skip(jq, queues), fields(namespace = jq.namespace(), name = jq.name_any()))]
-pub async fn reconcile(jq: Arc<JobQueue>, queues: Arc<Queues>) -> Result<Action, Error> {
+/// Reconciles one `JobQueue` (through the finalizer, so deletion runs [`cleanup`]); a
+/// malformed one is reported on the object and left alone until it changes.
+#[instrument(skip(stored, queues), fields(namespace = stored.namespace(), name = stored.name_any()))]
+pub async fn reconcile(stored: Arc<Stored>, queues: Arc<Queues>) -> Result<Action, Error> {
     let ctx = &queues.ctx;
+    let jq = match &stored.0 {
+        Ok(jq) => Arc::new(jq.clone()),
+        Err(invalid) => {
+            report_malformed(&stored, invalid, ctx).await;
+            return Ok(Action::await_change());
+        }
+    };
     let started = Instant::now();
     let ns = jq.namespace().unwrap_or_default();
     let api: Api<JobQueue> = Api::namespaced(ctx.client.clone(), &ns);
@@ -286,11 +351,30 @@ async fn add_finalizer(api: &Api<JobQueue>, jq: &JobQueue) -> Result<(), Error> 
     .map_err(|err| Error::Finalizer(Box::new(finalizer::Error::AddFinalizer(err))))
 }
 
+/// Says on a malformed queue, in a Warning Event and the log, why the operator leaves it
+/// alone (a repeat of the same note is counted into one Event).
+async fn report_malformed(stored: &Stored, invalid: &InvalidObject, ctx: &Context) {
+    tracing::warn!(
+        error = %invalid.error,
+        "the stored JobQueue does not fit the JobQueue type; leaving it alone until it changes"
+    );
+    ctx.metrics.failed(CONTROLLER, "malformed");
+    let note = format!(
+        "the stored object does not fit the JobQueue type ({}); the operator leaves this queue alone until it is fixed",
+        invalid.error
+    );
+    ctx.event(stored, EventType::Warning, reasons::MALFORMED_OBJECT, note)
+        .await;
+}
+
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(jq: Arc<JobQueue>, err: &Error, queues: Arc<Queues>) -> Action {
+pub fn error_policy(stored: Arc<Stored>, err: &Error, queues: Arc<Queues>) -> Action {
     queues.ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = queues.states.backoff(&jq, queues.ctx.config.resync);
-    tracing::warn!(%err, ?delay, name = jq.name_any(), "jobqueue reconcile failed, retrying");
+    let delay = match &stored.0 {
+        Ok(jq) => queues.states.backoff(jq, queues.ctx.config.resync),
+        Err(_) => queues.ctx.config.resync,
+    };
+    tracing::warn!(%err, ?delay, name = stored.name_any(), "jobqueue reconcile failed, retrying");
     Action::requeue(delay)
 }
 
@@ -763,6 +847,48 @@ mod tests {
             None,
             "a dead-letter request acts at once"
         );
+    }
+
+    #[test]
+    fn a_malformed_queue_is_not_in_the_cache_of_well_formed_ones() {
+        use watcher::Event;
+        let good = queue(SPEC);
+        let broken = DeserializeGuard::<JobQueue>(Err(InvalidObject {
+            error: "spec.priorities: invalid type: string \"many\", expected i32".into(),
+            metadata: good.metadata.clone(),
+        }));
+        let (known, mut writer) = reflector::store::<JobQueue>();
+        let name = |e: Option<Event<JobQueue>>| match e {
+            Some(Event::Apply(q)) => format!("apply {}", q.name_any()),
+            Some(Event::Delete(q)) => format!("delete {}", q.name_any()),
+            Some(Event::InitApply(q)) => format!("init {}", q.name_any()),
+            Some(Event::Init) => "init".into(),
+            Some(Event::InitDone) => "done".into(),
+            None => "nothing".into(),
+        };
+        assert_eq!(
+            name(well_formed(&Event::InitApply(broken.clone()), &known)),
+            "nothing"
+        );
+        assert_eq!(
+            name(well_formed(&Event::Apply(broken.clone()), &known)),
+            "nothing",
+            "never cached: nothing to forget"
+        );
+        let valid = Event::Apply(DeserializeGuard(Ok(good.clone())));
+        let typed = well_formed(&valid, &known).unwrap();
+        writer.apply_watcher_event(&typed);
+        assert_eq!(name(Some(typed)), "apply hello");
+        assert_eq!(
+            name(well_formed(&Event::Apply(broken.clone()), &known)),
+            "delete hello",
+            "a queue that turned malformed leaves the cache"
+        );
+        assert_eq!(
+            name(well_formed(&Event::Delete(broken), &known)),
+            "delete hello"
+        );
+        assert_eq!(name(well_formed(&Event::InitDone, &known)), "done");
     }
 
     #[test]

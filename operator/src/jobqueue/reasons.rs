@@ -41,6 +41,9 @@ pub const DEAD_LETTER_NOT_FOUND: &str = "DeadLetterNotFound";
 /// Event: a dead-letter request failed; its annotation stays and it is retried.
 pub const DEAD_LETTER_REQUEST_FAILED: &str = "DeadLetterRequestFailed";
 
+/// Event: the stored object does not fit the JobQueue type; the operator leaves it alone.
+pub const MALFORMED_OBJECT: &str = "MalformedObject";
+
 /// Every `Ready` reason, for turning a reason read back from a condition into its constant.
 pub const READY: [&str; 6] = [
     STREAM_READY,

@@ -84,7 +84,7 @@ pub fn controller(ctx: &Context) -> Controller<Worker> {
         Some(ns) => (
             Api::<Worker>::namespaced(ctx.client.clone(), ns),
             Api::<Deployment>::namespaced(ctx.client.clone(), ns),
-            Api::<JobQueue>::namespaced(ctx.client.clone(), ns),
+            Api::<crate::jobqueue::Stored>::namespaced(ctx.client.clone(), ns),
             Api::<Pod>::namespaced(ctx.client.clone(), ns),
         ),
         None => (
@@ -104,7 +104,11 @@ pub fn controller(ctx: &Context) -> Controller<Worker> {
     controller
         .owns(deployments, ours.clone())
         .watches(queues, watcher::Config::default(), move |queue| {
-            workers_of(&store, &queue)
+            // A malformed queue (reported by the JobQueue controller) triggers nothing.
+            queue
+                .0
+                .map(|queue| workers_of(&store, &queue))
+                .unwrap_or_default()
         })
         .watches(pods, ours, |pod| worker_of(&pod))
 }
@@ -143,7 +147,7 @@ pub async fn run(
             }
             // Workers have no finalizer: the state of a deleted one goes once the cache
             // forgets it.
-            workers.states.prune(&store);
+            workers.states.prune(|key| store.get(key).is_some());
             std::future::ready(())
         })
         .await;

@@ -1,0 +1,155 @@
+//! A stored `JobQueue` whose JSON does not fit the JobQueue type (written before a schema
+//! change, or past validation) must not stall the operator's watch for the other queues: it is
+//! reported on the object, and the well-formed queues next to it, those there before the
+//! operator started and those made after, are reconciled as usual. The broken object goes into
+//! the Kubernetes test double past its schema validation (`DevCluster::store_unchecked`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor_crds::JobQueue;
+use conveyor_devcluster::{DevCluster, Options};
+use conveyor_operator::Config;
+use conveyor_testkit::{NatsServer, wait_for};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use tokio_util::sync::CancellationToken;
+
+const KUBECTL: &str = "/usr/bin/kubectl";
+const DEADLINE: Duration = Duration::from_secs(30);
+const NS: &str = "team";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+async fn kubectl_ok(cluster: &DevCluster, args: &[&str]) {
+    let out = tokio::process::Command::new(KUBECTL)
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn queue(name: &str) -> JobQueue {
+    let mut q = JobQueue::new(name, serde_yaml::from_str("{priorities: 1}").unwrap());
+    q.metadata.namespace = Some(NS.into());
+    q
+}
+
+/// Whether the queue `name` is `Ready=True`.
+async fn ready(api: &Api<JobQueue>, name: &str) -> bool {
+    api.get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|q| q.status)
+        .is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_queue_is_reported_and_the_others_still_reconcile() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
+        kubectl_ok(&cluster, &["apply", "-f", repo(crd).to_str().unwrap()]).await;
+    }
+    kubectl_ok(&cluster, &["create", "namespace", NS]).await;
+    let nats = NatsServer::start().await.unwrap();
+    let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
+
+    // The broken queue is there before the operator starts, so its first list holds it.
+    cluster
+        .store_unchecked(serde_json::json!({
+            "apiVersion": "conveyor.dev/v1alpha1",
+            "kind": "JobQueue",
+            "metadata": {"name": "broken", "namespace": NS},
+            "spec": {"priorities": "many"},
+        }))
+        .unwrap();
+    api.create(&PostParams::default(), &queue("before"))
+        .await
+        .unwrap();
+    assert!(
+        api.get("broken").await.is_err(),
+        "the stored object does not fit the JobQueue type"
+    );
+
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.resync = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+
+    wait_for(DEADLINE, "JobQueue before Ready=True", || {
+        ready(&api, "before")
+    })
+    .await
+    .unwrap();
+    api.create(&PostParams::default(), &queue("after"))
+        .await
+        .unwrap();
+    wait_for(DEADLINE, "JobQueue after Ready=True", || {
+        ready(&api, "after")
+    })
+    .await
+    .unwrap();
+
+    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
+    let reported = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .map(|list| {
+                list.items.into_iter().find(|e| {
+                    e.reason.as_deref() == Some("MalformedObject")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+                })
+            })
+            .ok()
+            .flatten()
+    };
+    wait_for(
+        DEADLINE,
+        "a MalformedObject Event on JobQueue broken",
+        || async { reported().await.is_some() },
+    )
+    .await
+    .unwrap();
+    let event = reported().await.unwrap();
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("\"many\""),
+        "the note says what is wrong: {note}"
+    );
+    assert_eq!(
+        event.regarding.and_then(|r| r.kind).as_deref(),
+        Some("JobQueue")
+    );
+
+    stop.cancel();
+    operator.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
