@@ -217,6 +217,47 @@ pub async fn dependency_results(
     Ok(results)
 }
 
+/// Dependency results as handler processes get them, results up to `inline` bytes inline
+/// (larger by reference).
+pub fn for_handler(
+    results: &[DependencyResult],
+    inline: usize,
+) -> Vec<protocol::HandlerDependency> {
+    use base64::Engine as _;
+    results
+        .iter()
+        .map(|d| {
+            let queue = d.job.queue_ref();
+            let (status, error) = match &d.state {
+                DependencyState::Completed => ("completed", None),
+                DependencyState::Failed(error) => ("failed", Some(error.clone())),
+                DependencyState::Cancelled => ("cancelled", None),
+                DependencyState::Missing => ("missing", None),
+            };
+            let completed = d.state == DependencyState::Completed;
+            let small = completed && d.result_ref.is_none() && d.result.len() <= inline;
+            let by_ref = completed && !small;
+            protocol::HandlerDependency {
+                job: d.job.to_string(),
+                status: status.into(),
+                error,
+                result_b64: small
+                    .then(|| base64::engine::general_purpose::STANDARD.encode(&d.result)),
+                result: small
+                    .then(|| std::str::from_utf8(&d.result).ok().map(str::to_owned))
+                    .flatten(),
+                result_ref: by_ref.then(|| {
+                    format!(
+                        "{} {}",
+                        queue.results_stream(),
+                        queue.result_subject(&d.job.id)
+                    )
+                }),
+            }
+        })
+        .collect()
+}
+
 /// One finished child of a parent, from its record in the parent queue's flow stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChildResult {

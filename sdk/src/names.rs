@@ -279,4 +279,10 @@ pub mod handler_env {
     pub const JOB_ATTEMPT: &str = "CONVEYOR_JOB_ATTEMPT";
     /// Attempts allowed in total.
     pub const JOB_MAX_ATTEMPTS: &str = "CONVEYOR_JOB_MAX_ATTEMPTS";
+    /// The job's reference `<namespace>/<queue>/<id>` (the `Conveyor-Parent` of children it
+    /// spawns).
+    pub const JOB_REF: &str = "CONVEYOR_JOB_REF";
+    /// The job's dependencies' outcomes, a JSON array (`protocol::HandlerDependency`), results
+    /// up to 1 KiB inline; set only for a job with dependencies.
+    pub const DEPENDENCIES: &str = "CONVEYOR_DEPENDENCIES";
 }

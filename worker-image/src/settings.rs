@@ -119,9 +119,9 @@ pub struct RunArgs {
     /// Logging (`--log-format`, the same in every Conveyor binary).
     #[command(flatten)]
     pub log: conveyor_logging::LogArgs,
-    /// Keep each finished job's outcome in the queue's results stream (set by the operator
-    /// for queues with `results.retention`).
-    #[arg(long, env = env::STORE_RESULTS)]
+    /// Keep each finished job's outcome in the queue's results stream, so producers can
+    /// fetch it and other jobs can depend on it (on unless `false`).
+    #[arg(long, env = env::STORE_RESULTS, default_value_t = true, action = clap::ArgAction::Set)]
     pub store_results: bool,
     /// Take a token from the queue's rate-limit stream for every job started (set by the
     /// operator for queues with a `rateLimit`).

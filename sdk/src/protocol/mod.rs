@@ -360,6 +360,50 @@ pub struct JsonlRequest {
     pub attempt: u32,
     /// Attempts allowed in total.
     pub max_attempts: u32,
+    /// The job's own reference `<namespace>/<queue>/<id>`: the `Conveyor-Parent` of the
+    /// children it spawns before answering `continue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The outcomes of the job's dependencies, when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<Vec<HandlerDependency>>,
+}
+
+/// One dependency's outcome as a handler process sees it (`jsonl` field `dependencies`, the
+/// `CONVEYOR_DEPENDENCIES` environment variable of `exec`, the `Conveyor-Dependencies` header
+/// of `http`, each a JSON array of these).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandlerDependency {
+    /// The dependency, `<namespace>/<queue>/<id>`.
+    pub job: String,
+    /// `completed`, `failed`, `cancelled` (skipped) or `missing` (its record expired).
+    pub status: String,
+    /// The error of a failed dependency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its result as base64, when completed and small enough for the mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_b64: Option<String>,
+    /// Its result as text, when it is valid UTF-8 and small enough for the mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// Where a larger result is kept: `<results stream> <results subject>` (read it with
+    /// `$JS.API.STREAM.MSG.GET.<stream>` and `last_by_subj`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_ref: Option<String>,
+}
+
+/// A `jsonl` handler's continuation, with status `continue`: the job to run once the
+/// children it spawned (with `Conveyor-Parent` set to the request's `job`) have finished.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JsonlContinuation {
+    /// The continuation's job id.
+    pub id: String,
+    /// Its payload as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// How many children the handler spawned.
+    pub spawned: u64,
 }
 
 /// How a handler finished a job, in a `jsonl` response.
@@ -377,6 +421,8 @@ pub enum JsonlStatus {
     /// Not an outcome: the job is still running and `progress` (any JSON) says how far it
     /// got. Forwarded to a producer awaiting the job; any number may precede the outcome.
     Progress,
+    /// Done for now: `continuation` runs once the children the handler spawned are done.
+    Continue,
 }
 
 /// A `jsonl` handler's answer for one job, one JSON object per line on its stdout.
@@ -398,6 +444,9 @@ pub struct JsonlResponse {
     /// How far the job got (any JSON), for `progress`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<serde_json::Value>,
+    /// The continuation, for `continue`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<JsonlContinuation>,
 }
 
 #[cfg(test)]

@@ -157,6 +157,12 @@ impl JobFlow {
         results
     }
 
+    /// Counts `n` children spawned by the handler itself (a handler process that published
+    /// them with `Conveyor-Parent` set to this job), for the continuation.
+    pub fn add_spawned(&self, n: u64) {
+        self.spawned.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Children spawned so far by this attempt.
     pub fn spawned(&self) -> u64 {
         self.spawned.load(Ordering::Relaxed)

@@ -35,8 +35,17 @@ impl ExecHandler {
     /// Runs one attempt. Dropping the future kills the process; cancelling the job
     /// ([`ReceivedJob::cancel`]) sends it SIGTERM.
     pub async fn run(&self, job: ReceivedJob) -> Outcome {
-        let mut child = match Command::new(&self.program)
+        let dependencies = match super::dependencies_json(&job, super::SMALL_INLINE).await {
+            Ok(dependencies) => dependencies,
+            Err(error) => return Outcome::Failed(error),
+        };
+        let mut command = Command::new(&self.program);
+        if let Some(dependencies) = dependencies {
+            command.env(handler_env::DEPENDENCIES, dependencies);
+        }
+        let mut child = match command
             .args(&self.args)
+            .env(handler_env::JOB_REF, job.flow.me().to_string())
             .env(handler_env::JOB_ID, &job.id)
             .env(handler_env::JOB_ATTEMPT, job.attempt.to_string())
             .env(handler_env::JOB_MAX_ATTEMPTS, job.max_attempts.to_string())

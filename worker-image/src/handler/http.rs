@@ -21,6 +21,11 @@ pub const ATTEMPT_HEADER: &str = "Conveyor-Attempt";
 pub const MAX_ATTEMPTS_HEADER: &str = "Conveyor-Max-Attempts";
 /// Request header with the URL this attempt's progress updates may be posted to.
 pub const PROGRESS_URL_HEADER: &str = "Conveyor-Progress-Url";
+/// Header with the job's dependencies' outcomes, a JSON array (results up to 1 KiB inline),
+/// on a job with dependencies.
+pub const DEPENDENCIES_HEADER: &str = "Conveyor-Dependencies";
+/// Header with the job's reference `<namespace>/<queue>/<id>`.
+pub const JOB_REF_HEADER: &str = "Conveyor-Job-Ref";
 
 /// Posts jobs to a URL.
 #[derive(Debug, Clone)]
@@ -44,11 +49,18 @@ impl HttpHandler {
 
     /// Runs one attempt. Dropping the future cancels the request.
     pub async fn run(&self, job: ReceivedJob) -> Outcome {
+        let dependencies = match super::dependencies_json(&job, super::SMALL_INLINE).await {
+            Ok(dependencies) => dependencies,
+            Err(error) => return Outcome::Failed(error),
+        };
         let progress = self.progress.register(job.progress.clone());
-        let response = self
-            .client
-            .post(&self.url)
+        let mut request = self.client.post(&self.url);
+        if let Some(dependencies) = dependencies {
+            request = request.header(DEPENDENCIES_HEADER, dependencies);
+        }
+        let response = request
             .header(JOB_ID_HEADER, &job.id)
+            .header(JOB_REF_HEADER, job.flow.me().to_string())
             .header(PROGRESS_URL_HEADER, progress.url())
             .header(ATTEMPT_HEADER, job.attempt.to_string())
             .header(MAX_ATTEMPTS_HEADER, job.max_attempts.to_string())

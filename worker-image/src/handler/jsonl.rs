@@ -102,7 +102,14 @@ impl JsonlHandler {
             Ok(conn) => conn,
             Err(error) => return Outcome::Failed(error),
         };
+        let dependencies =
+            match super::dependencies(&job, conveyor::protocol::flow::MAX_INLINE_RESULT).await {
+                Ok(dependencies) => dependencies,
+                Err(error) => return Outcome::Failed(error),
+            };
         let request = JsonlRequest {
+            job: Some(job.flow.me().to_string()),
+            dependencies,
             id: job.id.clone(),
             payload_b64: base64::engine::general_purpose::STANDARD.encode(&job.payload),
             payload: std::str::from_utf8(&job.payload).ok().map(str::to_owned),
@@ -140,7 +147,12 @@ impl JsonlHandler {
         guard.answered = true;
         match response {
             Err(_) => Outcome::Failed("handler process exited while running the job".into()),
-            Ok(response) => outcome(response),
+            Ok(response) => {
+                if let Some(continuation) = &response.continuation {
+                    job.flow.add_spawned(continuation.spawned);
+                }
+                outcome(response)
+            }
         }
     }
 }
@@ -182,6 +194,13 @@ fn outcome(response: JsonlResponse) -> Outcome {
         },
         JsonlStatus::Failed => Outcome::Failed(error),
         JsonlStatus::Permanent => Outcome::Permanent(error),
+        JsonlStatus::Continue => match response.continuation {
+            Some(continuation) => Outcome::Continue(Box::new(conveyor::Job::new(
+                continuation.id,
+                continuation.payload.unwrap_or_default(),
+            ))),
+            None => Outcome::Failed("a continue answer without a continuation".into()),
+        },
         // Never routed here: progress lines are forwarded by the reader.
         JsonlStatus::Progress => Outcome::Failed("a progress line is not an outcome".into()),
     }

@@ -47,6 +47,34 @@ impl RuntimeHandler {
     }
 }
 
+/// Largest dependency result the `exec` and `http` modes pass inline (environment variables
+/// and headers are small); larger ones by reference.
+const SMALL_INLINE: usize = 1024;
+
+/// The job's dependencies' outcomes for a handler process (`None` for a job without
+/// dependencies), results up to `inline` bytes inline.
+async fn dependencies(
+    job: &ReceivedJob,
+    inline: usize,
+) -> Result<Option<Vec<conveyor::protocol::HandlerDependency>>, String> {
+    if job.flow.headers().after.is_empty() {
+        return Ok(None);
+    }
+    let results = job
+        .flow
+        .dependencies()
+        .await
+        .map_err(|e| format!("reading the job's dependencies: {e}"))?;
+    Ok(Some(conveyor::flow::for_handler(&results, inline)))
+}
+
+/// [`dependencies`] as a JSON array.
+async fn dependencies_json(job: &ReceivedJob, inline: usize) -> Result<Option<String>, String> {
+    Ok(dependencies(job, inline)
+        .await?
+        .map(|d| serde_json::to_string(&d).unwrap_or_default()))
+}
+
 impl Handler for RuntimeHandler {
     async fn handle(&self, job: ReceivedJob) -> Outcome {
         match self {
