@@ -35,6 +35,11 @@ if ! python3 -c 'import helm_python' >/dev/null 2>&1; then
   python3 -m pip install --quiet --user helm-python-sdk 2>/dev/null \
     || python3 -m pip install --quiet helm-python-sdk
 fi
+if ! python3 -c 'import nats' >/dev/null 2>&1; then
+  echo "installing nats-py (for the Python example in examples/flow-python)…" >&2
+  python3 -m pip install --quiet --user nats-py 2>/dev/null \
+    || python3 -m pip install --quiet nats-py
+fi
 if ! command -v promtool >/dev/null 2>&1; then
   echo "installing promtool (Debian's prometheus package, for the alert rules' tests)…" >&2
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
