@@ -597,7 +597,7 @@ async fn schedule_status(env: &Env, name: &str) -> conveyor_crds::JobScheduleSta
 
 #[tokio::test]
 async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_it() {
-    let env = Env::new().await;
+    let mut env = Env::new().await;
     env.apply_ok(&queue_yaml("single", "")).await;
     env.apply_ok(&schedule_yaml(
         "lonely",
@@ -634,6 +634,41 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
     use futures::StreamExt;
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
     let job = batch.next().await.expect("the queued run").unwrap();
+
+    // The run is now running (taken, not acknowledged) when the operator is down for five
+    // slots: back, it submits nothing over it, and counts the slots.
+    let missed_before = schedule_status(&env, "lonely").await.missed_runs;
+    env.stop_operator().await;
+    let stopped = Timestamp::now();
+    wait_for(DEADLINE, "five slots with no operator", || async {
+        env.held_slot("single", "lonely")
+            .await
+            .is_some_and(|slot| slot.as_second() >= stopped.as_second() + 5)
+    })
+    .await
+    .unwrap();
+    env.start_operator();
+    let restarted = Timestamp::now();
+    wait_for(DEADLINE, "a slot after the restart handled", || async {
+        schedule_status(&env, "lonely")
+            .await
+            .last_handled
+            .as_deref()
+            .is_some_and(|id| slot(id).as_second() > restarted.as_second())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        env.job_ids("single").await,
+        ids,
+        "no run overlaps the running one"
+    );
+    let status = schedule_status(&env, "lonely").await;
+    assert!(
+        status.missed_runs >= missed_before + 5,
+        "{missed_before} then {}",
+        status.missed_runs
+    );
     job.double_ack().await.unwrap();
     let next = wait_for(
         DEADLINE,
@@ -925,5 +960,68 @@ async fn a_slot_missed_for_longer_than_the_starting_deadline_is_skipped_and_said
     .unwrap();
     let ids = env.job_ids("late").await;
     assert!(!ids.contains(&missed), "{missed} ran: {ids:?}");
+    env.shutdown().await;
+}
+
+/// A relay to the real server `upstream` that announces `version` in the server's INFO line
+/// instead of its own, and passes everything else through: the server as an older release
+/// would present itself. Its `nats://` URL.
+async fn announcing(upstream: String, version: &'static str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("nats://").to_owned();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (server_read, mut server_write) = server.into_split();
+                let (mut client_read, mut client_write) = client.into_split();
+                let mut server_read = BufReader::new(server_read);
+                let mut info = String::new();
+                if server_read.read_line(&mut info).await.is_err() {
+                    return;
+                }
+                let (head, tail) = info.split_once("\"version\":\"").unwrap_or((&info, ""));
+                let rest = tail.split_once('"').map_or("", |(_, rest)| rest);
+                let info = format!("{head}\"version\":\"{version}\"{rest}");
+                if client_write.write_all(info.as_bytes()).await.is_err() {
+                    return;
+                }
+                let up = tokio::io::copy(&mut client_read, &mut server_write);
+                let down = tokio::io::copy(&mut server_read, &mut client_write);
+                let _ = tokio::join!(up, down);
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_server_older_than_2_14_is_refused_with_the_version_it_needs() {
+    let env = Env::new().await;
+    let old = announcing(env.nats.url(), "2.12.3").await;
+    env.apply_ok(&queue_yaml("old", &format!("nats: {{url: '{old}'}}")))
+        .await;
+    env.apply_ok(&schedule_yaml("nightly", "old", "@daily", ""))
+        .await;
+    let message = env
+        .wait_ready("nightly", "False", "UnsupportedServer")
+        .await;
+    assert_eq!(
+        message,
+        "NATS server version \"2.12.3\" cannot run cron or @every schedules; JobSchedules need 2.14 or newer"
+    );
+    let note = env.wait_event("nightly", "UnsupportedServer").await;
+    assert_eq!(note, message);
+    // Nothing was put on the server.
+    let nats = env.nats.client().await.unwrap();
+    let queue = QueueRef::new(NS, "old");
+    let subject = conveyor::schedule::schedule_subject(&queue, "nightly");
+    let held = conveyor::stored::last(&nats, &queue.delayed_stream(), &subject).await;
+    assert!(matches!(held, Ok(None) | Err(_)), "{held:?}");
     env.shutdown().await;
 }
