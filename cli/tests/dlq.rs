@@ -6,8 +6,8 @@ use std::process::Output;
 use async_nats::jetstream;
 use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::QueueRef;
-use conveyor::protocol::{self, dead_letter};
 use conveyor_testkit::NatsServer;
+use conveyor_testkit::dead_letters::{self, Letter};
 
 fn conveyor(nats: &NatsServer, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
@@ -29,24 +29,12 @@ fn stdout(output: &Output) -> String {
 
 /// Puts a dead letter into the queue's dead-letter stream the way a worker does.
 async fn dead_letter(js: &jetstream::Context, queue: &QueueRef, id: &str, error: &str) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(protocol::MSG_ID, format!("{id}:1").as_str());
-    headers.insert(dead_letter::JOB_ID, id);
-    headers.insert(dead_letter::REASON, "exhausted");
-    headers.insert(dead_letter::ERROR, error);
-    headers.insert(dead_letter::ATTEMPTS, "5");
-    headers.insert(dead_letter::POD, "worker-abc");
-    headers.insert(dead_letter::FAILED_AT, "2026-11-23T18:00:00Z");
-    headers.insert(dead_letter::SUBJECT, queue.job_subject(0).as_str());
-    js.publish_with_headers(
-        queue.dead_letter_subject(),
-        headers,
-        format!("payload of {id}").into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let letter = Letter::of(queue, id)
+        .error(error)
+        .attempts(5)
+        .failed_at("2026-11-23T18:00:00Z")
+        .payload(format!("payload of {id}"));
+    dead_letters::publish(js, [letter]).await.unwrap();
 }
 
 #[tokio::test]

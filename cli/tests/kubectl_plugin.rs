@@ -4,63 +4,18 @@
 //! `spec.nats.url`; and it says what to do when neither is there.
 
 use std::path::Path;
-use std::process::Output;
 
 use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::QueueRef;
 use conveyor_crds::JobQueue;
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_testkit::NatsServer;
+use conveyor_testkit::fixtures::Test as _;
+use conveyor_testkit::kubectl::Kubectl;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use tokio::process::Command;
 
 const NS: &str = "team";
-
-/// `kubectl <args>` with the plugin directory first on PATH and the cluster's kubeconfig.
-async fn kubectl(
-    cluster: &DevCluster,
-    plugins: &Path,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Output {
-    let path = format!(
-        "{}:{}",
-        plugins.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let mut command = Command::new("/usr/bin/kubectl");
-    command
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", cluster.kubeconfig_path())
-        .env_remove("CONVEYOR_NATS_URL")
-        .env_remove("CONVEYOR_NAMESPACE")
-        .env_remove("CONVEYOR_KUBE_CONTEXT")
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().expect("kubectl runs");
-    let mut pipe = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        tokio::io::AsyncWriteExt::write_all(&mut pipe, text.as_bytes())
-            .await
-            .unwrap();
-    }
-    drop(pipe);
-    child.wait_with_output().await.expect("kubectl ends")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn pending(status_json: &str) -> u64 {
     let figures: serde_json::Value = serde_json::from_str(status_json).expect("JSON");
@@ -76,15 +31,23 @@ async fn kubectl_conveyor_finds_each_queues_nats_from_its_jobqueue() {
         plugins.path().join("kubectl-conveyor"),
     )
     .unwrap();
+    // kubectl hands the plugin its environment: none of the CLI's own settings leak in.
+    let kubectl = [
+        "CONVEYOR_NATS_URL",
+        "CONVEYOR_NAMESPACE",
+        "CONVEYOR_KUBE_CONTEXT",
+        "RUST_LOG",
+    ]
+    .into_iter()
+    .fold(
+        Kubectl::new(cluster.kubeconfig_path()).with_plugins(plugins.path()),
+        Kubectl::without_env,
+    );
     let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/jobqueues.yaml");
-    ok(&kubectl(
-        &cluster,
-        plugins.path(),
-        &["apply", "-f", crd.to_str().unwrap()],
-        None,
-    )
-    .await);
-    ok(&kubectl(&cluster, plugins.path(), &["create", "namespace", NS], None).await);
+    kubectl
+        .ok(&["apply", "-f", crd.to_str().unwrap()], None)
+        .await;
+    kubectl.ok(&["create", "namespace", NS], None).await;
 
     let nats = NatsServer::start().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
@@ -95,19 +58,16 @@ async fn kubectl_conveyor_finds_each_queues_nats_from_its_jobqueue() {
     }
     // orders names its server in spec; invoices relies on what the operator reports in status;
     // orphans has neither yet.
-    let manifests = format!(
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: orders}}\nspec: {{nats: {{url: \"{}\"}}}}\n---\n\
-         apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: invoices}}\nspec: {{}}\n---\n\
-         apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: orphans}}\nspec: {{}}\n",
-        nats.url()
-    );
-    ok(&kubectl(
-        &cluster,
-        plugins.path(),
-        &["apply", "-n", NS, "-f", "-"],
-        Some(&manifests),
-    )
-    .await);
+    let manifests = [
+        JobQueue::test("orders").nats_url(&nats.url()),
+        JobQueue::test("invoices"),
+        JobQueue::test("orphans"),
+    ]
+    .map(|queue| queue.yaml())
+    .join("---\n");
+    kubectl
+        .ok(&["apply", "-n", NS, "-f", "-"], Some(&manifests))
+        .await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     let status = serde_json::json!({"status": {"natsUrl": nats.url()}});
     api.patch_status("invoices", &PatchParams::default(), &Patch::Merge(&status))
@@ -115,79 +75,65 @@ async fn kubectl_conveyor_finds_each_queues_nats_from_its_jobqueue() {
         .unwrap();
 
     for queue in ["orders", "invoices"] {
-        let submitted = ok(&kubectl(
-            &cluster,
-            plugins.path(),
-            &[
-                "conveyor",
-                "submit",
-                queue,
-                "-n",
-                NS,
-                "--id",
-                &format!("{queue}-1"),
-                "{}",
-            ],
-            None,
-        )
-        .await);
+        let submitted = kubectl
+            .ok(
+                &[
+                    "conveyor",
+                    "submit",
+                    queue,
+                    "-n",
+                    NS,
+                    "--id",
+                    &format!("{queue}-1"),
+                    "{}",
+                ],
+                None,
+            )
+            .await;
         assert!(submitted.contains(&format!("{queue}-1")), "{submitted}");
-        let figures = ok(&kubectl(
-            &cluster,
-            plugins.path(),
-            &["conveyor", "status", queue, "-n", NS, "-o", "json"],
-            None,
-        )
-        .await);
+        let figures = kubectl
+            .ok(&["conveyor", "status", queue, "-n", NS, "-o", "json"], None)
+            .await;
         assert_eq!(pending(&figures), 1, "{queue}: {figures}");
     }
 
-    let lost = kubectl(
-        &cluster,
-        plugins.path(),
-        &["conveyor", "submit", "orphans", "-n", NS, "{}"],
-        None,
-    )
-    .await;
-    assert!(!lost.status.success());
-    let said = String::from_utf8_lossy(&lost.stderr);
+    let lost = kubectl
+        .run(&["conveyor", "submit", "orphans", "-n", NS, "{}"], None)
+        .await;
+    assert!(!lost.ok);
+    let said = &lost.stderr;
     assert!(
         said.contains("JobQueue team/orphans does not say where its NATS is yet")
             && said.contains("pass --nats-url"),
         "{said}"
     );
-    let missing = kubectl(
-        &cluster,
-        plugins.path(),
-        &["conveyor", "status", "nowhere", "-n", NS],
-        None,
-    )
-    .await;
-    assert!(!missing.status.success());
-    let said = String::from_utf8_lossy(&missing.stderr);
+    let missing = kubectl
+        .run(&["conveyor", "status", "nowhere", "-n", NS], None)
+        .await;
+    assert!(!missing.ok);
+    let said = &missing.stderr;
     // A missing queue is named as such, not as a NATS question (#15).
     assert_eq!(
         said.trim(),
         "error: no JobQueue nowhere in namespace team",
         "{said}"
     );
-    let wrong_context = kubectl(
-        &cluster,
-        plugins.path(),
-        &[
-            "conveyor",
-            "status",
-            "orders",
-            "-n",
-            NS,
-            "--context",
-            "nope",
-        ],
-        None,
-    )
-    .await;
-    assert!(!wrong_context.status.success());
-    let said = String::from_utf8_lossy(&wrong_context.stderr);
+    let wrong_context = kubectl
+        .run(
+            &[
+                "conveyor",
+                "status",
+                "orders",
+                "-n",
+                NS,
+                "--context",
+                "nope",
+            ],
+            None,
+        )
+        .await;
+    assert!(!wrong_context.ok);
+    let said = &wrong_context.stderr;
     assert!(said.contains("kubeconfig context \"nope\""), "{said}");
     cluster.shutdown().await;
 }

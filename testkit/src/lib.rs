@@ -1,5 +1,8 @@
-//! Shared test fixtures: a real `nats-server` with JetStream per test, free loopback ports, and
-//! waits on conditions with deadlines (never fixed sleeps).
+//! Shared test fixtures: a real `nats-server` with JetStream per test, free loopback ports, waits
+//! on conditions with deadlines (never fixed sleeps) ([`wait`]), the real `kubectl` against a
+//! kubeconfig ([`kubectl`]), dead letters written and read the way workers and tools do
+//! ([`dead_letters`]), and, with the feature `crds`, JobQueue and Worker objects built in
+//! sentences ([`fixtures`]).
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -14,13 +17,18 @@
 //! ```
 
 pub mod cluster;
+pub mod dead_letters;
+#[cfg(feature = "crds")]
+pub mod fixtures;
+pub mod kubectl;
 pub mod proxy;
 pub mod raw;
 pub mod tls;
+pub mod wait;
 
 pub use cluster::NatsCluster;
+pub use wait::{wait_for, wait_for_some};
 
-use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,30 +61,6 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
-}
-
-/// Waits until `condition` returns true, checking every 20 ms, for at most `deadline`.
-///
-/// `what` says what the caller waits for; it ends up in the error so a failing test tells why.
-pub async fn wait_for<F, Fut>(
-    deadline: Duration,
-    what: &str,
-    mut condition: F,
-) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if condition().await {
-            return Ok(());
-        }
-        if start.elapsed() >= deadline {
-            bail!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// How clients must authenticate to a fixture server.

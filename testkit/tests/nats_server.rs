@@ -45,3 +45,22 @@ async fn wait_for_says_what_it_waited_for() {
         .unwrap_err();
     assert_eq!(err.to_string(), "timed out after 50ms waiting for the moon");
 }
+
+#[tokio::test]
+async fn wait_for_some_returns_the_value_that_met_the_condition() {
+    let mut calls = 0;
+    let found = conveyor_testkit::wait_for_some(Duration::from_secs(5), "a third call", || {
+        calls += 1;
+        let n = calls;
+        async move { (n >= 3).then_some(n) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, 3);
+    let err = conveyor_testkit::wait_for_some(Duration::from_millis(50), "nothing", || async {
+        None::<()>
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.to_string(), "timed out after 50ms waiting for nothing");
+}

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use conveyor_devcluster::{DevCluster, ImageConfig, Options};
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, free_port, wait_for};
 
-/// The kubectl the tests drive.
-pub const KUBECTL: &str = "/usr/bin/kubectl";
 /// The runtime image the operator injects.
 pub const WORKER_IMAGE: &str = "ghcr.io/conveyor-dev/conveyor-worker";
 /// The hello example's image.
@@ -159,28 +158,8 @@ impl Env {
 
     /// Runs kubectl against the cluster; fails with its stderr when it fails.
     pub async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        use tokio::io::AsyncWriteExt;
-        let mut child = tokio::process::Command::new(KUBECTL)
-            .arg("--kubeconfig")
-            .arg(self.cluster.kubeconfig_path())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut input = child.stdin.take().context("kubectl stdin")?;
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).await?;
-        }
-        drop(input);
-        let out = child.wait_with_output().await?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Kubectl::new(self.cluster.kubeconfig_path())
+            .checked(args, stdin)
+            .await
     }
 }

@@ -1,5 +1,6 @@
-//! Helpers shared by the devcluster tests: running the real kubectl against a cluster, waiting
-//! on conditions with deadlines, and the `Widget` CRD fixture.
+//! Helpers shared by the devcluster tests: the real kubectl against a cluster and waits on
+//! conditions with deadlines (both from `conveyor-testkit`, bound to a `DevCluster` here), and the
+//! `Widget` CRD fixture.
 
 #![allow(dead_code)]
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use conveyor_devcluster::{DevCluster, Options};
 
 /// The kubectl the tests drive.
-pub const KUBECTL: &str = "/usr/bin/kubectl";
+pub const KUBECTL: &str = conveyor_testkit::kubectl::KUBECTL;
 
 /// A CRD with status and scale subresources, printer columns, defaults, enum and a CEL rule.
 pub const WIDGET_CRD: &str = r#"
@@ -95,13 +96,8 @@ pub async fn api_cluster() -> DevCluster {
         .expect("devcluster starts")
 }
 
-/// Output of one kubectl run.
-#[derive(Debug)]
-pub struct Run {
-    pub ok: bool,
-    pub stdout: String,
-    pub stderr: String,
-}
+use conveyor_testkit::kubectl::Kubectl;
+pub use conveyor_testkit::kubectl::Run;
 
 /// Runs kubectl with the cluster's kubeconfig; `stdin` is piped in when given.
 pub async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> Run {
@@ -110,66 +106,25 @@ pub async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -
 
 /// Runs kubectl with a kubeconfig path.
 pub async fn kubectl_with(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Run {
-    use tokio::io::AsyncWriteExt;
-    let mut cmd = tokio::process::Command::new(KUBECTL);
-    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
-    cmd.env(
-        "KUBECACHEDIR",
-        kubeconfig
-            .parent()
-            .expect("kubeconfig in a dir")
-            .join("kubecache"),
-    );
-    cmd.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().expect("kubectl runs");
-    let mut pipe = child.stdin.take().expect("stdin piped");
-    if let Some(input) = stdin {
-        pipe.write_all(input.as_bytes())
-            .await
-            .expect("write kubectl stdin");
-    }
-    drop(pipe);
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("kubectl finishes within 60s")
-        .expect("kubectl output");
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Kubectl::new(kubeconfig).run(args, stdin).await
 }
 
 /// Runs kubectl and fails the test unless it succeeds; returns stdout.
 pub async fn kubectl_ok(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
-    let run = kubectl(cluster, args, stdin).await;
-    assert!(
-        run.ok,
-        "kubectl {args:?} failed:\nstdout: {}\nstderr: {}",
-        run.stdout, run.stderr
-    );
-    run.stdout
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await
 }
 
 /// Polls `check` until it returns `Some`, failing with `what` after `deadline`.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    match conveyor_testkit::wait_for_some(deadline, what, check).await {
+        Ok(found) => found,
+        Err(e) => panic!("{e}"),
     }
 }
 

@@ -1,0 +1,347 @@
+//! JobQueue and Worker objects for tests, built in sentences:
+//!
+//! ```
+//! use conveyor_crds::{JobQueue, Worker};
+//! use conveyor_testkit::fixtures::Test as _;
+//!
+//! let queue = JobQueue::test("thumbs").max_attempts(1).alert_when_pending_over(10);
+//! let worker = Worker::test("thumbs").jsonl(&["/bin/handler"]).scaled(0..=10).recycle_after("30m");
+//! let both = format!("{}---\n{}", queue.yaml(), worker.yaml());
+//! assert!(both.contains("maxReplicas: 10"));
+//! assert_eq!(worker.build().spec.recycle.unwrap().max_age.as_deref(), Some("30m"));
+//! ```
+//!
+//! A fixture holds only the fields a test set, like the YAML a user writes: the API server (or
+//! [`WorkerFixture::build`], through the types' serde defaults) fills in the rest. Nothing is
+//! checked on the way, so a test can build an invalid object on purpose and see it refused.
+
+use std::ops::RangeInclusive;
+
+use conveyor_crds::{JobQueue, Worker};
+use serde_json::{Map, Value, json};
+
+/// `JobQueue::test(name)`, `Worker::test(name)`: the start of a fixture.
+pub trait Test {
+    /// The fixture builder of this kind.
+    type Fixture;
+    /// A fixture named `name`, with the fewest fields its kind needs.
+    fn test(name: &str) -> Self::Fixture;
+}
+
+impl Test for JobQueue {
+    type Fixture = JobQueueFixture;
+    fn test(name: &str) -> JobQueueFixture {
+        JobQueueFixture(Object::new("JobQueue", name, json!({})))
+    }
+}
+
+impl Test for Worker {
+    type Fixture = WorkerFixture;
+    fn test(name: &str) -> WorkerFixture {
+        WorkerFixture(Object::new(
+            "Worker",
+            name,
+            json!({
+                "queue": name,
+                "handler": {"mode": "exec", "command": ["/bin/cat"]},
+                "template": {"spec": {"containers": [{"name": "handler", "image": "busybox"}]}},
+            }),
+        ))
+    }
+}
+
+/// An object of one of Conveyor's kinds as a JSON value.
+#[derive(Debug, Clone)]
+struct Object(Value);
+
+impl Object {
+    fn new(kind: &str, name: &str, spec: Value) -> Self {
+        Object(json!({
+            "apiVersion": "conveyor.dev/v1alpha1",
+            "kind": kind,
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+    }
+
+    /// Sets the field at `path` under `spec` (field names, or the index of an item of a list
+    /// that has it), making the maps on the way.
+    fn set(&mut self, path: &[&str], value: Value) {
+        let mut at = &mut self.0["spec"];
+        for name in path {
+            let index = match (&*at, name.parse::<usize>()) {
+                (Value::Array(items), Ok(i)) if i < items.len() => Some(i),
+                _ => None,
+            };
+            at = match index {
+                Some(i) => &mut at[i],
+                None => {
+                    if !at.is_object() {
+                        *at = Value::Object(Map::new());
+                    }
+                    &mut at[*name]
+                }
+            };
+        }
+        *at = value;
+    }
+
+    fn namespace(&mut self, namespace: &str) {
+        self.0["metadata"]["namespace"] = json!(namespace);
+    }
+
+    fn yaml(&self) -> String {
+        serde_yaml::to_string(&self.0).expect("a JSON value prints as YAML")
+    }
+
+    fn build<K: serde::de::DeserializeOwned>(&self) -> K {
+        match serde_json::from_value(self.0.clone()) {
+            Ok(object) => object,
+            Err(e) => panic!("the fixture {} is not a valid object: {e}", self.0),
+        }
+    }
+}
+
+/// A JobQueue fixture; see [`Test::test`].
+#[derive(Debug, Clone)]
+pub struct JobQueueFixture(Object);
+
+impl JobQueueFixture {
+    /// In namespace `namespace` (else the one `kubectl -n` names).
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.0.namespace(namespace);
+        self
+    }
+
+    /// `deletionPolicy`: `Delete` or `Retain` (any string, to test refusals).
+    pub fn deletion_policy(mut self, policy: &str) -> Self {
+        self.0.set(&["deletionPolicy"], json!(policy));
+        self
+    }
+
+    /// `nats.url`: the queue's own NATS server.
+    pub fn nats_url(mut self, url: &str) -> Self {
+        self.0.set(&["nats", "url"], json!(url));
+        self
+    }
+
+    /// `retry.maxAttempts`.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.0.set(&["retry", "maxAttempts"], json!(attempts));
+        self
+    }
+
+    /// `timeout` of one attempt (`1s`, `5m`).
+    pub fn timeout(mut self, timeout: &str) -> Self {
+        self.0.set(&["timeout"], json!(timeout));
+        self
+    }
+
+    /// `rateLimit`, jobs per second.
+    pub fn rate_limit(mut self, per_second: i32) -> Self {
+        self.0.set(&["rateLimit"], json!(per_second));
+        self
+    }
+
+    /// `priorities`: levels of the queue.
+    pub fn priorities(mut self, levels: u8) -> Self {
+        self.0.set(&["priorities"], json!(levels));
+        self
+    }
+
+    /// `alerts.maxPending`: `Backlogged` above this many pending jobs.
+    pub fn alert_when_pending_over(mut self, jobs: i64) -> Self {
+        self.0.set(&["alerts", "maxPending"], json!(jobs));
+        self
+    }
+
+    /// `alerts.maxFailures` within `alerts.failureWindow`: `JobsFailing` above it.
+    pub fn alert_on_failures(mut self, failures: i64, window: &str) -> Self {
+        self.0.set(&["alerts", "maxFailures"], json!(failures));
+        self.0.set(&["alerts", "failureWindow"], json!(window));
+        self
+    }
+
+    /// Any other field of the spec, at `path` (field names as in YAML).
+    pub fn with(mut self, path: &[&str], value: Value) -> Self {
+        self.0.set(path, value);
+        self
+    }
+
+    /// The object as YAML, for `kubectl apply -f -`.
+    pub fn yaml(&self) -> String {
+        self.0.yaml()
+    }
+
+    /// The object as JSON.
+    pub fn json(&self) -> Value {
+        self.0.0.clone()
+    }
+
+    /// The typed object, its unset fields at their defaults; panics if the fixture does not
+    /// deserialize.
+    pub fn build(&self) -> JobQueue {
+        self.0.build()
+    }
+}
+
+/// A Worker fixture; see [`Test::test`]. By default it runs the jobs of the queue of its own
+/// name with `/bin/cat` (exec mode) in a `busybox` container, one pod, no scaling.
+#[derive(Debug, Clone)]
+pub struct WorkerFixture(Object);
+
+impl WorkerFixture {
+    /// In namespace `namespace` (else the one `kubectl -n` names).
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.0.namespace(namespace);
+        self
+    }
+
+    /// Runs the jobs of the JobQueue `queue`.
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.0.set(&["queue"], json!(queue));
+        self
+    }
+
+    /// `concurrency`: jobs one pod runs at once.
+    pub fn concurrency(mut self, jobs: i32) -> Self {
+        self.0.set(&["concurrency"], json!(jobs));
+        self
+    }
+
+    /// `replicas`: the pool's size without scaling.
+    pub fn replicas(mut self, pods: i32) -> Self {
+        self.0.set(&["replicas"], json!(pods));
+        self
+    }
+
+    /// One process per job: `command`.
+    pub fn exec(self, command: &[&str]) -> Self {
+        self.handler("exec", command)
+    }
+
+    /// One long-lived JSON-lines process: `command`.
+    pub fn jsonl(self, command: &[&str]) -> Self {
+        self.handler("jsonl", command)
+    }
+
+    /// `handler` in mode `mode` (any string, to test refusals) with `command`.
+    pub fn handler(mut self, mode: &str, command: &[&str]) -> Self {
+        self.0
+            .set(&["handler"], json!({"mode": mode, "command": command}));
+        self
+    }
+
+    /// The handler container's image.
+    pub fn image(mut self, image: &str) -> Self {
+        self.0.set(
+            &["template", "spec", "containers", "0", "image"],
+            json!(image),
+        );
+        self
+    }
+
+    /// Autoscaled from `min` to `max` pods (both included, `minReplicas..=maxReplicas`).
+    pub fn scaled(mut self, pods: RangeInclusive<i32>) -> Self {
+        self.0.set(&["scaling", "minReplicas"], json!(pods.start()));
+        self.0.set(&["scaling", "maxReplicas"], json!(pods.end()));
+        self
+    }
+
+    /// `scaling.targetBacklogPerReplica`: jobs one pod is expected to handle.
+    pub fn backlog_per_pod(mut self, jobs: i32) -> Self {
+        self.0
+            .set(&["scaling", "targetBacklogPerReplica"], json!(jobs));
+        self
+    }
+
+    /// `scaling.scaleDownDelay`: how long the backlog stays low before the pool shrinks.
+    pub fn scale_down_after(mut self, delay: &str) -> Self {
+        self.0.set(&["scaling", "scaleDownDelay"], json!(delay));
+        self
+    }
+
+    /// `recycle.maxAge`: pods older than this are replaced (`30m`, `12h`).
+    pub fn recycle_after(mut self, age: &str) -> Self {
+        self.0.set(&["recycle", "maxAge"], json!(age));
+        self
+    }
+
+    /// `recycle.maxJobs`: the runtime starts over after this many jobs.
+    pub fn recycle_after_jobs(mut self, jobs: i64) -> Self {
+        self.0.set(&["recycle", "maxJobs"], json!(jobs));
+        self
+    }
+
+    /// Any other field of the spec, at `path` (field names as in YAML).
+    pub fn with(mut self, path: &[&str], value: Value) -> Self {
+        self.0.set(path, value);
+        self
+    }
+
+    /// The object as YAML, for `kubectl apply -f -`.
+    pub fn yaml(&self) -> String {
+        self.0.yaml()
+    }
+
+    /// The object as JSON.
+    pub fn json(&self) -> Value {
+        self.0.0.clone()
+    }
+
+    /// The typed object, its unset fields at their defaults; panics if the fixture does not
+    /// deserialize.
+    pub fn build(&self) -> Worker {
+        self.0.build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reads_as_its_spec() {
+        let worker = Worker::test("w")
+            .queue("q")
+            .scaled(0..=10)
+            .recycle_after("30m")
+            .build();
+        assert_eq!(worker.metadata.name.as_deref(), Some("w"));
+        assert_eq!(worker.spec.queue, "q");
+        let scaling = worker.spec.scaling.expect("scaling");
+        assert_eq!((scaling.min_replicas, scaling.max_replicas), (0, 10));
+        assert_eq!(
+            worker.spec.recycle.expect("recycle").max_age.as_deref(),
+            Some("30m")
+        );
+        assert_eq!(
+            worker.spec.template.spec.expect("pod").containers[0]
+                .image
+                .as_deref(),
+            Some("busybox")
+        );
+    }
+
+    #[test]
+    fn only_the_fields_set_are_written() {
+        let yaml = JobQueue::test("thumbs")
+            .max_attempts(1)
+            .timeout("1s")
+            .yaml();
+        assert_eq!(
+            yaml,
+            "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata:\n  name: thumbs\nspec:\n  retry:\n    maxAttempts: 1\n  timeout: 1s\n"
+        );
+        assert_eq!(JobQueue::test("q").build().spec.retry.max_attempts, 5);
+    }
+
+    #[test]
+    fn the_image_goes_into_the_first_container() {
+        let worker = Worker::test("w").image("hello:1").json();
+        assert_eq!(
+            worker["spec"]["template"]["spec"]["containers"],
+            json!([{"name": "handler", "image": "hello:1"}])
+        );
+    }
+}
