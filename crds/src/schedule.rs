@@ -121,8 +121,9 @@ pub struct JobScheduleSpec {
     /// while the operator is down; `Forbid` skips it (counted in `status.missedRuns`);
     /// `Replace` cancels the previous run and submits the new one. With `Forbid` and
     /// `Replace` the server still keeps time, but the operator submits each run (at most once
-    /// per slot, as the job id names the slot), so runs wait while no operator runs; only the
-    /// newest is submitted once it is back.
+    /// per slot, as the job id names the slot), so runs wait while no operator runs: once it
+    /// is back it submits the newest slot only (if within `startingDeadline`) and counts the
+    /// others in `status.missedRuns`.
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
 
