@@ -29,12 +29,15 @@ test: deps build
 generate:
 	$(CARGO) run -q -p conveyor-crds --bin crdgen -- --out crds/ --out charts/conveyor/crds/
 
-## lint: formatting, clippy with warnings denied (also on the CLI built without `dev`/`bench`), the
-## Helm chart's values against its schema
+## lint: formatting, clippy with warnings denied (also on the CLI built without `dev`/`bench`), no
+## import circles between the modules of a crate, the Helm chart's values against its schema
+MODULE_CYCLE_FREE := cli/src
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p conveyor-cli --no-default-features --all-targets -- -D warnings
+	python3 scripts/check-module-cycles.py --self-test
+	python3 scripts/check-module-cycles.py $(MODULE_CYCLE_FREE)
 	python3 scripts/check-chart.py
 
 ## bench: throughput/latency against raw JetStream in the same run (see docs/benchmarks.md)

@@ -13,6 +13,7 @@ mod bench;
 mod dev;
 mod discover;
 mod dlq;
+mod flags;
 mod input;
 mod schedule;
 mod status;
