@@ -64,7 +64,17 @@ try {
   await page.click('nav a[data-view="queues"]');
   await page.click(`${emails} td:first-child a`);
   await expectText("#figures", "Dead letters");
+  await page.locator("#charts svg#chart-backlog polyline").first().waitFor({ state: "attached" });
+  await expectText("#charts", "Submitted/s and finished/s");
   await shot("queue");
+  // Its pending jobs (none: the worker keeps up) and its delayed one.
+  await page.click('a:has-text("Peek pending jobs")');
+  await expectText("#view", "No pending job at this level");
+  await page.goto(`${url}#/queue/team/emails`);
+  await page.click('a:has-text("Delayed jobs")');
+  await expectText('tr[data-job="later-1"] td[data-field="runAt"]', "@at ");
+  await shot("delayed");
+  await page.goto(`${url}#/queue/team/emails`);
   await page.click('a:has-text("Browse dead letters")');
   await expectText('tr[data-job="bad-1"]', "card declined");
   await shot("dead-letters");

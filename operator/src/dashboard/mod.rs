@@ -7,12 +7,14 @@
 //! a token the dashboard is read-only. See `docs/dashboard.md`.
 
 mod api;
+mod history;
 mod peek;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
+use axum::extract::FromRef;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,6 +48,25 @@ pub struct DashboardState {
     pub token: Option<String>,
 }
 
+/// What the routes are served from: the handlers' state and the figures' last hour.
+#[derive(Clone)]
+struct Served {
+    state: DashboardState,
+    history: history::History,
+}
+
+impl FromRef<Served> for DashboardState {
+    fn from_ref(served: &Served) -> Self {
+        served.state.clone()
+    }
+}
+
+impl FromRef<Served> for history::History {
+    fn from_ref(served: &Served) -> Self {
+        served.history.clone()
+    }
+}
+
 impl DashboardState {
     fn stores(&self) -> Option<Stores> {
         self.stores
@@ -60,7 +81,7 @@ const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
 /// The routes, for serving and for tests.
-pub fn router(state: DashboardState) -> Router {
+fn router(state: DashboardState, history: history::History) -> Router {
     // One page; its script shows the view the URL's fragment names (`#/queues`, …).
     let page = || get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) });
     Router::new()
@@ -98,8 +119,12 @@ pub fn router(state: DashboardState) -> Router {
         .route("/api/queues/{namespace}/{name}/jobs/{id}", get(api::job))
         .route("/api/queues/{namespace}/{name}/pending", get(peek::pending))
         .route("/api/queues/{namespace}/{name}/delayed", get(peek::delayed))
+        .route(
+            "/api/queues/{namespace}/{name}/history",
+            get(history::history),
+        )
         .layer(axum::middleware::from_fn(addressed_by_ip))
-        .with_state(state)
+        .with_state(Served { state, history })
 }
 
 /// Answers only requests whose `Host` is an IP address or `localhost`: a page of another site
@@ -220,9 +245,14 @@ pub async fn bind(
 )> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let serve = axum::serve(listener, router(state))
+    let history = history::History::default();
+    let sampler = history.clone().sample(state.clone(), stop.clone());
+    let serve = axum::serve(listener, router(state, history))
         .with_graceful_shutdown(async move { stop.cancelled().await });
-    Ok((bound, async move { serve.await }))
+    Ok((bound, async move {
+        let (served, ()) = tokio::join!(serve.into_future(), sampler);
+        served
+    }))
 }
 
 #[cfg(test)]

@@ -85,8 +85,46 @@ async function queuesView(params) {
     page.next ? el("p", {}, el("a", { href: `#/queues?after=${part(page.next)}` }, "Next page")) : null);
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+// A small line chart of `series` (arrays of numbers, one per line) over the same points.
+function sparkline(id, title, series, classes) {
+  const width = 320, height = 60;
+  const values = series.flat();
+  const top = Math.max(1, ...values);
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("id", id);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", title);
+  series.forEach((line, n) => {
+    const step = line.length > 1 ? width / (line.length - 1) : 0;
+    const points = line.map((v, i) => `${(i * step).toFixed(1)},${(height - 2 - (v / top) * (height - 4)).toFixed(1)}`);
+    if (points.length === 1) points.push(`${width},${points[0].split(",")[1]}`);
+    const polyline = document.createElementNS(SVG, "polyline");
+    polyline.setAttribute("points", points.join(" "));
+    polyline.setAttribute("class", classes[n]);
+    svg.append(polyline);
+  });
+  return el("figure", {}, svg, el("figcaption", {}, `${title} (max ${top})`));
+}
+
+function charts(history) {
+  const points = history.points;
+  if (points.length === 0) return el("p", { class: "muted", id: "charts" }, `No sample yet (one every ${history.intervalSeconds} s).`);
+  const of = (field) => points.map((p) => p[field]);
+  const minutes = Math.round((points[points.length - 1].t - points[0].t) / 60);
+  return el("div", { id: "charts", "data-points": points.length },
+    el("p", { class: "muted" }, `Last ${minutes} min, one sample every ${history.intervalSeconds} s.`),
+    sparkline("chart-backlog", "Pending and in flight", [of("pending"), of("inFlight")], ["line-a", "line-b"]),
+    sparkline("chart-rates", "Submitted/s and finished/s", [of("submittedPerSecond"), of("finishedPerSecond")], ["line-a", "line-b"]),
+    sparkline("chart-dead", "Dead letters", [of("deadLettered")], ["line-bad"]));
+}
+
 async function queueView(namespace, name) {
   const q = await api(`/api/queues/${part(namespace)}/${part(name)}`);
+  const history = await api(`/api/queues/${part(namespace)}/${part(name)}/history`);
   const figures = [["Pending", q.pending], ["In flight", q.inFlight], ["Delayed", q.delayed],
     ["Dead letters", q.deadLettered], ["Awaiting dead letter", q.awaitingDeadLetter],
     ["Oldest pending", q.oldestPendingAge], ["Submitted/s", q.submittedPerSecond],
@@ -95,6 +133,7 @@ async function queueView(namespace, name) {
     el("h1", {}, `Queue ${namespace}/${name}`),
     el("dl", { id: "figures" }, figures.map(([k, v]) => [el("dt", {}, k), el("dd", {}, shown(v))])),
     el("p", {}, conditions(q.conditions)),
+    charts(history),
     el("p", {},
       el("a", { href: `#/dead-letters/${part(namespace)}/${part(name)}` }, "Browse dead letters"), " · ",
       el("a", { href: `#/pending/${part(namespace)}/${part(name)}` }, "Peek pending jobs"), " · ",
