@@ -374,6 +374,95 @@ pub async fn requeue_one(
     republish(jetstream, &stream, queue, job).await
 }
 
+/// Most dependents [`requeue_with_dependents`] requeues in one call.
+pub const MAX_DEPENDENTS_REQUEUED: usize = 10_000;
+
+/// [`requeue`], then, for each job requeued, the jobs that were dead-lettered because of it
+/// (reason `dependency_failed`, found through its dependency edges), and theirs, at most
+/// [`MAX_DEPENDENTS_REQUEUED`]. Each requeued job's stored outcome is removed first, so its
+/// requeued dependents wait for its new run instead of failing again at once.
+pub async fn requeue_with_dependents(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    selector: &Selector,
+) -> Result<Moved, DlqError> {
+    let client = jetstream.client();
+    let scan_failed = |stream: String, reason: String| DlqError::Scan { stream, reason };
+    // The stored outcomes of the selected jobs go first: a dependent requeued before them
+    // would read the old failure.
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    let selected = scan(jetstream, &stream, 0, selector, usize::MAX, |job| {
+        job.entry.job_id
+    })
+    .await?;
+    for id in &selected {
+        forget_outcome(&client, queue, id).await?;
+    }
+    let mut moved = requeue(jetstream, queue, selector).await?;
+    let mut todo: std::collections::VecDeque<(QueueRef, String)> = moved
+        .jobs
+        .iter()
+        .map(|id| (queue.clone(), id.clone()))
+        .collect();
+    let mut seen: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+    let mut dependents_requeued = 0;
+    while let Some((home, id)) = todo.pop_front() {
+        let flow = home.flow_stream();
+        let subject = home.edge_subject(&id);
+        let mut from = 1;
+        loop {
+            let edge = stored::next(&client, &flow, &subject, from)
+                .await
+                .map_err(|e| scan_failed(flow.clone(), e.to_string()))?;
+            let Some(edge) = edge else { break };
+            from = edge.sequence + 1;
+            let text = String::from_utf8_lossy(&edge.payload);
+            let Ok(dependent) = crate::flow::JobRef::parse(&text, (&home.namespace, &home.name))
+            else {
+                continue;
+            };
+            if !seen.insert((dependent.queue_ref().stream(), dependent.id.clone()))
+                || dependents_requeued >= MAX_DEPENDENTS_REQUEUED
+            {
+                continue;
+            }
+            let dq = dependent.queue_ref();
+            let letter = match show(jetstream, &dq, &dependent.id).await {
+                Ok(letter) => letter,
+                Err(DlqError::NotFound(_) | DlqError::Stream { .. }) => continue,
+                Err(error) => return Err(error),
+            };
+            if letter.entry.reason != crate::protocol::Reason::DependencyFailed.as_str() {
+                continue;
+            }
+            forget_outcome(&client, &dq, &dependent.id).await?;
+            requeue_one(jetstream, &dq, &letter).await?;
+            dependents_requeued += 1;
+            moved.jobs.push(dependent.to_string());
+            todo.push_back((dq, dependent.id));
+        }
+    }
+    Ok(moved)
+}
+
+/// Deletes the stored outcome of job `id` (it runs again).
+async fn forget_outcome(
+    client: &async_nats::Client,
+    queue: &QueueRef,
+    id: &str,
+) -> Result<(), DlqError> {
+    let stream = queue.results_stream();
+    if let Some(outcome) = stored::last_if_stream(client, &stream, &queue.result_subject(id))
+        .await
+        .map_err(DlqError::Delete)?
+    {
+        stored::delete(client, &stream, outcome.sequence)
+            .await
+            .map_err(DlqError::Delete)?;
+    }
+    Ok(())
+}
+
 /// Republishes a dead letter to its level with fresh attempts, then deletes it.
 async fn republish(
     jetstream: &jetstream::Context,
@@ -527,8 +616,14 @@ async fn delete(
 }
 
 /// The subject a requeued job goes to: the one it was submitted to when that is one of this
-/// queue's job subjects, else level 0.
+/// queue's job subjects, or its waiting subject for a job that was waiting (it waits again
+/// for its dependencies or children), else level 0.
 fn requeue_subject(queue: &QueueRef, original: &str) -> String {
+    for waiting in ["waiting", "cont"] {
+        if original.starts_with(&format!("{}.{waiting}.", queue.subject_prefix())) {
+            return original.to_owned();
+        }
+    }
     let prefix = format!("{}.jobs.", queue.subject_prefix());
     match original.strip_prefix(&prefix) {
         Some(level) if level.parse::<u8>().is_ok() => original.to_owned(),

@@ -497,7 +497,10 @@ async fn bad_dependencies_are_refused_and_a_cycle_times_out() -> anyhow::Result<
         }
         other => panic!("expected B dead-lettered, got {other:?}"),
     }
-    assert_eq!(client.waiting(q).await?, 0);
+    wait_for(WAIT, "nothing waiting any more", || async {
+        client.waiting(q).await.ok() == Some(0)
+    })
+    .await?;
     Ok(())
 }
 
@@ -532,6 +535,59 @@ async fn cancelling_a_waiting_job_removes_it_and_answers_its_dependents() -> any
         }
         other => panic!("expected dependency_failed, got {other:?}"),
     }
-    assert_eq!(client.waiting(q).await?, 0);
+    wait_for(WAIT, "nothing waiting any more", || async {
+        client.waiting(q).await.ok() == Some(0)
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fixed_dependency_is_requeued_with_the_dependents_that_failed_for_it()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["src", "dst"], &QueueSettings::default()).await?;
+    let (src, dst) = (made[0].clone(), made[1].clone());
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let fixed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let broken = fixed.clone();
+    worker(&client, &src, 2, &stop, move |job: ReceivedJob| {
+        let fixed = broken.load(Ordering::SeqCst);
+        async move {
+            if fixed {
+                Outcome::Done(job.payload)
+            } else {
+                Outcome::Permanent("upstream is down".into())
+            }
+        }
+    });
+    worker(&client, &dst, 2, &stop, aggregate);
+    client.submit(&src, Job::new("x", "data")).await?;
+    let after = Dependency::on(JobRef::new(NS, "src", "x"));
+    client.submit(&dst, Job::new("y", "").after(after)).await?;
+    match wait_result(&client, &dst, "y").await? {
+        JobResult::DeadLettered { reason, .. } => assert_eq!(reason, "dependency_failed"),
+        other => panic!("expected dependency_failed, got {other:?}"),
+    }
+    fixed.store(true, Ordering::SeqCst);
+    let moved = conveyor::dlq::requeue_with_dependents(
+        client.jetstream(),
+        &src,
+        &conveyor::dlq::Selector::One("x".into()),
+    )
+    .await?;
+    assert_eq!(moved.jobs, ["x", "test/dst/y"]);
+    let result =
+        conveyor_testkit::wait_for_some(WAIT, "y to complete after the requeue", || async {
+            match client.result(&dst, "y").await.ok().flatten() {
+                Some(JobResult::Completed { result, .. }) => Some(text(&result)),
+                _ => None,
+            }
+        })
+        .await?;
+    assert_eq!(result, "data failed=[] skipped=[]");
     Ok(())
 }
