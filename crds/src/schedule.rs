@@ -235,8 +235,8 @@ pub struct JobScheduleStatus {
     pub last_missed: Option<String>,
 
     /// The job id of the last slot the operator handled (submitted, skipped or replaced the
-    /// previous run for) under `Forbid` or `Replace`, so a restarted operator never handles a
-    /// slot twice.
+    /// previous run for) where it submits the runs (`Forbid`, `Replace`, a
+    /// `startingDeadline`), so a restarted operator never handles a slot twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled: Option<String>,
 
@@ -259,11 +259,12 @@ pub struct ScheduleRun {
     /// `nightly@2026-03-29T01:30:00Z`.
     pub job_id: String,
     /// Its sequence in the queue's work stream, when the operator submitted it (`Forbid`,
-    /// `Replace`): while the stream still holds it, the run is queued or running.
+    /// `Replace`, a `startingDeadline`): while the stream still holds it, the run is queued
+    /// or running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
-    /// What became of it, when known: `Pending` (still queued or running; known under
-    /// `Forbid` and `Replace`), `Completed`, `DeadLettered` or `Cancelled` (from the queue's
+    /// What became of it, when known: `Pending` (still queued or running; known where the
+    /// operator submits the runs), `Completed`, `DeadLettered` or `Cancelled` (from the queue's
     /// stored results, so only with `results.retention` on the queue), or `Finished` (no longer
     /// queued, outcome not kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
