@@ -8,12 +8,14 @@ use std::time::Duration;
 use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
-use conveyor_testkit::{NatsServer, wait_for};
+use conveyor_testkit::fixtures::Test as _;
+use conveyor_testkit::kubectl::{Kubectl, Run};
+use conveyor_testkit::{NatsServer, wait_for, wait_for_some};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 const DEADLINE: Duration = Duration::from_secs(30);
 const NS: &str = "team";
 
@@ -21,42 +23,16 @@ fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
-/// What `kubectl` answered.
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> Output {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(KUBECTL)
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> Run {
+    Kubectl::new(cluster.kubeconfig_path())
+        .run(args, stdin)
+        .await
 }
 
 async fn kubectl_ok(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
-    let out = kubectl(cluster, args, stdin).await;
-    assert!(out.ok, "kubectl {args:?} failed: {}", out.stderr);
-    out.stdout
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await
 }
 
 /// A cluster with the CRDs and the namespace `team`, a NATS server, and (once started) the
@@ -127,14 +103,12 @@ impl Env {
                 .filter(|c| c.status == status && reason.is_none_or(|r| r == c.reason))
         };
         let what = format!("JobQueue {name} Ready={status} {reason:?}");
-        wait_for(DEADLINE, &what, || async {
-            ready(api.get_opt(name).await.ok().flatten()).is_some()
+        wait_for_some(DEADLINE, &what, || async {
+            ready(api.get_opt(name).await.ok().flatten())
         })
         .await
-        .unwrap();
-        ready(api.get_opt(name).await.unwrap())
-            .map(|c| c.message)
-            .unwrap_or_default()
+        .unwrap()
+        .message
     }
 
     async fn stream_exists(&self, name: &str) -> bool {
@@ -154,9 +128,7 @@ impl Env {
 }
 
 fn queue_yaml(name: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: {name}}}\nspec: {{deletionPolicy: {policy}}}\n"
-    )
+    JobQueue::test(name).deletion_policy(policy).yaml()
 }
 
 #[tokio::test]
@@ -393,23 +365,18 @@ async fn a_stream_deleted_behind_the_operators_back_is_recreated() {
 #[tokio::test]
 async fn invalid_manifests_are_rejected_by_kubectl_apply() {
     let env = Env::new().await;
-    let worker = |scaling: &str, mode: &str| {
-        format!(
-            "apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {{name: bad}}
-spec:
-  queue: hello
-  handler: {{mode: {mode}, command: [/handler.sh]}}
-  scaling: {scaling}
-  template: {{spec: {{containers: [{{name: handler, image: hello}}]}}}}
-"
-        )
+    let worker = |scaling: serde_json::Value, mode: &str| {
+        Worker::test("bad")
+            .queue("hello")
+            .handler(mode, &["/handler.sh"])
+            .with(&["scaling"], scaling)
+            .image("hello")
+            .yaml()
     };
     let out = kubectl(
         &env.cluster,
         &["apply", "-n", NS, "-f", "-"],
-        Some(&worker("{minReplicas: 5, maxReplicas: 2}", "exec")),
+        Some(&worker(json!({"minReplicas": 5, "maxReplicas": 2}), "exec")),
     )
     .await;
     assert!(!out.ok, "min > max must be rejected");
@@ -423,7 +390,7 @@ spec:
     let out = kubectl(
         &env.cluster,
         &["apply", "-n", NS, "-f", "-"],
-        Some(&worker("{maxReplicas: 2}", "grpc")),
+        Some(&worker(json!({"maxReplicas": 2}), "grpc")),
     )
     .await;
     assert!(!out.ok, "an unknown handler mode must be rejected");
@@ -436,7 +403,7 @@ spec:
     let out = kubectl(
         &env.cluster,
         &["apply", "-n", NS, "-f", "-"],
-        Some(&worker("{maxReplicas: 2}", "exec")),
+        Some(&worker(json!({"maxReplicas": 2}), "exec")),
     )
     .await;
     assert!(out.ok, "the fixed manifest is accepted: {}", out.stderr);
@@ -519,15 +486,11 @@ async fn the_scaler_follows_the_backlog() {
     env.start_operator();
     env.apply(&queue_yaml("work", "Delete")).await;
     env.apply(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: work}
-spec:
-  queue: work
-  handler: {mode: exec, command: [/bin/cat]}
-  scaling: {minReplicas: 0, maxReplicas: 4, targetBacklogPerReplica: 10, scaleDownDelay: 1s}
-  template: {spec: {containers: [{name: handler, image: busybox}]}}
-",
+        &Worker::test("work")
+            .scaled(0..=4)
+            .backlog_per_pod(10)
+            .scale_down_after("1s")
+            .yaml(),
     )
     .await;
     env.wait_ready("work", "True", None).await;
@@ -597,17 +560,8 @@ async fn kubectl_scale_sizes_a_pool_without_scaling() {
     let mut env = Env::new().await;
     env.start_operator();
     env.apply(&queue_yaml("fixed", "Delete")).await;
-    env.apply(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: fixed}
-spec:
-  queue: fixed
-  handler: {mode: jsonl, command: [/bin/handler]}
-  template: {spec: {containers: [{name: handler, image: busybox}]}}
-",
-    )
-    .await;
+    env.apply(&Worker::test("fixed").jsonl(&["/bin/handler"]).yaml())
+        .await;
     let deployments: Api<Deployment> = Api::namespaced(env.cluster.client(), NS);
     let replicas = |want: i32| {
         let deployments = deployments.clone();
@@ -656,11 +610,8 @@ async fn a_queue_can_live_on_another_nats_server() {
     let mut env = Env::new().await;
     env.start_operator();
     let other = NatsServer::start().await.unwrap();
-    env.apply(&format!(
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {{name: elsewhere}}\nspec: {{nats: {{url: '{}'}}}}\n",
-        other.url()
-    ))
-    .await;
+    env.apply(&JobQueue::test("elsewhere").nats_url(&other.url()).yaml())
+        .await;
     env.wait_ready("elsewhere", "True", None).await;
     let js = async_nats::jetstream::new(async_nats::connect(other.url()).await.unwrap());
     assert!(
@@ -679,7 +630,9 @@ async fn an_unusable_nats_url_is_reported_as_invalid_spec() {
     let mut env = Env::new().await;
     env.start_operator();
     env.apply(
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: odd}\nspec: {nats: {url: 'nats://bad host:4222'}}\n",
+        &JobQueue::test("odd")
+            .nats_url("nats://bad host:4222")
+            .yaml(),
     )
     .await;
     let message = env.wait_ready("odd", "False", Some("InvalidSpec")).await;
@@ -739,7 +692,10 @@ async fn observed_generation_follows_spec_changes_and_transition_times_hold() {
 
     // A spec change bumps it; the operator catches up and Ready keeps its transition time.
     env.apply(
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: gen}\nspec: {deletionPolicy: Delete, alerts: {maxPending: 5}}\n",
+        &JobQueue::test("gen")
+            .deletion_policy("Delete")
+            .alert_when_pending_over(5)
+            .yaml(),
     )
     .await;
     let second = api.get("gen").await.unwrap().metadata.generation.unwrap();

@@ -13,12 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use conveyor::admin::{self, QueueSettings};
 use conveyor::names::{QueueRef, env};
 use conveyor::protocol;
 use conveyor::{Client, JobResult};
 use conveyor_operator::dispatcher::Dispatcher;
+use conveyor_testkit::dead_letters;
 use conveyor_testkit::raw::{Answer, RawPublisher};
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
@@ -306,35 +307,14 @@ async fn dead_letters(
     js: &jetstream::Context,
     queue: &QueueRef,
 ) -> HashMap<u64, (String, String, async_nats::HeaderMap)> {
-    let stream = js.get_stream(queue.dead_letter_stream()).await.unwrap();
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let total = messages(js, &queue.dead_letter_stream()).await;
     let mut out = HashMap::new();
-    let mut batch = consumer
-        .messages()
-        .await
-        .unwrap()
-        .take(usize::try_from(total).unwrap());
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), batch.next())
-        .await
-        .expect("the dead letters are read")
-    {
-        let message = message.unwrap();
-        let headers = message.headers.clone().unwrap_or_default();
-        let get = |n: &str| {
-            headers
-                .get(n)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
+    for message in dead_letters::read_all(js, queue).await.unwrap() {
+        let get = |n: &str| dead_letters::header(&message, n);
         let sequence: u64 = get(protocol::dead_letter::SEQUENCE).parse().unwrap();
         let entry = (
             get(protocol::dead_letter::REASON),
             get(protocol::dead_letter::ERROR),
-            headers.clone(),
+            message.headers.clone().unwrap_or_default(),
         );
         assert!(
             out.insert(sequence, entry).is_none(),

@@ -8,16 +8,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use conveyor::names::QueueRef;
 use conveyor_crds::JobQueue;
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
+use conveyor_testkit::dead_letters::{self, Letter};
+use conveyor_testkit::fixtures::Test as _;
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 const DEADLINE: Duration = Duration::from_secs(60);
 const NS: &str = "team";
 
@@ -26,60 +29,26 @@ fn repo(path: &str) -> PathBuf {
 }
 
 async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(KUBECTL)
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(args)
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await
 }
 
-/// Publishes `n` dead letters the way a worker writes them.
+/// Publishes `n` dead letters of the queue `thumbs` the way a worker writes them.
 async fn dead_letters(js: &async_nats::jetstream::Context, from: usize, n: usize) {
-    let mut acks = Vec::new();
-    for i in from..from + n {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("job-{i}:{i}").as_str());
-        headers.insert("Conveyor-Job-Id", format!("job-{i}").as_str());
-        headers.insert("Conveyor-Reason", "exhausted");
-        headers.insert(
-            "Conveyor-Error",
-            format!("exit status 3: cannot resize image {i}").as_str(),
-        );
-        headers.insert("Conveyor-Attempts", "3");
-        headers.insert("Conveyor-Pod", "thumbs-7d9f-abcde");
-        headers.insert(
-            "Conveyor-Failed-At",
-            k8s_openapi::jiff::Timestamp::now().to_string().as_str(),
-        );
-        headers.insert("Conveyor-Original-Subject", "conveyor.team.thumbs.jobs.0");
-        acks.push(
-            js.publish_with_headers("conveyor.team.thumbs.dlq", headers, "{}".into())
-                .await
-                .unwrap(),
-        );
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    let queue = QueueRef::new(NS, "thumbs");
+    dead_letters::publish(
+        js,
+        (from..from + n).map(|i| {
+            Letter::of(&queue, &format!("job-{i}"))
+                .sequence(i as u64)
+                .error(&format!("exit status 3: cannot resize image {i}"))
+                .attempts(3)
+                .pod("thumbs-7d9f-abcde")
+        }),
+    )
+    .await
+    .unwrap();
 }
 
 fn condition(q: &JobQueue, type_: &str) -> Option<(String, String)> {
@@ -176,12 +145,10 @@ async fn a_thousand_failures_show_in_describe_with_a_handful_of_events() {
         cluster,
         &["apply", "-n", NS, "-f", "-"],
         Some(
-            "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: thumbs}
-spec:
-  alerts: {maxPending: 10, maxFailures: 5, failureWindow: 10m}
-",
+            &JobQueue::test("thumbs")
+                .alert_when_pending_over(10)
+                .alert_on_failures(5, "10m")
+                .yaml(),
         ),
     )
     .await;
@@ -367,7 +334,7 @@ async fn a_job_whose_dead_letter_cannot_be_written_is_counted_and_reported() {
     let nats = NatsServer::builder().max_payload(MAX_PAYLOAD);
     let fx = Fixture::start_with(BOTH_CRDS, nats, |c| c.resync = Duration::from_secs(1)).await;
     let (cluster, nats) = (&fx.cluster, &fx.nats);
-    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: huge}\nspec: {retry: {maxAttempts: 1}, timeout: 1s}\n";
+    let queue_yaml = &JobQueue::test("huge").max_attempts(1).timeout("1s").yaml();
     kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_ready(&api, "huge").await;
@@ -434,9 +401,8 @@ async fn annotations_requeue_and_purge_dead_letters_once_and_bad_values_change_n
     })
     .await;
     let (cluster, nats) = (&fx.cluster, &fx.nats);
-    let queue =
-        "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: thumbs}\nspec: {}\n";
-    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue)).await;
+    let queue = JobQueue::test("thumbs").yaml();
+    kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(&queue)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_ready(&api, "thumbs").await;
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
@@ -542,7 +508,10 @@ async fn a_queue_at_a_thousand_jobs_a_second_costs_a_bounded_number_of_api_reque
     // The operator's defaults, but for the HTTP port.
     let fx = Fixture::start(BOTH_CRDS, |_| {}).await;
     let (cluster, nats) = (&fx.cluster, &fx.nats);
-    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: busy}\nspec: {retry: {maxAttempts: 1}, alerts: {maxPending: 100000}}\n";
+    let queue_yaml = &JobQueue::test("busy")
+        .max_attempts(1)
+        .alert_when_pending_over(100_000)
+        .yaml();
     kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_ready(&api, "busy").await;
@@ -633,7 +602,7 @@ async fn a_rate_limited_queue_gets_tokens_from_the_operator() {
     const JOBS: usize = 80;
     let fx = Fixture::start(BOTH_CRDS, |c| c.resync = Duration::from_secs(1)).await;
     let (cluster, nats) = (&fx.cluster, &fx.nats);
-    let queue_yaml = "apiVersion: conveyor.dev/v1alpha1\nkind: JobQueue\nmetadata: {name: quota}\nspec: {rateLimit: 20}\n";
+    let queue_yaml = &JobQueue::test("quota").rate_limit(20).yaml();
     kubectl(cluster, &["apply", "-n", NS, "-f", "-"], Some(queue_yaml)).await;
     let api: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     wait_ready(&api, "quota").await;

@@ -14,7 +14,7 @@ use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
-use worker_env::{Env, NS, noop_autoscaled_worker};
+use worker_env::{Env, NS, noop_worker};
 
 const JOBS: usize = 5_000;
 
@@ -29,10 +29,13 @@ spec:
 async fn a_burst_scales_from_zero_to_max_and_back_to_zero() {
     let env = Env::start().await;
     env.apply(QUEUE).await;
-    env.apply(&noop_autoscaled_worker(
-        "burst",
-        "{minReplicas: 0, maxReplicas: 8, targetBacklogPerReplica: 100, scaleDownDelay: 3s}",
-    ))
+    env.apply(
+        &noop_worker("burst")
+            .scaled(0..=8)
+            .backlog_per_pod(100)
+            .scale_down_after("3s")
+            .yaml(),
+    )
     .await;
     let queue = QueueRef::new(NS, "burst");
     env.wait_stream(&queue.stream()).await;

@@ -14,7 +14,9 @@ use std::time::Duration;
 use conveyor_crds::Worker;
 use conveyor_devcluster::{DevCluster, ImageConfig, Options};
 use conveyor_operator::Config;
-use conveyor_testkit::{NatsServer, wait_for};
+use conveyor_testkit::fixtures::{Test as _, WorkerFixture};
+use conveyor_testkit::kubectl::Kubectl;
+use conveyor_testkit::{NatsServer, wait_for, wait_for_some};
 use kube::Api;
 use tokio_util::sync::CancellationToken;
 
@@ -24,26 +26,24 @@ pub const NS: &str = "team";
 const WORKER_IMAGE: &str = "ghcr.io/conveyor-dev/conveyor-worker";
 
 /// A Worker `name` on the queue `name`, 16 jobs per pod, whose JSON-lines handler answers
-/// `ok` at once to every job, autoscaled with `scaling` (a flow mapping).
+/// `ok` at once to every job.
+pub fn noop_worker(name: &str) -> WorkerFixture {
+    Worker::test(name)
+        .concurrency(16)
+        .jsonl(&[
+            "python3",
+            "-u",
+            "-c",
+            "import sys, json; [print(json.dumps({'id': json.loads(l)['id'], 'status': 'ok'}), flush=True) for l in sys.stdin]",
+        ])
+        .image("ghcr.io/conveyor-dev/handler")
+}
+
+/// [`noop_worker`] autoscaled with `scaling`, a YAML mapping (`{minReplicas: 0, …}`), as YAML.
 pub fn noop_autoscaled_worker(name: &str, scaling: &str) -> String {
-    format!(
-        r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {{name: {name}}}
-spec:
-  queue: {name}
-  concurrency: 16
-  handler:
-    mode: jsonl
-    command: ["python3", "-u", "-c", "import sys, json; [print(json.dumps({{'id': json.loads(l)['id'], 'status': 'ok'}}), flush=True) for l in sys.stdin]"]
-  scaling: {scaling}
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#
-    )
+    let scaling: serde_json::Value =
+        serde_yaml::from_str(scaling).expect("scaling is a YAML mapping");
+    noop_worker(name).with(&["scaling"], scaling).yaml()
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -170,18 +170,16 @@ impl Env {
         check: impl Fn(&Worker) -> Option<T>,
     ) -> T {
         let api = self.workers();
-        wait_for(deadline, what, || async {
+        wait_for_some(deadline, what, || async {
             api.get_opt(name)
                 .await
                 .ok()
                 .flatten()
                 .as_ref()
                 .and_then(&check)
-                .is_some()
         })
         .await
-        .unwrap();
-        check(&api.get(name).await.unwrap()).unwrap()
+        .unwrap()
     }
 
     /// The replicas the Deployment `name` asks for (`None` while it does not exist).
@@ -224,28 +222,7 @@ impl Env {
 }
 
 async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("/usr/bin/kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await
 }
