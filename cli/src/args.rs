@@ -41,6 +41,8 @@ pub enum Command {
     Dev(DevArgs),
     /// Inspect, requeue and purge a queue's dead letters.
     Dlq(crate::dlq::DlqArgs),
+    /// Peek at a queue's pending jobs (by priority level) or delayed jobs, a page at a time.
+    Jobs(crate::jobs::JobsArgs),
     /// List, show, trigger, suspend and resume JobSchedules (recurring jobs).
     Schedule(crate::schedule::ScheduleArgs),
     /// Measure Conveyor against raw JetStream on the same server in the same run.
@@ -48,6 +50,10 @@ pub enum Command {
     Bench(BenchArgs),
     /// A refreshing view of a namespace's queues and workers (figures, rates, conditions).
     Top(crate::top::TopArgs),
+    /// Where one job stands: waiting (for what), continued, finished; its children's count.
+    Job(crate::job::JobArgs),
+    /// The children of a parent job: counts by outcome and the first few, however many.
+    Flow(crate::flow::FlowArgs),
 }
 
 impl Command {
@@ -58,9 +64,12 @@ impl Command {
             Command::Submit(_)
             | Command::Status(_)
             | Command::Dlq(_)
+            | Command::Jobs(_)
             | Command::Schedule(_)
             | Command::Cancel(_)
             | Command::Result(_)
+            | Command::Job(_)
+            | Command::Flow(_)
             | Command::Top(_) => "warn",
             // kube-client traces every failed request at ERROR, which at a clean shutdown are
             // the operator's watches cut off as the test double stops; the operator reports
@@ -71,6 +80,15 @@ impl Command {
             Command::Bench(_) => "warn",
         }
     }
+}
+
+/// What a failed dependency means (`--if-failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IfFailedArg {
+    /// The dependent is dead-lettered too.
+    Fail,
+    /// The dependent runs anyway.
+    Run,
 }
 
 /// Arguments of `conveyor submit`.
@@ -131,6 +149,27 @@ pub struct SubmitArgs {
     /// cancelled> <result or error>`. Exits non-zero unless every job completed.
     #[arg(long, short = 'w', env = "CONVEYOR_WAIT")]
     pub wait: bool,
+    /// Run only once these jobs have finished: `ID` (same queue), `QUEUE/ID` or
+    /// `NAMESPACE/QUEUE/ID`, comma-separated, up to 64. Until then the job waits (the queue's
+    /// `waiting` figure), holding no worker.
+    #[arg(
+        long,
+        env = "CONVEYOR_SUBMIT_AFTER",
+        value_delimiter = ',',
+        value_name = "ID",
+        conflicts_with = "delay"
+    )]
+    pub after: Vec<String>,
+    /// With --after: what a dependency that failed means: `fail` (this job is dead-lettered,
+    /// reason `dependency_failed`) or `run` (it runs anyway and is told which failed).
+    #[arg(
+        long,
+        env = "CONVEYOR_SUBMIT_IF_FAILED",
+        value_enum,
+        default_value = "fail",
+        requires = "after"
+    )]
+    pub if_failed: IfFailedArg,
     /// With --wait: how long to wait for each job's outcome (`1s` to `7d`).
     #[arg(long, env = "CONVEYOR_WAIT_TIMEOUT", default_value = "5m",
           value_parser = |s: &str| bounds::duration(s, bounds::SECOND, bounds::MAX_WAIT_TIMEOUT))]

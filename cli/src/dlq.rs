@@ -90,6 +90,10 @@ pub struct SelectArgs {
     /// Every dead letter of the queue.
     #[arg(long)]
     pub all: bool,
+    /// `requeue` only: also requeue the jobs that were dead-lettered because these failed
+    /// (reason `dependency_failed`), and theirs; they wait again for the requeued jobs.
+    #[arg(long)]
+    pub with_dependents: bool,
 }
 
 impl SelectArgs {
@@ -112,11 +116,20 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
                 connect(&args.queue_args, &args.queue).await?,
                 args.queue_args.queue(&args.queue),
             );
-            let moved = dlq::requeue(&js, &queue, &args.selector()).await?;
+            let moved = if args.with_dependents {
+                dlq::requeue_with_dependents(&js, &queue, &args.selector()).await?
+            } else {
+                dlq::requeue(&js, &queue, &args.selector()).await?
+            };
             println!("requeued {} job(s) to {}", moved.jobs.len(), args.queue);
             Ok(())
         }
         DlqCommand::Purge(args) => {
+            if args.with_dependents {
+                anyhow::bail!(
+                    "--with-dependents is for requeue; purge removes only what it selects"
+                );
+            }
             let (js, queue) = (
                 connect(&args.queue_args, &args.queue).await?,
                 args.queue_args.queue(&args.queue),

@@ -14,10 +14,14 @@ mod dev;
 mod discover;
 mod dlq;
 mod flags;
+mod flow;
 mod input;
+mod job;
+mod jobs;
 mod schedule;
 mod status;
 mod submit;
+mod table;
 mod top;
 
 use std::process::ExitCode;
@@ -42,10 +46,13 @@ async fn main() -> ExitCode {
         #[cfg(feature = "dev")]
         Command::Dev(args) => dev::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Jobs(args) => jobs::run(args).await,
         Command::Schedule(args) => schedule::run(args).await,
         #[cfg(feature = "dev")]
         Command::Bench(args) => bench::run(args).await,
         Command::Top(args) => top::run(args).await,
+        Command::Job(args) => job::run(args).await,
+        Command::Flow(args) => flow::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,8 +12,9 @@ use conveyor::client::{Client, Job, JobResult, SubmitError};
 use conveyor::names::QueueRef;
 use futures::StreamExt;
 
-use crate::args::{CancelArgs, ResultArgs, SubmitArgs};
+use crate::args::{CancelArgs, IfFailedArg, ResultArgs, SubmitArgs};
 use crate::input::{self, JobInput, PayloadSource};
+use conveyor::flow::{Dependency, JobRef};
 
 /// Jobs awaited at once with `--wait`.
 const WAIT_WINDOW: usize = 256;
@@ -41,6 +42,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
         delay: args.delay,
         timeout: args.timeout,
         max_attempts: args.max_attempts,
+        after: after(&args)?,
     };
     if args.wait {
         return submit_and_wait(&client, &queue, jobs, options, args.wait_timeout).await;
@@ -75,6 +77,27 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Most attempts (the `Conveyor-Max-Attempts` header).
     pub max_attempts: Option<u32>,
+    /// Jobs each job waits for (`--after`). Made once per run and never freed, so `Options`
+    /// stays `Copy` for the submission windows.
+    pub after: &'static [Dependency],
+}
+
+/// The dependencies `--after` and `--if-failed` name, relative to the submitted-to queue.
+fn after(args: &SubmitArgs) -> anyhow::Result<&'static [Dependency]> {
+    if args.after.is_empty() {
+        return Ok(&[]);
+    }
+    let home = (args.queue_args.namespace.as_str(), args.queue.as_str());
+    let mut dependencies = Vec::with_capacity(args.after.len());
+    for text in &args.after {
+        let job = JobRef::parse(text, home).with_context(|| format!("--after {text:?}"))?;
+        let dependency = Dependency::on(job);
+        dependencies.push(match args.if_failed {
+            IfFailedArg::Fail => dependency,
+            IfFailedArg::Run => dependency.run_if_failed(),
+        });
+    }
+    Ok(Vec::leak(dependencies))
 }
 
 impl Options {
@@ -92,6 +115,11 @@ impl Options {
             Some(attempts) => job.max_attempts(attempts),
             None => job,
         };
+        let job = self
+            .after
+            .iter()
+            .cloned()
+            .fold(job, |job, dependency| job.after(dependency));
         match self.delay {
             Some(delay) => job.delay(delay),
             None => job,

@@ -320,6 +320,147 @@ pub async fn children_page(
     Ok(page)
 }
 
+/// Where a job stands, as far as the flow and results streams tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting in its queue's waiting stream for these dependencies (with their states).
+    Waiting {
+        /// When it was stored (RFC 3339).
+        since: String,
+        /// Each dependency and its state.
+        after: Vec<(Dependency, DependencyState)>,
+    },
+    /// It returned a continuation, which waits for its children.
+    Continued {
+        /// The continuation's id.
+        continuation: String,
+        /// Children spawned.
+        expected: u64,
+    },
+    /// Finished for good (its stored outcome).
+    Finished(Outcome),
+    /// No waiting message and no stored outcome: queued, running, released and not finished
+    /// yet, finished longer ago than the results retention, or never submitted.
+    Unknown,
+}
+
+/// What `conveyor job show` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    /// The job.
+    pub job: JobRef,
+    /// Where it stands.
+    pub state: JobState,
+    /// Its children's count, when it has children.
+    pub children: Option<ChildCount>,
+}
+
+/// Where job `job` stands: a few `MSG.GET`s (its waiting and continuation subjects, its
+/// stored outcome, its child count, one per dependency).
+pub async fn job_status(client: &async_nats::Client, job: &JobRef) -> Result<JobStatus, FlowError> {
+    let queue = job.queue_ref();
+    let waiting_stream = queue.waiting_stream();
+    let home = (job.namespace.as_str(), job.queue.as_str());
+    let (count, count_sequence) = child_count(client, &queue, &job.id).await?;
+    let children = (count_sequence > 0).then_some(count);
+    let state = if let Some(waiting) =
+        stored::last_if_stream(client, &waiting_stream, &queue.waiting_subject(&job.id)).await?
+    {
+        let reading = waiting.read(&waiting_stream);
+        let flow = FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
+        let mut after = Vec::with_capacity(flow.after.len());
+        for dependency in flow.after {
+            let state = state_of(client, &dependency.job).await?.0;
+            after.push((dependency, state));
+        }
+        JobState::Waiting {
+            since: waiting.time,
+            after,
+        }
+    } else if let Some(cont) = stored::last_if_stream(
+        client,
+        &waiting_stream,
+        &queue.continuation_subject(&job.id),
+    )
+    .await?
+    {
+        let reading = cont.read(&waiting_stream);
+        let flow = FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
+        JobState::Continued {
+            continuation: reading.id,
+            expected: flow.children.map_or(0, |c| c.1),
+        }
+    } else {
+        let stored = stored::last_if_stream(
+            client,
+            &queue.results_stream(),
+            &queue.result_subject(&job.id),
+        )
+        .await?;
+        match stored.map(|m| Outcome::decode(Some(&m.block().header_map()))) {
+            Some(Ok((_, outcome))) if outcome != Outcome::Progress => JobState::Finished(outcome),
+            _ => JobState::Unknown,
+        }
+    };
+    Ok(JobStatus {
+        job: job.clone(),
+        state,
+        children,
+    })
+}
+
+/// A parent's finished children by outcome, and the first few of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowSummary {
+    /// Children records read.
+    pub read: u64,
+    /// Completed among them.
+    pub completed: u64,
+    /// Dead-lettered among them.
+    pub dead_lettered: u64,
+    /// Cancelled among them.
+    pub cancelled: u64,
+    /// The first records, in the order the children finished.
+    pub first: Vec<ChildResult>,
+    /// True when there are more records than were read.
+    pub truncated: bool,
+}
+
+/// Reads at most `limit` child records of `parent` and counts them by outcome, keeping the
+/// first `shown`; bounded output however many children there are.
+pub async fn flow_summary(
+    client: &async_nats::Client,
+    parent: &JobRef,
+    shown: usize,
+    limit: u64,
+) -> Result<FlowSummary, FlowError> {
+    let mut summary = FlowSummary::default();
+    let mut after = 0;
+    while summary.read < limit {
+        let room = usize::try_from(limit - summary.read)
+            .unwrap_or(usize::MAX)
+            .min(500);
+        let page = children_page(client, parent, after, room).await?;
+        let Some(last) = page.last() else {
+            return Ok(summary);
+        };
+        after = last.sequence;
+        for child in page {
+            summary.read += 1;
+            match child.outcome {
+                Outcome::Completed => summary.completed += 1,
+                Outcome::DeadLettered { .. } => summary.dead_lettered += 1,
+                _ => summary.cancelled += 1,
+            }
+            if summary.first.len() < shown {
+                summary.first.push(child);
+            }
+        }
+    }
+    summary.truncated = !children_page(client, parent, after, 1).await?.is_empty();
+    Ok(summary)
+}
+
 /// A parent's child count, the one message kept on `<prefix>.count.<hex parent id>`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChildCount {
