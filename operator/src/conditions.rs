@@ -35,6 +35,9 @@ pub mod reason {
     /// the work stream); the message names them. Also the Warning Event the dispatcher raises,
     /// with the error, each time such a job fails again.
     pub const DEAD_LETTER_FAILED: &str = "DeadLetterFailed";
+    /// Event: the stored object does not fit its type (written before a schema change, or past
+    /// validation); the operator leaves it alone until it changes (`JobQueue` and `Worker`).
+    pub const MALFORMED_OBJECT: &str = "MalformedObject";
 }
 
 /// Status of a condition.

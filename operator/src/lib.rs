@@ -11,6 +11,7 @@ pub mod context;
 pub mod dashboard;
 pub mod dispatcher;
 pub mod events;
+pub mod guarded;
 pub mod http;
 pub mod jobqueue;
 pub mod leader;
@@ -198,12 +199,11 @@ async fn controllers(ctx: Arc<Context>, stores: dashboard::StoreSlot, stop: Canc
     let (queues, queue_store) = jobqueue::controller(&ctx);
     let limited_queues = queue_store.clone();
     let dispatched_queues = queue_store.clone();
-    let workers = worker::controller(&ctx);
-    let worker_store = workers.store();
-    let pruned = (queue_store.clone(), workers.store());
+    let (workers, worker_store) = worker::controller(&ctx);
+    let pruned = (queue_store.clone(), worker_store.clone());
     let shown = dashboard::Stores {
         queues: queue_store.clone(),
-        workers: workers.store(),
+        workers: worker_store.clone(),
     };
     *stores
         .write()

@@ -1,16 +1,17 @@
-//! A stored `JobQueue` whose JSON does not fit the JobQueue type (written before a schema
-//! change, or past validation) must not stall the operator's watch for the other queues: it is
-//! reported on the object, and the well-formed queues next to it, those there before the
-//! operator started and those made after, are reconciled as usual. The broken object goes into
+//! A stored `JobQueue` or `Worker` whose JSON does not fit its type (written before a schema
+//! change, or past validation) must not stall the operator's watch for the others: it is
+//! reported on the object, and the well-formed objects next to it, those there before the
+//! operator started and those made after, are reconciled as usual. The broken objects go into
 //! the Kubernetes test double past its schema validation (`DevCluster::store_unchecked`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use conveyor_crds::JobQueue;
+use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_testkit::{NatsServer, wait_for};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -46,6 +47,37 @@ fn queue(name: &str) -> JobQueue {
     q
 }
 
+/// The hello example's Worker as `name`, on the queue `queue`.
+fn worker(name: &str, queue: &str) -> Worker {
+    let mut w: Worker =
+        serde_yaml::from_str(include_str!("../../examples/hello/worker.yaml")).unwrap();
+    w.metadata.name = Some(name.into());
+    w.metadata.namespace = Some(NS.into());
+    w.spec.queue = queue.into();
+    w
+}
+
+/// The `MalformedObject` Event on the object `name`, once there is one.
+async fn malformed_event(events: &Api<Event>, name: &str) -> Option<Event> {
+    let what = format!("a MalformedObject Event on {name}");
+    let found = || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("MalformedObject")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+    };
+    wait_for(DEADLINE, &what, || async { found().await.is_some() })
+        .await
+        .ok()?;
+    found().await
+}
+
 /// Whether the queue `name` is `Ready=True`.
 async fn ready(api: &Api<JobQueue>, name: &str) -> bool {
     api.get_opt(name)
@@ -61,7 +93,7 @@ async fn ready(api: &Api<JobQueue>, name: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_queue_is_reported_and_the_others_still_reconcile() {
+async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -84,6 +116,19 @@ async fn a_malformed_queue_is_reported_and_the_others_still_reconcile() {
         }))
         .unwrap();
     api.create(&PostParams::default(), &queue("before"))
+        .await
+        .unwrap();
+    cluster
+        .store_unchecked(serde_json::json!({
+            "apiVersion": "conveyor.dev/v1alpha1",
+            "kind": "Worker",
+            "metadata": {"name": "broken-worker", "namespace": NS},
+            "spec": {"queue": 7},
+        }))
+        .unwrap();
+    let workers: Api<Worker> = Api::namespaced(cluster.client(), NS);
+    workers
+        .create(&PostParams::default(), &worker("good", "before"))
         .await
         .unwrap();
     assert!(
@@ -116,38 +161,26 @@ async fn a_malformed_queue_is_reported_and_the_others_still_reconcile() {
     .await
     .unwrap();
 
-    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
-    let reported = || async {
-        events
-            .list(&ListParams::default())
-            .await
-            .map(|list| {
-                list.items.into_iter().find(|e| {
-                    e.reason.as_deref() == Some("MalformedObject")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
-                })
-            })
-            .ok()
-            .flatten()
-    };
-    wait_for(
-        DEADLINE,
-        "a MalformedObject Event on JobQueue broken",
-        || async { reported().await.is_some() },
-    )
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client(), NS);
+    wait_for(DEADLINE, "the Deployment of Worker good", || async {
+        deployments.get_opt("good").await.ok().flatten().is_some()
+    })
     .await
     .unwrap();
-    let event = reported().await.unwrap();
-    assert_eq!(event.type_.as_deref(), Some("Warning"));
-    let note = event.note.unwrap_or_default();
-    assert!(
-        note.contains("\"many\""),
-        "the note says what is wrong: {note}"
-    );
-    assert_eq!(
-        event.regarding.and_then(|r| r.kind).as_deref(),
-        Some("JobQueue")
-    );
+
+    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
+    for (name, kind, wrong) in [
+        ("broken", "JobQueue", "\"many\""),
+        ("broken-worker", "Worker", "7"),
+    ] {
+        let event = malformed_event(&events, name)
+            .await
+            .unwrap_or_else(|| panic!("no MalformedObject Event on {kind} {name}"));
+        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        let note = event.note.unwrap_or_default();
+        assert!(note.contains(wrong), "the note says what is wrong: {note}");
+        assert_eq!(event.regarding.and_then(|r| r.kind).as_deref(), Some(kind));
+    }
 
     stop.cancel();
     operator.await.unwrap().unwrap();

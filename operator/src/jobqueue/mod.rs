@@ -12,7 +12,8 @@
 //! [`desired_status`] (pure: the outcome and the new status) → [`report`] (Events on
 //! transitions, the status write). What one reconcile leaves for the next of the same queue
 //! is its [`QueueState`], kept in the controller's own
-//! [`States`](crate::states::States).
+//! [`States`](crate::states::States). Only a change the reconcile acts on triggers one
+//! ([`trigger`]): the operator's own status writes do not.
 
 mod dlq_requests;
 mod observe;
@@ -27,21 +28,21 @@ use async_nats::jetstream;
 use conveyor::connect::{FailureKind, NatsOptions};
 use conveyor::names::QueueRef;
 use conveyor_crds::{DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueStatus};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
-use kube::core::error_boundary::InvalidObject;
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as Finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::assets::{self, AssetsError, QueueAssets};
 use crate::context::{Context, FIELD_MANAGER};
+use crate::guarded;
 use crate::states::Shared;
 pub use observe::Tail;
 pub use status::{
@@ -66,8 +67,6 @@ pub struct QueueState {
     handled: dlq_requests::Handled,
     /// What the assets were last ensured for.
     ensured: Option<Ensured>,
-    /// The last reconcile that found the queue ready.
-    last_ready: Option<Seen>,
 }
 
 /// What the assets of a queue were last ensured for: the spec's generation on that server
@@ -79,53 +78,28 @@ struct Ensured {
     identity: Option<String>,
 }
 
-/// What a reconcile acts on: the spec's generation and the dead-letter requests annotated.
-/// Anything else that changes the object (the operator's own status writes, the finalizer)
-/// leaves the queue as it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Trigger {
-    generation: Option<i64>,
-    requests: Vec<Option<String>>,
-}
-
-impl Trigger {
-    fn of(jq: &JobQueue) -> Self {
-        Self {
-            generation: jq.meta().generation,
-            requests: [
+/// What a JobQueue's reconcile acts on in the queue itself: its spec (the generation), its
+/// deletion and finalizers, and the dead-letter requests annotated. The operator's own status
+/// writes change none of them, so they trigger no reconcile; the figures refresh on the
+/// reconcile's own requeue. A malformed queue triggers on any change.
+fn trigger(stored: &Stored) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match &stored.0 {
+        Ok(jq) => {
+            jq.meta().generation.hash(&mut hasher);
+            jq.meta().deletion_timestamp.is_some().hash(&mut hasher);
+            jq.finalizers().hash(&mut hasher);
+            for annotation in [
                 dlq_requests::REQUEUE_ANNOTATION,
                 dlq_requests::PURGE_ANNOTATION,
-            ]
-            .iter()
-            .map(|a| jq.annotations().get(*a).cloned())
-            .collect(),
+            ] {
+                jq.annotations().get(annotation).hash(&mut hasher);
+            }
         }
+        Err(_) => stored.resource_version().hash(&mut hasher),
     }
-}
-
-/// A reconcile that found the queue ready: on what, and when it started.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Seen {
-    trigger: Trigger,
-    at: Instant,
-}
-
-/// How close to the next refresh a reconcile does the refresh at once.
-const REFRESH_SLACK: Duration = Duration::from_millis(100);
-
-/// The wait until the figures are due when a reconcile is triggered by nothing it acts on (the
-/// operator's own status write, the finalizer) within `refresh` of the last ready one: the
-/// generation predicate, kept inside the reconciler so annotations still act at once.
-/// `None`: reconcile now.
-fn unchanged(
-    last: Option<&Seen>,
-    trigger: &Trigger,
-    refresh: Duration,
-    now: Instant,
-) -> Option<Duration> {
-    let last = last.filter(|l| l.trigger == *trigger)?;
-    let left = refresh.checked_sub(now.saturating_duration_since(last.at))?;
-    (left > REFRESH_SLACK).then_some(left)
+    Some(hasher.finish())
 }
 
 impl QueueState {
@@ -213,54 +187,14 @@ enum Stopped {
 pub type Stored = DeserializeGuard<JobQueue>;
 
 /// The JobQueue controller, and a cache of the well-formed queues for the scaler, the
-/// dispatcher, the rate limiter and the dashboard. Both come from one watch.
+/// dispatcher, the rate limiter and the dashboard. Both come from one watch
+/// ([`guarded::controller`]).
 pub fn controller(ctx: &Context) -> (Controller<Stored>, Store<JobQueue>) {
     let api: Api<Stored> = match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let (stored, stored_writer) = reflector::store::<Stored>();
-    let (queues, mut queues_writer) = reflector::store::<JobQueue>();
-    let known = queues.clone();
-    let events = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .map_ok(move |event| {
-            if let Some(typed) = well_formed(&event, &known) {
-                queues_writer.apply_watcher_event(&typed);
-            }
-            event
-        })
-        .reflect(stored_writer)
-        .applied_objects();
-    (Controller::for_stream(events, stored), queues)
-}
-
-/// The watch event `event` as the cache of well-formed queues sees it: a malformed queue is
-/// not in it (one that was well-formed until now leaves it, as if deleted).
-fn well_formed(
-    event: &watcher::Event<Stored>,
-    known: &Store<JobQueue>,
-) -> Option<watcher::Event<JobQueue>> {
-    use watcher::Event;
-    let valid = |stored: &Stored| stored.0.as_ref().ok().cloned();
-    let cached = |stored: &Stored| {
-        let key = ObjectRef::new(&stored.name_any());
-        let key = match stored.namespace() {
-            Some(ns) => key.within(&ns),
-            None => key,
-        };
-        known.get(&key).map(|q| (*q).clone())
-    };
-    match event {
-        Event::Init => Some(Event::Init),
-        Event::InitDone => Some(Event::InitDone),
-        Event::InitApply(stored) => valid(stored).map(Event::InitApply),
-        Event::Apply(stored) => match valid(stored) {
-            Some(queue) => Some(Event::Apply(queue)),
-            None => cached(stored).map(Event::Delete),
-        },
-        Event::Delete(stored) => valid(stored).or_else(|| cached(stored)).map(Event::Delete),
-    }
+    guarded::controller(api, trigger)
 }
 
 /// Runs `controller` until `shutdown` resolves, with states of its own.
@@ -279,14 +213,9 @@ pub async fn run(
                 tracing::debug!(%err, "jobqueue reconcile ended with an error");
             }
             // Queues deleted without a cleanup seen here (a finalizer removed by hand).
-            queues.states.prune(|key| {
-                let stored = ObjectRef::<Stored>::new(&key.name);
-                let stored = match &key.namespace {
-                    Some(ns) => stored.within(ns),
-                    None => stored,
-                };
-                store.get(&stored).is_some()
-            });
+            queues
+                .states
+                .prune(|key| store.get(&guarded::typed(key)).is_some());
             std::future::ready(())
         })
         .await;
@@ -297,12 +226,8 @@ pub async fn run(
 #[instrument(skip(stored, queues), fields(namespace = stored.namespace(), name = stored.name_any()))]
 pub async fn reconcile(stored: Arc<Stored>, queues: Arc<Queues>) -> Result<Action, Error> {
     let ctx = &queues.ctx;
-    let jq = match &stored.0 {
-        Ok(jq) => Arc::new(jq.clone()),
-        Err(invalid) => {
-            report_malformed(&stored, invalid, ctx).await;
-            return Ok(Action::await_change());
-        }
+    let Some(jq) = guarded::report(&stored, CONTROLLER, ctx).await else {
+        return Ok(Action::await_change());
     };
     let started = Instant::now();
     let ns = jq.namespace().unwrap_or_default();
@@ -349,22 +274,6 @@ async fn add_finalizer(api: &Api<JobQueue>, jq: &JobQueue) -> Result<(), Error> 
     .await
     .map(|_| ())
     .map_err(|err| Error::Finalizer(Box::new(finalizer::Error::AddFinalizer(err))))
-}
-
-/// Says on a malformed queue, in a Warning Event and the log, why the operator leaves it
-/// alone (a repeat of the same note is counted into one Event).
-async fn report_malformed(stored: &Stored, invalid: &InvalidObject, ctx: &Context) {
-    tracing::warn!(
-        error = %invalid.error,
-        "the stored JobQueue does not fit the JobQueue type; leaving it alone until it changes"
-    );
-    ctx.metrics.failed(CONTROLLER, "malformed");
-    let note = format!(
-        "the stored object does not fit the JobQueue type ({}); the operator leaves this queue alone until it is fixed",
-        invalid.error
-    );
-    ctx.event(stored, EventType::Warning, reasons::MALFORMED_OBJECT, note)
-        .await;
 }
 
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).
@@ -534,21 +443,8 @@ fn desired_status(
 async fn apply(jq: &JobQueue, api: &Api<JobQueue>, queues: &Queues) -> Result<Action, Error> {
     let ctx = &queues.ctx;
     let refresh = ctx.config.resync.min(STATUS_REFRESH);
-    let trigger = Trigger::of(jq);
-    let started = Instant::now();
     let mut state = queues.states.with(jq, std::mem::take);
-    if let Some(wait) = unchanged(state.last_ready.as_ref(), &trigger, refresh, started) {
-        queues.states.with(jq, |s| *s = state);
-        return Ok(Action::requeue(wait));
-    }
     let result = pipeline(jq, api, ctx, &mut state).await;
-    state.last_ready = match &result {
-        Ok(true) => Some(Seen {
-            trigger,
-            at: started,
-        }),
-        _ => None,
-    };
     queues.states.with(jq, |s| *s = state);
     result.map(|ready| {
         if ready {
@@ -807,88 +703,32 @@ mod tests {
     }
 
     #[test]
-    fn only_a_spec_change_or_a_request_acts_before_the_figures_are_due() {
-        let refresh = Duration::from_secs(5);
-        let t0 = Instant::now();
+    fn only_what_the_reconcile_acts_on_triggers_one() {
+        let stored = |q: &JobQueue| trigger(&DeserializeGuard(Ok(q.clone())));
         let q = queue(SPEC);
-        let seen = Seen {
-            trigger: Trigger::of(&q),
-            at: t0,
-        };
-        let at = |ms| t0 + Duration::from_millis(ms);
-        // The operator's own status write, a second later: nothing to do until the figures are due.
-        assert_eq!(
-            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(1_000)),
-            Some(Duration::from_secs(4))
-        );
-        assert_eq!(
-            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(4_950)),
-            None,
-            "due now"
-        );
-        assert_eq!(
-            unchanged(Some(&seen), &Trigger::of(&q), refresh, at(6_000)),
-            None
-        );
-        assert_eq!(unchanged(None, &Trigger::of(&q), refresh, at(1)), None);
+        let before = stored(&q);
+        let mut written = q.clone();
+        written.status = Some(JobQueueStatus {
+            pending: Some(7),
+            ..Default::default()
+        });
+        written.metadata.resource_version = Some("42".into());
+        assert_eq!(stored(&written), before, "the operator's own status write");
         let mut changed = q.clone();
         changed.metadata.generation = Some(2);
-        assert_eq!(
-            unchanged(Some(&seen), &Trigger::of(&changed), refresh, at(1)),
-            None,
-            "a spec change acts at once"
-        );
+        assert_ne!(stored(&changed), before, "a spec change");
         let mut asked = q.clone();
         asked
             .annotations_mut()
             .insert(dlq_requests::REQUEUE_ANNOTATION.into(), "all".into());
-        assert_eq!(
-            unchanged(Some(&seen), &Trigger::of(&asked), refresh, at(1)),
-            None,
-            "a dead-letter request acts at once"
-        );
-    }
-
-    #[test]
-    fn a_malformed_queue_is_not_in_the_cache_of_well_formed_ones() {
-        use watcher::Event;
-        let good = queue(SPEC);
-        let broken = DeserializeGuard::<JobQueue>(Err(InvalidObject {
-            error: "spec.priorities: invalid type: string \"many\", expected i32".into(),
-            metadata: good.metadata.clone(),
-        }));
-        let (known, mut writer) = reflector::store::<JobQueue>();
-        let name = |e: Option<Event<JobQueue>>| match e {
-            Some(Event::Apply(q)) => format!("apply {}", q.name_any()),
-            Some(Event::Delete(q)) => format!("delete {}", q.name_any()),
-            Some(Event::InitApply(q)) => format!("init {}", q.name_any()),
-            Some(Event::Init) => "init".into(),
-            Some(Event::InitDone) => "done".into(),
-            None => "nothing".into(),
-        };
-        assert_eq!(
-            name(well_formed(&Event::InitApply(broken.clone()), &known)),
-            "nothing"
-        );
-        assert_eq!(
-            name(well_formed(&Event::Apply(broken.clone()), &known)),
-            "nothing",
-            "never cached: nothing to forget"
-        );
-        let valid = Event::Apply(DeserializeGuard(Ok(good.clone())));
-        let typed = well_formed(&valid, &known).unwrap();
-        writer.apply_watcher_event(&typed);
-        assert_eq!(name(Some(typed)), "apply hello");
-        assert_eq!(
-            name(well_formed(&Event::Apply(broken.clone()), &known)),
-            "delete hello",
-            "a queue that turned malformed leaves the cache"
-        );
-        assert_eq!(
-            name(well_formed(&Event::Delete(broken), &known)),
-            "delete hello"
-        );
-        assert_eq!(name(well_formed(&Event::InitDone, &known)), "done");
+        assert_ne!(stored(&asked), before, "a dead-letter request");
+        let mut guarded = q.clone();
+        guarded.finalizers_mut().push(FINALIZER.into());
+        assert_ne!(stored(&guarded), before, "the finalizer added");
+        let mut deleted = guarded.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now()));
+        assert_ne!(stored(&deleted), stored(&guarded), "a deletion");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! `JobsFailing`) and in the Events published on it. The few that other resources or modules
 //! share are defined in [`crate::conditions::reason`] and listed here too.
 
-pub use crate::conditions::reason::{DEAD_LETTER_FAILED, INVALID_SPEC, NATS_UNAVAILABLE};
+pub use crate::conditions::reason::{
+    DEAD_LETTER_FAILED, INVALID_SPEC, MALFORMED_OBJECT, NATS_UNAVAILABLE,
+};
 
 /// `Ready`: the streams and consumers exist and match the spec.
 pub const STREAM_READY: &str = "StreamReady";
@@ -40,9 +42,6 @@ pub const INVALID_DEAD_LETTER_REQUEST: &str = "InvalidDeadLetterRequest";
 pub const DEAD_LETTER_NOT_FOUND: &str = "DeadLetterNotFound";
 /// Event: a dead-letter request failed; its annotation stays and it is retried.
 pub const DEAD_LETTER_REQUEST_FAILED: &str = "DeadLetterRequestFailed";
-
-/// Event: the stored object does not fit the JobQueue type; the operator leaves it alone.
-pub const MALFORMED_OBJECT: &str = "MalformedObject";
 
 /// Every `Ready` reason, for turning a reason read back from a condition into its constant.
 pub const READY: [&str; 6] = [

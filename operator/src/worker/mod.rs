@@ -11,6 +11,8 @@
 //! [`pods::health`] (pure) → [`report`] (Events on transitions, the status write). The
 //! controller's per-Worker state (its backoff) lives in its own
 //! [`States`](crate::states::States).
+//! Only a change of the Worker that the reconcile acts on triggers one ([`trigger`]):
+//! its own status writes do not.
 
 pub mod deployment;
 pub mod idle;
@@ -27,6 +29,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -36,6 +39,7 @@ use tracing::instrument;
 
 use crate::conditions::{self, Status};
 use crate::context::{Context, FIELD_MANAGER};
+use crate::guarded;
 use crate::states::Shared;
 pub use status::{Problem, QueueFigures, compute_status};
 
@@ -78,11 +82,16 @@ impl Error {
     }
 }
 
-/// The Worker controller, wired to its Deployments and to the JobQueues its Workers name.
-pub fn controller(ctx: &Context) -> Controller<Worker> {
+/// A `Worker` as stored: one whose JSON does not fit [`Worker`] is an `Err` with its metadata
+/// (see [`guarded`]).
+pub type Stored = DeserializeGuard<Worker>;
+
+/// The Worker controller, wired to its Deployments, its pods and the JobQueues its Workers
+/// name, and a cache of the well-formed Workers for the scaler, the metrics and the dashboard.
+pub fn controller(ctx: &Context) -> (Controller<Stored>, Store<Worker>) {
     let (workers, deployments, queues, pods) = match &ctx.config.namespace {
         Some(ns) => (
-            Api::<Worker>::namespaced(ctx.client.clone(), ns),
+            Api::<Stored>::namespaced(ctx.client.clone(), ns),
             Api::<Deployment>::namespaced(ctx.client.clone(), ns),
             Api::<crate::jobqueue::Stored>::namespaced(ctx.client.clone(), ns),
             Api::<Pod>::namespaced(ctx.client.clone(), ns),
@@ -99,9 +108,9 @@ pub fn controller(ctx: &Context) -> Controller<Worker> {
         deployment::NAME_LABEL.0,
         deployment::NAME_LABEL.1
     ));
-    let controller = Controller::new(workers, watcher::Config::default());
-    let store = controller.store();
-    controller
+    let (controller, well_formed) = guarded::controller(workers, trigger);
+    let store = well_formed.clone();
+    let controller = controller
         .owns(deployments, ours.clone())
         .watches(queues, watcher::Config::default(), move |queue| {
             // A malformed queue (reported by the JobQueue controller) triggers nothing.
@@ -110,29 +119,56 @@ pub fn controller(ctx: &Context) -> Controller<Worker> {
                 .map(|queue| workers_of(&store, &queue))
                 .unwrap_or_default()
         })
-        .watches(pods, ours, |pod| worker_of(&pod))
+        .watches(pods, ours, |pod| worker_of(&pod));
+    (controller, well_formed)
+}
+
+/// What a Worker's reconcile acts on in the Worker itself: its spec (the generation) and the
+/// fields of its status the scaler writes (the size it asks for and why). The controller's own
+/// status writes change neither, so they trigger no reconcile; its Deployment and pods still
+/// do, through their own watches, and so does the resync. A malformed Worker triggers on any
+/// change.
+fn trigger(stored: &Stored) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match &stored.0 {
+        Ok(worker) => {
+            worker.meta().generation.hash(&mut hasher);
+            let status = worker.status.as_ref();
+            status.and_then(|s| s.desired_replicas).hash(&mut hasher);
+            status
+                .and_then(|s| s.scale_basis)
+                .map(|b| format!("{b:?}"))
+                .hash(&mut hasher);
+            status
+                .and_then(|s| s.last_scale_reason.as_deref())
+                .hash(&mut hasher);
+        }
+        Err(_) => stored.resource_version().hash(&mut hasher),
+    }
+    Some(hasher.finish())
 }
 
 /// The Worker a pod belongs to (by its label), so pod crashes update `Degraded` at once.
-fn worker_of(pod: &Pod) -> Option<ObjectRef<Worker>> {
+fn worker_of(pod: &Pod) -> Option<ObjectRef<Stored>> {
     let name = pod.labels().get(deployment::WORKER_LABEL)?;
     Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
 /// Workers that consume `queue`, so they are reconciled when it appears or changes.
-fn workers_of(store: &Store<Worker>, queue: &JobQueue) -> Vec<ObjectRef<Worker>> {
+fn workers_of(store: &Store<Worker>, queue: &JobQueue) -> Vec<ObjectRef<Stored>> {
     let ns = queue.namespace();
     store
         .state()
         .iter()
         .filter(|w| w.namespace() == ns && w.spec.queue == queue.name_any())
-        .map(|w| ObjectRef::from_obj(&**w))
+        .map(|w| guarded::typed(&ObjectRef::from_obj(&**w)))
         .collect()
 }
 
 /// Runs `controller` until `shutdown` resolves, with states of its own.
 pub async fn run(
-    controller: Controller<Worker>,
+    controller: Controller<Stored>,
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -147,7 +183,9 @@ pub async fn run(
             }
             // Workers have no finalizer: the state of a deleted one goes once the cache
             // forgets it.
-            workers.states.prune(|key| store.get(key).is_some());
+            workers
+                .states
+                .prune(|key| store.get(&guarded::typed(key)).is_some());
             std::future::ready(())
         })
         .await;
@@ -169,9 +207,13 @@ pub fn desired_replicas(worker: &Worker) -> i32 {
     }
 }
 
-/// Reconciles one `Worker`.
-#[instrument(skip(worker, workers), fields(namespace = worker.namespace(), name = worker.name_any()))]
-pub async fn reconcile(worker: Arc<Worker>, workers: Arc<Workers>) -> Result<Action, Error> {
+/// Reconciles one `Worker`; a malformed one is reported on the object and left alone until it
+/// changes.
+#[instrument(skip(stored, workers), fields(namespace = stored.namespace(), name = stored.name_any()))]
+pub async fn reconcile(stored: Arc<Stored>, workers: Arc<Workers>) -> Result<Action, Error> {
+    let Some(worker) = guarded::report(&stored, CONTROLLER, &workers.ctx).await else {
+        return Ok(Action::await_change());
+    };
     let started = Instant::now();
     let result = apply(&worker, &workers.ctx).await;
     workers
@@ -185,10 +227,13 @@ pub async fn reconcile(worker: Arc<Worker>, workers: Arc<Workers>) -> Result<Act
 }
 
 /// Retries with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(worker: Arc<Worker>, err: &Error, workers: Arc<Workers>) -> Action {
+pub fn error_policy(stored: Arc<Stored>, err: &Error, workers: Arc<Workers>) -> Action {
     workers.ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = workers.states.backoff(&worker, workers.ctx.config.resync);
-    tracing::warn!(%err, ?delay, name = worker.name_any(), "worker reconcile failed, retrying");
+    let delay = match &stored.0 {
+        Ok(worker) => workers.states.backoff(worker, workers.ctx.config.resync),
+        Err(_) => workers.ctx.config.resync,
+    };
+    tracing::warn!(%err, ?delay, name = stored.name_any(), "worker reconcile failed, retrying");
     Action::requeue(delay)
 }
 
@@ -599,6 +644,27 @@ mod tests {
             invalid.problem(),
             Problem::invalid(deployment::BuildError::NoContainer.to_string())
         );
+    }
+
+    #[test]
+    fn only_the_spec_and_the_scalers_fields_trigger_a_reconcile() {
+        let stored = |w: &Worker| trigger(&DeserializeGuard(Ok(w.clone())));
+        let mut w = worker(HELLO);
+        w.metadata.generation = Some(1);
+        let before = stored(&w);
+        let status = w.status.get_or_insert_with(Default::default);
+        status.ready_replicas = 3;
+        status.replicas = 3;
+        status.busy = Some(2);
+        assert_eq!(stored(&w), before, "the controller's own figures");
+        w.status.as_mut().unwrap().desired_replicas = Some(4);
+        let scaled = stored(&w);
+        assert_ne!(scaled, before, "the scaler's size");
+        w.status.as_mut().unwrap().scale_basis = Some(conveyor_crds::ScaleBasis::Held);
+        assert_ne!(stored(&w), scaled, "the scaler holds the size");
+        let held = stored(&w);
+        w.metadata.generation = Some(2);
+        assert_ne!(stored(&w), held, "a spec change");
     }
 
     #[test]

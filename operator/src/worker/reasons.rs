@@ -3,7 +3,7 @@
 //! scaler). The few that other resources share are defined in [`crate::conditions::reason`]
 //! and listed here too.
 
-pub use crate::conditions::reason::{INVALID_SPEC, QUEUE_NOT_FOUND};
+pub use crate::conditions::reason::{INVALID_SPEC, MALFORMED_OBJECT, QUEUE_NOT_FOUND};
 
 /// `Available`: the Deployment has at least the minimum number of ready pods.
 pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
