@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use conveyor_devcluster::{DevCluster, Options};
+use conveyor_testkit::kubectl::Kubectl;
 use tokio::process::Command;
 
 async fn conveyor(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
@@ -26,15 +27,10 @@ async fn conveyor(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
 async fn status_of_a_missing_queue_names_it() {
     let cluster = DevCluster::start(Options::api_only()).await.unwrap();
     let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/jobqueues.yaml");
-    let applied = Command::new("/usr/bin/kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(["apply", "-f"])
-        .arg(&crd)
-        .output()
-        .await
-        .unwrap();
-    assert!(applied.status.success(), "{applied:?}");
+    let applied = Kubectl::new(cluster.kubeconfig_path())
+        .run(&["apply", "-f", crd.to_str().unwrap()], None)
+        .await;
+    assert!(applied.ok, "{applied:?}");
     let out = conveyor(cluster.kubeconfig_path(), &["status", "nosuch"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

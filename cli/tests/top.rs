@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
+use conveyor_testkit::fixtures::Test as _;
+use conveyor_testkit::kubectl::Kubectl;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use tokio::io::AsyncReadExt;
@@ -43,48 +45,36 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const QUEUE: &str = r#"{"apiVersion": "conveyor.dev/v1alpha1", "kind": "JobQueue",
-  "metadata": {"name": "thumbnails"}, "spec": {}}"#;
-const WORKER: &str = r#"{"apiVersion": "conveyor.dev/v1alpha1", "kind": "Worker",
-  "metadata": {"name": "thumbs"},
-  "spec": {"queue": "thumbnails", "handler": {"mode": "exec", "command": ["/h"]},
-           "template": {"spec": {"containers": [{"name": "h", "image": "h"}]}}}}"#;
-
 #[tokio::test]
 async fn top_shows_the_queues_and_workers_of_a_namespace_and_refreshes() {
     let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    let kubectl = Kubectl::new(cluster.kubeconfig_path());
     for crd in ["jobqueues.yaml", "workers.yaml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../crds")
             .join(crd);
-        let out = command(
-            &cluster,
-            "/usr/bin/kubectl",
-            &["apply", "-f", path.to_str().unwrap()],
-        )
-        .output()
-        .await
-        .unwrap();
-        ok(&out);
+        kubectl
+            .ok(&["apply", "-f", path.to_str().unwrap()], None)
+            .await;
     }
-    let out = command(&cluster, "/usr/bin/kubectl", &["create", "namespace", NS])
-        .output()
-        .await
-        .unwrap();
-    ok(&out);
+    kubectl.ok(&["create", "namespace", NS], None).await;
     let queues: Api<JobQueue> = Api::namespaced(cluster.client(), NS);
     let workers: Api<Worker> = Api::namespaced(cluster.client(), NS);
     queues
         .create(
             &PostParams::default(),
-            &serde_json::from_str(QUEUE).unwrap(),
+            &JobQueue::test("thumbnails").build(),
         )
         .await
         .unwrap();
     workers
         .create(
             &PostParams::default(),
-            &serde_json::from_str(WORKER).unwrap(),
+            &Worker::test("thumbs")
+                .queue("thumbnails")
+                .exec(&["/h"])
+                .image("h")
+                .build(),
         )
         .await
         .unwrap();
