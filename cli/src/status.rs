@@ -1,7 +1,6 @@
 //! `conveyor status`: queue figures read straight from JetStream — what is waiting, what workers
 //! hold right now, and what ended in the dead-letter queue — without going through Kubernetes.
 
-use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use std::collections::BTreeMap;
@@ -172,30 +171,7 @@ pub fn table(figures: &[QueueFigures]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                let _ = write!(l, "{cell:<w$}   ");
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    crate::table::render(&header, &rows)
 }
 
 #[cfg(test)]

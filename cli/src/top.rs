@@ -110,33 +110,6 @@ fn figure(n: Option<u64>) -> String {
     n.map_or_else(|| "-".to_owned(), |n| n.to_string())
 }
 
-/// Lays `rows` out in columns under `header`, two spaces apart.
-fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let line = |cells: Vec<&str>, out: &mut String| {
-        let last = cells.len().saturating_sub(1);
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == last {
-                out.push_str(cell);
-            } else {
-                let _ = write!(out, "{cell:<w$}  ");
-            }
-        }
-        out.push('\n');
-    };
-    line(header.to_vec(), &mut out);
-    for row in rows {
-        line(row.iter().map(String::as_str).collect(), &mut out);
-    }
-    out
-}
-
 /// One view of the namespace's queues and workers at `at`.
 pub fn view(namespace: &str, queues: &[JobQueue], workers: &[Worker], at: &str) -> String {
     let mut out = format!("conveyor top — namespace {namespace} — {at}\n\n");
@@ -160,7 +133,7 @@ pub fn view(namespace: &str, queues: &[JobQueue], workers: &[Worker], at: &str) 
                 ]
             })
             .collect();
-        out.push_str(&columns(
+        out.push_str(&crate::table::render_spaced(
             &[
                 "QUEUE",
                 "PENDING",
@@ -173,6 +146,7 @@ pub fn view(namespace: &str, queues: &[JobQueue], workers: &[Worker], at: &str) 
                 "STATE",
             ],
             &rows,
+            2,
         ));
     }
     out.push('\n');
@@ -197,7 +171,7 @@ pub fn view(namespace: &str, queues: &[JobQueue], workers: &[Worker], at: &str) 
                 ]
             })
             .collect();
-        out.push_str(&columns(
+        out.push_str(&crate::table::render_spaced(
             &[
                 "WORKER",
                 "QUEUE",
@@ -207,6 +181,7 @@ pub fn view(namespace: &str, queues: &[JobQueue], workers: &[Worker], at: &str) 
                 "STATE",
             ],
             &rows,
+            2,
         ));
     }
     out

@@ -130,6 +130,30 @@ pub async fn next(
     message_get(client, stream, from, request).await
 }
 
+/// One page of `stream` on `subject` (wildcards allowed): up to `limit` messages from sequence
+/// `from` on, oldest first, and the sequence the next page starts at (`None` after the last).
+/// Reads at most `limit + 1` messages, one request each, whatever lies between them.
+pub async fn page(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+    limit: usize,
+) -> Result<(Vec<StoredJob>, Option<u64>), StoredError> {
+    let mut found = Vec::with_capacity(limit.saturating_add(1).min(1024));
+    let mut at = from.max(1);
+    while found.len() <= limit {
+        let Some(job) = next(client, stream, subject, at).await? else {
+            break;
+        };
+        at = job.sequence.saturating_add(1);
+        found.push(job);
+    }
+    let next = (found.len() > limit).then(|| found[limit].sequence);
+    found.truncate(limit);
+    Ok((found, next))
+}
+
 /// The newest message of `stream` on `subject`, or `None` when there is none.
 pub async fn last(
     client: &async_nats::Client,

@@ -89,8 +89,7 @@ fn bad_gateway(error: impl std::fmt::Display) -> Failure {
     Failure(StatusCode::BAD_GATEWAY, error.to_string())
 }
 
-/// Up to `limit` messages of `subject` in `stream` from sequence `from`, and the cursor of the
-/// page after: `limit + 1` reads at most, one per message, whatever lies between.
+/// One page of `subject` in `stream` from `from` (see [`stored::page`]).
 async fn page(
     js: &jetstream::Context,
     stream: &str,
@@ -98,24 +97,9 @@ async fn page(
     from: u64,
     limit: usize,
 ) -> Result<(Vec<StoredJob>, Option<u64>), Failure> {
-    let client = js.client();
-    let mut found = Vec::with_capacity(limit);
-    let mut at = from.max(1);
-    while found.len() <= limit {
-        match stored::next(&client, stream, subject, at)
-            .await
-            .map_err(bad_gateway)?
-        {
-            Some(job) => {
-                at = job.sequence.saturating_add(1);
-                found.push(job);
-            }
-            None => break,
-        }
-    }
-    let next = (found.len() > limit).then(|| found[limit].sequence);
-    found.truncate(limit);
-    Ok((found, next))
+    stored::page(&js.client(), stream, subject, from, limit)
+        .await
+        .map_err(bad_gateway)
 }
 
 /// The pending jobs of one priority level, oldest first.
