@@ -135,6 +135,14 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
         api.get("broken").await.is_err(),
         "the stored object does not fit the JobQueue type"
     );
+    assert!(
+        api.list(&ListParams::default()).await.is_err(),
+        "a typed list of the queues fails on the broken one: a watch of JobQueue would stall"
+    );
+    assert!(
+        workers.list(&ListParams::default()).await.is_err(),
+        "the same for Workers"
+    );
 
     let mut config = Config::with_nats_url(nats.url());
     config.http_addr = "127.0.0.1:0".parse().unwrap();
