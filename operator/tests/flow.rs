@@ -1,7 +1,8 @@
 //! Jobs that wait for jobs with the operator's dispatcher running the releaser, against a real
 //! `nats-server`: a fan-out whose continuation runs exactly once and sees every child although
-//! the dispatcher is stopped and started again and nats-server restarts mid-run, and a
-//! dependency released by the dispatcher.
+//! the dispatcher is stopped and started again and nats-server restarts mid-run (1,000
+//! children, and 10,000 with a children's worker killed mid-run too), and a dependency released
+//! by the dispatcher.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,5 +191,132 @@ async fn the_dispatcher_releases_a_dependent() -> anyhow::Result<()> {
             result: "second".into()
         }
     );
+    Ok(())
+}
+
+/// 10,000 children while a children's worker is killed mid-run (its task aborted: nothing
+/// acked, nothing recorded for its running jobs), the dispatcher is stopped and started again
+/// and nats-server restarts: the continuation runs exactly once and sees 10,000 results; the
+/// children that ran twice are counted once (and printed).
+#[tokio::test]
+async fn ten_thousand_children_through_a_killed_worker_and_restarts() -> anyhow::Result<()> {
+    const FAN: u64 = 10_000;
+    let mut nats = NatsServer::start().await?;
+    let nc = connect(&nats).await?;
+    let client = Client::new(nc.clone());
+    let (parents, kids) = (
+        QueueRef::new("test", "big"),
+        QueueRef::new("test", "leaves"),
+    );
+    admin::ensure_queue(client.jetstream(), &parents, &QueueSettings::default()).await?;
+    let quick = QueueSettings {
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    admin::ensure_queue(client.jetstream(), &kids, &quick).await?;
+    let served = vec![parents.clone(), kids.clone()];
+    let first = dispatcher(nc.clone(), served.clone());
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let continuations = Arc::new(AtomicU64::new(0));
+    let (seen, kids_queue) = (continuations.clone(), kids.clone());
+    worker(&client, &parents, &stop, move |job: ReceivedJob| {
+        let (kids, seen) = (kids_queue.clone(), seen.clone());
+        async move {
+            if job.flow.children_expected().is_some() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let (mut count, mut after) = (0u64, 0u64);
+                loop {
+                    let page = match job.flow.children_page(after, 1000).await {
+                        Ok(page) => page,
+                        Err(error) => return Outcome::Failed(error.to_string()),
+                    };
+                    let Some(last) = page.last() else { break };
+                    after = last.sequence;
+                    count += page.len() as u64;
+                }
+                return Outcome::Done(count.to_string().into());
+            }
+            let children = (0..FAN).map(|i| Job::new(format!("{}.{i}", job.id), ""));
+            for result in job.flow.spawn_batch(&kids, children).await {
+                if let Err(error) = result {
+                    return Outcome::Failed(error.to_string());
+                }
+            }
+            Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
+        }
+    });
+    let runs = Arc::new(AtomicU64::new(0));
+    let leaf = |runs: Arc<AtomicU64>| {
+        move |job: ReceivedJob| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Outcome::Done(job.payload)
+            }
+        }
+    };
+    // The worker that is killed: a task of its own, aborted mid-run.
+    let doomed = Worker::new(client.jetstream().clone(), kids.clone())
+        .options(WorkerOptions {
+            concurrency: 16,
+            poll_wait: Duration::from_millis(300),
+            pod_name: "doomed".into(),
+            ..Default::default()
+        })
+        .handler(leaf(runs.clone()));
+    let killed = tokio::spawn(async move { doomed.run(std::future::pending()).await });
+    client.submit(&parents, Job::new("big", "")).await?;
+    let counted = |client: Client| async move {
+        flow::child_count(
+            &client.jetstream().client(),
+            &QueueRef::new("test", "big"),
+            "big",
+        )
+        .await
+        .map(|(count, _)| count.count)
+        .unwrap_or(0)
+    };
+    wait_for(DEADLINE, "a tenth of the children counted", || {
+        let client = client.clone();
+        async move { counted(client).await >= FAN / 10 }
+    })
+    .await?;
+    killed.abort();
+    worker(&client, &kids, &stop, leaf(runs.clone()));
+    first.cancel();
+    // Children go on finishing (and being recorded) while no dispatcher counts them.
+    wait_for(DEADLINE, "half the children run", || {
+        let runs = runs.clone();
+        async move { runs.load(Ordering::SeqCst) >= FAN / 2 }
+    })
+    .await?;
+    nats.restart().await?;
+    let _second = dispatcher(nc.clone(), served).drop_guard();
+    let result = wait_for_some(Duration::from_secs(240), "the parent's outcome", || async {
+        client.result(&parents, "big").await.ok().flatten()
+    })
+    .await?;
+    assert_eq!(
+        result,
+        JobResult::Completed {
+            id: "big".into(),
+            result: FAN.to_string().into()
+        }
+    );
+    assert_eq!(
+        continuations.load(Ordering::SeqCst),
+        1,
+        "the continuation ran once"
+    );
+    assert_eq!(
+        counted(client.clone()).await,
+        FAN,
+        "every child counted once"
+    );
+    let runs = runs.load(Ordering::SeqCst);
+    assert!(runs >= FAN, "every child ran");
+    println!("children run twice (counted once): {}", runs - FAN);
     Ok(())
 }
