@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::events::{NOTE_LIMIT, Recorder};
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::api::events::v1::Event;
@@ -19,21 +20,7 @@ use kube::{Api, Resource};
 use worker_env::{Env, NS};
 
 async fn kubectl(cluster: &DevCluster, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("/usr/bin/kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("kubectl runs");
-    assert!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Kubectl::new(cluster.kubeconfig_path()).ok(args, None).await
 }
 
 /// A cluster with the ConfigMap `pool` the Events are about.

@@ -18,11 +18,11 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use conveyor::names::QueueRef;
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 const DEADLINE: Duration = Duration::from_secs(90);
 const NS: &str = "team";
 const JOBS: usize = 1000;
@@ -33,30 +33,9 @@ fn repo(path: &str) -> PathBuf {
 }
 
 async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) -> String {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(KUBECTL)
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(args)
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await
 }
 
 /// `GET /metrics` on the operator's HTTP port.
