@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::events::Recorder;
 use crate::metrics::Metrics;
 use crate::nats::NatsPool;
+use crate::states::States;
 
 /// Field manager of every server-side apply the operator does (children and status).
 pub const FIELD_MANAGER: &str = "conveyor-operator";
@@ -94,5 +95,25 @@ impl Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(key);
+    }
+}
+
+/// What a controller's reconciles share: the operator's [`Context`] and the controller's own
+/// per-object [`States`].
+#[derive(Debug)]
+pub struct Shared<K: Resource<DynamicType = ()>, V> {
+    /// The operator's shared context.
+    pub ctx: Arc<Context>,
+    /// The controller's state per object.
+    pub states: States<K, V>,
+}
+
+impl<K: Resource<DynamicType = ()>, V> Shared<K, V> {
+    /// Empty states over `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            states: States::default(),
+        }
     }
 }

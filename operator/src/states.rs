@@ -1,17 +1,16 @@
 //! Per-object state of a controller: one typed value per object (what a reconcile remembers for
 //! the next one of the same object) and the object's error count for backoff, keyed by the
 //! object, created on its first reconcile and forgotten when the object goes (its cleanup, or a
-//! prune against the controller's cache). Each controller owns its [`States`]; the shared
-//! [`Context`] holds nothing per object.
+//! prune against the controller's cache). Each controller owns its [`States`] (handed to its
+//! reconciles with the shared context as [`Shared`](crate::context::Shared)); the shared
+//! [`Context`](crate::context::Context) holds nothing per object.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-
-use crate::context::Context;
 
 /// First retry delay after a transient error; doubles per consecutive failure up to the cap.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -111,26 +110,6 @@ where
     /// Whether no object has state.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
-    }
-}
-
-/// What a controller's reconciles share: the operator's [`Context`] and the controller's own
-/// per-object [`States`].
-#[derive(Debug)]
-pub struct Shared<K: Resource<DynamicType = ()>, V> {
-    /// The operator's shared context.
-    pub ctx: Arc<Context>,
-    /// The controller's state per object.
-    pub states: States<K, V>,
-}
-
-impl<K: Resource<DynamicType = ()>, V> Shared<K, V> {
-    /// Empty states over `ctx`.
-    pub fn new(ctx: Arc<Context>) -> Self {
-        Self {
-            ctx,
-            states: States::default(),
-        }
     }
 }
 

@@ -41,9 +41,8 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::assets::{self, AssetsError, QueueAssets};
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, Shared};
 use crate::guarded;
-use crate::states::Shared;
 pub use observe::Tail;
 pub use status::{
     Health, Observed, Outcome, STATUS_THROTTLE, Sample, Thresholds, compute_status, notices,

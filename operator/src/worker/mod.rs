@@ -38,9 +38,8 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::conditions::{self, Status};
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, Shared};
 use crate::guarded;
-use crate::states::Shared;
 pub use status::{Problem, QueueFigures, compute_status};
 
 const CONTROLLER: &str = "worker";
