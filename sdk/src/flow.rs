@@ -67,6 +67,14 @@ pub enum FlowError {
         /// What went wrong.
         reason: String,
     },
+    /// The queue has no work-stream subject for the job's priority level.
+    #[error("queue {queue} has no priority level {level}")]
+    NoLevel {
+        /// Stream of the queue.
+        queue: String,
+        /// The level the job asked for.
+        level: u8,
+    },
     /// Another releaser updated a child count at the same time; the batch is applied again.
     #[error("child count of job {0} changed meanwhile")]
     Conflict(String),
@@ -902,8 +910,16 @@ impl Releaser {
                 if !skipped.is_empty() {
                     extra.push((headers::SKIPPED_DEPENDENCIES, join(&skipped)));
                 }
-                self.release(queue, &waiting, &reading.headers, &extra)
+                match self
+                    .release(queue, &waiting, &reading.headers, &extra)
                     .await
+                {
+                    Err(error @ FlowError::NoLevel { .. }) => {
+                        self.fail(queue, &waiting, Reason::Malformed, error.to_string())
+                            .await
+                    }
+                    other => other,
+                }
             }
             Verdict::Fail { dependency, error } => {
                 let error = format!("dependency {dependency} failed: {error}");
@@ -950,8 +966,17 @@ impl Releaser {
         if count.count < flow.children.as_ref().map_or(0, |c| c.1) {
             return Ok(());
         }
-        self.publish_released(queue, &waiting, &reading.headers, &[])
-            .await?;
+        match self
+            .publish_released(queue, &waiting, &reading.headers, &[])
+            .await
+        {
+            Err(error @ FlowError::NoLevel { .. }) => {
+                return self
+                    .fail(queue, &waiting, Reason::Malformed, error.to_string())
+                    .await;
+            }
+            other => other?,
+        }
         let released = ChildCount {
             released: true,
             ..count
@@ -1025,9 +1050,9 @@ impl Releaser {
                 Ok(())
             }
             Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
-                Err(FlowError::Consumer {
-                    stream: queue.stream(),
-                    reason: format!("no stream takes {subject} (no priority level {level}?)"),
+                Err(FlowError::NoLevel {
+                    queue: queue.stream(),
+                    level,
                 })
             }
             Err(source) => Err(FlowError::Publish {

@@ -475,11 +475,28 @@ async fn bad_dependencies_are_refused_and_a_cycle_times_out() -> anyhow::Result<
     );
     assert_eq!(client.waiting(q).await?, 0, "nothing refused was stored");
 
-    // A cycle: A after B, B after A. Neither can run: the older one expires into the DLQ
-    // (dependency_timeout) and the other fails for it (dependency_failed naming it).
     let stop = CancellationToken::new();
     let _stop = Stop(stop.clone());
     releasers(&client, &made, &stop);
+    // A level the queue does not have: found at release, dead-lettered as malformed.
+    client
+        .submit(
+            q,
+            Job::new("high", "")
+                .priority(5)
+                .after(on("lvl")?.optional()),
+        )
+        .await?;
+    client.skip(&JobRef::new(NS, "bad", "lvl")).await?;
+    match wait_result(&client, q, "high").await? {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert_eq!(reason, "malformed");
+            assert!(error.contains("no priority level 5"), "{error}");
+        }
+        other => panic!("expected malformed, got {other:?}"),
+    }
+    // A cycle: A after B, B after A. Neither can run: the older one expires into the DLQ
+    // (dependency_timeout) and the other fails for it (dependency_failed naming it).
     client.submit(q, Job::new("A", "").after(on("B")?)).await?;
     client.submit(q, Job::new("B", "").after(on("A")?)).await?;
     assert_eq!(client.waiting(q).await?, 2);
