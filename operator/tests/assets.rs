@@ -48,7 +48,9 @@ async fn ensure_creates_streams_and_consumers_and_counts_jobs() {
             "conveyor_team_mail_delayed",
             "conveyor_team_mail_dlq",
             "conveyor_team_mail_events",
+            "conveyor_team_mail_flow",
             "conveyor_team_mail_results",
+            "conveyor_team_mail_waiting",
         ]
     );
     let mut stream = js.get_stream("conveyor_team_mail").await.unwrap();
@@ -99,6 +101,8 @@ async fn ensure_recreates_what_was_deleted_behind_its_back() {
         queue.dead_letter_stream(),
         queue.events_stream(),
         queue.results_stream(),
+        queue.waiting_stream(),
+        queue.flow_stream(),
     ];
     all.sort();
     assert_eq!(stream_names(&js).await, all);
