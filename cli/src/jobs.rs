@@ -4,15 +4,11 @@
 
 use async_nats::jetstream;
 use clap::{Args, Subcommand};
-use conveyor::protocol::schedule::SCHEDULE;
-use conveyor::stored::{self, StoredJob};
+use conveyor::peek::{self, Jobs, Peeked};
 use serde::Serialize;
 
 use crate::flags::{Output, QueueArgs};
 use crate::table;
-
-/// Most jobs one page shows.
-const MAX_LIMIT: usize = 1000;
 
 /// Arguments of `conveyor jobs`.
 #[derive(Debug, Args)]
@@ -79,49 +75,31 @@ struct Row {
     malformed: Option<String>,
 }
 
-fn row(job: &StoredJob, stream: &str, delivered_up_to: Option<u64>) -> Row {
-    let reading = job.read(stream);
-    Row {
-        sequence: job.sequence,
-        id: reading.id,
-        size: job.payload.len(),
-        stored_at: job.time.clone(),
-        delivered: delivered_up_to.map(|up_to| job.sequence <= up_to),
-        run_at: reading.headers.get(SCHEDULE).map(|v| v.as_str().to_owned()),
-        malformed: reading.malformed,
+impl From<Peeked> for Row {
+    fn from(job: Peeked) -> Self {
+        Row {
+            sequence: job.sequence,
+            id: job.id,
+            size: job.size,
+            stored_at: job.stored_at,
+            delivered: job.delivered,
+            run_at: job.run_at,
+            malformed: job.malformed,
+        }
     }
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
     let client = crate::discover::connect(&args.queue_args, Some(&args.queue)).await?;
-    let js = jetstream::new(client.clone());
+    let js = jetstream::new(client);
     let queue = args.queue_args.queue(&args.queue);
-    let limit = usize::from(args.limit).min(MAX_LIMIT);
-    let (stream, subject, delivered_up_to) = if args.delayed {
-        (queue.delayed_stream(), queue.delayed_wildcard(), None)
+    let jobs = if args.delayed {
+        Jobs::Delayed
     } else {
-        let mut consumer: jetstream::consumer::PullConsumer = js
-            .get_consumer_from_stream(queue.consumer(args.level), queue.stream())
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "queue {} has no priority level {} (or is not there): {e}",
-                    args.queue,
-                    args.level
-                )
-            })?;
-        let delivered = consumer.info().await?.delivered.stream_sequence;
-        (
-            queue.stream(),
-            queue.job_subject(args.level),
-            Some(delivered),
-        )
+        Jobs::Pending(args.level)
     };
-    let (jobs, next) = stored::page(&client, &stream, &subject, args.from, limit).await?;
-    let rows: Vec<Row> = jobs
-        .iter()
-        .map(|job| row(job, &stream, delivered_up_to))
-        .collect();
+    let (found, next) = peek::page(&js, &queue, jobs, args.from, usize::from(args.limit)).await?;
+    let rows: Vec<Row> = found.into_iter().map(Row::from).collect();
     match args.output {
         Output::Json => {
             let page = serde_json::json!({ "items": rows, "next": next });

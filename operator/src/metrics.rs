@@ -131,6 +131,7 @@ struct QueueFamilies {
     pending: Family<LevelLabels, Gauge>,
     in_flight: Family<LevelLabels, Gauge>,
     delayed: Family<QueueLabels, Gauge>,
+    waiting: Family<QueueLabels, Gauge>,
     dead_letters: Family<QueueLabels, Gauge>,
     oldest_age: Family<QueueLabels, SecondsGauge>,
     submitted: Family<QueueLabels, Counter>,
@@ -226,6 +227,11 @@ impl Default for Metrics {
             "delayed_jobs",
             "Jobs scheduled for later and not yet due",
             queues.delayed.clone(),
+        );
+        q.register(
+            "waiting_jobs",
+            "Jobs waiting for their dependencies or, as continuations, for their parent's children (not backlog)",
+            queues.waiting.clone(),
         );
         q.register(
             "dead_letter_jobs",
@@ -404,6 +410,7 @@ impl Metrics {
                 .set(gauge(reading.in_flight));
         }
         q.delayed.get_or_create(&labels).set(gauge(health.delayed));
+        q.waiting.get_or_create(&labels).set(gauge(health.waiting));
         q.dead_letters
             .get_or_create(&labels)
             .set(gauge(health.dead_lettered));
@@ -463,7 +470,7 @@ impl Metrics {
             q.pending.remove(&level);
             q.in_flight.remove(&level);
         }
-        for family in [&q.delayed, &q.dead_letters] {
+        for family in [&q.delayed, &q.waiting, &q.dead_letters] {
             family.remove(labels);
         }
         q.oldest_age.remove(labels);
@@ -716,6 +723,7 @@ mod tests {
             ],
             dead_letters_ever: 3,
             dead_lettered: 2,
+            waiting: 4,
             oldest_age: Some(Duration::from_millis(1500)),
             ..Default::default()
         };
@@ -737,6 +745,7 @@ mod tests {
             r#"conveyor_queue_pending_jobs{namespace="team",queue="thumbs",level="1"} 0"#,
             r#"conveyor_queue_in_flight_jobs{namespace="team",queue="thumbs",level="0"} 2"#,
             r#"conveyor_queue_dead_letter_jobs{namespace="team",queue="thumbs"} 2"#,
+            r#"conveyor_queue_waiting_jobs{namespace="team",queue="thumbs"} 4"#,
             r#"conveyor_queue_oldest_pending_age_seconds{namespace="team",queue="thumbs"} 1.5"#,
             r#"conveyor_queue_submitted_jobs_total{namespace="team",queue="thumbs"} 20"#,
             r#"conveyor_queue_completed_jobs_total{namespace="team",queue="thumbs"} 10"#,

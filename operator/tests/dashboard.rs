@@ -548,6 +548,23 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         let job = conveyor::Job::new(format!("r-{n}"), "{}");
         client.submit(&reports, job).await.unwrap();
     }
+    // A job that waits for one that never comes is counted as waiting, not pending.
+    let never = conveyor::flow::JobRef::new(NS, "reports", "never-submitted");
+    let dependent =
+        conveyor::Job::new("after-never", "{}").after(conveyor::flow::Dependency::on(never));
+    client.submit(&reports, dependent).await.unwrap();
+    fx.wait_queue("reports", "1 waiting, 5 pending", |q| {
+        q["waiting"] == 1 && q["pending"] == 5
+    })
+    .await;
+    // A worker takes r-0 and holds it: delivered, the others not.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = client
+        .jetstream()
+        .get_consumer_from_stream(reports.consumer(0), reports.stream())
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let held = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
     let pending = format!("/api/queues/{NS}/reports/pending");
     let mut seen = Vec::new();
     let mut path = format!("{pending}?limit=2");
@@ -559,7 +576,11 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         let items = page["items"].as_array().unwrap();
         assert!(items.len() <= 2, "a page holds at most its limit: {page}");
         for item in items {
-            assert_eq!(item["delivered"], false, "no worker took {item}");
+            assert_eq!(
+                item["delivered"],
+                item["jobId"] == "r-0",
+                "only r-0 was taken: {item}"
+            );
             seen.push(item["jobId"].as_str().unwrap().to_owned());
         }
         pages += 1;
@@ -574,6 +595,7 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         "oldest first, each once"
     );
     assert_eq!(pages, 3);
+    drop(held);
     let no_level = get(port, &format!("{pending}?level=1")).await;
     assert_eq!(no_level.status, 400, "{no_level:?}");
     assert!(
@@ -592,25 +614,94 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         "{delayed}"
     );
 
-    // Bulk writes: refused without the token; with it, one page per request.
+    // Bulk writes: refused without the token and from another site.
     let bulk = format!("/api/queues/{NS}/emails/dead-letters/all");
     let refused = request(port, "POST", &format!("{bulk}/purge"), &[]).await;
     assert_eq!(refused.status, 403, "{refused:?}");
     let bearer = format!("Bearer {TOKEN}");
     let auth = [("Authorization", bearer.as_str())];
-    let purged = request(port, "POST", &format!("{bulk}/purge?match=BAD-2"), &auth).await;
-    assert_eq!(purged.status, 200, "{purged:?}");
-    let purged = purged.json();
-    assert_eq!(purged["jobs"], serde_json::json!(["bad-2"]), "{purged}");
-    assert_eq!(purged["scanned"], 3);
-    assert!(purged["next"].is_null(), "one page held them all: {purged}");
-    fx.fixed.store(true, Ordering::Relaxed);
-    let requeued = request(port, "POST", &format!("{bulk}/requeue"), &auth).await;
-    assert_eq!(requeued.status, 200, "{requeued:?}");
-    assert_eq!(
-        requeued.json()["jobs"],
-        serde_json::json!(["bad-1", "bad-3"])
+    let cross_site = [
+        ("Authorization", bearer.as_str()),
+        ("Origin", "http://evil.example"),
+    ];
+    let refused = request(port, "POST", &format!("{bulk}/purge"), &cross_site).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+
+    // 150 more failing jobs' dead letters: 153 in all, more than one step of 100.
+    let emails = QueueRef::new(NS, "emails");
+    let js = client.jetstream();
+    let extra = (0..150).map(|n| {
+        conveyor_testkit::dead_letters::Letter::of(&emails, &format!("bad-x-{n}"))
+            .error("card declined")
+    });
+    conveyor_testkit::dead_letters::publish(js, extra)
+        .await
+        .unwrap();
+    fx.wait_queue("emails", "153 dead letters", |q| q["deadLettered"] == 153)
+        .await;
+    let step = |query: String| {
+        let path = format!("{bulk}/requeue?{query}");
+        async move {
+            let answer = request(port, "POST", &path, &auth).await;
+            assert_eq!(answer.status, 200, "{answer:?}");
+            answer.json()
+        }
+    };
+    let first = step(String::new()).await;
+    assert_eq!(first["jobs"].as_array().unwrap().len(), 100, "{first}");
+    let (next, until) = (
+        first["next"].as_u64().unwrap(),
+        first["until"].as_u64().unwrap(),
     );
+    // The requeued jobs fail again (the fix is not in yet) and come back as new dead letters,
+    // after the sequence the action started at.
+    wait_for(DEADLINE, "the 100 dead-lettered again", || async {
+        let mut dlq = js.get_stream(emails.dead_letter_stream()).await.unwrap();
+        let state = dlq.info().await.unwrap().state.clone();
+        state.last_sequence >= until + 100 && state.messages == 153
+    })
+    .await
+    .unwrap();
+    let second = step(format!("from={next}&until={until}")).await;
+    assert_eq!(second["jobs"].as_array().unwrap().len(), 53, "{second}");
+    assert!(
+        second["next"].is_null(),
+        "the action ends where the stream ended when it began, not at its own output: {second}"
+    );
+    fx.wait_queue("emails", "all 153 dead-lettered again", |q| {
+        q["deadLettered"] == 153
+    })
+    .await;
+
+    // A purge by error text, paged to the end: exactly the one it names.
+    let mut purged = Vec::new();
+    let mut query = "match=BAD-2".to_owned();
+    loop {
+        let path = format!("{bulk}/purge?{query}");
+        let answer = request(port, "POST", &path, &auth).await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let answer = answer.json();
+        purged.extend(answer["jobs"].as_array().unwrap().iter().cloned());
+        match answer["next"].as_u64() {
+            Some(next) => query = format!("match=BAD-2&from={next}&until={}", answer["until"]),
+            None => break,
+        }
+    }
+    assert_eq!(purged, [serde_json::json!("bad-2")]);
+
+    // Fixed: requeue all, and they complete.
+    fx.fixed.store(true, Ordering::Relaxed);
+    let mut requeued = 0;
+    let mut query = String::new();
+    loop {
+        let answer = step(query).await;
+        requeued += answer["jobs"].as_array().unwrap().len();
+        match answer["next"].as_u64() {
+            Some(next) => query = format!("from={next}&until={}", answer["until"]),
+            None => break,
+        }
+    }
+    assert_eq!(requeued, 152);
     let jobs = format!("/api/queues/{NS}/emails/jobs");
     for id in ["bad-1", "bad-3"] {
         wait_for(DEADLINE, "the requeued job completing", || async {

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod dlq;
 pub mod flow;
 pub mod names;
+pub mod peek;
 pub mod protocol;
 mod pull;
 pub mod rate;

@@ -130,9 +130,16 @@ pub async fn next(
     message_get(client, stream, from, request).await
 }
 
+/// Payload bytes one [`page`] holds at most (a page ends early when its payloads reach this,
+/// keeping at least one message): pages are read with their payloads, which may be up to the
+/// queue's `maxJobSize` each.
+pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// One page of `stream` on `subject` (wildcards allowed): up to `limit` messages from sequence
 /// `from` on, oldest first, and the sequence the next page starts at (`None` after the last).
-/// Reads at most `limit + 1` messages, one request each, whatever lies between them.
+/// Reads at most `limit + 1` messages, one request each, whatever lies between them, and holds
+/// at most [`PAGE_BYTES`] of payloads (plus one message): a page cut by that budget names the
+/// sequence after its last message as the next, which may turn out empty.
 pub async fn page(
     client: &async_nats::Client,
     stream: &str,
@@ -140,13 +147,18 @@ pub async fn page(
     from: u64,
     limit: usize,
 ) -> Result<(Vec<StoredJob>, Option<u64>), StoredError> {
-    let mut found = Vec::with_capacity(limit.saturating_add(1).min(1024));
+    let mut found: Vec<StoredJob> = Vec::with_capacity(limit.saturating_add(1).min(1024));
+    let mut bytes = 0usize;
     let mut at = from.max(1);
     while found.len() <= limit {
+        if bytes >= PAGE_BYTES && !found.is_empty() {
+            return Ok((found, Some(at)));
+        }
         let Some(job) = next(client, stream, subject, at).await? else {
             break;
         };
         at = job.sequence.saturating_add(1);
+        bytes = bytes.saturating_add(job.payload.len());
         found.push(job);
     }
     let next = (found.len() > limit).then(|| found[limit].sequence);

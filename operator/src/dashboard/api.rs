@@ -40,7 +40,7 @@ impl IntoResponse for Failure {
 
 type Answer<T> = Result<Json<T>, Failure>;
 
-fn not_running() -> Failure {
+pub(super) fn not_running() -> Failure {
     Failure(
         StatusCode::SERVICE_UNAVAILABLE,
         "this operator replica is not running the controllers (standing by for the leader \
@@ -165,6 +165,7 @@ pub struct QueueView {
     pending: Option<u64>,
     in_flight: Option<u64>,
     delayed: Option<u64>,
+    waiting: Option<u64>,
     dead_lettered: Option<u64>,
     awaiting_dead_letter: Option<u64>,
     oldest_pending_age: Option<String>,
@@ -183,6 +184,7 @@ fn queue_view(queue: &JobQueue) -> QueueView {
         pending: status.pending,
         in_flight: status.in_flight,
         delayed: status.delayed,
+        waiting: status.waiting,
         dead_lettered: status.dead_lettered,
         awaiting_dead_letter: status.awaiting_dead_letter,
         oldest_pending_age: status.oldest_pending_age,
@@ -222,7 +224,11 @@ pub async fn queues(
     Ok(Json(page_of(stores.queues.state(), &query, queue_view)))
 }
 
-fn find_queue(stores: &Stores, namespace: &str, name: &str) -> Result<JobQueue, Failure> {
+pub(super) fn find_queue(
+    stores: &Stores,
+    namespace: &str,
+    name: &str,
+) -> Result<JobQueue, Failure> {
     stores
         .queues
         .get(&ObjectRef::new(name).within(namespace))
@@ -315,8 +321,8 @@ pub async fn workers(
     Ok(Json(page_of(stores.workers.state(), &query, worker_view)))
 }
 
-/// The queue (it must be one the operator knows) and a JetStream context of its server.
-/// The queue's names, a JetStream context on its NATS server and its number of priority levels.
+/// The queue's names (it must be one the operator knows), a JetStream context on its NATS
+/// server and its number of priority levels.
 pub(super) async fn queue_nats(
     state: &DashboardState,
     namespace: &str,
@@ -499,6 +505,49 @@ pub async fn dead_letter(
     }))
 }
 
+/// A write to dead letters, as its path names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Back to the queue with fresh attempts.
+    Requeue,
+    /// Deleted for good.
+    Purge,
+}
+
+impl Action {
+    /// The action a path segment names, or the `404` that says which exist.
+    pub(super) fn parse(segment: &str) -> Result<Self, Failure> {
+        match segment {
+            "requeue" => Ok(Self::Requeue),
+            "purge" => Ok(Self::Purge),
+            other => Err(Failure(
+                StatusCode::NOT_FOUND,
+                format!("no action {other:?} (requeue or purge)"),
+            )),
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Self::Requeue => "requeue",
+            Self::Purge => "purge",
+        }
+    }
+
+    /// Carries the action out on one dead letter (as read by [`dlq::page`]).
+    pub(super) async fn apply(
+        self,
+        js: &jetstream::Context,
+        queue: &QueueRef,
+        job: &dlq::DeadLetterJob,
+    ) -> Result<(), DlqError> {
+        match self {
+            Self::Requeue => dlq::requeue_one(js, queue, job).await,
+            Self::Purge => dlq::purge_one(js, queue, job.entry.sequence).await,
+        }
+    }
+}
+
 /// What a write did.
 #[derive(Debug, Serialize)]
 pub struct Done {
@@ -514,27 +563,14 @@ pub async fn dead_letter_action(
     if let Some((status, message)) = refuse_write(state.token.as_deref(), &headers) {
         return Err(Failure(status, message));
     }
-    let action = match action.as_str() {
-        "requeue" => "requeue",
-        "purge" => "purge",
-        other => {
-            return Err(Failure(
-                StatusCode::NOT_FOUND,
-                format!("no action {other:?} (requeue or purge)"),
-            ));
-        }
-    };
+    let action = Action::parse(&action)?;
     let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     // This one dead letter, read and moved by sequence: one page, never a scan.
     let job = read_dead_letter(&js, &queue, sequence).await?;
-    match action {
-        "requeue" => dlq::requeue_one(&js, &queue, &job).await,
-        _ => dlq::purge_one(&js, &queue, sequence).await,
-    }
-    .map_err(dlq_failure)?;
-    tracing::info!(queue = %queue.stream(), sequence, action, "dashboard write");
+    action.apply(&js, &queue, &job).await.map_err(dlq_failure)?;
+    tracing::info!(queue = %queue.stream(), sequence, action = action.name(), "dashboard write");
     Ok(Json(Done {
-        action,
+        action: action.name(),
         jobs: vec![cut(&job.entry.job_id)],
     }))
 }

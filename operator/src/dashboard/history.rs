@@ -11,11 +11,11 @@ use axum::Json;
 use axum::extract::{Path, State};
 use conveyor_crds::JobQueue;
 use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::DashboardState;
+use super::api::{Failure, find_queue, not_running};
 
 /// How often the figures are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(15);
@@ -38,16 +38,26 @@ pub struct Point {
 
 impl Point {
     fn of(t: u64, queue: &JobQueue) -> Self {
-        let status = queue.status.clone().unwrap_or_default();
-        let rate = |r: Option<String>| r.and_then(|r| r.parse().ok()).unwrap_or(0.0);
+        let Some(status) = queue.status.as_ref() else {
+            return Self {
+                t,
+                pending: 0,
+                in_flight: 0,
+                delayed: 0,
+                dead_lettered: 0,
+                submitted_per_second: 0.0,
+                finished_per_second: 0.0,
+            };
+        };
+        let rate = |r: &Option<String>| r.as_deref().and_then(|r| r.parse().ok()).unwrap_or(0.0);
         Self {
             t,
             pending: status.pending.unwrap_or(0),
             in_flight: status.in_flight.unwrap_or(0),
             delayed: status.delayed.unwrap_or(0),
             dead_lettered: status.dead_lettered.unwrap_or(0),
-            submitted_per_second: rate(status.submitted_per_second),
-            finished_per_second: rate(status.finished_per_second),
+            submitted_per_second: rate(&status.submitted_per_second),
+            finished_per_second: rate(&status.finished_per_second),
         }
     }
 }
@@ -120,18 +130,15 @@ pub async fn history(
     State(history): State<History>,
     State(state): State<DashboardState>,
     Path((namespace, name)): Path<(String, String)>,
-) -> Json<HistoryView> {
+) -> Result<Json<HistoryView>, Failure> {
+    let stores = state.stores().ok_or_else(not_running)?;
+    let queue = find_queue(&stores, &namespace, &name)?;
     let mut points = history.points(&namespace, &name);
-    let now = state
-        .stores()
-        .and_then(|stores| stores.queues.get(&ObjectRef::new(&name).within(&namespace)));
-    if let Some(queue) = now {
-        points.push(Point::of(unix_now(), &queue));
-    }
-    Json(HistoryView {
+    points.push(Point::of(unix_now(), &queue));
+    Ok(Json(HistoryView {
         interval_seconds: SAMPLE_EVERY.as_secs(),
         points,
-    })
+    }))
 }
 
 fn unix_now() -> u64 {

@@ -246,11 +246,16 @@ pub async fn bind(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let history = history::History::default();
-    let sampler = history.clone().sample(state.clone(), stop.clone());
+    let sampling = stop.child_token();
+    let sampler = history.clone().sample(state.clone(), sampling.clone());
     let serve = axum::serve(listener, router(state, history))
         .with_graceful_shutdown(async move { stop.cancelled().await });
     Ok((bound, async move {
-        let (served, ()) = tokio::join!(serve.into_future(), sampler);
+        let sampler = tokio::spawn(sampler);
+        let served = serve.await;
+        // The samples are only for the pages: they stop with the server, however it ended.
+        sampling.cancel();
+        let _ = sampler.await;
         served
     }))
 }

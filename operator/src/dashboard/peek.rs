@@ -1,19 +1,16 @@
-//! Paged peeks at the jobs a queue holds (pending by priority level, delayed) and the bulk
-//! dead-letter actions. Each request reads at most one page of jobs from NATS, found by
-//! subject and sequence (`STREAM.MSG.GET` with `next_by_subj`): never a scan of the stream.
+//! Paged peeks at the jobs a queue holds (pending by priority level, delayed; the reads are
+//! `conveyor::peek`'s) and the bulk dead-letter actions. Each request reads at most one page of
+//! jobs from NATS, found by subject and sequence: never a scan of the stream.
 
-use async_nats::jetstream;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use conveyor::dlq::{self, Selector};
-use conveyor::names::QueueRef;
-use conveyor::protocol::schedule::SCHEDULE;
-use conveyor::stored::{self, StoredJob};
+use conveyor::peek::{self, Jobs, PeekError, Peeked};
 use serde::{Deserialize, Serialize};
 
 use super::DashboardState;
-use super::api::{Failure, cut, dlq_failure, limit, queue_nats};
+use super::api::{Action, Failure, cut, dlq_failure, limit, queue_nats};
 use super::refuse_write;
 
 /// Jobs in one peek when the request names no limit, and at most.
@@ -62,9 +59,8 @@ pub struct PeekPage {
     next: Option<u64>,
 }
 
-fn peeked(job: &StoredJob, stream: &str) -> PeekedJob {
-    let reading = job.read(stream);
-    let headers = reading
+fn view(job: Peeked) -> PeekedJob {
+    let headers = job
         .headers
         .iter()
         .flat_map(|(name, values)| {
@@ -75,12 +71,12 @@ fn peeked(job: &StoredJob, stream: &str) -> PeekedJob {
         .collect();
     PeekedJob {
         sequence: job.sequence,
-        job_id: cut(&reading.id),
-        size: job.payload.len(),
-        stored_at: cut(&job.time),
-        delivered: None,
-        run_at: reading.headers.get(SCHEDULE).map(|v| cut(v.as_str())),
-        malformed: reading.malformed.as_deref().map(cut),
+        job_id: cut(&job.id),
+        size: job.size,
+        stored_at: cut(&job.stored_at),
+        delivered: job.delivered,
+        run_at: job.run_at.as_deref().map(cut),
+        malformed: job.malformed.as_deref().map(cut),
         headers,
     }
 }
@@ -89,17 +85,27 @@ fn bad_gateway(error: impl std::fmt::Display) -> Failure {
     Failure(StatusCode::BAD_GATEWAY, error.to_string())
 }
 
-/// One page of `subject` in `stream` from `from` (see [`stored::page`]).
-async fn page(
-    js: &jetstream::Context,
-    stream: &str,
-    subject: &str,
-    from: u64,
-    limit: usize,
-) -> Result<(Vec<StoredJob>, Option<u64>), Failure> {
-    stored::page(&js.client(), stream, subject, from, limit)
+/// One page of `jobs` of the queue as the API answers it.
+async fn peek_page(
+    state: &DashboardState,
+    namespace: &str,
+    name: &str,
+    jobs: impl FnOnce(u8) -> Result<Jobs, Failure>,
+    query: &PeekQuery,
+) -> Result<Json<PeekPage>, Failure> {
+    let (queue, js, priorities) = queue_nats(state, namespace, name).await?;
+    let jobs = jobs(priorities)?;
+    let limit = limit(query.limit, PEEK_LIMIT);
+    let (found, next) = peek::page(&js, &queue, jobs, query.from.unwrap_or(1), limit)
         .await
-        .map_err(bad_gateway)
+        .map_err(|e| match e {
+            PeekError::NoLevel { .. } => Failure(StatusCode::NOT_FOUND, e.to_string()),
+            other => bad_gateway(other),
+        })?;
+    Ok(Json(PeekPage {
+        items: found.into_iter().map(view).collect(),
+        next,
+    }))
 }
 
 /// The pending jobs of one priority level, oldest first.
@@ -108,52 +114,21 @@ pub async fn pending(
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<PeekQuery>,
 ) -> Result<Json<PeekPage>, Failure> {
-    let (queue, js, priorities) = queue_nats(&state, &namespace, &name).await?;
     let level = query.level.unwrap_or(0);
-    if level >= priorities {
-        return Err(Failure(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "queue {namespace}/{name} has priority levels 0 to {}",
-                priorities.saturating_sub(1)
-            ),
-        ));
-    }
-    let stream = queue.stream();
-    let limit = limit(query.limit, PEEK_LIMIT);
-    // What the level's consumer has handed out so far: a job at or below that sequence was
-    // delivered (it is running or waits for its retry), one above it was not.
-    let delivered_up_to = delivered_sequence(&js, &queue, level).await?;
-    let (jobs, next) = page(
-        &js,
-        &stream,
-        &queue.job_subject(level),
-        query.from.unwrap_or(1),
-        limit,
-    )
-    .await?;
-    let items = jobs
-        .iter()
-        .map(|job| PeekedJob {
-            delivered: Some(job.sequence <= delivered_up_to),
-            ..peeked(job, &stream)
-        })
-        .collect();
-    Ok(Json(PeekPage { items, next }))
-}
-
-/// The stream sequence of the last job the level's consumer delivered (0 before any).
-async fn delivered_sequence(
-    js: &jetstream::Context,
-    queue: &QueueRef,
-    level: u8,
-) -> Result<u64, Failure> {
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(queue.consumer(level), queue.stream())
-        .await
-        .map_err(bad_gateway)?;
-    let info = consumer.info().await.map_err(bad_gateway)?;
-    Ok(info.delivered.stream_sequence)
+    let jobs = |priorities: u8| {
+        if level < priorities {
+            Ok(Jobs::Pending(level))
+        } else {
+            Err(Failure(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "queue {namespace}/{name} has priority levels 0 to {}",
+                    priorities.saturating_sub(1)
+                ),
+            ))
+        }
+    };
+    peek_page(&state, &namespace, &name, jobs, &query).await
 }
 
 /// The delayed jobs (not yet due), in the order they were submitted.
@@ -162,27 +137,19 @@ pub async fn delayed(
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<PeekQuery>,
 ) -> Result<Json<PeekPage>, Failure> {
-    let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
-    let stream = queue.delayed_stream();
-    let (jobs, next) = page(
-        &js,
-        &stream,
-        &queue.delayed_wildcard(),
-        query.from.unwrap_or(1),
-        limit(query.limit, PEEK_LIMIT),
-    )
-    .await?;
-    let items = jobs.iter().map(|job| peeked(job, &stream)).collect();
-    Ok(Json(PeekPage { items, next }))
+    peek_page(&state, &namespace, &name, |_| Ok(Jobs::Delayed), &query).await
 }
 
-/// `?match=&from=` of a bulk dead-letter action.
+/// `?match=&from=&until=` of a bulk dead-letter action.
 #[derive(Debug, Deserialize)]
 pub struct BulkQuery {
     /// Text the error or reason contains (case-insensitive); absent or empty: every one.
     r#match: Option<String>,
     /// First dead-letter sequence to read.
     from: Option<u64>,
+    /// Last dead-letter sequence the action covers: the first step answers the stream's last
+    /// sequence at that moment, and the next steps send it back.
+    until: Option<u64>,
 }
 
 /// What one step of a bulk action did.
@@ -193,13 +160,20 @@ pub struct BulkDone {
     jobs: Vec<String>,
     /// Dead letters read in this step, matching or not.
     scanned: usize,
-    /// `from` of the next step; absent when the end of the dead letters was reached.
+    /// `from` of the next step; absent when the action reached `until`.
     next: Option<u64>,
+    /// The last sequence the action covers; send it back with `next`.
+    until: u64,
+    /// Why the step stopped early, after acting on `jobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// Requeues or purges the dead letters whose error or reason matches (or all of them), one
-/// page of [`BULK_PAGE`] per request: the page calls again with `next` until it is absent,
-/// so no request holds more than one page and a long dead-letter queue shows progress.
+/// page of [`BULK_PAGE`] per request: the page calls again with `next` and `until` until
+/// `next` is absent, so no request holds more than one page and a long dead-letter queue shows
+/// progress. The action ends at the last sequence the stream had when it started (`until`):
+/// a requeued job that fails again gets a later sequence and is not requeued a second time.
 pub async fn bulk(
     State(state): State<DashboardState>,
     Path((namespace, name, action)): Path<(String, String, String)>,
@@ -209,45 +183,50 @@ pub async fn bulk(
     if let Some((status, message)) = refuse_write(state.token.as_deref(), &headers) {
         return Err(Failure(status, message));
     }
-    let action = match action.as_str() {
-        "requeue" => "requeue",
-        "purge" => "purge",
-        other => {
-            return Err(Failure(
-                StatusCode::NOT_FOUND,
-                format!("no action {other:?} (requeue or purge)"),
-            ));
-        }
-    };
+    let action = Action::parse(&action)?;
     let selector = match query.r#match.as_deref().map(str::trim) {
         None | Some("") => Selector::All,
         Some(text) => Selector::ErrorMatch(text.to_owned()),
     };
     let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
-    let found = dlq::page(&js, &queue, query.from.unwrap_or(0), BULK_PAGE + 1)
+    let until = match query.until {
+        Some(until) => until,
+        None => {
+            let stream = js
+                .get_stream(queue.dead_letter_stream())
+                .await
+                .map_err(bad_gateway)?;
+            stream.cached_info().state.last_sequence
+        }
+    };
+    let mut found = dlq::page(&js, &queue, query.from.unwrap_or(0), BULK_PAGE + 1)
         .await
         .map_err(dlq_failure)?;
+    found.retain(|job| job.entry.sequence <= until);
     let next = found.get(BULK_PAGE).map(|job| job.entry.sequence);
     let mut done = BulkDone {
-        action,
+        action: action.name(),
         jobs: Vec::new(),
         scanned: found.len().min(BULK_PAGE),
         next,
+        until,
+        error: None,
     };
     for job in found.iter().take(BULK_PAGE) {
         if !selector.matches(&job.entry) {
             continue;
         }
-        match action {
-            "requeue" => dlq::requeue_one(&js, &queue, job).await,
-            _ => dlq::purge_one(&js, &queue, job.entry.sequence).await,
+        if let Err(error) = action.apply(&js, &queue, job).await {
+            // What was done stays reported; the page says where it stopped.
+            done.error = Some(dlq_failure(error).1);
+            done.next = None;
+            break;
         }
-        .map_err(dlq_failure)?;
         done.jobs.push(cut(&job.entry.job_id));
     }
     tracing::info!(
         queue = %queue.stream(),
-        action,
+        action = action.name(),
         jobs = done.jobs.len(),
         "dashboard bulk write"
     );

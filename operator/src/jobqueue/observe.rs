@@ -162,9 +162,19 @@ pub async fn health(
         })?;
     let delayed_name = queue.delayed_stream();
     let delayed = delayed_jobs(js, queue, &delayed_name).await?;
+    // One STREAM.INFO: its message count is the figure.
+    let waiting_name = queue.waiting_stream();
+    let waiting = js
+        .get_stream(&waiting_name)
+        .await
+        .map_err(stream_error(waiting_name.clone()))?
+        .cached_info()
+        .state
+        .messages;
     Ok((
         Health {
             delayed,
+            waiting,
             counters,
             rates: None,
             dead_lettered: state.messages,

@@ -62,6 +62,8 @@ pub struct Health {
     pub tail_complete: bool,
     /// Jobs in the delayed stream (scheduled, not yet due).
     pub delayed: u64,
+    /// Jobs in the waiting stream: dependents and continuations not released yet.
+    pub waiting: u64,
     /// Jobs that exhausted their attempts and are not dead-lettered yet.
     pub exhausted: conveyor::dlq::Exhausted,
     /// The work stream's counters, for rates.
@@ -209,6 +211,7 @@ fn apply_health(
     status.dead_lettered = Some(health.dead_lettered);
     status.awaiting_dead_letter = Some(health.exhausted.count);
     status.delayed = Some(health.delayed);
+    status.waiting = Some(health.waiting);
     if let Some((submitted, finished)) = &health.rates {
         status.submitted_per_second = Some(submitted.clone());
         status.finished_per_second = Some(finished.clone());
@@ -540,6 +543,7 @@ mod tests {
             tail_complete: true,
             tail,
             delayed: 0,
+            waiting: 0,
             counters: Counters::default(),
             rates: None,
             levels: Vec::new(),

@@ -69,6 +69,7 @@ async function queuesView(params) {
       el("td", { class: "num", "data-field": "pending" }, shown(q.pending)),
       el("td", { class: "num", "data-field": "inFlight" }, shown(q.inFlight)),
       el("td", { class: "num", "data-field": "delayed" }, shown(q.delayed)),
+      el("td", { class: "num", "data-field": "waiting" }, shown(q.waiting)),
       el("td", { class: "num", "data-field": "deadLettered" },
         el("a", { href: `#/dead-letters/${part(q.namespace)}/${part(q.name)}` }, shown(q.deadLettered))),
       el("td", { "data-field": "oldestPendingAge" }, shown(q.oldestPendingAge)),
@@ -78,7 +79,7 @@ async function queuesView(params) {
   render(
     el("h1", {}, `Queues (${page.total})`),
     el("table", { id: "queues" },
-      el("thead", {}, el("tr", {}, ["Queue", "Pending", "In flight", "Delayed", "Dead letters",
+      el("thead", {}, el("tr", {}, ["Queue", "Pending", "In flight", "Delayed", "Waiting", "Dead letters",
         "Oldest pending", "Submitted/s", "Finished/s", "Conditions"].map((h) => el("th", {}, h)))),
       el("tbody", {}, rows)),
     page.items.length === 0 ? notice("No JobQueue yet.") : null,
@@ -126,7 +127,7 @@ async function queueView(namespace, name) {
   const q = await api(`/api/queues/${part(namespace)}/${part(name)}`);
   const history = await api(`/api/queues/${part(namespace)}/${part(name)}/history`);
   const figures = [["Pending", q.pending], ["In flight", q.inFlight], ["Delayed", q.delayed],
-    ["Dead letters", q.deadLettered], ["Awaiting dead letter", q.awaitingDeadLetter],
+    ["Waiting (dependencies)", q.waiting], ["Dead letters", q.deadLettered], ["Awaiting dead letter", q.awaitingDeadLetter],
     ["Oldest pending", q.oldestPendingAge], ["Submitted/s", q.submittedPerSecond],
     ["Finished/s", q.finishedPerSecond], ["Priority levels", q.priorities], ["Read at", q.observedAt]];
   render(
@@ -206,19 +207,25 @@ function writeHeaders() {
 // Requeues or purges the dead letters that match, one bounded page per request, following
 // `next` until the end and showing the running count.
 async function bulkAction(namespace, name, action, match, outcome) {
-  let from = 0;
+  let cursor = "from=0";
   let acted = 0;
   let scanned = 0;
   const base = `/api/queues/${part(namespace)}/${part(name)}/dead-letters/all/${action}`;
+  const verb = action === "requeue" ? "Requeued" : "Purged";
   try {
     for (;;) {
-      const done = await api(`${base}?from=${from}${match ? "&match=" + part(match) : ""}`,
+      const done = await api(`${base}?${cursor}${match ? "&match=" + part(match) : ""}`,
         { method: "POST", headers: writeHeaders() });
       acted += done.jobs.length;
       scanned += done.scanned;
-      fill(outcome, notice(`${action === "requeue" ? "Requeued" : "Purged"} ${acted} of ${scanned} read${done.next ? " …" : "."}`));
+      if (done.error) {
+        fill(outcome, notice(`${verb} ${acted} of ${scanned} read, then: ${done.error}`, true));
+        return;
+      }
+      fill(outcome, notice(`${verb} ${acted} of ${scanned} read${done.next ? " …" : "."}`));
       if (!done.next) return;
-      from = done.next;
+      // Up to the last dead letter there was when the action started, not those it causes.
+      cursor = `from=${done.next}&until=${done.until}`;
     }
   } catch (error) {
     fill(outcome, notice(`${acted} done, then: ${error.message}`, true));
