@@ -260,6 +260,7 @@ async fn run() {
             Box::new(|n| format!("{q}/pending?level=0&limit=100&from={}", spread(n, jobs))),
         ),
         ("/delayed", Box::new(|_| format!("{q}/delayed"))),
+        ("/history", Box::new(|_| format!("{q}/history"))),
         (
             "/jobs/<id> (not found)",
             Box::new(|n| format!("{q}/jobs/job-{}", spread(n, jobs))),
