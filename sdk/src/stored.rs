@@ -350,8 +350,9 @@ impl StoredJob {
 }
 
 /// Moves a stored job into the queue's dead-letter stream: publishes the copy (its original
-/// header block kept when the client could not read it, see [`record::Original`]), deletes
-/// the job from the work stream, stores the outcome and answers an awaiting producer. Every
+/// header block kept when the client could not read it, see [`record::Original`]), stores the
+/// outcome (and a child's record for its parent), deletes the job from the work stream and
+/// answers an awaiting producer. Every
 /// step can be repeated: the copy's `Nats-Msg-Id` is the same whoever writes it.
 pub async fn dead_letter(
     jetstream: &jetstream::Context,
@@ -391,24 +392,40 @@ pub async fn dead_letter(
         job: letter.job_id.clone(),
         source,
     })?;
-    delete(&jetstream.client(), &queue.stream(), job.sequence).await?;
-    let result = Outcome::dead_lettered(&letter).encode(&letter.job_id);
+    let outcome = Outcome::dead_lettered(&letter);
+    let result = outcome.encode(&letter.job_id);
     // Kept in the results stream too (every queue has one; it expires by its retention),
-    // since no worker reported on this job.
-    let stored = match jetstream
-        .publish_with_headers(
-            queue.result_subject(&letter.job_id),
-            result.clone(),
-            Bytes::new(),
-        )
-        .await
+    // since no worker reported on this job; and, for a child or a continuation, in its
+    // parent's records, so the parent's continuation is not left waiting for it. A failed
+    // child record fails the step (it is repeated); a failed outcome record is only logged.
+    let home = (queue.namespace.as_str(), queue.name.as_str());
+    let flow =
+        crate::protocol::flow::FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
+    match crate::flow::record_outcome(
+        jetstream,
+        queue,
+        &letter.job_id,
+        &flow,
+        &outcome,
+        &Bytes::new(),
+        true,
+    )
+    .await
     {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    if let Err(error) = stored {
-        tracing::warn!(job = %letter.job_id, %error, "storing the dead-lettered outcome");
+        Ok(_) => {}
+        Err(crate::flow::FlowError::Publish { source, .. })
+            if flow.parent.is_some() || flow.continues.is_some() =>
+        {
+            return Err(StoredError::Publish {
+                job: letter.job_id.clone(),
+                source,
+            });
+        }
+        Err(error) => {
+            tracing::warn!(job = %letter.job_id, %error, "storing the dead-lettered outcome");
+        }
     }
+    delete(&jetstream.client(), &queue.stream(), job.sequence).await?;
     if let Some(reply) = &reading.reply_to {
         let nats = jetstream.client();
         if let Err(error) = nats

@@ -608,3 +608,43 @@ async fn a_fixed_dependency_is_requeued_with_the_dependents_that_failed_for_it()
     assert_eq!(result, "data failed=[] skipped=[]");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_child_dead_lettered_without_a_handler_report_still_reaches_its_parent()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
+    let q = &made[0];
+    // A child whose worker died on every delivery: the dispatcher dead-letters it from the
+    // work stream (`stored::dead_letter`), and its parent's record must say so.
+    let child = Job::new("orphan", "").header(conveyor::protocol::flow::PARENT, "test/kin/p");
+    let ack = client.submit(q, child).await?;
+    let nc = client.jetstream().client();
+    let stored = conveyor::stored::get(&nc, &q.stream(), ack.sequence)
+        .await?
+        .expect("the child is stored");
+    let reading = stored.read(&q.stream());
+    conveyor::stored::dead_letter(
+        client.jetstream(),
+        q,
+        &stored,
+        &reading,
+        (
+            conveyor::protocol::Reason::MaxDeliveries,
+            "no report".into(),
+        ),
+        3,
+        "unknown",
+    )
+    .await?;
+    let page = conveyor::flow::children_page(&nc, &JobRef::new(NS, "kin", "p"), 0, 10).await?;
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].job, JobRef::new(NS, "kin", "orphan"));
+    assert!(
+        matches!(&page[0].outcome, Recorded::DeadLettered { reason, .. } if reason == "max_deliveries"),
+        "{:?}",
+        page[0].outcome
+    );
+    Ok(())
+}
