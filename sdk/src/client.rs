@@ -527,6 +527,23 @@ impl Client {
         Ok(ack)
     }
 
+    /// Where job `job` stands: waiting (for which dependencies, in which state), continued,
+    /// finished, or unknown to the flow and results streams ([`flow::job_status`]).
+    pub async fn job_status(&self, job: &JobRef) -> Result<flow::JobStatus, flow::FlowError> {
+        flow::job_status(&self.jetstream.client(), job).await
+    }
+
+    /// A parent's finished children by outcome and the first `shown` of them, reading at most
+    /// `limit` records ([`flow::flow_summary`]).
+    pub async fn flow_summary(
+        &self,
+        parent: &JobRef,
+        shown: usize,
+        limit: u64,
+    ) -> Result<flow::FlowSummary, flow::FlowError> {
+        flow::flow_summary(&self.jetstream.client(), parent, shown, limit).await
+    }
+
     /// The `waiting` figure of a queue: how many of its jobs wait for dependencies or
     /// children (the waiting stream's message count, one STREAM.INFO request).
     pub async fn waiting(

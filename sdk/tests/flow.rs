@@ -238,6 +238,20 @@ async fn a_dependent_runs_whether_submitted_before_between_or_after_its_dependen
         1,
         "the dependent is waiting, not queued"
     );
+    let status = client
+        .job_status(&JobRef::new(NS, "steps", "before"))
+        .await?;
+    match status.state {
+        conveyor::flow::JobState::Waiting { after, .. } => {
+            assert_eq!(after.len(), 2);
+            assert!(
+                after
+                    .iter()
+                    .all(|(_, state)| *state == DependencyState::Missing)
+            );
+        }
+        other => panic!("expected waiting, got {other:?}"),
+    }
     client.submit(q, Job::new("b1", "")).await?;
     client.submit(q, Job::new("b2", "")).await?;
     // Between: one dependency done, then the dependent, then the other.
@@ -336,6 +350,14 @@ async fn a_fan_out_of_2000_children_continues_exactly_once_with_every_result() -
         1,
         "the continuation ran exactly once"
     );
+    let summary = client
+        .flow_summary(&JobRef::new(NS, "parents", "fan"), 3, 10_000)
+        .await?;
+    assert_eq!(
+        (summary.read, summary.completed, summary.first.len()),
+        (2000, 2000, 3)
+    );
+    assert!(!summary.truncated);
     // The parent's stored outcome is its continuation's.
     assert_eq!(
         completed(&wait_result(&client, &parents, "fan").await?),
