@@ -175,12 +175,13 @@ pub struct JobTemplate {
     pub payload: Option<String>,
 
     /// Headers the handler reads, name to value. Names starting with `Nats-` or `Conveyor-`
-    /// are reserved for the broker and Conveyor and refused. At most 32 headers; a name is
+    /// in any case (`nats-msg-id` too: header names are case-insensitive) are reserved for the
+    /// broker and Conveyor and refused. At most 32 headers; a name is
     /// visible ASCII without `:`, a value one line (else `Ready` is `False` with reason
     /// `InvalidSpec`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
-    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('Nats-') && !k.startsWith('Conveyor-'))").message("job.headers names must not start with Nats- or Conveyor-"))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.lowerAscii().startsWith('nats-') && !k.lowerAscii().startsWith('conveyor-'))").message("job.headers names must not start with Nats- or Conveyor- (in any case)"))]
     pub headers: BTreeMap<String, String>,
 
     /// Priority level of the runs, 0 (lowest, the default) to the queue's `priorities` - 1.

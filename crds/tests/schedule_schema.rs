@@ -3,21 +3,12 @@
 //! `kubectl get` shows, the bounds of `@every` and `startingDeadline`, and that no rule fails
 //! at runtime on a value the schema admits or refuses.
 
-use std::sync::{Arc, OnceLock};
-
 use conveyor_crds::JobSchedule;
 use conveyor_crds::schedule::STARTING_DEADLINE;
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
 
-fn env() -> &'static Arc<cel::Env> {
-    static ENV: OnceLock<Arc<cel::Env>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let mut env = cel::Env::stdlib();
-        env.add_extension(cel::extensions::strings).unwrap();
-        Arc::new(env)
-    })
-}
+mod common;
 
 fn crd() -> Value {
     serde_json::to_value(JobSchedule::crd()).unwrap()
@@ -27,40 +18,10 @@ fn spec_schema() -> Value {
     crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
 }
 
-/// Messages of the rules on `spec` and its fields that `spec` breaks; a rule that does not
-/// evaluate to a bool fails the test.
+/// Messages of the rules on `spec` and its fields (at any depth) that `spec` breaks; a rule
+/// that does not evaluate to a bool fails the test.
 fn violations(spec: &Value) -> Vec<String> {
-    let schema = spec_schema();
-    let mut places = vec![(&schema, spec)];
-    let props = schema["properties"].as_object().unwrap();
-    for (name, sub) in props {
-        if let Some(v) = spec.get(name) {
-            places.push((sub, v));
-        }
-    }
-    let mut out = Vec::new();
-    for (node, value) in places {
-        let Some(rules) = node["x-kubernetes-validations"].as_array() else {
-            continue;
-        };
-        for rule in rules {
-            let source = rule["rule"].as_str().unwrap();
-            let program = env()
-                .compile(source)
-                .unwrap_or_else(|e| panic!("{source}: {e}"));
-            let mut ctx = cel::Context::with_env(Arc::clone(env()));
-            ctx.add_variable("self", cel::to_value(value).unwrap())
-                .unwrap();
-            match program.execute(&ctx) {
-                Ok(cel::Value::Bool(true)) => {}
-                Ok(cel::Value::Bool(false)) => {
-                    out.push(rule["message"].as_str().unwrap_or(source).to_owned());
-                }
-                other => panic!("rule {source} on {value}: {other:?}"),
-            }
-        }
-    }
-    out
+    common::violations(&spec_schema(), spec)
 }
 
 fn spec(schedule: &str, extra: Value) -> Value {
@@ -145,4 +106,27 @@ fn a_starting_deadline_is_a_bounded_duration() {
             "{out}"
         );
     }
+}
+
+#[test]
+fn reserved_header_prefixes_are_refused_in_any_case() {
+    for key in [
+        "Nats-Msg-Id",
+        "nats-msg-id",
+        "NATS-Expected-Stream",
+        "conveyor-timeout",
+    ] {
+        let job = json!({"queue": "q", "headers": {key: "x"}});
+        let said = violations(&spec("@hourly", json!({"job": job})));
+        assert_eq!(
+            said,
+            ["job.headers names must not start with Nats- or Conveyor- (in any case)"],
+            "{key}"
+        );
+    }
+    let job = json!({"queue": "q", "headers": {"tenant": "a", "X-Nats-Id": "b", "natsy": "c"}});
+    assert_eq!(
+        violations(&spec("@hourly", json!({"job": job}))),
+        Vec::<String>::new()
+    );
 }
