@@ -607,12 +607,15 @@ pub async fn last_tick(
 }
 
 /// The headers of a run submitted to the work stream: the stored ones without the server's
-/// (`Nats-*`), with `Nats-Msg-Id` = `id`.
+/// (`Nats-*`, in any case: header names are case-insensitive), with `Nats-Msg-Id` = `id`.
 fn run_headers(stored: &HeaderMap, id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     for (key, values) in stored.iter() {
         let key: &str = key.as_ref();
-        if key.starts_with("Nats-") {
+        if key
+            .get(..5)
+            .is_some_and(|head| head.eq_ignore_ascii_case("nats-"))
+        {
             continue;
         }
         for value in values {
@@ -666,9 +669,16 @@ pub async fn still_queued(
         .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
+/// The job id of a run asked for by hand at `now`: `<name>@<now, RFC 3339 UTC>+manual`, never
+/// the id of a slot (a trigger at a slot's second must not make that slot's run a duplicate),
+/// and one a slot id parse ([`job_id`], `rsplit_once('@')`) does not read as a slot.
+pub fn manual_job_id(name: &str, now: Timestamp) -> String {
+    format!("{}+manual", job_id(name, now))
+}
+
 /// The run a `conveyor schedule trigger` submits now: the job of the stored schedule message
-/// with the id `<name>@<now>`, published straight to the work stream (a second trigger within
-/// the same second is a duplicate).
+/// with the id [`manual_job_id`] `<name>@<now>+manual`, published straight to the work stream
+/// (a second trigger within the same second is a duplicate; a slot's run is not).
 pub async fn trigger(
     js: &jetstream::Context,
     queue: &QueueRef,
@@ -687,7 +697,7 @@ pub async fn trigger(
         .get(protocol::PRIORITY)
         .and_then(|p| p.as_str().parse::<u8>().ok())
         .unwrap_or(0);
-    let id = job_id(name, now);
+    let id = manual_job_id(name, now);
     let headers = run_headers(&stored_headers, &id);
     publish_run(js, queue, level, headers, stored.payload).await?;
     Ok(Some(id))
@@ -881,6 +891,40 @@ mod tests {
         stored.insert("tenant", "b");
         assert!(!m.matches(&stored, b"{}"));
         assert!(m.job_size() > 100);
+    }
+
+    #[test]
+    fn a_manual_run_never_takes_a_slots_id() {
+        let at = ts("2026-12-01T10:00:00Z");
+        let manual = manual_job_id("hourly", at);
+        assert_eq!(manual, "hourly@2026-12-01T10:00:00Z+manual");
+        assert_ne!(manual, job_id("hourly", at));
+        assert!(protocol::validate_id(&manual).is_ok());
+        let longest = manual_job_id(&"n".repeat(MAX_NAME), at);
+        assert!(protocol::validate_id(&longest).is_ok(), "{}", longest.len());
+        // Not read as a slot.
+        let (_, time) = manual.rsplit_once('@').unwrap();
+        assert!(time.parse::<Timestamp>().is_err());
+    }
+
+    #[test]
+    fn run_headers_drop_the_servers_in_any_case() {
+        let mut stored = HeaderMap::new();
+        stored.insert("Nats-Schedule", "@every 1s");
+        stored.insert("nats-msg-id", "forged");
+        stored.insert("NATS-Expected-Stream", "other");
+        stored.insert("tenant", "a");
+        let headers = run_headers(&stored, "s@2026-12-01T10:00:00Z");
+        let names: Vec<String> = headers
+            .iter()
+            .map(|(k, _)| AsRef::<str>::as_ref(k).to_owned())
+            .collect();
+        assert_eq!(
+            headers.get(protocol::MSG_ID).unwrap().as_str(),
+            "s@2026-12-01T10:00:00Z"
+        );
+        assert_eq!(headers.get("tenant").unwrap().as_str(), "a");
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]
