@@ -31,7 +31,7 @@ generate:
 
 ## lint: formatting, clippy with warnings denied (also on the CLI built without `dev`/`bench`), no
 ## import circles between the modules of a crate, the Helm chart's values against its schema
-MODULE_CYCLE_FREE := cli/src
+MODULE_CYCLE_FREE := cli/src operator/src
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

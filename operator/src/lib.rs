@@ -11,6 +11,7 @@ pub mod context;
 pub mod dashboard;
 pub mod dispatcher;
 pub mod events;
+pub mod figures;
 pub mod guarded;
 pub mod http;
 pub mod jobqueue;

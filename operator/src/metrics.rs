@@ -25,8 +25,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::jobqueue::Health;
-use crate::worker::{pods, reasons};
+use crate::figures::Health;
 
 /// Labels of the per-controller metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,30 +94,20 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
-/// What one priority level's consumer says, for the per-level metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Level {
-    /// Jobs on the level not yet delivered (`num_pending`).
-    pub pending: u64,
-    /// Jobs delivered and not yet acked or terminated (`num_ack_pending`).
-    pub in_flight: u64,
-    /// Deliveries ever made by the consumer, first ones and redeliveries
-    /// (`delivered.consumer_seq`).
-    pub deliveries: u64,
-}
-
 /// Reasons of `conveyor_worker_crashes_total`: how a restarted container last ended
 /// (`lastState.terminated.reason`), anything else as `Other`.
 pub const CRASH_REASONS: [&str; 5] = ["OOMKilled", "Error", "Completed", "StartError", "Other"];
 
-/// Reasons of `conveyor_worker_troubled_pods`: the `Degraded` condition's reasons.
-pub const TROUBLE_REASONS: [&str; 5] = [
-    reasons::OOM_KILLED,
-    reasons::CRASH_LOOP_BACK_OFF,
-    reasons::IMAGE_PULL_BACK_OFF,
-    reasons::CREATE_CONTAINER_CONFIG_ERROR,
-    reasons::UNSCHEDULABLE,
-];
+/// What a Worker's listed pods say: the pods (for their container restarts) and, for every
+/// trouble the Worker's `Degraded` condition knows, how many pods have it (zeros included, so
+/// each series exists from the start).
+#[derive(Debug, Clone, Copy)]
+pub struct PodsSeen<'a> {
+    /// The Worker's pods.
+    pub pods: &'a [Pod],
+    /// Pods in trouble per reason, every reason listed.
+    pub troubled: &'a [(&'static str, i64)],
+}
 
 /// How often the series of deleted queues and Workers are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -157,6 +146,15 @@ struct WorkerFamilies {
 /// of the crash counter.
 type Restarts = HashMap<String, u32>;
 
+/// What the metrics remember of a Worker: its labels, its containers' restart counts, and the
+/// trouble reasons it has series of (to drop them with it).
+#[derive(Debug)]
+struct KnownWorker {
+    labels: WorkerLabels,
+    restarts: Restarts,
+    troubles: Vec<&'static str>,
+}
+
 /// Every metric of the operator and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -170,7 +168,7 @@ pub struct Metrics {
     workers: WorkerFamilies,
     /// The label sets in use, to remove them when their object goes.
     known_queues: Mutex<HashMap<QueueLabels, u8>>,
-    known_workers: Mutex<HashMap<(String, String), (WorkerLabels, Restarts)>>,
+    known_workers: Mutex<HashMap<(String, String), KnownWorker>>,
     /// When this process started: restarts of a pod created before it are not counted as
     /// crashes on first sight (an earlier process counted them).
     started: Timestamp,
@@ -493,8 +491,7 @@ impl Metrics {
         name: &str,
         queue: &str,
         status: &WorkerStatus,
-        listed: Option<&[Pod]>,
-        now: Timestamp,
+        listed: Option<PodsSeen<'_>>,
     ) {
         let labels = WorkerLabels {
             namespace: namespace.to_owned(),
@@ -507,16 +504,18 @@ impl Metrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = (namespace.to_owned(), name.to_owned());
-        if let Some((old, _)) = known.get(&key)
-            && old.queue != queue
+        if let Some(old) = known.get(&key)
+            && old.labels.queue != queue
         {
             // The Worker moved to another queue: its old series go.
             self.forget_worker(old);
             known.remove(&key);
         }
-        let (_, restarts) = known
-            .entry(key)
-            .or_insert_with(|| (labels.clone(), Restarts::new()));
+        let entry = known.entry(key).or_insert_with(|| KnownWorker {
+            labels: labels.clone(),
+            restarts: Restarts::new(),
+            troubles: Vec::new(),
+        });
         let desired = status.desired_replicas.unwrap_or(0);
         w.desired.get_or_create(&labels).set(i64::from(desired));
         w.ready
@@ -543,12 +542,8 @@ impl Metrics {
         for r in CRASH_REASONS {
             let _ = w.crashes.get_or_create(&reason(r));
         }
-        let mut troubled: HashMap<&'static str, i64> = HashMap::new();
         let mut seen = Restarts::new();
-        for pod in listed {
-            if let Some((trouble, _)) = pods::trouble(pod, now) {
-                *troubled.entry(trouble.reason()).or_default() += 1;
-            }
+        for pod in listed.pods {
             let uid = pod.uid().unwrap_or_default();
             // A pod created before this process started had its earlier restarts counted by
             // an earlier one: on first sight they are the base, not crashes.
@@ -566,7 +561,7 @@ impl Metrics {
             for container in containers {
                 let key = format!("{uid}/{}", container.name);
                 let count = u32::try_from(container.restart_count).unwrap_or(0);
-                let before = match restarts.get(&key) {
+                let before = match entry.restarts.get(&key) {
                     Some(before) => *before,
                     None if older => count,
                     None => 0,
@@ -585,16 +580,18 @@ impl Metrics {
                 seen.insert(key, count);
             }
         }
-        *restarts = seen;
-        for r in TROUBLE_REASONS {
-            w.troubled
-                .get_or_create(&reason(r))
-                .set(troubled.get(r).copied().unwrap_or(0));
+        entry.restarts = seen;
+        for &(r, pods) in listed.troubled {
+            w.troubled.get_or_create(&reason(r)).set(pods);
+            if !entry.troubles.contains(&r) {
+                entry.troubles.push(r);
+            }
         }
     }
 
-    /// Drops every series of the Worker `labels`.
-    fn forget_worker(&self, labels: &WorkerLabels) {
+    /// Drops every series of the Worker `known`.
+    fn forget_worker(&self, known: &KnownWorker) {
+        let labels = &known.labels;
         let w = &self.workers;
         for family in [&w.desired, &w.ready, &w.busy, &w.free] {
             family.remove(labels);
@@ -609,7 +606,7 @@ impl Metrics {
         for r in CRASH_REASONS {
             w.crashes.remove(&reason(r));
         }
-        for r in TROUBLE_REASONS {
+        for &r in &known.troubles {
             w.troubled.remove(&reason(r));
         }
     }
@@ -637,10 +634,10 @@ impl Metrics {
             .known_workers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        workers.retain(|(ns, name), (labels, _)| {
+        workers.retain(|(ns, name), known| {
             let keep = worker_exists(ns, name);
             if !keep {
-                self.forget_worker(labels);
+                self.forget_worker(known);
             }
             keep
         });
@@ -692,6 +689,7 @@ pub async fn prune(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::figures::Level;
 
     #[test]
     fn renders_prefixed_metrics_with_static_labels() {
@@ -805,8 +803,14 @@ mod tests {
         let now = Timestamp::now();
         let before = metrics.started - k8s_openapi::jiff::SignedDuration::from_secs(60);
         let after = metrics.started + k8s_openapi::jiff::SignedDuration::from_secs(1);
+        // What the Worker controller hands over: the pods and their troubles.
         let observe = |pods: &[Pod]| {
-            metrics.observe_worker("team", "thumbs", "q", &status, Some(pods), now);
+            let troubled = crate::worker::pods::troubled(pods, now);
+            let seen = PodsSeen {
+                pods,
+                troubled: &troubled,
+            };
+            metrics.observe_worker("team", "thumbs", "q", &status, Some(seen));
             metrics.render()
         };
         let labels = r#"namespace="team",worker="thumbs",queue="q""#;

@@ -18,7 +18,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::status::{Counters, Health, excerpt};
 use crate::assets::{Figures, QueueAssets};
-use crate::metrics::Level;
+use crate::figures::Level;
 
 /// Most dead letters read per reconcile (newest first); also bounds the count shown in
 /// `JobsFailing` ("at least N" beyond it).

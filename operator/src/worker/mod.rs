@@ -404,14 +404,13 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         crash_note = Some(health.note);
         listed_pods = Some(pods);
     }
-    ctx.metrics.observe_worker(
-        &ns,
-        &name,
-        &worker.spec.queue,
-        &new,
-        listed_pods.as_deref(),
-        now,
-    );
+    let troubled = listed_pods.as_deref().map(|pods| pods::troubled(pods, now));
+    let seen = listed_pods
+        .as_deref()
+        .zip(troubled.as_ref())
+        .map(|(pods, troubled)| crate::metrics::PodsSeen { pods, troubled });
+    ctx.metrics
+        .observe_worker(&ns, &name, &worker.spec.queue, &new, seen);
     report(worker, &old, &new, crash_note, ctx).await?;
     Ok(action)
 }

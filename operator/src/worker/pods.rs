@@ -37,6 +37,15 @@ pub enum Trouble {
 }
 
 impl Trouble {
+    /// Every trouble, most severe first.
+    pub const ALL: [Trouble; 5] = [
+        Self::OomKilled,
+        Self::CrashLoopBackOff,
+        Self::ImagePullBackOff,
+        Self::CreateContainerConfigError,
+        Self::Unschedulable,
+    ];
+
     /// The CamelCase reason of the condition and of the `WorkerCrashed` Event.
     pub fn reason(self) -> &'static str {
         match self {
@@ -173,6 +182,20 @@ fn running_jobs(terminated: &ContainerStateTerminated) -> String {
     }
     let noun = if jobs.len() == 1 { "job" } else { "jobs" };
     format!(" while running {noun} {named}")
+}
+
+/// How many of `pods` have each trouble (by reason), every trouble listed: what the
+/// `conveyor_worker_troubled_pods` gauges say.
+pub fn troubled(pods: &[Pod], now: Timestamp) -> [(&'static str, i64); 5] {
+    let mut counts = Trouble::ALL.map(|t| (t.reason(), 0));
+    for pod in pods {
+        if let Some((trouble, _)) = trouble(pod, now)
+            && let Some(count) = counts.iter_mut().find(|(r, _)| *r == trouble.reason())
+        {
+            count.1 += 1;
+        }
+    }
+    counts
 }
 
 /// The `Degraded` condition of a pool from its pods at `now`.
