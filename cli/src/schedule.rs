@@ -1,7 +1,7 @@
 //! `conveyor schedule`: the JobSchedules of a namespace — list them with their last and next
 //! run, show one, pause and resume one (`spec.suspend`, through the Kubernetes API), or submit
 //! one run now (`trigger`: the job the NATS server holds for the schedule, with the id
-//! `<name>@<now>+manual`, so a second trigger within the same second is a duplicate, and a
+//! `<name>@manual-<now>`, so a second trigger within the same second is a duplicate, and a
 //! trigger at a slot's second does not make that slot's run one).
 
 use anyhow::{Context as _, anyhow};
@@ -29,7 +29,7 @@ pub enum ScheduleCommand {
     List(ListArgs),
     /// Show one JobSchedule: its job, its state and its last run.
     Show(NameArgs),
-    /// Submit one run now, with the job id `<name>@<now>+manual`.
+    /// Submit one run now, with the job id `<name>@manual-<now>`.
     Trigger(NameArgs),
     /// Pause a schedule (`spec.suspend: true`): the NATS server stops submitting runs.
     Suspend(NameArgs),

@@ -669,15 +669,15 @@ pub async fn still_queued(
         .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
-/// The job id of a run asked for by hand at `now`: `<name>@<now, RFC 3339 UTC>+manual`, never
+/// The job id of a run asked for by hand at `now`: `<name>@manual-<now, RFC 3339 UTC>`, never
 /// the id of a slot (a trigger at a slot's second must not make that slot's run a duplicate),
 /// and one a slot id parse ([`job_id`], `rsplit_once('@')`) does not read as a slot.
 pub fn manual_job_id(name: &str, now: Timestamp) -> String {
-    format!("{}+manual", job_id(name, now))
+    format!("{name}@manual-{}", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
 }
 
 /// The run a `conveyor schedule trigger` submits now: the job of the stored schedule message
-/// with the id [`manual_job_id`] `<name>@<now>+manual`, published straight to the work stream
+/// with the id [`manual_job_id`] `<name>@manual-<now>`, published straight to the work stream
 /// (a second trigger within the same second is a duplicate; a slot's run is not).
 pub async fn trigger(
     js: &jetstream::Context,
@@ -897,7 +897,7 @@ mod tests {
     fn a_manual_run_never_takes_a_slots_id() {
         let at = ts("2026-12-01T10:00:00Z");
         let manual = manual_job_id("hourly", at);
-        assert_eq!(manual, "hourly@2026-12-01T10:00:00Z+manual");
+        assert_eq!(manual, "hourly@manual-2026-12-01T10:00:00Z");
         assert_ne!(manual, job_id("hourly", at));
         assert!(protocol::validate_id(&manual).is_ok());
         let longest = manual_job_id(&"n".repeat(MAX_NAME), at);
