@@ -1,7 +1,6 @@
 //! `conveyor status`: queue figures read straight from JetStream — what is waiting, what workers
 //! hold right now, and what ended in the dead-letter queue — without going through Kubernetes.
 
-
 use anyhow::Context as _;
 use std::collections::BTreeMap;
 
