@@ -16,6 +16,8 @@ pub const TIMEOUT: Bounds = Bounds::new("1s", "24h");
 pub const STREAM_MAX_AGE: Bounds = Bounds::new("2m", "3650d");
 /// `JobQueue` `results.retention`.
 pub const RESULT_RETENTION: Bounds = Bounds::new("1s", "3650d");
+/// `JobQueue` `waitTimeout`: at most 30 days, the longest a job may wait for others.
+pub const WAIT_TIMEOUT: Bounds = Bounds::new("1s", "30d");
 /// `JobQueue` `retry.backoff.initial` and `retry.backoff.max`.
 pub const BACKOFF: Bounds = Bounds::new("1ms", "24h");
 /// `JobQueue` `alerts.maxOldestPendingAge`.
@@ -60,11 +62,12 @@ pub const MAX_TARGET_BACKLOG: i32 = 1_000_000;
 pub const MAX_RECYCLE_JOBS: i64 = 1_000_000_000;
 
 /// Every duration bound with its field, for tests and docs.
-pub const DURATIONS: [(&str, Bounds); 10] = [
+pub const DURATIONS: [(&str, Bounds); 11] = [
     ("spec.timeout", TIMEOUT),
     ("spec.stream.maxAge", STREAM_MAX_AGE),
     ("spec.results.retention", RESULT_RETENTION),
     ("spec.deduplicationWindow", DEDUPLICATION_WINDOW),
+    ("spec.waitTimeout", WAIT_TIMEOUT),
     ("spec.retry.backoff.initial", BACKOFF),
     ("spec.retry.backoff.max", BACKOFF),
     ("spec.alerts.maxOldestPendingAge", MAX_OLDEST_PENDING_AGE),

@@ -171,7 +171,7 @@ pub struct JobQueueSpec {
     /// `24h`, `7d`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(crate::duration::PATTERN), length(min = crate::duration::MIN_LENGTH, max = crate::duration::MAX_LENGTH))]
-    #[x_kube(validation = WAIT_TIMEOUT.rule("waitTimeout"))]
+    #[x_kube(validation = bounds::WAIT_TIMEOUT.rule("waitTimeout"))]
     pub wait_timeout: Option<String>,
 
     /// Keeping finished jobs' outcomes, so a producer can fetch one later (`conveyor result`,
@@ -570,8 +570,6 @@ fn default_priorities() -> u8 {
 fn default_timeout() -> String {
     "30s".into()
 }
-/// `JobQueue` `waitTimeout`: at most 30 days, the longest a job may wait for others.
-pub const WAIT_TIMEOUT: crate::duration::Bounds = crate::duration::Bounds::new("1s", "30d");
 
 fn default_deduplication_window() -> String {
     "2m".into()
@@ -657,7 +655,7 @@ impl JobQueueSpec {
     pub fn wait_timeout(&self) -> Result<Option<Duration>, DurationError> {
         self.wait_timeout
             .as_deref()
-            .map(|v| duration::parse("spec.waitTimeout", v, WAIT_TIMEOUT))
+            .map(|v| duration::parse("spec.waitTimeout", v, bounds::WAIT_TIMEOUT))
             .transpose()
     }
 

@@ -39,6 +39,7 @@ fn jobqueue_names_columns_and_status() {
             "In-Flight",
             "Dead",
             "Delayed",
+            "Waiting",
             "Done/s",
             "Oldest",
             "Reason",
