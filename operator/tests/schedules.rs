@@ -273,6 +273,11 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
     env.apply_ok(&queue_yaml("ticks", "")).await;
     env.apply_ok(&schedule_yaml("tick", "ticks", "@every 1s", ""))
         .await;
+    // A second schedule keeps running throughout: its runs show that slots go by (and that the
+    // server keeps scheduling) while `tick` is suspended.
+    env.apply_ok(&queue_yaml("tocks", "")).await;
+    env.apply_ok(&schedule_yaml("tock", "tocks", "@every 1s", ""))
+        .await;
     let message = env.wait_ready("tick", "True", "Scheduled").await;
     assert!(
         message.contains("conveyor.team.ticks.schedule."),
@@ -323,13 +328,10 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
         "a suspended schedule is removed from the server"
     );
     let suspended = env.job_ids("ticks").await;
-    let suspended_at = k8s_openapi::jiff::Timestamp::now();
-    // Two slots go by without a run (a run due before the removal may still land).
-    wait_for(DEADLINE, "two seconds of suspension", || async {
-        k8s_openapi::jiff::Timestamp::now().as_second() >= suspended_at.as_second() + 3
-    })
-    .await
-    .unwrap();
+    // Three runs of the other schedule: at least two slots of `tick` go by while suspended (a
+    // run due before the removal may still land).
+    let control = env.job_ids("tocks").await.len();
+    env.wait_jobs("tocks", control + 3).await;
     let after = env.job_ids("ticks").await;
     assert!(
         after.len() <= suspended.len() + 1,
@@ -337,6 +339,7 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
     );
 
     // Resume: runs start again from now, without catching up on the skipped slots.
+    let resumed_at = k8s_openapi::jiff::Timestamp::now();
     let patch = r#"{"spec":{"suspend":false}}"#;
     let out = kubectl(
         &env.cluster,
@@ -359,8 +362,8 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
     let new_runs = &resumed[after.len()..];
     assert_consecutive_seconds("tick", new_runs);
     assert!(
-        slot(&new_runs[0]).as_second() >= suspended_at.as_second() + 3,
-        "no run for a slot skipped while suspended: {new_runs:?}"
+        slot(&new_runs[0]).as_second() >= resumed_at.as_second(),
+        "no run for a slot skipped while suspended: {new_runs:?} (resumed at {resumed_at})"
     );
     env.shutdown().await;
 }
@@ -420,6 +423,16 @@ async fn bad_schedules_are_refused_or_reported() {
     assert!(!out.ok);
     assert!(
         out.stderr.contains("timeZone applies to cron"),
+        "{}",
+        out.stderr
+    );
+    // Header names are case-insensitive: a reserved prefix is refused in any case.
+    let headers = "apiVersion: conveyor.dev/v1alpha1\nkind: JobSchedule\nmetadata: {name: bad}\nspec:\n  schedule: '@hourly'\n  job: {queue: q, headers: {nats-msg-id: forged}}\n";
+    let out = env.apply(headers).await;
+    assert!(!out.ok);
+    assert!(
+        out.stderr
+            .contains("job.headers names must not start with Nats- or Conveyor- (in any case)"),
         "{}",
         out.stderr
     );
@@ -813,7 +826,7 @@ fn ack_everything(
 }
 
 #[tokio::test]
-async fn forbid_after_an_operator_restart_runs_each_slot_at_most_once_and_counts_the_missed_ones() {
+async fn forbid_after_an_operator_restart_skips_over_a_run_still_held_and_runs_no_missed_slot() {
     let mut env = Env::new().await;
     env.apply_ok(&queue_yaml("held", "")).await;
     env.apply_ok(&schedule_yaml(
@@ -824,31 +837,10 @@ async fn forbid_after_an_operator_restart_runs_each_slot_at_most_once_and_counts
     ))
     .await;
     env.wait_ready("beat", "True", "Scheduled").await;
-    wait_for(DEADLINE, "the queue's consumer", || async {
-        let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
-        let queue = QueueRef::new(NS, "held");
-        match js.get_stream(queue.stream()).await {
-            Ok(stream) => stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&queue.consumer(0))
-                .await
-                .is_ok(),
-            Err(_) => false,
-        }
-    })
-    .await
-    .unwrap();
-    let (worker, taken) = ack_everything(&env, "held");
-    let runs = |n: usize| {
-        let mut taken = taken.clone();
-        async move {
-            tokio::time::timeout(DEADLINE, taken.wait_for(|ids| ids.len() >= n))
-                .await
-                .unwrap_or_else(|_| panic!("{n} runs taken"))
-                .unwrap()
-                .clone()
-        }
-    };
-    runs(2).await;
+    // No worker yet: the first run stays queued, so Forbid skips every slot after it.
+    let first = env.wait_jobs("held", 1).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let first = first[0].clone();
 
     env.stop_operator().await;
     let stopped = Timestamp::now();
@@ -866,39 +858,142 @@ async fn forbid_after_an_operator_restart_runs_each_slot_at_most_once_and_counts
     )
     .await
     .unwrap();
-    let before = taken.borrow().len();
     env.start_operator();
     let restarted = Timestamp::now();
-    let ids = runs(before + 3).await;
-    worker.abort();
-
-    let distinct: BTreeSet<_> = ids.iter().collect();
-    assert_eq!(distinct.len(), ids.len(), "a slot ran twice: {ids:?}");
-    for id in &ids {
-        assert!(id.starts_with("beat@"), "{ids:?}");
-    }
-    // Of the slots that went by while it was down, the operator ran the newest only.
-    let during: Vec<_> = ids
-        .iter()
-        .filter(|id| {
-            let at = slot(id).as_second();
-            at >= stopped.as_second() + 2 && at < restarted.as_second() - 1
-        })
-        .collect();
-    assert!(
-        during.len() <= 1,
-        "missed slots were run: {during:?} of {ids:?}"
-    );
+    // The restarted operator reads the status afresh: the first run is still queued, so the
+    // newest slot is skipped, not submitted over it.
+    let skipped = wait_for(
+        DEADLINE,
+        "a slot after the restart skipped by Forbid",
+        || async {
+            let status = schedule_status(&env, "beat").await;
+            status.last_missed.as_deref().is_some_and(|m| {
+                m.contains(&format!(
+                    "the previous run {first} was still queued or running"
+                )) && status_slot(m).as_second() >= stopped.as_second() + 3
+            })
+        },
+    )
+    .await;
     let status = schedule_status(&env, "beat").await;
+    assert!(skipped.is_ok(), "{status:?}");
+    assert_eq!(
+        env.job_ids("held").await,
+        std::slice::from_ref(&first),
+        "a run was submitted over the one still queued"
+    );
     assert!(
-        status.missed_runs >= at_stop.missed_runs + 2,
-        "the slots gone by are counted: {} then {}",
+        status.missed_runs >= at_stop.missed_runs + 3,
+        "the slots gone by and the skipped one are counted: {} then {}",
         at_stop.missed_runs,
         status.missed_runs
     );
     let note = env.wait_event("beat", "MissedRuns").await;
     assert!(note.contains("status.missedRuns"), "{note}");
+
+    // A worker takes the first run: the next slots run, each once, none gone by or skipped.
+    wait_for(DEADLINE, "the queue's consumer", || async {
+        let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
+        let queue = QueueRef::new(NS, "held");
+        match js.get_stream(queue.stream()).await {
+            Ok(stream) => stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&queue.consumer(0))
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+    let (worker, taken) = ack_everything(&env, "held");
+    let mut taken = taken.clone();
+    let ids = tokio::time::timeout(DEADLINE, taken.wait_for(|ids| ids.len() >= 3))
+        .await
+        .expect("3 runs taken")
+        .unwrap()
+        .clone();
+    worker.abort();
+    assert_eq!(ids[0], first, "{ids:?}");
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "a slot ran twice: {ids:?}");
+    for id in &ids[1..] {
+        assert!(
+            slot(id).as_second() > restarted.as_second(),
+            "a slot from before the restart ran: {id} of {ids:?}"
+        );
+    }
     env.shutdown().await;
+}
+
+/// An operator that stopped after writing `lastHandled` and before publishing the run (or whose
+/// status write after it failed) left a slot handled with no run on record. Past the queue's
+/// deduplication window a second publish would not be a duplicate, so the slot is not run
+/// again: it counts as missed.
+#[tokio::test]
+async fn a_slot_handled_without_its_run_past_the_dedup_window_is_missed_not_run() {
+    let mut env = Env::new().await;
+    env.apply_ok(&queue_yaml("once", "deduplicationWindow: 1s"))
+        .await;
+    env.apply_ok(&schedule_yaml(
+        "slow",
+        "once",
+        "@every 15s",
+        "  concurrencyPolicy: Forbid\n",
+    ))
+    .await;
+    env.wait_ready("slow", "True", "Scheduled").await;
+    env.stop_operator().await;
+    let slot = wait_for_slot(&env, "once", "slow").await;
+    let id = conveyor::schedule::job_id("slow", slot);
+    // What an operator that died right after its `lastHandled` write leaves behind.
+    let patch = serde_json::json!({"status": {"lastHandled": id}});
+    env.schedules()
+        .patch_status(
+            "slow",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+    // The slot is older than the queue's 1s deduplication window.
+    wait_for(DEADLINE, "the deduplication window to pass", || async {
+        Timestamp::now().as_second() >= slot.as_second() + 2
+    })
+    .await
+    .unwrap();
+    env.start_operator();
+    let counted = wait_for(DEADLINE, "the slot counted as missed", || async {
+        let status = schedule_status(&env, "slow").await;
+        status
+            .last_missed
+            .as_deref()
+            .is_some_and(|m| m.starts_with(&format!("{id}: ")))
+    })
+    .await;
+    let status = schedule_status(&env, "slow").await;
+    assert!(counted.is_ok(), "{status:?}");
+    assert_eq!(status.missed_runs, 1, "{status:?}");
+    assert_eq!(status.last_handled.as_deref(), Some(id.as_str()));
+    let ids = env.job_ids("once").await;
+    assert!(!ids.contains(&id), "the handled slot ran: {ids:?}");
+    let note = env.wait_event("slow", "MissedRuns").await;
+    assert!(note.contains(&id), "{note}");
+    env.shutdown().await;
+}
+
+/// Waits until the server holds a slot of the held schedule `name`; that slot.
+async fn wait_for_slot(env: &Env, queue: &str, name: &str) -> Timestamp {
+    wait_for(DEADLINE, "the server to hold a slot", || async {
+        env.held_slot(queue, name).await.is_some()
+    })
+    .await
+    .unwrap();
+    env.held_slot(queue, name).await.unwrap()
+}
+
+/// The slot a `lastMissed` text (`<job id>: <why>`) names.
+fn status_slot(missed: &str) -> Timestamp {
+    slot(missed.split_once(": ").map_or(missed, |(id, _)| id))
 }
 
 #[tokio::test]
@@ -1021,7 +1116,13 @@ async fn a_server_older_than_2_14_is_refused_with_the_version_it_needs() {
     let nats = env.nats.client().await.unwrap();
     let queue = QueueRef::new(NS, "old");
     let subject = conveyor::schedule::schedule_subject(&queue, "nightly");
+    let js = async_nats::jetstream::new(nats.clone());
+    wait_for(DEADLINE, "the queue's delayed stream", || async {
+        js.get_stream(queue.delayed_stream()).await.is_ok()
+    })
+    .await
+    .unwrap();
     let held = conveyor::stored::last(&nats, &queue.delayed_stream(), &subject).await;
-    assert!(matches!(held, Ok(None) | Err(_)), "{held:?}");
+    assert!(matches!(held, Ok(None)), "{held:?}");
     env.shutdown().await;
 }

@@ -58,6 +58,9 @@ pub enum Error {
     /// Writing the status failed.
     #[error("cannot write status: {0}")]
     Status(#[source] kube::Error),
+    /// Reading the status afresh failed.
+    #[error("cannot read the JobSchedule's status: {0}")]
+    ReadStatus(#[source] kube::Error),
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),
@@ -70,7 +73,7 @@ impl Error {
             Self::NatsUnavailable { .. } => "nats_unavailable",
             Self::Store(schedule::StoreError::Unavailable(_)) => "nats_unavailable",
             Self::Store(schedule::StoreError::Refused(_)) => "jetstream",
-            Self::Status(_) => "kube",
+            Self::Status(_) | Self::ReadStatus(_) => "kube",
             Self::Finalizer(_) => "finalizer",
         }
     }
@@ -238,6 +241,11 @@ async fn apply(s: &JobSchedule, api: &Api<JobSchedule>, ctx: &Context) -> Result
     let name = s.name_any();
     let now = now();
     let desired = status::desired(&name, &s.spec);
+    // Every status this reconcile writes builds on one read afresh, never on the cached object:
+    // that may predate this operator's last write, and building on it would roll back
+    // `lastHandled`, `lastRun` and `missedRuns` (then a slot already submitted would count as
+    // missed, and under `Forbid` a run could be submitted over one still going).
+    let mut base = api.get(&name).await.map_err(Error::ReadStatus)?.status;
     let (found, result) = match &desired {
         Err(problem) => (Err(problem.clone()), Ok(Action::await_change())),
         Ok(desired) => match connect(s, ctx).await {
@@ -247,14 +255,19 @@ async fn apply(s: &JobSchedule, api: &Api<JobSchedule>, ctx: &Context) -> Result
                 let retry = Action::requeue(ctx.config.resync);
                 (Err(problem), Ok(retry))
             }
-            Ok((queue, js)) => run_on(s, &name, &queue, &js, desired, ctx, now).await,
+            Ok((queue, js)) => {
+                let on = On {
+                    api,
+                    queue: &queue,
+                    js: &js,
+                    now,
+                };
+                run_on(s, &name, &on, desired, ctx, &mut base).await
+            }
         },
     };
-    // The freshly read status when there is one (a skipped slot keeps the last run it saw).
-    let old = match &found {
-        Ok(f) => f.fresh.as_ref().or(s.status.as_ref()),
-        Err(_) => s.status.as_ref(),
-    };
+    // On every path, errors too: `base` is the fresh read, or what `handle` wrote over it.
+    let old = base.as_ref();
     let new = compute_status(old, s.meta().generation, &found, now);
     if old != Some(&new) {
         write_status(api, s, &new).await.map_err(Error::Status)?;
@@ -299,18 +312,26 @@ fn held(s: &JobSchedule, desired: &Desired) -> bool {
     s.spec.concurrency_policy != ConcurrencyPolicy::Allow || desired.deadline.is_some()
 }
 
+/// Where [`run_on`] acts: the schedule's API, its queue and the queue's JetStream, at `now`.
+struct On<'a> {
+    api: &'a Api<JobSchedule>,
+    queue: &'a JobQueue,
+    js: &'a async_nats::jetstream::Context,
+    now: k8s_openapi::jiff::Timestamp,
+}
+
 /// Puts the schedule on the queue's server (or removes it while suspended) and reads its last
 /// run. Problems of the spec against the queue come back as `Err` in the first element.
-#[allow(clippy::too_many_arguments)]
+/// `base` is the status read afresh; [`handle`] replaces it with what it writes.
 async fn run_on(
     s: &JobSchedule,
     name: &str,
-    queue: &JobQueue,
-    js: &async_nats::jetstream::Context,
+    on: &On<'_>,
     desired: &Desired,
     ctx: &Context,
-    now: k8s_openapi::jiff::Timestamp,
+    base: &mut Option<JobScheduleStatus>,
 ) -> (Result<Found, Problem>, Result<Action, Error>) {
+    let (queue, js, now) = (on.queue, on.js, on.now);
     let queue_ref = QueueRef::new(s.namespace().unwrap_or_default(), queue.name_any());
     let (pattern, template) = (&desired.pattern, &desired.template);
     let held = held(s, desired);
@@ -361,7 +382,6 @@ async fn run_on(
         notices: Vec::new(),
         handled: None,
         outcome: None,
-        fresh: None,
     };
     match tick {
         Some(tick) if held && !s.spec.suspend => {
@@ -370,8 +390,10 @@ async fn run_on(
                 level,
                 since,
                 now,
+                window: protocol_duration(&queue.spec.deduplication_window),
             };
-            if let Err(err) = handle(s, ctx, js, desired, &slot, tick, &mut found).await {
+            let result = handle(s, on.api, js, desired, &slot, tick, &mut found, base).await;
+            if let Err(err) = result {
                 let problem = Problem::new(reason::SCHEDULE_ERROR, err.to_string());
                 return (Err(problem), Err(err.into()));
             }
@@ -381,10 +403,8 @@ async fn run_on(
     }
     let run = match &found.last {
         Some((run, sequence)) => Some((run.job_id.clone(), *sequence)),
-        None => found
-            .fresh
+        None => base
             .as_ref()
-            .or(s.status.as_ref())
             .and_then(|st| st.last_run.as_ref())
             .map(|run| (run.job_id.clone(), run.sequence)),
     };
@@ -409,6 +429,12 @@ struct Slot<'a> {
     /// When the stored schedule was written (`@every` slots count from then).
     since: Option<k8s_openapi::jiff::Timestamp>,
     now: k8s_openapi::jiff::Timestamp,
+    /// The queue's `deduplicationWindow`.
+    window: Option<Duration>,
+}
+
+fn protocol_duration(text: &str) -> Option<Duration> {
+    conveyor::protocol::parse_duration(text)
 }
 
 /// Where the operator submits the runs: acts once on the newest held tick, if it is a slot not
@@ -416,30 +442,42 @@ struct Slot<'a> {
 /// only the newest), skips the slot if it is older than `startingDeadline`, and under `Forbid`
 /// or `Replace` looks at the previous run, which counts as active while the work stream still
 /// holds it.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     s: &JobSchedule,
-    ctx: &Context,
+    api: &Api<JobSchedule>,
     js: &async_nats::jetstream::Context,
     desired: &Desired,
     at: &Slot<'_>,
     tick: schedule::Tick,
     found: &mut Found,
+    base: &mut Option<JobScheduleStatus>,
 ) -> Result<(), schedule::StoreError> {
-    // Read afresh: the cached object may predate this operator's last status write, and a
-    // stale last run would let a run overlap the one just submitted.
-    let api: Api<JobSchedule> =
-        Api::namespaced(ctx.client.clone(), &s.namespace().unwrap_or_default());
-    let status = match api.get(&s.name_any()).await {
-        Ok(fresh) => fresh.status.unwrap_or_default(),
-        Err(err) => {
-            return Err(schedule::StoreError::Unavailable(format!(
-                "cannot read the JobSchedule's status: {err}"
-            )));
-        }
-    };
-    found.fresh = Some(status.clone());
+    // The status read afresh at the start of the reconcile: the cached object may predate this
+    // operator's last status write, and a stale last run would let a run overlap the one just
+    // submitted.
+    let status = base.clone().unwrap_or_default();
     let id = tick.run.job_id.clone();
     if status.last_handled.as_deref() == Some(id.as_str()) {
+        match status::handled_before(&status, &tick.run, at.now, at.window) {
+            status::Handled::Recorded => {}
+            status::Handled::Resubmit => {
+                // Within the deduplication window of any earlier publish: a run that went out
+                // is a duplicate (and gives its sequence), one that did not goes out now.
+                let sequence = schedule::submit_tick(js, at.queue, at.level, &tick).await?;
+                tracing::info!(run = %id, sequence, "recorded the run of a slot handled before");
+                found.last = Some((tick.run, Some(sequence)));
+            }
+            status::Handled::Lost(why) => {
+                tracing::info!(run = %id, %why, "not submitted again");
+                found.missed = found.missed.saturating_add(1);
+                found.last_missed = Some(format!("{id}: {why}"));
+                found.notices.push(Notice::warning(
+                    event::MISSED_RUNS,
+                    format!("run {id}: {why}"),
+                ));
+            }
+        }
         return Ok(());
     }
     found.handled = Some(id.clone());
@@ -555,6 +593,20 @@ async fn handle(
             }
         }
     }
+    // At most once per slot, also past the deduplication window: `lastHandled` is written
+    // before the run goes out, so an operator that stops in between loses the run (the next
+    // one counts it as missed) instead of submitting it again.
+    let mut before = status;
+    before.last_handled = Some(id.clone());
+    before.missed_runs = before.missed_runs.saturating_add(found.missed);
+    if found.last_missed.is_some() {
+        before.last_missed = found.last_missed.take();
+    }
+    found.missed = 0;
+    write_status(api, s, &before)
+        .await
+        .map_err(|err| schedule::StoreError::Unavailable(format!("cannot write status: {err}")))?;
+    *base = Some(before);
     let sequence = schedule::submit_tick(js, at.queue, at.level, &tick).await?;
     if named {
         found.notices.push(Notice::normal(

@@ -138,9 +138,50 @@ pub struct Found {
     pub outcome: Option<String>,
     /// When the next run is due.
     pub next: Option<Timestamp>,
-    /// The status as read afresh from the API server this reconcile (`Forbid`, `Replace`): the
-    /// new status builds on it, not on the cached object, which may predate the last write.
-    pub fresh: Option<JobScheduleStatus>,
+}
+
+/// What became of a slot whose `lastHandled` the status already names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Its run (`lastRun`) or why it has none (`lastMissed`) is recorded: nothing to do.
+    Recorded,
+    /// Neither is: the operator stopped, or its status write failed, between recording the
+    /// slot and recording its run. Still within the queue's deduplication window of the slot
+    /// (so of any publish of it), submitting it again is a duplicate if it went out.
+    Resubmit,
+    /// As [`Handled::Resubmit`], past the deduplication window: it is not submitted again
+    /// (it may have run once) and counts as missed, for this reason.
+    Lost(String),
+}
+
+/// What to do about the slot `run` that `status.lastHandled` names already.
+pub fn handled_before(
+    status: &JobScheduleStatus,
+    run: &LastRun,
+    now: Timestamp,
+    window: Option<Duration>,
+) -> Handled {
+    let id = run.job_id.as_str();
+    let ran = status.last_run.as_ref().is_some_and(|r| r.job_id == id);
+    let missed = status
+        .last_missed
+        .as_deref()
+        .and_then(|m| m.split_once(": "))
+        .is_some_and(|(missed, _)| missed == id);
+    if ran || missed {
+        return Handled::Recorded;
+    }
+    let late = now.duration_since(run.slot);
+    let within = window
+        .and_then(|w| SignedDuration::try_from(w).ok())
+        .is_some_and(|w| late < w);
+    if within {
+        Handled::Resubmit
+    } else {
+        Handled::Lost(
+            "the slot was recorded as handled but its run was not (the operator stopped or could not write the status in between); past the queue's deduplicationWindow it is not submitted again, so it may not have run".to_owned(),
+        )
+    }
 }
 
 /// What a spec stands for: when, what, and how late a run may still be submitted.
@@ -152,6 +193,15 @@ pub struct Desired {
     pub template: Template,
     /// `spec.startingDeadline`.
     pub deadline: Option<Duration>,
+}
+
+/// Whether a header name is the broker's (`Nats-`) or Conveyor's (`Conveyor-`), in any case:
+/// header names are case-insensitive, so `nats-msg-id` is `Nats-Msg-Id`.
+pub fn reserved_header(key: &str) -> bool {
+    ["nats-", "conveyor-"].iter().any(|prefix| {
+        key.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    })
 }
 
 /// What a spec stands for, or the first problem with it.
@@ -180,6 +230,11 @@ pub fn desired(name: &str, spec: &JobScheduleSpec) -> Result<Desired, Problem> {
         if key.len() > 128 || block::check_name(key.as_bytes()).is_err() {
             return Err(invalid(format!(
                 "job.headers name {key:?} must be 1 to 128 visible ASCII characters without ':'"
+            )));
+        }
+        if reserved_header(key) {
+            return Err(invalid(format!(
+                "job.headers name {key:?} is reserved: names starting with Nats- or Conveyor- (in any case) belong to the broker and Conveyor"
             )));
         }
         if value.len() > 4096 || block::check_value(value).is_err() {
@@ -479,6 +534,26 @@ mod tests {
     }
 
     #[test]
+    fn reserved_header_prefixes_are_refused_in_any_case() {
+        for key in [
+            "Nats-Msg-Id",
+            "nats-msg-id",
+            "NATS-Expected-Stream",
+            "conveyor-timeout",
+        ] {
+            let mut headers = spec("@hourly", None);
+            headers.job.headers.insert(key.into(), "x".into());
+            let err = desired("s", &headers).unwrap_err();
+            assert_eq!(err.reason, reason::INVALID_SPEC, "{key}");
+            assert!(err.message.contains("reserved"), "{key}: {}", err.message);
+        }
+        let mut fine = spec("@hourly", None);
+        fine.job.headers.insert("natsy-thing".into(), "x".into());
+        fine.job.headers.insert("X-Nats-Id".into(), "x".into());
+        assert!(desired("s", &fine).is_ok());
+    }
+
+    #[test]
     fn a_job_over_max_job_size_or_a_missing_level_does_not_fit() {
         let Desired {
             pattern, template, ..
@@ -529,6 +604,57 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_handled_without_a_recorded_run_is_resubmitted_only_within_the_dedup_window() {
+        let run = LastRun {
+            job_id: "s@2026-12-01T10:00:00Z".into(),
+            slot: ts("2026-12-01T10:00:00Z"),
+            next: None,
+        };
+        let mut status = JobScheduleStatus {
+            last_handled: Some(run.job_id.clone()),
+            last_run: Some(ScheduleRun {
+                time: Time(ts("2026-12-01T09:00:00Z")),
+                job_id: "s@2026-12-01T09:00:00Z".into(),
+                sequence: Some(4),
+                outcome: None,
+            }),
+            ..Default::default()
+        };
+        let window = Some(Duration::from_secs(120));
+        let soon = ts("2026-12-01T10:01:00Z");
+        let later = ts("2026-12-01T10:02:00Z");
+        assert_eq!(
+            handled_before(&status, &run, soon, window),
+            Handled::Resubmit
+        );
+        // Past the window a publish would not be a duplicate: lost, not run twice.
+        assert!(matches!(
+            handled_before(&status, &run, later, window),
+            Handled::Lost(_)
+        ));
+        assert!(matches!(
+            handled_before(&status, &run, soon, None),
+            Handled::Lost(_)
+        ));
+        // A recorded skip, or the run itself, is done with.
+        status.last_missed = Some(format!("{}: past startingDeadline 30s", run.job_id));
+        assert_eq!(
+            handled_before(&status, &run, later, window),
+            Handled::Recorded
+        );
+        status.last_missed = Some("s@2026-12-01T10:00:00Zx: other".into());
+        assert!(matches!(
+            handled_before(&status, &run, later, window),
+            Handled::Lost(_)
+        ));
+        status.last_run.as_mut().unwrap().job_id = run.job_id.clone();
+        assert_eq!(
+            handled_before(&status, &run, later, window),
+            Handled::Recorded
+        );
+    }
+
+    #[test]
     fn status_keeps_the_last_run_through_a_problem() {
         let found = Ok(Found {
             subject: "conveyor.ns.q.schedule.73".into(),
@@ -547,7 +673,6 @@ mod tests {
             notices: Vec::new(),
             handled: None,
             outcome: None,
-            fresh: None,
         });
         let now = ts("2026-12-01T23:06:13Z");
         let ready = compute_status(None, Some(1), &found, now);
@@ -669,7 +794,6 @@ mod tests {
             notices: Vec::new(),
             handled: None,
             outcome: None,
-            fresh: None,
         });
         let good = compute_status(Some(&bad), Some(2), &found, now);
         let notices = transitions(Some(&bad), &good);
