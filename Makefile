@@ -45,6 +45,7 @@ bench: deps
 	$(CARGO) build --release --workspace --bins
 	./target/release/conveyor bench
 	$(CARGO) bench -p conveyor-operator --bench scaling
+	$(CARGO) bench -p conveyor --bench flow
 
 ## fuzz: each fuzz target of the wire codecs for FUZZ_SECONDS (10 min) in turn, at low priority;
 ## not part of test or CI (make test replays the saved corpus instead). See docs/development.md.
