@@ -78,7 +78,19 @@ pub enum FlowError {
     /// Another releaser updated a child count at the same time; the batch is applied again.
     #[error("child count of job {0} changed meanwhile")]
     Conflict(String),
+    /// A released continuation's count could not be marked `released`: it kept changing
+    /// under the releaser (compare-and-set conflicts every time). The trigger is retried.
+    #[error("count {subject} could not be marked released: it changed under each of {tries} tries")]
+    NotMarked {
+        /// The count's subject.
+        subject: String,
+        /// Compare-and-set tries made.
+        tries: u32,
+    },
 }
+
+/// Most compare-and-set tries to mark a released continuation's count `released`.
+const MARK_TRIES: u32 = 16;
 
 /// What a dependency's stored outcome says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -977,25 +989,48 @@ impl Releaser {
             }
             other => other?,
         }
-        let released = ChildCount {
-            released: true,
-            ..count
-        };
-        let payload = serde_json::to_vec(&released).unwrap_or_default();
-        match write_rolled_up(
-            &self.jetstream,
-            queue.count_subject(parent_id),
-            sequence,
-            payload,
-        )
-        .await
-        {
-            // Another releaser moved the count on: the release itself is deduplicated.
-            Ok(()) | Err(FlowError::Conflict(_)) => {}
-            Err(error) => return Err(error),
-        }
+        self.mark_released(queue, parent_id, count, sequence)
+            .await?;
         stored::delete(&client, &stream, waiting.sequence).await?;
         Ok(())
+    }
+
+    /// Marks the count of `parent_id` `released` (compare-and-set on `sequence`, the count
+    /// last read). A count another releaser moved on meanwhile (a child record counted on
+    /// the children path while this arrival check ran) is read again and marked again, so the
+    /// mark is never lost: without it, a parent that runs again would store its continuation
+    /// anew and have it released a second time. Fails after [`MARK_TRIES`] conflicts in a
+    /// row; the waiting message is then kept and the trigger retried.
+    async fn mark_released(
+        &self,
+        queue: &QueueRef,
+        parent_id: &str,
+        mut count: ChildCount,
+        mut sequence: u64,
+    ) -> Result<(), FlowError> {
+        let client = self.jetstream.client();
+        let subject = queue.count_subject(parent_id);
+        for _ in 0..MARK_TRIES {
+            let released = ChildCount {
+                released: true,
+                ..count
+            };
+            let payload = serde_json::to_vec(&released).unwrap_or_default();
+            match write_rolled_up(&self.jetstream, subject.clone(), sequence, payload).await {
+                Ok(()) => return Ok(()),
+                Err(FlowError::Conflict(_)) => {
+                    (count, sequence) = child_count(&client, queue, parent_id).await?;
+                    if count.released {
+                        return Ok(());
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(FlowError::NotMarked {
+            subject,
+            tries: MARK_TRIES,
+        })
     }
 
     /// Release: publish to the work stream with the job's id as `Nats-Msg-Id` (a second
