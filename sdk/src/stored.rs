@@ -396,8 +396,9 @@ pub async fn dead_letter(
     let result = outcome.encode(&letter.job_id);
     // Kept in the results stream too (every queue has one; it expires by its retention),
     // since no worker reported on this job; and, for a child or a continuation, in its
-    // parent's records, so the parent's continuation is not left waiting for it. A failed
-    // child record fails the step (it is repeated); a failed outcome record is only logged.
+    // parent's records, so the parent's continuation is not left waiting for it. Both before
+    // the job leaves the work stream: a failed record fails the step (it is repeated), since
+    // dependents and a parent's continuation would otherwise wait until their wait timeout.
     let home = (queue.namespace.as_str(), queue.name.as_str());
     let flow =
         crate::protocol::flow::FlowHeaders::parse(&reading.headers, home).unwrap_or_default();
@@ -413,9 +414,7 @@ pub async fn dead_letter(
     .await
     {
         Ok(_) => {}
-        Err(crate::flow::FlowError::Publish { source, .. })
-            if flow.parent.is_some() || flow.continues.is_some() =>
-        {
+        Err(crate::flow::FlowError::Publish { source, .. }) => {
             return Err(StoredError::Publish {
                 job: letter.job_id.clone(),
                 source,

@@ -670,3 +670,74 @@ async fn a_child_dead_lettered_without_a_handler_report_still_reaches_its_parent
     );
     Ok(())
 }
+
+/// Sets the largest message `queue`'s flow stream takes (so child records can be refused);
+/// returns the setting it replaced.
+async fn flow_stream_max_message_size(
+    client: &Client,
+    queue: &QueueRef,
+    size: i32,
+) -> anyhow::Result<i32> {
+    let mut stream = client.jetstream().get_stream(queue.flow_stream()).await?;
+    let mut config = stream.info().await?.config.clone();
+    let was = config.max_message_size;
+    config.max_message_size = size;
+    client.jetstream().update_stream(config).await?;
+    Ok(was)
+}
+
+#[tokio::test]
+async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_it_is()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
+    let q = made[0].clone();
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    let runs = Arc::new(AtomicU64::new(0));
+    let counted = runs.clone();
+    let mut opts = options(1);
+    opts.backoff = conveyor::protocol::Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let runner = Worker::new(client.jetstream().clone(), q.clone())
+        .options(opts)
+        .handler(move |job: ReceivedJob| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                fetch(job).await
+            }
+        });
+    let halt = stop.clone();
+    tokio::spawn(async move { runner.run(async move { halt.cancelled().await }).await });
+    // The parent's flow stream refuses every record for a while.
+    let was = flow_stream_max_message_size(&client, &q, 1).await?;
+    let child = Job::new("doomed", "fail").header(conveyor::protocol::flow::PARENT, "test/kin/p");
+    client.submit(&q, child).await?;
+    wait_for(WAIT, "the child to run twice", || async {
+        runs.load(Ordering::SeqCst) >= 2
+    })
+    .await?;
+    flow_stream_max_message_size(&client, &q, was).await?;
+    let nc = client.jetstream().client();
+    let parent = JobRef::new(NS, "kin", "p");
+    let page = conveyor_testkit::wait_for_some(WAIT, "the child's record", || async {
+        let page = conveyor::flow::children_page(&nc, &parent, 0, 10)
+            .await
+            .ok()?;
+        (!page.is_empty()).then_some(page)
+    })
+    .await?;
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].job, JobRef::new(NS, "kin", "doomed"));
+    assert!(
+        matches!(&page[0].outcome, Recorded::DeadLettered { reason, .. } if reason == "permanent"),
+        "{:?}",
+        page[0].outcome
+    );
+    Ok(())
+}

@@ -406,37 +406,47 @@ impl<H, O> Settled<'_, H, O> {
             let delay = shared.options.backoff.delay(self.attempt);
             return retry(shared, self.acker, self.id, delay).await;
         }
+        // Recorded before the +TERM, as a completion is before its ack: a worker killed in
+        // between, or a record that cannot be written, leaves the job to run again rather than
+        // a parent's continuation (or dependents) waiting for a record that never comes.
+        let outcome = protocol::Outcome::dead_lettered(&letter);
+        if let Err(error) = self.record(&outcome, &Bytes::new()).await {
+            warn!(job = %self.id, %error, "recording the dead-lettered outcome failed; retrying the job");
+            let delay = shared.options.backoff.delay(self.attempt);
+            return retry(shared, self.acker, self.id, delay).await;
+        }
         warn!(job = %self.id, reason = %letter.reason, attempts = letter.attempts,
               error = %letter.error, "job dead-lettered");
         if let Err(error) = self.acker.ack_with(AckKind::Term).await {
             warn!(job = %self.id, %error, "terminating a dead-lettered job");
         }
-        let outcome = protocol::Outcome::dead_lettered(&letter);
-        self.tell(reply, &outcome, Bytes::new()).await;
+        self.reply(reply, &outcome, Bytes::new()).await;
         shared.dead_lettered.fetch_add(1, Ordering::Relaxed);
         Disposition::DeadLettered {
             reason: letter.reason.as_str(),
         }
     }
 
-    /// Acks a cancelled job (no retry, no dead letter) and tells an awaiting producer.
+    /// Records a cancelled job's outcome ([`Settled::record`]), then acks it (no retry, no dead
+    /// letter) and tells an awaiting producer. A record that cannot be written naks the job
+    /// instead: it comes back, is skipped again and recorded then.
     async fn cancelled(&self, reply: Option<&str>) -> Disposition {
+        let shared = self.shared;
+        if let Err(error) = self
+            .record(&protocol::Outcome::Cancelled, &Bytes::new())
+            .await
+        {
+            warn!(job = %self.id, %error, "recording a cancelled job's outcome failed; retrying it");
+            let delay = shared.options.backoff.delay(self.attempt);
+            return retry(shared, self.acker, self.id, delay).await;
+        }
         if let Err(error) = self.acker.ack().await {
             warn!(job = %self.id, %error, "acking a cancelled job; it comes back and is skipped again");
         }
-        self.shared.cancelled.fetch_add(1, Ordering::Relaxed);
-        self.tell(reply, &protocol::Outcome::Cancelled, Bytes::new())
+        shared.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.reply(reply, &protocol::Outcome::Cancelled, Bytes::new())
             .await;
         Disposition::Cancelled
-    }
-
-    /// Records a job's final outcome ([`Settled::record`]) and sends it to the awaiting
-    /// producer.
-    async fn tell(&self, reply: Option<&str>, outcome: &protocol::Outcome, payload: Bytes) {
-        if let Err(error) = self.record(outcome, &payload).await {
-            warn!(job = %self.id, %error, "recording a job outcome");
-        }
-        self.reply(reply, outcome, payload).await;
     }
 
     /// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
