@@ -580,6 +580,9 @@ pub enum Recorded {
     Duplicate,
     /// The job is nobody's child.
     NotAChild,
+    /// The job names a parent whose queue does not exist (no stream takes its flow subject):
+    /// it is treated as nobody's child.
+    NoSuchParent,
 }
 
 /// Records the final outcome of job `id` of `queue` wherever it is needed: its own results
@@ -649,6 +652,13 @@ pub async fn record_outcome(
         Err(error) if is_wrong_last_sequence(&error) => {
             debug!(child = %finished, parent = %parent, "child already recorded; not counted again");
             Ok(Recorded::Duplicate)
+        }
+        // No stream takes the parent's flow subject ("no responders"): the parent's queue does
+        // not exist, so nobody can wait for this record. Retrying would only make the job a
+        // poison job (and its dead letter fail the same way): it counts as nobody's child.
+        Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+            warn!(child = %finished, parent = %parent, "the parent's queue does not exist; recording no child record");
+            Ok(Recorded::NoSuchParent)
         }
         Err(source) => Err(FlowError::Publish {
             what: subject,

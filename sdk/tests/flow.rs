@@ -686,15 +686,12 @@ async fn flow_stream_max_message_size(
     Ok(was)
 }
 
-#[tokio::test]
-async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_it_is()
--> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = Client::connect(&nats.url()).await?;
-    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
-    let q = made[0].clone();
-    let stop = CancellationToken::new();
-    let _stop = Stop(stop.clone());
+/// A one-slot [`fetch`] worker whose retries come back within 200 ms; counts its runs.
+fn counting_fetch_worker(
+    client: &Client,
+    queue: &QueueRef,
+    stop: &CancellationToken,
+) -> Arc<AtomicU64> {
     let runs = Arc::new(AtomicU64::new(0));
     let counted = runs.clone();
     let mut opts = options(1);
@@ -703,7 +700,7 @@ async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_i
         max: Duration::from_millis(200),
         ..Default::default()
     };
-    let runner = Worker::new(client.jetstream().clone(), q.clone())
+    let runner = Worker::new(client.jetstream().clone(), queue.clone())
         .options(opts)
         .handler(move |job: ReceivedJob| {
             let counted = counted.clone();
@@ -714,6 +711,19 @@ async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_i
         });
     let halt = stop.clone();
     tokio::spawn(async move { runner.run(async move { halt.cancelled().await }).await });
+    runs
+}
+
+#[tokio::test]
+async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_it_is()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
+    let q = made[0].clone();
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    let runs = counting_fetch_worker(&client, &q, &stop);
     // The parent's flow stream refuses every record for a while.
     let was = flow_stream_max_message_size(&client, &q, 1).await?;
     let child = Job::new("doomed", "fail").header(conveyor::protocol::flow::PARENT, "test/kin/p");
@@ -739,5 +749,52 @@ async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_i
         "{:?}",
         page[0].outcome
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_child_whose_parent_queue_does_not_exist_completes_once() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin", "idle"], &QueueSettings::default()).await?;
+    let (q, idle) = (made[0].clone(), made[1].clone());
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    let runs = counting_fetch_worker(&client, &q, &stop);
+    let child = Job::new("stray", "data").header(conveyor::protocol::flow::PARENT, "test/ghost/p");
+    client.submit(&q, child).await?;
+    assert_eq!(completed(&wait_result(&client, &q, "stray").await?), "data");
+    // Retries would come back within 200 ms.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the child ran once");
+    let info = client
+        .jetstream()
+        .get_stream(q.stream())
+        .await?
+        .info()
+        .await?
+        .clone();
+    assert_eq!(info.state.messages, 0, "the child was acked");
+    // The dispatcher's dead-letter step does not fail on it either.
+    let orphan = Job::new("lost", "").header(conveyor::protocol::flow::PARENT, "test/ghost/p");
+    let ack = client.submit(&idle, orphan).await?;
+    let nc = client.jetstream().client();
+    let stored = conveyor::stored::get(&nc, &idle.stream(), ack.sequence)
+        .await?
+        .expect("the child is stored");
+    let reading = stored.read(&idle.stream());
+    conveyor::stored::dead_letter(
+        client.jetstream(),
+        &idle,
+        &stored,
+        &reading,
+        (
+            conveyor::protocol::Reason::MaxDeliveries,
+            "no report".into(),
+        ),
+        3,
+        "unknown",
+    )
+    .await?;
     Ok(())
 }
