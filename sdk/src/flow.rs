@@ -608,7 +608,7 @@ pub async fn record_outcome(
         .await?;
     }
     let me = JobRef::new(&queue.namespace, &queue.name, id);
-    let finished = match &flow.continues {
+    let finished = match continued_in(flow, queue, id) {
         Some(continued) => {
             let continued_queue = continued.queue_ref();
             publish(
@@ -664,6 +664,21 @@ pub async fn record_outcome(
             what: subject,
             source,
         }),
+    }
+}
+
+/// The job that job `id` of `queue` continues (`Conveyor-Continues`), if it names one of
+/// `queue`: a continuation always runs in its spawner's queue, so a job naming another queue's
+/// job is a forgery (a producer may set any header) and must not overwrite that job's outcome.
+/// Such a header is ignored, with a warning.
+pub fn continued_in<'a>(flow: &'a FlowHeaders, queue: &QueueRef, id: &str) -> Option<&'a JobRef> {
+    let continued = flow.continues.as_ref()?;
+    if continued.namespace == queue.namespace && continued.queue == queue.name {
+        Some(continued)
+    } else {
+        warn!(job = %id, queue = %queue.stream(), continues = %continued,
+              "ignoring a Conveyor-Continues that names another queue's job");
+        None
     }
 }
 

@@ -798,3 +798,39 @@ async fn a_child_whose_parent_queue_does_not_exist_completes_once() -> anyhow::R
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_plain_job_cannot_overwrite_another_queues_outcome() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
+    let q = made[0].clone();
+    let victims = QueueRef::new("other", "vq");
+    ensure_queue(client.jetstream(), &victims, &QueueSettings::default()).await?;
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    counting_fetch_worker(&client, &victims, &stop);
+    counting_fetch_worker(&client, &q, &stop);
+    client
+        .submit(&victims, Job::new("victim", "genuine"))
+        .await?;
+    assert_eq!(
+        completed(&wait_result(&client, &victims, "victim").await?),
+        "genuine"
+    );
+    let forged =
+        Job::new("forger", "forged").header(conveyor::protocol::flow::CONTINUES, "other/vq/victim");
+    client.submit(&q, forged).await?;
+    assert_eq!(
+        completed(&wait_result(&client, &q, "forger").await?),
+        "forged"
+    );
+    // Its own outcome is written first: give a forged second write the time to land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        completed(&client.result(&victims, "victim").await?.expect("kept")),
+        "genuine",
+        "the other queue's outcome is untouched"
+    );
+    Ok(())
+}

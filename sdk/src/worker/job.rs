@@ -72,7 +72,13 @@ pub(super) async fn process<H: Handler, O: Observer>(
     let home = (shared.queue.namespace.as_str(), shared.queue.name.as_str());
     let headers = message.headers.clone().unwrap_or_default();
     match FlowHeaders::parse(&headers, home) {
-        Ok(flow) => settled.flow = flow,
+        Ok(mut flow) => {
+            // Honoured only when it names a job of this queue (see `flow::continued_in`).
+            if flow::continued_in(&flow, &shared.queue, &id).is_none() {
+                flow.continues = None;
+            }
+            settled.flow = flow;
+        }
         Err(error) => {
             warn!(job = %id, %error, "job has a malformed flow header; dead-lettering it");
             let letter = settled.letter(Reason::Malformed, error.to_string());
