@@ -2,9 +2,7 @@
 //! the Event recorder and metrics. What a controller keeps per object lives in its own
 //! [`States`](crate::states::States), not here.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use kube::Resource;
 use kube::runtime::events::EventType;
@@ -30,9 +28,6 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Operator settings.
     pub config: Config,
-    /// Consecutive failures per `JobSchedule` (the schedule controller's backoff; the JobQueue
-    /// and Worker controllers keep theirs in their own states).
-    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -52,7 +47,6 @@ impl Context {
             client,
             metrics,
             config,
-            failures: Mutex::default(),
         }
     }
 
@@ -74,27 +68,6 @@ impl Context {
         if let Err(err) = published {
             tracing::warn!(%err, reason, "cannot publish event");
         }
-    }
-
-    /// Delay before retrying an object after a transient error: exponential per object,
-    /// capped at the resync period so recovery is never slower than a resync.
-    pub fn backoff(&self, key: String) -> Duration {
-        let mut failures = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = failures.entry(key).or_insert(0);
-        let delay = crate::states::backoff_delay(*n, self.config.resync);
-        *n = n.saturating_add(1);
-        delay
-    }
-
-    /// Forgets the failures of an object after it reconciled cleanly.
-    pub fn succeeded(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
     }
 }
 

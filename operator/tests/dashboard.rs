@@ -16,11 +16,11 @@ use conveyor::names::QueueRef;
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_operator::config::Token;
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-const KUBECTL: &str = "/usr/bin/kubectl";
 const DEADLINE: Duration = Duration::from_secs(60);
 const NS: &str = "team";
 const TOKEN: &str = "s3cret-token";
@@ -32,29 +32,9 @@ fn repo(path: &str) -> PathBuf {
 }
 
 async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<&str>) {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(KUBECTL)
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(args)
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "kubectl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    Kubectl::new(cluster.kubeconfig_path())
+        .ok(args, stdin)
+        .await;
 }
 
 /// One HTTP answer.

@@ -7,27 +7,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream;
 use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::dlq::{self, DlqError, Selector};
 use conveyor::names::QueueRef;
 use conveyor::worker::{Outcome, WorkerOptions};
 use conveyor::{Client, Job, Worker};
+use conveyor_testkit::dead_letters::count as dead_letters;
 use conveyor_testkit::{NatsServer, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-async fn dead_letters(js: &jetstream::Context, queue: &QueueRef) -> u64 {
-    match js.get_stream(queue.dead_letter_stream()).await {
-        Ok(stream) => stream
-            .get_info()
-            .await
-            .map(|i| i.state.messages)
-            .unwrap_or(0),
-        Err(_) => 0,
-    }
-}
 
 /// Attempt numbers each job id ran with, in order.
 type Runs = Arc<Mutex<BTreeMap<String, Vec<u32>>>>;

@@ -10,8 +10,8 @@ use conveyor::names::QueueRef;
 use conveyor::protocol::{self, Backoff, dead_letter};
 use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
 use conveyor::{Client, Job, JobResult, SubmitError, WaitError, Worker};
+use conveyor_testkit::dead_letters::{header, read_all as dead_letters};
 use conveyor_testkit::{NatsServer, wait_for};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -305,33 +305,6 @@ async fn failed_attempt_is_retried_after_the_backoff_delay() -> anyhow::Result<(
 }
 
 /// Reads every message of the dead-letter stream.
-async fn dead_letters(
-    js: &jetstream::Context,
-    queue: &QueueRef,
-) -> anyhow::Result<Vec<jetstream::Message>> {
-    let stream = js.get_stream(queue.dead_letter_stream()).await?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut out = Vec::new();
-    let mut batch = consumer.fetch().max_messages(1000).messages().await?;
-    while let Some(message) = batch.next().await {
-        out.push(message.map_err(|e| anyhow::anyhow!(e))?);
-    }
-    Ok(out)
-}
-
-fn header(message: &jetstream::Message, name: &str) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default()
-}
 
 #[tokio::test]
 async fn permanent_failure_and_exhausted_attempts_go_to_the_dead_letter_stream()

@@ -10,8 +10,8 @@ use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::{QueueRef, env};
 use conveyor::protocol::dead_letter;
 use conveyor::{Client, Job};
+use conveyor_testkit::dead_letters::{header, read_all as dead_letters};
 use conveyor_testkit::{NatsServer, free_port, wait_for};
-use futures::StreamExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,34 +126,6 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(text)
-}
-
-async fn dead_letters(
-    js: &jetstream::Context,
-    queue: &QueueRef,
-) -> anyhow::Result<Vec<jetstream::Message>> {
-    let stream = js.get_stream(queue.dead_letter_stream()).await?;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut out = Vec::new();
-    let mut batch = consumer.fetch().max_messages(1000).messages().await?;
-    while let Some(message) = batch.next().await {
-        out.push(message.map_err(|e| anyhow::anyhow!(e))?);
-    }
-    Ok(out)
-}
-
-fn header(message: &jetstream::Message, name: &str) -> String {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

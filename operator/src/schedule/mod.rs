@@ -27,7 +27,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, Shared};
 use crate::jobqueue::Outcome as QueueOutcome;
 pub use status::{Desired, Found, Notice, Problem, compute_status, event, reason};
 
@@ -114,9 +114,10 @@ pub async fn run(
         () = served => {}
         () = &mut shutdown => return,
     }
+    let shared = Arc::new(Shared::new(ctx.clone()));
     Controller::new(api(&ctx), watcher::Config::default())
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, shared)
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(%err, "jobschedule reconcile ended with an error");
@@ -128,17 +129,14 @@ pub async fn run(
 /// Shortest wait between two checks for the JobSchedule CRD.
 const CRD_PROBE: Duration = Duration::from_secs(10);
 
-fn key(s: &JobSchedule) -> String {
-    format!(
-        "jobschedule/{}/{}",
-        s.namespace().unwrap_or_default(),
-        s.name_any()
-    )
-}
+/// What the schedule controller's reconciles share: the operator's context and each
+/// schedule's own state (its consecutive failures, for the backoff).
+pub type Schedules = Shared<JobSchedule, ()>;
 
 /// Reconciles one `JobSchedule` (through the finalizer, so deletion runs [`cleanup`]).
-#[instrument(skip(s, ctx), fields(namespace = s.namespace(), name = s.name_any()))]
-pub async fn reconcile(s: Arc<JobSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
+#[instrument(skip(s, shared), fields(namespace = s.namespace(), name = s.name_any()))]
+pub async fn reconcile(s: Arc<JobSchedule>, shared: Arc<Schedules>) -> Result<Action, Error> {
+    let ctx = &shared.ctx;
     let started = Instant::now();
     let ns = s.namespace().unwrap_or_default();
     let api: Api<JobSchedule> = Api::namespaced(ctx.client.clone(), &ns);
@@ -149,8 +147,14 @@ pub async fn reconcile(s: Arc<JobSchedule>, ctx: Arc<Context>) -> Result<Action,
     }
     let result = finalizer::finalizer(&api, FINALIZER, s.clone(), |event| async {
         match event {
-            Finalizer::Apply(s) => apply(&s, &api, &ctx).await,
-            Finalizer::Cleanup(s) => cleanup(&s, &ctx).await,
+            Finalizer::Apply(s) => apply(&s, &api, ctx).await,
+            Finalizer::Cleanup(s) => {
+                let done = cleanup(&s, ctx).await;
+                if done.is_ok() {
+                    shared.states.forget(&s);
+                }
+                done
+            }
         }
     })
     .await
@@ -160,7 +164,7 @@ pub async fn reconcile(s: Arc<JobSchedule>, ctx: Arc<Context>) -> Result<Action,
     });
     ctx.metrics.reconciled(CONTROLLER, started.elapsed());
     if result.is_ok() {
-        ctx.succeeded(&key(&s));
+        shared.states.succeeded(&s);
     }
     result
 }
@@ -184,9 +188,9 @@ async fn add_finalizer(api: &Api<JobSchedule>, s: &JobSchedule) -> Result<(), Er
 }
 
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(s: Arc<JobSchedule>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = ctx.backoff(key(&s));
+pub fn error_policy(s: Arc<JobSchedule>, err: &Error, shared: Arc<Schedules>) -> Action {
+    shared.ctx.metrics.failed(CONTROLLER, err.label());
+    let delay = shared.states.backoff(&s, shared.ctx.config.resync);
     tracing::warn!(%err, ?delay, name = s.name_any(), "jobschedule reconcile failed, retrying");
     Action::requeue(delay)
 }
