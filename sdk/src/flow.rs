@@ -653,10 +653,14 @@ pub async fn record_outcome(
             debug!(child = %finished, parent = %parent, "child already recorded; not counted again");
             Ok(Recorded::Duplicate)
         }
-        // No stream takes the parent's flow subject ("no responders"): the parent's queue does
-        // not exist, so nobody can wait for this record. Retrying would only make the job a
-        // poison job (and its dead letter fail the same way): it counts as nobody's child.
-        Err(error) if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+        // No stream took the parent's flow subject ("no responders"). That is also what a
+        // server answers while JetStream recovers after a restart, so only a server that says
+        // the parent queue's flow stream does not exist makes this nobody's child (retrying
+        // would only make the job a poison job); anything else is retried.
+        Err(error)
+            if error.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+                && stream_is_missing(jetstream, &parent_queue.flow_stream()).await =>
+        {
             warn!(child = %finished, parent = %parent, "the parent's queue does not exist; recording no child record");
             Ok(Recorded::NoSuchParent)
         }
@@ -664,6 +668,19 @@ pub async fn record_outcome(
             what: subject,
             source,
         }),
+    }
+}
+
+/// Whether the server says `stream` does not exist (JetStream error 10059); `false` when it
+/// exists or the server could not say (unreachable, JetStream still recovering).
+async fn stream_is_missing(jetstream: &jetstream::Context, stream: &str) -> bool {
+    match jetstream.get_stream(stream).await {
+        Ok(_) => false,
+        Err(error) => matches!(
+            error.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(api)
+                if api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ),
     }
 }
 
