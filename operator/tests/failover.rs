@@ -41,7 +41,20 @@ fn spec(yaml: &str) -> JobQueueSpec {
 async fn r3_queue(js: &jetstream::Context, name: &str, yaml: &str) -> QueueAssets {
     let queue = QueueRef::new("team", name);
     let desired = assets::desired(&queue, &spec(yaml)).expect("valid assets");
-    assets::ensure(js, &desired).await.expect("R3 assets");
+    // A cluster that just formed may still count a peer as offline for a moment ("no suitable
+    // peers for placement"): the operator retries the same way on its next reconcile.
+    let last = Mutex::new(None);
+    let ensured = wait_for(DEADLINE, "the R3 assets created", || async {
+        match assets::ensure(js, &desired).await {
+            Ok(_) => true,
+            Err(e) => {
+                *last.lock().unwrap() = Some(format!("{e:?}"));
+                false
+            }
+        }
+    })
+    .await;
+    ensured.unwrap_or_else(|e| panic!("{e}: last error {:?}", last.lock().unwrap()));
     desired
 }
 
