@@ -269,6 +269,16 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     .await
     .unwrap();
 
+    // Leader election: the holder renews its Lease every third of the Lease's duration, so a
+    // workload that finished quickly may not have renewed it yet. Wait for a renewal rather
+    // than count on how long the workload took.
+    let renewal = Access::new("coordination.k8s.io", "leases", "update");
+    wait_for(DEADLINE, "the operator to renew its Lease", || async {
+        env.cluster.access(USER).contains(&renewal)
+    })
+    .await
+    .unwrap();
+
     let used: BTreeSet<Access> = env
         .cluster
         .access(USER)
