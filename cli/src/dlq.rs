@@ -12,6 +12,7 @@ use conveyor::dlq::{self, DeadLetter, Selector};
 use serde::Serialize;
 
 use crate::args::{Output, QueueArgs};
+use crate::table;
 
 /// Arguments of `conveyor dlq`.
 #[derive(Debug, Args)]
@@ -234,43 +235,20 @@ fn table(entries: &[DeadLetter]) -> String {
     let rows: Vec<[String; 6]> = entries
         .iter()
         .map(|e| {
-            let mut error: String = e.error.chars().take(ERROR_EXCERPT).collect();
-            if e.error.chars().count() > ERROR_EXCERPT {
-                error.push('…');
-            }
             [
                 e.job_id.clone(),
                 e.attempts.map_or_else(|| "?".into(), |n| n.to_string()),
                 e.reason.clone(),
                 e.pod.clone(),
                 e.failed_at.clone(),
-                error,
+                table::excerpt(&e.error, ERROR_EXCERPT),
             ]
         })
         .collect();
-    let header = ["ID", "ATTEMPTS", "REASON", "POD", "FAILED AT", "ERROR"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let last = cells.len() - 1;
-        for (i, cell) in cells.iter().enumerate() {
-            if i == last {
-                let _ = writeln!(out, "{cell}");
-            } else {
-                let _ = write!(out, "{cell:<width$}   ", width = widths[i]);
-            }
-        }
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    table::render(
+        &["ID", "ATTEMPTS", "REASON", "POD", "FAILED AT", "ERROR"],
+        &rows,
+    )
 }
 
 async fn show(args: ShowArgs) -> anyhow::Result<()> {
@@ -381,5 +359,32 @@ mod tests {
         assert!(lines[0].starts_with("ID"));
         assert!(lines[1].starts_with("job-1"));
         assert!(lines[1].ends_with(&format!("{}…", "x".repeat(60))));
+    }
+
+    #[test]
+    fn the_table_keeps_its_layout() {
+        let entry =
+            |id: &str, attempts, reason: &str, pod: &str, day: u8, error: &str| DeadLetter {
+                sequence: 1,
+                job_id: id.into(),
+                reason: reason.into(),
+                error: error.into(),
+                attempts,
+                pod: pod.into(),
+                failed_at: format!("2026-01-0{day}T00:00:00Z"),
+                subject: "conveyor.ns.q.jobs.0".into(),
+                size: None,
+            };
+        let text = table(&[
+            entry("job-1", Some(5), "exhausted", "pod-a", 1, "boom"),
+            entry("job-22", None, "permanent", "pod-bb", 2, "bad input"),
+        ]);
+        // The layout this command printed before it used `table::render`.
+        assert_eq!(
+            text,
+            "ID       ATTEMPTS   REASON      POD      FAILED AT              ERROR\n\
+             job-1    5          exhausted   pod-a    2026-01-01T00:00:00Z   boom\n\
+             job-22   ?          permanent   pod-bb   2026-01-02T00:00:00Z   bad input\n"
+        );
     }
 }
