@@ -13,6 +13,7 @@ use kube::{Api, ResourceExt};
 use serde::Serialize;
 
 use crate::args::{Output, QueueArgs};
+use crate::table;
 
 /// Arguments of `conveyor schedule`.
 #[derive(Debug, Args)]
@@ -91,6 +92,11 @@ async fn get(args: &NameArgs) -> anyhow::Result<(Api<JobSchedule>, JobSchedule)>
         .ok_or_else(|| anyhow!("no JobSchedule {} in namespace {ns}", args.name))?;
     Ok((api, schedule))
 }
+
+/// The columns of `schedule list`, one cell each in a [`row`].
+const HEADER: [&str; 7] = [
+    "NAME", "QUEUE", "SCHEDULE", "SUSPEND", "LAST RUN", "NEXT", "READY",
+];
 
 /// One row of `schedule list`.
 fn row(s: &JobSchedule) -> [String; 7] {
@@ -185,30 +191,6 @@ fn json_row(s: &JobSchedule) -> JsonRow {
     }
 }
 
-/// An aligned table with a header row.
-fn table(header: [&str; 7], rows: &[[String; 7]]) -> String {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        padded.join("   ").trim_end().to_owned()
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out.push('\n');
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
 async fn list(args: &QueueArgs, output: Output) -> anyhow::Result<()> {
     let api = api(args).await?;
     let schedules = api
@@ -225,10 +207,7 @@ async fn list(args: &QueueArgs, output: Output) -> anyhow::Result<()> {
         return Ok(());
     }
     let rows: Vec<_> = schedules.items.iter().map(row).collect();
-    let header = [
-        "NAME", "QUEUE", "SCHEDULE", "SUSPEND", "LAST RUN", "NEXT", "READY",
-    ];
-    println!("{}", table(header, &rows));
+    print!("{}", table::render(&HEADER, &rows));
     Ok(())
 }
 
@@ -319,15 +298,16 @@ mod tests {
             "2026-12-03T01:30:00Z".to_owned(),
             "True (Scheduled)".to_owned(),
         ]];
-        let out = table(
-            [
-                "NAME", "QUEUE", "SCHEDULE", "SUSPEND", "LAST RUN", "NEXT", "READY",
-            ],
-            &rows,
-        );
+        let out = table::render(&HEADER, &rows);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].find("QUEUE"), lines[1].find("reports"), "{out}");
         assert_eq!(lines[0].find("READY"), lines[1].find("True"), "{out}");
+        // The layout of the table this command printed before it used `table::render`.
+        assert_eq!(
+            out,
+            "NAME      QUEUE     SCHEDULE     SUSPEND   LAST RUN                       NEXT                   READY\n\
+             nightly   reports   30 2 * * *   false     nightly@2026-12-02T01:30:00Z   2026-12-03T01:30:00Z   True (Scheduled)\n"
+        );
     }
 }
