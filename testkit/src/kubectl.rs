@@ -106,16 +106,26 @@ impl Kubectl {
             .spawn()
             .with_context(|| format!("starting {KUBECTL}"))?;
         let mut pipe = child.stdin.take().context("kubectl's stdin")?;
-        if let Some(text) = stdin {
-            pipe.write_all(text.as_bytes())
-                .await
-                .context("writing kubectl's stdin")?;
-        }
-        drop(pipe);
-        let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
-            .await
-            .with_context(|| format!("kubectl {args:?} did not finish within {DEADLINE:?}"))?
-            .context("reading kubectl's output")?;
+        // Fed while the output is read, under the same deadline: a kubectl that does not read
+        // its stdin (it refused the arguments, say) neither blocks the write nor fails it; its
+        // exit status and stderr tell what happened.
+        let feed = async move {
+            if let Some(text) = stdin {
+                match pipe.write_all(text.as_bytes()).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                    written => written.context("writing kubectl's stdin")?,
+                }
+            }
+            anyhow::Ok(())
+        };
+        let (fed, out) = tokio::time::timeout(
+            DEADLINE,
+            futures::future::join(feed, child.wait_with_output()),
+        )
+        .await
+        .with_context(|| format!("kubectl {args:?} did not finish within {DEADLINE:?}"))?;
+        fed?;
+        let out = out.context("reading kubectl's output")?;
         Ok(Run {
             ok: out.status.success(),
             code: out.status.code(),

@@ -58,3 +58,15 @@ async fn plugins_get_the_kubeconfig_stdin_and_only_the_environment_left() {
     let said = kubectl.ok(&["echo", "a", "b"], Some("from stdin")).await;
     assert_eq!(said, format!("{} no home a b\nfrom stdin", path.display()));
 }
+
+#[tokio::test]
+async fn a_refusal_that_leaves_stdin_unread_is_a_failed_run() {
+    let (_dir, path) = kubeconfig();
+    // More than a pipe holds, so the write meets a kubectl that exited without reading it.
+    let manifest = "#\n".repeat(1 << 20);
+    let run = Kubectl::new(&path)
+        .run(&["config", "use-context", "nowhere"], Some(&manifest))
+        .await;
+    assert!(!run.ok && run.code == Some(1), "{run:?}");
+    assert!(run.stderr.contains("nowhere"), "{run:?}");
+}
