@@ -516,28 +516,22 @@ pub async fn child_count(
 }
 
 /// Writes a count (or cursor) message: rolled up (only the last is kept) and compare-and-set
-/// on the sequence of the one it replaces.
+/// on the sequence of the one it replaces. Returns the sequence it was stored at (what the
+/// next write of the subject compares against).
 async fn write_rolled_up(
     jetstream: &jetstream::Context,
     subject: String,
     expected: u64,
     payload: Vec<u8>,
-) -> Result<(), FlowError> {
+) -> Result<u64, FlowError> {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Rollup", "sub");
     headers.insert(
         "Nats-Expected-Last-Subject-Sequence",
         expected.to_string().as_str(),
     );
-    let published = match jetstream
-        .publish_with_headers(subject.clone(), headers, payload.into())
-        .await
-    {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    match published {
-        Ok(()) => Ok(()),
+    match publish_acked(jetstream, subject.clone(), headers, payload.into()).await {
+        Ok(ack) => Ok(ack.sequence),
         Err(error) if is_wrong_last_sequence(&error) => Err(FlowError::Conflict(subject)),
         Err(source) => Err(FlowError::Publish {
             what: subject,
@@ -552,23 +546,32 @@ fn is_wrong_last_sequence(error: &jetstream::context::PublishError) -> bool {
         .is_some_and(|js| js.error_code() == ErrorCode::STREAM_WRONG_LAST_SEQUENCE)
 }
 
+/// Publishes to a stream and waits for its acknowledgement.
+pub(crate) async fn publish_acked(
+    jetstream: &jetstream::Context,
+    subject: String,
+    headers: HeaderMap,
+    payload: Bytes,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    jetstream
+        .publish_with_headers(subject, headers, payload)
+        .await?
+        .await
+}
+
 async fn publish(
     jetstream: &jetstream::Context,
     subject: String,
     headers: HeaderMap,
     payload: Bytes,
 ) -> Result<(), FlowError> {
-    let published = match jetstream
-        .publish_with_headers(subject.clone(), headers, payload)
+    publish_acked(jetstream, subject.clone(), headers, payload)
         .await
-    {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    published.map_err(|source| FlowError::Publish {
-        what: subject,
-        source,
-    })
+        .map(|_| ())
+        .map_err(|source| FlowError::Publish {
+            what: subject,
+            source,
+        })
 }
 
 /// How recording a child's outcome went.
@@ -640,15 +643,8 @@ pub async fn record_outcome(
         result.clone()
     };
     let subject = parent_queue.child_subject(&parent.id, &finished.to_string());
-    let published = match jetstream
-        .publish_with_headers(subject.clone(), record, payload)
-        .await
-    {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    match published {
-        Ok(()) => Ok(Recorded::New),
+    match publish_acked(jetstream, subject.clone(), record, payload).await {
+        Ok(_) => Ok(Recorded::New),
         Err(error) if is_wrong_last_sequence(&error) => {
             debug!(child = %finished, parent = %parent, "child already recorded; not counted again");
             Ok(Recorded::Duplicate)
@@ -708,17 +704,16 @@ pub async fn write_edges(
 ) -> Result<(), (JobRef, jetstream::context::PublishError)> {
     for dependency in dependencies {
         let queue = dependency.job.queue_ref();
-        let published = match jetstream
-            .publish(
-                queue.edge_subject(&dependency.job.id),
-                dependent.to_string().into(),
-            )
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
+        let edge = queue.edge_subject(&dependency.job.id);
+        let published = async {
+            jetstream
+                .publish(edge, dependent.to_string().into())
+                .await?
+                .await
         };
-        published.map_err(|error| (dependency.job.clone(), error))?;
+        published
+            .await
+            .map_err(|error| (dependency.job.clone(), error))?;
     }
     Ok(())
 }
@@ -882,7 +877,7 @@ impl Releaser {
         let subject = queue.edge_subject(id);
         let mut from = 1;
         while let Some(edge) = stored::next(&client, &stream, &subject, from).await? {
-            from = edge.sequence + 1;
+            from = edge.sequence.saturating_add(1);
             let text = String::from_utf8_lossy(&edge.payload);
             match JobRef::parse(&text, (&queue.namespace, &queue.name)) {
                 Ok(dependent) => {
@@ -1059,7 +1054,7 @@ impl Releaser {
             };
             let payload = serde_json::to_vec(&released).unwrap_or_default();
             match write_rolled_up(&self.jetstream, subject.clone(), sequence, payload).await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(FlowError::Conflict(_)) => {
                     (count, sequence) = child_count(&client, queue, parent_id).await?;
                     if count.released {
@@ -1113,16 +1108,15 @@ impl Releaser {
             headers.insert(*name, value.as_str());
         }
         let subject = queue.job_subject(level);
-        let published = match self
-            .jetstream
-            .publish_with_headers(subject.clone(), headers, waiting.payload.clone())
-            .await
+        match publish_acked(
+            &self.jetstream,
+            subject.clone(),
+            headers,
+            waiting.payload.clone(),
+        )
+        .await
         {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
-        };
-        match published {
-            Ok(()) => {
+            Ok(_) => {
                 debug!(queue = %queue.stream(), job = %reading.id, "released");
                 Ok(())
             }
@@ -1239,7 +1233,7 @@ impl Releaser {
                 source,
             })?;
         let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: cursor + 1,
+            start_sequence: cursor.saturating_add(1),
         };
         let ordered = stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -1278,7 +1272,7 @@ impl Releaser {
             for (parent, sequences) in parents {
                 self.count_children(queue, &parent, &sequences).await?;
             }
-            write_rolled_up(
+            cursor_sequence = write_rolled_up(
                 &self.jetstream,
                 cursor_subject.clone(),
                 cursor_sequence,
@@ -1286,9 +1280,6 @@ impl Releaser {
             )
             .await?;
             cursor = last;
-            cursor_sequence = stored::last(&client, &stream_name, &cursor_subject)
-                .await?
-                .map_or(0, |m| m.sequence);
         }
         Err(failed("the ordered consumer's stream ended".into()))
     }
@@ -1310,21 +1301,18 @@ impl Releaser {
             return Ok(()); // applied before (a releaser restarted behind its cursor)
         };
         let updated = ChildCount {
-            count: count.count + new.len() as u64,
+            count: count.count.saturating_add(new.len() as u64),
             applied,
             released: count.released,
         };
         let payload = serde_json::to_vec(&updated).unwrap_or_default();
-        write_rolled_up(
+        let written = write_rolled_up(
             &self.jetstream,
             queue.count_subject(parent),
             sequence,
             payload,
         )
         .await?;
-        let written = stored::last(&client, &queue.flow_stream(), &queue.count_subject(parent))
-            .await?
-            .map_or(0, |m| m.sequence);
         self.check_continuation(queue, parent, Some((updated, written)))
             .await
     }
@@ -1348,7 +1336,7 @@ impl Releaser {
                     break;
                 };
                 read += 1;
-                from = waiting.sequence + 1;
+                from = waiting.sequence.saturating_add(1);
                 let reading = waiting.read(&stream);
                 let home = (queue.namespace.as_str(), queue.name.as_str());
                 let own = FlowHeaders::parse(&reading.headers, home)
