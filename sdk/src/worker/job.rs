@@ -183,22 +183,14 @@ pub(super) async fn process<H: Handler, O: Observer>(
             // for, is never lost to a crash between the two (a rerun finds it recorded).
             if let Err(error) = settled.record(&protocol::Outcome::Completed, &result).await {
                 warn!(job = %id, %error, "recording the outcome failed; retrying the job");
-                let delay = shared.options.backoff.delay(attempt);
-                finish(retry(shared, &acker, &id, delay).await);
+                settled.retry_later().await
+            } else if settled.ack().await {
+                settled
+                    .reply(reply, &protocol::Outcome::Completed, result)
+                    .await;
+                Disposition::Acked
+            } else {
                 return;
-            }
-            match acker.ack().await {
-                Ok(()) => {
-                    shared.acked.fetch_add(1, Ordering::Relaxed);
-                    settled
-                        .reply(reply, &protocol::Outcome::Completed, result)
-                        .await;
-                    Disposition::Acked
-                }
-                Err(error) => {
-                    warn!(job = %id, %error, "ack failed; the job will be redelivered");
-                    return;
-                }
             }
         }
         Plan::Continue(continuation) => {
@@ -206,21 +198,12 @@ pub(super) async fn process<H: Handler, O: Observer>(
                 .store_continuation(*continuation, reply, &job_flow)
                 .await
             {
-                Ok(()) => match acker.ack().await {
-                    Ok(()) => {
-                        shared.acked.fetch_add(1, Ordering::Relaxed);
-                        Disposition::Continued
-                    }
-                    Err(error) => {
-                        warn!(job = %id, %error, "ack failed; the job will be redelivered");
-                        return;
-                    }
-                },
                 Err(error) => {
                     warn!(job = %id, %error, "storing the continuation failed; retrying the job");
-                    let delay = shared.options.backoff.delay(attempt);
-                    retry(shared, &acker, &id, delay).await
+                    settled.retry_later().await
                 }
+                Ok(()) if settled.ack().await => Disposition::Continued,
+                Ok(()) => return,
             }
         }
         Plan::Retry(delay) => {
@@ -311,6 +294,28 @@ struct Settled<'a, H, O> {
 }
 
 impl<H, O> Settled<'_, H, O> {
+    /// Naks the job for another attempt after its backoff delay: a step of settling it
+    /// failed (the outcome, continuation or dead letter could not be written).
+    async fn retry_later(&self) -> Disposition {
+        let delay = self.shared.options.backoff.delay(self.attempt);
+        retry(self.shared, self.acker, self.id, delay).await
+    }
+
+    /// Acks the job and counts it; false when the ack failed (logged): the job will be
+    /// redelivered, and this attempt reports nothing.
+    async fn ack(&self) -> bool {
+        match self.acker.ack().await {
+            Ok(()) => {
+                self.shared.acked.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(error) => {
+                warn!(job = %self.id, %error, "ack failed; the job will be redelivered");
+                false
+            }
+        }
+    }
+
     /// Records the job's final outcome: its results subject (with `store_results`, or when it
     /// continues a job), the job it continues, and its parent's child record.
     async fn record(
@@ -366,15 +371,10 @@ impl<H, O> Settled<'_, H, O> {
             headers.insert(protocol::REPLY_TO, reply);
         }
         let subject = queue.continuation_subject(self.id);
-        let stored = match shared
-            .jetstream
-            .publish_with_headers(subject, headers, job.payload.clone())
+        flow::publish_acked(&shared.jetstream, subject, headers, job.payload.clone())
             .await
-        {
-            Ok(ack) => ack.await.map(|_| ()),
-            Err(error) => Err(error),
-        };
-        stored.map_err(|source| crate::client::SubmitError::Publish { id: job.id, source })
+            .map(|_| ())
+            .map_err(|source| crate::client::SubmitError::Publish { id: job.id, source })
     }
 
     /// The dead-letter record of this delivery.
@@ -409,8 +409,7 @@ impl<H, O> Settled<'_, H, O> {
         };
         if let Err(error) = published {
             warn!(job = %self.id, %error, "dead-lettering failed; retrying the job instead");
-            let delay = shared.options.backoff.delay(self.attempt);
-            return retry(shared, self.acker, self.id, delay).await;
+            return self.retry_later().await;
         }
         // Recorded before the +TERM, as a completion is before its ack: a worker killed in
         // between, or a record that cannot be written, leaves the job to run again rather than
@@ -418,8 +417,7 @@ impl<H, O> Settled<'_, H, O> {
         let outcome = protocol::Outcome::dead_lettered(&letter);
         if let Err(error) = self.record(&outcome, &Bytes::new()).await {
             warn!(job = %self.id, %error, "recording the dead-lettered outcome failed; retrying the job");
-            let delay = shared.options.backoff.delay(self.attempt);
-            return retry(shared, self.acker, self.id, delay).await;
+            return self.retry_later().await;
         }
         warn!(job = %self.id, reason = %letter.reason, attempts = letter.attempts,
               error = %letter.error, "job dead-lettered");
@@ -443,8 +441,7 @@ impl<H, O> Settled<'_, H, O> {
             .await
         {
             warn!(job = %self.id, %error, "recording a cancelled job's outcome failed; retrying it");
-            let delay = shared.options.backoff.delay(self.attempt);
-            return retry(shared, self.acker, self.id, delay).await;
+            return self.retry_later().await;
         }
         if let Err(error) = self.acker.ack().await {
             warn!(job = %self.id, %error, "acking a cancelled job; it comes back and is skipped again");
