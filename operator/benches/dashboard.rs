@@ -14,6 +14,7 @@ use async_nats::jetstream;
 use conveyor::names::QueueRef;
 use conveyor::protocol::{self, dead_letter};
 use conveyor_devcluster::{DevCluster, Options};
+use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
@@ -48,31 +49,6 @@ fn rss_mib(pid: u32) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     kib / 1024.0
-}
-
-async fn kubectl(cluster: &DevCluster, args: &[&str], stdin: Option<String>) {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", cluster.kubeconfig_path())
-        .env("KUBECACHEDIR", cluster.state_dir().join("kubectl-cache"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = child.stdin.take().expect("stdin");
-    if let Some(text) = stdin {
-        input
-            .write_all(text.as_bytes())
-            .await
-            .expect("kubectl reads");
-    }
-    drop(input);
-    assert!(
-        child.wait().await.expect("kubectl ends").success(),
-        "kubectl {args:?}"
-    );
 }
 
 /// Publishes `count` messages made by `message` with at most [`WINDOW`] acks outstanding.
@@ -136,8 +112,9 @@ async fn run() {
         .await
         .expect("the test double");
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/jobqueues.yaml");
-    kubectl(&cluster, &["apply", "-f", crds], None).await;
-    kubectl(&cluster, &["create", "namespace", NS], None).await;
+    let kubectl = Kubectl::new(cluster.kubeconfig_path());
+    kubectl.ok(&["apply", "-f", crds], None).await;
+    kubectl.ok(&["create", "namespace", NS], None).await;
     let nats = NatsServer::start().await.expect("nats-server");
     let port = conveyor_testkit::free_port().expect("a port");
     let mut operator =
@@ -162,7 +139,9 @@ async fn run() {
             )
         })
         .collect();
-    kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(manifests)).await;
+    kubectl
+        .ok(&["apply", "-n", NS, "-f", "-"], Some(&manifests))
+        .await;
     let client = conveyor::Client::connect(&nats.url()).await.expect("NATS");
     let js = client.jetstream().clone();
     let deep = QueueRef::new(NS, "q000");

@@ -40,6 +40,11 @@ impl IntoResponse for Failure {
 
 type Answer<T> = Result<Json<T>, Failure>;
 
+/// NATS answered with an error (or not at all): `502` with what it said.
+pub(super) fn bad_gateway(error: impl std::fmt::Display) -> Failure {
+    Failure(StatusCode::BAD_GATEWAY, error.to_string())
+}
+
 pub(super) fn not_running() -> Failure {
     Failure(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -625,10 +630,7 @@ pub async fn job(
         not_checked: NOT_CHECKED,
     };
     let client = conveyor::Client::new(js.client());
-    let outcome = client
-        .result(&queue, &id)
-        .await
-        .map_err(|e| Failure(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let outcome = client.result(&queue, &id).await.map_err(bad_gateway)?;
     match outcome {
         Some(JobResult::Completed { result, .. }) => {
             lookup.state = "completed";
@@ -664,7 +666,7 @@ pub async fn job(
         &queue.delayed_subject(&id),
     )
     .await
-    .map_err(|e| Failure(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    .map_err(bad_gateway)?;
     if let Some(schedule) = delayed {
         let headers = schedule.block().header_map();
         lookup.state = "delayed";

@@ -23,7 +23,7 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(15);
 pub const POINTS: usize = 240;
 
 /// One sample of a queue's figures.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Point {
     /// Seconds since the Unix epoch.
@@ -41,12 +41,7 @@ impl Point {
         let Some(status) = queue.status.as_ref() else {
             return Self {
                 t,
-                pending: 0,
-                in_flight: 0,
-                delayed: 0,
-                dead_lettered: 0,
-                submitted_per_second: 0.0,
-                finished_per_second: 0.0,
+                ..Self::default()
             };
         };
         let rate = |r: &Option<String>| r.as_deref().and_then(|r| r.parse().ok()).unwrap_or(0.0);

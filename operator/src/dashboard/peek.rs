@@ -10,7 +10,7 @@ use conveyor::peek::{self, Jobs, PeekError, Peeked};
 use serde::{Deserialize, Serialize};
 
 use super::DashboardState;
-use super::api::{Action, Failure, cut, dlq_failure, limit, queue_nats};
+use super::api::{Action, Failure, bad_gateway, cut, dlq_failure, limit, queue_nats};
 use super::refuse_write;
 
 /// Jobs in one peek when the request names no limit, and at most.
@@ -79,10 +79,6 @@ fn view(job: Peeked) -> PeekedJob {
         malformed: job.malformed.as_deref().map(cut),
         headers,
     }
-}
-
-fn bad_gateway(error: impl std::fmt::Display) -> Failure {
-    Failure(StatusCode::BAD_GATEWAY, error.to_string())
 }
 
 /// One page of `jobs` of the queue as the API answers it.
