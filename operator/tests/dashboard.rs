@@ -582,6 +582,17 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         no_level.body.contains("priority levels 0 to 0"),
         "{no_level:?}"
     );
+    // Malformed queries are refused before anything is read.
+    for bad in [
+        format!("{pending}?level=300"),
+        format!("{pending}?from=-1"),
+        format!("{pending}?limit=many"),
+        format!("/api/queues/{NS}/emails/delayed?from=1e9"),
+    ] {
+        assert_eq!(get(port, &bad).await.status, 400, "{bad}");
+    }
+    let unknown = get(port, &format!("/api/queues/{NS}/nosuch/history")).await;
+    assert_eq!(unknown.status, 404, "{unknown:?}");
 
     let delayed = get(port, &format!("/api/queues/{NS}/emails/delayed"))
         .await
@@ -606,6 +617,10 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
     ];
     let refused = request(port, "POST", &format!("{bulk}/purge"), &cross_site).await;
     assert_eq!(refused.status, 403, "{refused:?}");
+    let no_action = request(port, "POST", &format!("{bulk}/delete"), &auth).await;
+    assert_eq!(no_action.status, 404, "{no_action:?}");
+    let bad_until = request(port, "POST", &format!("{bulk}/purge?until=soon"), &auth).await;
+    assert_eq!(bad_until.status, 400, "{bad_until:?}");
 
     // 150 more failing jobs' dead letters: 153 in all, more than one step of 100.
     let emails = QueueRef::new(NS, "emails");
