@@ -631,25 +631,18 @@ async fn a_fixed_dependency_is_requeued_with_the_dependents_that_failed_for_it()
     Ok(())
 }
 
-#[tokio::test]
-async fn a_child_dead_lettered_without_a_handler_report_still_reaches_its_parent()
--> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let client = Client::connect(&nats.url()).await?;
-    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
-    let q = &made[0];
-    // A child whose worker died on every delivery: the dispatcher dead-letters it from the
-    // work stream (`stored::dead_letter`), and its parent's record must say so.
-    let child = Job::new("orphan", "").header(conveyor::protocol::flow::PARENT, "test/kin/p");
-    let ack = client.submit(q, child).await?;
+/// Submits `job` and dead-letters it from the work stream as the dispatcher does with a job
+/// whose worker died on every delivery (`stored::dead_letter`, reason `max_deliveries`).
+async fn dead_letter_unreported(client: &Client, queue: &QueueRef, job: Job) -> anyhow::Result<()> {
+    let ack = client.submit(queue, job).await?;
     let nc = client.jetstream().client();
-    let stored = conveyor::stored::get(&nc, &q.stream(), ack.sequence)
+    let stored = conveyor::stored::get(&nc, &queue.stream(), ack.sequence)
         .await?
-        .expect("the child is stored");
-    let reading = stored.read(&q.stream());
+        .expect("the job is stored");
+    let reading = stored.read(&queue.stream());
     conveyor::stored::dead_letter(
         client.jetstream(),
-        q,
+        queue,
         &stored,
         &reading,
         (
@@ -660,6 +653,21 @@ async fn a_child_dead_lettered_without_a_handler_report_still_reaches_its_parent
         "unknown",
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_child_dead_lettered_without_a_handler_report_still_reaches_its_parent()
+-> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["kin"], &QueueSettings::default()).await?;
+    let q = &made[0];
+    // A child whose worker died on every delivery: the dispatcher dead-letters it from the
+    // work stream (`stored::dead_letter`), and its parent's record must say so.
+    let child = Job::new("orphan", "").header(conveyor::protocol::flow::PARENT, "test/kin/p");
+    dead_letter_unreported(&client, q, child).await?;
+    let nc = client.jetstream().client();
     let page = conveyor::flow::children_page(&nc, &JobRef::new(NS, "kin", "p"), 0, 10).await?;
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].job, JobRef::new(NS, "kin", "orphan"));
@@ -777,25 +785,7 @@ async fn a_child_whose_parent_queue_does_not_exist_completes_once() -> anyhow::R
     assert_eq!(info.state.messages, 0, "the child was acked");
     // The dispatcher's dead-letter step does not fail on it either.
     let orphan = Job::new("lost", "").header(conveyor::protocol::flow::PARENT, "test/ghost/p");
-    let ack = client.submit(&idle, orphan).await?;
-    let nc = client.jetstream().client();
-    let stored = conveyor::stored::get(&nc, &idle.stream(), ack.sequence)
-        .await?
-        .expect("the child is stored");
-    let reading = stored.read(&idle.stream());
-    conveyor::stored::dead_letter(
-        client.jetstream(),
-        &idle,
-        &stored,
-        &reading,
-        (
-            conveyor::protocol::Reason::MaxDeliveries,
-            "no report".into(),
-        ),
-        3,
-        "unknown",
-    )
-    .await?;
+    dead_letter_unreported(&client, &idle, orphan).await?;
     Ok(())
 }
 
