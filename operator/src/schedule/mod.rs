@@ -421,7 +421,8 @@ async fn run_on(
         .next
         .and_then(|next| Duration::try_from(next.duration_since(now)).ok())
         .map_or(ctx.config.resync, |d| {
-            (d + Duration::from_millis(500)).min(ctx.config.resync.max(Duration::from_secs(1)))
+            d.saturating_add(Duration::from_millis(500))
+                .min(ctx.config.resync.max(Duration::from_secs(1)))
         });
     (Ok(found), Ok(Action::requeue(wait)))
 }
@@ -527,7 +528,11 @@ async fn handle(
 
     if let Some(deadline) = desired.deadline {
         let late = at.now.duration_since(tick.run.slot);
-        if late > k8s_openapi::jiff::SignedDuration::try_from(deadline).unwrap_or_default() {
+        // One too long for a signed duration (none is: at most 3650d) is never passed, where
+        // zero would skip every run.
+        let deadline = k8s_openapi::jiff::SignedDuration::try_from(deadline)
+            .unwrap_or(k8s_openapi::jiff::SignedDuration::MAX);
+        if late > deadline {
             let why = format!(
                 "{}s late, past startingDeadline {}",
                 late.as_secs(),

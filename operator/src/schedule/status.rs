@@ -411,7 +411,9 @@ pub fn next_run(
                 let first = since
                     .checked_add(SignedDuration::try_from(*every).ok()?)
                     .ok()?;
-                let whole = first.as_second() + i64::from(first.subsec_nanosecond() > 0);
+                let whole = first
+                    .as_second()
+                    .saturating_add(i64::from(first.subsec_nanosecond() > 0));
                 Timestamp::from_second(whole).ok()
             })
         }
