@@ -12,33 +12,31 @@
 //! ```
 //!
 //! A fixture holds only the fields a test set, like the YAML a user writes: the API server (or
-//! [`WorkerFixture::build`], through the types' serde defaults) fills in the rest. Nothing is
+//! [`Fixture::build`], through the types' serde defaults) fills in the rest. Nothing is
 //! checked on the way, so a test can build an invalid object on purpose and see it refused.
 
+use std::marker::PhantomData;
 use std::ops::RangeInclusive;
 
 use conveyor_crds::{JobQueue, Worker};
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 /// `JobQueue::test(name)`, `Worker::test(name)`: the start of a fixture.
-pub trait Test {
-    /// The fixture builder of this kind.
-    type Fixture;
+pub trait Test: Sized {
     /// A fixture named `name`, with the fewest fields its kind needs.
-    fn test(name: &str) -> Self::Fixture;
+    fn test(name: &str) -> Fixture<Self>;
 }
 
 impl Test for JobQueue {
-    type Fixture = JobQueueFixture;
     fn test(name: &str) -> JobQueueFixture {
-        JobQueueFixture(Object::new("JobQueue", name, json!({})))
+        Fixture::new("JobQueue", name, json!({}))
     }
 }
 
 impl Test for Worker {
-    type Fixture = WorkerFixture;
     fn test(name: &str) -> WorkerFixture {
-        WorkerFixture(Object::new(
+        Fixture::new(
             "Worker",
             name,
             json!({
@@ -46,28 +44,42 @@ impl Test for Worker {
                 "handler": {"mode": "exec", "command": ["/bin/cat"]},
                 "template": {"spec": {"containers": [{"name": "handler", "image": "busybox"}]}},
             }),
-        ))
+        )
     }
 }
 
-/// An object of one of Conveyor's kinds as a JSON value.
+/// An object of kind `K` (one of Conveyor's), held as the JSON a user would write; see
+/// [`Test::test`]. The setters of each kind are on [`JobQueueFixture`] and [`WorkerFixture`].
 #[derive(Debug, Clone)]
-struct Object(Value);
+pub struct Fixture<K> {
+    object: Value,
+    kind: PhantomData<K>,
+}
 
-impl Object {
+/// A JobQueue fixture; see [`Test::test`].
+pub type JobQueueFixture = Fixture<JobQueue>;
+
+/// A Worker fixture; see [`Test::test`]. By default it runs the jobs of the queue of its own
+/// name with `/bin/cat` (exec mode) in a `busybox` container, one pod, no scaling.
+pub type WorkerFixture = Fixture<Worker>;
+
+impl<K: DeserializeOwned> Fixture<K> {
     fn new(kind: &str, name: &str, spec: Value) -> Self {
-        Object(json!({
-            "apiVersion": "conveyor.dev/v1alpha1",
-            "kind": kind,
-            "metadata": {"name": name},
-            "spec": spec,
-        }))
+        Fixture {
+            object: json!({
+                "apiVersion": "conveyor.dev/v1alpha1",
+                "kind": kind,
+                "metadata": {"name": name},
+                "spec": spec,
+            }),
+            kind: PhantomData,
+        }
     }
 
     /// Sets the field at `path` under `spec` (field names, or the index of an item of a list
     /// that has it), making the maps on the way.
     fn set(&mut self, path: &[&str], value: Value) {
-        let mut at = &mut self.0["spec"];
+        let mut at = &mut self.object["spec"];
         for name in path {
             let index = match (&*at, name.parse::<usize>()) {
                 (Value::Array(items), Ok(i)) if i < items.len() => Some(i),
@@ -86,132 +98,105 @@ impl Object {
         *at = value;
     }
 
-    fn namespace(&mut self, namespace: &str) {
-        self.0["metadata"]["namespace"] = json!(namespace);
-    }
-
-    fn yaml(&self) -> String {
-        serde_yaml::to_string(&self.0).expect("a JSON value prints as YAML")
-    }
-
-    fn build<K: serde::de::DeserializeOwned>(&self) -> K {
-        match serde_json::from_value(self.0.clone()) {
-            Ok(object) => object,
-            Err(e) => panic!("the fixture {} is not a valid object: {e}", self.0),
-        }
-    }
-}
-
-/// A JobQueue fixture; see [`Test::test`].
-#[derive(Debug, Clone)]
-pub struct JobQueueFixture(Object);
-
-impl JobQueueFixture {
     /// In namespace `namespace` (else the one `kubectl -n` names).
     pub fn namespace(mut self, namespace: &str) -> Self {
-        self.0.namespace(namespace);
-        self
-    }
-
-    /// `deletionPolicy`: `Delete` or `Retain` (any string, to test refusals).
-    pub fn deletion_policy(mut self, policy: &str) -> Self {
-        self.0.set(&["deletionPolicy"], json!(policy));
-        self
-    }
-
-    /// `nats.url`: the queue's own NATS server.
-    pub fn nats_url(mut self, url: &str) -> Self {
-        self.0.set(&["nats", "url"], json!(url));
-        self
-    }
-
-    /// `retry.maxAttempts`.
-    pub fn max_attempts(mut self, attempts: i32) -> Self {
-        self.0.set(&["retry", "maxAttempts"], json!(attempts));
-        self
-    }
-
-    /// `timeout` of one attempt (`1s`, `5m`).
-    pub fn timeout(mut self, timeout: &str) -> Self {
-        self.0.set(&["timeout"], json!(timeout));
-        self
-    }
-
-    /// `rateLimit`, jobs per second.
-    pub fn rate_limit(mut self, per_second: i32) -> Self {
-        self.0.set(&["rateLimit"], json!(per_second));
-        self
-    }
-
-    /// `priorities`: levels of the queue.
-    pub fn priorities(mut self, levels: u8) -> Self {
-        self.0.set(&["priorities"], json!(levels));
-        self
-    }
-
-    /// `alerts.maxPending`: `Backlogged` above this many pending jobs.
-    pub fn alert_when_pending_over(mut self, jobs: i64) -> Self {
-        self.0.set(&["alerts", "maxPending"], json!(jobs));
-        self
-    }
-
-    /// `alerts.maxFailures` within `alerts.failureWindow`: `JobsFailing` above it.
-    pub fn alert_on_failures(mut self, failures: i64, window: &str) -> Self {
-        self.0.set(&["alerts", "maxFailures"], json!(failures));
-        self.0.set(&["alerts", "failureWindow"], json!(window));
+        self.object["metadata"]["namespace"] = json!(namespace);
         self
     }
 
     /// Any other field of the spec, at `path` (field names as in YAML).
     pub fn with(mut self, path: &[&str], value: Value) -> Self {
-        self.0.set(path, value);
+        self.set(path, value);
         self
     }
 
     /// The object as YAML, for `kubectl apply -f -`.
     pub fn yaml(&self) -> String {
-        self.0.yaml()
+        serde_yaml::to_string(&self.object).expect("a JSON value prints as YAML")
     }
 
     /// The object as JSON.
     pub fn json(&self) -> Value {
-        self.0.0.clone()
+        self.object.clone()
     }
 
     /// The typed object, its unset fields at their defaults; panics if the fixture does not
     /// deserialize.
-    pub fn build(&self) -> JobQueue {
-        self.0.build()
+    pub fn build(&self) -> K {
+        match serde_json::from_value(self.object.clone()) {
+            Ok(object) => object,
+            Err(e) => panic!("the fixture {} is not a valid object: {e}", self.object),
+        }
     }
 }
 
-/// A Worker fixture; see [`Test::test`]. By default it runs the jobs of the queue of its own
-/// name with `/bin/cat` (exec mode) in a `busybox` container, one pod, no scaling.
-#[derive(Debug, Clone)]
-pub struct WorkerFixture(Object);
-
-impl WorkerFixture {
-    /// In namespace `namespace` (else the one `kubectl -n` names).
-    pub fn namespace(mut self, namespace: &str) -> Self {
-        self.0.namespace(namespace);
+impl JobQueueFixture {
+    /// `deletionPolicy`: `Delete` or `Retain` (any string, to test refusals).
+    pub fn deletion_policy(mut self, policy: &str) -> Self {
+        self.set(&["deletionPolicy"], json!(policy));
         self
     }
 
+    /// `nats.url`: the queue's own NATS server.
+    pub fn nats_url(mut self, url: &str) -> Self {
+        self.set(&["nats", "url"], json!(url));
+        self
+    }
+
+    /// `retry.maxAttempts`.
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.set(&["retry", "maxAttempts"], json!(attempts));
+        self
+    }
+
+    /// `timeout` of one attempt (`1s`, `5m`).
+    pub fn timeout(mut self, timeout: &str) -> Self {
+        self.set(&["timeout"], json!(timeout));
+        self
+    }
+
+    /// `rateLimit`, jobs per second.
+    pub fn rate_limit(mut self, per_second: i32) -> Self {
+        self.set(&["rateLimit"], json!(per_second));
+        self
+    }
+
+    /// `priorities`: levels of the queue.
+    pub fn priorities(mut self, levels: u8) -> Self {
+        self.set(&["priorities"], json!(levels));
+        self
+    }
+
+    /// `alerts.maxPending`: `Backlogged` above this many pending jobs.
+    pub fn alert_when_pending_over(mut self, jobs: i64) -> Self {
+        self.set(&["alerts", "maxPending"], json!(jobs));
+        self
+    }
+
+    /// `alerts.maxFailures` within `alerts.failureWindow`: `JobsFailing` above it.
+    pub fn alert_on_failures(mut self, failures: i64, window: &str) -> Self {
+        self.set(&["alerts", "maxFailures"], json!(failures));
+        self.set(&["alerts", "failureWindow"], json!(window));
+        self
+    }
+}
+
+impl WorkerFixture {
     /// Runs the jobs of the JobQueue `queue`.
     pub fn queue(mut self, queue: &str) -> Self {
-        self.0.set(&["queue"], json!(queue));
+        self.set(&["queue"], json!(queue));
         self
     }
 
     /// `concurrency`: jobs one pod runs at once.
     pub fn concurrency(mut self, jobs: i32) -> Self {
-        self.0.set(&["concurrency"], json!(jobs));
+        self.set(&["concurrency"], json!(jobs));
         self
     }
 
     /// `replicas`: the pool's size without scaling.
     pub fn replicas(mut self, pods: i32) -> Self {
-        self.0.set(&["replicas"], json!(pods));
+        self.set(&["replicas"], json!(pods));
         self
     }
 
@@ -227,14 +212,13 @@ impl WorkerFixture {
 
     /// `handler` in mode `mode` (any string, to test refusals) with `command`.
     pub fn handler(mut self, mode: &str, command: &[&str]) -> Self {
-        self.0
-            .set(&["handler"], json!({"mode": mode, "command": command}));
+        self.set(&["handler"], json!({"mode": mode, "command": command}));
         self
     }
 
     /// The handler container's image.
     pub fn image(mut self, image: &str) -> Self {
-        self.0.set(
+        self.set(
             &["template", "spec", "containers", "0", "image"],
             json!(image),
         );
@@ -243,56 +227,33 @@ impl WorkerFixture {
 
     /// Autoscaled from `min` to `max` pods (both included, `minReplicas..=maxReplicas`).
     pub fn scaled(mut self, pods: RangeInclusive<i32>) -> Self {
-        self.0.set(&["scaling", "minReplicas"], json!(pods.start()));
-        self.0.set(&["scaling", "maxReplicas"], json!(pods.end()));
+        self.set(&["scaling", "minReplicas"], json!(pods.start()));
+        self.set(&["scaling", "maxReplicas"], json!(pods.end()));
         self
     }
 
     /// `scaling.targetBacklogPerReplica`: jobs one pod is expected to handle.
     pub fn backlog_per_pod(mut self, jobs: i32) -> Self {
-        self.0
-            .set(&["scaling", "targetBacklogPerReplica"], json!(jobs));
+        self.set(&["scaling", "targetBacklogPerReplica"], json!(jobs));
         self
     }
 
     /// `scaling.scaleDownDelay`: how long the backlog stays low before the pool shrinks.
     pub fn scale_down_after(mut self, delay: &str) -> Self {
-        self.0.set(&["scaling", "scaleDownDelay"], json!(delay));
+        self.set(&["scaling", "scaleDownDelay"], json!(delay));
         self
     }
 
     /// `recycle.maxAge`: pods older than this are replaced (`30m`, `12h`).
     pub fn recycle_after(mut self, age: &str) -> Self {
-        self.0.set(&["recycle", "maxAge"], json!(age));
+        self.set(&["recycle", "maxAge"], json!(age));
         self
     }
 
     /// `recycle.maxJobs`: the runtime starts over after this many jobs.
     pub fn recycle_after_jobs(mut self, jobs: i64) -> Self {
-        self.0.set(&["recycle", "maxJobs"], json!(jobs));
+        self.set(&["recycle", "maxJobs"], json!(jobs));
         self
-    }
-
-    /// Any other field of the spec, at `path` (field names as in YAML).
-    pub fn with(mut self, path: &[&str], value: Value) -> Self {
-        self.0.set(path, value);
-        self
-    }
-
-    /// The object as YAML, for `kubectl apply -f -`.
-    pub fn yaml(&self) -> String {
-        self.0.yaml()
-    }
-
-    /// The object as JSON.
-    pub fn json(&self) -> Value {
-        self.0.0.clone()
-    }
-
-    /// The typed object, its unset fields at their defaults; panics if the fixture does not
-    /// deserialize.
-    pub fn build(&self) -> Worker {
-        self.0.build()
     }
 }
 
