@@ -61,6 +61,39 @@ where
     tokio::spawn(async move { runner.run(async move { stop.cancelled().await }).await });
 }
 
+/// A parent that spawns `fan` children into `kids` and continues; its continuation (counted
+/// in `seen`) pages through the children's records, `page_size` at a time, and returns how many
+/// there were.
+async fn fan_out_parent(
+    job: ReceivedJob,
+    kids: QueueRef,
+    fan: u64,
+    page_size: usize,
+    seen: Arc<AtomicU64>,
+) -> Outcome {
+    if job.flow.children_expected().is_some() {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let (mut count, mut after) = (0u64, 0u64);
+        loop {
+            let page = match job.flow.children_page(after, page_size).await {
+                Ok(page) => page,
+                Err(error) => return Outcome::Failed(error.to_string()),
+            };
+            let Some(last) = page.last() else { break };
+            after = last.sequence;
+            count += page.len() as u64;
+        }
+        return Outcome::Done(count.to_string().into());
+    }
+    let children = (0..fan).map(|i| Job::new(format!("{}.{i}", job.id), ""));
+    for result in job.flow.spawn_batch(&kids, children).await {
+        if let Err(error) = result {
+            return Outcome::Failed(error.to_string());
+        }
+    }
+    Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
+}
+
 #[tokio::test]
 async fn a_fan_out_survives_a_dispatcher_restart_and_a_nats_restart() -> anyhow::Result<()> {
     let mut nats = NatsServer::start().await?;
@@ -81,30 +114,7 @@ async fn a_fan_out_survives_a_dispatcher_restart_and_a_nats_restart() -> anyhow:
     let seen = continuations.clone();
     let kids_queue = kids.clone();
     worker(&client, &parents, &stop, move |job: ReceivedJob| {
-        let (kids, seen) = (kids_queue.clone(), seen.clone());
-        async move {
-            if job.flow.children_expected().is_some() {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let (mut count, mut after) = (0u64, 0u64);
-                loop {
-                    let page = match job.flow.children_page(after, 500).await {
-                        Ok(page) => page,
-                        Err(error) => return Outcome::Failed(error.to_string()),
-                    };
-                    let Some(last) = page.last() else { break };
-                    after = last.sequence;
-                    count += page.len() as u64;
-                }
-                return Outcome::Done(count.to_string().into());
-            }
-            let children = (0..CHILDREN).map(|i| Job::new(format!("{}.{i}", job.id), ""));
-            for result in job.flow.spawn_batch(&kids, children).await {
-                if let Err(error) = result {
-                    return Outcome::Failed(error.to_string());
-                }
-            }
-            Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
-        }
+        fan_out_parent(job, kids_queue.clone(), CHILDREN, 500, seen.clone())
     });
     worker(&client, &kids, &stop, |job: ReceivedJob| async move {
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -221,30 +231,7 @@ async fn ten_thousand_children_through_a_killed_worker_and_restarts() -> anyhow:
     let continuations = Arc::new(AtomicU64::new(0));
     let (seen, kids_queue) = (continuations.clone(), kids.clone());
     worker(&client, &parents, &stop, move |job: ReceivedJob| {
-        let (kids, seen) = (kids_queue.clone(), seen.clone());
-        async move {
-            if job.flow.children_expected().is_some() {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let (mut count, mut after) = (0u64, 0u64);
-                loop {
-                    let page = match job.flow.children_page(after, 1000).await {
-                        Ok(page) => page,
-                        Err(error) => return Outcome::Failed(error.to_string()),
-                    };
-                    let Some(last) = page.last() else { break };
-                    after = last.sequence;
-                    count += page.len() as u64;
-                }
-                return Outcome::Done(count.to_string().into());
-            }
-            let children = (0..FAN).map(|i| Job::new(format!("{}.{i}", job.id), ""));
-            for result in job.flow.spawn_batch(&kids, children).await {
-                if let Err(error) = result {
-                    return Outcome::Failed(error.to_string());
-                }
-            }
-            Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
-        }
+        fan_out_parent(job, kids_queue.clone(), FAN, 1000, seen.clone())
     });
     let runs = Arc::new(AtomicU64::new(0));
     let leaf = |runs: Arc<AtomicU64>| {
