@@ -415,15 +415,13 @@ pub async fn requeue_with_dependents(
                 .await
                 .map_err(|e| scan_failed(flow.clone(), e.to_string()))?;
             let Some(edge) = edge else { break };
-            from = edge.sequence + 1;
+            from = edge.sequence.saturating_add(1);
             let text = String::from_utf8_lossy(&edge.payload);
             let Ok(dependent) = crate::flow::JobRef::parse(&text, (&home.namespace, &home.name))
             else {
                 continue;
             };
-            if !seen.insert((dependent.queue_ref().stream(), dependent.id.clone()))
-                || dependents_requeued >= MAX_DEPENDENTS_REQUEUED
-            {
+            if !seen.insert((dependent.queue_ref().stream(), dependent.id.clone())) {
                 continue;
             }
             let dq = dependent.queue_ref();
@@ -439,6 +437,10 @@ pub async fn requeue_with_dependents(
             requeue_one(jetstream, &dq, &letter).await?;
             dependents_requeued += 1;
             moved.jobs.push(dependent.to_string());
+            if dependents_requeued >= MAX_DEPENDENTS_REQUEUED {
+                // Nothing more is requeued: the edges left need not be read.
+                return Ok(moved);
+            }
             todo.push_back((dq, dependent.id));
         }
     }
@@ -472,18 +474,13 @@ async fn republish(
 ) -> Result<(), DlqError> {
     let subject = requeue_subject(queue, &job.entry.subject);
     let headers = requeue_headers(job);
-    let published = match jetstream
-        .publish_with_headers(subject.clone(), headers, job.payload.clone())
+    crate::flow::publish_acked(jetstream, subject.clone(), headers, job.payload.clone())
         .await
-    {
-        Ok(ack) => ack.await.map(|_| ()),
-        Err(error) => Err(error),
-    };
-    published.map_err(|source| DlqError::Publish {
-        job: job.entry.job_id.clone(),
-        subject,
-        source,
-    })?;
+        .map_err(|source| DlqError::Publish {
+            job: job.entry.job_id.clone(),
+            subject,
+            source,
+        })?;
     delete(jetstream, stream, job.entry.sequence).await
 }
 
