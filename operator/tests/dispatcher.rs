@@ -13,7 +13,7 @@ use conveyor::dlq::{self, REASON_MAX_DELIVERIES, Selector};
 use conveyor::names::{DISPATCHER_CONSUMER, QueueRef};
 use conveyor::protocol;
 use conveyor_operator::dispatcher::{Dispatcher, Failure};
-use conveyor_testkit::{NatsServer, wait_for};
+use conveyor_testkit::{NatsServer, stream_messages, wait_for};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -114,13 +114,6 @@ fn reporting_dispatcher(
     (stop, tokio::spawn(run), failures)
 }
 
-async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
 /// Waits until `count` dead letters exist and nothing is left to move: the work stream is
 /// empty and every advisory is acked. Then no later dead letter can appear.
 async fn settled(js: &jetstream::Context, queue: &QueueRef, count: u64) {
@@ -128,9 +121,9 @@ async fn settled(js: &jetstream::Context, queue: &QueueRef, count: u64) {
         DEADLINE,
         "every job dead-lettered and every advisory acked",
         || async {
-            if messages(js, &queue.dead_letter_stream()).await < count
-                || messages(js, &queue.stream()).await != 0
-                || messages(js, &queue.events_stream()).await != 0
+            if stream_messages(js, &queue.dead_letter_stream()).await < count
+                || stream_messages(js, &queue.stream()).await != 0
+                || stream_messages(js, &queue.events_stream()).await != 0
             {
                 return false;
             }
@@ -233,12 +226,12 @@ async fn jobs_exhausted_while_no_dispatcher_runs_are_dead_lettered_when_it_start
     wait_for(
         DEADLINE,
         "20 advisories kept in the events stream",
-        || async { messages(&js, &queue.events_stream()).await == 20 },
+        || async { stream_messages(&js, &queue.events_stream()).await == 20 },
     )
     .await
     .unwrap();
     crasher.abort();
-    assert_eq!(messages(&js, &queue.dead_letter_stream()).await, 0);
+    assert_eq!(stream_messages(&js, &queue.dead_letter_stream()).await, 0);
 
     let (stop, running) = dispatcher(connect(&server).await, &queue);
     settled(&js, &queue, 20).await;
@@ -262,7 +255,7 @@ async fn a_dispatcher_killed_mid_run_and_restarted_dead_letters_each_job_once() 
     let (_stop, running) = dispatcher(first.clone(), &queue);
     submit(&js, &queue, jobs.clone()).await;
     wait_for(DEADLINE, "the first dead letters", || async {
-        messages(&js, &queue.dead_letter_stream()).await >= 3
+        stream_messages(&js, &queue.dead_letter_stream()).await >= 3
     })
     .await
     .unwrap();
@@ -394,13 +387,13 @@ async fn a_job_that_cannot_be_dead_lettered_never_holds_up_the_others() {
     // The small ones are dead-lettered while the big one's advisory keeps failing, and the big
     // one is never lost: it stays in the work stream.
     wait_for(DEADLINE, "the small jobs dead-lettered", || async {
-        messages(&js, &queue.dead_letter_stream()).await == 5
+        stream_messages(&js, &queue.dead_letter_stream()).await == 5
     })
     .await
     .unwrap();
     exactly_once(&js, &queue, &ids("small", 0..5)).await;
     assert_eq!(
-        messages(&js, &queue.stream()).await,
+        stream_messages(&js, &queue.stream()).await,
         1,
         "the big job is kept"
     );

@@ -21,7 +21,7 @@ use conveyor::{Client, JobResult};
 use conveyor_operator::dispatcher::Dispatcher;
 use conveyor_testkit::dead_letters;
 use conveyor_testkit::raw::{Answer, RawPublisher};
-use conveyor_testkit::{NatsServer, wait_for};
+use conveyor_testkit::{NatsServer, stream_messages, wait_for};
 use futures::StreamExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -295,13 +295,6 @@ fn runtime(nats: &NatsServer, queue: &QueueRef, name: &str, log: &Path) -> Child
         .unwrap()
 }
 
-async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
-    }
-}
-
 /// Every dead letter by its original work-stream sequence: (reason, error, whole headers).
 async fn dead_letters(
     js: &jetstream::Context,
@@ -430,18 +423,18 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
         DEADLINE,
         "every job settled and every advisory handled",
         || async {
-            messages(&js, &queue.stream()).await == 0
-                && messages(&js, &queue.events_stream()).await == 0
-                && messages(&js, &queue.dead_letter_stream()).await >= expected_dead
+            stream_messages(&js, &queue.stream()).await == 0
+                && stream_messages(&js, &queue.events_stream()).await == 0
+                && stream_messages(&js, &queue.dead_letter_stream()).await >= expected_dead
         },
     )
     .await;
     if let Err(error) = settled {
         let mut report = format!(
             "{error}: work {} events {} dead letters {} of {expected_dead}\n",
-            messages(&js, &queue.stream()).await,
-            messages(&js, &queue.events_stream()).await,
-            messages(&js, &queue.dead_letter_stream()).await,
+            stream_messages(&js, &queue.stream()).await,
+            stream_messages(&js, &queue.events_stream()).await,
+            stream_messages(&js, &queue.dead_letter_stream()).await,
         );
         for name in ["a.log", "b.log"] {
             let log = std::fs::read_to_string(logs.path().join(name)).unwrap_or_default();
@@ -525,12 +518,12 @@ async fn hostile_messages_end_as_their_row_says_and_good_jobs_complete() {
     let (_, outcome) = protocol::Outcome::decode(answer.headers.as_ref()).unwrap();
     assert_eq!(outcome, protocol::Outcome::Completed);
     assert_eq!(
-        messages(&js, &other.stream()).await,
+        stream_messages(&js, &other.stream()).await,
         5,
         "the other queue kept every job"
     );
     assert_eq!(
-        messages(&js, &queue.cancel_stream()).await,
+        stream_messages(&js, &queue.cancel_stream()).await,
         0,
         "the unreadable cancellation was swept"
     );

@@ -23,7 +23,7 @@ use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
 use conveyor_crds::JobQueue;
 use conveyor_devcluster::audit::Access;
-use conveyor_testkit::{NatsServer, wait_for};
+use conveyor_testkit::{NatsServer, dead_letters, wait_for};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -135,14 +135,6 @@ fn credentials_secret() -> Secret {
     }
 }
 
-/// Messages in `stream` now.
-async fn messages(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
-        Err(_) => 0,
-    }
-}
-
 /// Annotates the queue with a dead-letter request and waits until the operator removed it.
 async fn request_requeue(env: &Env, queues: &Api<JobQueue>) {
     env.kubectl(&[
@@ -245,13 +237,13 @@ async fn the_chart_grants_exactly_what_the_operator_uses() {
     // A dead letter, requeued twice (it fails again): the second Event repeats the first.
     let queues: Api<JobQueue> = Api::namespaced(client.clone(), NS);
     for _ in 0..2 {
-        if messages(js, &queue.dead_letter_stream()).await == 0 {
+        if dead_letters::count(js, &queue).await == 0 {
             jobs.submit(&queue, Job::new("doomed", "fail"))
                 .await
                 .unwrap();
         }
         wait_for(DEADLINE, "the job dead-lettered", || async {
-            messages(js, &queue.dead_letter_stream()).await == 1
+            dead_letters::count(js, &queue).await == 1
         })
         .await
         .unwrap();

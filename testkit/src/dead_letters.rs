@@ -139,10 +139,7 @@ pub async fn publish(
 
 /// Messages in the queue's dead-letter stream now (0 while the stream does not exist).
 pub async fn count(js: &jetstream::Context, queue: &QueueRef) -> u64 {
-    match js.get_stream(queue.dead_letter_stream()).await {
-        Ok(mut stream) => stream.info().await.map_or(0, |info| info.state.messages),
-        Err(_) => 0,
-    }
+    crate::stream_messages(js, &queue.dead_letter_stream()).await
 }
 
 /// Every message of the queue's dead-letter stream, oldest first, read with an ordered

@@ -63,6 +63,14 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Messages in the JetStream stream `stream` now (0 while it does not exist).
+pub async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut stream) => stream.info().await.map_or(0, |info| info.state.messages),
+        Err(_) => 0,
+    }
+}
+
 /// How clients must authenticate to a fixture server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAuth {

@@ -191,11 +191,7 @@ impl Env {
 
     /// Messages in `stream` now.
     pub async fn stream_messages(&self, stream: &str) -> u64 {
-        let js = self.jetstream().await;
-        match js.get_stream(stream).await {
-            Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
-            Err(_) => 0,
-        }
+        conveyor_testkit::stream_messages(&self.jetstream().await, stream).await
     }
 
     /// Waits until the queue's streams exist (the JobQueue controller made them).
