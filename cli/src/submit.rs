@@ -37,12 +37,13 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
     let queue = args.queue_args.queue(&args.queue);
     let client = Client::new(crate::discover::connect(&args.queue_args, Some(&args.queue)).await?);
     let started = Instant::now();
+    let dependencies = after(&args)?;
     let options = Options {
         priority: args.priority,
         delay: args.delay,
         timeout: args.timeout,
         max_attempts: args.max_attempts,
-        after: after(&args)?,
+        after: &dependencies,
     };
     if args.wait {
         return submit_and_wait(&client, &queue, jobs, options, args.wait_timeout).await;
@@ -68,7 +69,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<()> {
 
 /// Per-job settings from the command line.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Options {
+pub struct Options<'a> {
     /// Priority level.
     pub priority: u8,
     /// Run no earlier than this long from now.
@@ -77,16 +78,12 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// Most attempts (the `Conveyor-Max-Attempts` header).
     pub max_attempts: Option<u32>,
-    /// Jobs each job waits for (`--after`). Made once per run and never freed, so `Options`
-    /// stays `Copy` for the submission windows.
-    pub after: &'static [Dependency],
+    /// Jobs each job waits for (`--after`), made once per run.
+    pub after: &'a [Dependency],
 }
 
 /// The dependencies `--after` and `--if-failed` name, relative to the submitted-to queue.
-fn after(args: &SubmitArgs) -> anyhow::Result<&'static [Dependency]> {
-    if args.after.is_empty() {
-        return Ok(&[]);
-    }
+fn after(args: &SubmitArgs) -> anyhow::Result<Vec<Dependency>> {
     let home = (args.queue_args.namespace.as_str(), args.queue.as_str());
     let mut dependencies = Vec::with_capacity(args.after.len());
     for text in &args.after {
@@ -97,10 +94,10 @@ fn after(args: &SubmitArgs) -> anyhow::Result<&'static [Dependency]> {
             IfFailedArg::Run => dependency.run_if_failed(),
         });
     }
-    Ok(Vec::leak(dependencies))
+    Ok(dependencies)
 }
 
-impl Options {
+impl Options<'_> {
     fn job(&self, input: JobInput) -> Job {
         let job = match input.id {
             Some(id) => Job::new(id, input.payload),
@@ -133,7 +130,7 @@ async fn submit_and_wait(
     client: &Client,
     queue: &QueueRef,
     jobs: Inputs,
-    options: Options,
+    options: Options<'_>,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut outcomes = futures::stream::iter(jobs)
@@ -271,7 +268,7 @@ pub async fn submit(
     client: &Client,
     queue: &QueueRef,
     mut jobs: Inputs,
-    options: Options,
+    options: Options<'_>,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome {
         stored: 0,
@@ -322,7 +319,7 @@ pub async fn submit(
 
 /// The next chunk of jobs: up to [`CHUNK_JOBS`] jobs, ending after the job that brings its
 /// payloads to [`CHUNK_BYTES`], or before an input error, which is returned beside it.
-fn next_chunk(jobs: &mut Inputs, options: Options) -> (Vec<Job>, Option<anyhow::Error>) {
+fn next_chunk(jobs: &mut Inputs, options: Options<'_>) -> (Vec<Job>, Option<anyhow::Error>) {
     let (mut chunk, mut bytes) = (Vec::new(), 0usize);
     while chunk.len() < CHUNK_JOBS && bytes < CHUNK_BYTES {
         match jobs.next() {
@@ -376,6 +373,46 @@ mod tests {
                 payload: payload.clone(),
             })
         }))
+    }
+
+    fn submit_args(args: &[&str]) -> SubmitArgs {
+        use clap::Parser as _;
+        let cli = crate::args::Cli::try_parse_from([&["conveyor", "submit"], args].concat())
+            .expect("the flags parse");
+        let crate::args::Command::Submit(args) = cli.command else {
+            panic!("submit")
+        };
+        args
+    }
+
+    #[test]
+    fn after_names_dependencies_relative_to_the_queue_and_refuses_bad_ones() {
+        let args = submit_args(&[
+            "--after",
+            "a,kids/b,ns2/q2/c",
+            "--if-failed",
+            "run",
+            "q",
+            "x",
+        ]);
+        let home = args.queue_args.namespace.clone();
+        assert_eq!(
+            after(&args).unwrap(),
+            vec![
+                Dependency::on(JobRef::new(&home, "q", "a")).run_if_failed(),
+                Dependency::on(JobRef::new(&home, "kids", "b")).run_if_failed(),
+                Dependency::on(JobRef::new("ns2", "q2", "c")).run_if_failed(),
+            ]
+        );
+        assert!(after(&submit_args(&["q", "x"])).unwrap().is_empty());
+        for bad in ["Q/a", "ns//a", "a;b", "a b"] {
+            let error = after(&submit_args(&["--after", bad, "q", "x"]))
+                .expect_err("a bad reference is refused");
+            assert!(
+                format!("{error:#}").starts_with(&format!("--after {bad:?}")),
+                "{error:#}"
+            );
+        }
     }
 
     #[test]
