@@ -151,4 +151,32 @@ mod tests {
              counted:    9999\n  ns/kids/fan.0\tcompleted\n  ns/kids/fan.1\tcompleted\n  … 9997 more\n"
         );
     }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: FlowCommand,
+    }
+
+    #[tokio::test]
+    async fn the_listed_children_are_bounded_and_a_bad_parent_is_refused_before_connecting() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| Cli::try_parse_from(["conveyor"].iter().chain(args));
+        assert!(
+            parse(&["show", "q", "p", "--show", "1001"]).is_err(),
+            "at most 1000 children listed"
+        );
+        for bad in ["Bad/q/p", "ns//p", "p;1"] {
+            let Ok(Cli { command }) = parse(&["show", "q", bad, "--show", "1000"]) else {
+                panic!("show q {bad} parses")
+            };
+            let error = run(FlowArgs { command })
+                .await
+                .expect_err("a bad reference is refused");
+            assert!(
+                error.to_string().contains("job reference") || error.to_string().contains("job id"),
+                "{error}"
+            );
+        }
+    }
 }

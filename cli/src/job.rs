@@ -147,4 +147,28 @@ mod tests {
              children:  3 finished\n"
         );
     }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: JobCommand,
+    }
+
+    #[tokio::test]
+    async fn a_bad_job_reference_is_refused_before_connecting() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| Cli::try_parse_from(["conveyor"].iter().chain(args));
+        for bad in ["Bad/q/p", "ns//p", "p;1"] {
+            let Ok(Cli { command }) = parse(&["show", "q", bad]) else {
+                panic!("show q {bad} parses")
+            };
+            let error = run(JobArgs { command })
+                .await
+                .expect_err("a bad reference is refused");
+            assert!(
+                error.to_string().contains("job reference") || error.to_string().contains("job id"),
+                "{error}"
+            );
+        }
+    }
 }
