@@ -710,3 +710,44 @@ async fn jsonl_payloads_are_kept_byte_for_byte() {
         ]
     );
 }
+
+#[tokio::test]
+async fn bad_dependencies_are_refused_before_anything_is_sent() {
+    let nats = NatsServer::start().await.unwrap();
+    let (js, queue) = queue(&nats, "default", "deps").await;
+    let url = nats.url();
+    let held = || async {
+        let mut total = 0;
+        for stream in [
+            queue.stream(),
+            queue.delayed_stream(),
+            queue.waiting_stream(),
+        ] {
+            total += conveyor_testkit::stream_messages(&js, &stream).await;
+        }
+        total
+    };
+    let too_many: Vec<String> = (0..=conveyor::protocol::flow::MAX_DEPENDENCIES)
+        .map(|i| format!("job-{i}"))
+        .collect();
+    let too_many = too_many.join(",");
+    for (flags, said_what) in [
+        (&["--after", too_many.as_str()][..], "at most"),
+        (&["--after", "Q/a"], "--after \"Q/a\""),
+        (&["--after", "ns//a"], "--after \"ns//a\""),
+        (&["--id", "me", "--after", "me"], "itself"),
+        (&["--if-failed", "run"], "--after"),
+        (&["--after", "a", "--if-failed", "maybe"], "--if-failed"),
+    ] {
+        let args = [&["submit", "deps"], flags, &["x"]].concat();
+        let out = conveyor(&url, &args, b"").await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} is refused: {said}");
+        assert!(said.contains(said_what), "{args:?}: {said}");
+    }
+    assert_eq!(held().await, 0, "nothing reached the queue");
+    // The same flags with good values are taken: the count above could have seen a job.
+    let out = conveyor(&url, &["submit", "deps", "--after", "a", "x"], b"").await;
+    stdout_lines(&out);
+    assert_eq!(held().await, 1);
+}
