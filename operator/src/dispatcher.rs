@@ -275,21 +275,7 @@ impl Dispatcher {
     /// Reads one queue's advisories until `stop`, starting over after errors (NATS restarts).
     async fn serve(&self, queue: QueueRef, stop: CancellationToken) {
         debug!(queue = %queue.stream(), "dispatching");
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.consume(&queue, &stop).await {
-                Ok(()) => return,
-                Err(error) => {
-                    warn!(queue = %queue.stream(), error = %chain(&error), retry_in = ?delay,
-                          "dispatcher paused");
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = stop.cancelled() => return,
-                    }
-                    delay = (delay * 2).min(MAX_RETRY_DELAY);
-                }
-            }
-        }
+        until_stopped(&queue, &stop, "dispatcher", || self.consume(&queue, &stop)).await;
     }
 
     /// Pulls and handles advisories; returns `Ok` only when stopped.
@@ -448,13 +434,27 @@ impl Dispatcher {
 /// until `stop`, starting over after errors (its durable consumers and cursor resume where
 /// they stood, so a restart or a NATS outage only delays releases).
 async fn release(releaser: Releaser, queue: QueueRef, stop: CancellationToken) {
+    until_stopped(&queue, &stop, "releaser", || releaser.serve(&queue, &stop)).await;
+}
+
+/// Runs `step` (which returns `Ok` only when stopped) until `stop`, starting it over after
+/// an error with a pause that doubles up to [`MAX_RETRY_DELAY`]; `who` names it in the log.
+async fn until_stopped<F, E>(
+    queue: &QueueRef,
+    stop: &CancellationToken,
+    who: &str,
+    mut step: impl FnMut() -> F,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::error::Error,
+{
     let mut delay = Duration::from_millis(100);
     loop {
-        match releaser.serve(&queue, &stop).await {
+        match step().await {
             Ok(()) => return,
             Err(error) => {
                 warn!(queue = %queue.stream(), error = %chain(&error), retry_in = ?delay,
-                      "releaser paused");
+                      "{who} paused");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = stop.cancelled() => return,
