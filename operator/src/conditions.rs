@@ -36,7 +36,7 @@ pub mod reason {
     /// with the error, each time such a job fails again.
     pub const DEAD_LETTER_FAILED: &str = "DeadLetterFailed";
     /// Event: the stored object does not fit its type (written before a schema change, or past
-    /// validation); the operator leaves it alone until it changes (`JobQueue` and `Worker`).
+    /// validation); the operator leaves it alone until it changes (every resource).
     pub const MALFORMED_OBJECT: &str = "MalformedObject";
 }
 

@@ -1,13 +1,13 @@
-//! A stored `JobQueue` or `Worker` whose JSON does not fit its type (written before a schema
-//! change, or past validation) must not stall the operator's watch for the others: it is
-//! reported on the object, and the well-formed objects next to it, those there before the
-//! operator started and those made after, are reconciled as usual. The broken objects go into
+//! A stored `JobQueue`, `Worker` or `JobSchedule` whose JSON does not fit its type (written
+//! before a schema change, or past validation) must not stall the operator's watch for the
+//! others: it is reported on the object, and the well-formed objects next to it, those there
+//! before the operator started and those made after, are reconciled as usual. The broken objects go into
 //! the Kubernetes test double past its schema validation (`DevCluster::store_unchecked`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use conveyor_crds::{JobQueue, Worker};
+use conveyor_crds::{JobQueue, JobSchedule, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_testkit::{NatsServer, wait_for};
@@ -57,6 +57,17 @@ fn worker(name: &str, queue: &str) -> Worker {
     w
 }
 
+/// A JobSchedule `name` running `@hourly` on the queue `queue`.
+fn schedule(name: &str, queue: &str) -> JobSchedule {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "JobSchedule",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"schedule": "@hourly", "job": {"queue": queue}},
+    }))
+    .unwrap()
+}
+
 /// The `MalformedObject` Event on the object `name`, once there is one.
 async fn malformed_event(events: &Api<Event>, name: &str) -> Option<Event> {
     let what = format!("a MalformedObject Event on {name}");
@@ -99,7 +110,11 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
     let cluster = DevCluster::start(Options::api_only()).await.unwrap();
-    for crd in ["crds/jobqueues.yaml", "crds/workers.yaml"] {
+    for crd in [
+        "crds/jobqueues.yaml",
+        "crds/workers.yaml",
+        "crds/jobschedules.yaml",
+    ] {
         kubectl_ok(&cluster, &["apply", "-f", repo(crd).to_str().unwrap()]).await;
     }
     kubectl_ok(&cluster, &["create", "namespace", NS]).await;
@@ -131,6 +146,19 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
         .create(&PostParams::default(), &worker("good", "before"))
         .await
         .unwrap();
+    cluster
+        .store_unchecked(serde_json::json!({
+            "apiVersion": "conveyor.dev/v1alpha1",
+            "kind": "JobSchedule",
+            "metadata": {"name": "broken-schedule", "namespace": NS},
+            "spec": {"schedule": 5, "job": {"queue": "before"}},
+        }))
+        .unwrap();
+    let schedules: Api<JobSchedule> = Api::namespaced(cluster.client(), NS);
+    schedules
+        .create(&PostParams::default(), &schedule("hourly", "before"))
+        .await
+        .unwrap();
     assert!(
         api.get("broken").await.is_err(),
         "the stored object does not fit the JobQueue type"
@@ -142,6 +170,10 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
     assert!(
         workers.list(&ListParams::default()).await.is_err(),
         "the same for Workers"
+    );
+    assert!(
+        schedules.list(&ListParams::default()).await.is_err(),
+        "and for JobSchedules"
     );
 
     let mut config = Config::with_nats_url(nats.url());
@@ -176,10 +208,27 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
     .await
     .unwrap();
 
+    wait_for(DEADLINE, "JobSchedule hourly Ready=True", || async {
+        schedules
+            .get_opt("hourly")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.status)
+            .is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+    })
+    .await
+    .unwrap();
+
     let events: Api<Event> = Api::namespaced(cluster.client(), NS);
     for (name, kind, wrong) in [
         ("broken", "JobQueue", "\"many\""),
         ("broken-worker", "Worker", "7"),
+        ("broken-schedule", "JobSchedule", "`5`"),
     ] {
         let event = malformed_event(&events, name)
             .await

@@ -20,14 +20,16 @@ use conveyor::schedule::{self, ScheduleMessage};
 use conveyor_crds::{ConcurrencyPolicy, JobQueue, JobSchedule, JobScheduleStatus};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, Event as Finalizer};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::predicates;
 use kube::{Api, Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::context::{Context, FIELD_MANAGER, Shared};
+use crate::guarded;
 use crate::jobqueue::Outcome as QueueOutcome;
 pub use status::{Desired, Found, Notice, Problem, compute_status, event, reason};
 
@@ -79,7 +81,11 @@ impl Error {
     }
 }
 
-fn api(ctx: &Context) -> Api<JobSchedule> {
+/// The JobSchedules (`K` is [`JobSchedule`] or [`Stored`]) the operator watches.
+fn api<K>(ctx: &Context) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
     match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -97,7 +103,7 @@ pub async fn run(
         let probe = kube::api::ListParams::default().limit(1);
         let mut said = false;
         loop {
-            match api(&ctx).list_metadata(&probe).await {
+            match api::<JobSchedule>(&ctx).list_metadata(&probe).await {
                 Ok(_) => return,
                 Err(err) => {
                     if !said {
@@ -115,7 +121,10 @@ pub async fn run(
         () = &mut shutdown => return,
     }
     let shared = Arc::new(Shared::new(ctx.clone()));
-    Controller::new(api(&ctx), watcher::Config::default())
+    // Every change triggers a reconcile, as a plain watch would.
+    let trigger = predicates::resource_version;
+    let (controller, _) = guarded::controller(api::<Stored>(&ctx), trigger);
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, shared)
         .for_each(|result| async move {
@@ -129,14 +138,22 @@ pub async fn run(
 /// Shortest wait between two checks for the JobSchedule CRD.
 const CRD_PROBE: Duration = Duration::from_secs(10);
 
+/// A JobSchedule as stored: one that does not fit the type is an `Err`, so that it cannot stall
+/// the watch of the others ([`guarded`]).
+pub type Stored = DeserializeGuard<JobSchedule>;
+
 /// What the schedule controller's reconciles share: the operator's context and each
 /// schedule's own state (its consecutive failures, for the backoff).
 pub type Schedules = Shared<JobSchedule, ()>;
 
-/// Reconciles one `JobSchedule` (through the finalizer, so deletion runs [`cleanup`]).
-#[instrument(skip(s, shared), fields(namespace = s.namespace(), name = s.name_any()))]
-pub async fn reconcile(s: Arc<JobSchedule>, shared: Arc<Schedules>) -> Result<Action, Error> {
+/// Reconciles one `JobSchedule` (through the finalizer, so deletion runs [`cleanup`]); a
+/// malformed one is reported on the object and left alone until it changes.
+#[instrument(skip(stored, shared), fields(namespace = stored.namespace(), name = stored.name_any()))]
+pub async fn reconcile(stored: Arc<Stored>, shared: Arc<Schedules>) -> Result<Action, Error> {
     let ctx = &shared.ctx;
+    let Some(s) = guarded::report(&stored, CONTROLLER, ctx).await else {
+        return Ok(Action::await_change());
+    };
     let started = Instant::now();
     let ns = s.namespace().unwrap_or_default();
     let api: Api<JobSchedule> = Api::namespaced(ctx.client.clone(), &ns);
@@ -188,10 +205,13 @@ async fn add_finalizer(api: &Api<JobSchedule>, s: &JobSchedule) -> Result<(), Er
 }
 
 /// Retries transient errors with per-object exponential backoff (capped at the resync period).
-pub fn error_policy(s: Arc<JobSchedule>, err: &Error, shared: Arc<Schedules>) -> Action {
+pub fn error_policy(stored: Arc<Stored>, err: &Error, shared: Arc<Schedules>) -> Action {
     shared.ctx.metrics.failed(CONTROLLER, err.label());
-    let delay = shared.states.backoff(&s, shared.ctx.config.resync);
-    tracing::warn!(%err, ?delay, name = s.name_any(), "jobschedule reconcile failed, retrying");
+    let delay = match &stored.0 {
+        Ok(s) => shared.states.backoff(s, shared.ctx.config.resync),
+        Err(_) => shared.ctx.config.resync,
+    };
+    tracing::warn!(%err, ?delay, name = stored.name_any(), "jobschedule reconcile failed, retrying");
     Action::requeue(delay)
 }
 
