@@ -760,6 +760,14 @@ async fn a_dead_lettered_child_whose_record_cannot_be_written_is_retried_until_i
     Ok(())
 }
 
+/// Whether `queue`'s work stream holds no job (every job acked: work-queue retention).
+async fn work_stream_empty(client: &Client, queue: &QueueRef) -> bool {
+    match client.jetstream().get_stream(queue.stream()).await {
+        Ok(stream) => stream.cached_info().state.messages == 0,
+        Err(_) => false,
+    }
+}
+
 #[tokio::test]
 async fn a_child_whose_parent_queue_does_not_exist_completes_once() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
@@ -772,8 +780,8 @@ async fn a_child_whose_parent_queue_does_not_exist_completes_once() -> anyhow::R
     let child = Job::new("stray", "data").header(conveyor::protocol::flow::PARENT, "test/ghost/p");
     client.submit(&q, child).await?;
     assert_eq!(completed(&wait_result(&client, &q, "stray").await?), "data");
-    // Retries would come back within 200 ms.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A child whose record keeps failing is retried, never acked; once acked it cannot run again.
+    wait_for(WAIT, "the child acked", || work_stream_empty(&client, &q)).await?;
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the child ran once");
     let info = client
         .jetstream()
@@ -815,8 +823,8 @@ async fn a_plain_job_cannot_overwrite_another_queues_outcome() -> anyhow::Result
         completed(&wait_result(&client, &q, "forger").await?),
         "forged"
     );
-    // Its own outcome is written first: give a forged second write the time to land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its own outcome is written first, a forged second write before the ack: wait for that.
+    wait_for(WAIT, "the forger acked", || work_stream_empty(&client, &q)).await?;
     assert_eq!(
         completed(&client.result(&victims, "victim").await?.expect("kept")),
         "genuine",
