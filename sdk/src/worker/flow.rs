@@ -54,6 +54,14 @@ fn items(headers: &async_nats::HeaderMap, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The refusal of a child spawned by a job that no worker delivered (no server to spawn on).
+fn cannot_spawn(job: Job) -> SubmitError {
+    SubmitError::BadDependencies {
+        id: job.id,
+        problem: "this job was not delivered by a worker, so it cannot spawn".into(),
+    }
+}
+
 impl JobFlow {
     pub(super) fn new(
         jetstream: jetstream::Context,
@@ -113,10 +121,7 @@ impl JobFlow {
         job.headers
             .insert(headers::PARENT, self.me.to_string().as_str());
         let Some(jetstream) = &self.jetstream else {
-            return Err(SubmitError::BadDependencies {
-                id: job.id,
-                problem: "this job was not delivered by a worker, so it cannot spawn".into(),
-            });
+            return Err(cannot_spawn(job));
         };
         let ack = Client::new(jetstream.client()).submit(queue, job).await?;
         self.spawned.fetch_add(1, Ordering::Relaxed);
@@ -138,16 +143,7 @@ impl JobFlow {
             })
             .collect();
         let Some(jetstream) = &self.jetstream else {
-            return jobs
-                .into_iter()
-                .map(|job| {
-                    Err(SubmitError::BadDependencies {
-                        id: job.id,
-                        problem: "this job was not delivered by a worker, so it cannot spawn"
-                            .into(),
-                    })
-                })
-                .collect();
+            return jobs.into_iter().map(|job| Err(cannot_spawn(job))).collect();
         };
         let results = Client::new(jetstream.client())
             .submit_batch(queue, jobs)
@@ -192,5 +188,33 @@ impl JobFlow {
             .children
             .as_ref()
             .map_or_else(|| self.me.clone(), |c| c.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_no_worker_delivered_cannot_spawn() {
+        let flow = JobFlow::default();
+        let queue = QueueRef::new("ns", "kids");
+        let one = futures::executor::block_on(flow.spawn(&queue, Job::new("c1", "")));
+        assert!(
+            matches!(&one, Err(SubmitError::BadDependencies { id, .. }) if id == "c1"),
+            "{one:?}"
+        );
+        let many = futures::executor::block_on(
+            flow.spawn_batch(&queue, [Job::new("c2", ""), Job::new("c3", "")]),
+        );
+        let ids: Vec<_> = many
+            .iter()
+            .map(|r| match r {
+                Err(SubmitError::BadDependencies { id, .. }) => id.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, ["c2", "c3"]);
+        assert_eq!(flow.spawned(), 0, "nothing was spawned");
     }
 }
