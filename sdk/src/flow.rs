@@ -783,27 +783,27 @@ impl Releaser {
         }
     }
 
-    /// The queue's wait timeout, from its flow stream's `max_age`.
+    /// The queue's wait timeout, from its flow stream's `max_age` (in the lookup's own
+    /// STREAM.INFO answer: no second request).
     async fn wait_timeout(&self, queue: &QueueRef) -> Result<Duration, FlowError> {
-        let name = queue.flow_stream();
-        let mut stream =
-            self.jetstream
-                .get_stream(&name)
-                .await
-                .map_err(|source| FlowError::Stream {
-                    stream: name.clone(),
-                    source,
-                })?;
-        let info = stream.info().await.map_err(|e| FlowError::Consumer {
-            stream: name.clone(),
-            reason: e.to_string(),
-        })?;
-        let max_age = info.config.max_age;
+        let stream = self.stream(&queue.flow_stream()).await?;
+        let max_age = stream.cached_info().config.max_age;
         Ok(if max_age > FLOW_RETENTION_MARGIN {
             max_age - FLOW_RETENTION_MARGIN
         } else {
             DEFAULT_WAIT_TIMEOUT
         })
+    }
+
+    /// Looks up stream `name`.
+    async fn stream(&self, name: &str) -> Result<jetstream::stream::Stream, FlowError> {
+        self.jetstream
+            .get_stream(name)
+            .await
+            .map_err(|source| FlowError::Stream {
+                stream: name.to_owned(),
+                source,
+            })
     }
 
     async fn durable(
@@ -812,15 +812,8 @@ impl Releaser {
         deliver_policy: consumer::DeliverPolicy,
         description: &str,
     ) -> Result<consumer::PullConsumer, FlowError> {
-        let stream = self
-            .jetstream
-            .get_stream(stream_name)
-            .await
-            .map_err(|source| FlowError::Stream {
-                stream: stream_name.to_owned(),
-                source,
-            })?;
-        stream
+        self.stream(stream_name)
+            .await?
             .get_or_create_consumer(
                 RELEASER_CONSUMER,
                 consumer::pull::Config {
@@ -1224,14 +1217,7 @@ impl Releaser {
                 ),
                 None => (0, 0),
             };
-        let stream = self
-            .jetstream
-            .get_stream(&stream_name)
-            .await
-            .map_err(|source| FlowError::Stream {
-                stream: stream_name.clone(),
-                source,
-            })?;
+        let stream = self.stream(&stream_name).await?;
         let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
             start_sequence: cursor.saturating_add(1),
         };
