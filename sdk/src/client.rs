@@ -744,7 +744,7 @@ impl Client {
         .await
         .map_err(|e| failed(e.to_string()))?;
         if let Some(reply) = reading.reply_to {
-            let answered = flow_of.continues.as_ref().map_or(id, |c| c.id.as_str());
+            let answered = flow_of.answered_id(id);
             if let Err(error) = client
                 .publish_with_headers(reply, outcome.encode(answered), Bytes::new())
                 .await

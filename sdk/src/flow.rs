@@ -1178,10 +1178,7 @@ impl Releaser {
         )
         .await?;
         if let Some(reply) = &reading.reply_to {
-            let id = flow
-                .continues
-                .as_ref()
-                .map_or(letter.job_id.as_str(), |c| c.id.as_str());
+            let id = flow.answered_id(&letter.job_id);
             if let Err(error) = self
                 .jetstream
                 .client()

@@ -333,6 +333,12 @@ impl FlowHeaders {
             wait_timeout,
         })
     }
+
+    /// The id a producer awaiting job `id` is answered in the name of: the job this
+    /// continuation continues (`Conveyor-Continues`), else `id` itself.
+    pub fn answered_id<'a>(&'a self, id: &'a str) -> &'a str {
+        self.continues.as_ref().map_or(id, |c| c.id.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -415,6 +421,14 @@ mod tests {
             Err(BadAfter::Twice(_))
         ));
         assert_eq!(check_after(&me, &[]), Err(BadAfter::Empty));
+    }
+
+    #[test]
+    fn a_continuation_answers_in_the_name_of_the_job_it_continues() {
+        let mut flow = FlowHeaders::default();
+        assert_eq!(flow.answered_id("k"), "k");
+        flow.continues = Some(JobRef::new("ns", "q", "root"));
+        assert_eq!(flow.answered_id("k"), "root");
     }
 
     #[test]

@@ -456,11 +456,7 @@ impl<H, O> Settled<'_, H, O> {
     /// receives it), in the name of the job it continues if it is a continuation.
     async fn reply(&self, reply: Option<&str>, outcome: &protocol::Outcome, payload: Bytes) {
         let shared = self.shared;
-        let answered = self
-            .flow
-            .continues
-            .as_ref()
-            .map_or(self.id, |c| c.id.as_str());
+        let answered = self.flow.answered_id(self.id);
         let headers: HeaderMap = outcome.encode(answered);
         if let Some(reply) = reply {
             let nats = shared.jetstream.client();
