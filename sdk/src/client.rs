@@ -485,13 +485,7 @@ impl Client {
             flow_headers::encode_after(&job.after).as_str(),
         );
         let subject = queue.waiting_subject(&job.id);
-        let stored = async {
-            self.jetstream
-                .publish_with_headers(subject.clone(), headers, job.payload.clone())
-                .await?
-                .await
-        };
-        match stored.await {
+        match flow::publish_acked(&self.jetstream, subject, headers, job.payload.clone()).await {
             Ok(ack) => Ok(SubmitAck {
                 id: job.id,
                 sequence: ack.sequence,
@@ -515,15 +509,14 @@ impl Client {
         let queue = job.queue_ref();
         let ack = self.cancel(&queue, &job.id).await?;
         let headers = protocol::Outcome::Cancelled.encode(&job.id);
-        let stored = async {
-            self.jetstream
-                .publish_with_headers(queue.result_subject(&job.id), headers, Bytes::new())
-                .await?
-                .await
-        };
-        stored
-            .await
-            .map_err(|source| cancel_error(source, &queue, &job.id))?;
+        flow::publish_acked(
+            &self.jetstream,
+            queue.result_subject(&job.id),
+            headers,
+            Bytes::new(),
+        )
+        .await
+        .map_err(|source| cancel_error(source, &queue, &job.id))?;
         Ok(ack)
     }
 
