@@ -231,6 +231,52 @@ impl Env {
             .map(|tick| tick.run.slot)
     }
 
+    /// Applies the queue `queue` (with `queue_spec`) and the schedule `name` on it running
+    /// `schedule` (with `extra` spec lines), and waits until it is `Ready=True Scheduled`.
+    async fn scheduled(
+        &self,
+        queue: &str,
+        queue_spec: &str,
+        name: &str,
+        schedule: &str,
+        extra: &str,
+    ) {
+        self.apply_ok(&queue_yaml(queue, queue_spec)).await;
+        self.apply_ok(&schedule_yaml(name, queue, schedule, extra))
+            .await;
+        self.wait_ready(name, "True", "Scheduled").await;
+    }
+
+    /// Sets `spec.suspend` of the schedule `name` with `kubectl patch`.
+    async fn set_suspend(&self, name: &str, suspend: bool) {
+        let patch = format!(r#"{{"spec":{{"suspend":{suspend}}}}}"#);
+        let args = [
+            "patch",
+            "jobschedule",
+            name,
+            "-n",
+            NS,
+            "--type=merge",
+            "-p",
+            &patch,
+        ];
+        let out = kubectl(&self.cluster, &args, None).await;
+        assert!(out.ok, "{}", out.stderr);
+    }
+
+    /// Waits until the server holds a slot of the held schedule `name` of `queue` at least
+    /// `secs` seconds after `since`.
+    async fn wait_held_after(&self, queue: &str, name: &str, since: Timestamp, secs: i64) {
+        let what = format!("the server to hold a slot of {name} {secs}s after {since}");
+        wait_for(DEADLINE, &what, || async {
+            self.held_slot(queue, name)
+                .await
+                .is_some_and(|slot| slot.as_second() >= since.as_second().saturating_add(secs))
+        })
+        .await
+        .unwrap();
+    }
+
     async fn shutdown(mut self) {
         self.stop_operator().await;
         self.cluster.shutdown().await;
@@ -299,23 +345,7 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
     }
 
     // Suspend: the server holds no schedule, so nothing more is submitted.
-    let patch = r#"{"spec":{"suspend":true}}"#;
-    let out = kubectl(
-        &env.cluster,
-        &[
-            "patch",
-            "jobschedule",
-            "tick",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            patch,
-        ],
-        None,
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
+    env.set_suspend("tick", true).await;
     env.wait_ready("tick", "True", "Suspended").await;
     let nats = env.nats.client().await.unwrap();
     let queue = QueueRef::new(NS, "ticks");
@@ -340,23 +370,7 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
 
     // Resume: runs start again from now, without catching up on the skipped slots.
     let resumed_at = k8s_openapi::jiff::Timestamp::now();
-    let patch = r#"{"spec":{"suspend":false}}"#;
-    let out = kubectl(
-        &env.cluster,
-        &[
-            "patch",
-            "jobschedule",
-            "tick",
-            "-n",
-            NS,
-            "--type=merge",
-            "-p",
-            patch,
-        ],
-        None,
-    )
-    .await;
-    assert!(out.ok, "{}", out.stderr);
+    env.set_suspend("tick", false).await;
     env.wait_ready("tick", "True", "Scheduled").await;
     let resumed = env.wait_jobs("ticks", after.len() + 3).await;
     let new_runs = &resumed[after.len()..];
@@ -371,10 +385,7 @@ async fn every_second_runs_once_per_slot_and_suspend_pauses_without_a_burst() {
 #[tokio::test]
 async fn the_server_keeps_running_a_schedule_while_the_operator_is_down_and_after_a_nats_restart() {
     let mut env = Env::new().await;
-    env.apply_ok(&queue_yaml("ticks", "")).await;
-    env.apply_ok(&schedule_yaml("tick", "ticks", "@every 1s", ""))
-        .await;
-    env.wait_ready("tick", "True", "Scheduled").await;
+    env.scheduled("ticks", "", "tick", "@every 1s", "").await;
     env.wait_jobs("ticks", 1).await;
 
     env.stop_operator().await;
@@ -611,15 +622,9 @@ async fn schedule_status(env: &Env, name: &str) -> conveyor_crds::JobScheduleSta
 #[tokio::test]
 async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_it() {
     let mut env = Env::new().await;
-    env.apply_ok(&queue_yaml("single", "")).await;
-    env.apply_ok(&schedule_yaml(
-        "lonely",
-        "single",
-        "@every 1s",
-        "  concurrencyPolicy: Forbid\n",
-    ))
-    .await;
-    env.wait_ready("lonely", "True", "Scheduled").await;
+    let forbid = "  concurrencyPolicy: Forbid\n";
+    env.scheduled("single", "", "lonely", "@every 1s", forbid)
+        .await;
     // No worker takes the first run, so it stays queued and every later slot is skipped.
     wait_for(DEADLINE, "three skipped runs", || async {
         schedule_status(&env, "lonely").await.missed_runs >= 3
@@ -652,14 +657,9 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
     // slots: back, it submits nothing over it, and counts the slots.
     let missed_before = schedule_status(&env, "lonely").await.missed_runs;
     env.stop_operator().await;
-    let stopped = Timestamp::now();
-    wait_for(DEADLINE, "five slots with no operator", || async {
-        env.held_slot("single", "lonely")
-            .await
-            .is_some_and(|slot| slot.as_second() >= stopped.as_second() + 5)
-    })
-    .await
-    .unwrap();
+    // Five slots with no operator.
+    env.wait_held_after("single", "lonely", Timestamp::now(), 5)
+        .await;
     env.start_operator();
     let restarted = Timestamp::now();
     wait_for(DEADLINE, "a slot after the restart handled", || async {
@@ -748,11 +748,9 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
 #[tokio::test]
 async fn the_last_runs_outcome_comes_from_the_queues_stored_results() {
     let env = Env::new().await;
-    env.apply_ok(&queue_yaml("kept", "results: {retention: 1h}"))
+    let results = "results: {retention: 1h}";
+    env.scheduled("kept", results, "report", "@every 1s", "")
         .await;
-    env.apply_ok(&schedule_yaml("report", "kept", "@every 1s", ""))
-        .await;
-    env.wait_ready("report", "True", "Scheduled").await;
     let what = "a last run in the status";
     wait_for(DEADLINE, what, || async {
         schedule_status(&env, "report").await.last_run.is_some()
@@ -828,15 +826,8 @@ fn ack_everything(
 #[tokio::test]
 async fn forbid_after_an_operator_restart_skips_over_a_run_still_held_and_runs_no_missed_slot() {
     let mut env = Env::new().await;
-    env.apply_ok(&queue_yaml("held", "")).await;
-    env.apply_ok(&schedule_yaml(
-        "beat",
-        "held",
-        "@every 1s",
-        "  concurrencyPolicy: Forbid\n  startingDeadline: 30s\n",
-    ))
-    .await;
-    env.wait_ready("beat", "True", "Scheduled").await;
+    let extra = "  concurrencyPolicy: Forbid\n  startingDeadline: 30s\n";
+    env.scheduled("held", "", "beat", "@every 1s", extra).await;
     // No worker yet: the first run stays queued, so Forbid skips every slot after it.
     let first = env.wait_jobs("held", 1).await;
     assert_eq!(first.len(), 1, "{first:?}");
@@ -847,17 +838,7 @@ async fn forbid_after_an_operator_restart_skips_over_a_run_still_held_and_runs_n
     let at_stop = schedule_status(&env, "beat").await;
     // Three slots or more go by with no operator: the server writes them where only the
     // operator reads them, keeping the newest.
-    wait_for(
-        DEADLINE,
-        "the server to hold a slot 3s after the stop",
-        || async {
-            env.held_slot("held", "beat")
-                .await
-                .is_some_and(|slot| slot.as_second() >= stopped.as_second() + 3)
-        },
-    )
-    .await
-    .unwrap();
+    env.wait_held_after("held", "beat", stopped, 3).await;
     env.start_operator();
     let restarted = Timestamp::now();
     // The restarted operator reads the status afresh: the first run is still queued, so the
@@ -932,16 +913,9 @@ async fn forbid_after_an_operator_restart_skips_over_a_run_still_held_and_runs_n
 #[tokio::test]
 async fn a_slot_handled_without_its_run_past_the_dedup_window_is_missed_not_run() {
     let mut env = Env::new().await;
-    env.apply_ok(&queue_yaml("once", "deduplicationWindow: 1s"))
+    let (window, forbid) = ("deduplicationWindow: 1s", "  concurrencyPolicy: Forbid\n");
+    env.scheduled("once", window, "slow", "@every 15s", forbid)
         .await;
-    env.apply_ok(&schedule_yaml(
-        "slow",
-        "once",
-        "@every 15s",
-        "  concurrencyPolicy: Forbid\n",
-    ))
-    .await;
-    env.wait_ready("slow", "True", "Scheduled").await;
     env.stop_operator().await;
     let slot = wait_for_slot(&env, "once", "slow").await;
     let id = conveyor::schedule::job_id("slow", slot);
@@ -999,16 +973,10 @@ fn status_slot(missed: &str) -> Timestamp {
 #[tokio::test]
 async fn a_slot_missed_for_longer_than_the_starting_deadline_is_skipped_and_said_so() {
     let mut env = Env::new().await;
-    env.apply_ok(&queue_yaml("late", "")).await;
     // Allow with a deadline: the operator submits each run, to judge how late it is.
-    env.apply_ok(&schedule_yaml(
-        "sparse",
-        "late",
-        "@every 8s",
-        "  startingDeadline: 2s\n",
-    ))
-    .await;
-    env.wait_ready("sparse", "True", "Scheduled").await;
+    let deadline = "  startingDeadline: 2s\n";
+    env.scheduled("late", "", "sparse", "@every 8s", deadline)
+        .await;
     let first = env.wait_jobs("late", 1).await;
     let submitted = slot(&first[0]);
 
