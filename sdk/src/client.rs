@@ -101,9 +101,11 @@ impl Job {
     }
 
     /// Waits at most `timeout` for its dependencies (or, for a continuation, its children),
-    /// when that is shorter than the queue's `waitTimeout`.
+    /// when that is shorter than the queue's `waitTimeout` (whole seconds, 1 s to
+    /// [`crate::admin::MAX_WAIT_TIMEOUT`], the longest a queue allows: a longer one is that).
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
-        let value = format!("{}s", timeout.as_secs().max(1));
+        let seconds = timeout.min(crate::admin::MAX_WAIT_TIMEOUT).as_secs().max(1);
+        let value = format!("{seconds}s");
         self.headers
             .insert(flow_headers::WAIT_TIMEOUT, value.as_str());
         self
@@ -925,5 +927,34 @@ fn outcome(
             id,
             problem: error.problem,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::flow::FlowHeaders;
+
+    #[test]
+    fn a_wait_timeout_is_whole_seconds_within_what_a_queue_allows() {
+        let parsed = |timeout: Duration| {
+            let job = Job::new("j", "").wait_timeout(timeout);
+            FlowHeaders::parse(&job.headers, ("ns", "q"))
+                .expect("the header is well-formed")
+                .wait_timeout
+        };
+        assert_eq!(
+            parsed(Duration::from_secs(90)),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parsed(Duration::from_millis(10)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            parsed(Duration::MAX),
+            Some(crate::admin::MAX_WAIT_TIMEOUT),
+            "a longer one than any queue allows is not a malformed header"
+        );
     }
 }
