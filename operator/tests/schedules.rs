@@ -642,13 +642,9 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
     // The run finishes (a worker takes and acknowledges it): the next slot runs.
     let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
     let queue = QueueRef::new(NS, "single");
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream(queue.stream())
+    let consumer = level_consumer(&js, &queue)
         .await
-        .unwrap()
-        .get_consumer(&queue.consumer(0))
-        .await
-        .unwrap();
+        .expect("the queue's consumer");
     use futures::StreamExt;
     let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
     let job = batch.next().await.expect("the queued run").unwrap();
@@ -786,6 +782,15 @@ async fn the_last_runs_outcome_comes_from_the_queues_stored_results() {
     env.shutdown().await;
 }
 
+/// The pull consumer of `queue`'s priority level 0, once the operator made it.
+async fn level_consumer(
+    js: &async_nats::jetstream::Context,
+    queue: &QueueRef,
+) -> Option<async_nats::jetstream::consumer::PullConsumer> {
+    let stream = js.get_stream(queue.stream()).await.ok()?;
+    stream.get_consumer(&queue.consumer(0)).await.ok()
+}
+
 /// Acknowledges every job of `queue` as it comes, like a worker with instant jobs; the job ids
 /// it took, in order.
 fn ack_everything(
@@ -801,13 +806,9 @@ fn ack_everything(
     let task = tokio::spawn(async move {
         use futures::StreamExt;
         let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
-        let consumer: async_nats::jetstream::consumer::PullConsumer = js
-            .get_stream(queue.stream())
+        let consumer = level_consumer(&js, &queue)
             .await
-            .unwrap()
-            .get_consumer(&queue.consumer(0))
-            .await
-            .unwrap();
+            .expect("the queue's consumer");
         let mut messages = consumer.messages().await.unwrap();
         while let Some(Ok(job)) = messages.next().await {
             let id = job
@@ -875,14 +876,9 @@ async fn forbid_after_an_operator_restart_skips_over_a_run_still_held_and_runs_n
     // A worker takes the first run: the next slots run, each once, none gone by or skipped.
     wait_for(DEADLINE, "the queue's consumer", || async {
         let js = async_nats::jetstream::new(env.nats.client().await.unwrap());
-        let queue = QueueRef::new(NS, "held");
-        match js.get_stream(queue.stream()).await {
-            Ok(stream) => stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&queue.consumer(0))
-                .await
-                .is_ok(),
-            Err(_) => false,
-        }
+        level_consumer(&js, &QueueRef::new(NS, "held"))
+            .await
+            .is_some()
     })
     .await
     .unwrap();
