@@ -98,8 +98,10 @@ pub async fn existing_figures(
         match found {
             Ok(consumer) => {
                 let info = consumer.cached_info();
-                figures.pending += info.num_pending;
-                figures.in_flight += info.num_ack_pending as u64;
+                figures.pending = figures.pending.saturating_add(info.num_pending);
+                figures.in_flight = figures
+                    .in_flight
+                    .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(u64::MAX));
             }
             Err(err)
                 if matches!(err.kind(), jetstream::stream::ConsumerErrorKind::JetStream(e)

@@ -391,7 +391,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
     let mut listed_pods = None;
     if deployment.is_some() {
         let health = pods::health(&pods, now);
-        new.recycled_pods += recycling.recycled;
+        new.recycled_pods = new.recycled_pods.saturating_add(recycling.recycled);
         conditions::set(
             &mut new.conditions,
             pods::DEGRADED,
