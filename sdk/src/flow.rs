@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::admin::{DEFAULT_WAIT_TIMEOUT, FLOW_RETENTION_MARGIN};
-use crate::names::{QueueRef, RELEASER_CONSUMER};
+use crate::names::{QueueRef, RELEASER_CONSUMER, unhex};
 use crate::protocol::flow::{self as headers, FlowHeaders};
 use crate::protocol::{self, DeadLetter, Outcome, Reason, record};
 use crate::stored::{self, StoredError, StoredJob};
@@ -1366,18 +1366,6 @@ fn join(jobs: &[JobRef]) -> String {
         .join(", ")
 }
 
-/// The text a hex subject token stands for, if it is one.
-fn unhex(token: &str) -> Option<String> {
-    if !token.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..token.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1436,15 +1424,5 @@ mod tests {
             decide(&[dep("c")], &[Cancelled]),
             Verdict::Fail { .. }
         ));
-    }
-
-    #[test]
-    fn hex_tokens_decode() {
-        assert_eq!(
-            unhex(&crate::names::hex_token("a.b/c")),
-            Some("a.b/c".into())
-        );
-        assert_eq!(unhex("6"), None);
-        assert_eq!(unhex("zz"), None);
     }
 }

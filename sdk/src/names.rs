@@ -21,6 +21,18 @@ pub(crate) fn hex_token(job_id: &str) -> String {
     job_id.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The text a [`hex_token`] stands for, if `token` is one.
+pub(crate) fn unhex(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 impl QueueRef {
     /// A queue reference from namespace and name.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
@@ -285,4 +297,16 @@ pub mod handler_env {
     /// The job's dependencies' outcomes, a JSON array (`protocol::HandlerDependency`), results
     /// up to 1 KiB inline; set only for a job with dependencies.
     pub const DEPENDENCIES: &str = "CONVEYOR_DEPENDENCIES";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_tokens_decode() {
+        assert_eq!(unhex(&hex_token("a.b/c")), Some("a.b/c".into()));
+        assert_eq!(unhex("6"), None);
+        assert_eq!(unhex("zz"), None);
+    }
 }
