@@ -495,6 +495,26 @@ async fn bad_dependencies_are_refused_and_a_cycle_times_out() -> anyhow::Result<
         matches!(err, SubmitError::NoSuchDependencyQueue { .. }),
         "{err:?}"
     );
+    let refused = [
+        (
+            Job::new("later", "")
+                .after(on("a")?)
+                .delay(Duration::from_secs(60)),
+            "cannot both be delayed",
+        ),
+        (
+            Job::new("twice", "").after(on("a")?).after(on("a")?),
+            "named twice",
+        ),
+        (Job::new("x,y", "").after(on("a")?), "contains ','"),
+    ];
+    for (job, problem) in refused {
+        let err = client.submit(q, job).await.unwrap_err();
+        assert!(
+            matches!(err, SubmitError::BadDependencies { .. }) && err.to_string().contains(problem),
+            "{err:?}"
+        );
+    }
     assert_eq!(client.waiting(q).await?, 0, "nothing refused was stored");
 
     let stop = CancellationToken::new();
