@@ -124,13 +124,19 @@ pub async fn run(
     // Every change triggers a reconcile, as a plain watch would.
     let trigger = predicates::resource_version;
     let (controller, _) = guarded::controller(api::<Stored>(&ctx), trigger);
+    let store = controller.store();
     controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, shared)
-        .for_each(|result| async move {
+        .run(reconcile, error_policy, shared.clone())
+        .for_each(|result| {
             if let Err(err) = result {
                 tracing::debug!(%err, "jobschedule reconcile ended with an error");
             }
+            // Schedules deleted without a cleanup seen here (a finalizer removed by hand).
+            shared
+                .states
+                .prune(|key| store.get(&guarded::typed(key)).is_some());
+            std::future::ready(())
         })
         .await;
 }
