@@ -448,13 +448,14 @@ async fn a_recursive_tree_aggregates_to_the_root() -> anyhow::Result<()> {
     let own = queue.clone();
     worker(&client, &queue, 8, &stop, move |job: ReceivedJob| {
         let own = own.clone();
-        async move { tree_node(job, own, 4, 3).await }
+        async move { tree_node(job, own, 5, 4).await }
     });
-    // 1 + 3 + 9 + 27 + 81 nodes.
+    // Depth 5 below the root, 4 children a node: 1 + 4 + 16 + 64 + 256 + 1024 nodes, 341 of
+    // them continuing.
     let result = client
-        .submit_and_wait(&queue, Job::new("r", ""), Duration::from_secs(120))
+        .submit_and_wait(&queue, Job::new("r", ""), Duration::from_secs(240))
         .await?;
-    assert_eq!(completed(&result), "121");
+    assert_eq!(completed(&result), "1365");
     Ok(())
 }
 
