@@ -718,6 +718,66 @@ pub async fn write_edges(
     Ok(())
 }
 
+/// What the releaser decided for a waiting job. It is stored on the job's own waiting subject
+/// ([`headers::DECIDED`], compare-and-set on the job's sequence) before it is carried out, so
+/// that two deciders racing (an arrival check and the timeout scan, an old leader and a new
+/// one) cannot both act: a release and a dead letter of the same job would run it and fail
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    /// Release it, with these headers added (`Conveyor-Failed-Dependencies`, …; a stored
+    /// decision carries them already).
+    Release(Vec<(&'static str, String)>),
+    /// Dead-letter it for this reason, with this error.
+    DeadLetter(Reason, String),
+}
+
+impl Decision {
+    /// The decision a decided copy carries; a value that names none is no decision (the job
+    /// is then decided again, and the stored copy drops the value).
+    fn stored(headers: &HeaderMap) -> Option<Self> {
+        let value = headers.get(headers::DECIDED)?.as_str();
+        if value == "release" {
+            return Some(Decision::Release(Vec::new()));
+        }
+        let reason = Reason::parse(value)?;
+        let error = headers
+            .get(headers::DECIDED_ERROR)
+            .map_or_else(|| record::one_line(""), |v| v.as_str().to_owned());
+        Some(Decision::DeadLetter(reason, error))
+    }
+}
+
+/// Whether header `name` is part of a stored decision.
+fn is_decision(name: &str) -> bool {
+    name.eq_ignore_ascii_case(headers::DECIDED) || name.eq_ignore_ascii_case(headers::DECIDED_ERROR)
+}
+
+/// `headers` without the names `drop` picks.
+fn filtered(headers: &HeaderMap, drop: impl Fn(&str) -> bool) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for (name, values) in headers.iter() {
+        if drop(name.as_ref()) {
+            continue;
+        }
+        for value in values {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
+/// A waiting job's own headers: without a stored decision and without the expectations its
+/// decided copy was written with (they must not reach the stream it moves to).
+fn own_headers(headers: &HeaderMap) -> HeaderMap {
+    filtered(headers, |name| {
+        is_decision(name)
+            || name
+                .get(..14)
+                .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected-"))
+    })
+}
+
 /// How often the releaser scans the waiting stream for jobs past their wait timeout.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// Most waiting jobs one scan reads (the next scan goes on from there).
@@ -925,6 +985,11 @@ impl Releaser {
             return Ok(()); // released, failed or cancelled already
         };
         let reading = waiting.read(&stream);
+        if let Some(decision) = Decision::stored(&reading.headers) {
+            return self
+                .carry_out(queue, &waiting, &reading, decision, None)
+                .await;
+        }
         let home = (queue.namespace.as_str(), queue.name.as_str());
         let flow = match FlowHeaders::parse(&reading.headers, home) {
             Ok(flow) => flow,
@@ -942,8 +1007,8 @@ impl Releaser {
                 break;
             }
         }
-        match decide(&flow.after, &states) {
-            Verdict::Wait => Ok(()),
+        let decision = match decide(&flow.after, &states) {
+            Verdict::Wait => return Ok(()),
             Verdict::Release { failed, skipped } => {
                 let mut extra = Vec::new();
                 if !failed.is_empty() {
@@ -952,22 +1017,135 @@ impl Releaser {
                 if !skipped.is_empty() {
                     extra.push((headers::SKIPPED_DEPENDENCIES, join(&skipped)));
                 }
+                Decision::Release(extra)
+            }
+            Verdict::Fail { dependency, error } => Decision::DeadLetter(
+                Reason::DependencyFailed,
+                format!("dependency {dependency} failed: {error}"),
+            ),
+        };
+        self.decide_once(queue, &waiting, &reading, decision, None)
+            .await
+    }
+
+    /// Stores `decision` on the waiting job's subject, then carries it out — unless another
+    /// decision (or a removal) came first, which is then carried out by whoever reads it (the
+    /// stored copy is an arrival too). A job the client cannot read in full is never released,
+    /// so it is dead-lettered without a stored decision (two dead letters of one stored message
+    /// are one: their `Nats-Msg-Id` is the same).
+    async fn decide_once(
+        &self,
+        queue: &QueueRef,
+        waiting: &StoredJob,
+        reading: &stored::Reading,
+        decision: Decision,
+        parent: Option<(&str, ChildCount, u64)>,
+    ) -> Result<(), FlowError> {
+        if reading.malformed.is_some() {
+            let error = reading.malformed.clone().unwrap_or_default();
+            return self.fail(queue, waiting, Reason::Malformed, error).await;
+        }
+        match self.claim(waiting, reading, &decision).await? {
+            Some(decided) => {
+                self.carry_out(queue, &decided, reading, decision, parent)
+                    .await
+            }
+            None => {
+                debug!(queue = %queue.stream(), job = %reading.id, "another decision came first");
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a copy of the waiting job carrying `decision` on its subject, compare-and-set on
+    /// the sequence read (the stream keeps one message per subject, so the copy replaces the
+    /// job). Returns the job as stored under the copy's sequence, or `None` when the subject
+    /// moved on (another decision, a cancel, a resubmission).
+    async fn claim(
+        &self,
+        waiting: &StoredJob,
+        reading: &stored::Reading,
+        decision: &Decision,
+    ) -> Result<Option<StoredJob>, FlowError> {
+        // Without its `Nats-Msg-Id`: the stream's duplicate window would take the copy for
+        // the job's first publish and drop it. Its id is kept as `Conveyor-Job-Id`.
+        let mut copy = filtered(&reading.headers, |name| {
+            is_decision(name) || name.eq_ignore_ascii_case(protocol::MSG_ID)
+        });
+        copy.insert(protocol::JOB_ID, reading.id.as_str());
+        match decision {
+            Decision::Release(extra) => {
+                copy.insert(headers::DECIDED, "release");
+                for (name, value) in extra {
+                    copy.insert(*name, value.as_str());
+                }
+            }
+            Decision::DeadLetter(reason, error) => {
+                copy.insert(headers::DECIDED, reason.as_str());
+                copy.insert(headers::DECIDED_ERROR, record::one_line(error).as_str());
+            }
+        }
+        copy.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            waiting.sequence.to_string().as_str(),
+        );
+        let subject = waiting.subject.clone();
+        match publish_acked(
+            &self.jetstream,
+            subject.clone(),
+            copy,
+            waiting.payload.clone(),
+        )
+        .await
+        {
+            Ok(ack) => Ok(Some(StoredJob {
+                sequence: ack.sequence,
+                ..waiting.clone()
+            })),
+            Err(error) if is_wrong_last_sequence(&error) => Ok(None),
+            Err(source) => Err(FlowError::Publish {
+                what: subject,
+                source,
+            }),
+        }
+    }
+
+    /// Carries out a stored decision on `waiting` (read as `reading`): a release (of the
+    /// continuation of `parent`, whose count is then marked released) or a dead letter; the
+    /// waiting message goes last. Every step can be repeated.
+    async fn carry_out(
+        &self,
+        queue: &QueueRef,
+        waiting: &StoredJob,
+        reading: &stored::Reading,
+        decision: Decision,
+        parent: Option<(&str, ChildCount, u64)>,
+    ) -> Result<(), FlowError> {
+        match decision {
+            Decision::Release(extra) => {
                 match self
-                    .release(queue, &waiting, &reading.headers, &extra)
+                    .publish_released(queue, waiting, &reading.headers, &extra)
                     .await
                 {
                     Err(error @ FlowError::NoLevel { .. }) => {
-                        self.fail(queue, &waiting, Reason::Malformed, error.to_string())
-                            .await
+                        return self
+                            .fail(queue, waiting, Reason::Malformed, error.to_string())
+                            .await;
                     }
-                    other => other,
+                    other => other?,
                 }
+                if let Some((parent, count, sequence)) = parent {
+                    self.mark_released(queue, parent, count, sequence).await?;
+                }
+                stored::delete(
+                    &self.jetstream.client(),
+                    &queue.waiting_stream(),
+                    waiting.sequence,
+                )
+                .await?;
+                Ok(())
             }
-            Verdict::Fail { dependency, error } => {
-                let error = format!("dependency {dependency} failed: {error}");
-                self.fail(queue, &waiting, Reason::DependencyFailed, error)
-                    .await
-            }
+            Decision::DeadLetter(reason, error) => self.fail(queue, waiting, reason, error).await,
         }
     }
 
@@ -1000,29 +1178,29 @@ impl Releaser {
             None => child_count(&client, queue, parent_id).await?,
         };
         if count.released {
-            // A parent that ran again after its continuation was released stored it anew.
+            // A parent that ran again after its continuation was released stored it anew (or
+            // a releaser stopped between marking the count and deleting the decided copy).
             debug!(queue = %queue.stream(), parent = %parent_id, "continuation already released; dropping the copy");
             stored::delete(&client, &stream, waiting.sequence).await?;
             return Ok(());
         }
+        let parent = Some((parent_id, count, sequence));
+        if let Some(decision) = Decision::stored(&reading.headers) {
+            return self
+                .carry_out(queue, &waiting, &reading, decision, parent)
+                .await;
+        }
         if count.count < flow.children.as_ref().map_or(0, |c| c.1) {
             return Ok(());
         }
-        match self
-            .publish_released(queue, &waiting, &reading.headers, &[])
-            .await
-        {
-            Err(error @ FlowError::NoLevel { .. }) => {
-                return self
-                    .fail(queue, &waiting, Reason::Malformed, error.to_string())
-                    .await;
-            }
-            other => other?,
-        }
-        self.mark_released(queue, parent_id, count, sequence)
-            .await?;
-        stored::delete(&client, &stream, waiting.sequence).await?;
-        Ok(())
+        self.decide_once(
+            queue,
+            &waiting,
+            &reading,
+            Decision::Release(Vec::new()),
+            parent,
+        )
+        .await
     }
 
     /// Marks the count of `parent_id` `released` (compare-and-set on `sequence`, the count
@@ -1064,25 +1242,7 @@ impl Releaser {
     }
 
     /// Release: publish to the work stream with the job's id as `Nats-Msg-Id` (a second
-    /// release within the duplicate window is absorbed), then delete the waiting message.
-    async fn release(
-        &self,
-        queue: &QueueRef,
-        waiting: &StoredJob,
-        job_headers: &HeaderMap,
-        extra: &[(&'static str, String)],
-    ) -> Result<(), FlowError> {
-        self.publish_released(queue, waiting, job_headers, extra)
-            .await?;
-        stored::delete(
-            &self.jetstream.client(),
-            &queue.waiting_stream(),
-            waiting.sequence,
-        )
-        .await?;
-        Ok(())
-    }
-
+    /// release within the duplicate window is absorbed).
     async fn publish_released(
         &self,
         queue: &QueueRef,
@@ -1095,7 +1255,7 @@ impl Releaser {
             .get(protocol::PRIORITY)
             .and_then(|v| v.as_str().trim().parse::<u8>().ok())
             .unwrap_or(0);
-        let mut headers = job_headers.clone();
+        let mut headers = own_headers(job_headers);
         headers.insert(protocol::MSG_ID, reading.id.as_str());
         for (name, value) in extra {
             headers.insert(*name, value.as_str());
@@ -1138,6 +1298,7 @@ impl Releaser {
     ) -> Result<(), FlowError> {
         let stream = queue.waiting_stream();
         let reading = waiting.read(&stream);
+        let own = own_headers(&reading.headers);
         let letter = DeadLetter {
             job_id: reading.id.clone(),
             reason,
@@ -1152,7 +1313,7 @@ impl Releaser {
                 raw,
                 decoded: &reading.headers,
             },
-            _ => record::Original::Headers(Some(&reading.headers)),
+            _ => record::Original::Headers(Some(&own)),
         };
         let dead = letter.encode(original, &protocol::now_rfc3339());
         publish(
@@ -1321,6 +1482,9 @@ impl Releaser {
                 read += 1;
                 from = waiting.sequence.saturating_add(1);
                 let reading = waiting.read(&stream);
+                if Decision::stored(&reading.headers).is_some() {
+                    continue; // decided: its arrival check carries it out
+                }
                 let home = (queue.namespace.as_str(), queue.name.as_str());
                 let own = FlowHeaders::parse(&reading.headers, home)
                     .ok()
@@ -1336,7 +1500,8 @@ impl Releaser {
                         "waited longer than its wait timeout of {}s for its dependencies or children",
                         timeout.as_secs()
                     );
-                    self.fail(queue, &waiting, Reason::DependencyTimeout, error)
+                    let decision = Decision::DeadLetter(Reason::DependencyTimeout, error);
+                    self.decide_once(queue, &waiting, &reading, decision, None)
                         .await?;
                 }
             }
@@ -1369,6 +1534,42 @@ fn join(jobs: &[JobRef]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_decision_is_read_back_and_stripped_before_the_job_moves_on() {
+        let mut headers = HeaderMap::new();
+        headers.insert(protocol::JOB_ID, "a");
+        headers.insert(headers::DECIDED, "dependency_failed");
+        headers.insert(headers::DECIDED_ERROR, "dependency test/q/b failed: boom");
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "7");
+        headers.insert("X-Tenant", "t1");
+        assert_eq!(
+            Decision::stored(&headers),
+            Some(Decision::DeadLetter(
+                Reason::DependencyFailed,
+                "dependency test/q/b failed: boom".into()
+            ))
+        );
+        let own = own_headers(&headers);
+        assert!(own.get(headers::DECIDED).is_none());
+        assert!(own.get(headers::DECIDED_ERROR).is_none());
+        assert!(own.get("Nats-Expected-Last-Subject-Sequence").is_none());
+        assert_eq!(own.get("X-Tenant").map(|v| v.as_str()), Some("t1"));
+        assert_eq!(own.get(protocol::JOB_ID).map(|v| v.as_str()), Some("a"));
+
+        let mut released = HeaderMap::new();
+        released.insert(headers::DECIDED, "release");
+        assert_eq!(
+            Decision::stored(&released),
+            Some(Decision::Release(Vec::new()))
+        );
+        for unknown in ["", "banana", "Release", "dependency_failed "] {
+            let mut odd = HeaderMap::new();
+            odd.insert(headers::DECIDED, unknown);
+            assert_eq!(Decision::stored(&odd), None, "{unknown:?}");
+        }
+        assert_eq!(Decision::stored(&HeaderMap::new()), None);
+    }
 
     fn dep(id: &str) -> Dependency {
         Dependency::on(JobRef::new("ns", "q", id))

@@ -853,3 +853,111 @@ async fn a_plain_job_cannot_overwrite_another_queues_outcome() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Writes what a releaser stores when it decides `decision` for the job waiting on `subject`
+/// (a copy with `Conveyor-Decided`, compare-and-set on the job's sequence), and stops there,
+/// as a releaser killed before carrying it out would.
+async fn store_decision(
+    client: &Client,
+    queue: &QueueRef,
+    id: &str,
+    after: &str,
+    decision: &str,
+) -> anyhow::Result<()> {
+    let nc = client.jetstream().client();
+    let subject = queue.waiting_subject(id);
+    let waiting = conveyor::stored::last(&nc, &queue.waiting_stream(), &subject)
+        .await?
+        .expect("the job waits");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Conveyor-Job-Id", id);
+    headers.insert("Conveyor-After", after);
+    headers.insert("Conveyor-Decided", decision);
+    headers.insert(
+        "Conveyor-Decided-Error",
+        "decided before the releaser stopped",
+    );
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        waiting.sequence.to_string().as_str(),
+    );
+    client
+        .jetstream()
+        .publish_with_headers(subject, headers, Bytes::new())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// The release-or-dead-letter race: a decision stored first (here the timeout scan's
+/// dead letter) wins over a later one (the release its dependency's completion triggers),
+/// and a stored decision is carried out by whoever reads it next. A value that names no
+/// decision is no decision.
+#[tokio::test]
+async fn a_stored_decision_wins_over_a_later_one_and_is_carried_out() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let made = queues(&client, &["dq"], &QueueSettings::default()).await?;
+    let q = &made[0];
+    let on = |id: &str| Dependency::on(JobRef::new(NS, "dq", id));
+    // Stored while no releaser runs: the decisions below are what a stopped one left.
+    for (job, dependency) in [("timed-out", "d1"), ("released", "never"), ("odd", "d2")] {
+        client
+            .submit(q, Job::new(job, "").after(on(dependency)))
+            .await?;
+    }
+    store_decision(&client, q, "timed-out", "test/dq/d1", "dependency_timeout").await?;
+    store_decision(&client, q, "released", "test/dq/never", "release").await?;
+    store_decision(&client, q, "odd", "test/dq/d2", "banana").await?;
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let ran = Arc::new(Mutex::new(Vec::new()));
+    let log = ran.clone();
+    worker(&client, q, 4, &stop, move |job: ReceivedJob| {
+        log.lock().unwrap().push(job.id.clone());
+        async move { Outcome::Done(job.id.into()) }
+    });
+    for dependency in ["d1", "d2"] {
+        client.submit(q, Job::new(dependency, "")).await?;
+    }
+    match wait_result(&client, q, "timed-out").await? {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert_eq!(reason, "dependency_timeout");
+            assert_eq!(error, "decided before the releaser stopped");
+        }
+        other => panic!("the stored dead letter should win, got {other:?}"),
+    }
+    assert_eq!(
+        wait_result(&client, q, "released").await?,
+        JobResult::Completed {
+            id: "released".into(),
+            result: "released".into()
+        },
+        "a stored release runs although its dependency never came"
+    );
+    assert_eq!(
+        wait_result(&client, q, "odd").await?,
+        JobResult::Completed {
+            id: "odd".into(),
+            result: "odd".into()
+        },
+        "an unknown decision is none: the job ran when its dependency completed"
+    );
+    wait_for(WAIT, "nothing waiting any more", || async {
+        client.waiting(q).await.ok() == Some(0)
+    })
+    .await?;
+    // Acked before its outcome could be read: every job the worker ran is in `ran` by now.
+    let ran = ran.lock().unwrap().clone();
+    assert!(
+        !ran.iter().any(|id| id == "timed-out"),
+        "the dead-lettered job never ran: {ran:?}"
+    );
+    assert_eq!(
+        ran.iter().filter(|id| *id == "released").count(),
+        1,
+        "{ran:?}"
+    );
+    Ok(())
+}

@@ -29,6 +29,13 @@ pub const FAILED_DEPENDENCIES: &str = "Conveyor-Failed-Dependencies";
 pub const SKIPPED_DEPENDENCIES: &str = "Conveyor-Skipped-Dependencies";
 /// On a child record: the child's full reference.
 pub const CHILD: &str = "Conveyor-Child";
+/// Stored by the releaser on a waiting job's own subject (a copy of it, compare-and-set on its
+/// sequence) before it carries out what it decided: `release`, or the dead-letter reason
+/// (`dependency_failed`, `dependency_timeout`). One decision per waiting job wins; whoever
+/// reads a decided copy carries that decision out.
+pub const DECIDED: &str = "Conveyor-Decided";
+/// With [`DECIDED`] naming a dead-letter reason: the error.
+pub const DECIDED_ERROR: &str = "Conveyor-Decided-Error";
 /// On a child record whose result was too large to copy: the results subject that keeps it.
 pub const RESULT_REF: &str = "Conveyor-Result-Ref";
 
