@@ -462,6 +462,16 @@ impl Client {
                 "a job cannot both be delayed and wait for dependencies".into(),
             ));
         }
+        if let Some(name) = job
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_ref())
+            .find(|name: &&str| flow::is_decision(name))
+        {
+            return Err(bad(format!(
+                "header {name} is the releaser's (it would decide the job without its dependencies)"
+            )));
+        }
         if job.id.contains([',', ';']) {
             return Err(bad(BadAfter::Ref(flow_headers::BadRef::Separator(
                 job.id.clone(),

@@ -748,8 +748,9 @@ impl Decision {
     }
 }
 
-/// Whether header `name` is part of a stored decision.
-fn is_decision(name: &str) -> bool {
+/// Whether header `name` is part of a stored decision (the releaser's alone: a producer may
+/// not send it).
+pub(crate) fn is_decision(name: &str) -> bool {
     name.eq_ignore_ascii_case(headers::DECIDED) || name.eq_ignore_ascii_case(headers::DECIDED_ERROR)
 }
 
@@ -776,6 +777,15 @@ fn own_headers(headers: &HeaderMap) -> HeaderMap {
                 .get(..14)
                 .is_some_and(|head| head.eq_ignore_ascii_case("Nats-Expected-"))
     })
+}
+
+/// A continuation's parent and its child count as read (what marking it released compares
+/// against).
+#[derive(Debug, Clone, Copy)]
+struct CountRead<'a> {
+    parent: &'a str,
+    count: ChildCount,
+    sequence: u64,
 }
 
 /// How often the releaser scans the waiting stream for jobs past their wait timeout.
@@ -1039,15 +1049,16 @@ impl Releaser {
         waiting: &StoredJob,
         reading: &stored::Reading,
         decision: Decision,
-        parent: Option<(&str, ChildCount, u64)>,
+        continued: Option<CountRead<'_>>,
     ) -> Result<(), FlowError> {
-        if reading.malformed.is_some() {
-            let error = reading.malformed.clone().unwrap_or_default();
-            return self.fail(queue, waiting, Reason::Malformed, error).await;
+        if let Some(error) = &reading.malformed {
+            return self
+                .fail(queue, waiting, Reason::Malformed, error.clone())
+                .await;
         }
         match self.claim(waiting, reading, &decision).await? {
             Some(decided) => {
-                self.carry_out(queue, &decided, reading, decision, parent)
+                self.carry_out(queue, &decided, reading, decision, continued)
                     .await
             }
             None => {
@@ -1110,8 +1121,8 @@ impl Releaser {
         }
     }
 
-    /// Carries out a stored decision on `waiting` (read as `reading`): a release (of the
-    /// continuation of `parent`, whose count is then marked released) or a dead letter; the
+    /// Carries out a stored decision on `waiting` (read as `reading`): a release (of a
+    /// continuation, whose parent's count is then marked released) or a dead letter; the
     /// waiting message goes last. Every step can be repeated.
     async fn carry_out(
         &self,
@@ -1119,7 +1130,7 @@ impl Releaser {
         waiting: &StoredJob,
         reading: &stored::Reading,
         decision: Decision,
-        parent: Option<(&str, ChildCount, u64)>,
+        continued: Option<CountRead<'_>>,
     ) -> Result<(), FlowError> {
         match decision {
             Decision::Release(extra) => {
@@ -1134,8 +1145,9 @@ impl Releaser {
                     }
                     other => other?,
                 }
-                if let Some((parent, count, sequence)) = parent {
-                    self.mark_released(queue, parent, count, sequence).await?;
+                if let Some(read) = continued {
+                    self.mark_released(queue, read.parent, read.count, read.sequence)
+                        .await?;
                 }
                 stored::delete(
                     &self.jetstream.client(),
@@ -1184,10 +1196,14 @@ impl Releaser {
             stored::delete(&client, &stream, waiting.sequence).await?;
             return Ok(());
         }
-        let parent = Some((parent_id, count, sequence));
+        let continued = Some(CountRead {
+            parent: parent_id,
+            count,
+            sequence,
+        });
         if let Some(decision) = Decision::stored(&reading.headers) {
             return self
-                .carry_out(queue, &waiting, &reading, decision, parent)
+                .carry_out(queue, &waiting, &reading, decision, continued)
                 .await;
         }
         if count.count < flow.children.as_ref().map_or(0, |c| c.1) {
@@ -1198,7 +1214,7 @@ impl Releaser {
             &waiting,
             &reading,
             Decision::Release(Vec::new()),
-            parent,
+            continued,
         )
         .await
     }
