@@ -9,7 +9,7 @@
 //! nothing to what rides through the failover but minutes of process start-up.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,10 @@ use tokio_util::sync::CancellationToken;
 /// Jobs of the failover run.
 const JOBS: usize = 50_000;
 
-/// Deadline of the failover run's waits: the whole run on a busy 2-core machine, debug build.
-const RUN_DEADLINE: Duration = Duration::from_secs(300);
+/// Deadline of each of the failover run's waits on a busy 2-core machine, debug build (a
+/// quiet run takes 40 s in all): short enough that a stalled wait fails with what it saw
+/// before the runner's 300 s kill, which would print nothing.
+const RUN_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Deadline of shorter waits (a leader election, figures settling).
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -243,8 +245,9 @@ async fn spawn_worker(
 }
 
 /// Submits job-0 … job-{JOBS-1} in batches, resubmitting (same id, so deduplicated) every job
-/// whose submission failed with a retryable error; returns how many submissions failed.
-async fn produce(client: Client, queue: QueueRef) -> usize {
+/// whose submission failed with a retryable error, counting accepted ones in `accepted`;
+/// returns how many submissions failed.
+async fn produce(client: Client, queue: QueueRef, accepted: Arc<AtomicUsize>) -> usize {
     let mut failed = 0;
     let mut waiting: Vec<usize> = (0..JOBS).collect();
     let start = Instant::now();
@@ -262,7 +265,9 @@ async fn produce(client: Client, queue: QueueRef) -> usize {
                 .collect();
             for (i, result) in chunk.iter().zip(client.submit_batch(&queue, jobs).await) {
                 match result {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(error) if error.is_retryable() => {
                         failed += 1;
                         retry.push(*i);
@@ -296,31 +301,73 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
         spawn_worker(&cluster, &queue, &handled, "worker-a", &stop).await,
         spawn_worker(&cluster, &queue, &handled, "worker-b", &stop).await,
     ];
+    let accepted = Arc::new(AtomicUsize::new(0));
     let producer = tokio::spawn(produce(
         Client::new(cluster.client().await.unwrap()),
         queue.clone(),
+        accepted.clone(),
     ));
+    // What a stalled wait reports: who stopped, the producer or the workers, and what the
+    // stream and its consumer hold.
+    let stalled = |what: String| {
+        let (js, queue, handled, accepted) = (&js, &queue, &handled, &accepted);
+        async move {
+            let state = match js.get_stream(queue.stream()).await {
+                Ok(mut stream) => {
+                    let stream_state = stream.info().await.map(|i| {
+                        (
+                            i.state.messages,
+                            i.cluster.as_ref().and_then(|c| c.leader.clone()),
+                        )
+                    });
+                    let consumer = stream.consumer_info(queue.consumer(0)).await.map(|c| {
+                        (
+                            c.num_pending,
+                            c.num_ack_pending,
+                            c.num_waiting,
+                            c.num_redelivered,
+                        )
+                    });
+                    format!(
+                        "stream (messages, leader) {stream_state:?}; consumer (pending, \
+                         ack pending, waiting requests, redelivered) {consumer:?}"
+                    )
+                }
+                Err(error) => format!("stream unreadable: {error}"),
+            };
+            panic!(
+                "{what}: {} jobs handled ({} unique), {} accepted by the stream; {state}",
+                handled.total(),
+                handled.unique(),
+                accepted.load(Ordering::Relaxed)
+            )
+        }
+    };
 
     for round in 1..=2 {
         let mark = round * JOBS / 3;
-        wait_for(
+        if let Err(error) = wait_for(
             RUN_DEADLINE,
             &format!("{mark} jobs handled before kill {round}"),
             || async { handled.unique() >= mark },
         )
         .await
-        .unwrap();
+        {
+            stalled(error.to_string()).await;
+        }
         let leader = cluster.stream_leader(&js, &queue.stream()).await.unwrap();
         let before = handled.total();
         cluster.kill(leader).unwrap();
         let killed = Instant::now();
-        wait_for(
+        if let Err(error) = wait_for(
             RUN_DEADLINE,
             &format!("work to flow again after kill {round}"),
             || async { handled.total() >= before + 1000 },
         )
         .await
-        .unwrap();
+        {
+            stalled(error.to_string()).await;
+        }
         let flowing = killed.elapsed();
         // A survivor leads the stream (only running nodes can be named).
         let new_leader = cluster.stream_leader(&js, &queue.stream()).await.unwrap();
@@ -334,12 +381,17 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
         );
     }
 
-    let failed_submissions = producer.await.expect("the producer finished");
-    wait_for(RUN_DEADLINE, "every job handled", || async {
+    let failed_submissions = match tokio::time::timeout(RUN_DEADLINE, producer).await {
+        Ok(finished) => finished.expect("the producer finished"),
+        Err(_) => stalled("the producer still submitting".into()).await,
+    };
+    if let Err(error) = wait_for(RUN_DEADLINE, "every job handled", || async {
         handled.unique() >= JOBS
     })
     .await
-    .unwrap();
+    {
+        stalled(error.to_string()).await;
+    }
     if let Err(last) = figures_become(&js, &assets, Figures::default()).await {
         panic!("figures after the run: {last:?}, expected an empty queue");
     }
