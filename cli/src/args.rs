@@ -188,6 +188,10 @@ pub struct CancelArgs {
     /// stop and is not retried.
     #[arg(required = true)]
     pub ids: Vec<String>,
+    /// Cancel the jobs' children too, and theirs: a child that has not started is skipped
+    /// (within about a second); one already running finishes.
+    #[arg(long)]
+    pub with_children: bool,
 }
 
 /// Arguments of `conveyor result`.

@@ -235,7 +235,12 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     let client = Client::new(crate::discover::connect(&args.queue_args, Some(&args.queue)).await?);
     let mut refused = 0;
     for id in &args.ids {
-        match client.cancel(&queue, id).await {
+        let cancelled = if args.with_children {
+            client.cancel_with_children(&queue, id).await
+        } else {
+            client.cancel(&queue, id).await
+        };
+        match cancelled {
             Ok(ack) if ack.schedule_removed => {
                 println!("{id}\tcancelled (was delayed; it will never run)")
             }

@@ -295,6 +295,26 @@ async fn delayed_jobs_wait_and_cancel_removes_them() {
     );
     assert_eq!(delayed.info().await.expect("info").state.messages, 0);
 
+    // `--with-children`: the cancellation says so, for the workers of the job's children; a
+    // plain one does not.
+    let out = conveyor(&url, &["cancel", "later", "--with-children", "p-1"], b"").await;
+    assert_eq!(stdout_lines(&out), ["p-1\tcancelled"]);
+    let cancels = js
+        .get_stream(queue.cancel_stream())
+        .await
+        .expect("cancellations stream");
+    for (id, children) in [("d-1", false), ("p-1", true)] {
+        let cancellation = cancels
+            .get_last_raw_message_by_subject(&queue.cancel_subject(id))
+            .await
+            .expect("the cancellation is stored");
+        assert_eq!(
+            conveyor::protocol::flow::cancels_children(&cancellation.headers),
+            children,
+            "{id}"
+        );
+    }
+
     let out = conveyor(&url, &["submit", "later", "--delay", "soon", "x"], b"").await;
     assert!(!out.status.success());
     assert!(

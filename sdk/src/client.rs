@@ -689,9 +689,32 @@ impl Client {
     /// [`JobResult::Cancelled`]. Cancelling an unknown or finished id is harmless. The
     /// cancellation is remembered for the queue's `maxAge` (or a day).
     pub async fn cancel(&self, queue: &QueueRef, id: &str) -> Result<CancelAck, CancelError> {
+        self.cancel_as(queue, id, false).await
+    }
+
+    /// [`Client::cancel`], and the job's children too, to any depth: a child (or grandchild)
+    /// that has not started yet is skipped when a worker receives it, recorded as cancelled
+    /// (so the continuation waiting for it is not left waiting) — within about a second, the
+    /// time a worker remembers what it read of a parent. A child already running is not told
+    /// (its worker follows its own queue's cancellations only) and finishes as it would; a
+    /// continuation a child left behind runs only if it was released before the
+    /// cancellation, otherwise it is skipped like the child.
+    pub async fn cancel_with_children(
+        &self,
+        queue: &QueueRef,
+        id: &str,
+    ) -> Result<CancelAck, CancelError> {
+        self.cancel_as(queue, id, true).await
+    }
+
+    async fn cancel_as(
+        &self,
+        queue: &QueueRef,
+        id: &str,
+        children: bool,
+    ) -> Result<CancelAck, CancelError> {
         protocol::validate_id(id)?;
-        let mut headers = HeaderMap::new();
-        headers.insert(protocol::JOB_ID, id);
+        let headers = protocol::cancellation(id, children);
         self.jetstream
             .publish_with_headers(queue.cancel_subject(id), headers, Bytes::new())
             .await

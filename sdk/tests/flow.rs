@@ -968,3 +968,135 @@ async fn a_stored_decision_wins_over_a_later_one_and_is_carried_out() -> anyhow:
     );
     Ok(())
 }
+
+/// Spawns one child per `(queue, suffix)` (id `<own id>.<suffix>`) and continues with
+/// `<own id>.k`; the continuation logs its id in `ran` and completes.
+async fn spawner(job: ReceivedJob, children: Vec<(QueueRef, &str)>, ran: Ran) -> Outcome {
+    if job.flow.children_expected().is_some() {
+        ran.lock().unwrap().push(job.id.clone());
+        return Outcome::Done(Bytes::from_static(b"k"));
+    }
+    for (queue, suffix) in children {
+        let child = Job::new(format!("{}.{suffix}", job.id), "");
+        if let Err(error) = job.flow.spawn(&queue, child).await {
+            return Outcome::Failed(error.to_string());
+        }
+    }
+    Outcome::Continue(Box::new(Job::new(format!("{}.k", job.id), "")))
+}
+
+type Ran = Arc<Mutex<Vec<String>>>;
+
+/// A worker whose handler logs each job's id in `ran` and completes it.
+fn leaf_worker(client: &Client, queue: &QueueRef, ran: &Ran, stop: &CancellationToken) {
+    let ran = ran.clone();
+    worker(client, queue, 4, stop, move |job: ReceivedJob| {
+        let ran = ran.clone();
+        async move {
+            ran.lock().unwrap().push(job.id.clone());
+            Outcome::Done(Bytes::from_static(b"leaf"))
+        }
+    });
+}
+
+#[tokio::test]
+async fn cancelling_a_parent_with_children_skips_them_at_every_depth() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let names = ["parents", "kids", "leaves", "grandkids"];
+    let made = queues(&client, &names, &QueueSettings::default()).await?;
+    let [parents, kids, leaves, grandkids] = <[QueueRef; 4]>::try_from(made.clone()).unwrap();
+    let stop = CancellationToken::new();
+    let _stop = Stop(stop.clone());
+    releasers(&client, &made, &stop);
+    let ran: Ran = Arc::default();
+
+    // Two parents, each spawning a child that spawns two grandchildren (`kids`) and a child
+    // that does not (`leaves`). Only the parents' and kids' workers run at first: both parents
+    // and both spawning kids have continued (their continuations wait), the grandchildren and
+    // leaves are queued.
+    let (own_kids, own_leaves, own_ran) = (kids.clone(), leaves.clone(), ran.clone());
+    worker(&client, &parents, 2, &stop, move |job: ReceivedJob| {
+        let children = vec![(own_kids.clone(), "a"), (own_leaves.clone(), "b")];
+        spawner(job, children, own_ran.clone())
+    });
+    let (own_grandkids, own_ran) = (grandkids.clone(), ran.clone());
+    worker(&client, &kids, 2, &stop, move |job: ReceivedJob| {
+        let children = vec![(own_grandkids.clone(), "g0"), (own_grandkids.clone(), "g1")];
+        spawner(job, children, own_ran.clone())
+    });
+    for parent in ["p", "q"] {
+        client.submit(&parents, Job::new(parent, "")).await?;
+    }
+    wait_for(
+        WAIT,
+        "both parents and both spawning kids waiting",
+        || async {
+            client.waiting(&parents).await.ok() == Some(2)
+                && client.waiting(&kids).await.ok() == Some(2)
+        },
+    )
+    .await?;
+
+    // `p` is cancelled with its children, `q` alone.
+    assert!(
+        client
+            .cancel_with_children(&parents, "p")
+            .await?
+            .waiting_removed
+    );
+    assert!(client.cancel(&parents, "q").await?.waiting_removed);
+    // The kids' worker read `p` (not cancelled then) when it ran `p.a`; what a worker read of an
+    // ancestor holds for `ANCESTORS_REMEMBERED`, the bound the cancellation is documented
+    // with. Past it, every job that starts sees the cancellation.
+    tokio::time::sleep(conveyor::worker::ANCESTORS_REMEMBERED).await;
+    leaf_worker(&client, &leaves, &ran, &stop);
+    leaf_worker(&client, &grandkids, &ran, &stop);
+
+    let cancelled = |id: &str| JobResult::Cancelled { id: id.into() };
+    assert_eq!(wait_result(&client, &parents, "p").await?, cancelled("p"));
+    assert_eq!(
+        wait_result(&client, &leaves, "p.b").await?,
+        cancelled("p.b")
+    );
+    for grandchild in ["p.a.g0", "p.a.g1"] {
+        assert_eq!(
+            wait_result(&client, &grandkids, grandchild).await?,
+            cancelled(grandchild),
+            "a grandchild is skipped: its parent's continuation names the cancelled parent"
+        );
+    }
+    // The grandchildren recorded, `p.a`'s continuation was released; it is skipped too, so
+    // `p.a` ends cancelled.
+    assert_eq!(wait_result(&client, &kids, "p.a").await?, cancelled("p.a"));
+    // Cancelled alone, `q` leaves its children to run to the end.
+    let done = |id: &str, result: &str| JobResult::Completed {
+        id: id.into(),
+        result: result.to_owned().into(),
+    };
+    assert_eq!(
+        wait_result(&client, &leaves, "q.b").await?,
+        done("q.b", "leaf")
+    );
+    assert_eq!(wait_result(&client, &kids, "q.a").await?, done("q.a", "k"));
+    for grandchild in ["q.a.g0", "q.a.g1"] {
+        assert_eq!(
+            wait_result(&client, &grandkids, grandchild).await?,
+            done(grandchild, "leaf")
+        );
+    }
+    for queue in [&parents, &kids] {
+        wait_for(WAIT, "nothing waiting any more", || async {
+            client.waiting(queue).await.ok() == Some(0)
+        })
+        .await?;
+    }
+    let mut ran = ran.lock().unwrap().clone();
+    ran.sort();
+    assert_eq!(
+        ran,
+        ["q.a.g0", "q.a.g1", "q.a.k", "q.b"],
+        "no handler ran for a job below the parent cancelled with its children"
+    );
+    Ok(())
+}

@@ -36,6 +36,11 @@ pub const CHILD: &str = "Conveyor-Child";
 pub const DECIDED: &str = "Conveyor-Decided";
 /// With [`DECIDED`] naming a dead-letter reason: the error.
 pub const DECIDED_ERROR: &str = "Conveyor-Decided-Error";
+/// On a cancellation (`cancel.<hex id>`), value `true`: the job's children are cancelled too,
+/// and theirs, to any depth. A worker skips a job one of whose ancestors (its
+/// `Conveyor-Parent`, that job's parent as its waiting continuation names it, and so on) has
+/// such a cancellation.
+pub const CANCEL_CHILDREN: &str = "Conveyor-Cancel-Children";
 /// On a child record whose result was too large to copy: the results subject that keeps it.
 pub const RESULT_REF: &str = "Conveyor-Result-Ref";
 
@@ -44,6 +49,14 @@ pub const MAX_DEPENDENCIES: usize = 64;
 /// Largest result copied into a child record or handed to a dependent inline; a larger one is
 /// passed by reference to the results stream.
 pub const MAX_INLINE_RESULT: usize = 64 * 1024;
+
+/// Whether a cancellation's headers cancel the job's children too: [`CANCEL_CHILDREN`] is
+/// exactly `true` (any other value, or none, cancels the job alone).
+pub fn cancels_children(headers: &HeaderMap) -> bool {
+    headers
+        .get(CANCEL_CHILDREN)
+        .is_some_and(|value| value.as_str() == "true")
+}
 
 /// A job anywhere on the server: namespace, queue and id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -183,6 +183,17 @@ pub enum InvalidId {
     TooLong(usize),
 }
 
+/// The headers of a cancellation of job `id` (an empty message on `cancel.<hex id>`): its id,
+/// and [`flow::CANCEL_CHILDREN`] when its children are cancelled with it.
+pub fn cancellation(id: &str, children: bool) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(JOB_ID, id);
+    if children {
+        headers.insert(flow::CANCEL_CHILDREN, "true");
+    }
+    headers
+}
+
 /// Checks that an id can travel in a header and be used for deduplication.
 pub fn validate_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() {

@@ -34,6 +34,7 @@ use tracing::{info, warn};
 use crate::names::QueueRef;
 use crate::protocol::{self, Backoff};
 
+mod ancestry;
 mod cancels;
 mod fetch;
 mod flow;
@@ -293,6 +294,12 @@ pub enum WorkerError {
     ConnectionLost,
 }
 
+/// How long a worker trusts what it read of a job's ancestors (were they cancelled with their
+/// children, `Client::cancel_with_children`?): such a cancellation reaches every job that
+/// starts this long after it, and a fan-out of thousands of children costs its workers one
+/// read of their parent per period instead of one per child.
+pub const ANCESTORS_REMEMBERED: Duration = Duration::from_secs(1);
+
 /// How often a running worker checks that its NATS client is still alive.
 const CONNECTION_CHECK: Duration = Duration::from_secs(1);
 
@@ -409,6 +416,8 @@ struct Shared<H, O> {
     give_back: CancellationToken,
     /// Cancelled job ids and the jobs running here.
     cancels: Arc<Mutex<cancels::Cancels>>,
+    /// What this worker read lately of its jobs' ancestors (cancelled with their children?).
+    ancestry: ancestry::Ancestry,
     /// When jobs that publish nothing on becoming ready (those this worker retried with a
     /// backoff, delayed jobs it saw submitted) are due, earliest first: an idle multi-level
     /// worker wakes then instead of after its `poll_wait`. At most [`DUE_TIMES_REMEMBERED`].
@@ -553,6 +562,7 @@ impl<H: Handler, O: Observer> Runner<H, O> {
             options,
             give_back: CancellationToken::new(),
             cancels,
+            ancestry: ancestry::Ancestry::default(),
             due_times: Mutex::default(),
             started: AtomicU64::new(0),
             acked: AtomicU64::new(0),
