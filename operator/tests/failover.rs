@@ -244,10 +244,24 @@ async fn spawn_worker(
     tokio::spawn(async move { worker.run(async move { stop.cancelled().await }).await })
 }
 
-/// Submits job-0 … job-{JOBS-1} in batches, resubmitting (same id, so deduplicated) every job
-/// whose submission failed with a retryable error, counting accepted ones in `accepted`;
-/// returns how many submissions failed.
-async fn produce(client: Client, queue: QueueRef, accepted: Arc<AtomicUsize>) -> usize {
+/// Jobs the producer may submit before each kill, then after the second: the next part is
+/// let go at each kill, so jobs are submitted while the leader is gone and there is work to flow
+/// after it however fast the workers drained what came before.
+const RELEASED: [usize; 3] = [17_000, 34_000, JOBS];
+
+/// Handled jobs (unique) at which each kill happens: half of what the producer may submit by
+/// then, so the queue holds work when its leader dies.
+const KILL_AT: [usize; 2] = [8_000, 25_000];
+
+/// Submits job-0 … job-{JOBS-1} in batches, each once `released` lets it go, resubmitting (same
+/// id, so deduplicated) every job whose submission failed with a retryable error, counting
+/// accepted ones in `accepted`; returns how many submissions failed.
+async fn produce(
+    client: Client,
+    queue: QueueRef,
+    accepted: Arc<AtomicUsize>,
+    mut released: tokio::sync::watch::Receiver<usize>,
+) -> usize {
     let mut failed = 0;
     let mut waiting: Vec<usize> = (0..JOBS).collect();
     let start = Instant::now();
@@ -259,6 +273,11 @@ async fn produce(client: Client, queue: QueueRef, accepted: Arc<AtomicUsize>) ->
         );
         let mut retry = Vec::new();
         for chunk in waiting.chunks(1000) {
+            let last = chunk.iter().max().copied().unwrap_or_default();
+            released
+                .wait_for(|&released| last < released)
+                .await
+                .expect("the test lets every job go before it ends");
             let jobs: Vec<Job> = chunk
                 .iter()
                 .map(|i| Job::new(format!("job-{i}"), "x"))
@@ -302,10 +321,12 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
         spawn_worker(&cluster, &queue, &handled, "worker-b", &stop).await,
     ];
     let accepted = Arc::new(AtomicUsize::new(0));
+    let (release, released) = tokio::sync::watch::channel(RELEASED[0]);
     let producer = tokio::spawn(produce(
         Client::new(cluster.client().await.unwrap()),
         queue.clone(),
         accepted.clone(),
+        released,
     ));
     // What a stalled wait reports: who stopped, the producer or the workers, and what the
     // stream and its consumer hold.
@@ -344,8 +365,7 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
         }
     };
 
-    for round in 1..=2 {
-        let mark = round * JOBS / 3;
+    for (round, mark) in (1..=2).zip(KILL_AT) {
         if let Err(error) = wait_for(
             RUN_DEADLINE,
             &format!("{mark} jobs handled before kill {round}"),
@@ -356,13 +376,14 @@ async fn fifty_thousand_jobs_survive_two_stream_leader_kills() {
             stalled(error.to_string()).await;
         }
         let leader = cluster.stream_leader(&js, &queue.stream()).await.unwrap();
-        let before = handled.total();
+        let before = handled.unique();
         cluster.kill(leader).unwrap();
         let killed = Instant::now();
+        release.send_replace(RELEASED[round]);
         if let Err(error) = wait_for(
             RUN_DEADLINE,
             &format!("work to flow again after kill {round}"),
-            || async { handled.total() >= before + 1000 },
+            || async { handled.unique() >= before + 1000 },
         )
         .await
         {
