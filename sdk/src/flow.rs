@@ -307,37 +307,51 @@ pub async fn children_page(
     let mut page = Vec::new();
     let mut from = after.saturating_add(1);
     while page.len() < limit {
-        let Some(record) = stored::next(client, &stream, &subject, from).await? else {
+        let want = limit - page.len();
+        let records = stored::scan(client, &stream, &subject, from, want).await?;
+        let Some(last) = records.last() else { break };
+        from = last.sequence.saturating_add(1);
+        let ended = records.len() < want;
+        page.extend(
+            records
+                .into_iter()
+                .filter_map(|record| child_result(parent, &stream, record)),
+        );
+        if ended {
             break;
-        };
-        from = record.sequence.saturating_add(1);
-        let headers = record.block().header_map();
-        let home = (parent.namespace.as_str(), parent.queue.as_str());
-        let Some(job) = headers
-            .get(headers::CHILD)
-            .and_then(|v| JobRef::parse(v.as_str(), home).ok())
-        else {
-            warn!(stream = %stream, sequence = record.sequence, "skipping a child record without a valid Conveyor-Child");
-            continue;
-        };
-        let outcome = Outcome::decode(Some(&headers))
-            .map(|(_, outcome)| outcome)
-            .unwrap_or_else(|error| Outcome::DeadLettered {
-                reason: "malformed".into(),
-                error: error.to_string(),
-                attempts: 0,
-            });
-        page.push(ChildResult {
-            job,
-            outcome,
-            result: record.payload,
-            result_ref: headers
-                .get(headers::RESULT_REF)
-                .map(|v| v.as_str().to_owned()),
-            sequence: record.sequence,
-        });
+        }
     }
     Ok(page)
+}
+
+/// A child record as the parent reads it; `None` (logged) for one without a valid
+/// `Conveyor-Child`.
+fn child_result(parent: &JobRef, stream: &str, record: StoredJob) -> Option<ChildResult> {
+    let headers = record.block().header_map();
+    let home = (parent.namespace.as_str(), parent.queue.as_str());
+    let Some(job) = headers
+        .get(headers::CHILD)
+        .and_then(|v| JobRef::parse(v.as_str(), home).ok())
+    else {
+        warn!(stream = %stream, sequence = record.sequence, "skipping a child record without a valid Conveyor-Child");
+        return None;
+    };
+    let outcome = Outcome::decode(Some(&headers))
+        .map(|(_, outcome)| outcome)
+        .unwrap_or_else(|error| Outcome::DeadLettered {
+            reason: "malformed".into(),
+            error: error.to_string(),
+            attempts: 0,
+        });
+    Some(ChildResult {
+        job,
+        outcome,
+        result: record.payload,
+        result_ref: headers
+            .get(headers::RESULT_REF)
+            .map(|v| v.as_str().to_owned()),
+        sequence: record.sequence,
+    })
 }
 
 /// Where a job stands, as far as the flow and results streams tell.

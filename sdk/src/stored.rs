@@ -130,6 +130,116 @@ pub async fn next(
     message_get(client, stream, from, request).await
 }
 
+/// Requests one [`scan`] keeps in flight.
+const SCAN_LANES: u64 = 16;
+
+/// Up to `limit` messages of `stream` on `subject` (wildcards allowed) from sequence `from` on,
+/// oldest first, the same as `limit` [`next`] requests one after another but [`SCAN_LANES`] at
+/// a time: the `limit` sequences ahead are cut into as many windows, each read on its own, and
+/// the next round starts after them (or, when every window was empty, at the first message any
+/// window saw beyond itself). Each message is still read with the non-direct `MSG.GET` (no
+/// header block through the client's parser); a round holds at most `limit` (rounded up to
+/// a multiple of [`SCAN_LANES`]) messages, so what is read beyond `limit` is at most that
+/// many. Fewer than `limit` means the stream has no more.
+pub async fn scan(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<StoredJob>, StoredError> {
+    let mut found: Vec<StoredJob> = Vec::new();
+    let mut start = from;
+    let width = u64::try_from(limit)
+        .unwrap_or(u64::MAX)
+        .div_ceil(SCAN_LANES)
+        .max(1);
+    // The windows of a round cover exactly `span` sequences, the next round starts after them.
+    let span = width.saturating_mul(SCAN_LANES);
+    while found.len() < limit {
+        let windows = (0..SCAN_LANES).map(|lane| {
+            let first = start.saturating_add(lane.saturating_mul(width));
+            read_window(client, stream, subject, first, first.saturating_add(width))
+        });
+        let windows = futures::future::try_join_all(windows).await?;
+        let mut beyond = None::<u64>;
+        for window in windows {
+            found.extend(window.messages);
+            match window.end {
+                WindowEnd::StreamEnd => return Ok(truncated(found, limit)),
+                WindowEnd::Beyond(sequence) => {
+                    beyond = Some(beyond.map_or(sequence, |b| b.min(sequence)))
+                }
+                WindowEnd::Covered => {}
+            }
+        }
+        let after_round = start.saturating_add(span);
+        if after_round == u64::MAX {
+            break;
+        }
+        // Every message a window saw beyond itself is at or after `after_round` unless it was
+        // inside a later window of this round, which read it: start at the nearest one.
+        start = beyond.map_or(after_round, |b| b.max(after_round));
+    }
+    Ok(truncated(found, limit))
+}
+
+fn truncated(mut found: Vec<StoredJob>, limit: usize) -> Vec<StoredJob> {
+    found.truncate(limit);
+    found
+}
+
+/// How reading one window of a [`scan`] ended.
+enum WindowEnd {
+    /// Every message in it was read; none told what lies beyond.
+    Covered,
+    /// The first message after it is at this sequence.
+    Beyond(u64),
+    /// Nothing at or after the last sequence read: the stream's end.
+    StreamEnd,
+}
+
+struct Window {
+    messages: Vec<StoredJob>,
+    end: WindowEnd,
+}
+
+/// The messages on `subject` in sequences `from..end`, one `next` request each.
+async fn read_window(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+    from: u64,
+    end: u64,
+) -> Result<Window, StoredError> {
+    let mut messages = Vec::new();
+    let mut at = from;
+    while at < end {
+        match next(client, stream, subject, at).await? {
+            None => {
+                return Ok(Window {
+                    messages,
+                    end: WindowEnd::StreamEnd,
+                });
+            }
+            Some(message) if message.sequence >= end => {
+                return Ok(Window {
+                    messages,
+                    end: WindowEnd::Beyond(message.sequence),
+                });
+            }
+            Some(message) => {
+                at = message.sequence.saturating_add(1);
+                messages.push(message);
+            }
+        }
+    }
+    Ok(Window {
+        messages,
+        end: WindowEnd::Covered,
+    })
+}
+
 /// Payload bytes one [`page`] holds at most (a page ends early when its payloads reach this,
 /// keeping at least one message): pages are read with their payloads, which may be up to the
 /// queue's `maxJobSize` each.
