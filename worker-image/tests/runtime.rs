@@ -541,6 +541,108 @@ async fn exec_progress_lines_on_stderr_reach_the_awaiting_producer() -> anyhow::
     Ok(())
 }
 
+/// Runs the queue's releaser (the operator's dispatcher does in a cluster) until dropped.
+fn releaser(s: &Setup) -> tokio_util::sync::DropGuard {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let releaser = conveyor::flow::Releaser::new(s.client.jetstream().clone())
+        .scan_interval(Duration::from_millis(200));
+    let (queue, until) = (s.queue.clone(), stop.clone());
+    tokio::spawn(async move {
+        while !until.is_cancelled() {
+            if let Err(error) = releaser.serve(&queue, &until).await {
+                eprintln!("releaser: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    stop.drop_guard()
+}
+
+/// A child of job `parent` of the test queue, submitted by the test on the handler's behalf (a
+/// handler process publishes it with `Conveyor-Parent` the same way).
+fn child_of(parent: &str, id: &str) -> Job {
+    Job::new(id, "").header(
+        conveyor::protocol::flow::PARENT,
+        &format!("test/work/{parent}"),
+    )
+}
+
+#[tokio::test]
+async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    let s = setup(QueueSettings::default()).await?;
+    let _releaser = releaser(&s);
+    // A parent answers a continuation that waits for one child; the continuation joins. A
+    // continuation that is not one fails the attempt, saying so.
+    let script = r#"case "$CONVEYOR_JOB_ID" in
+        *.k) echo "joined $(cat)" ;;
+        *.c) echo child ;;
+        bad) echo 'conveyor:continue {"id": 5}' >&2 ;;
+        *) echo "conveyor:continue {\"id\": \"$CONVEYOR_JOB_ID.k\", \"payload\": \"from $CONVEYOR_JOB_ID\", \"spawned\": 1}" >&2 ;;
+    esac"#;
+    let exec = s.worker("exec", &[], &["sh", "-c", script])?;
+    s.client.submit(&s.queue, child_of("e", "e.c")).await?;
+    let joined = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("e", ""), WAIT)
+        .await?;
+    assert_eq!(
+        joined,
+        conveyor::JobResult::Completed {
+            id: "e".into(),
+            result: "joined from e\n".into()
+        }
+    );
+    let bad = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("bad", "").max_attempts(1), WAIT)
+        .await?;
+    match bad {
+        conveyor::JobResult::DeadLettered { error, .. } => assert!(
+            error.contains("continuation is not a JSON object"),
+            "{error}"
+        ),
+        other => panic!("expected a dead letter, got {other:?}"),
+    }
+    drop(exec);
+
+    async fn handle(headers: HeaderMap, body: String) -> (StatusCode, HeaderMap, String) {
+        let id = headers
+            .get("Conveyor-Job-Id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut out = HeaderMap::new();
+        if id.ends_with(".k") {
+            return (StatusCode::OK, out, format!("joined {body}"));
+        }
+        if id.ends_with(".c") {
+            return (StatusCode::OK, out, "child".into());
+        }
+        out.insert("conveyor-status", "continue".parse().expect("valid header"));
+        let continuation = format!(r#"{{"id": "{id}.k", "payload": "from {id}", "spawned": 1}}"#);
+        (StatusCode::OK, out, continuation)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jobs", listener.local_addr()?);
+    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let _http = s.worker("http", &[(env::HANDLER_URL, &url)], &[])?;
+    s.client.submit(&s.queue, child_of("h", "h.c")).await?;
+    let joined = s
+        .client
+        .submit_and_wait(&s.queue, Job::new("h", ""), WAIT)
+        .await?;
+    assert_eq!(
+        joined,
+        conveyor::JobResult::Completed {
+            id: "h".into(),
+            result: "joined from h".into()
+        }
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn http_progress_posts_reach_the_awaiting_producer() -> anyhow::Result<()> {
     use axum::http::{HeaderMap, StatusCode};

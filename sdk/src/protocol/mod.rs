@@ -404,8 +404,10 @@ pub struct HandlerDependency {
     pub result_ref: Option<String>,
 }
 
-/// A `jsonl` handler's continuation, with status `continue`: the job to run once the
-/// children it spawned (with `Conveyor-Parent` set to the request's `job`) have finished.
+/// A handler process's continuation (`jsonl`: with status `continue`; `exec`: a
+/// `conveyor:continue` stderr line; `http`: the body of a 2xx with `Conveyor-Status: continue`):
+/// the job to run once the children it spawned (with `Conveyor-Parent` set to its own
+/// reference) have finished.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JsonlContinuation {
     /// The continuation's job id.

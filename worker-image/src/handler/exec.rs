@@ -1,7 +1,8 @@
 //! `exec` mode: one process per job. The payload is the process's stdin, stdout is the result,
 //! and the exit code decides: 0 success, 75 (`EX_TEMPFAIL`) retry later, 65 (`EX_DATAERR`)
 //! permanent failure, anything else (or a signal) a failed attempt. A stderr line starting
-//! with [`PROGRESS_PREFIX`] reports progress to a producer awaiting the job. The process leads
+//! with [`PROGRESS_PREFIX`] reports progress to a producer awaiting the job, one starting with
+//! [`CONTINUE_PREFIX`] gives a continuation (the process spawned children). The process leads
 //! a process group of its own: a cancelled job's group gets SIGTERM at once, and the group is
 //! SIGKILLed when the attempt ends (timed out, past the cancel grace, or done), so no process
 //! the handler started outlives it.
@@ -18,6 +19,10 @@ use tracing::debug;
 /// A line on the handler's stderr that starts with this reports progress (the rest of the
 /// line), instead of being kept for the error message.
 pub const PROGRESS_PREFIX: &str = "conveyor:progress ";
+/// A line on the handler's stderr that starts with this gives the job's continuation (the rest
+/// of the line, a JSON object `{"id", "payload", "spawned"}`), taken when the process exits 0;
+/// the last such line counts. It is not kept for the error message either.
+pub const CONTINUE_PREFIX: &str = "conveyor:continue ";
 
 /// Runs a program once per job.
 #[derive(Debug, Clone)]
@@ -84,19 +89,21 @@ impl ExecHandler {
         let progress = job.progress.clone();
         let collect_stderr = async move {
             let mut kept = Vec::new();
+            let mut continuation = None;
             if let Some(stderr) = stderr {
                 let mut lines = BufReader::new(stderr).split(b'\n');
                 while let Ok(Some(line)) = lines.next_segment().await {
-                    match line.strip_prefix(PROGRESS_PREFIX.as_bytes()) {
-                        Some(update) => progress.report(update.to_vec()).await,
-                        None => {
-                            kept.extend_from_slice(&line);
-                            kept.push(b'\n');
-                        }
+                    if let Some(update) = line.strip_prefix(PROGRESS_PREFIX.as_bytes()) {
+                        progress.report(update.to_vec()).await;
+                    } else if let Some(next) = line.strip_prefix(CONTINUE_PREFIX.as_bytes()) {
+                        continuation = Some(next.to_vec());
+                    } else {
+                        kept.extend_from_slice(&line);
+                        kept.push(b'\n');
                     }
                 }
             }
-            kept
+            (kept, continuation)
         };
         let cancel = job.cancel.clone();
         let wait = async move {
@@ -111,7 +118,8 @@ impl ExecHandler {
                 }
             }
         };
-        let (_, status, stdout, stderr) = tokio::join!(feed, wait, collect_stdout, collect_stderr);
+        let (_, status, stdout, (stderr, continuation)) =
+            tokio::join!(feed, wait, collect_stdout, collect_stderr);
         let status = match status {
             Ok(status) => status,
             Err(error) => return Outcome::Failed(format!("waiting for the handler: {error}")),
@@ -119,7 +127,10 @@ impl ExecHandler {
         debug!(job = %job.id, %status, "handler process exited");
         let stderr = super::excerpt(&stderr, 512);
         match status.code() {
-            Some(exit_code::SUCCESS) => Outcome::Done(stdout.into()),
+            Some(exit_code::SUCCESS) => match continuation {
+                Some(continuation) => super::continuation(&job, &continuation),
+                None => Outcome::Done(stdout.into()),
+            },
             Some(exit_code::RETRY) => Outcome::Retry { after: None },
             Some(exit_code::PERMANENT) => {
                 Outcome::Permanent(format!("handler exited with 65 (permanent): {stderr}"))

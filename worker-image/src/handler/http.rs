@@ -1,8 +1,9 @@
 //! `http` mode: each job is a `POST` to an HTTP endpoint in the pod (a container beside the
 //! runtime). Body = payload; the status code decides: 2xx success (body = result), 422 permanent
 //! failure, 429 or 503 retry later (honouring `Retry-After` seconds), anything else a failed
-//! attempt. While it works, the handler may `POST` progress updates to the URL in the
-//! `Conveyor-Progress-Url` header: a loopback-only endpoint of the runtime.
+//! attempt; a 2xx with `Conveyor-Status: continue` gives a continuation as its body. While it
+//! works, the handler may `POST` progress updates to the URL in the `Conveyor-Progress-Url`
+//! header: a loopback-only endpoint of the runtime.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,9 @@ pub const PROGRESS_URL_HEADER: &str = "Conveyor-Progress-Url";
 pub const DEPENDENCIES_HEADER: &str = "Conveyor-Dependencies";
 /// Header with the job's reference `<namespace>/<queue>/<id>`.
 pub const JOB_REF_HEADER: &str = "Conveyor-Job-Ref";
+/// Response header: with value `continue` on a 2xx answer, the body is the job's continuation
+/// (a JSON object `{"id", "payload", "spawned"}`: the handler spawned children).
+pub const STATUS_HEADER: &str = "Conveyor-Status";
 
 /// Posts jobs to a URL.
 #[derive(Debug, Clone)]
@@ -78,6 +82,10 @@ impl HttpHandler {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let continues = response
+            .headers()
+            .get(STATUS_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"continue");
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(error) => {
@@ -85,6 +93,9 @@ impl HttpHandler {
             }
         };
         if status.is_success() {
+            if continues {
+                return super::continuation(&job, &body);
+            }
             return Outcome::Done(body);
         }
         let text = super::excerpt(&body, 512);

@@ -147,12 +147,7 @@ impl JsonlHandler {
         guard.answered = true;
         match response {
             Err(_) => Outcome::Failed("handler process exited while running the job".into()),
-            Ok(response) => {
-                if let Some(continuation) = &response.continuation {
-                    job.flow.add_spawned(continuation.spawned);
-                }
-                outcome(response)
-            }
+            Ok(response) => outcome(&job, response),
         }
     }
 }
@@ -175,7 +170,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn outcome(response: JsonlResponse) -> Outcome {
+fn outcome(job: &ReceivedJob, response: JsonlResponse) -> Outcome {
     let error = response
         .error
         .unwrap_or_else(|| "handler reported no error message".into());
@@ -195,10 +190,7 @@ fn outcome(response: JsonlResponse) -> Outcome {
         JsonlStatus::Failed => Outcome::Failed(error),
         JsonlStatus::Permanent => Outcome::Permanent(error),
         JsonlStatus::Continue => match response.continuation {
-            Some(continuation) => Outcome::Continue(Box::new(conveyor::Job::new(
-                continuation.id,
-                continuation.payload.unwrap_or_default(),
-            ))),
+            Some(continuation) => super::continue_with(job, continuation),
             None => Outcome::Failed("a continue answer without a continuation".into()),
         },
         // Never routed here: progress lines are forwarded by the reader.

@@ -4,6 +4,7 @@ mod exec;
 mod http;
 mod jsonl;
 
+use conveyor::protocol::JsonlContinuation;
 use conveyor::worker::{Handler, Outcome, ReceivedJob};
 
 use crate::settings::HandlerMode;
@@ -82,6 +83,29 @@ impl Handler for RuntimeHandler {
             Self::Jsonl(handler) => handler.run(job).await,
             Self::Http(handler) => handler.run(job).await,
         }
+    }
+}
+
+/// The job's continuation, as a handler process answered it (every mode: the JSON object of
+/// a `jsonl` `continuation`): `spawned` children are counted for it, and it runs once they
+/// have finished.
+fn continue_with(job: &ReceivedJob, continuation: JsonlContinuation) -> Outcome {
+    job.flow.add_spawned(continuation.spawned);
+    Outcome::Continue(Box::new(conveyor::Job::new(
+        continuation.id,
+        continuation.payload.unwrap_or_default(),
+    )))
+}
+
+/// [`continue_with`] the continuation in `json` (an `exec` control line, an `http` body); a
+/// failed attempt, saying what is wrong, when it is not one.
+fn continuation(job: &ReceivedJob, json: &[u8]) -> Outcome {
+    match serde_json::from_slice::<JsonlContinuation>(json) {
+        Ok(continuation) => continue_with(job, continuation),
+        Err(error) => Outcome::Failed(format!(
+            "the handler's continuation is not a JSON object {{\"id\", \"payload\", \"spawned\"}}: \
+             {error}"
+        )),
     }
 }
 
