@@ -304,6 +304,20 @@ pub async fn list(
     scan(jetstream, &stream, 0, filter, limit, |job| job.entry).await
 }
 
+/// One page of a listing: up to `limit` dead letters from sequence `from` on (the next page
+/// starts after the last sequence returned), oldest first, without their payloads: each
+/// payload is dropped as soon as its message is read, so a page of large jobs holds at most
+/// one of them at a time. Reads at most `limit` messages.
+pub async fn entries(
+    jetstream: &jetstream::Context,
+    queue: &QueueRef,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, DlqError> {
+    let stream = dead_letter_stream(jetstream, queue).await?;
+    scan(jetstream, &stream, from, &Selector::All, limit, |job| job.entry).await
+}
+
 /// One page of a browse: up to `limit` dead letters from sequence `from` on (the next page
 /// starts after the last sequence returned), oldest first, with payloads and headers. Reads at
 /// most `limit` messages (deleted sequences are skipped by the server), however long the stream.

@@ -412,16 +412,13 @@ pub async fn dead_letters(
     let (queue, js, _) = queue_nats(&state, &namespace, &name).await?;
     let limit = limit(query.limit, DEAD_LETTER_LIMIT);
     // One more than shown tells whether a next page exists.
-    let found = dlq::page(&js, &queue, query.from.unwrap_or(0), limit + 1)
+    // Entries only: the page shows no payload, so none is held.
+    let found = dlq::entries(&js, &queue, query.from.unwrap_or(0), limit + 1)
         .await
         .map_err(dlq_failure)?;
-    let next = found.get(limit).map(|job| job.entry.sequence);
+    let next = found.get(limit).map(|entry| entry.sequence);
     Ok(Json(DeadLetterPage {
-        items: found
-            .iter()
-            .take(limit)
-            .map(|job| dead_letter_view(&job.entry))
-            .collect(),
+        items: found.iter().take(limit).map(dead_letter_view).collect(),
         next,
     }))
 }
