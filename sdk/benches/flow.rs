@@ -7,18 +7,18 @@
 //! one `flow::Releaser` per queue (default settings, as the dispatcher runs it), SDK workers with
 //! a no-op handler and default options (outcomes stored) on their own connections.
 //!
-//! 1. plain: `FLOW_JOBS` no-op jobs submitted with `Client::submit_batch` (256 publishes in
+//! 1. chain: `FLOW_CHAIN` jobs, each waiting for the one before, all submitted up front (the
+//!    first last, so every other one is already waiting); per-step latency is the time from a
+//!    job's handler returning to the next one's handler starting (ack, outcome stored, release
+//!    by the releaser, delivery). First, on a server that is not busy yet.
+//! 2. plain: `FLOW_JOBS` no-op jobs submitted with `Client::submit_batch` (256 publishes in
 //!    flight, like `conveyor bench`) while the workers run; time to the last handler's return.
-//! 2. fan-out: one parent whose handler spawns `FLOW_JOBS` children (`spawn_batch`, batches of
+//! 3. fan-out: one parent whose handler spawns `FLOW_JOBS` children (`spawn_batch`, batches of
 //!    `FLOW_BATCH`) and returns a continuation; time from the parent's submit to the
 //!    continuation's return; the continuation pages through every child's record and must see
 //!    all of them, and must run once. Also printed, from the parent's submit: the parent's
 //!    handler done spawning, the last child's handler done, the continuation started.
-//! 3. chain: `FLOW_CHAIN` jobs, each waiting for the one before, all submitted up front (the
-//!    first last, so every other one is already waiting); per-step latency is the time from a
-//!    job's handler returning to the next one's handler starting (ack, outcome stored, release
-//!    by the releaser, delivery).
-//! 4. memory: peak RSS of nats-server and of this process, sampled every 50 ms during 1 and 2.
+//! 4. memory: peak RSS of nats-server and of this process, sampled every 50 ms during 2 and 3.
 //!
 //! `cargo bench -p conveyor --bench flow` (`make bench`). Scale with `FLOW_JOBS` (100000),
 //! `FLOW_CHAIN` (1000), `FLOW_CONCURRENCY` (64), `FLOW_BATCH` (1000).
@@ -271,7 +271,61 @@ async fn run() -> anyhow::Result<()> {
         "flow bench: {jobs} jobs, chain of {chain}, concurrency {concurrency}, spawn batches of {batch}, nats-server pid {pid}"
     );
 
-    // 1. Plain.
+    // 1. Chain, first: on a server not yet busy with the aftermath of the fan-out's 300,000
+    // writes (measured after it, the steps were a third slower and varied twice as much).
+    let starts = Arc::new(Mutex::new(vec![None::<Instant>; chain]));
+    let ends = Arc::new(Mutex::new(vec![None::<Instant>; chain]));
+    let chained = Done::new(chain as u64);
+    {
+        let (starts, ends, chained) = (starts.clone(), ends.clone(), chained.clone());
+        worker(
+            &workers,
+            steps,
+            concurrency,
+            &stop,
+            move |job: ReceivedJob| {
+                let started = Instant::now();
+                let (starts, ends, chained) = (starts.clone(), ends.clone(), chained.clone());
+                async move {
+                    let index: Option<usize> =
+                        job.id.strip_prefix('s').and_then(|i| i.parse().ok());
+                    if let Some(i) = index.filter(|i| *i < starts.lock().expect("lock").len()) {
+                        starts.lock().expect("lock")[i].get_or_insert(started);
+                        ends.lock().expect("lock")[i].get_or_insert_with(Instant::now);
+                        chained.one();
+                    }
+                    Outcome::Done(Bytes::new())
+                }
+            },
+        );
+    }
+    let on = |i: usize| Dependency::on(JobRef::new(NS, "chain", format!("s{i}")));
+    let waiting = producer
+        .submit_batch(
+            steps,
+            (1..chain).map(|i| Job::new(format!("s{i}"), Bytes::new()).after(on(i - 1))),
+        )
+        .await;
+    let failed = waiting.iter().filter(|r| r.is_err()).count();
+    ensure!(failed == 0, "{failed} chain submissions failed");
+    let chain_start = Instant::now();
+    producer.submit(steps, Job::new("s0", Bytes::new())).await?;
+    let chain_end = chained.finished("chain").await?;
+    let (starts, ends) = (
+        starts.lock().expect("lock").clone(),
+        ends.lock().expect("lock").clone(),
+    );
+    let mut latencies: Vec<f64> = (1..chain)
+        .filter_map(|i| Some(starts[i]?.saturating_duration_since(ends[i - 1]?)))
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let (p50, p99, max) = (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.last().copied().unwrap_or(f64::NAN),
+    );
+    // 2. Plain.
     let plain_done = Done::new(jobs);
     let counted = plain_done.clone();
     worker(&workers, plain, concurrency, &stop, move |_job| {
@@ -325,7 +379,7 @@ async fn run() -> anyhow::Result<()> {
         jobs as f64 / plain_time.as_secs_f64()
     );
 
-    // 2. Fan-out.
+    // 3. Fan-out.
     let continued = Done::new(1);
     let continuations = Arc::new(AtomicU64::new(0));
     let seen_children = Arc::new(AtomicU64::new(0));
@@ -432,59 +486,6 @@ async fn run() -> anyhow::Result<()> {
         since(*continuation_at.lock().expect("lock")),
     );
 
-    // 3. Chain.
-    let starts = Arc::new(Mutex::new(vec![None::<Instant>; chain]));
-    let ends = Arc::new(Mutex::new(vec![None::<Instant>; chain]));
-    let chained = Done::new(chain as u64);
-    {
-        let (starts, ends, chained) = (starts.clone(), ends.clone(), chained.clone());
-        worker(
-            &workers,
-            steps,
-            concurrency,
-            &stop,
-            move |job: ReceivedJob| {
-                let started = Instant::now();
-                let (starts, ends, chained) = (starts.clone(), ends.clone(), chained.clone());
-                async move {
-                    let index: Option<usize> =
-                        job.id.strip_prefix('s').and_then(|i| i.parse().ok());
-                    if let Some(i) = index.filter(|i| *i < starts.lock().expect("lock").len()) {
-                        starts.lock().expect("lock")[i].get_or_insert(started);
-                        ends.lock().expect("lock")[i].get_or_insert_with(Instant::now);
-                        chained.one();
-                    }
-                    Outcome::Done(Bytes::new())
-                }
-            },
-        );
-    }
-    let on = |i: usize| Dependency::on(JobRef::new(NS, "chain", format!("s{i}")));
-    let waiting = producer
-        .submit_batch(
-            steps,
-            (1..chain).map(|i| Job::new(format!("s{i}"), Bytes::new()).after(on(i - 1))),
-        )
-        .await;
-    let failed = waiting.iter().filter(|r| r.is_err()).count();
-    ensure!(failed == 0, "{failed} chain submissions failed");
-    let chain_start = Instant::now();
-    producer.submit(steps, Job::new("s0", Bytes::new())).await?;
-    let chain_end = chained.finished("chain").await?;
-    let (starts, ends) = (
-        starts.lock().expect("lock").clone(),
-        ends.lock().expect("lock").clone(),
-    );
-    let mut latencies: Vec<f64> = (1..chain)
-        .filter_map(|i| Some(starts[i]?.saturating_duration_since(ends[i - 1]?)))
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .collect();
-    latencies.sort_by(f64::total_cmp);
-    let (p50, p99, max) = (
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
-        latencies.last().copied().unwrap_or(f64::NAN),
-    );
     stop.cancel();
 
     // The report.

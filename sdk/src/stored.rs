@@ -130,8 +130,10 @@ pub async fn next(
     message_get(client, stream, from, request).await
 }
 
-/// Requests one [`scan`] keeps in flight.
-const SCAN_LANES: u64 = 16;
+/// Requests one [`scan`] keeps in flight. A continuation reading 100,000 child records (the
+/// flow bench, release build): 19 s one request after another, 8.5 s with 16 lanes, 6 s with
+/// 64, where the server's answers become the limit.
+const SCAN_LANES: u64 = 64;
 
 /// Up to `limit` messages of `stream` on `subject` (wildcards allowed) from sequence `from` on,
 /// oldest first, the same as `limit` [`next`] requests one after another but [`SCAN_LANES`] at
