@@ -541,6 +541,16 @@ async fn exec_progress_lines_on_stderr_reach_the_awaiting_producer() -> anyhow::
     Ok(())
 }
 
+/// Serves `handler` as `POST /jobs` on a loopback port, as the handler container of an `http`
+/// Worker would; its URL.
+async fn serve_jobs(handler: axum::routing::MethodRouter) -> anyhow::Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/jobs", listener.local_addr()?);
+    let app = axum::Router::new().route("/jobs", handler);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
 /// Runs the queue's releaser (the operator's dispatcher does in a cluster) until dropped.
 fn releaser(s: &Setup) -> tokio_util::sync::DropGuard {
     let stop = tokio_util::sync::CancellationToken::new();
@@ -623,10 +633,7 @@ async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow:
         let continuation = format!(r#"{{"id": "{id}.k", "payload": "from {id}", "spawned": 1}}"#);
         (StatusCode::OK, out, continuation)
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/jobs", listener.local_addr()?);
-    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve_jobs(axum::routing::post(handle)).await?;
     let _http = s.worker("http", &[(env::HANDLER_URL, &url)], &[])?;
     s.client.submit(&s.queue, child_of("h", "h.c")).await?;
     let joined = s
@@ -669,10 +676,7 @@ async fn http_progress_posts_reach_the_awaiting_producer() -> anyhow::Result<()>
         }
         (StatusCode::OK, format!("{body} {url}"))
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/jobs", listener.local_addr()?);
-    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve_jobs(axum::routing::post(handle)).await?;
     let _worker = s.worker("http", &[(env::HANDLER_URL, &url)], &[])?;
 
     let (updates, result) = s.watch(Job::new("report", "done")).await?;
@@ -753,10 +757,7 @@ async fn http_mode_posts_jobs_and_maps_status_codes() -> anyhow::Result<()> {
             ),
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/jobs", listener.local_addr()?);
-    let app = axum::Router::new().route("/jobs", axum::routing::post(handle));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = serve_jobs(axum::routing::post(handle)).await?;
 
     let _worker = s.worker(
         "http",
