@@ -9,7 +9,6 @@ use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
 use conveyor_testkit::NatsServer;
-use futures::StreamExt as _;
 
 fn conveyor(nats: &NatsServer, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_conveyor"))
@@ -62,8 +61,10 @@ async fn pending_and_delayed_jobs_are_listed_a_page_at_a_time() {
         .get_consumer_from_stream(queue.consumer(0), queue.stream())
         .await
         .unwrap();
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
-    let taken = batch.next().await.unwrap().unwrap();
+    let taken = conveyor_testkit::take(&consumer, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(
         taken
             .headers

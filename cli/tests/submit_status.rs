@@ -8,7 +8,6 @@ use async_nats::jetstream;
 use conveyor::admin::{QueueSettings, ensure_queue};
 use conveyor::names::QueueRef;
 use conveyor_testkit::NatsServer;
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::Command;
@@ -193,12 +192,9 @@ async fn status_counts_pending_in_flight_and_dead_lettered() {
         .get_consumer(&queue.consumer(0))
         .await
         .unwrap();
-    let mut held = consumer.fetch().max_messages(2).messages().await.unwrap();
-    let mut taken = Vec::new();
-    while let Some(message) = held.next().await {
-        taken.push(message.unwrap());
-    }
-    assert_eq!(taken.len(), 2);
+    let _held = conveyor_testkit::take(&consumer, 2, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
     // One job ends in the dead-letter queue.
     js.publish(queue.dead_letter_subject(), "failed".into())
         .await

@@ -543,8 +543,10 @@ async fn pending_and_delayed_jobs_are_paged_and_dead_letters_move_by_their_error
         .get_consumer_from_stream(reports.consumer(0), reports.stream())
         .await
         .unwrap();
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
-    let held = futures::StreamExt::next(&mut batch).await.unwrap().unwrap();
+    let held = conveyor_testkit::take(&consumer, 1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
     let pending = format!("/api/queues/{NS}/reports/pending");
     let mut seen = Vec::new();
     let mut path = format!("{pending}?limit=2");

@@ -358,9 +358,9 @@ async fn a_job_whose_dead_letter_cannot_be_written_is_counted_and_reported() {
         .get_consumer_from_stream(queue.consumer(0), queue.stream())
         .await
         .unwrap();
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
-    use futures::StreamExt as _;
-    let taken = batch.next().await.expect("the job is delivered").unwrap();
+    let taken = conveyor_testkit::take(&consumer, 1, DEADLINE)
+        .await
+        .unwrap();
     drop(taken);
 
     wait_for(DEADLINE, "the DeadLetterFailed Event", || async {

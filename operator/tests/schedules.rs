@@ -645,9 +645,10 @@ async fn forbid_skips_runs_while_the_previous_one_is_queued_and_replace_cancels_
     let consumer = level_consumer(&js, &queue)
         .await
         .expect("the queue's consumer");
-    use futures::StreamExt;
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
-    let job = batch.next().await.expect("the queued run").unwrap();
+    let job = conveyor_testkit::take(&consumer, 1, Duration::from_secs(30))
+        .await
+        .expect("the queued run")
+        .remove(0);
 
     // The run is now running (taken, not acknowledged) when the operator is down for five
     // slots: back, it submits nothing over it, and counts the slots.

@@ -27,7 +27,7 @@ pub mod tls;
 pub mod wait;
 
 pub use cluster::NatsCluster;
-pub use wait::{wait_for, wait_for_some};
+pub use wait::{take, wait_for, wait_for_some};
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};

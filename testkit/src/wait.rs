@@ -50,3 +50,32 @@ where
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Takes `n` jobs from `consumer` as a worker would (pull requests that wait up to a second
+/// each), without acking them, for at most `deadline`. A no-wait fetch comes back empty when
+/// the consumer has not caught up with a publish yet, as on a busy machine; this does not.
+pub async fn take(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+    n: usize,
+    deadline: Duration,
+) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
+    use futures::StreamExt as _;
+    let start = Instant::now();
+    let mut taken = Vec::with_capacity(n);
+    while taken.len() < n {
+        if start.elapsed() >= deadline {
+            bail!("took {} of {n} jobs in {deadline:?}", taken.len());
+        }
+        let mut batch = consumer
+            .batch()
+            .max_messages(n - taken.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| anyhow::anyhow!("pull request: {e}"))?;
+        while let Some(message) = batch.next().await {
+            taken.push(message.map_err(|e| anyhow::anyhow!("pulled: {e}"))?);
+        }
+    }
+    Ok(taken)
+}
