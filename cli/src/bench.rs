@@ -5,7 +5,11 @@
 //! - throughput: `--jobs` no-op jobs of `--payload` bytes, producer and workers running at once;
 //! - latency: submit-to-handler time at a fixed `--rate` for `--latency-seconds`.
 //!
-//! Raw is "publish with ack, pull, ack" with one pull consumer; Conveyor is `Client::submit_batch`
+//! Raw is "publish with ack, pull, ack" on a work-queue stream like Conveyor's. Its throughput
+//! shape is the fastest of a sweep run first (publish window, pull streams on the one durable
+//! consumer, batch size: [`raw_shapes`]), so the ratio is against the best raw JetStream this
+//! machine does, not against a shape chosen to match Conveyor's; the latency and breakdown
+//! measurements keep one pull stream of `--concurrency`. Conveyor is `Client::submit_batch`
 //! → the worker engine of the `conveyor-worker` runtime, with the runtime's observer (metrics,
 //! liveness, running-jobs file) → ack, with the same concurrency. The handler is an in-process
 //! no-op: what is measured is Conveyor's cost, not a handler mode's.
@@ -72,6 +76,10 @@ struct Report {
     /// Medians of the breakdown (`--breakdown`), jobs per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     breakdown: Option<BreakdownMedians>,
+    /// The raw side's shape in the throughput rounds: the sweep's fastest.
+    raw_shape: RawShape,
+    /// Every raw shape tried, fastest first.
+    raw_sweep: Vec<SweptShape>,
     all_rounds: Vec<Round>,
 }
 
@@ -113,9 +121,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "bench: {} jobs of {} B, concurrency {}, latency at {}/s for {} s, {} rounds, against {url} ({nats_server})",
         args.jobs, args.payload, args.concurrency, args.rate, args.latency_seconds, args.rounds
     );
+    let sweep = sweep_raw(&url, &args).await?;
+    let best = sweep.first().context("the sweep measured no shape")?.shape;
+    eprintln!(
+        "raw baseline: window {}, {} pull streams, batches of {}",
+        best.window, best.consumers, best.batch
+    );
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
-        let raw_throughput = raw_throughput(&url, &args, round).await?;
+        let tag = format!("round_{round}");
+        let raw_throughput = raw_throughput(&url, args.payload, args.jobs, best, &tag).await?;
         eprintln!(
             "round {round}: raw      {:>9.0} jobs/s",
             raw_throughput.jobs_per_second
@@ -195,6 +210,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         conveyor_p99_ms: conv_p99,
         p99_ratio: conv_p99 / raw_p99,
         breakdown,
+        raw_shape: best,
+        raw_sweep: sweep,
         all_rounds: rounds,
     };
     if args.json {
@@ -214,7 +231,15 @@ fn print_text(r: &Report) {
         "  throughput, {} jobs x {} B, concurrency {}, {} priority level(s) on Conveyor:",
         r.jobs, r.payload_bytes, r.concurrency, r.priorities
     );
-    println!("    raw JetStream  {:>9.0} jobs/s", r.raw_throughput);
+    println!(
+        "    raw JetStream  {:>9.0} jobs/s  (best of {} shapes swept: window {}, {} pull \
+         streams, batches of {})",
+        r.raw_throughput,
+        r.raw_sweep.len(),
+        r.raw_shape.window,
+        r.raw_shape.consumers,
+        r.raw_shape.batch
+    );
     println!("    Conveyor       {:>9.0} jobs/s", r.conveyor_throughput);
     println!("    ratio          {:>9.2}", r.throughput_ratio);
     println!(
@@ -291,6 +316,8 @@ async fn raw_setup(
             name: name.to_owned(),
             subjects: vec![subject.clone()],
             storage: stream::StorageType::File,
+            // Like Conveyor's work stream: an acked message is removed.
+            retention: stream::RetentionPolicy::WorkQueue,
             ..Default::default()
         })
         .await
@@ -368,18 +395,135 @@ async fn wait_count(
     Ok(())
 }
 
-async fn raw_throughput(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Throughput> {
-    let name = format!("bench_raw_tp_{round}_{}", std::process::id());
+/// How the raw side publishes and consumes: the knobs a raw JetStream user tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+struct RawShape {
+    /// Publishes awaiting their ack at once.
+    window: usize,
+    /// Tasks pulling from the one durable consumer, each with a pull stream of its own.
+    consumers: usize,
+    /// Messages asked for per pull request.
+    batch: usize,
+}
+
+/// One shape the sweep tried, and what it reached.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct SweptShape {
+    shape: RawShape,
+    throughput: Throughput,
+}
+
+/// Jobs per shape of the sweep (at most `--jobs`).
+const SWEEP_JOBS: usize = 100_000;
+
+/// The shapes the sweep tries: Conveyor's own (window [`PUBLISH_WINDOW`], one pull stream,
+/// batches of `--concurrency`) and wider ones, in windows, pull streams and batch sizes.
+fn raw_shapes(concurrency: usize) -> Vec<RawShape> {
+    let mut shapes = vec![RawShape {
+        window: PUBLISH_WINDOW,
+        consumers: 1,
+        batch: concurrency,
+    }];
+    for window in [PUBLISH_WINDOW, 1024, 4096] {
+        for consumers in [1, 4, 16] {
+            for batch in [concurrency, 500] {
+                let shape = RawShape {
+                    window,
+                    consumers,
+                    batch,
+                };
+                if !shapes.contains(&shape) {
+                    shapes.push(shape);
+                }
+            }
+        }
+    }
+    shapes
+}
+
+/// Measures every shape of [`raw_shapes`] once with [`SWEEP_JOBS`] jobs (or `--jobs`, when
+/// fewer), fastest first: the raw baseline is the best raw JetStream this machine does.
+async fn sweep_raw(url: &str, args: &BenchArgs) -> anyhow::Result<Vec<SweptShape>> {
+    let jobs = args.jobs.min(SWEEP_JOBS);
+    let mut swept = Vec::new();
+    for (i, shape) in raw_shapes(args.concurrency).into_iter().enumerate() {
+        let throughput =
+            raw_throughput(url, args.payload, jobs, shape, &format!("sweep_{i}")).await?;
+        eprintln!(
+            "sweep: window {:>5}, {:>2} pull streams, batches of {:>4}: {:>9.0} jobs/s",
+            shape.window, shape.consumers, shape.batch, throughput.jobs_per_second
+        );
+        swept.push(SweptShape { shape, throughput });
+    }
+    swept.sort_by(|a, b| {
+        b.throughput
+            .jobs_per_second
+            .total_cmp(&a.throughput.jobs_per_second)
+    });
+    Ok(swept)
+}
+
+/// Raw JetStream publishing and consuming `jobs` at once, in `shape`.
+async fn raw_throughput(
+    url: &str,
+    payload: usize,
+    jobs: usize,
+    shape: RawShape,
+    tag: &str,
+) -> anyhow::Result<Throughput> {
+    let name = format!("bench_raw_tp_{tag}_{}", std::process::id());
     let (js, consumer, subject) = raw_setup(url, &name).await?;
-    let payload = Bytes::from(vec![b'x'; args.payload]);
-    let n = args.jobs as u64;
+    let payload = Bytes::from(vec![b'x'; payload]);
+    let n = jobs as u64;
     let start = Instant::now();
-    let producer = tokio::spawn(publish_all(js.clone(), subject, payload, n));
-    consume_raw(&consumer, args.concurrency, n, |_| {}).await?;
+    let producer = tokio::spawn(publish_all(js.clone(), subject, payload, n, shape.window));
+    consume_raw_parallel(&consumer, shape, n).await?;
     let result = throughput(n, start);
     producer.await??;
     raw_teardown(&js, &name).await;
     Ok(result)
+}
+
+/// Pulls and acks `n` messages with `shape.consumers` pull streams of batches of `shape.batch`.
+async fn consume_raw_parallel(
+    consumer: &consumer::PullConsumer,
+    shape: RawShape,
+    n: u64,
+) -> anyhow::Result<()> {
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..shape.consumers {
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(shape.batch)
+            .messages()
+            .await
+            .context("starting a raw pull")?;
+        let (acked, done) = (acked.clone(), done.clone());
+        tasks.spawn(async move {
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("raw pull: {e}"))?;
+                message
+                    .ack()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("raw ack: {e}"))?;
+                if acked.fetch_add(1, Ordering::AcqRel) + 1 >= n {
+                    done.notify_one();
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    let waited = wait_count(&acked, &done, n, "raw consume").await;
+    // The pull streams still open would wait for more: end them.
+    tasks.abort_all();
+    while let Some(ended) = tasks.join_next().await {
+        if let Ok(Err(error)) = ended {
+            return Err(error);
+        }
+    }
+    waited
 }
 
 /// Pulls `n` messages (batches of `concurrency`), hands each payload to `seen`, then acks it.
@@ -411,12 +555,13 @@ async fn consume_raw(
     Ok(())
 }
 
-/// Publishes `n` raw messages with acks, `PUBLISH_WINDOW` at a time.
+/// Publishes `n` raw messages with acks, `window` at a time.
 async fn publish_all(
     js: jetstream::Context,
     subject: String,
     payload: Bytes,
     n: u64,
+    window: usize,
 ) -> anyhow::Result<()> {
     let results: Vec<_> = futures::stream::iter(0..n)
         .map(|_| {
@@ -425,7 +570,7 @@ async fn publish_all(
             let payload = payload.clone();
             async move { js.publish(subject, payload).await?.await }
         })
-        .buffer_unordered(PUBLISH_WINDOW)
+        .buffer_unordered(window)
         .collect()
         .await;
     if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
@@ -573,7 +718,7 @@ async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<
     let name = format!("bench_raw_pub_{round}_{}", std::process::id());
     let (js, consumer, subject) = raw_setup(url, &name).await?;
     let start = Instant::now();
-    publish_all(js.clone(), subject, payload.clone(), n).await?;
+    publish_all(js.clone(), subject, payload.clone(), n, PUBLISH_WINDOW).await?;
     let raw_publish = throughput(n, start);
     let start = Instant::now();
     consume_raw(&consumer, args.concurrency, n, |_| {}).await?;
