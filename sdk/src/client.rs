@@ -692,13 +692,15 @@ impl Client {
         self.cancel_as(queue, id, false).await
     }
 
-    /// [`Client::cancel`], and the job's children too, to any depth: a child (or grandchild)
+    /// [`Client::cancel`], and the job's children too, and theirs: a child (or grandchild)
     /// that has not started yet is skipped when a worker receives it, recorded as cancelled
-    /// (so the continuation waiting for it is not left waiting) — within about a second, the
-    /// time a worker remembers what it read of a parent. A child already running is not told
-    /// (its worker follows its own queue's cancellations only) and finishes as it would; a
-    /// continuation a child left behind runs only if it was released before the
-    /// cancellation, otherwise it is skipped like the child.
+    /// (so the continuation waiting for it is not left waiting), from about a second after the
+    /// cancellation ([`crate::worker::ANCESTORS_REMEMBERED`]). A worker finds the cancelled
+    /// ancestor through the waiting continuations between them: the children of a job in
+    /// between that is still running (it has not continued yet) are not reached. A child
+    /// already running is not told (its worker follows its own queue's cancellations only) and
+    /// finishes as it would; a continuation a child left behind runs only if it was released
+    /// before the cancellation, otherwise it is skipped like the child.
     pub async fn cancel_with_children(
         &self,
         queue: &QueueRef,

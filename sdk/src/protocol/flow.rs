@@ -37,9 +37,9 @@ pub const DECIDED: &str = "Conveyor-Decided";
 /// With [`DECIDED`] naming a dead-letter reason: the error.
 pub const DECIDED_ERROR: &str = "Conveyor-Decided-Error";
 /// On a cancellation (`cancel.<hex id>`), value `true`: the job's children are cancelled too,
-/// and theirs, to any depth. A worker skips a job one of whose ancestors (its
-/// `Conveyor-Parent`, that job's parent as its waiting continuation names it, and so on) has
-/// such a cancellation.
+/// and theirs. A worker skips a job one of whose ancestors (its `Conveyor-Parent`, that job's
+/// parent as its waiting continuation names it, and so on) has such a cancellation; the walk
+/// stops at an ancestor without a waiting continuation (docs/protocol.md, "Cancel").
 pub const CANCEL_CHILDREN: &str = "Conveyor-Cancel-Children";
 /// On a child record whose result was too large to copy: the results subject that keeps it.
 pub const RESULT_REF: &str = "Conveyor-Result-Ref";

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -31,6 +31,12 @@ struct Ancestor {
     parent: Option<JobRef>,
 }
 
+/// What an ancestor that could not be read counts as.
+const NOT_CANCELLED: Ancestor = Ancestor {
+    cancelled: false,
+    parent: None,
+};
+
 /// Ancestors read lately, by reference.
 #[derive(Default)]
 pub(super) struct Ancestry {
@@ -39,14 +45,28 @@ pub(super) struct Ancestry {
 
 impl Ancestry {
     /// The nearest ancestor of a job whose parent is `parent` that was cancelled with its
-    /// children, if any. An ancestor that cannot be read (its queue's streams unreachable or
-    /// not this identity's to read) ends the walk as not cancelled: the job runs, as it would
-    /// without the option.
+    /// children, if any, read within `deadline` (the walk runs before the job's heartbeats
+    /// start). An ancestor that cannot be read (its queue's streams unreachable or not this
+    /// identity's to read), or a walk past its deadline, counts as not cancelled, and is
+    /// remembered so for [`REMEMBERED`] like any reading: the job runs, as it would without
+    /// the option, and the next jobs of that parent do not wait again.
     pub(super) async fn cancelled(
         &self,
         client: &async_nats::Client,
         parent: &JobRef,
+        deadline: Duration,
     ) -> Option<JobRef> {
+        match tokio::time::timeout(deadline, self.walk(client, parent)).await {
+            Ok(found) => found,
+            Err(_) => {
+                debug!(%parent, ?deadline, "reading a job's ancestors took too long; running it");
+                self.remember(parent, &NOT_CANCELLED);
+                None
+            }
+        }
+    }
+
+    async fn walk(&self, client: &async_nats::Client, parent: &JobRef) -> Option<JobRef> {
         let mut next = Some(parent.clone());
         for _ in 0..MAX_DEPTH {
             let current = next?;
@@ -59,6 +79,7 @@ impl Ancestry {
                     }
                     Err(error) => {
                         debug!(ancestor = %current, %error, "cannot read an ancestor's cancellation");
+                        self.remember(&current, &NOT_CANCELLED);
                         return None;
                     }
                 },

@@ -19,6 +19,10 @@ use crate::flow::{self, JobRef, Recorded};
 use crate::protocol::flow::{self as flow_headers, FlowHeaders};
 use crate::protocol::{self, DeadLetter, JobEnvelope, Reason, record};
 
+/// Longest a worker reads a job's ancestors before running it (cancelled with their
+/// children?); past it the job runs.
+const ANCESTRY_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Runs one attempt of one job and settles it.
 pub(super) async fn process<H: Handler, O: Observer>(
     shared: &Shared<H, O>,
@@ -97,9 +101,11 @@ pub(super) async fn process<H: Handler, O: Observer>(
 
     if let Some(parent) = &settled.flow.parent {
         let nats = shared.jetstream.client();
-        if let Some(ancestor) = shared.ancestry.cancelled(&nats, parent).await {
+        // Before the heartbeats start: well within the ack wait.
+        let deadline = (shared.ack_wait / 3).min(ANCESTRY_DEADLINE);
+        if let Some(ancestor) = shared.ancestry.cancelled(&nats, parent, deadline).await {
             info!(job = %id, %ancestor, "an ancestor was cancelled with its children; skipping it");
-            finish(settled.cancelled_with_children(reply).await);
+            finish(settled.cancelled(reply).await);
             return;
         }
     }
@@ -458,26 +464,6 @@ impl<H, O> Settled<'_, H, O> {
         self.reply(reply, &protocol::Outcome::Cancelled, Bytes::new())
             .await;
         Disposition::Cancelled
-    }
-
-    /// A job skipped because an ancestor was cancelled with its children: cancelled so too
-    /// (a cancellation of its own, `Conveyor-Cancel-Children`, so that children an earlier
-    /// attempt of it may have spawned see it at once), then settled as [`Settled::cancelled`].
-    /// A cancellation that cannot be stored naks the job: it comes back and is skipped then.
-    async fn cancelled_with_children(&self, reply: Option<&str>) -> Disposition {
-        let queue = &self.shared.queue;
-        let stored = crate::flow::publish_acked(
-            &self.shared.jetstream,
-            queue.cancel_subject(self.id),
-            protocol::cancellation(self.id, true),
-            Bytes::new(),
-        )
-        .await;
-        if let Err(error) = stored {
-            warn!(job = %self.id, %error, "storing a cancellation with children failed; retrying the job");
-            return self.retry_later().await;
-        }
-        self.cancelled(reply).await
     }
 
     /// Sends a job's final outcome to the awaiting producer (plain publish: only a live waiter
