@@ -136,13 +136,15 @@ pub async fn next(
 const SCAN_LANES: u64 = 64;
 
 /// Up to `limit` messages of `stream` on `subject` (wildcards allowed) from sequence `from` on,
-/// oldest first, the same as `limit` [`next`] requests one after another but [`SCAN_LANES`] at
-/// a time: the `limit` sequences ahead are cut into as many windows, each read on its own, and
+/// oldest first, the same as `limit` [`next`] requests one after another but up to
+/// [`SCAN_LANES`] at a time: the `limit` sequences ahead are cut into as many windows (at most
+/// `limit`), each read on its own, and
 /// the next round starts after them (or, when every window was empty, at the first message any
 /// window saw beyond itself). Each message is still read with the non-direct `MSG.GET` (no
-/// header block through the client's parser); a round holds at most `limit` (rounded up to
-/// a multiple of [`SCAN_LANES`]) messages, so what is read beyond `limit` is at most that
-/// many. Fewer than `limit` means the stream has no more.
+/// header block through the client's parser); a round holds at most `limit` (rounded up to a
+/// multiple of the lanes) messages, so what is read beyond `limit` is at most that many. Fewer
+/// than `limit` means the stream has no more. A stream where the subject is sparse costs up to
+/// one request per lane per round beyond what sequential reads would.
 pub async fn scan(
     client: &async_nats::Client,
     stream: &str,
@@ -152,14 +154,14 @@ pub async fn scan(
 ) -> Result<Vec<StoredJob>, StoredError> {
     let mut found: Vec<StoredJob> = Vec::new();
     let mut start = from;
-    let width = u64::try_from(limit)
-        .unwrap_or(u64::MAX)
-        .div_ceil(SCAN_LANES)
-        .max(1);
+    let limit_u64 = u64::try_from(limit).unwrap_or(u64::MAX);
+    // No more lanes than messages wanted: a page of one is one request, not 64.
+    let lanes = SCAN_LANES.min(limit_u64).max(1);
+    let width = limit_u64.div_ceil(lanes).max(1);
     // The windows of a round cover exactly `span` sequences, the next round starts after them.
-    let span = width.saturating_mul(SCAN_LANES);
+    let span = width.saturating_mul(lanes);
     while found.len() < limit {
-        let windows = (0..SCAN_LANES).map(|lane| {
+        let windows = (0..lanes).map(|lane| {
             let first = start.saturating_add(lane.saturating_mul(width));
             read_window(client, stream, subject, first, first.saturating_add(width))
         });
