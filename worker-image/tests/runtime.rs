@@ -588,6 +588,8 @@ async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow:
         *.k) echo "joined $(cat)" ;;
         *.c) echo child ;;
         bad) echo 'conveyor:continue {"id": 5}' >&2 ;;
+        badid) echo 'conveyor:continue {"id": "", "spawned": 0}' >&2 ;;
+        toomany) echo 'conveyor:continue {"id": "t.k", "spawned": 18446744073709551615}' >&2 ;;
         *) echo "conveyor:continue {\"id\": \"$CONVEYOR_JOB_ID.k\", \"payload\": \"from $CONVEYOR_JOB_ID\", \"spawned\": 1}" >&2 ;;
     esac"#;
     let exec = s.worker("exec", &[], &["sh", "-c", script])?;
@@ -613,6 +615,26 @@ async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow:
             "{error}"
         ),
         other => panic!("expected a dead letter, got {other:?}"),
+    }
+    // A continuation that could never be stored or released is dead-lettered at once, not
+    // retried (which would spawn the children again).
+    for (id, said) in [("badid", "bad id"), ("toomany", "can be waited for")] {
+        match s
+            .client
+            .submit_and_wait(&s.queue, Job::new(id, ""), WAIT)
+            .await?
+        {
+            conveyor::JobResult::DeadLettered {
+                reason,
+                error,
+                attempts,
+                ..
+            } => {
+                assert_eq!((reason.as_str(), attempts), ("permanent", 1), "{error}");
+                assert!(error.contains(said), "{error}");
+            }
+            other => panic!("expected a dead letter for {id}, got {other:?}"),
+        }
     }
     drop(exec);
 

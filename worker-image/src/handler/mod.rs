@@ -90,12 +90,29 @@ impl Handler for RuntimeHandler {
 /// a `jsonl` `continuation`): `spawned` children are counted for it, and it runs once they
 /// have finished.
 fn continue_with(job: &ReceivedJob, continuation: JsonlContinuation) -> Outcome {
+    // A continuation that could never be stored, or never released, is a bad answer for
+    // good: dead-lettered at once with the reason, not retried (which would run the process
+    // and spawn its children again).
+    if let Err(error) = conveyor::protocol::validate_id(&continuation.id) {
+        return Outcome::Permanent(format!("the handler's continuation has a bad id: {error}"));
+    }
+    if continuation.spawned > MAX_SPAWNED {
+        return Outcome::Permanent(format!(
+            "the handler's continuation says it spawned {} children; at most {MAX_SPAWNED} can \
+             be waited for",
+            continuation.spawned
+        ));
+    }
     job.flow.add_spawned(continuation.spawned);
     Outcome::Continue(Box::new(conveyor::Job::new(
         continuation.id,
         continuation.payload.unwrap_or_default(),
     )))
 }
+
+/// Most children a handler process may say it spawned (more could never all finish within a
+/// wait timeout; a count above what was spawned leaves the continuation waiting until then).
+const MAX_SPAWNED: u64 = 100_000_000;
 
 /// [`continue_with`] the continuation in `json` (an `exec` control line, an `http` body); a
 /// failed attempt, saying what is wrong, when it is not one.
