@@ -297,6 +297,11 @@ pub struct BenchArgs {
     /// consume a full one), to tell where a gap in throughput comes from.
     #[arg(long)]
     pub breakdown: bool,
+    /// Run Conveyor's workers without storing each outcome in the results stream
+    /// (`CONVEYOR_STORE_RESULTS=false` in a pod: its jobs can then not be depended on), to see
+    /// what that write costs.
+    #[arg(long)]
+    pub no_store_results: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

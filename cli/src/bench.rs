@@ -25,7 +25,7 @@ use bytes::Bytes;
 use conveyor::admin::{self, QueueSettings};
 use conveyor::client::{Client, Job};
 use conveyor::names::QueueRef;
-use conveyor::worker::{Outcome, ReceivedJob, Worker};
+use conveyor::worker::{Outcome, ReceivedJob, Worker, WorkerOptions};
 use conveyor_worker::health::Metrics;
 use futures::StreamExt;
 use serde::Serialize;
@@ -63,6 +63,8 @@ struct Report {
     concurrency: usize,
     /// Priority levels of Conveyor's queue.
     priorities: u8,
+    /// Whether Conveyor's workers stored each outcome (the default; `--no-store-results`).
+    store_results: bool,
     rate_per_second: u32,
     rounds: usize,
     raw_throughput: f64,
@@ -199,6 +201,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         payload_bytes: args.payload,
         concurrency: args.concurrency,
         priorities: args.priorities,
+        store_results: !args.no_store_results,
         rate_per_second: args.rate,
         rounds: args.rounds,
         raw_throughput: raw_tp,
@@ -228,8 +231,17 @@ fn print_text(r: &Report) {
         r.nats_server, r.rounds
     );
     println!(
-        "  throughput, {} jobs x {} B, concurrency {}, {} priority level(s) on Conveyor:",
-        r.jobs, r.payload_bytes, r.concurrency, r.priorities
+        "  throughput, {} jobs x {} B, concurrency {}, {} priority level(s) on Conveyor, outcomes \
+         {}:",
+        r.jobs,
+        r.payload_bytes,
+        r.concurrency,
+        r.priorities,
+        if r.store_results {
+            "stored"
+        } else {
+            "not stored"
+        }
     );
     println!(
         "    raw JetStream  {:>9.0} jobs/s  (best of {} shapes swept: window {}, {} pull \
@@ -343,8 +355,9 @@ async fn raw_setup(
 async fn conveyor_setup(
     url: &str,
     name: &str,
-    priorities: u8,
+    args: &BenchArgs,
 ) -> anyhow::Result<(Client, Worker, QueueRef)> {
+    let priorities = args.priorities;
     let queue = QueueRef::new("bench", name);
     let client = Client::connect(url).await?;
     let settings = QueueSettings {
@@ -355,7 +368,13 @@ async fn conveyor_setup(
         .await
         .context("creating the bench queue")?;
     // The workers get their own connection, as a worker pod would.
-    let worker = Worker::new(jetstream_at(url).await?, queue.clone()).priorities(priorities);
+    let options = WorkerOptions {
+        store_results: !args.no_store_results,
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::new(jetstream_at(url).await?, queue.clone())
+        .options(options)
+        .priorities(priorities);
     Ok((client, worker, queue))
 }
 
@@ -681,7 +700,7 @@ async fn conveyor_throughput(
     round: usize,
 ) -> anyhow::Result<Throughput> {
     let name = format!("tp-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args).await?;
     let payload = Bytes::from(vec![b'x'; args.payload]);
     let n = args.jobs as u64;
     let start = Instant::now();
@@ -726,7 +745,7 @@ async fn breakdown(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<
     raw_teardown(&js, &name).await;
 
     let name = format!("pub-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args).await?;
     let start = Instant::now();
     submit_all(client.clone(), queue.clone(), payload, n, args.priorities).await?;
     let conveyor_submit = throughput(n, start);
@@ -833,7 +852,7 @@ async fn raw_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Resul
 
 async fn conveyor_latency(url: &str, args: &BenchArgs, round: usize) -> anyhow::Result<Latency> {
     let name = format!("lat-{round}-{}", std::process::id());
-    let (client, worker, queue) = conveyor_setup(url, &name, args.priorities).await?;
+    let (client, worker, queue) = conveyor_setup(url, &name, args).await?;
     let total = u64::from(args.rate) * args.latency_seconds;
     let base = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total as usize)));
