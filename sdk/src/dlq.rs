@@ -315,7 +315,10 @@ pub async fn entries(
     limit: usize,
 ) -> Result<Vec<DeadLetter>, DlqError> {
     let stream = dead_letter_stream(jetstream, queue).await?;
-    scan(jetstream, &stream, from, &Selector::All, limit, |job| job.entry).await
+    scan(jetstream, &stream, from, &Selector::All, limit, |job| {
+        job.entry
+    })
+    .await
 }
 
 /// One page of a browse: up to `limit` dead letters from sequence `from` on (the next page
