@@ -580,7 +580,12 @@ fn child_of(parent: &str, id: &str) -> Job {
 #[tokio::test]
 async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow::Result<()> {
     use axum::http::{HeaderMap, StatusCode};
-    let s = setup(QueueSettings::default()).await?;
+    // A short ack wait: a job the stopped exec worker was handed as it went comes back soon.
+    let s = setup(QueueSettings {
+        timeout: Duration::from_secs(2),
+        ..QueueSettings::default()
+    })
+    .await?;
     let _releaser = releaser(&s);
     // A parent answers a continuation that waits for one child; the continuation joins. A
     // continuation that is not one fails the attempt, saying so.
@@ -592,7 +597,7 @@ async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow:
         toomany) echo 'conveyor:continue {"id": "t.k", "spawned": 18446744073709551615}' >&2 ;;
         *) echo "conveyor:continue {\"id\": \"$CONVEYOR_JOB_ID.k\", \"payload\": \"from $CONVEYOR_JOB_ID\", \"spawned\": 1}" >&2 ;;
     esac"#;
-    let exec = s.worker("exec", &[], &["sh", "-c", script])?;
+    let mut exec = s.worker("exec", &[], &["sh", "-c", script])?;
     s.client.submit(&s.queue, child_of("e", "e.c")).await?;
     let joined = s
         .client
@@ -636,7 +641,11 @@ async fn exec_and_http_handlers_continue_once_their_children_finish() -> anyhow:
             other => panic!("expected a dead letter for {id}, got {other:?}"),
         }
     }
-    drop(exec);
+    // Stopped as a pod is (SIGTERM, drain) and awaited: a worker killed outright may have had
+    // a pull request open, and a job the server handed to it then would come back only after
+    // the ack wait (seen in CI: `h.c` stuck 30 s).
+    signal(&exec, Signal::SIGTERM)?;
+    tokio::time::timeout(WAIT, exec.wait()).await??;
 
     async fn handle(headers: HeaderMap, body: String) -> (StatusCode, HeaderMap, String) {
         let id = headers
