@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::admin::QueueSettings;
 use conveyor::names::QueueRef;
 use conveyor_testkit::NatsCluster;
 use tokio::process::Command;
@@ -45,7 +45,8 @@ async fn submit_prints_only_jobs_the_stream_has_while_the_leader_dies() {
         replicas: 3,
         ..Default::default()
     };
-    ensure_queue(&js, &queue, &settings)
+    cluster
+        .ensure_queue(&js, &queue, &settings)
         .await
         .expect("R3 queue");
 

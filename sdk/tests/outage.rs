@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::admin::QueueSettings;
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job, SubmitError};
 use conveyor_testkit::{NatsCluster, wait_for};
@@ -71,7 +71,8 @@ async fn submit_never_reports_a_job_the_stream_does_not_have() {
         replicas: 3,
         ..Default::default()
     };
-    ensure_queue(&js, &queue, &settings)
+    cluster
+        .ensure_queue(&js, &queue, &settings)
         .await
         .expect("R3 queue");
     let mut info = js.get_stream(queue.stream()).await.unwrap();

@@ -147,6 +147,28 @@ impl NatsCluster {
         self.wait_healthy(i).await
     }
 
+    /// Makes `queue`'s streams and consumers on the cluster, trying again for up to 30 s: a
+    /// cluster that just formed may still count a peer as offline or answer a stream create
+    /// late on a busy machine ("no suitable peers", a timed-out API request), which the
+    /// operator rides out by reconciling again. The last error otherwise.
+    pub async fn ensure_queue(
+        &self,
+        js: &jetstream::Context,
+        queue: &conveyor::names::QueueRef,
+        settings: &conveyor::admin::QueueSettings,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            match conveyor::admin::ensure_queue(js, queue, settings).await {
+                Ok(_) => return Ok(()),
+                Err(error) if start.elapsed() > Duration::from_secs(30) => {
+                    bail!("making queue {} on the cluster: {error}", queue.stream())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// The node leading stream `stream` (STREAM.INFO's `cluster.leader`), waiting while an
     /// election runs or the reported leader is a killed node.
     pub async fn stream_leader(
