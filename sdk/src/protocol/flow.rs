@@ -365,6 +365,32 @@ impl FlowHeaders {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_true_cancels_children() {
+        let with = |value: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(CANCEL_CHILDREN, value);
+            }
+            cancels_children(&headers)
+        };
+        assert!(with(Some("true")));
+        for value in [
+            None,
+            Some(""),
+            Some("True"),
+            Some("yes"),
+            Some("1"),
+            Some("true "),
+        ] {
+            assert!(!with(value), "{value:?} is a plain cancellation");
+        }
+        assert!(cancels_children(&crate::protocol::cancellation("p", true)));
+        assert!(!cancels_children(&crate::protocol::cancellation(
+            "p", false
+        )));
+    }
+
     const HOME: (&str, &str) = ("ns", "q");
 
     #[test]
