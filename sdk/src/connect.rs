@@ -20,6 +20,9 @@ pub mod env {
     pub const NATS_CREDENTIALS_DIR: &str = "CONVEYOR_NATS_CREDENTIALS_DIR";
     /// Directory of a mounted TLS Secret (keys in [`super::keys`]).
     pub const NATS_TLS_DIR: &str = "CONVEYOR_NATS_TLS_DIR";
+    /// Prefix of the client's inboxes (set by the operator in worker pods with minted
+    /// identities, which may subscribe under it only).
+    pub const NATS_INBOX_PREFIX: &str = "CONVEYOR_NATS_INBOX_PREFIX";
 }
 
 /// Keys of the credentials Secret and the TLS Secret (file names in their mounted volumes).
@@ -119,6 +122,9 @@ pub struct NatsOptions {
     pub auth: Auth,
     /// TLS.
     pub tls: Tls,
+    /// Prefix of the client's inboxes (`_INBOX` when unset): an identity that may subscribe
+    /// only under its own prefix needs it ([`crate::permissions::worker_inbox_prefix`]).
+    pub inbox_prefix: Option<String>,
 }
 
 /// Options that cannot be used.
@@ -287,6 +293,12 @@ impl NatsOptions {
         self
     }
 
+    /// Sets the prefix of the client's inboxes.
+    pub fn inbox_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.inbox_prefix = Some(prefix.into());
+        self
+    }
+
     /// Sets credentials, refusing to silently replace the URL's userinfo with others.
     pub fn auth(mut self, auth: Auth) -> Result<Self, OptionsError> {
         if auth == Auth::None {
@@ -358,6 +370,9 @@ impl NatsOptions {
                 .credentials(creds.expose())
                 .map_err(|e| OptionsError::Invalid(e.to_string()))?,
         };
+        if let Some(prefix) = &self.inbox_prefix {
+            options = options.custom_inbox_prefix(prefix);
+        }
         if self.tls.required {
             options = options.require_tls(true);
         }

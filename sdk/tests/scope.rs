@@ -1,106 +1,57 @@
-//! The permission set docs/security.md designs for a per-Worker identity, given to a user of a
-//! real `nats-server` (a static `permissions` block here; the operator is to sign it into a
-//! user JWT): the SDK's worker loop works its queue with it (jobs acked, a failing one
-//! dead-lettered, a cancellation followed), and the server refuses it purging or deleting a
-//! stream and publishing into another queue, which keeps its jobs.
+//! The permission set docs/security.md designs for a per-Worker identity
+//! ([`conveyor::permissions::worker`]), signed into a user JWT with an account signing key
+//! ([`conveyor::jwt::user`], as the operator mints it) and presented to a real operator-mode
+//! `nats-server`: the SDK's worker loop works its queue with it (jobs acked, a failing one
+//! dead-lettered, a cancellation followed, replies under its own inbox prefix), and the server
+//! refuses it purging or deleting a stream and publishing into another queue, which keeps its
+//! jobs.
 
-use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::connect::{Auth, NatsOptions, Secret};
 use conveyor::names::QueueRef;
 use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
-use conveyor::{Client, Job, Worker};
-use conveyor_testkit::wait_for;
+use conveyor::{Client, Job, Worker, jwt, permissions};
+use conveyor_testkit::{NatsServer, ServerAuth, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The publish and subscribe allow-lists of a worker of `queue` (one priority level).
-fn worker_permissions(queue: &QueueRef) -> (Vec<String>, Vec<String>) {
-    let stream = queue.stream();
-    let cancels = queue.cancel_stream();
-    let publish = vec![
-        format!("$JS.API.STREAM.INFO.{stream}"),
-        format!("$JS.API.STREAM.INFO.{cancels}"),
-        format!("$JS.API.CONSUMER.INFO.{stream}.{}", queue.consumer(0)),
-        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{}", queue.consumer(0)),
-        format!("$JS.ACK.{stream}.>"),
-        // The ordered consumer that follows cancellations is ephemeral: CREATE.<stream>.
-        format!("$JS.API.CONSUMER.CREATE.{cancels}"),
-        format!("$JS.API.CONSUMER.CREATE.{cancels}.>"),
-        format!("$JS.API.CONSUMER.DELETE.{cancels}.>"),
-        format!("$JS.FC.{cancels}.>"),
-        format!("$JS.API.STREAM.MSG.GET.{stream}"),
-        format!("$JS.API.STREAM.MSG.DELETE.{stream}"),
-        queue.dead_letter_subject(),
-        queue.results_wildcard(),
-        "_INBOX.>".to_owned(),
-    ];
-    let subscribe = vec!["_INBOX.>".to_owned()];
-    (publish, subscribe)
-}
-
-/// A `nats-server` started by the test; killed on drop.
-struct Server(Child, tempfile::TempDir);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A server with one account: `admin` may do anything, `worker` only what
-/// [`worker_permissions`] allows for `queue`.
-fn start_server(queue: &QueueRef) -> (Server, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let port = conveyor_testkit::free_port().unwrap();
-    let quote = |list: &[String]| {
-        list.iter()
-            .map(|s| serde_json::Value::from(s.as_str()).to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+/// An operator-mode server and a worker identity of `queue` minted with its signing key:
+/// the client, connected with the minted `.creds` and the Worker's inbox prefix.
+async fn start_server(queue: &QueueRef) -> (NatsServer, async_nats::Client) {
+    let server = NatsServer::builder()
+        .operator_mode()
+        .unwrap()
+        .start()
+        .await
+        .expect("an operator-mode nats-server starts");
+    let Some(ServerAuth::Operator(keys)) = server.auth() else {
+        unreachable!("the builder made an operator-mode server")
     };
-    let (publish, subscribe) = worker_permissions(queue);
-    let config = format!(
-        "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {store:?} }}\n\
-         accounts {{\n  APP {{\n    jetstream: enabled\n    users: [\n      \
-         {{ user: admin, password: admin }}\n      \
-         {{ user: worker, password: worker, permissions: {{ publish: {{ allow: [{publish}] }}, \
-         subscribe: {{ allow: [{subscribe}] }} }} }}\n    ]\n  }}\n}}\n",
-        store = dir.path().join("store").display().to_string(),
-        publish = quote(&publish),
-        subscribe = quote(&subscribe),
-    );
-    let path = dir.path().join("nats.conf");
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
-    let child = Command::new("nats-server")
-        .arg("-c")
-        .arg(&path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("nats-server runs (PATH=$HOME/.local/bin:$PATH)");
-    (Server(child, dir), format!("nats://127.0.0.1:{port}"))
-}
-
-async fn connect(url: &str, user: &str) -> async_nats::Client {
-    let start = Instant::now();
-    loop {
-        match async_nats::ConnectOptions::with_user_and_password(user.into(), user.into())
-            .connect(url)
-            .await
-        {
-            Ok(client) => return client,
-            Err(error) if start.elapsed() > DEADLINE => panic!("{user} connects: {error}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let prefix = permissions::worker_inbox_prefix("0f5c0a52-5d4e-4a8e-9b1e-3d3e0e7c1a11");
+    let minted = jwt::user(
+        &keys.signing_key(),
+        &keys.account,
+        "team/mail-worker",
+        &permissions::worker(queue, 1, false, &prefix),
+        jiff::Timestamp::now().as_second(),
+        3600,
+    )
+    .unwrap();
+    let worker = NatsOptions::new(&server.url())
+        .unwrap()
+        .auth(Auth::Creds(Secret::new(minted.creds())))
+        .unwrap()
+        .inbox_prefix(prefix)
+        .connect()
+        .await
+        .expect("the server accepts the minted creds");
+    (server, worker)
 }
 
 async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
@@ -114,8 +65,8 @@ async fn messages(js: &jetstream::Context, stream: &str) -> u64 {
 async fn a_worker_identity_works_its_queue_and_nothing_else() {
     let queue = QueueRef::new("team", "mail");
     let other = QueueRef::new("team", "billing");
-    let (server, url) = start_server(&queue);
-    let admin = Client::new(connect(&url, "admin").await);
+    let (server, worker_nats) = start_server(&queue).await;
+    let admin = Client::new(server.client().await.unwrap());
     for q in [&queue, &other] {
         ensure_queue(admin.jetstream(), q, &QueueSettings::default())
             .await
@@ -141,7 +92,6 @@ async fn a_worker_identity_works_its_queue_and_nothing_else() {
         .await
         .unwrap();
 
-    let worker_nats = connect(&url, "worker").await;
     let handled = Arc::new(AtomicUsize::new(0));
     let counter = handled.clone();
     let stop = CancellationToken::new();
@@ -175,7 +125,7 @@ async fn a_worker_identity_works_its_queue_and_nothing_else() {
         },
     )
     .await;
-    let log = std::fs::read_to_string(server.1.path().join("nats.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
     let violations: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
     assert!(
         settled.is_ok() && violations.is_empty(),
@@ -194,7 +144,7 @@ async fn a_worker_identity_works_its_queue_and_nothing_else() {
     let misuse = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(1))
         .build(worker_nats);
-    let log_path = server.1.path().join("nats.log");
+    let log_path = server.log_path();
     let refused = |subject: String| {
         let log_path = log_path.clone();
         async move {

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// required. The operator mounts the JobQueue's `spec.nats.tlsSecret` here.
     #[arg(long, env = connect_env::NATS_TLS_DIR)]
     pub nats_tls_dir: Option<PathBuf>,
+    /// Prefix of the connection's inboxes; an identity minted by the operator may subscribe
+    /// only under it (`_INBOX_<worker uid>`).
+    #[arg(long, env = connect_env::NATS_INBOX_PREFIX)]
+    pub nats_inbox_prefix: Option<String>,
     /// Namespace of the JobQueue.
     #[arg(long, env = env::QUEUE_NAMESPACE, default_value = "default")]
     pub namespace: String,
@@ -147,6 +151,9 @@ impl RunArgs {
         if let Some(path) = &self.nats_creds {
             let creds = read_secret_file("credentials file", path)?;
             options = options.auth(conveyor::connect::Auth::Creds(creds))?;
+        }
+        if let Some(prefix) = self.nats_inbox_prefix.as_deref().filter(|p| !p.is_empty()) {
+            options = options.inbox_prefix(prefix);
         }
         Ok(options)
     }
