@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
+use conveyor_crds::JobQueue;
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -18,17 +20,14 @@ use worker_env::{Env, NS, noop_worker};
 
 const JOBS: usize = 5_000;
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: burst}
-spec:
-  timeout: 60s
-";
+fn queue() -> String {
+    JobQueue::test("burst").timeout("60s").yaml()
+}
 
 #[tokio::test]
 async fn a_burst_scales_from_zero_to_max_and_back_to_zero() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
+    env.apply(&queue()).await;
     env.apply(
         &noop_worker("burst")
             .scaled(0..=8)

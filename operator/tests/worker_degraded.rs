@@ -6,39 +6,36 @@ mod worker_env;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: heavy}
-spec:
-  timeout: 30s
-  retry: {maxAttempts: 2}
-";
+fn queue() -> String {
+    JobQueue::test("heavy")
+        .timeout("30s")
+        .max_attempts(2)
+        .yaml()
+}
 
 // The handler writes 300 MiB (touched, so resident) under a 64 MiB limit.
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: heavy}
-spec:
-  queue: heavy
-  replicas: 1
-  handler:
-    mode: exec
-    command: ["python3", "-c", "import time; x = b'x' * (300 << 20); time.sleep(30)"]
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-          resources: {limits: {memory: 64Mi}}
-"#;
+fn worker() -> String {
+    Worker::test("heavy")
+        .replicas(1)
+        .exec(&[
+            "python3",
+            "-c",
+            "import time; x = b'x' * (300 << 20); time.sleep(30)",
+        ])
+        .image("ghcr.io/conveyor-dev/handler")
+        .memory_limit("64Mi")
+        .yaml()
+}
 
 #[tokio::test]
 async fn an_oom_killed_pod_makes_the_worker_degraded() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "heavy");
     env.wait_stream(&queue.stream()).await;
     env.wait_worker("heavy", Duration::from_secs(30), "a ready pod", |w| {

@@ -8,46 +8,36 @@ mod worker_env;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, ResourceExt};
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: patient}
-spec:
-  timeout: 60s
-";
+fn queue() -> String {
+    JobQueue::test("patient").timeout("60s").yaml()
+}
 
 fn worker(dir: &std::path::Path) -> String {
-    format!(
-        r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {{name: patient}}
-spec:
-  queue: patient
-  replicas: 1
-  handler:
-    mode: exec
-    command: ["sh", "-c", "touch {dir}/started-$CONVEYOR_JOB_ATTEMPT; sleep 3; printf 'attempt %s' $CONVEYOR_JOB_ATTEMPT"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 30
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#,
+    let script = format!(
+        "touch {dir}/started-$CONVEYOR_JOB_ATTEMPT; sleep 3; printf 'attempt %s' $CONVEYOR_JOB_ATTEMPT",
         dir = dir.display()
-    )
+    );
+    Worker::test("patient")
+        .replicas(1)
+        .exec(&["sh", "-c", &script])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(30)
+        .yaml()
 }
 
 #[tokio::test]
 async fn deleting_a_busy_pod_drains_its_running_job() {
     let env = Env::start().await;
     let dir = tempfile_dir();
-    env.apply(QUEUE).await;
+    env.apply(&queue()).await;
     env.apply(&worker(&dir)).await;
     let queue = QueueRef::new(NS, "patient");
     env.wait_stream(&queue.stream()).await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use conveyor::names::QueueRef;
 use conveyor_crds::{JobQueue, JobQueueStatus, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use futures::StreamExt;
 use kube::Api;
@@ -73,14 +74,8 @@ async fn take(js: &jetstream::Context, queue: &QueueRef, n: usize) -> Vec<jetstr
 #[tokio::test]
 async fn delayed_and_oldest_follow_the_jobs() {
     let env = Env::start().await;
-    env.apply(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: later}
-spec: {timeout: 1m}
-",
-    )
-    .await;
+    env.apply(&JobQueue::test("later").timeout("1m").yaml())
+        .await;
     let queue = QueueRef::new(NS, "later");
     env.wait_stream(&queue.stream()).await;
     let client = conveyor::Client::connect(&env.nats.url()).await.unwrap();
@@ -147,35 +142,25 @@ spec: {timeout: 1m}
     env.shutdown().await;
 }
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: thumbs}
-spec: {timeout: 2m}
-";
+fn queue() -> String {
+    JobQueue::test("thumbs").timeout("2m").yaml()
+}
 
 // Paused at 0 pods; each job sleeps long enough to be seen running.
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: thumbs}
-spec:
-  queue: thumbs
-  replicas: 0
-  concurrency: 2
-  handler:
-    mode: exec
-    command: ["sleep", "60"]
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("thumbs")
+        .replicas(0)
+        .concurrency(2)
+        .exec(&["sleep", "60"])
+        .image("ghcr.io/conveyor-dev/handler")
+        .yaml()
+}
 
 #[tokio::test]
 async fn a_pool_without_ready_pods_is_unavailable_while_jobs_wait_and_shows_busy_slots() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "thumbs");
     env.wait_stream(&queue.stream()).await;
     let idle = env

@@ -10,41 +10,31 @@ use std::time::Duration;
 
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job, JobResult};
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::Api;
 use kube::api::ListParams;
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: stuck}
-spec:
-  timeout: 3s
-  retry: {maxAttempts: 3}
-";
+fn queue() -> String {
+    JobQueue::test("stuck").timeout("3s").max_attempts(3).yaml()
+}
 
 // The first attempt sleeps far past the timeout; later ones answer at once.
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: stuck}
-spec:
-  queue: stuck
-  replicas: 1
-  handler:
-    mode: exec
-    command: ["sh", "-c", "if [ \"$CONVEYOR_JOB_ATTEMPT\" = 1 ]; then sleep 60; fi; echo attempt $CONVEYOR_JOB_ATTEMPT"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-          livenessProbe:
-            httpGet: {path: /healthz, port: 9090}
-            periodSeconds: 1
-            timeoutSeconds: 1
-            failureThreshold: 2
-"#;
+fn worker() -> String {
+    Worker::test("stuck")
+        .replicas(1)
+        .exec(&[
+            "sh",
+            "-c",
+            "if [ \"$CONVEYOR_JOB_ATTEMPT\" = 1 ]; then sleep 60; fi; echo attempt $CONVEYOR_JOB_ATTEMPT",
+        ])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(2)
+        .liveness_on(9090, 2)
+        .yaml()
+}
 
 /// The status of the pod's container.
 fn container(pod: &Pod) -> &ContainerStatus {
@@ -69,8 +59,8 @@ async fn the_pod(env: &Env) -> Pod {
 #[tokio::test]
 async fn a_worker_that_stops_heart_beating_is_replaced_and_its_job_runs_again() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "stuck");
     env.wait_stream(&queue.stream()).await;
     env.wait_worker("stuck", Duration::from_secs(30), "a ready pod", |w| {

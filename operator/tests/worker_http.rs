@@ -7,6 +7,8 @@ mod worker_env;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use worker_env::{Env, NS};
 
@@ -15,14 +17,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[tokio::test]
 async fn an_http_handler_gets_each_job_as_a_post() {
     let env = Env::start().await;
-    env.apply(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: web}
-spec: {}
-",
-    )
-    .await;
+    env.apply(&JobQueue::test("web").yaml()).await;
     let port = conveyor_testkit::free_port().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let seen = dir.path().join("seen");
@@ -36,24 +31,12 @@ spec: {}
          h.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n",
         seen = seen.display()
     );
-    let worker = format!(
-        r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {{name: web}}
-spec:
-  queue: web
-  replicas: 1
-  handler:
-    mode: http
-    url: http://127.0.0.1:{port}/jobs
-  template:
-    spec:
-      containers:
-        - name: server
-          image: ghcr.io/conveyor-dev/handler
-          command: ["python3", "-u", "-c", {server:?}]
-"#
-    );
+    let worker = Worker::test("web")
+        .replicas(1)
+        .http(&format!("http://127.0.0.1:{port}/jobs"))
+        .image("ghcr.io/conveyor-dev/handler")
+        .container_command(&["python3", "-u", "-c", &server])
+        .yaml();
     env.apply(&worker).await;
     let queue = QueueRef::new(NS, "web");
     env.wait_stream(&queue.stream()).await;

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::proxy::Relay;
 use conveyor_testkit::raw::RawPublisher;
 use conveyor_testkit::wait_for;
@@ -21,35 +23,22 @@ use kube::api::ListParams;
 use worker_env::{Env, NS};
 
 fn queue_yaml(url: &str) -> String {
-    format!(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {{name: lonely}}
-spec:
-  nats: {{url: \"{url}\"}}
-  timeout: 3s
-  retry: {{maxAttempts: 5}}
-"
-    )
+    JobQueue::test("lonely")
+        .nats_url(url)
+        .timeout("3s")
+        .max_attempts(5)
+        .yaml()
 }
 
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: lonely}
-spec:
-  queue: lonely
-  replicas: 1
-  concurrency: 4
-  handler:
-    mode: exec
-    command: ["sh", "-c", "cat >/dev/null"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("lonely")
+        .replicas(1)
+        .concurrency(4)
+        .exec(&["sh", "-c", "cat >/dev/null"])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(2)
+        .yaml()
+}
 
 async fn restarts(env: &Env) -> i32 {
     let pods: Api<Pod> = Api::namespaced(env.cluster.client(), NS);
@@ -70,7 +59,7 @@ async fn a_worker_that_cannot_replace_its_dead_client_is_restarted_by_its_probe(
     let env = Env::start().await;
     let relay = Relay::start(env.nats.port()).await.unwrap();
     env.apply(&queue_yaml(&relay.url())).await;
-    env.apply(WORKER).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "lonely");
     env.wait_stream(&queue.stream()).await;
     env.wait_worker("lonely", Duration::from_secs(60), "a ready pod", |w| {

@@ -11,45 +11,36 @@ use std::time::Duration;
 
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: fresh}
-spec:
-  timeout: 10s
-";
+fn queue() -> String {
+    JobQueue::test("fresh").timeout("10s").yaml()
+}
 
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: fresh}
-spec:
-  queue: fresh
-  replicas: 1
-  concurrency: 2
-  recycle: {maxJobs: 4}
-  handler:
-    mode: exec
-    command: ["sh", "-c", "cat >/dev/null"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("fresh")
+        .replicas(1)
+        .concurrency(2)
+        .recycle_after_jobs(4)
+        .exec(&["sh", "-c", "cat >/dev/null"])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(5)
+        .yaml()
+}
 
 const JOBS: usize = 30;
 
 #[tokio::test]
 async fn recycling_by_max_jobs_never_restarts_the_container_nor_looks_like_a_crash() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "fresh");
     env.wait_stream(&queue.stream()).await;
     env.wait_worker("fresh", Duration::from_secs(60), "a ready pod", |w| {

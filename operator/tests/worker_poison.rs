@@ -12,42 +12,35 @@ use base64::Engine as _;
 use conveyor::names::QueueRef;
 use conveyor::protocol::{self, record};
 use conveyor::{Client, Job};
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::raw::RawPublisher;
 use conveyor_testkit::wait_for;
 use futures::StreamExt;
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: poison}
-spec:
-  timeout: 3s
-  retry: {maxAttempts: 5}
-";
+fn queue() -> String {
+    JobQueue::test("poison")
+        .timeout("3s")
+        .max_attempts(5)
+        .yaml()
+}
 
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: poison}
-spec:
-  queue: poison
-  replicas: 2
-  concurrency: 4
-  handler:
-    mode: exec
-    command: ["sh", "-c", "cat >/dev/null"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("poison")
+        .replicas(2)
+        .concurrency(4)
+        .exec(&["sh", "-c", "cat >/dev/null"])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(2)
+        .yaml()
+}
 
 #[tokio::test]
 async fn a_job_that_panics_the_nats_client_is_dead_lettered_and_the_pool_keeps_working() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "poison");
     env.wait_stream(&queue.stream()).await;
     env.wait_worker("poison", Duration::from_secs(60), "two ready pods", |w| {

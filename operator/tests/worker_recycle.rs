@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
@@ -17,36 +19,33 @@ use worker_env::{Env, NS};
 
 const JOBS: u64 = 40;
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: steady}
-spec:
-  timeout: 30s
-";
+fn queue() -> String {
+    JobQueue::test("steady").timeout("30s").yaml()
+}
 
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: steady}
-spec:
-  queue: steady
-  replicas: 2
-  recycle: {maxAge: 3s, maxUnavailable: 1}
-  handler:
-    mode: exec
-    command: ["python3", "-c", "import sys, time; time.sleep(float(sys.stdin.read()))"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 10
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+/// An exec handler that sleeps for as many seconds as its job's payload says.
+const SLEEP_PAYLOAD_SECONDS: [&str; 3] = [
+    "python3",
+    "-c",
+    "import sys, time; time.sleep(float(sys.stdin.read()))",
+];
+
+fn worker() -> String {
+    Worker::test("steady")
+        .replicas(2)
+        .recycle_after("3s")
+        .recycle_at_most(1)
+        .exec(&SLEEP_PAYLOAD_SECONDS)
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(10)
+        .yaml()
+}
 
 #[tokio::test]
 async fn every_pod_is_recycled_and_no_job_is_lost() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "steady");
     env.wait_stream(&queue.stream()).await;
     let pods: Api<Pod> = Api::namespaced(env.cluster.client(), NS);

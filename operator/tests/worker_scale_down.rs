@@ -10,42 +10,42 @@ mod worker_env;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
 use worker_env::{Env, NS};
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: mixed}
-spec:
-  timeout: 60s
-";
+fn queue() -> String {
+    JobQueue::test("mixed").timeout("60s").yaml()
+}
+
+/// An exec handler that sleeps for as many seconds as its job's payload says.
+const SLEEP_PAYLOAD_SECONDS: [&str; 3] = [
+    "python3",
+    "-c",
+    "import sys, time; time.sleep(float(sys.stdin.read()))",
+];
 
 // Each job's payload is how long it sleeps; one job per pod at a time.
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: mixed}
-spec:
-  queue: mixed
-  handler:
-    mode: exec
-    command: ["python3", "-c", "import sys, time; time.sleep(float(sys.stdin.read()))"]
-  scaling: {minReplicas: 0, maxReplicas: 3, targetBacklogPerReplica: 1, scaleDownDelay: 6s}
-  template:
-    spec:
-      terminationGracePeriodSeconds: 8
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("mixed")
+        .exec(&SLEEP_PAYLOAD_SECONDS)
+        .scaled(0..=3)
+        .backlog_per_pod(1)
+        .scale_down_after("6s")
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(8)
+        .yaml()
+}
 
 #[tokio::test]
 async fn scale_down_removes_idle_pods_and_keeps_the_busy_one() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let queue = QueueRef::new(NS, "mixed");
     env.wait_stream(&queue.stream()).await;
 

@@ -216,6 +216,62 @@ impl WorkerFixture {
         self
     }
 
+    /// `handler` in mode `http`: each job is POSTed to `url`.
+    pub fn http(mut self, url: &str) -> Self {
+        self.set(&["handler"], json!({"mode": "http", "url": url}));
+        self
+    }
+
+    /// The handler container's own command (a server the `http` handler talks to, say).
+    pub fn container_command(mut self, command: &[&str]) -> Self {
+        self.set(
+            &["template", "spec", "containers", "0", "command"],
+            json!(command),
+        );
+        self
+    }
+
+    /// The handler container's memory limit (`64Mi`).
+    pub fn memory_limit(mut self, limit: &str) -> Self {
+        self.set(
+            &[
+                "template",
+                "spec",
+                "containers",
+                "0",
+                "resources",
+                "limits",
+                "memory",
+            ],
+            json!(limit),
+        );
+        self
+    }
+
+    /// The pod's `terminationGracePeriodSeconds`: how long a stopping pod may drain.
+    pub fn grace_period(mut self, seconds: i64) -> Self {
+        self.set(
+            &["template", "spec", "terminationGracePeriodSeconds"],
+            json!(seconds),
+        );
+        self
+    }
+
+    /// A liveness probe on the runtime's `/healthz` at `port`, every second, failing after
+    /// `failures` missed answers of 1 s each.
+    pub fn liveness_on(mut self, port: u16, failures: i32) -> Self {
+        self.set(
+            &["template", "spec", "containers", "0", "livenessProbe"],
+            json!({
+                "httpGet": {"path": "/healthz", "port": port},
+                "periodSeconds": 1,
+                "timeoutSeconds": 1,
+                "failureThreshold": failures,
+            }),
+        );
+        self
+    }
+
     /// The handler container's image.
     pub fn image(mut self, image: &str) -> Self {
         self.set(
@@ -247,6 +303,12 @@ impl WorkerFixture {
     /// `recycle.maxAge`: pods older than this are replaced (`30m`, `12h`).
     pub fn recycle_after(mut self, age: &str) -> Self {
         self.set(&["recycle", "maxAge"], json!(age));
+        self
+    }
+
+    /// `recycle.maxUnavailable`: how many pods may be recycled at once.
+    pub fn recycle_at_most(mut self, pods: i32) -> Self {
+        self.set(&["recycle", "maxUnavailable"], json!(pods));
         self
     }
 
@@ -304,5 +366,33 @@ mod tests {
             worker["spec"]["template"]["spec"]["containers"],
             json!([{"name": "handler", "image": "hello:1"}])
         );
+    }
+
+    #[test]
+    fn the_pod_setters_land_in_the_pod_template() {
+        let worker = Worker::test("w")
+            .http("http://127.0.0.1:1/jobs")
+            .container_command(&["python3", "server.py"])
+            .memory_limit("64Mi")
+            .grace_period(7)
+            .liveness_on(9090, 2)
+            .recycle_at_most(1)
+            .build();
+        assert_eq!(
+            worker.spec.handler.url.as_deref(),
+            Some("http://127.0.0.1:1/jobs")
+        );
+        assert_eq!(worker.spec.recycle.expect("recycle").max_unavailable, 1);
+        let pod = worker.spec.template.spec.expect("pod");
+        assert_eq!(pod.termination_grace_period_seconds, Some(7));
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.command.as_deref(),
+            Some(&["python3".to_string(), "server.py".to_string()][..])
+        );
+        let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref());
+        assert_eq!(limits.map(|l| l["memory"].0.as_str()), Some("64Mi"));
+        let probe = container.liveness_probe.as_ref().expect("a probe");
+        assert_eq!(probe.failure_threshold, Some(2));
     }
 }
