@@ -20,6 +20,7 @@ pub mod rate;
 pub mod schedule;
 pub mod stored;
 pub mod worker;
+pub mod workflow;
 
 pub use client::{
     CancelAck, CancelError, Client, Job, JobResult, SubmitAck, SubmitError, WaitError,

@@ -1,0 +1,331 @@
+//! Workflow runs against a real nats-server: the engine serves a run queue as the operator
+//! does, step workers serve their queues, the releaser runs as the dispatcher runs it. The
+//! seeds' case: two fetches in parallel (Twitter skipped by `when` when not linked), an
+//! aggregate of both, a notification when a step fails; plus `forEach` and the fairness rule.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use conveyor::admin::{QueueSettings, ensure_queue};
+use conveyor::flow::Releaser;
+use conveyor::names::QueueRef;
+use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
+use conveyor::workflow::Definition;
+use conveyor::workflow::engine::{Engine, RunState, start};
+use conveyor::{Client, JobResult, Worker};
+use conveyor_testkit::{NatsServer, wait_for_some};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const NS: &str = "test";
+
+/// Stops everything it started when dropped.
+struct Stop(CancellationToken);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// What step handlers saw: (step job id, priority level, payload).
+type Seen = Arc<Mutex<Vec<(String, u8, Value)>>>;
+
+struct Env {
+    client: Client,
+    runs: QueueRef,
+    seen: Seen,
+    _stop: Stop,
+    _nats: NatsServer,
+}
+
+fn options(priorities: u8) -> WorkerOptions {
+    WorkerOptions {
+        concurrency: 4,
+        priorities,
+        poll_wait: Duration::from_millis(300),
+        drain_timeout: Duration::from_secs(2),
+        pod_name: "test-pod".into(),
+        ..Default::default()
+    }
+}
+
+/// A step handler: records what it got, then `{"step", "n"}` where `n` is the input's figure
+/// for the network the step fetches (`fail` in the input fails the step for good); the aggregate sums its
+/// dependencies' `n`.
+async fn step(job: ReceivedJob, seen: Seen) -> Outcome {
+    let payload: Value = serde_json::from_slice(&job.payload).unwrap_or(Value::Null);
+    seen.lock()
+        .unwrap()
+        .push((job.id.clone(), job.priority, payload.clone()));
+    let step = payload["step"].as_str().unwrap_or_default().to_owned();
+    if payload["input"]["fail"] == json!(step) {
+        return Outcome::Permanent("the OAuth token expired".into());
+    }
+    match step.as_str() {
+        "aggregate" => {
+            let total: i64 = payload["steps"]
+                .as_object()
+                .map(|steps| {
+                    steps
+                        .values()
+                        .filter_map(|s| s["result"]["n"].as_i64())
+                        .sum()
+                })
+                .unwrap_or_default();
+            Outcome::Done(json!({"total": total}).to_string().into())
+        }
+        "each" => Outcome::Done(
+            json!(payload["item"].as_i64().unwrap_or(0) * 10)
+                .to_string()
+                .into(),
+        ),
+        "onFailure" => Outcome::Done("notified".into()),
+        _ => {
+            let network = step.trim_start_matches("fetch-");
+            let n = payload["input"][network].as_i64().unwrap_or(0);
+            Outcome::Done(json!({"step": step, "n": n}).to_string().into())
+        }
+    }
+}
+
+async fn env(step_queues: &[(&str, u8)]) -> anyhow::Result<Env> {
+    let nats = NatsServer::start().await?;
+    let client = Client::connect(&nats.url()).await?;
+    let stop = CancellationToken::new();
+    let seen: Seen = Arc::default();
+    let runs = QueueRef::new(NS, "conveyor-runs");
+    let mut all = vec![(runs.clone(), 2)];
+    all.extend(step_queues.iter().map(|(q, l)| (QueueRef::new(NS, *q), *l)));
+    for (queue, levels) in &all {
+        let settings = QueueSettings {
+            priorities: *levels,
+            ..QueueSettings::default()
+        };
+        ensure_queue(client.jetstream(), queue, &settings).await?;
+        let releaser =
+            Releaser::new(client.jetstream().clone()).scan_interval(Duration::from_millis(200));
+        let (queue, halt) = (queue.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !halt.is_cancelled() {
+                if let Err(error) = releaser.serve(&queue, &halt).await {
+                    eprintln!("releaser of {}: {error}", queue.stream());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+    }
+    let engine = Arc::new(Engine::new(client.jetstream().clone()));
+    let runner = Worker::new(client.jetstream().clone(), runs.clone())
+        .options(options(2))
+        .handler(move |job: ReceivedJob| {
+            let engine = engine.clone();
+            async move { engine.handle(job).await }
+        });
+    let halt = stop.clone();
+    tokio::spawn(async move { runner.run(async move { halt.cancelled().await }).await });
+    for (queue, levels) in &all[1..] {
+        let own = seen.clone();
+        let runner = Worker::new(client.jetstream().clone(), queue.clone())
+            .options(options(*levels))
+            .handler(move |job| step(job, own.clone()));
+        let halt = stop.clone();
+        tokio::spawn(async move { runner.run(async move { halt.cancelled().await }).await });
+    }
+    Ok(Env {
+        client,
+        runs,
+        seen,
+        _stop: Stop(stop),
+        _nats: nats,
+    })
+}
+
+/// The seeds' workflow, as a `Workflow`'s spec.
+fn seeds() -> Definition {
+    serde_json::from_value(json!({
+        "steps": [
+            {"name": "fetch-twitter", "queue": "twitter", "when": "has(input.twitter)"},
+            {"name": "fetch-facebook", "queue": "facebook"},
+            {"name": "aggregate", "queue": "aggregate",
+             "dependsOn": ["fetch-twitter", "fetch-facebook"]}
+        ],
+        "onFailure": {"queue": "notify"}
+    }))
+    .expect("the seeds' spec")
+}
+
+async fn run(
+    env: &Env,
+    id: &str,
+    definition: Definition,
+    input: Value,
+) -> anyhow::Result<JobResult> {
+    let state = RunState::new(NS, "social", id, definition, input);
+    let ack = start(&env.client, &env.runs, &state).await?;
+    assert!(!ack.duplicate, "a new run");
+    let run = state.run.clone();
+    let result = wait_for_some(WAIT, &format!("the outcome of run {run}"), || async {
+        env.client.result(&env.runs, &run).await.ok().flatten()
+    })
+    .await?;
+    Ok(result)
+}
+
+fn completed(result: &JobResult) -> Value {
+    match result {
+        JobResult::Completed { result, .. } => serde_json::from_slice(result).expect("JSON"),
+        other => panic!("expected a completed run, got {other:?}"),
+    }
+}
+
+fn ran(seen: &Seen, run: &str) -> Vec<String> {
+    let mut ids: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _, _)| id.starts_with(&format!("social.{run}.")))
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn the_seeds_workflow_fetches_in_parallel_skips_unlinked_aggregates_and_notifies()
+-> anyhow::Result<()> {
+    let env = env(&[
+        ("twitter", 1),
+        ("facebook", 1),
+        ("aggregate", 2),
+        ("notify", 1),
+    ])
+    .await?;
+
+    // Both networks linked: both fetched, aggregated.
+    let result = run(&env, "r1", seeds(), json!({"twitter": 3, "facebook": 4})).await?;
+    assert_eq!(completed(&result), json!({"total": 7}));
+    assert_eq!(
+        ran(&env.seen, "r1"),
+        [
+            "social.r1.aggregate",
+            "social.r1.fetch-facebook",
+            "social.r1.fetch-twitter"
+        ]
+    );
+    // The fairness rule: the aggregate (wave 1) went a level up on its two-level queue.
+    let levels: Vec<(String, u8)> = env
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _, _)| id.starts_with("social.r1."))
+        .map(|(id, level, _)| (id.clone(), *level))
+        .collect();
+    assert!(
+        levels.contains(&("social.r1.aggregate".into(), 1)),
+        "{levels:?}"
+    );
+    assert!(
+        levels.contains(&("social.r1.fetch-facebook".into(), 0)),
+        "{levels:?}"
+    );
+
+    // Twitter not linked: skipped by `when`, never submitted; the aggregate runs without it
+    // and sees it as skipped.
+    let result = run(&env, "r2", seeds(), json!({"facebook": 5})).await?;
+    assert_eq!(completed(&result), json!({"total": 5}));
+    assert_eq!(
+        ran(&env.seen, "r2"),
+        ["social.r2.aggregate", "social.r2.fetch-facebook"]
+    );
+    let aggregate = env
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(id, _, _)| id == "social.r2.aggregate")
+        .map(|(_, _, payload)| payload.clone())
+        .expect("the aggregate ran");
+    assert_eq!(aggregate["steps"]["fetch-twitter"]["outcome"], "skipped");
+    assert_eq!(
+        aggregate["steps"]["fetch-facebook"]["result"],
+        json!({"step": "fetch-facebook", "n": 5})
+    );
+
+    // Starting the same run again is the same run.
+    let again = RunState::new(NS, "social", "r2", seeds(), json!({"facebook": 5}));
+    assert!(start(&env.client, &env.runs, &again).await?.duplicate);
+
+    // The Facebook token expired: the step dead-letters, onFailure runs with its name and
+    // error, the aggregate never runs, the run ends failed naming the step.
+    let result = run(
+        &env,
+        "r3",
+        seeds(),
+        json!({"twitter": 1, "facebook": 1, "fail": "fetch-facebook"}),
+    )
+    .await?;
+    match &result {
+        JobResult::DeadLettered { reason, error, .. } => {
+            assert_eq!(reason, "permanent");
+            assert_eq!(
+                error,
+                "step fetch-facebook failed: permanent: the OAuth token expired"
+            );
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
+    assert_eq!(
+        ran(&env.seen, "r3"),
+        [
+            "social.r3.fetch-facebook",
+            "social.r3.fetch-twitter",
+            "social.r3.onFailure"
+        ]
+    );
+    let notified = env
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(id, _, _)| id == "social.r3.onFailure")
+        .map(|(_, _, payload)| payload.clone())
+        .expect("onFailure ran");
+    assert_eq!(notified["failed"]["step"], "fetch-facebook");
+    assert_eq!(
+        notified["failed"]["error"],
+        "permanent: the OAuth token expired"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn for_each_fans_out_and_a_non_list_fails_the_run() -> anyhow::Result<()> {
+    let env = env(&[("each", 1), ("aggregate", 1), ("notify", 1)]).await?;
+    let definition: Definition = serde_json::from_value(json!({
+        "steps": [
+            {"name": "each", "queue": "each", "forEach": "input.xs"},
+        ]
+    }))?;
+    let result = run(&env, "e1", definition.clone(), json!({"xs": [1, 2, 3]})).await?;
+    assert_eq!(completed(&result), json!([10, 20, 30]));
+    assert_eq!(
+        ran(&env.seen, "e1"),
+        ["social.e1.each.0", "social.e1.each.1", "social.e1.each.2"]
+    );
+
+    let result = run(&env, "e2", definition, json!({"xs": "not a list"})).await?;
+    match &result {
+        JobResult::DeadLettered { error, .. } => {
+            assert_eq!(
+                error,
+                "step each failed: forEach: yielded a string, not a list"
+            );
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
+    assert!(ran(&env.seen, "e2").is_empty(), "nothing ran");
+    Ok(())
+}
