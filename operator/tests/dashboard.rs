@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
 use conveyor_operator::config::Token;
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use serde_json::Value;
@@ -117,27 +119,22 @@ struct Seeded {
     worker: tokio::task::JoinHandle<()>,
 }
 
-const QUEUES: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: emails}
-spec: {retry: {maxAttempts: 1}, results: {retention: 1h}}
----
-apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: reports}
-spec: {}
----
-apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: emails}
-spec:
-  queue: emails
-  concurrency: 4
-  handler: {mode: jsonl, command: [handler]}
-  template:
-    spec:
-      containers: [{name: handler, image: example/handler}]
-";
+/// Two queues (`emails` keeps results an hour and never retries) and the Worker of `emails`.
+fn queues() -> String {
+    [
+        JobQueue::test("emails")
+            .max_attempts(1)
+            .result_retention("1h")
+            .yaml(),
+        JobQueue::test("reports").yaml(),
+        Worker::test("emails")
+            .concurrency(4)
+            .jsonl(&["handler"])
+            .image("example/handler")
+            .yaml(),
+    ]
+    .join("---\n")
+}
 
 impl Seeded {
     async fn start() -> Self {
@@ -165,7 +162,7 @@ impl Seeded {
             cluster.client(),
             async move { stopped.cancelled().await },
         ));
-        kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(QUEUES)).await;
+        kubectl(&cluster, &["apply", "-n", NS, "-f", "-"], Some(&queues())).await;
 
         let client = conveyor::Client::connect(&nats.url()).await.unwrap();
         let js = client.jetstream().clone();

@@ -10,6 +10,8 @@ use async_nats::jetstream::consumer::PullConsumer;
 use conveyor::dlq::REASON_MAX_DELIVERIES;
 use conveyor::names::QueueRef;
 use conveyor::{Client, Job};
+use conveyor_crds::JobQueue;
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
 use worker_env::{Env, NS};
@@ -18,17 +20,13 @@ use worker_env::{Env, NS};
 async fn a_queue_on_its_own_nats_server_gets_its_exhausted_jobs_dead_lettered() {
     let env = Env::start().await;
     let own = NatsServer::start().await.unwrap();
-    env.apply(&format!(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {{name: elsewhere}}
-spec:
-  nats: {{url: \"{}\"}}
-  timeout: 1s
-  retry: {{maxAttempts: 2}}
-",
-        own.url()
-    ))
+    env.apply(
+        &JobQueue::test("elsewhere")
+            .nats_url(&own.url())
+            .timeout("1s")
+            .max_attempts(2)
+            .yaml(),
+    )
     .await;
     let queue = QueueRef::new(NS, "elsewhere");
     let client = Client::connect(&own.url()).await.unwrap();

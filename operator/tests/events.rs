@@ -8,8 +8,10 @@ mod worker_env;
 
 use std::time::Duration;
 
+use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::events::{NOTE_LIMIT, Recorder};
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::wait_for;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
@@ -17,7 +19,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Resource};
-use worker_env::{Env, NS};
+use worker_env::{Env, NS, oom_worker};
 
 async fn kubectl(cluster: &DevCluster, args: &[&str]) -> String {
     Kubectl::new(cluster.kubeconfig_path()).ok(args, None).await
@@ -122,36 +124,26 @@ async fn a_note_too_long_for_the_api_server_is_shortened_not_lost() {
     cluster.shutdown().await;
 }
 
-const QUEUE: &str = "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: aging}
-spec:
-  timeout: 30s
-";
+fn queue() -> String {
+    JobQueue::test("aging").timeout("30s").yaml()
+}
 
-const WORKER: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: aging}
-spec:
-  queue: aging
-  replicas: 1
-  recycle: {maxAge: 2s, maxUnavailable: 1}
-  handler:
-    mode: exec
-    command: ["true"]
-  template:
-    spec:
-      terminationGracePeriodSeconds: 5
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-"#;
+fn worker() -> String {
+    Worker::test("aging")
+        .replicas(1)
+        .recycle_after("2s")
+        .recycle_at_most(1)
+        .exec(&["true"])
+        .image("ghcr.io/conveyor-dev/handler")
+        .grace_period(5)
+        .yaml()
+}
 
 #[tokio::test]
 async fn every_recycled_event_names_the_pod_replaced_that_time() {
     let env = Env::start().await;
-    env.apply(QUEUE).await;
-    env.apply(WORKER).await;
+    env.apply(&queue()).await;
+    env.apply(&worker()).await;
     let api: Api<Event> = Api::namespaced(env.cluster.client(), NS);
     let recycled = || async {
         let mut notes: Vec<(String, String)> = api
@@ -198,34 +190,14 @@ async fn many_oom_killed_pods_with_long_names_still_make_a_worker_crashed_event(
     let name = format!("oom{}", "x".repeat(47));
     let container = "c".repeat(63);
     let env = Env::start().await;
-    env.apply(&format!(
-        "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {{name: {name}}}
-spec:
-  timeout: 30s
-  retry: {{maxAttempts: 20}}
-"
-    ))
-    .await;
-    env.apply(&format!(
-        r#"apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {{name: {name}}}
-spec:
-  queue: {name}
-  replicas: 6
-  handler:
-    mode: exec
-    command: ["python3", "-c", "import time; x = b'x' * (96 << 20); time.sleep(30)"]
-  template:
-    spec:
-      containers:
-        - name: {container}
-          image: ghcr.io/conveyor-dev/handler
-          resources: {{limits: {{memory: 48Mi}}}}
-"#
-    ))
+    env.apply(&JobQueue::test(&name).timeout("30s").max_attempts(20).yaml())
+        .await;
+    env.apply(
+        &oom_worker(&name, 96, "48Mi")
+            .replicas(6)
+            .container_name(&container)
+            .yaml(),
+    )
     .await;
     let queue = conveyor::names::QueueRef::new(NS, &name);
     env.wait_stream(&queue.stream()).await;

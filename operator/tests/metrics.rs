@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use conveyor::names::QueueRef;
+use conveyor_crds::{JobQueue, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
+use conveyor_testkit::fixtures::Test as _;
 use conveyor_testkit::kubectl::Kubectl;
 use conveyor_testkit::{NatsServer, wait_for};
 use futures::StreamExt;
@@ -257,31 +259,20 @@ async fn queue_and_worker_metrics_after_a_known_workload() {
         &cluster,
         &["apply", "-n", NS, "-f", "-"],
         Some(
-            "apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: thumbs}
-spec:
-  retry: {maxAttempts: 3}
----
-# Its NATS is unreachable: reconcile errors, and no queue series.
-apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: offline}
-spec:
-  nats: {url: 'nats://127.0.0.1:1'}
----
-apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: thumbs}
-spec:
-  queue: thumbs
-  concurrency: 4
-  replicas: 2
-  handler: {mode: exec, command: [/handler]}
-  template:
-    spec:
-      containers: [{name: handler, image: thumbs:1}]
-",
+            &[
+                JobQueue::test("thumbs").max_attempts(3).yaml(),
+                // Its NATS is unreachable: reconcile errors, and no queue series.
+                JobQueue::test("offline")
+                    .nats_url("nats://127.0.0.1:1")
+                    .yaml(),
+                Worker::test("thumbs")
+                    .concurrency(4)
+                    .replicas(2)
+                    .exec(&["/handler"])
+                    .image("thumbs:1")
+                    .yaml(),
+            ]
+            .join("---\n"),
         ),
     )
     .await;
@@ -441,29 +432,16 @@ spec:
 }
 
 // The handler writes 300 MiB (touched, so resident) under a 64 MiB limit.
-const HEAVY: &str = r#"apiVersion: conveyor.dev/v1alpha1
-kind: JobQueue
-metadata: {name: heavy}
-spec:
-  timeout: 30s
-  retry: {maxAttempts: 2}
----
-apiVersion: conveyor.dev/v1alpha1
-kind: Worker
-metadata: {name: heavy}
-spec:
-  queue: heavy
-  replicas: 1
-  handler:
-    mode: exec
-    command: ["python3", "-c", "import time; x = b'x' * (300 << 20); time.sleep(30)"]
-  template:
-    spec:
-      containers:
-        - name: handler
-          image: ghcr.io/conveyor-dev/handler
-          resources: {limits: {memory: 64Mi}}
-"#;
+fn heavy() -> String {
+    let queue = JobQueue::test("heavy")
+        .timeout("30s")
+        .max_attempts(2)
+        .yaml();
+    let worker = worker_env::oom_worker("heavy", 300, "64Mi")
+        .replicas(1)
+        .yaml();
+    format!("{queue}---\n{worker}")
+}
 
 #[tokio::test]
 async fn an_oom_killed_worker_pod_counts_as_a_crash_by_reason() {
@@ -472,7 +450,7 @@ async fn an_oom_killed_worker_pod_counts_as_a_crash_by_reason() {
         c.http_addr = format!("127.0.0.1:{port}").parse().unwrap();
     })
     .await;
-    env.apply(HEAVY).await;
+    env.apply(&heavy()).await;
     let queue = QueueRef::new(worker_env::NS, "heavy");
     env.wait_stream(&queue.stream()).await;
     let w = r#"{namespace="team",worker="heavy",queue="heavy""#;

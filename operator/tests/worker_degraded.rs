@@ -6,9 +6,9 @@ mod worker_env;
 use std::time::Duration;
 
 use conveyor::names::QueueRef;
-use conveyor_crds::{JobQueue, Worker};
+use conveyor_crds::JobQueue;
 use conveyor_testkit::fixtures::Test as _;
-use worker_env::{Env, NS};
+use worker_env::{Env, NS, oom_worker};
 
 fn queue() -> String {
     JobQueue::test("heavy")
@@ -19,16 +19,7 @@ fn queue() -> String {
 
 // The handler writes 300 MiB (touched, so resident) under a 64 MiB limit.
 fn worker() -> String {
-    Worker::test("heavy")
-        .replicas(1)
-        .exec(&[
-            "python3",
-            "-c",
-            "import time; x = b'x' * (300 << 20); time.sleep(30)",
-        ])
-        .image("ghcr.io/conveyor-dev/handler")
-        .memory_limit("64Mi")
-        .yaml()
+    oom_worker("heavy", 300, "64Mi").replicas(1).yaml()
 }
 
 #[tokio::test]

@@ -167,6 +167,12 @@ impl JobQueueFixture {
         self
     }
 
+    /// `results.retention`: how long outcomes and results are kept (`1h`).
+    pub fn result_retention(mut self, retention: &str) -> Self {
+        self.set(&["results", "retention"], json!(retention));
+        self
+    }
+
     /// `alerts.maxPending`: `Backlogged` above this many pending jobs.
     pub fn alert_when_pending_over(mut self, jobs: i64) -> Self {
         self.set(&["alerts", "maxPending"], json!(jobs));
@@ -268,6 +274,15 @@ impl WorkerFixture {
                 "timeoutSeconds": 1,
                 "failureThreshold": failures,
             }),
+        );
+        self
+    }
+
+    /// The handler container's name.
+    pub fn container_name(mut self, name: &str) -> Self {
+        self.set(
+            &["template", "spec", "containers", "0", "name"],
+            json!(name),
         );
         self
     }

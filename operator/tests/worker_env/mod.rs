@@ -39,6 +39,16 @@ pub fn noop_worker(name: &str) -> WorkerFixture {
         .image("ghcr.io/conveyor-dev/handler")
 }
 
+/// A Worker `name` on the queue `name` whose exec handler makes `mib` MiB resident under a
+/// memory limit of `limit`, so the kubelet OOM-kills each of its pods once it takes a job.
+pub fn oom_worker(name: &str, mib: u32, limit: &str) -> WorkerFixture {
+    let allocate = format!("import time; x = b'x' * ({mib} << 20); time.sleep(30)");
+    Worker::test(name)
+        .exec(&["python3", "-c", &allocate])
+        .image("ghcr.io/conveyor-dev/handler")
+        .memory_limit(limit)
+}
+
 /// [`noop_worker`] autoscaled with `scaling`, a YAML mapping (`{minReplicas: 0, …}`), as YAML.
 pub fn noop_autoscaled_worker(name: &str, scaling: &str) -> String {
     let scaling: serde_json::Value =
