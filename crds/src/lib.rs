@@ -1,5 +1,5 @@
-//! Custom resource types of Conveyor (`conveyor.dev/v1alpha1`): [`JobQueue`], [`Worker`] and
-//! [`JobSchedule`].
+//! Custom resource types of Conveyor (`conveyor.dev/v1alpha1`): [`JobQueue`], [`Worker`],
+//! [`JobSchedule`] and [`Workflow`].
 //!
 //! The types are the single source of the CRD schemas: `crdgen` prints them as YAML into
 //! `crds/` and the Helm chart, and a test fails when the committed YAML drifts. Every field
@@ -12,6 +12,7 @@ pub mod jobqueue;
 pub mod schedule;
 mod schema;
 pub mod worker;
+pub mod workflow;
 
 pub use jobqueue::{
     AlertsSpec, BackoffSpec, DeadLetterRequest, DeletionPolicy, JobQueue, JobQueueSpec,
@@ -24,6 +25,7 @@ pub use schedule::{
 pub use worker::{
     HandlerMode, HandlerSpec, ScaleBasis, ScalingSpec, Worker, WorkerSpec, WorkerStatus,
 };
+pub use workflow::{Workflow, WorkflowSpec, WorkflowStatus, WorkflowStep};
 
 use kube::CustomResourceExt;
 
@@ -43,6 +45,7 @@ pub fn all_crds() -> Vec<(
         ("jobqueues.yaml", JobQueue::crd()),
         ("workers.yaml", Worker::crd()),
         ("jobschedules.yaml", JobSchedule::crd()),
+        ("workflows.yaml", Workflow::crd()),
     ]
 }
 

@@ -1,4 +1,4 @@
-//! `crdgen --out DIR [--out DIR…]`: writes `jobqueues.yaml`, `workers.yaml` and `jobschedules.yaml` into each
+//! `crdgen --out DIR [--out DIR…]`: writes `jobqueues.yaml`, `workers.yaml`, `jobschedules.yaml` and `workflows.yaml` into each
 //! directory (`make generate` calls it for `crds/` and the Helm chart).
 
 use std::path::PathBuf;
