@@ -73,6 +73,17 @@ pub struct Config {
     #[arg(long, env = "CONVEYOR_DASHBOARD_ADDR")]
     pub dashboard_addr: Option<SocketAddr>,
 
+    /// Directory of the mounted Secret with the NATS account signing key (`seed`: `SA…`) and
+    /// the account's public key (`account`: `A…`). When set, every Worker's pods connect with a
+    /// user JWT the operator signs for them, which may work the Worker's queue and nothing
+    /// else (docs/security.md); when absent, they use the queue's credentials Secret.
+    #[arg(long, env = "CONVEYOR_NATS_SIGNING_KEY_DIR")]
+    pub nats_signing_key_dir: Option<std::path::PathBuf>,
+
+    /// How long a Worker's signed NATS identity is valid; it is signed again at half of it.
+    #[arg(long, env = "CONVEYOR_NATS_IDENTITY_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub nats_identity_lifetime: Duration,
+
     /// Bearer token the dashboard's writes (requeue, purge) need; read-only when absent.
     #[arg(long, env = "CONVEYOR_DASHBOARD_TOKEN", hide_env_values = true)]
     pub dashboard_token: Option<Token>,
@@ -127,6 +138,8 @@ mod tests {
             Some("127.0.0.1:8090".parse().unwrap())
         );
         assert_eq!(config.dashboard_token, None);
+        assert_eq!(config.nats_signing_key_dir, None);
+        assert_eq!(config.nats_identity_lifetime, Duration::from_secs(86_400));
         let with_token =
             Config::try_parse_from(["conveyor-operator", "--dashboard-token=s3cret"]).unwrap();
         let token = with_token.dashboard_token.unwrap();

@@ -79,6 +79,9 @@ pub struct Inputs<'a> {
     pub default_nats_url: &'a str,
     /// Number of pods.
     pub replicas: i32,
+    /// The Worker's own NATS identity, signed by the operator (`--nats-signing-key-dir`): its
+    /// creds Secret is mounted in place of the queue's credentials Secret.
+    pub identity: Option<&'a super::identity::Identity>,
 }
 
 /// The labels that select a Worker's pods.
@@ -109,6 +112,14 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
     let labels = meta.labels.get_or_insert_with(BTreeMap::new);
     labels.extend(selector.clone());
     labels.insert("conveyor.dev/queue".into(), spec.queue.clone());
+    if let Some(identity) = inputs.identity {
+        // A re-signed identity changes the template, so the pods roll onto it (the runtime
+        // reads its creds once); old pods drain with their JWT, valid until it expires.
+        meta.annotations.get_or_insert_with(BTreeMap::new).insert(
+            super::identity::EXPIRES_ANNOTATION.into(),
+            identity.expires_at.to_string(),
+        );
+    }
 
     let pod = template.spec.get_or_insert_with(Default::default);
     if pod.containers.is_empty() {
@@ -120,7 +131,7 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
         .unwrap_or(DEFAULT_GRACE_SECONDS);
     let mut runtime_env = runtime_env(worker, inputs, grace);
     // Credentials and TLS reach the runtime as files of mounted Secrets, never as env values.
-    let secrets = nats_secret_volumes(inputs.queue);
+    let secrets = nats_secret_volumes(inputs.queue, inputs.identity);
     pod.volumes
         .get_or_insert_with(Vec::new)
         .extend(secrets.iter().map(|(volume, _)| volume.clone()));
@@ -280,7 +291,16 @@ fn runtime_env(worker: &Worker, inputs: Inputs<'_>, grace_seconds: i64) -> Vec<E
         ),
         value(env::HANDLER_MODE, spec.handler.mode.as_str().to_owned()),
     ];
-    if nats.is_some_and(|n| n.credentials_secret.is_some()) {
+    if let Some(identity) = inputs.identity {
+        vars.push(value(
+            connect_env::NATS_CREDENTIALS_DIR,
+            NATS_CREDENTIALS_MOUNT.into(),
+        ));
+        vars.push(value(
+            connect_env::NATS_INBOX_PREFIX,
+            identity.inbox_prefix.clone(),
+        ));
+    } else if nats.is_some_and(|n| n.credentials_secret.is_some()) {
         vars.push(value(
             connect_env::NATS_CREDENTIALS_DIR,
             NATS_CREDENTIALS_MOUNT.into(),
@@ -325,18 +345,24 @@ fn shown_url(url: &str) -> String {
     NatsOptions::new(url).map_or_else(|_| connect::redact(url), |o| o.url().to_owned())
 }
 
-/// The Secret volumes (and their read-only mounts) of the queue's `spec.nats`.
-fn nats_secret_volumes(queue: &JobQueue) -> Vec<(Volume, VolumeMount)> {
-    let Some(nats) = queue.spec.nats.as_ref() else {
-        return Vec::new();
+/// The Secret volumes (and their read-only mounts) of the queue's `spec.nats`, the Worker's
+/// own identity's creds Secret in place of the queue's credentials when it has one.
+fn nats_secret_volumes(
+    queue: &JobQueue,
+    identity: Option<&super::identity::Identity>,
+) -> Vec<(Volume, VolumeMount)> {
+    let nats = queue.spec.nats.as_ref();
+    let credentials = match identity {
+        Some(identity) => Some(identity.secret.as_str()),
+        None => nats.and_then(|n| n.credentials_secret.as_deref()),
     };
     [
+        (credentials, NATS_CREDENTIALS_VOLUME, NATS_CREDENTIALS_MOUNT),
         (
-            nats.credentials_secret.as_deref(),
-            NATS_CREDENTIALS_VOLUME,
-            NATS_CREDENTIALS_MOUNT,
+            nats.and_then(|n| n.tls_secret.as_deref()),
+            NATS_TLS_VOLUME,
+            NATS_TLS_MOUNT,
         ),
-        (nats.tls_secret.as_deref(), NATS_TLS_VOLUME, NATS_TLS_MOUNT),
     ]
     .into_iter()
     .filter_map(|(secret, volume, mount)| {

@@ -6,7 +6,9 @@
 //!
 //! A reconcile is a pipeline, each step a function with its own error: [`fetch`] (the queue
 //! and the pods) → [`recycle::plan`] (pure: which old pods to mark or release) → [`recycle`]
-//! (the one side effect on pods, announced with a `Recycled` Event) → [`desired`] (pure: the
+//! (the one side effect on pods, announced with a `Recycled` Event) → [`identity::ensure`]
+//! (the Worker's own NATS identity when the operator has a signing key, signed again at
+//! half-life, announced with `NatsIdentitySigned` or `NatsIdentityFailed`) → [`desired`] (pure: the
 //! Deployment, or why there is none) → [`apply_deployment`] → [`compute_status`] and
 //! [`pods::health`] (pure) → [`report`] (Events on transitions, the status write). The
 //! controller's per-Worker state (its backoff) lives in its own
@@ -15,6 +17,7 @@
 //! its own status writes do not.
 
 pub mod deployment;
+pub mod identity;
 pub mod idle;
 pub mod pods;
 pub mod reasons;
@@ -68,6 +71,9 @@ pub enum Error {
     /// Writing the status failed.
     #[error("cannot write status: {0}")]
     Status(#[source] kube::Error),
+    /// The Worker's NATS identity cannot be signed or stored.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
 }
 
 impl Error {
@@ -77,6 +83,7 @@ impl Error {
             Self::Apply(_) => "apply_deployment",
             Self::ListPods(_) => "list_pods",
             Self::Status(_) => "kube",
+            Self::Identity(_) => "identity",
         }
     }
 }
@@ -304,6 +311,7 @@ fn desired(
     replicas: i32,
     worker_image: &str,
     default_nats_url: &str,
+    identity: Option<&identity::Identity>,
 ) -> Result<Deployment, Unbuildable> {
     let queue = queue.ok_or_else(|| Unbuildable::QueueNotFound {
         queue: worker.spec.queue.clone(),
@@ -314,6 +322,7 @@ fn desired(
         worker_image,
         default_nats_url,
         replicas,
+        identity,
     };
     Ok(deployment::build(worker, inputs)?)
 }
@@ -354,6 +363,10 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         worker.spec.concurrency,
         queue.as_ref().and_then(|q| q.spec.concurrency_limit),
     );
+    let identity = match queue.as_ref() {
+        Some(queue) => sign_identity(worker, queue, ctx, now.as_second()).await?,
+        None => None,
+    };
     let surged = replicas.saturating_add(recycling.surge);
     let wanted = desired(
         worker,
@@ -361,6 +374,7 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         surged,
         &ctx.config.worker_image,
         ctx.nats.default_url(),
+        identity.as_ref(),
     );
     let (deployment, problem, action) = match wanted {
         Err(unbuildable) => (
@@ -370,7 +384,13 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         ),
         Ok(desired) => {
             let applied = apply_deployment(worker, &desired, ctx).await?;
-            (Some(applied), None, Action::requeue(ctx.config.resync))
+            // Back before the identity is due, whatever the resync period.
+            let next = identity.as_ref().map_or(ctx.config.resync, |identity| {
+                ctx.config
+                    .resync
+                    .min(identity::until_renewal(identity, now.as_second()))
+            });
+            (Some(applied), None, Action::requeue(next))
         }
     };
     let scaled = worker.spec.scaling.is_some();
@@ -413,6 +433,49 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
         .observe_worker(&ns, &name, &worker.spec.queue, &new, seen);
     report(worker, &old, &new, crash_note, ctx).await?;
     Ok(action)
+}
+
+/// Step 2b: the Worker's own NATS identity ([`identity::ensure`]), `None` without a signing
+/// key. A new one is announced with `NatsIdentitySigned`, a failure with a
+/// `NatsIdentityFailed` Warning (then the reconcile fails and is retried with backoff; the
+/// Deployment keeps the identity it had).
+async fn sign_identity(
+    worker: &Worker,
+    queue: &JobQueue,
+    ctx: &Context,
+    now: i64,
+) -> Result<Option<identity::Identity>, Error> {
+    match identity::ensure(worker, queue, ctx, now).await {
+        Ok(None) => Ok(None),
+        Ok(Some((identity, signed))) => {
+            if let Some(why) = signed {
+                let note = format!(
+                    "signed a NATS identity for this Worker's pods into Secret {} ({why}), valid until {}",
+                    identity.secret,
+                    k8s_openapi::jiff::Timestamp::from_second(identity.expires_at)
+                        .map_or_else(|_| identity.expires_at.to_string(), |t| t.to_string())
+                );
+                ctx.event(
+                    worker,
+                    EventType::Normal,
+                    reasons::NATS_IDENTITY_SIGNED,
+                    note,
+                )
+                .await;
+            }
+            Ok(Some(identity))
+        }
+        Err(error) => {
+            ctx.event(
+                worker,
+                EventType::Warning,
+                reasons::NATS_IDENTITY_FAILED,
+                error.to_string(),
+            )
+            .await;
+            Err(error.into())
+        }
+    }
 }
 
 /// Step 6: the Events the status change deserves, then the status write (when it changed).
@@ -609,7 +672,7 @@ mod tests {
     #[test]
     fn the_desired_deployment_needs_the_queue_and_a_renderable_spec() {
         let w = worker(HELLO);
-        let missing = desired(&w, None, 2, "img", "nats://n:4222").unwrap_err();
+        let missing = desired(&w, None, 2, "img", "nats://n:4222", None).unwrap_err();
         assert_eq!(
             missing.problem(),
             Problem::queue_not_found(format!(
@@ -623,7 +686,7 @@ mod tests {
             "a missing queue is looked for again"
         );
         let q = queue();
-        let built = desired(&w, Some(&q), 3, "img", "nats://n:4222").unwrap();
+        let built = desired(&w, Some(&q), 3, "img", "nats://n:4222", None).unwrap();
         assert_eq!(built.spec.and_then(|s| s.replicas), Some(3));
         let mut broken = w.clone();
         broken
@@ -633,7 +696,7 @@ mod tests {
             .get_or_insert_with(Default::default)
             .containers
             .clear();
-        let invalid = desired(&broken, Some(&q), 3, "img", "nats://n:4222").unwrap_err();
+        let invalid = desired(&broken, Some(&q), 3, "img", "nats://n:4222", None).unwrap_err();
         assert_eq!(
             invalid.next(std::time::Duration::from_secs(7)),
             Action::await_change()

@@ -42,3 +42,8 @@ pub const RECYCLED: &str = "Recycled";
 pub const SCALED_UP: &str = "ScaledUp";
 /// Event: the scaler shrank the pool.
 pub const SCALED_DOWN: &str = "ScaledDown";
+/// Event: the operator signed a NATS identity for the Worker's pods (first, at half-life, or
+/// because the permissions it needs changed).
+pub const NATS_IDENTITY_SIGNED: &str = "NatsIdentitySigned";
+/// Event (Warning): the Worker's NATS identity cannot be signed or stored.
+pub const NATS_IDENTITY_FAILED: &str = "NatsIdentityFailed";

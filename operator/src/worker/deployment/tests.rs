@@ -34,6 +34,7 @@ fn render(w: &Worker) -> Result<Deployment, BuildError> {
             worker_image: IMAGE,
             default_nats_url: "nats://nats:4222",
             replicas: 2,
+            identity: None,
         },
     )
 }
@@ -45,6 +46,7 @@ fn main_container_for(w: &Worker, q: &JobQueue) -> Container {
         worker_image: IMAGE,
         default_nats_url: "nats://nats:4222",
         replicas: 2,
+        identity: None,
     };
     let d = build(w, inputs).unwrap();
     d.spec.unwrap().template.spec.unwrap().containers[0].clone()
@@ -151,6 +153,7 @@ fn queue_nats_override_reaches_the_pods() {
             worker_image: IMAGE,
             default_nats_url: "nats://nats:4222",
             replicas: 1,
+            identity: None,
         },
     )
     .unwrap();
@@ -378,6 +381,7 @@ fn queue_secrets_are_mounted_never_put_in_env() {
             worker_image: IMAGE,
             default_nats_url: "nats://nats:4222",
             replicas: 1,
+            identity: None,
         },
     )
     .unwrap();
@@ -435,6 +439,7 @@ fn userinfo_never_reaches_the_deployment() {
             worker_image: IMAGE,
             default_nats_url: "nats://alice:hunter2@nats:4222",
             replicas: 1,
+            identity: None,
         },
     )
     .unwrap();
@@ -490,4 +495,86 @@ fn http_mode_runs_the_runtime_beside_the_users_server() {
         },
     );
     assert_eq!(render(&no_url).unwrap_err(), BuildError::NoUrl);
+}
+
+#[test]
+fn a_signed_identity_replaces_the_queue_credentials_and_rolls_the_pods_when_renewed() {
+    let mut q = queue();
+    q.spec.nats = Some(conveyor_crds::NatsConnection {
+        url: "tls://nats.messaging:4222".into(),
+        credentials_secret: Some("queue-creds".into()),
+        tls_secret: Some("queue-tls".into()),
+    });
+    let w = worker();
+    let identity = crate::worker::identity::Identity {
+        secret: "hello-nats-creds".into(),
+        inbox_prefix: "_INBOX_uid-1".into(),
+        expires_at: 2_000,
+        renew_at: 1_500,
+    };
+    let render = |identity: &crate::worker::identity::Identity| {
+        build(
+            &w,
+            Inputs {
+                queue: &q,
+                worker_image: IMAGE,
+                default_nats_url: "nats://nats:4222",
+                replicas: 1,
+                identity: Some(identity),
+            },
+        )
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+    };
+    let template = render(&identity);
+    let pod = template.spec.clone().unwrap();
+    let secret_of = |name: &str| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.secret.as_ref())
+            .and_then(|s| s.secret_name.clone())
+    };
+    assert_eq!(
+        secret_of(NATS_CREDENTIALS_VOLUME).as_deref(),
+        Some("hello-nats-creds")
+    );
+    assert_eq!(secret_of(NATS_TLS_VOLUME).as_deref(), Some("queue-tls"));
+    let vars = env_of(&pod.containers[0]);
+    assert_eq!(
+        vars[conveyor::connect::env::NATS_INBOX_PREFIX]
+            .value
+            .as_deref(),
+        Some("_INBOX_uid-1")
+    );
+    assert_eq!(
+        vars[conveyor::connect::env::NATS_CREDENTIALS_DIR]
+            .value
+            .as_deref(),
+        Some(NATS_CREDENTIALS_MOUNT)
+    );
+    let expiry = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        t.metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(crate::worker::identity::EXPIRES_ANNOTATION).cloned())
+    };
+    assert_eq!(expiry(&template).as_deref(), Some("2000"));
+    let renewed = crate::worker::identity::Identity {
+        expires_at: 3_000,
+        ..identity
+    };
+    assert_ne!(
+        render(&renewed),
+        template,
+        "a new identity changes the pod template"
+    );
+    let without = main_container_for(&w, &q);
+    assert!(
+        !env_of(&without).contains_key(conveyor::connect::env::NATS_INBOX_PREFIX),
+        "no identity, no prefix"
+    );
 }
