@@ -9,6 +9,8 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::events::EventType;
@@ -118,6 +120,54 @@ where
     ctx.event(stored, EventType::Warning, MALFORMED_OBJECT, note)
         .await;
     None
+}
+
+/// Lets a malformed object that is being deleted go: when `stored` does not fit `K`, has a
+/// deletion timestamp and still holds `finalizer`, the finalizer is removed (with a merge patch
+/// guarded by the `resourceVersion` read), because the cleanup it guards needs the spec that
+/// cannot be read. A Warning Event says what stays behind (`kept`). Without this the object
+/// would wait for its finalizer forever. True when the finalizer was removed.
+pub async fn let_go<K>(
+    stored: &DeserializeGuard<K>,
+    finalizer: &str,
+    kept: &str,
+    ctx: &Context,
+) -> Result<bool, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let Err(invalid) = &stored.0 else {
+        return Ok(false);
+    };
+    let meta = &invalid.metadata;
+    let finalizers = meta.finalizers.as_deref().unwrap_or_default();
+    if meta.deletion_timestamp.is_none() || !finalizers.iter().any(|f| f == finalizer) {
+        return Ok(false);
+    }
+    let kind = K::kind(&());
+    let note = format!(
+        "deleted while the stored object does not fit the {kind} type ({}): its cleanup cannot run, so {kept}",
+        invalid.error
+    );
+    tracing::warn!(name = stored.name_any(), "{note}");
+    ctx.event(stored, EventType::Warning, MALFORMED_OBJECT, note)
+        .await;
+    let rest: Vec<&String> = finalizers.iter().filter(|f| *f != finalizer).collect();
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": rest, "resourceVersion": meta.resource_version}
+    });
+    let ns = meta.namespace.as_deref().unwrap_or_default();
+    let api: Api<DeserializeGuard<K>> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(
+        &stored.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(true)
 }
 
 #[cfg(test)]

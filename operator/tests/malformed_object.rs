@@ -7,14 +7,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use conveyor::names::QueueRef;
 use conveyor_crds::{JobQueue, JobSchedule, Worker};
 use conveyor_devcluster::{DevCluster, Options};
 use conveyor_operator::Config;
+use conveyor_operator::jobqueue::FINALIZER;
 use conveyor_testkit::{NatsServer, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use tokio_util::sync::CancellationToken;
 
 const KUBECTL: &str = "/usr/bin/kubectl";
@@ -238,6 +240,99 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
         assert!(note.contains(wrong), "the note says what is wrong: {note}");
         assert_eq!(event.regarding.and_then(|r| r.kind).as_deref(), Some(kind));
     }
+
+    stop.cancel();
+    operator.await.unwrap().unwrap();
+    cluster.shutdown().await;
+}
+
+/// The CRD of JobQueues as an older release may have left it (Helm does not upgrade CRDs): its
+/// `spec` takes any fields, so the API server stores a spec the operator's type refuses.
+fn loose_jobqueue_crd() -> String {
+    let mut crd: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("crds/jobqueues.yaml")).unwrap())
+            .unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    serde_json::to_string(&crd).unwrap()
+}
+
+/// A queue the operator put its finalizer on, whose stored spec no longer fits the JobQueue
+/// type, is deleted: its cleanup needs the spec (which server, which deletion policy), so the
+/// operator removes the finalizer and keeps the queue's streams, as `deletionPolicy: Retain`
+/// would, and says so in an Event. Without that the object would wait for its finalizer
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_queue_being_deleted_is_let_go_and_its_streams_are_kept() {
+    let cluster = DevCluster::start(Options::api_only()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let crd = dir.path().join("jobqueues.json");
+    std::fs::write(&crd, loose_jobqueue_crd()).unwrap();
+    kubectl_ok(&cluster, &["apply", "-f", crd.to_str().unwrap()]).await;
+    kubectl_ok(&cluster, &["create", "namespace", NS]).await;
+    let nats = NatsServer::start().await.unwrap();
+    let retired = QueueRef::new(NS, "retired");
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: retired.stream(),
+        subjects: vec!["retired.jobs".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(cluster.client(), NS, &ApiResource::erase::<JobQueue>(&()));
+    let object = serde_json::json!({
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "JobQueue",
+        "metadata": {"name": "retired", "finalizers": [FINALIZER]},
+        "spec": {"priorities": "many"},
+    });
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(object).unwrap(),
+    )
+    .await
+    .expect("the loose CRD stores a spec the JobQueue type refuses");
+
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.resync = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+    let events: Api<Event> = Api::namespaced(cluster.client(), NS);
+    malformed_event(&events, "retired")
+        .await
+        .expect("the malformed queue is reported");
+
+    api.delete("retired", &Default::default()).await.unwrap();
+    wait_for(
+        DEADLINE,
+        "the malformed queue gone after its delete",
+        || async { matches!(api.get_opt("retired").await, Ok(None)) },
+    )
+    .await
+    .unwrap();
+    js.get_stream(retired.stream())
+        .await
+        .expect("the deleted malformed queue's stream is kept");
+    let said = wait_for(DEADLINE, "an Event saying the streams are kept", || async {
+        events.list(&ListParams::default()).await.is_ok_and(|list| {
+            list.items.iter().any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("retired")
+                    && e.note.as_deref().is_some_and(|n| {
+                        n.contains("cleanup cannot run") && n.contains(&retired.stream())
+                    })
+            })
+        })
+    })
+    .await;
+    assert!(said.is_ok(), "{said:?}");
 
     stop.cancel();
     operator.await.unwrap().unwrap();

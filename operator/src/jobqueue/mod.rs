@@ -225,6 +225,14 @@ pub async fn run(
 #[instrument(skip(stored, queues), fields(namespace = stored.namespace(), name = stored.name_any()))]
 pub async fn reconcile(stored: Arc<Stored>, queues: Arc<Queues>) -> Result<Action, Error> {
     let ctx = &queues.ctx;
+    let kept = format!(
+        "its streams ({} and the others of the queue) are kept, as with deletionPolicy: Retain",
+        QueueRef::new(stored.namespace().unwrap_or_default(), stored.name_any()).stream()
+    );
+    let released = guarded::let_go(&stored, FINALIZER, &kept, ctx).await;
+    if released.map_err(|err| Error::Finalizer(Box::new(finalizer::Error::RemoveFinalizer(err))))? {
+        return Ok(Action::await_change());
+    }
     let Some(jq) = guarded::report(&stored, CONTROLLER, ctx).await else {
         return Ok(Action::await_change());
     };
