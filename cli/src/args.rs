@@ -54,6 +54,9 @@ pub enum Command {
     Job(crate::job::JobArgs),
     /// The children of a parent job: counts by outcome and the first few, however many.
     Flow(crate::flow::FlowArgs),
+    /// Sign a producer identity for one queue with an account signing key and print its
+    /// `.creds` (may submit to the queue and read its results, nothing else).
+    Credentials(crate::credentials::CredentialsArgs),
 }
 
 impl Command {
@@ -70,6 +73,7 @@ impl Command {
             | Command::Result(_)
             | Command::Job(_)
             | Command::Flow(_)
+            | Command::Credentials(_)
             | Command::Top(_) => "warn",
             // kube-client traces every failed request at ERROR, which at a clean shutdown are
             // the operator's watches cut off as the test double stops; the operator reports

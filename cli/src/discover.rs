@@ -99,7 +99,12 @@ pub fn options_from(url: &str, flags: &NatsArgs) -> anyhow::Result<NatsOptions> 
         given.push(Auth::Nkey(read_secret_file("nkey seed", file)?));
     }
     if let Some(file) = &flags.nats_creds {
-        given.push(Auth::Creds(read_secret_file("credentials file", file)?));
+        let creds = read_secret_file("credentials file", file)?;
+        // An identity Conveyor signed may subscribe under its own inbox prefix only.
+        if let Some(prefix) = crate::credentials::inbox_prefix_of(creds.expose()) {
+            options = options.inbox_prefix(prefix);
+        }
+        given.push(Auth::Creds(creds));
     }
     if given.len() > 1 {
         return Err(anyhow!(

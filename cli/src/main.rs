@@ -9,6 +9,7 @@
 mod args;
 #[cfg(feature = "dev")]
 mod bench;
+mod credentials;
 #[cfg(feature = "dev")]
 mod dev;
 mod discover;
@@ -53,6 +54,7 @@ async fn main() -> ExitCode {
         Command::Top(args) => top::run(args).await,
         Command::Job(args) => job::run(args).await,
         Command::Flow(args) => flow::run(args).await,
+        Command::Credentials(args) => credentials::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
