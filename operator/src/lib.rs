@@ -23,6 +23,7 @@ pub mod scaler;
 pub mod schedule;
 pub mod states;
 pub mod worker;
+pub mod workflow;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -200,6 +201,7 @@ async fn controllers(ctx: Arc<Context>, stores: dashboard::StoreSlot, stop: Canc
     let (queues, queue_store) = jobqueue::controller(&ctx);
     let limited_queues = queue_store.clone();
     let dispatched_queues = queue_store.clone();
+    let run_queues = queue_store.clone();
     let (workers, worker_store) = worker::controller(&ctx);
     let pruned = (queue_store.clone(), worker_store.clone());
     let shown = dashboard::Stores {
@@ -218,6 +220,8 @@ async fn controllers(ctx: Arc<Context>, stores: dashboard::StoreSlot, stop: Canc
             jobqueue::run(queues, ctx.clone(), on(&stop)),
             worker::run(workers, ctx.clone(), on(&stop)),
             schedule::run(ctx.clone(), on(&stop)),
+            workflow::run(ctx.clone(), on(&stop)),
+            workflow::engine::run(ctx.clone(), run_queues, stop.clone()),
             scaler::run(ctx.clone(), worker_store, queue_store, stop.clone()),
             dispatcher::run(ctx.clone(), dispatched_queues, stop.clone()),
             ratelimit::run(ctx.clone(), limited_queues, stop.clone()),

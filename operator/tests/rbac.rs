@@ -8,8 +8,8 @@
 //! The test fails when the code uses a permission the chart lacks and when the chart grants one
 //! the code never used.
 //!
-//! Scope: the JobSchedule controller's rules (`jobschedules*`) are left out of both sides; this
-//! workload does not run schedules, so they are not checked here. Needs `make deps` (the
+//! Scope: the JobSchedule and Workflow controllers' rules (`jobschedules*`, `workflows*`) are
+//! left out of both sides; this workload runs neither, so they are not checked here. Needs `make deps` (the
 //! `helm-python-sdk` module) and `cargo build -p conveyor-worker --bins` first.
 
 mod worker_env;
@@ -37,8 +37,8 @@ const USER: &str = "system:serviceaccount:conveyor:conveyor";
 /// The password of the queue's own NATS server, read from the Secret the queue names.
 const PASSWORD: &str = "audit-pa55";
 const DEADLINE: Duration = Duration::from_secs(90);
-/// Resources of another controller, left out of the comparison (see the module doc).
-const OUT_OF_SCOPE: &str = "jobschedules";
+/// Resources of other controllers, left out of the comparison (see the module doc).
+const OUT_OF_SCOPE: [&str; 2] = ["jobschedules", "workflows"];
 
 /// The Worker, recycling its pods after `max_age` when one is given. One job per pod at a time;
 /// a job's payload is how long it sleeps, or `fail` for a permanent failure (exit 65).
@@ -115,7 +115,10 @@ fn chart_grants() -> BTreeSet<Access> {
 }
 
 fn in_scope(access: &Access) -> bool {
-    !(access.group == "conveyor.dev" && access.resource.starts_with(OUT_OF_SCOPE))
+    !(access.group == "conveyor.dev"
+        && OUT_OF_SCOPE
+            .iter()
+            .any(|resource| access.resource.starts_with(resource)))
 }
 
 fn credentials_secret() -> Secret {
