@@ -6,12 +6,15 @@
 //! refused by the server when they purge the Worker's stream, delete another queue's stream
 //! or publish into it, and the other queue keeps its job. Then one rotation: the identity is
 //! signed again at half its (short) lifetime, the pods roll onto it, and every job submitted
-//! across the rotation is acked, none dead-lettered. Needs `cargo build -p conveyor-worker
-//! --bins` first.
+//! across the rotation is acked, none dead-lettered. Last, the Secret verbs the operator used
+//! (it runs as the chart's ServiceAccount, recorded by the test double) are exactly what the
+//! chart's ClusterRole grants with `nats.accountSigningKeySecret` set, and without it only
+//! `get` (`rbac.rs` checks the rest with default values). Needs `cargo build -p
+//! conveyor-worker --bins` and `make deps` (helm-python-sdk) first.
 
 mod worker_env;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 use worker_env::{Env, NS, noop_worker};
 
 const DEADLINE: Duration = Duration::from_secs(90);
+/// The operator's identity: the chart's ServiceAccount.
+const USER: &str = "system:serviceaccount:conveyor:conveyor";
 /// The identity's lifetime: signed again after half of it, 30 s, so the test sees a rotation;
 /// long enough that an old pod's JWT outlives its replacement's start on a busy machine.
 const LIFETIME: Duration = Duration::from_secs(60);
@@ -105,7 +110,7 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
     )
     .unwrap();
     std::fs::write(key_dir.path().join(identity::ACCOUNT_KEY), &keys.account).unwrap();
-    let env = Env::start_with(|c| {
+    let env = Env::start_as(Some(USER), |c| {
         c.nats_signing_key_dir = Some(key_dir.path().to_owned());
         c.nats_identity_lifetime = LIFETIME;
     })
@@ -340,7 +345,70 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
         "rotation: signed at {signed_first}, again at {}; {FIRST_JOBS} + {during} jobs acked, none dead-lettered",
         annotation(&renewed, identity::ISSUED_ANNOTATION)
     );
+    let used: BTreeSet<String> = env
+        .cluster
+        .access(USER)
+        .into_iter()
+        .filter(|a| a.group.is_empty() && a.resource == "secrets")
+        .map(|a| a.verb)
+        .collect();
+    assert_eq!(
+        used,
+        BTreeSet::from(["create", "get", "patch"].map(str::to_owned)),
+        "the operator reads the queue's Secret and applies the Worker's"
+    );
+    assert_eq!(
+        chart_secret_verbs(r#"{"nats": {"accountSigningKeySecret": "signing-key"}}"#),
+        used,
+        "the chart grants what minting needs"
+    );
+    assert_eq!(
+        chart_secret_verbs("{}"),
+        BTreeSet::from(["get".to_owned()]),
+        "and no Secret writes without a signing key"
+    );
     env.shutdown().await;
+}
+
+/// The verbs on Secrets the chart's ClusterRole grants with `values` (JSON), rendered by
+/// Helm's own engine (`scripts/render-chart.py`).
+fn chart_secret_verbs(values: &str) -> BTreeSet<String> {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(repo.join("scripts/render-chart.py"))
+        .args(["--name", "conveyor", "--namespace", "conveyor"])
+        .args(["--set-json", values])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "rendering the chart failed (make deps installs helm-python-sdk): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut verbs = BTreeSet::new();
+    for doc in serde_yaml::Deserializer::from_slice(&out.stdout) {
+        let object = <serde_json::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if object["kind"] != "ClusterRole" {
+            continue;
+        }
+        for rule in object["rules"].as_array().into_iter().flatten() {
+            let has = |field: &str, value: &str| {
+                rule[field]
+                    .as_array()
+                    .is_some_and(|list| list.iter().any(|v| v == value))
+            };
+            if has("apiGroups", "") && has("resources", "secrets") {
+                verbs.extend(
+                    rule["verbs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v.as_str().map(str::to_owned)),
+                );
+            }
+        }
+    }
+    verbs
 }
 
 fn ready(pod: &Pod) -> bool {
