@@ -54,6 +54,8 @@ pub enum Command {
     Job(crate::job::JobArgs),
     /// The children of a parent job: counts by outcome and the first few, however many.
     Flow(crate::flow::FlowArgs),
+    /// Start a run of a Workflow (`--wait` for its result), or show a run's steps.
+    Run(Box<crate::run::RunArgs>),
     /// Sign a producer identity for one queue with an account signing key and print its
     /// `.creds` (may submit to the queue and read its results, nothing else).
     Credentials(crate::credentials::CredentialsArgs),
@@ -73,6 +75,7 @@ impl Command {
             | Command::Result(_)
             | Command::Job(_)
             | Command::Flow(_)
+            | Command::Run(_)
             | Command::Credentials(_)
             | Command::Top(_) => "warn",
             // kube-client traces every failed request at ERROR, which at a clean shutdown are

@@ -19,6 +19,7 @@ mod flow;
 mod input;
 mod job;
 mod jobs;
+mod run;
 mod schedule;
 mod status;
 mod submit;
@@ -54,6 +55,7 @@ async fn main() -> ExitCode {
         Command::Top(args) => top::run(args).await,
         Command::Job(args) => job::run(args).await,
         Command::Flow(args) => flow::run(args).await,
+        Command::Run(args) => run::run(*args).await,
         Command::Credentials(args) => credentials::run(args).await,
     };
     match result {

@@ -26,10 +26,9 @@ use crate::conditions::{self, READY, Status};
 use crate::context::{Context, FIELD_MANAGER, Shared};
 use crate::guarded;
 
-/// The JobQueue of a namespace whose jobs are its workflows' runs (priorities 2: the run's
-/// later waves go a level up). Declared by the user, like any queue, so it has the usual
-/// streams, releaser and dead-letter tools.
-pub const RUN_QUEUE: &str = "workflow-runs";
+/// The namespace's run queue (the SDK owns the name: it is part of the protocol). Declared by
+/// the user, like any queue, so it has the usual streams, releaser and dead-letter tools.
+pub use conveyor::workflow::engine::RUN_QUEUE;
 const CONTROLLER: &str = "workflow";
 
 /// Reasons of the `Ready` condition.

@@ -22,6 +22,10 @@ use crate::names::QueueRef;
 use crate::protocol::Outcome as Recorded;
 use crate::worker::{Outcome, ReceivedJob};
 
+/// The JobQueue of a namespace whose jobs are its workflows' runs (declare it with
+/// `priorities: 2`, so a run's later waves go a level up). The operator's leader serves it.
+pub const RUN_QUEUE: &str = "workflow-runs";
+
 /// The id part of the `onFailure` job (`<run>.onFailure`; a step name is a DNS label, so it
 /// never clashes with one).
 const ON_FAILURE: &str = "onFailure";
