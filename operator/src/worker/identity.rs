@@ -61,6 +61,14 @@ pub enum IdentityError {
     /// Signing failed.
     #[error("cannot sign the Worker's NATS identity: {0}")]
     Sign(#[from] conveyor::jwt::JwtError),
+    /// A Secret of that name exists and is not this Worker's: it is left alone.
+    #[error(
+        "Secret {name} exists and is not owned by this Worker; rename or delete it so the operator can write the Worker's NATS identity there"
+    )]
+    Foreign {
+        /// The Secret's name.
+        name: String,
+    },
     /// Reading or writing the creds Secret failed.
     #[error("cannot read or write Secret {name}: {source}")]
     Secret {
@@ -162,6 +170,15 @@ fn recorded(secret: &Secret) -> Option<(i64, i64, &str)> {
     has_creds.then_some((issued, expires, digest.as_str()))
 }
 
+/// Whether `secret` is the Worker's (an owner reference with the Worker's uid), so the
+/// operator may overwrite it.
+pub fn owned_by(secret: &Secret, worker_uid: &str) -> bool {
+    secret
+        .owner_references()
+        .iter()
+        .any(|owner| owner.uid == worker_uid)
+}
+
 /// When the identity in `existing` is due to be signed again, as of `now`: `None` while it is
 /// younger than half its lifetime and holds `digest`'s permissions, else `Some(reason)`.
 pub fn due(existing: Option<&Secret>, digest: &str, now: i64) -> Option<&'static str> {
@@ -203,6 +220,10 @@ pub async fn ensure(
         source,
     };
     let existing = api.get_opt(&name).await.map_err(secret_error)?;
+    let uid = worker.uid().unwrap_or_default();
+    if existing.as_ref().is_some_and(|s| !owned_by(s, &uid)) {
+        return Err(IdentityError::Foreign { name });
+    }
     let (set, inbox_prefix) = worker_permissions(worker, queue);
     let digest = digest(&set);
     let identity = |issued: i64, expires_at: i64| Identity {
@@ -211,13 +232,11 @@ pub async fn ensure(
         expires_at,
         renew_at: renew_at(issued, expires_at),
     };
-    let Some(reason) = due(existing.as_ref(), &digest, now) else {
-        let (issued, expires, _) = existing
-            .as_ref()
-            .and_then(recorded)
-            .expect("due() found the record");
+    let reason = due(existing.as_ref(), &digest, now);
+    if let (None, Some((issued, expires, _))) = (reason, existing.as_ref().and_then(recorded)) {
         return Ok(Some((identity(issued, expires), None)));
-    };
+    }
+    let reason = reason.unwrap_or("none yet");
     let signing = SigningKey::load(dir)?;
     let lifetime = i64::try_from(ctx.config.nats_identity_lifetime.as_secs()).unwrap_or(86_400);
     let user = conveyor::jwt::user(
@@ -314,6 +333,20 @@ mod tests {
         let mut foreign = s;
         foreign.metadata.annotations = None;
         assert!(due(Some(&foreign), "d", 1_001).is_some(), "not ours");
+    }
+
+    #[test]
+    fn only_the_workers_own_secret_is_overwritten() {
+        let mut s = secret(1, 2, "d");
+        assert!(!owned_by(&s, "uid-1"), "no owner: a user's Secret");
+        s.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                uid: "uid-1".into(),
+                ..Default::default()
+            },
+        ]);
+        assert!(owned_by(&s, "uid-1"));
+        assert!(!owned_by(&s, "uid-2"), "another (or a recreated) Worker's");
     }
 
     #[test]
