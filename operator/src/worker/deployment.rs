@@ -54,6 +54,24 @@ pub const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "conveyor-worker
 /// Label naming the `Worker` a pod belongs to.
 pub const WORKER_LABEL: &str = "conveyor.dev/worker";
 
+/// Annotation (on the Worker's creds Secret and its pod template) with its NATS identity's
+/// expiry, in seconds since the Unix epoch.
+pub const IDENTITY_EXPIRES_ANNOTATION: &str = "conveyor.dev/nats-creds-expires";
+
+/// A Worker's own NATS identity as its Deployment uses it (signed by the identity step,
+/// [`super::identity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The creds Secret, mounted in place of the queue's credentials Secret.
+    pub secret: String,
+    /// The client's inbox prefix (the only one it may subscribe under).
+    pub inbox_prefix: String,
+    /// When the JWT expires (Unix seconds); in the pod template, so a new one rolls the pods.
+    pub expires_at: i64,
+    /// When to sign again (Unix seconds): half-way through the lifetime.
+    pub renew_at: i64,
+}
+
 /// A Worker that cannot be rendered; the message says what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BuildError {
@@ -81,7 +99,7 @@ pub struct Inputs<'a> {
     pub replicas: i32,
     /// The Worker's own NATS identity, signed by the operator (`--nats-signing-key-dir`): its
     /// creds Secret is mounted in place of the queue's credentials Secret.
-    pub identity: Option<&'a super::identity::Identity>,
+    pub identity: Option<&'a Identity>,
 }
 
 /// The labels that select a Worker's pods.
@@ -116,7 +134,7 @@ pub fn build(worker: &Worker, inputs: Inputs<'_>) -> Result<Deployment, BuildErr
         // A re-signed identity changes the template, so the pods roll onto it (the runtime
         // reads its creds once); old pods drain with their JWT, valid until it expires.
         meta.annotations.get_or_insert_with(BTreeMap::new).insert(
-            super::identity::EXPIRES_ANNOTATION.into(),
+            IDENTITY_EXPIRES_ANNOTATION.into(),
             identity.expires_at.to_string(),
         );
     }
@@ -349,7 +367,7 @@ fn shown_url(url: &str) -> String {
 /// own identity's creds Secret in place of the queue's credentials when it has one.
 fn nats_secret_volumes(
     queue: &JobQueue,
-    identity: Option<&super::identity::Identity>,
+    identity: Option<&Identity>,
 ) -> Vec<(Volume, VolumeMount)> {
     let nats = queue.spec.nats.as_ref();
     let credentials = match identity {

@@ -33,9 +33,7 @@ use crate::context::{Context, FIELD_MANAGER};
 pub const SEED_KEY: &str = "seed";
 /// Key of the signing-key Secret holding the account's public key (`A…`).
 pub const ACCOUNT_KEY: &str = "account";
-/// Annotation (on the creds Secret and the pod template) with the identity's expiry, in
-/// seconds since the Unix epoch.
-pub const EXPIRES_ANNOTATION: &str = "conveyor.dev/nats-creds-expires";
+pub use super::deployment::{IDENTITY_EXPIRES_ANNOTATION as EXPIRES_ANNOTATION, Identity};
 /// Annotation on the creds Secret with when the identity was signed (Unix seconds).
 pub const ISSUED_ANNOTATION: &str = "conveyor.dev/nats-creds-issued";
 /// Annotation on the creds Secret: a digest of the permissions signed into it, so a change
@@ -115,19 +113,6 @@ impl SigningKey {
         }
         Ok(Self { key, account })
     }
-}
-
-/// A Worker's identity as its Deployment uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// The creds Secret, mounted in place of the queue's credentials Secret.
-    pub secret: String,
-    /// The client's inbox prefix (the only one it may subscribe under).
-    pub inbox_prefix: String,
-    /// When the JWT expires (Unix seconds); in the pod template, so a new one rolls the pods.
-    pub expires_at: i64,
-    /// When to sign again (Unix seconds): half-way through the lifetime.
-    pub renew_at: i64,
 }
 
 /// What the Worker `worker` of `queue` may do, with the inbox prefix of its uid.
