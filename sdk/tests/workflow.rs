@@ -36,8 +36,30 @@ struct Env {
     client: Client,
     runs: QueueRef,
     seen: Seen,
+    /// The run queue's worker (the engine), as the operator's leader runs it.
+    engine: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
     _stop: Stop,
     _nats: NatsServer,
+}
+
+/// Serves the run queue with the engine until `stop`.
+fn spawn_engine(
+    client: &Client,
+    runs: &QueueRef,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let engine = Arc::new(Engine::new(client.jetstream().clone()));
+    let runner = Worker::new(client.jetstream().clone(), runs.clone())
+        .options(options(2))
+        .handler(move |job: ReceivedJob| {
+            let engine = engine.clone();
+            async move { engine.handle(job).await }
+        });
+    let halt = stop.clone();
+    tokio::spawn(async move {
+        let _ = runner.run(async move { halt.cancelled().await }).await;
+    })
 }
 
 fn options(priorities: u8) -> WorkerOptions {
@@ -99,10 +121,14 @@ async fn env(step_queues: &[(&str, u8)]) -> anyhow::Result<Env> {
     let mut all = vec![(runs.clone(), 2)];
     all.extend(step_queues.iter().map(|(q, l)| (QueueRef::new(NS, *q), *l)));
     for (queue, levels) in &all {
-        let settings = QueueSettings {
+        let mut settings = QueueSettings {
             priorities: *levels,
             ..QueueSettings::default()
         };
+        if queue == &runs {
+            // A wave whose engine died comes back after this (the kill test).
+            settings.timeout = Duration::from_secs(2);
+        }
         ensure_queue(client.jetstream(), queue, &settings).await?;
         let releaser =
             Releaser::new(client.jetstream().clone()).scan_interval(Duration::from_millis(200));
@@ -116,15 +142,7 @@ async fn env(step_queues: &[(&str, u8)]) -> anyhow::Result<Env> {
             }
         });
     }
-    let engine = Arc::new(Engine::new(client.jetstream().clone()));
-    let runner = Worker::new(client.jetstream().clone(), runs.clone())
-        .options(options(2))
-        .handler(move |job: ReceivedJob| {
-            let engine = engine.clone();
-            async move { engine.handle(job).await }
-        });
-    let halt = stop.clone();
-    tokio::spawn(async move { runner.run(async move { halt.cancelled().await }).await });
+    let engine = spawn_engine(&client, &runs, &stop);
     for (queue, levels) in &all[1..] {
         let own = seen.clone();
         let runner = Worker::new(client.jetstream().clone(), queue.clone())
@@ -137,6 +155,8 @@ async fn env(step_queues: &[(&str, u8)]) -> anyhow::Result<Env> {
         client,
         runs,
         seen,
+        engine,
+        stop: stop.clone(),
         _stop: Stop(stop),
         _nats: nats,
     })
@@ -327,5 +347,51 @@ async fn for_each_fans_out_and_a_non_list_fails_the_run() -> anyhow::Result<()> 
         other => panic!("expected a failed run, got {other:?}"),
     }
     assert!(ran(&env.seen, "e2").is_empty(), "nothing ran");
+    Ok(())
+}
+
+#[tokio::test]
+async fn runs_survive_their_engine_killed_mid_wave_and_every_step_runs_once() -> anyhow::Result<()>
+{
+    let mut env = env(&[
+        ("twitter", 1),
+        ("facebook", 1),
+        ("aggregate", 2),
+        ("notify", 1),
+    ])
+    .await?;
+    const RUNS: usize = 40;
+    let mut states = Vec::new();
+    for i in 0..RUNS {
+        let input = json!({"twitter": i, "facebook": 1});
+        let state = RunState::new(NS, "social", &format!("k{i:02}"), seeds(), input);
+        start(&env.client, &env.runs, &state).await?;
+        states.push(state);
+    }
+    // Killed (its handlers dropped mid-wave, nothing acked) once some steps ran; its
+    // unfinished waves come back to the next engine after the run queue's 2 s timeout.
+    wait_for_some(WAIT, "some steps to run", || async {
+        (env.seen.lock().unwrap().len() >= 10).then_some(())
+    })
+    .await?;
+    env.engine.abort();
+    let _ = (&mut env.engine).await;
+    env.engine = spawn_engine(&env.client, &env.runs, &env.stop);
+    for (i, state) in states.iter().enumerate() {
+        let run = state.run.clone();
+        let result = wait_for_some(WAIT, &format!("the outcome of run {run}"), || async {
+            env.client.result(&env.runs, &run).await.ok().flatten()
+        })
+        .await?;
+        assert_eq!(completed(&result), json!({"total": i + 1}), "run {run}");
+    }
+    let seen = env.seen.lock().unwrap();
+    let mut runs_of: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (id, _, _) in seen.iter() {
+        *runs_of.entry(id.as_str()).or_default() += 1;
+    }
+    assert_eq!(runs_of.len(), RUNS * 3, "every step of every run ran");
+    let twice: Vec<_> = runs_of.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "steps that ran more than once: {twice:?}");
     Ok(())
 }
