@@ -322,7 +322,8 @@ async fn the_seeds_workflow_fetches_in_parallel_skips_unlinked_aggregates_and_no
 }
 
 #[tokio::test]
-async fn for_each_fans_out_and_a_non_list_fails_the_run() -> anyhow::Result<()> {
+async fn for_each_fans_out_and_bad_expressions_or_a_missing_queue_fail_the_run()
+-> anyhow::Result<()> {
     let env = env(&[("each", 1), ("aggregate", 1), ("notify", 1)]).await?;
     let definition: Definition = serde_json::from_value(json!({
         "steps": [
@@ -347,6 +348,27 @@ async fn for_each_fans_out_and_a_non_list_fails_the_run() -> anyhow::Result<()> 
         other => panic!("expected a failed run, got {other:?}"),
     }
     assert!(ran(&env.seen, "e2").is_empty(), "nothing ran");
+
+    // A queue that is gone by the time the step starts, and a `when` reading a step that does
+    // not exist: the run fails naming the step.
+    let gone: Definition = serde_json::from_value(json!({
+        "steps": [{"name": "lost", "queue": "nope"}]
+    }))?;
+    match run(&env, "e3", gone, json!({})).await? {
+        JobResult::DeadLettered { error, .. } => {
+            assert_eq!(error, "step lost failed: queue test/nope does not exist");
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
+    let unknown: Definition = serde_json::from_value(json!({
+        "steps": [{"name": "each", "queue": "each", "when": "steps.ghost.outcome == 'completed'"}]
+    }))?;
+    match run(&env, "e4", unknown, json!({})).await? {
+        JobResult::DeadLettered { error, .. } => {
+            assert!(error.starts_with("step each failed: when: "), "{error}");
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
     Ok(())
 }
 
