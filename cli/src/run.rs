@@ -11,7 +11,7 @@ use conveyor::flow::{self, JobRef};
 use conveyor::names::QueueRef;
 use conveyor::protocol::Outcome;
 use conveyor::workflow::Definition;
-use conveyor::workflow::engine::{RUN_QUEUE, RunState, run_job_id, start};
+use conveyor::workflow::engine::{RUN_QUEUE, RunState, continuation_id, run_job_id, start};
 use conveyor::{Client, JobResult};
 use conveyor_crds::Workflow;
 use kube::Api;
@@ -176,7 +176,7 @@ async fn show(args: &ShowArgs) -> anyhow::Result<()> {
         let parent = if wave == 0 {
             run.clone()
         } else {
-            format!("{run}.w{wave}")
+            continuation_id(&run, wave)
         };
         let parent = JobRef::new(ns.as_str(), RUN_QUEUE, parent);
         let mut after = 0;

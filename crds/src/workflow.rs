@@ -101,8 +101,10 @@ pub struct WorkflowSpec {
     pub output: Option<String>,
 }
 
-/// One step of a workflow: a job (or one job per `forEach` element) on a JobQueue.
+/// One step of a workflow: a job (or one job per `forEach` element) on a JobQueue, or a
+/// sub-run of a Workflow.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.queue) != has(self.workflow)").message("a step needs exactly one of queue and workflow"))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowStep {
     /// The step's name, unique in the workflow: a DNS label (lowercase letters, digits, `-`,
@@ -113,9 +115,19 @@ pub struct WorkflowStep {
     pub name: String,
 
     /// The JobQueue that runs it: `q` in the workflow's namespace, or `ns/q`. A queue that
-    /// does not exist makes `Ready` `False` with reason `QueueNotFound`.
+    /// does not exist makes `Ready` `False` with reason `QueueNotFound`. Exactly one of
+    /// `queue` and `workflow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 317), pattern(QUEUE))]
-    pub queue: String,
+    pub queue: Option<String>,
+
+    /// Instead of `queue`: the step is a sub-run of a Workflow, started with the step's input
+    /// (the `forEach` element, else the run's input) and waited for; its result is the
+    /// sub-run's result, its failure the step's. Only the workflow's own name is supported
+    /// (recursion over hierarchical data); sub-runs nest at most 8 deep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub workflow: Option<String>,
 
     /// Names of the steps that must finish (complete or be skipped) before this one starts,
     /// at most 32, each once. A failed dependency ends the run instead.

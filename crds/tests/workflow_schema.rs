@@ -55,6 +55,21 @@ fn unknown_names_and_self_dependencies_are_refused() {
 }
 
 #[test]
+fn a_step_has_a_queue_or_is_a_sub_run_never_both() {
+    let ok = json!({"steps": [{"name": "a", "workflow": "tree"}]});
+    assert_eq!(violations(&ok), Vec::<String>::new());
+    let both = json!({"steps": [{"name": "a", "queue": "q", "workflow": "tree"}]});
+    let neither = json!({"steps": [{"name": "a"}]});
+    for spec in [both, neither] {
+        assert_eq!(
+            violations(&spec),
+            ["a step needs exactly one of queue and workflow"],
+            "{spec}"
+        );
+    }
+}
+
+#[test]
 fn a_cycle_passes_the_schema_and_is_the_operators_to_refuse() {
     let spec = json!({
         "steps": [

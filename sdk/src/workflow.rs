@@ -22,6 +22,9 @@ pub const MAX_DEPENDENCIES: usize = 32;
 pub const MAX_FOR_EACH: usize = 1_000;
 /// Longest CEL expression (`when`, `forEach`).
 pub const MAX_EXPRESSION: usize = 1_024;
+/// Deepest nesting of sub-runs (a step with `workflow`): a run at this depth that would start
+/// another fails instead.
+pub const MAX_DEPTH: u32 = 8;
 /// Largest step result kept in the run's state, in bytes of JSON; a larger one is kept by
 /// reference (`resultRef`: its results subject) and reads as `null` in CEL.
 pub const MAX_INLINE_RESULT: usize = 16 * 1024;
@@ -46,8 +49,13 @@ pub struct Definition {
 pub struct Step {
     /// Unique among the steps: a DNS label.
     pub name: String,
-    /// The queue that runs it: `q` (the workflow's namespace) or `ns/q`.
+    /// The queue that runs it: `q` (the workflow's namespace) or `ns/q`. Empty for a sub-run.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub queue: String,
+    /// Instead of a queue: the step is a run of this workflow (its own name only, in this
+    /// version), with the step's input (the `forEach` element, else the run's input).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
     /// Steps that must have finished (completed or skipped) before this one starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<String>,
@@ -168,6 +176,12 @@ pub fn validate(definition: &Definition) -> Result<(), Vec<Problem>> {
                     step.name
                 )));
             }
+        }
+        if step.queue.is_empty() == step.workflow.is_none() {
+            problems.push(Problem(format!(
+                "step {:?} needs exactly one of queue and workflow",
+                step.name
+            )));
         }
         for (field, expression) in [("when", &step.when), ("forEach", &step.for_each)] {
             if let Some(expression) = expression
@@ -631,6 +645,25 @@ mod tests {
             "{found:?}"
         );
         assert!(found[2].contains("timeout \"soon\""), "{found:?}");
+    }
+
+    #[test]
+    fn a_step_has_a_queue_or_a_workflow() {
+        let mut both = step("a", "q", &[]);
+        both.workflow = Some("tree".into());
+        let neither = step("b", "", &[]);
+        let definition = Definition {
+            steps: vec![both, neither],
+            on_failure: None,
+            output: None,
+        };
+        assert_eq!(
+            problems(&definition),
+            [
+                "step \"a\" needs exactly one of queue and workflow",
+                "step \"b\" needs exactly one of queue and workflow"
+            ]
+        );
     }
 
     #[test]

@@ -104,6 +104,14 @@ async fn step(job: ReceivedJob, seen: Seen) -> Outcome {
                 .into(),
         ),
         "onFailure" => Outcome::Done("notified".into()),
+        "sum" => {
+            let below: i64 = payload["steps"]["children"]["result"]
+                .as_array()
+                .map(|r| r.iter().filter_map(Value::as_i64).sum())
+                .unwrap_or_default();
+            let own = payload["input"]["value"].as_i64().unwrap_or(0);
+            Outcome::Done(json!(own + below).to_string().into())
+        }
         _ => {
             let network = step.trim_start_matches("fetch-");
             let n = payload["input"][network].as_i64().unwrap_or(0);
@@ -415,5 +423,63 @@ async fn runs_survive_their_engine_killed_mid_wave_and_every_step_runs_once() ->
     assert_eq!(runs_of.len(), RUNS * 3, "every step of every run ran");
     let twice: Vec<_> = runs_of.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "steps that ran more than once: {twice:?}");
+    Ok(())
+}
+
+/// A node of a hierarchy `levels` deep below it, `fan` children each, every value 1.
+fn tree(levels: u32, fan: usize) -> Value {
+    let children: Vec<Value> = if levels == 0 {
+        Vec::new()
+    } else {
+        (0..fan).map(|_| tree(levels - 1, fan)).collect()
+    };
+    json!({"value": 1, "children": children})
+}
+
+async fn outcome(env: &Env, state: &RunState) -> anyhow::Result<JobResult> {
+    start(&env.client, &env.runs, state).await?;
+    let run = state.run.clone();
+    wait_for_some(
+        Duration::from_secs(120),
+        &format!("the outcome of run {run}"),
+        || async { env.client.result(&env.runs, &run).await.ok().flatten() },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_recursive_workflow_sums_a_hierarchy_and_its_depth_is_bounded() -> anyhow::Result<()> {
+    let env = env(&[("sum", 1)]).await?;
+    // Each node's children are sub-runs of the same workflow; the sum adds them up.
+    let definition: Definition = serde_json::from_value(json!({
+        "steps": [
+            {"name": "children", "workflow": "tree", "forEach": "input.children"},
+            {"name": "sum", "queue": "sum", "dependsOn": ["children"]}
+        ]
+    }))?;
+    // 1 → 3 → 9 → 27: four levels, 40 nodes, 40 runs.
+    let state = RunState::new(NS, "tree", "t1", definition.clone(), tree(3, 3));
+    let result = outcome(&env, &state).await?;
+    assert_eq!(completed(&result), json!(40));
+    let sums = env
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(id, _, _)| id.starts_with("tree.t1") && id.ends_with(".sum"))
+        .count();
+    assert_eq!(sums, 40, "one sum per node");
+
+    // Without a base case a run recurses until the depth limit, and fails saying so.
+    let endless: Definition = serde_json::from_value(json!({
+        "steps": [{"name": "again", "workflow": "tree"}]
+    }))?;
+    let state = RunState::new(NS, "tree", "t2", endless, json!({}));
+    match outcome(&env, &state).await? {
+        JobResult::DeadLettered { error, .. } => {
+            assert!(error.contains("sub-runs nest at most 8 deep"), "{error}");
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
     Ok(())
 }

@@ -150,13 +150,28 @@ pub fn definition(workflow: &Workflow) -> Definition {
         })
 }
 
-/// The checks that need nothing but the spec: [`flow::validate`], every problem in one
-/// message.
-pub fn check(definition: &Definition) -> Verdict {
-    flow::validate(definition).map_err(|problems| {
-        let text: Vec<String> = problems.into_iter().map(|p| p.0).collect();
-        (reason::INVALID_WORKFLOW, text.join("; "))
-    })
+/// The checks that need nothing but the spec of Workflow `name`: [`flow::validate`], and that
+/// sub-runs are of `name` itself (the only kind supported); every problem in one message.
+pub fn check(name: &str, definition: &Definition) -> Verdict {
+    let mut text: Vec<String> = flow::validate(definition)
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    for step in &definition.steps {
+        if let Some(other) = step.workflow.as_deref().filter(|w| *w != name) {
+            text.push(format!(
+                "step {:?}: a sub-run of another workflow ({other}) is not supported yet",
+                step.name
+            ));
+        }
+    }
+    if text.is_empty() {
+        Ok(())
+    } else {
+        Err((reason::INVALID_WORKFLOW, text.join("; ")))
+    }
 }
 
 /// Every queue a run of `definition` in `namespace` uses, with who uses it: the run queue,
@@ -167,6 +182,7 @@ pub fn queues(definition: &Definition, namespace: &str) -> Vec<(String, QueueRef
     let used = definition
         .steps
         .iter()
+        .filter(|s| !s.queue.is_empty())
         .map(|s| (format!("step {}", s.name), s.queue.as_str()))
         .chain(
             definition
@@ -193,7 +209,7 @@ pub async fn reconcile(stored: Arc<Stored>, shared: Arc<Workflows>) -> Result<Ac
     let started = Instant::now();
     let ns = w.namespace().unwrap_or_default();
     let definition = definition(&w);
-    let mut verdict = check(&definition);
+    let mut verdict = check(&w.name_any(), &definition);
     if verdict.is_ok() {
         let mut missing = Vec::new();
         for (user, queue) in queues(&definition, &ns) {
@@ -302,7 +318,7 @@ mod tests {
             {"name": "b", "queue": "q", "dependsOn": ["a"]}
         ]}));
         assert_eq!(
-            check(&definition(&w)),
+            check("social", &definition(&w)),
             Err((
                 reason::INVALID_WORKFLOW,
                 "dependsOn has a cycle: a → b → a".to_string()
@@ -316,7 +332,7 @@ mod tests {
             {"name": "a", "queue": "q", "when": "input.x =="},
             {"name": "b", "queue": "q", "forEach": "[1,"}
         ]}));
-        let Err((reason, message)) = check(&definition(&w)) else {
+        let Err((reason, message)) = check("social", &definition(&w)) else {
             panic!("bad CEL passed");
         };
         assert_eq!(reason, reason::INVALID_WORKFLOW);
@@ -328,6 +344,23 @@ mod tests {
             message.contains("; step \"b\": forEach: does not compile"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_sub_run_of_another_workflow_is_refused_and_its_step_needs_no_queue() {
+        let w = workflow(json!({"steps": [
+            {"name": "own", "workflow": "social"},
+            {"name": "other", "workflow": "billing"}
+        ]}));
+        assert_eq!(
+            check("social", &definition(&w)),
+            Err((
+                reason::INVALID_WORKFLOW,
+                "step \"other\": a sub-run of another workflow (billing) is not supported yet"
+                    .to_string()
+            ))
+        );
+        assert_eq!(queues(&definition(&w), "ns").len(), 1, "the run queue only");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Definition, MAX_INLINE_RESULT, StepOutcome, StepRecord, output_step, plan};
+use super::{Definition, MAX_DEPTH, MAX_INLINE_RESULT, StepOutcome, StepRecord, output_step, plan};
 use crate::client::{Client, Job, SubmitAck, SubmitError};
 use crate::flow::ChildResult;
 use crate::names::QueueRef;
@@ -63,6 +63,10 @@ pub struct RunState {
     pub notified: bool,
     /// When the run started (RFC 3339).
     pub started: String,
+    /// 0 for a run started from outside; a sub-run (a step with `workflow`) is one deeper than
+    /// the run that started it, at most [`MAX_DEPTH`].
+    #[serde(default)]
+    pub depth: u32,
 }
 
 /// A step of the last wave.
@@ -113,6 +117,7 @@ impl RunState {
             failed: None,
             notified: false,
             started: now(),
+            depth: 0,
         }
     }
 }
@@ -120,6 +125,12 @@ impl RunState {
 /// The run job's id for run `run_id` of `workflow`.
 pub fn run_job_id(workflow: &str, run_id: &str) -> String {
     format!("{workflow}.{run_id}")
+}
+
+/// The id of wave `wave` (1 and on) of run job `run`: `<run>:w<wave>` (`:` is in no step
+/// name, so no step's or sub-run's id is ever one).
+pub fn continuation_id(run: &str, wave: u32) -> String {
+    format!("{run}:w{wave}")
 }
 
 /// The queue a step names: `q` in `namespace`, or `ns/q`.
@@ -289,7 +300,7 @@ impl Engine {
             .level(&job.flow.me().queue_ref(), next.wave)
             .await
             .unwrap_or(0);
-        let continuation = Job::new(format!("{}.w{}", state.run, next.wave), payload);
+        let continuation = Job::new(continuation_id(&state.run, next.wave), payload);
         Outcome::Continue(Box::new(continuation.priority(level)))
     }
 
@@ -311,13 +322,16 @@ impl Engine {
                     error: "not in the definition".into(),
                 })
             })?;
-        let queue = step_queue(&state.namespace, &step.queue);
         let fail = |error: String| {
             Refused::Fail(Failure {
                 step: step.name.clone(),
                 error,
             })
         };
+        if let Some(workflow) = &step.workflow {
+            return self.spawn_sub_runs(job, state, start, workflow).await;
+        }
+        let queue = step_queue(&state.namespace, &step.queue);
         let priority = match self.level(&queue, state.wave).await {
             Ok(level) => level,
             Err(LevelError::NoQueue) => {
@@ -386,6 +400,80 @@ impl Engine {
                 Ok(_) => {}
                 Err(error) if error.is_retryable() => {
                     return Err(Refused::Retry(format!("step {}: {error}", step.name)));
+                }
+                Err(error) => return Err(fail(error.to_string())),
+            }
+        }
+        Ok(Running {
+            jobs: count,
+            each: start.items.is_some(),
+            started: now(),
+        })
+    }
+
+    /// Spawns a sub-run step: one run of `workflow` (this run's own, pinned definition) per
+    /// element, or one with this run's input, as children in this run queue; each one's
+    /// outcome (its output step's result, or its failure) is the step's job's outcome.
+    async fn spawn_sub_runs(
+        &self,
+        job: &ReceivedJob,
+        state: &RunState,
+        start: &super::Start,
+        workflow: &str,
+    ) -> Result<Running, Refused> {
+        let fail = |error: String| {
+            Refused::Fail(Failure {
+                step: start.step.clone(),
+                error,
+            })
+        };
+        if workflow != state.workflow {
+            return Err(fail(format!(
+                "a sub-run of another workflow ({workflow}) is not supported yet"
+            )));
+        }
+        if state.depth >= MAX_DEPTH {
+            return Err(fail(format!("sub-runs nest at most {MAX_DEPTH} deep")));
+        }
+        let runs = job.flow.me().queue_ref();
+        let priority = match self.level(&runs, state.wave).await {
+            Ok(level) => level,
+            Err(LevelError::NoQueue) => return Err(fail("the run queue is gone".into())),
+            Err(LevelError::Other(error)) => return Err(Refused::Retry(error)),
+        };
+        let sub = |id: String, input: Value| {
+            let mut child = RunState::new(
+                &state.namespace,
+                workflow,
+                "",
+                state.definition.clone(),
+                input,
+            );
+            child.run = id;
+            child.depth = state.depth + 1;
+            serde_json::to_vec(&child)
+                .map(|payload| Job::new(child.run, payload).priority(priority))
+        };
+        let made: Result<Vec<Job>, _> = match &start.items {
+            None => vec![sub(
+                format!("{}.{}", state.run, start.step),
+                state.input.clone(),
+            )]
+            .into_iter()
+            .collect(),
+            Some(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| sub(format!("{}.{}.{i}", state.run, start.step), item.clone()))
+                .collect(),
+        };
+        let jobs = made.map_err(|e| fail(format!("sub-run state is not JSON: {e}")))?;
+        let count = jobs.len();
+        for result in job.flow.spawn_batch(&runs, jobs).await {
+            match result {
+                Ok(_) => {}
+                Err(error) if error.is_retryable() => {
+                    return Err(Refused::Retry(format!("step {}: {error}", start.step)));
                 }
                 Err(error) => return Err(fail(error.to_string())),
             }
