@@ -238,3 +238,22 @@ fn the_operator_log_format_follows_its_value() {
         Some("json")
     );
 }
+
+/// The signing key's Secret is mounted 0440 and the pod's fsGroup is the operator's group:
+/// with 0400 and no fsGroup the files belong to root and user 65532 cannot read them.
+#[test]
+fn the_signing_key_is_readable_by_the_operators_group_only() {
+    let objects = render(json!({"nats": {"accountSigningKeySecret": "signing"}}));
+    let deployment = object(&objects, "Deployment", "conveyor").expect("the operator Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532, "{pod}");
+    let volume = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "nats-signing-key")
+        .expect("the signing-key volume");
+    assert_eq!(volume["secret"]["secretName"], "signing");
+    assert_eq!(volume["secret"]["defaultMode"], 0o440, "{volume}");
+}
