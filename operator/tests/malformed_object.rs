@@ -70,6 +70,27 @@ fn schedule(name: &str, queue: &str) -> JobSchedule {
     .unwrap()
 }
 
+/// The operator in-process on `cluster` and `nats` (resync 1 s), and the token that stops it.
+fn start_operator(
+    cluster: &DevCluster,
+    nats: &NatsServer,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), conveyor_operator::Error>>,
+) {
+    let mut config = Config::with_nats_url(nats.url());
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    config.resync = Duration::from_secs(1);
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let operator = tokio::spawn(conveyor_operator::run_with_client(
+        config,
+        cluster.client(),
+        async move { stopped.cancelled().await },
+    ));
+    (stop, operator)
+}
+
 /// The `MalformedObject` Event on the object `name`, once there is one.
 async fn malformed_event(events: &Api<Event>, name: &str) -> Option<Event> {
     let what = format!("a MalformedObject Event on {name}");
@@ -178,16 +199,7 @@ async fn malformed_objects_are_reported_and_the_others_still_reconcile() {
         "and for JobSchedules"
     );
 
-    let mut config = Config::with_nats_url(nats.url());
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.resync = Duration::from_secs(1);
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let operator = tokio::spawn(conveyor_operator::run_with_client(
-        config,
-        cluster.client(),
-        async move { stopped.cancelled().await },
-    ));
+    let (stop, operator) = start_operator(&cluster, &nats);
 
     wait_for(DEADLINE, "JobQueue before Ready=True", || {
         ready(&api, "before")
@@ -295,16 +307,7 @@ async fn a_malformed_queue_being_deleted_is_let_go_and_its_streams_are_kept() {
     .await
     .expect("the loose CRD stores a spec the JobQueue type refuses");
 
-    let mut config = Config::with_nats_url(nats.url());
-    config.http_addr = "127.0.0.1:0".parse().unwrap();
-    config.resync = Duration::from_secs(1);
-    let stop = CancellationToken::new();
-    let stopped = stop.clone();
-    let operator = tokio::spawn(conveyor_operator::run_with_client(
-        config,
-        cluster.client(),
-        async move { stopped.cancelled().await },
-    ));
+    let (stop, operator) = start_operator(&cluster, &nats);
     let events: Api<Event> = Api::namespaced(cluster.client(), NS);
     malformed_event(&events, "retired")
         .await
