@@ -6,7 +6,8 @@
 //! The identity is a `.creds` file in the Secret `<worker>-nats-creds` of the Worker's
 //! namespace (owned by the Worker, so it goes with it), mounted into the pods in place of the
 //! queue's credentials Secret. It is signed again once half its lifetime has passed, or when
-//! the permissions it needs changed (the queue's priority levels or rate limit). The
+//! the permissions it needs changed (the queue's priority levels or rate limit), or when the
+//! operator's signing key is not the one that signed it (a rotated signing key). The
 //! runtime reads the file once, at start; a re-signed identity reaches the pods by a rolling
 //! update, since the Deployment's pod template carries the identity's expiry
 //! ([`EXPIRES_ANNOTATION`]), and old pods drain on SIGTERM with their still-valid JWT.
@@ -39,6 +40,9 @@ pub const ISSUED_ANNOTATION: &str = "conveyor.dev/nats-creds-issued";
 /// Annotation on the creds Secret: a digest of the permissions signed into it, so a change
 /// of what the Worker needs signs it again.
 pub const PERMISSIONS_ANNOTATION: &str = "conveyor.dev/nats-permissions";
+/// Annotation on the creds Secret with the public key (`A…`) of the signing key that signed
+/// it, so a rotated signing key signs every identity again before the old key is revoked.
+pub const SIGNER_ANNOTATION: &str = "conveyor.dev/nats-signer";
 
 /// The name of a Worker's creds Secret.
 pub fn secret_name(worker: &str) -> String {
@@ -113,6 +117,11 @@ impl SigningKey {
         }
         Ok(Self { key, account })
     }
+
+    /// The signing key's public key (`A…`), recorded on the identities it signs.
+    pub fn public_key(&self) -> String {
+        self.key.public_key()
+    }
 }
 
 /// What the Worker `worker` of `queue` may do, with the inbox prefix of its uid.
@@ -165,8 +174,16 @@ pub fn owned_by(secret: &Secret, worker_uid: &str) -> bool {
 }
 
 /// When the identity in `existing` is due to be signed again, as of `now`: `None` while it is
-/// younger than half its lifetime and holds `digest`'s permissions, else `Some(reason)`.
-pub fn due(existing: Option<&Secret>, digest: &str, now: i64) -> Option<&'static str> {
+/// younger than half its lifetime, holds `digest`'s permissions and was signed by `signer`
+/// (the current signing key's public key; `None` when the key cannot be read, then the
+/// signer is not compared), else `Some(reason)`. An identity that records no signer (signed
+/// before the operator recorded it) counts as another key's.
+pub fn due(
+    existing: Option<&Secret>,
+    digest: &str,
+    signer: Option<&str>,
+    now: i64,
+) -> Option<&'static str> {
     let Some(secret) = existing else {
         return Some("none yet");
     };
@@ -175,6 +192,16 @@ pub fn due(existing: Option<&Secret>, digest: &str, now: i64) -> Option<&'static
     };
     if signed != digest {
         return Some("the permissions it needs changed");
+    }
+    if let Some(signer) = signer {
+        let recorded_signer = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|notes| notes.get(SIGNER_ANNOTATION));
+        if recorded_signer.map(String::as_str) != Some(signer) {
+            return Some("the operator's signing key changed");
+        }
     }
     if now >= renew_at(issued, expires) {
         return Some("half its lifetime passed");
@@ -217,12 +244,16 @@ pub async fn ensure(
         expires_at,
         renew_at: renew_at(issued, expires_at),
     };
-    let reason = due(existing.as_ref(), &digest, now);
+    // Read before deciding, so a rotated signing key is noticed; a key that cannot be read
+    // only fails the step when something else makes the identity due.
+    let signing = SigningKey::load(dir);
+    let signer = signing.as_ref().ok().map(SigningKey::public_key);
+    let reason = due(existing.as_ref(), &digest, signer.as_deref(), now);
     if let (None, Some((issued, expires, _))) = (reason, existing.as_ref().and_then(recorded)) {
         return Ok(Some((identity(issued, expires), None)));
     }
     let reason = reason.unwrap_or("none yet");
-    let signing = SigningKey::load(dir)?;
+    let signing = signing?;
     let lifetime = i64::try_from(ctx.config.nats_identity_lifetime.as_secs()).unwrap_or(86_400);
     let user = conveyor::jwt::user(
         &signing.key,
@@ -245,6 +276,7 @@ pub async fn ensure(
                 (ISSUED_ANNOTATION.to_owned(), now.to_string()),
                 (EXPIRES_ANNOTATION.to_owned(), user.expires_at.to_string()),
                 (PERMISSIONS_ANNOTATION.to_owned(), digest.clone()),
+                (SIGNER_ANNOTATION.to_owned(), signing.public_key()),
             ])),
             owner_references: worker.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
@@ -290,6 +322,7 @@ mod tests {
                     (ISSUED_ANNOTATION.to_owned(), issued.to_string()),
                     (EXPIRES_ANNOTATION.to_owned(), expires.to_string()),
                     (PERMISSIONS_ANNOTATION.to_owned(), digest.to_owned()),
+                    (SIGNER_ANNOTATION.to_owned(), "AKEY".to_owned()),
                 ])),
                 ..Default::default()
             },
@@ -304,20 +337,51 @@ mod tests {
     #[test]
     fn an_identity_is_signed_again_at_half_life_or_when_its_permissions_change() {
         let s = secret(1_000, 1_100, "d");
-        assert_eq!(due(None, "d", 1_000), Some("none yet"));
-        assert_eq!(due(Some(&s), "d", 1_000), None);
-        assert_eq!(due(Some(&s), "d", 1_049), None);
-        assert_eq!(due(Some(&s), "d", 1_050), Some("half its lifetime passed"));
+        let key = Some("AKEY");
+        assert_eq!(due(None, "d", key, 1_000), Some("none yet"));
+        assert_eq!(due(Some(&s), "d", key, 1_000), None);
+        assert_eq!(due(Some(&s), "d", key, 1_049), None);
         assert_eq!(
-            due(Some(&s), "other", 1_001),
+            due(Some(&s), "d", key, 1_050),
+            Some("half its lifetime passed")
+        );
+        assert_eq!(
+            due(Some(&s), "other", key, 1_001),
             Some("the permissions it needs changed")
         );
         let mut empty = s.clone();
         empty.data = None;
-        assert!(due(Some(&empty), "d", 1_001).is_some(), "no creds in it");
+        assert!(
+            due(Some(&empty), "d", key, 1_001).is_some(),
+            "no creds in it"
+        );
         let mut foreign = s;
         foreign.metadata.annotations = None;
-        assert!(due(Some(&foreign), "d", 1_001).is_some(), "not ours");
+        assert!(due(Some(&foreign), "d", key, 1_001).is_some(), "not ours");
+    }
+
+    #[test]
+    fn a_rotated_signing_key_signs_the_identity_again() {
+        let s = secret(1_000, 1_100, "d");
+        assert_eq!(due(Some(&s), "d", Some("AKEY"), 1_001), None);
+        assert_eq!(
+            due(Some(&s), "d", Some("ANEWKEY"), 1_001),
+            Some("the operator's signing key changed")
+        );
+        assert_eq!(
+            due(Some(&s), "d", None, 1_001),
+            None,
+            "an unreadable key is not a rotation"
+        );
+        let mut unrecorded = s;
+        if let Some(notes) = unrecorded.metadata.annotations.as_mut() {
+            notes.remove(SIGNER_ANNOTATION);
+        }
+        assert_eq!(
+            due(Some(&unrecorded), "d", Some("AKEY"), 1_001),
+            Some("the operator's signing key changed"),
+            "signed before the signer was recorded"
+        );
     }
 
     #[test]
