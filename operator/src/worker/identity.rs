@@ -12,7 +12,9 @@
 //! update, since the Deployment's pod template carries the identity's expiry
 //! ([`EXPIRES_ANNOTATION`]), and old pods drain on SIGTERM with their still-valid JWT.
 //!
-//! [`due`] (pure) decides; [`ensure`] reads the Secret, signs when due and applies it.
+//! [`due`] (pure) decides; [`ensure`] reads the Secret, signs when due and applies it. When
+//! signing fails, [`keep_or_fail`] (pure) keeps the recorded identity while it has not expired,
+//! so a broken signing key or a failed Secret write does not stop the rest of the reconcile.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -213,14 +215,45 @@ fn renew_at(issued: i64, expires: i64) -> i64 {
     issued.saturating_add(expires.saturating_sub(issued) / 2)
 }
 
-/// Step: the Worker's identity, signed now if [`due`], with the reason it was signed (for
-/// the Event), or `None` when the operator has no signing key.
+/// What the identity step came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The identity the pods use: the recorded one, or one signed now (with the reason it
+    /// was signed, for the Event).
+    Current(Identity, Option<&'static str>),
+    /// Signing was due and failed, but the recorded identity has not expired: the pods keep
+    /// it, and the step tries again by the resync period (at the latest at its expiry).
+    Kept(Identity, IdentityError),
+}
+
+/// On a failure to sign: the recorded identity, kept while it has not expired by `now`
+/// (asked to be tried again no later than its expiry), else the error, since no valid
+/// identity remains.
+pub fn keep_or_fail(
+    recorded: Option<Identity>,
+    error: IdentityError,
+    now: i64,
+) -> Result<Outcome, IdentityError> {
+    match recorded {
+        Some(identity) if identity.expires_at > now => Ok(Outcome::Kept(
+            Identity {
+                renew_at: identity.expires_at,
+                ..identity
+            },
+            error,
+        )),
+        _ => Err(error),
+    }
+}
+
+/// Step: the Worker's identity, signed now if [`due`] (or kept, see [`keep_or_fail`]), or
+/// `None` when the operator has no signing key.
 pub async fn ensure(
     worker: &Worker,
     queue: &JobQueue,
     ctx: &Context,
     now: i64,
-) -> Result<Option<(Identity, Option<&'static str>)>, IdentityError> {
+) -> Result<Option<Outcome>, IdentityError> {
     let Some(dir) = ctx.config.nats_signing_key_dir.as_deref() else {
         return Ok(None);
     };
@@ -249,12 +282,40 @@ pub async fn ensure(
     let signing = SigningKey::load(dir);
     let signer = signing.as_ref().ok().map(SigningKey::public_key);
     let reason = due(existing.as_ref(), &digest, signer.as_deref(), now);
-    if let (None, Some((issued, expires, _))) = (reason, existing.as_ref().and_then(recorded)) {
-        return Ok(Some((identity(issued, expires), None)));
+    let kept = existing
+        .as_ref()
+        .and_then(recorded)
+        .map(|(issued, expires, _)| identity(issued, expires));
+    if let (None, Some(current)) = (reason, kept.clone()) {
+        return Ok(Some(Outcome::Current(current, None)));
     }
     let reason = reason.unwrap_or("none yet");
-    let signing = signing?;
     let lifetime = i64::try_from(ctx.config.nats_identity_lifetime.as_secs()).unwrap_or(86_400);
+    let signed = match signing {
+        Ok(signing) => sign_into(&api, worker, &signing, &set, &digest, now, lifetime).await,
+        Err(error) => Err(error),
+    };
+    match signed {
+        Ok(expires_at) => Ok(Some(Outcome::Current(
+            identity(now, expires_at),
+            Some(reason),
+        ))),
+        Err(error) => keep_or_fail(kept, error, now).map(Some),
+    }
+}
+
+/// Signs the Worker's identity with `set` and `signing` and applies it into its Secret;
+/// returns its expiry.
+async fn sign_into(
+    api: &Api<Secret>,
+    worker: &Worker,
+    signing: &SigningKey,
+    set: &Permissions,
+    digest: &str,
+    now: i64,
+    lifetime: i64,
+) -> Result<i64, IdentityError> {
+    let name = secret_name(&worker.name_any());
     let user = conveyor::jwt::user(
         &signing.key,
         &signing.account,
@@ -263,7 +324,7 @@ pub async fn ensure(
             worker.namespace().unwrap_or_default(),
             worker.name_any()
         ),
-        &set,
+        set,
         now,
         lifetime.max(2),
     )?;
@@ -275,7 +336,7 @@ pub async fn ensure(
             annotations: Some(BTreeMap::from([
                 (ISSUED_ANNOTATION.to_owned(), now.to_string()),
                 (EXPIRES_ANNOTATION.to_owned(), user.expires_at.to_string()),
-                (PERMISSIONS_ANNOTATION.to_owned(), digest.clone()),
+                (PERMISSIONS_ANNOTATION.to_owned(), digest.to_owned()),
                 (SIGNER_ANNOTATION.to_owned(), signing.public_key()),
             ])),
             owner_references: worker.controller_owner_ref(&()).map(|r| vec![r]),
@@ -297,8 +358,8 @@ pub async fn ensure(
         &Patch::Apply(&body),
     )
     .await
-    .map_err(secret_error)?;
-    Ok(Some((identity(now, user.expires_at), Some(reason))))
+    .map_err(|source| IdentityError::Secret { name, source })?;
+    Ok(user.expires_at)
 }
 
 /// How long until the identity must be signed again, at least a second (the reconcile is
@@ -381,6 +442,37 @@ mod tests {
             due(Some(&unrecorded), "d", Some("AKEY"), 1_001),
             Some("the operator's signing key changed"),
             "signed before the signer was recorded"
+        );
+    }
+
+    #[test]
+    fn a_failed_signing_keeps_the_recorded_identity_until_it_expires() {
+        let recorded = Identity {
+            secret: "w-nats-creds".into(),
+            inbox_prefix: "_INBOX_u".into(),
+            expires_at: 1_100,
+            renew_at: 1_050,
+        };
+        let failure = || IdentityError::Foreign { name: "x".into() };
+        match keep_or_fail(Some(recorded.clone()), failure(), 1_060) {
+            Ok(Outcome::Kept(kept, error)) => {
+                assert_eq!(kept.secret, recorded.secret);
+                assert_eq!(kept.expires_at, 1_100);
+                assert_eq!(
+                    kept.renew_at, 1_100,
+                    "tried again by its expiry at the latest"
+                );
+                assert!(matches!(error, IdentityError::Foreign { .. }));
+            }
+            other => panic!("kept until expiry, got {other:?}"),
+        }
+        assert!(
+            keep_or_fail(Some(recorded.clone()), failure(), 1_100).is_err(),
+            "expired: no valid identity remains"
+        );
+        assert!(
+            keep_or_fail(None, failure(), 1_000).is_err(),
+            "none recorded"
         );
     }
 

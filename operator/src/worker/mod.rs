@@ -437,8 +437,10 @@ async fn apply(worker: &Worker, ctx: &Context) -> Result<Action, Error> {
 
 /// Step 2b: the Worker's own NATS identity ([`identity::ensure`]), `None` without a signing
 /// key. A new one is announced with `NatsIdentitySigned`, a failure with a
-/// `NatsIdentityFailed` Warning (then the reconcile fails and is retried with backoff; the
-/// Deployment keeps the identity it had).
+/// `NatsIdentityFailed` Warning. When the recorded identity has not expired the pods keep it
+/// and the rest of the reconcile (Deployment, scaling, status) goes on; only when no valid
+/// identity remains does the reconcile fail (retried with backoff; the Deployment keeps the
+/// identity it had).
 async fn sign_identity(
     worker: &Worker,
     queue: &JobQueue,
@@ -447,13 +449,27 @@ async fn sign_identity(
 ) -> Result<Option<identity::Identity>, Error> {
     match identity::ensure(worker, queue, ctx, now).await {
         Ok(None) => Ok(None),
-        Ok(Some((identity, signed))) => {
+        Ok(Some(identity::Outcome::Kept(identity, error))) => {
+            let note = format!(
+                "{error}; the pods keep the identity in Secret {}, valid until {}, and signing is tried again",
+                identity.secret,
+                at(identity.expires_at)
+            );
+            ctx.event(
+                worker,
+                EventType::Warning,
+                reasons::NATS_IDENTITY_FAILED,
+                note,
+            )
+            .await;
+            Ok(Some(identity))
+        }
+        Ok(Some(identity::Outcome::Current(identity, signed))) => {
             if let Some(why) = signed {
                 let note = format!(
                     "signed a NATS identity for this Worker's pods into Secret {} ({why}), valid until {}",
                     identity.secret,
-                    k8s_openapi::jiff::Timestamp::from_second(identity.expires_at)
-                        .map_or_else(|_| identity.expires_at.to_string(), |t| t.to_string())
+                    at(identity.expires_at)
                 );
                 ctx.event(
                     worker,
@@ -476,6 +492,12 @@ async fn sign_identity(
             Err(error.into())
         }
     }
+}
+
+/// A Unix time for an Event's message.
+fn at(seconds: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(seconds)
+        .map_or_else(|_| seconds.to_string(), |t| t.to_string())
 }
 
 /// Step 6: the Events the status change deserves, then the status write (when it changed).
