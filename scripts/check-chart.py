@@ -43,6 +43,10 @@ expect(False, {"unknownKey": 1}, "an unknown top-level key")
 expect(False, {"image": {"pullPolicy": "Sometimes"}}, "a bad pull policy")
 expect(True, {"logFormat": "json"}, "JSON logs")
 expect(False, {"logFormat": "yaml"}, "an unknown log format")
+for short in ["0s", "1s", "59s", "500ms", "0m", "0h"]:
+    expect(False, {"nats": {"identityLifetime": short}}, f"an identity lifetime of {short}")
+for fine in ["60s", "1m", "90m", "24h", "1h30m", "1m30s", "3600s"]:
+    expect(True, {"nats": {"identityLifetime": fine}}, f"an identity lifetime of {fine}")
 
 
 def has_path(tree, path):

@@ -80,13 +80,29 @@ pub struct Config {
     #[arg(long, env = "CONVEYOR_NATS_SIGNING_KEY_DIR")]
     pub nats_signing_key_dir: Option<std::path::PathBuf>,
 
-    /// How long a Worker's signed NATS identity is valid; it is signed again at half of it.
-    #[arg(long, env = "CONVEYOR_NATS_IDENTITY_LIFETIME", default_value = "24h", value_parser = humantime::parse_duration)]
+    /// How long a Worker's signed NATS identity is valid, at least 60s; it is signed again at
+    /// half of it.
+    #[arg(long, env = "CONVEYOR_NATS_IDENTITY_LIFETIME", default_value = "24h", value_parser = identity_lifetime)]
     pub nats_identity_lifetime: Duration,
 
     /// Bearer token the dashboard's writes (requeue, purge) need; read-only when absent.
     #[arg(long, env = "CONVEYOR_DASHBOARD_TOKEN", hide_env_values = true)]
     pub dashboard_token: Option<Token>,
+}
+
+/// The shortest identity lifetime accepted: each re-signing (at half of it) rolls the
+/// Worker's pods, so shorter would keep them restarting.
+pub const MIN_IDENTITY_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Parses `--nats-identity-lifetime`: a duration of at least [`MIN_IDENTITY_LIFETIME`].
+fn identity_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if lifetime < MIN_IDENTITY_LIFETIME {
+        return Err(format!(
+            "{text} is too short: an identity must live at least 60s, since it is signed again at half its lifetime and every re-signing rolls the Worker's pods"
+        ));
+    }
+    Ok(lifetime)
 }
 
 /// A secret given on the command line or in the environment; `Debug` does not show it, so a
@@ -154,6 +170,31 @@ mod tests {
                 .worker_image
                 .starts_with("ghcr.io/conveyor-dev/conveyor-worker:")
         );
+    }
+
+    #[test]
+    fn an_identity_lifetime_under_a_minute_is_refused() {
+        for short in ["0s", "1s", "59s"] {
+            let error = Config::try_parse_from([
+                "conveyor-operator",
+                &format!("--nats-identity-lifetime={short}"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains("at least 60s"), "{short}: {error}");
+        }
+        for ok in ["60s", "1m", "90m"] {
+            let config = Config::try_parse_from([
+                "conveyor-operator",
+                &format!("--nats-identity-lifetime={ok}"),
+            ])
+            .unwrap();
+            assert!(
+                config.nats_identity_lifetime >= MIN_IDENTITY_LIFETIME,
+                "{ok}"
+            );
+        }
+        assert!(identity_lifetime("soon").is_err());
     }
 
     #[test]

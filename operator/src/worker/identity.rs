@@ -326,7 +326,7 @@ async fn sign_into(
         ),
         set,
         now,
-        lifetime.max(2),
+        lifetime,
     )?;
     let secret = Secret {
         metadata: ObjectMeta {
