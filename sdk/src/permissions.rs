@@ -29,8 +29,11 @@ pub fn worker_inbox_prefix(worker_uid: &str) -> String {
 /// - publish: stream info of the queue and its cancellations; consumer info and pulls of each
 ///   level's consumer; acks (`$JS.ACK.<stream>.>`: ack, nak, in-progress, term); the
 ///   ephemeral ordered consumer that follows cancellations (create, delete, flow control);
-///   message get and delete on the work stream and the dead-letter subject (moving a job to
-///   the dead letters); the results subjects; `_INBOX.>` (results and progress to waiting
+///   message get and delete on the work stream and the dead-letter subject (the sweep after a
+///   lost connection, `stored::sweep_unreadable`, reads an unreadable job by sequence,
+///   dead-letters it and deletes it; ordinary dead-lettering only publishes there); message
+///   get and delete on the cancel stream (`sweep_unreadable_cancels` deletes cancellations no
+///   client can read); the results subjects; `_INBOX.>` (results and progress to waiting
 ///   producers); when rate-limited, the tokens stream's info, its consumer's info and pulls,
 ///   and acks of its tokens.
 /// - subscribe: `<inbox_prefix>.>` and, for multi-level queues, the job and delayed subjects
@@ -59,6 +62,8 @@ pub fn worker(queue: &QueueRef, levels: u8, rate_limited: bool, inbox_prefix: &s
         format!("$JS.FC.{cancels}.>"),
         format!("$JS.API.STREAM.MSG.GET.{stream}"),
         format!("$JS.API.STREAM.MSG.DELETE.{stream}"),
+        format!("$JS.API.STREAM.MSG.GET.{cancels}"),
+        format!("$JS.API.STREAM.MSG.DELETE.{cancels}"),
         queue.dead_letter_subject(),
         queue.results_wildcard(),
         "_INBOX.>".to_owned(),
@@ -121,6 +126,8 @@ mod tests {
             format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.workers-p0"),
             format!("$JS.ACK.{stream}.>"),
             format!("$JS.API.STREAM.MSG.DELETE.{stream}"),
+            format!("$JS.API.STREAM.MSG.GET.{}", queue.cancel_stream()),
+            format!("$JS.API.STREAM.MSG.DELETE.{}", queue.cancel_stream()),
             queue.dead_letter_subject(),
             "_INBOX.>".to_owned(),
         ] {
