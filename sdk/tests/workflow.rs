@@ -377,6 +377,24 @@ async fn for_each_fans_out_and_bad_expressions_or_a_missing_queue_fail_the_run()
         }
         other => panic!("expected a failed run, got {other:?}"),
     }
+    // A definition the operator would refuse, started straight into the run queue: the run
+    // fails at once instead of continuing wave after wave with nothing to start.
+    let cycle: Definition = serde_json::from_value(json!({
+        "steps": [
+            {"name": "a", "queue": "each", "dependsOn": ["b"]},
+            {"name": "b", "queue": "each", "dependsOn": ["a"]},
+        ]
+    }))?;
+    match run(&env, "e5", cycle, json!({})).await? {
+        JobResult::DeadLettered { error, .. } => {
+            assert!(
+                error.starts_with("the run's workflow is not valid: ") && error.contains("cycle"),
+                "{error}"
+            );
+        }
+        other => panic!("expected a failed run, got {other:?}"),
+    }
+    assert!(ran(&env.seen, "e5").is_empty(), "nothing ran");
     Ok(())
 }
 

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Definition, MAX_DEPTH, MAX_INLINE_RESULT, StepOutcome, StepRecord, output_step, plan};
+use super::{
+    Definition, MAX_DEPTH, MAX_INLINE_RESULT, StepOutcome, StepRecord, output_step, plan, validate,
+};
 use crate::client::{Client, Job, SubmitAck, SubmitError};
 use crate::flow::ChildResult;
 use crate::names::QueueRef;
@@ -201,6 +203,17 @@ impl Engine {
             Ok(state) => state,
             Err(error) => return Outcome::Permanent(format!("not a workflow run: {error}")),
         };
+        // A run is started by anyone who can submit to the run queue, and a definition pinned
+        // between an edit and its validation may be broken: check it before the first wave.
+        if state.wave == 0
+            && let Err(problems) = validate(&state.definition)
+        {
+            let problems: Vec<&str> = problems.iter().map(|p| p.0.as_str()).collect();
+            return Outcome::Permanent(format!(
+                "the run's workflow is not valid: {}",
+                problems.join("; ")
+            ));
+        }
         if job.flow.children_expected().is_some()
             && let Err(error) = collect(&job, &mut state).await
         {
@@ -224,6 +237,13 @@ impl Engine {
                 Ok(next) if next.done => {
                     state.steps = records;
                     return Outcome::Done(output(&state));
+                }
+                Ok(next) if next.start.is_empty() && state.running.is_empty() => {
+                    // Nothing runs and nothing can start, yet the run is not done: another
+                    // wave would find the same (a step waiting for one that never runs).
+                    return Outcome::Permanent(
+                        "the run cannot go on: no step is running and none can start".into(),
+                    );
                 }
                 Ok(next) => {
                     state.steps = records;
