@@ -94,12 +94,22 @@ pub struct Config {
 /// Worker's pods, so shorter would keep them restarting.
 pub const MIN_IDENTITY_LIFETIME: Duration = Duration::from_secs(60);
 
-/// Parses `--nats-identity-lifetime`: a duration of at least [`MIN_IDENTITY_LIFETIME`].
+/// The longest identity lifetime accepted: a Worker's access ends only when its identity
+/// expires (a signing key cannot revoke), so a year at most.
+pub const MAX_IDENTITY_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
+
+/// Parses `--nats-identity-lifetime`: a duration from [`MIN_IDENTITY_LIFETIME`] to
+/// [`MAX_IDENTITY_LIFETIME`].
 fn identity_lifetime(text: &str) -> Result<Duration, String> {
     let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if lifetime < MIN_IDENTITY_LIFETIME {
         return Err(format!(
             "{text} is too short: an identity must live at least 60s, since it is signed again at half its lifetime and every re-signing rolls the Worker's pods"
+        ));
+    }
+    if lifetime > MAX_IDENTITY_LIFETIME {
+        return Err(format!(
+            "{text} is too long: an identity may live at most 366d, since a Worker's access ends only when its identity expires"
         ));
     }
     Ok(lifetime)
@@ -195,6 +205,10 @@ mod tests {
             );
         }
         assert!(identity_lifetime("soon").is_err());
+        assert!(identity_lifetime("366d").is_ok());
+        for long in ["367d", "100years", "18446744073709551615s"] {
+            assert!(identity_lifetime(long).is_err(), "{long}");
+        }
     }
 
     #[test]

@@ -290,7 +290,8 @@ pub async fn ensure(
         return Ok(Some(Outcome::Current(current, None)));
     }
     let reason = reason.unwrap_or("none yet");
-    let lifetime = i64::try_from(ctx.config.nats_identity_lifetime.as_secs()).unwrap_or(86_400);
+    // At most a year (the flag's parser), so the conversion cannot fail; saturate if it did.
+    let lifetime = i64::try_from(ctx.config.nats_identity_lifetime.as_secs()).unwrap_or(i64::MAX);
     let signed = match signing {
         Ok(signing) => sign_into(&api, worker, &signing, &set, &digest, now, lifetime).await,
         Err(error) => Err(error),
