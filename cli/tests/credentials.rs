@@ -15,7 +15,7 @@ use conveyor::connect::{Auth, NatsOptions, Secret};
 use conveyor::names::QueueRef;
 use conveyor::worker::{Outcome, ReceivedJob, WorkerOptions};
 use conveyor::{Client, Job, Worker, jwt, permissions};
-use conveyor_testkit::{NatsServer, ServerAuth, stream_messages, wait_for};
+use conveyor_testkit::{NatsServer, ServerAuth, stream_messages};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
@@ -120,17 +120,8 @@ async fn a_producer_identity_submits_to_its_queue_and_nothing_else() {
         .timeout(Duration::from_secs(1))
         .build(misuse_nats);
     let refused = |subject: String| {
-        let log = nats.log_path();
-        async move {
-            let line = format!("Publish Violation - Subject \"{subject}\"");
-            wait_for(
-                DEADLINE,
-                &format!("the server to refuse {subject}"),
-                || async { std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&line)) },
-            )
-            .await
-            .unwrap();
-        }
+        let nats = &nats;
+        async move { nats.refused(&subject, DEADLINE).await.unwrap() }
     };
     let forged = async {
         misuse
@@ -167,7 +158,7 @@ async fn a_producer_identity_submits_to_its_queue_and_nothing_else() {
         "the other queue keeps its job and got no forged one"
     );
     assert_eq!(stream_messages(&js, &queue.stream()).await, 1);
-    let provoked = violations(&nats);
+    let provoked = nats.violations();
 
     // A worker of the queue on its own identity; the producer waits for an outcome.
     let worker_prefix = permissions::worker_inbox_prefix("5b2d0c4e-0b8f-4e39-9d0e-2f1f8c1e7a10");
@@ -230,17 +221,8 @@ async fn a_producer_identity_submits_to_its_queue_and_nothing_else() {
     stop.cancel();
     run.await.unwrap().expect("the worker stops cleanly");
     assert_eq!(
-        violations(&nats),
+        nats.violations(),
         provoked,
         "neither identity was refused anything beyond the misuse"
     );
-}
-
-fn violations(nats: &NatsServer) -> Vec<String> {
-    std::fs::read_to_string(nats.log_path())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("Violation"))
-        .map(str::to_owned)
-        .collect()
 }

@@ -83,15 +83,6 @@ async fn all_acked(js: &jetstream::Context, queue: &QueueRef) -> bool {
     })
 }
 
-fn violations(server: &NatsServer) -> Vec<String> {
-    std::fs::read_to_string(server.log_path())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("Violation"))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test]
 async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_a_job() {
     let nats = NatsServer::builder()
@@ -192,7 +183,7 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
     .await
     .unwrap();
     assert_eq!(
-        violations(&nats),
+        nats.violations(),
         Vec::<String>::new(),
         "the pods needed nothing their identity does not allow"
     );
@@ -215,16 +206,7 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
         .build(misuse_nats);
     let refused = |subject: String| {
         let nats = &nats;
-        async move {
-            let line = format!("Publish Violation - Subject \"{subject}\"");
-            wait_for(
-                DEADLINE,
-                &format!("the server to refuse {subject}"),
-                || async { violations(nats).iter().any(|l| l.contains(&line)) },
-            )
-            .await
-            .unwrap();
-        }
+        async move { nats.refused(&subject, DEADLINE).await.unwrap() }
     };
     let purge = misuse
         .get_stream_no_info(queue.stream())
@@ -252,7 +234,7 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
         1,
         "the other queue keeps its job and got no forged one"
     );
-    let provoked = violations(&nats).len();
+    let provoked = nats.violations().len();
 
     // One rotation while jobs flow: the identity is signed again at half its lifetime and
     // the pods roll onto it; every job is acked.
@@ -333,7 +315,7 @@ async fn a_workers_own_identity_works_its_queue_only_and_rotates_without_losing_
         0,
         "no job dead-lettered"
     );
-    let after: Vec<String> = violations(&nats).into_iter().skip(provoked).collect();
+    let after: Vec<String> = nats.violations().into_iter().skip(provoked).collect();
     assert_eq!(
         after,
         Vec::<String>::new(),

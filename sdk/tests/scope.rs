@@ -125,8 +125,7 @@ async fn a_worker_identity_works_its_queue_and_nothing_else() {
         },
     )
     .await;
-    let log = std::fs::read_to_string(server.log_path()).unwrap_or_default();
-    let violations: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
+    let violations = server.violations();
     assert!(
         settled.is_ok() && violations.is_empty(),
         "the worker could not work its queue; the server refused: {violations:#?}"
@@ -144,21 +143,9 @@ async fn a_worker_identity_works_its_queue_and_nothing_else() {
     let misuse = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(1))
         .build(worker_nats);
-    let log_path = server.log_path();
     let refused = |subject: String| {
-        let log_path = log_path.clone();
-        async move {
-            let line = format!("Publish Violation - Subject \"{subject}\"");
-            wait_for(
-                DEADLINE,
-                &format!("the server to refuse {subject}"),
-                || async {
-                    std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains(&line))
-                },
-            )
-            .await
-            .unwrap();
-        }
+        let server = &server;
+        async move { server.refused(&subject, DEADLINE).await.unwrap() }
     };
     for stream in [other.stream(), queue.stream()] {
         let purge = misuse

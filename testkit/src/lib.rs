@@ -378,6 +378,27 @@ impl NatsServer {
         self.dir.path().join("nats.log")
     }
 
+    /// The permission violations the server logged so far, one line each.
+    pub fn violations(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Violation"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits up to `deadline` for the server to log that it refused a publish to `subject`
+    /// (a refused request gets no answer, so the client itself only sees a timeout).
+    pub async fn refused(&self, subject: &str, deadline: Duration) -> anyhow::Result<()> {
+        let line = format!("Publish Violation - Subject \"{subject}\"");
+        wait::wait_for(deadline, &format!("the server to refuse {subject}"), || {
+            let seen = self.violations().iter().any(|l| l.contains(&line));
+            async move { seen }
+        })
+        .await
+    }
+
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
