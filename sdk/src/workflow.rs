@@ -155,6 +155,12 @@ pub fn validate(definition: &Definition) -> Result<(), Vec<Problem>> {
         )));
     }
     for step in &definition.steps {
+        if !is_dns_label(&step.name) {
+            problems.push(Problem(format!(
+                "step name {:?} is not a DNS label (lowercase letters, digits and '-', at most 63)",
+                step.name
+            )));
+        }
         if !names.insert(step.name.as_str()) {
             problems.push(Problem(format!("step {:?} is declared twice", step.name)));
         }
@@ -215,6 +221,19 @@ pub fn validate(definition: &Definition) -> Result<(), Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// A DNS label (RFC 1123): 1 to 63 lowercase letters, digits and `-`, starting and ending
+/// with a letter or digit. Step and workflow names are, so that the ids of a run's jobs
+/// (`<workflow>.<run>.<step>[.<i>]`) are each one run's.
+pub fn is_dns_label(name: &str) -> bool {
+    let ok = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|&c| ok(c) || c == b'-')
+        && bytes.first().copied().is_some_and(ok)
+        && bytes.last().copied().is_some_and(ok)
 }
 
 /// The first cycle of the `dependsOn` graph, as step names with the first repeated at the end.
@@ -664,6 +683,24 @@ mod tests {
                 "step \"b\" needs exactly one of queue and workflow"
             ]
         );
+    }
+
+    #[test]
+    fn step_names_are_dns_labels() {
+        let definition = Definition {
+            steps: vec![step("a.b", "q", &[]), step("ok-1", "q", &[])],
+            on_failure: None,
+            output: None,
+        };
+        assert_eq!(
+            problems(&definition),
+            [
+                "step name \"a.b\" is not a DNS label (lowercase letters, digits and '-', at most 63)"
+            ]
+        );
+        assert!(is_dns_label("a") && is_dns_label("0") && is_dns_label("fetch-twitter"));
+        assert!(!is_dns_label("") && !is_dns_label("-a") && !is_dns_label("A"));
+        assert!(!is_dns_label(&"a".repeat(64)));
     }
 
     #[test]

@@ -501,3 +501,50 @@ async fn a_recursive_workflow_sums_a_hierarchy_and_its_depth_is_bounded() -> any
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn run_ids_that_could_share_job_ids_are_refused() -> anyhow::Result<()> {
+    let env = env(&[
+        ("twitter", 1),
+        ("facebook", 1),
+        ("aggregate", 2),
+        ("notify", 1),
+    ])
+    .await?;
+    // Workflow `a.b` run `c` and workflow `a` run `b.c` would both be job `a.b.c`.
+    let dotted_run = RunState::new(NS, "a", "b.c", seeds(), json!({"facebook": 1}));
+    let error = start(&env.client, &env.runs, &dotted_run)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("run id \"b.c\" must be"),
+        "{error}"
+    );
+    let dotted_workflow = RunState::new(NS, "a.b", "c", seeds(), json!({"facebook": 1}));
+    let error = start(&env.client, &env.runs, &dotted_workflow)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("must be a DNS label"), "{error}");
+
+    // Straight into the run queue, past `start`: the first wave refuses it, nothing runs.
+    let payload = serde_json::to_vec(&dotted_run)?;
+    env.client
+        .submit(
+            &env.runs,
+            conveyor::Job::new(dotted_run.run.clone(), payload),
+        )
+        .await?;
+    let run = dotted_run.run.clone();
+    let result = wait_for_some(WAIT, "the outcome of the dotted run", || async {
+        env.client.result(&env.runs, &run).await.ok().flatten()
+    })
+    .await?;
+    match result {
+        JobResult::DeadLettered { error, .. } => {
+            assert!(error.contains("is not <workflow>.<run id>"), "{error}");
+        }
+        other => panic!("expected a refused run, got {other:?}"),
+    }
+    assert!(env.seen.lock().unwrap().is_empty(), "no step ran");
+    Ok(())
+}

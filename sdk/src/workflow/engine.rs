@@ -129,6 +129,62 @@ pub fn run_job_id(workflow: &str, run_id: &str) -> String {
     format!("{workflow}.{run_id}")
 }
 
+/// Longest run id.
+pub const MAX_RUN_ID: usize = 64;
+
+/// A run id is 1 to [`MAX_RUN_ID`] ASCII letters, digits, `-` and `_`: no `.` (which
+/// separates the parts of the ids a run's jobs get) and no `:` (continuations), so that
+/// `<workflow>.<run>` and every id under it belongs to one run only.
+pub fn check_run_id(run_id: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if run_id.is_empty() || run_id.len() > MAX_RUN_ID || !run_id.chars().all(allowed) {
+        return Err(format!(
+            "run id {run_id:?} must be 1 to {MAX_RUN_ID} letters, digits, '-' or '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// A workflow's name is a DNS label (lowercase letters, digits and `-`, at most 63, starting
+/// and ending with a letter or digit): Kubernetes also allows `.` in a `Workflow`'s name, but
+/// a run of `a.b` could then have the job ids of a run of `a`.
+pub fn check_workflow_name(name: &str) -> Result<(), String> {
+    if super::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "workflow name {name:?} must be a DNS label (lowercase letters, digits and '-', at most 63) to be run"
+        ))
+    }
+}
+
+/// Checks the id of a run job as the engine gets it: `<workflow>.<run id>` for a run started
+/// from outside (`depth` 0), that followed by `.<step>[.<i>]` per level for a sub-run.
+fn check_run_job(state: &RunState, job_id: &str) -> Result<(), String> {
+    if job_id != state.run {
+        return Err(format!(
+            "the run job's id {job_id:?} is not its state's run {:?}",
+            state.run
+        ));
+    }
+    check_workflow_name(&state.workflow)?;
+    let rest = state
+        .run
+        .strip_prefix(&format!("{}.", state.workflow))
+        .ok_or_else(|| format!("run {:?} is not of workflow {}", state.run, state.workflow))?;
+    let mut parts = rest.split('.');
+    check_run_id(parts.next().unwrap_or_default())?;
+    let below: Vec<&str> = parts.collect();
+    let well_formed = below.iter().all(|p| super::is_dns_label(p));
+    if state.depth == 0 && !below.is_empty() || !well_formed {
+        return Err(format!(
+            "run {:?} is not <workflow>.<run id> (or a sub-run's id under one)",
+            state.run
+        ));
+    }
+    Ok(())
+}
+
 /// The id of wave `wave` (1 and on) of run job `run`: `<run>:w<wave>` (`:` is in no step
 /// name, so no step's or sub-run's id is ever one).
 pub fn continuation_id(run: &str, wave: u32) -> String {
@@ -151,6 +207,20 @@ pub async fn start(
     run_queue: &QueueRef,
     state: &RunState,
 ) -> Result<SubmitAck, SubmitError> {
+    let refuse = |problem: String| SubmitError::BadDependencies {
+        id: state.run.clone(),
+        problem,
+    };
+    check_workflow_name(&state.workflow).map_err(refuse)?;
+    match state.run.strip_prefix(&format!("{}.", state.workflow)) {
+        Some(id) => check_run_id(id).map_err(refuse)?,
+        None => {
+            return Err(refuse(format!(
+                "run {:?} is not of workflow {}",
+                state.run, state.workflow
+            )));
+        }
+    }
     if let Ok(Some(_)) = client.result(run_queue, &state.run).await {
         return Ok(SubmitAck {
             id: state.run.clone(),
@@ -205,6 +275,11 @@ impl Engine {
         };
         // A run is started by anyone who can submit to the run queue, and a definition pinned
         // between an edit and its validation may be broken: check it before the first wave.
+        if state.wave == 0
+            && let Err(problem) = check_run_job(&state, &job.id)
+        {
+            return Outcome::Permanent(problem);
+        }
         if state.wave == 0
             && let Err(problems) = validate(&state.definition)
         {
@@ -676,6 +751,39 @@ mod tests {
         let text = serde_json::to_vec(&state).unwrap();
         let back: RunState = serde_json::from_slice(&text).unwrap();
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn run_ids_and_workflow_names_keep_job_ids_apart() {
+        // Workflow `a.b` run `c` and workflow `a` run `b.c` would both be job `a.b.c`.
+        assert!(check_workflow_name("a.b").is_err());
+        assert!(check_run_id("b.c").is_err());
+        for bad in ["", "x:w1", "a b", "é", &"x".repeat(MAX_RUN_ID + 1)] {
+            assert!(check_run_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_run_id("0195f2d4-7a3c-7b1e-9a55-1c2d3e4f5a6b").is_ok());
+        assert!(check_run_id("Nightly_2026").is_ok());
+        assert_eq!(
+            check_run_id("b.c").unwrap_err(),
+            "run id \"b.c\" must be 1 to 64 letters, digits, '-' or '_'"
+        );
+
+        let definition: Definition =
+            serde_json::from_value(json!({"steps": [{"name": "a", "queue": "q"}]})).unwrap();
+        let top = RunState::new("ns", "wf", "r1", definition.clone(), json!({}));
+        assert_eq!(check_run_job(&top, "wf.r1"), Ok(()));
+        assert!(
+            check_run_job(&top, "wf.r2").is_err(),
+            "the job is not its state's run"
+        );
+        let mut sub = top.clone();
+        sub.run = "wf.r1.children.3".into();
+        sub.depth = 1;
+        assert_eq!(check_run_job(&sub, "wf.r1.children.3"), Ok(()));
+        sub.depth = 0;
+        assert!(check_run_job(&sub, "wf.r1.children.3").is_err());
+        let dotted = RunState::new("ns", "wf", "b.c", definition, json!({}));
+        assert!(check_run_job(&dotted, "wf.b.c").is_err());
     }
 
     #[test]
