@@ -159,6 +159,9 @@ pub fn check(name: &str, definition: &Definition) -> Verdict {
         .into_iter()
         .map(|p| p.0)
         .collect();
+    if let Err(problem) = conveyor::workflow::engine::check_workflow_name(name) {
+        text.push(problem);
+    }
     for step in &definition.steps {
         if let Some(other) = step.workflow.as_deref().filter(|w| *w != name) {
             text.push(format!(
@@ -344,6 +347,14 @@ mod tests {
             message.contains("; step \"b\": forEach: does not compile"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn a_workflow_named_with_a_dot_is_refused() {
+        let w = workflow(json!({"steps": [{"name": "a", "queue": "q"}]}));
+        let (reason, message) = check("a.b", &definition(&w)).unwrap_err();
+        assert_eq!(reason, reason::INVALID_WORKFLOW);
+        assert!(message.contains("must be a DNS label"), "{message}");
     }
 
     #[test]
