@@ -171,6 +171,17 @@ async fn env(step_queues: &[(&str, u8)]) -> anyhow::Result<Env> {
 }
 
 /// The seeds' workflow, as a `Workflow`'s spec.
+/// The step queues of [`seeds`]: `aggregate` has two levels, so its wave rule applies.
+async fn seeds_env() -> anyhow::Result<Env> {
+    env(&[
+        ("twitter", 1),
+        ("facebook", 1),
+        ("aggregate", 2),
+        ("notify", 1),
+    ])
+    .await
+}
+
 fn seeds() -> Definition {
     serde_json::from_value(json!({
         "steps": [
@@ -223,13 +234,7 @@ fn ran(seen: &Seen, run: &str) -> Vec<String> {
 #[tokio::test]
 async fn the_seeds_workflow_fetches_in_parallel_skips_unlinked_aggregates_and_notifies()
 -> anyhow::Result<()> {
-    let env = env(&[
-        ("twitter", 1),
-        ("facebook", 1),
-        ("aggregate", 2),
-        ("notify", 1),
-    ])
-    .await?;
+    let env = seeds_env().await?;
 
     // Both networks linked: both fetched, aggregated.
     let result = run(&env, "r1", seeds(), json!({"twitter": 3, "facebook": 4})).await?;
@@ -401,13 +406,7 @@ async fn for_each_fans_out_and_bad_expressions_or_a_missing_queue_fail_the_run()
 #[tokio::test]
 async fn runs_survive_their_engine_killed_mid_wave_and_every_step_runs_once() -> anyhow::Result<()>
 {
-    let mut env = env(&[
-        ("twitter", 1),
-        ("facebook", 1),
-        ("aggregate", 2),
-        ("notify", 1),
-    ])
-    .await?;
+    let mut env = seeds_env().await?;
     const RUNS: usize = 40;
     let mut states = Vec::new();
     for i in 0..RUNS {
@@ -504,13 +503,7 @@ async fn a_recursive_workflow_sums_a_hierarchy_and_its_depth_is_bounded() -> any
 
 #[tokio::test]
 async fn run_ids_that_could_share_job_ids_are_refused() -> anyhow::Result<()> {
-    let env = env(&[
-        ("twitter", 1),
-        ("facebook", 1),
-        ("aggregate", 2),
-        ("notify", 1),
-    ])
-    .await?;
+    let env = seeds_env().await?;
     // Workflow `a.b` run `c` and workflow `a` run `b.c` would both be job `a.b.c`.
     let dotted_run = RunState::new(NS, "a", "b.c", seeds(), json!({"facebook": 1}));
     let error = start(&env.client, &env.runs, &dotted_run)

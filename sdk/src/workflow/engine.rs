@@ -158,6 +158,15 @@ pub fn check_workflow_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// What follows `<workflow>.` in the state's run, once the workflow's name is checked.
+fn after_workflow(state: &RunState) -> Result<&str, String> {
+    check_workflow_name(&state.workflow)?;
+    state
+        .run
+        .strip_prefix(&format!("{}.", state.workflow))
+        .ok_or_else(|| format!("run {:?} is not of workflow {}", state.run, state.workflow))
+}
+
 /// Checks the id of a run job as the engine gets it: `<workflow>.<run id>` for a run started
 /// from outside (`depth` 0), that followed by `.<step>[.<i>]` per level for a sub-run.
 fn check_run_job(state: &RunState, job_id: &str) -> Result<(), String> {
@@ -167,12 +176,7 @@ fn check_run_job(state: &RunState, job_id: &str) -> Result<(), String> {
             state.run
         ));
     }
-    check_workflow_name(&state.workflow)?;
-    let rest = state
-        .run
-        .strip_prefix(&format!("{}.", state.workflow))
-        .ok_or_else(|| format!("run {:?} is not of workflow {}", state.run, state.workflow))?;
-    let mut parts = rest.split('.');
+    let mut parts = after_workflow(state)?.split('.');
     check_run_id(parts.next().unwrap_or_default())?;
     let below: Vec<&str> = parts.collect();
     let well_formed = below.iter().all(|p| super::is_dns_label(p));
@@ -211,16 +215,9 @@ pub async fn start(
         id: state.run.clone(),
         problem,
     };
-    check_workflow_name(&state.workflow).map_err(refuse)?;
-    match state.run.strip_prefix(&format!("{}.", state.workflow)) {
-        Some(id) => check_run_id(id).map_err(refuse)?,
-        None => {
-            return Err(refuse(format!(
-                "run {:?} is not of workflow {}",
-                state.run, state.workflow
-            )));
-        }
-    }
+    after_workflow(state)
+        .and_then(check_run_id)
+        .map_err(refuse)?;
     if let Ok(Some(_)) = client.result(run_queue, &state.run).await {
         return Ok(SubmitAck {
             id: state.run.clone(),
